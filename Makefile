@@ -1,0 +1,44 @@
+# The two quick-start commands are `make demo` and `make test`; both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYS_PYTHON ?= python3
+
+.PHONY: setup demo test test-fast lint bench-gateway bench-ledger bench-perfmodel bench-sim clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to 2.13.0: on this machine kind that is the CPU build from a file on disk;
+# an unpinned torch pulls several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(SYS_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/sparecycles demo
+
+test: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+bench-gateway: setup
+	$(PY) bench/gateway_overhead.py
+
+bench-ledger: setup
+	$(PY) bench/ledger_bench.py
+
+bench-perfmodel: setup
+	$(PY) bench/perfmodel_validate.py
+
+bench-sim: setup
+	$(PY) bench/sim_policies.py && $(PY) bench/sim_scale.py
+
+clean:
+	rm -rf $(VENV) .sparecycles .pytest_cache

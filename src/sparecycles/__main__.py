@@ -1,0 +1,3 @@
+from sparecycles.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""The coordinator's HTTP and WebSocket surface. Validates at the boundary, then calls the core."""

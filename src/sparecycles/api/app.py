@@ -1,0 +1,71 @@
+"""The coordinator's ASGI application: routes, error shape, limits, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from sparecycles import __version__
+from sparecycles.api import errors, node_ws, openai_routes
+from sparecycles.coordinator import Coordinator
+from sparecycles.settings import CoordinatorSettings
+
+
+def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = None) -> FastAPI:
+    coord = coordinator or Coordinator(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await coord.start()
+        try:
+            yield
+        finally:
+            await coord.stop()
+
+    app = FastAPI(
+        title="sparecycles coordinator",
+        version=__version__,
+        summary="OpenAI-compatible inference on the spare cycles of devices people own.",
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coord
+    errors.install(app)
+    app.add_middleware(errors.BodySizeLimit, limit_bytes=settings.request_body_bytes_max)
+    app.include_router(openai_routes.router)
+    app.include_router(node_ws.router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "replica": coord.replica_id, "version": __version__}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the database answers and dispatch runs (for a load balancer)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(coord.store.job_counts), 2.0)
+        except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
+            return JSONResponse({"status": "unready", "reason": str(exc)[:200]}, 503)
+        d = coord.dispatcher
+        return JSONResponse(
+            {
+                "status": "ready",
+                "nodes_online": len(d.nodes) if d else 0,
+                "jobs_waiting": len(d.waiting) if d else 0,
+                "models": sorted(coord.models),
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(
+            coord.metrics.render(coord.dispatcher),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    return app

@@ -1,0 +1,31 @@
+"""Client authentication: ``Authorization: Bearer sk-sc-…`` checked against hashed keys."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from sparecycles.errors import PermissionDenied, Unauthorized
+from sparecycles.store import ApiKeyInfo
+
+
+async def require_key(request: Request) -> ApiKeyInfo:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+        )
+    coord = request.app.state.coordinator
+    info = await asyncio.to_thread(coord.authenticate, secret.strip())
+    if info is None:
+        raise Unauthorized("Incorrect API key provided.")
+    return info
+
+
+async def require_admin(request: Request) -> ApiKeyInfo:
+    info = await require_key(request)
+    if "admin" not in info.scopes:
+        raise PermissionDenied("This endpoint needs an API key with the admin scope.")
+    return info

@@ -1,0 +1,172 @@
+"""The node protocol's coordinator end: one WebSocket per node, dialled out by the node.
+
+Handshake: the coordinator sends a ``challenge`` nonce; the node answers ``hello`` with its
+owner's token, its Ed25519 public key and a signature of the nonce (proving it holds the key), its
+device profile, availability policy and models. Models whose weight hash differs from the
+registry's are refused. Then the node streams ``tokens`` and ``done`` for the jobs it is given and
+sends a ``heartbeat`` every few seconds. Anything outside the protocol closes the socket (1008);
+the coordinator goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from sparecycles import availability, limits, protocol
+from sparecycles.coordinator import Coordinator
+from sparecycles.errors import Conflict, ProtocolError
+from sparecycles.identity import node_id_for, verify
+from sparecycles.nodes import NodeConn, policy_from_dict, profile_from_dict
+
+router = APIRouter()
+log = logging.getLogger("sparecycles.node_ws")
+POLICY_VIOLATION = 1008
+
+
+@router.websocket(protocol.WS_PATH)
+async def node_socket(ws: WebSocket) -> None:
+    coord: Coordinator = ws.app.state.coordinator
+    await ws.accept()
+    node: NodeConn | None = None
+    try:
+        node = await _handshake(coord, ws)
+        await _serve(coord, ws, node)
+    except ProtocolError as exc:
+        log.warning("node %s: protocol error: %s", node.node_id if node else "?", exc.message)
+        with contextlib.suppress(Exception):
+            await ws.send_text(protocol.encode(protocol.Reject(reason=exc.message)))
+            await ws.close(code=POLICY_VIOLATION)
+    except (WebSocketDisconnect, TimeoutError, RuntimeError):
+        pass
+    finally:
+        if node is not None:
+            await node.stop()
+            if coord.dispatcher is not None and coord.dispatcher.nodes.get(node.node_id) is node:
+                await coord.dispatcher.on_node_lost(node)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(coord.store.set_node_status, node.node_id, "offline")
+
+
+async def _receive(ws: WebSocket, timeout_s: float) -> str:
+    message = await asyncio.wait_for(ws.receive(), timeout_s)
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    if len(data) > limits.ws_message_bytes_max:
+        raise ProtocolError("message too large")
+    return data
+
+
+async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
+    nonce = secrets.token_urlsafe(24)
+    await ws.send_text(protocol.encode(protocol.Challenge(nonce=nonce)))
+    hello = protocol.decode_node_message(await _receive(ws, limits.node_hello_timeout_s))
+    if not isinstance(hello, protocol.Hello):
+        raise ProtocolError("the first message must be hello")
+    owner_id = await asyncio.to_thread(coord.store.owner_for_node_token, hello.token)
+    if owner_id is None:
+        raise ProtocolError("unknown or revoked node token")
+    if not verify(hello.public_key, nonce.encode(), hello.nonce_signature):
+        raise ProtocolError("the challenge signature does not verify with the public key")
+    try:
+        profile = profile_from_dict(hello.profile)
+        policy = policy_from_dict(hello.availability)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"invalid profile or availability policy: {exc}") from None
+    node_id = node_id_for(hello.public_key)
+    accepted, rejected, weights = [], {}, {}
+    for offer in hello.models:
+        spec = coord.models.get(offer.name)
+        if spec is None:
+            rejected[offer.name] = "not in this network's model registry"
+        elif offer.weights_sha256 != spec.weights_sha256:
+            rejected[offer.name] = "weights hash differs from the registry's"
+        else:
+            accepted.append(offer.name)
+            weights[offer.name] = offer.weights_sha256
+    try:
+        await asyncio.to_thread(
+            coord.store.node_connected,
+            node_id=node_id,
+            owner_id=owner_id,
+            name=hello.name,
+            public_key=hello.public_key,
+            profile=hello.profile,
+            models=[m.model_dump() for m in hello.models],
+            availability=hello.availability,
+            agent_version=hello.agent_version,
+            replica_id=coord.replica_id,
+        )
+    except Conflict as exc:
+        raise ProtocolError(exc.message) from None
+    assert coord.dispatcher is not None
+    old = coord.dispatcher.nodes.get(node_id)
+    if old is not None:  # the same node reconnected: its old socket is finished
+        await old.stop()
+        await coord.dispatcher.on_node_lost(old)
+    node = NodeConn(
+        node_id=node_id,
+        owner_id=owner_id,
+        name=hello.name or node_id,
+        public_key=hello.public_key,
+        profile=profile,
+        policy=policy,
+        models=tuple(accepted),
+        weights=weights,
+        jobs_max=hello.jobs_max,
+        send_raw=ws.send_text,
+    )
+    await ws.send_text(
+        protocol.encode(
+            protocol.Welcome(
+                node_id=node_id,
+                owner_id=owner_id,
+                heartbeat_interval_s=limits.heartbeat_interval_s,
+                accepted_models=accepted,
+                rejected_models=rejected,
+            )
+        )
+    )
+    node.start()
+    coord.dispatcher.on_node_ready(node)
+    log.info("node %s (%s) online with %s", node_id, profile.device_class, accepted)
+    return node
+
+
+async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
+    dispatcher = coord.dispatcher
+    assert dispatcher is not None
+    timeout_s = coord.settings.heartbeat_timeout_s
+    while not node.closed:
+        msg = protocol.decode_node_message(await _receive(ws, timeout_s))
+        node.last_seen_s = time.monotonic()
+        if isinstance(msg, protocol.Tokens):
+            dispatcher.on_tokens(node, msg)
+        elif isinstance(msg, protocol.Done):
+            await dispatcher.on_done(node, msg)
+        elif isinstance(msg, protocol.Heartbeat):
+            node.status = availability.DeviceStatus(
+                on_ac_power=msg.on_ac_power,
+                charging=msg.charging,
+                owner_load=msg.owner_load,
+                temperature_c=msg.temperature_c,
+            )
+            if node.draining and msg.available:  # the owner's window opened again
+                node.draining = False
+                dispatcher.on_node_ready(node)
+            node.draining = not msg.available
+        elif isinstance(msg, protocol.JobError):
+            await dispatcher.on_job_error(node, msg)
+        elif isinstance(msg, protocol.Draining):
+            node.draining = True
+            await asyncio.to_thread(coord.store.set_node_status, node.node_id, "draining")
+        elif isinstance(msg, protocol.Hello):
+            raise ProtocolError("hello sent twice")

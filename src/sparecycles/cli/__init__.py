@@ -1,0 +1,17 @@
+"""The ``sparecycles`` command: one typer app; each module adds the commands of one role."""
+
+from __future__ import annotations
+
+import typer
+
+from sparecycles.cli import admin, demo, model, serve
+
+app = typer.Typer(
+    name="sparecycles",
+    help="An LLM inference network on the spare cycles of devices people already own.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+for _module in (serve, admin, model, demo):
+    _module.register(app)

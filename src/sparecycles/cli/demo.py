@@ -1,0 +1,25 @@
+"""``sparecycles demo``: the whole network on this machine, from one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sparecycles.cli.common import console, friendly
+
+
+@friendly
+def demo(
+    root: Path = typer.Option(Path(".sparecycles/demo"), help="Folder for the run's files"),
+    requests: int = typer.Option(6, min=1, max=64, help="How many chat requests to send"),
+    model_dir: Path = typer.Option(None, help="Use this model instead of building the tiny one"),
+) -> None:
+    """Build a tiny model, start a coordinator and two nodes, send real requests, show the money."""
+    from sparecycles.demo import run_demo
+
+    run_demo(root, model_dir=model_dir, requests=requests, console=console)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

@@ -1,0 +1,134 @@
+"""The two long-running roles: ``sparecycles coordinator`` and ``sparecycles node``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sparecycles import limits
+from sparecycles.cli.common import console, friendly, setup_logging
+from sparecycles.settings import CoordinatorSettings, NodeSettings, load_toml, parse_model_args
+
+
+def coordinator(
+    host: str = typer.Option(None, help="Address to listen on [127.0.0.1]"),
+    port: int = typer.Option(None, help="Port [8000]"),
+    database: str = typer.Option(None, help="sqlite:///path (default) or postgresql://…"),
+    model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE, repeatable"),
+    config: Path = typer.Option(None, "--config", help="TOML file with a [coordinator] table"),
+    placement_wait_s: float = typer.Option(None, help="Seconds a job may wait for a node"),
+    replica_id: str = typer.Option(None, help="Name of this replica"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run the coordinator: the OpenAI-compatible API and the node protocol."""
+    import uvicorn
+
+    from sparecycles.api.app import create_app
+
+    flags = {k: v for k, v in {
+        "host": host, "port": port, "database": database, "models": model or None,
+        "placement_wait_s": placement_wait_s, "replica_id": replica_id, "log_level": log_level,
+    }.items() if v is not None}
+    settings = CoordinatorSettings(**{**load_toml(config).get("coordinator", {}), **flags})
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=limits.ws_message_bytes_max,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def node(
+    coordinator_url: str = typer.Option(None, "--coordinator", help="Coordinator URL"),
+    token: str = typer.Option(None, "--token", help="The owner's node token"),
+    model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE the owner allows"),
+    name: str = typer.Option(None, help="A name for this device"),
+    device: str = typer.Option(None, help="auto, cpu or cuda:N"),
+    device_class: str = typer.Option(None, help="gaming-pc, laptop, car, server, …"),
+    jobs_max: int = typer.Option(None, help="Jobs this node runs at once"),
+    config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
+    availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
+    config: Path = typer.Option(None, "--config", help="TOML file with a [node] table"),
+    reprofile: bool = typer.Option(False, help="Measure the device again"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run a node agent: profile the device, load the models, serve jobs."""
+    flags = {k: v for k, v in {
+        "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
+        "device": device, "device_class": device_class, "jobs_max": jobs_max,
+        "config_dir": config_dir, "reprofile": reprofile or None,
+    }.items() if v is not None}
+    file_cfg = load_toml(config).get("node", {})
+    if availability is not None:
+        with open(availability, "rb") as f:
+            file_cfg["availability"] = tomllib.load(f).get("availability", {})
+    settings = NodeSettings(**{**file_cfg, **flags})
+    setup_logging(log_level)
+    with _errors():
+        asyncio.run(_run_node(settings))
+
+
+def _errors() -> Any:
+    from sparecycles.cli.common import one_line_errors
+
+    return one_line_errors()
+
+
+async def _run_node(settings: NodeSettings) -> None:
+    from sparecycles.identity import NodeIdentity
+    from sparecycles.node.agent import NodeAgent
+    from sparecycles.node.backends.transformers import TransformersEngine
+    from sparecycles.node.profile import profile_device
+    from sparecycles.nodes import policy_from_dict
+
+    if not settings.token:
+        raise ValueError("a node needs --token (ask the coordinator's admin: owners token)")
+    models = parse_model_args(settings.models)
+    if not models:
+        raise ValueError("a node needs at least one --model NAME=SOURCE")
+    identity = NodeIdentity.load_or_create(settings.config_dir / "node_key.pem")
+    profile = await asyncio.to_thread(
+        profile_device,
+        cache_path=settings.config_dir / "profile.json",
+        refresh=settings.reprofile,
+        device_class=settings.device_class or None,
+    )
+    console.print(f"node {identity.node_id}: {profile.device_class}, "
+                  f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")
+    engines = {}
+    for model_name, source in models.items():
+        engines[model_name] = await asyncio.to_thread(
+            TransformersEngine.load, model_name, source, device=settings.device
+        )
+    agent = NodeAgent(
+        coordinator_url=settings.coordinator,
+        token=settings.token,
+        identity=identity,
+        profile=profile,
+        engines=engines,
+        policy=policy_from_dict(settings.availability),
+        name=settings.name or identity.node_id,
+        jobs_max=settings.jobs_max,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("coordinator")(friendly(coordinator))
+    app.command("node")(node)

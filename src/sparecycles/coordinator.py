@@ -1,0 +1,99 @@
+"""The coordinator as a service: the store, the ledger, the model registry and dispatch, assembled.
+
+The HTTP surface (``api/``) holds one ``Coordinator`` and calls into it; nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sparecycles import modelfiles
+from sparecycles.dispatch import Dispatcher
+from sparecycles.errors import ModelNotFound
+from sparecycles.ledger import Ledger
+from sparecycles.metrics import Metrics
+from sparecycles.pricing import PriceBook
+from sparecycles.settings import CoordinatorSettings, parse_model_args
+from sparecycles.store import ApiKeyInfo, Store
+from sparecycles.types import ModelSpec
+
+log = logging.getLogger("sparecycles.coordinator")
+key_cache_ttl_s = 5.0  # a revoked key stops working within this
+key_cache_entries_max = 10_000
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, *, store: Store | None = None):
+        self.settings = settings
+        self.replica_id = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+        self.store = store or Store(settings.database)
+        self.prices = PriceBook.default()
+        self.ledger = Ledger(self.store.sessions, currency=settings.currency, prices=self.prices)
+        self.models: dict[str, ModelSpec] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.metrics = Metrics()
+        self.dispatcher: Dispatcher | None = None
+        self.started_at_s = time.time()
+        self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.migrate)
+        await asyncio.to_thread(self._load_models)
+        self.dispatcher = Dispatcher(
+            store=self.store,
+            ledger=self.ledger,
+            models=self.models,
+            replica_id=self.replica_id,
+            placement_wait_s=self.settings.placement_wait_s,
+            token_gap_s=self.settings.token_gap_s,
+            policy=self.settings.scheduler_policy,
+            on_finished=self.metrics.job_finished,
+        )
+        await self.dispatcher.start()
+        log.info("coordinator %s ready (pid %d) serving %s", self.replica_id, os.getpid(),
+                 ", ".join(self.models) or "no models yet")
+
+    async def stop(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        self.store.close()
+
+    def _load_models(self) -> None:
+        """Register the configured models (hash and spec) and load their tokenizers."""
+        for name, source in parse_model_args(self.settings.models).items():
+            spec = modelfiles.model_spec(name, source)
+            self.store.upsert_model(name, source, spec.weights_sha256, asdict(spec))
+        for row in self.store.list_models():
+            try:
+                self.tokenizers[row.name] = modelfiles.load_tokenizer(row.source)
+            except Exception as exc:  # noqa: BLE001 - a model we cannot load is not served
+                log.error("model %s from %s cannot be loaded: %s", row.name, row.source, exc)
+                continue
+            self.models[row.name] = ModelSpec(**row.spec)
+
+    def model(self, name: str) -> tuple[ModelSpec, Any]:
+        spec = self.models.get(name)
+        if spec is None:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        return spec, self.tokenizers[name]
+
+    def authenticate(self, secret: str) -> ApiKeyInfo | None:
+        """Look up a key, caching answers briefly so a request costs no query in the common case."""
+        now = time.monotonic()
+        hit = self._keys.get(secret)
+        if hit is not None and now - hit[0] < key_cache_ttl_s:
+            return hit[1]
+        info = self.store.authenticate_key(secret)
+        if len(self._keys) >= key_cache_entries_max:
+            self._keys.clear()
+        self._keys[secret] = (now, info)
+        return info

@@ -1,0 +1,588 @@
+"""The job lifecycle: the only glue between the API, the scheduler, the nodes, the store and money.
+
+    admitted --(scheduler picks a node)--> placed --(first token)--> streaming --> done
+        ^                                                    |                 \\-> failed
+        \\------ node left / went silent: resumed elsewhere --/
+
+Guarantees, each enforced below:
+- A job's tokens reach its client in order, each exactly once, across attempts: an attempt
+  starts from the prompt plus every token already delivered, and token messages are matched to
+  the attempt and position they claim (duplicates dropped, gaps end the attempt).
+- Every wait is bounded: placement (``placement_wait_s``), silence of a node on a job
+  (``token_gap_s``), attempts (``limits.job_attempts_max``).
+- Money follows the outcome: a job is admitted only with a hold on the client's balance; a job
+  that ends with tokens delivered is settled for exactly those tokens, shared between the nodes
+  that produced them; a job that delivered nothing has its hold voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparecycles import limits, protocol, scheduler
+from sparecycles.errors import JobFailed, NoNodeAvailable, SpareCyclesError
+from sparecycles.identity import verify
+from sparecycles.ledger import Ledger, WorkShare
+from sparecycles.nodes import NodeConn
+from sparecycles.store import Store
+from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
+
+log = logging.getLogger("sparecycles.dispatch")
+watchdog_interval_s = 0.25
+
+
+@dataclass
+class Attempt:
+    number: int
+    node_id: str
+    owner_id: str
+    device_class: str
+    token_base: int  # len(job.generated) when the attempt started
+    started_s: float
+    first_token_s: float | None = None
+    tokens: int = 0
+    last_token_s: float = 0.0
+
+
+@dataclass
+class JobEvent:
+    kind: str  # "tokens" | "done" | "error"
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    error: SpareCyclesError | None = None
+
+
+@dataclass
+class LiveJob:
+    """A job while this coordinator holds it. ``generated`` is the authoritative output."""
+
+    job_id: str
+    client_id: str
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    workload: Workload
+    trusted_only: bool
+    admitted_s: float
+    admitted_mono_s: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.ADMITTED
+    generated: list[int] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+    waiting_since_s: float = 0.0
+    first_token_s: float | None = None
+    excluded_nodes: set[str] = field(default_factory=set)
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def as_job(self) -> Job:
+        return Job(
+            job_id=self.job_id,
+            model=self.model,
+            prompt_tokens=len(self.prompt_ids),
+            max_tokens=self.sampling.max_tokens,
+            client_id=self.client_id,
+            admitted_at_s=self.admitted_s,
+            generated_tokens=len(self.generated),
+            trusted_only=self.trusted_only,
+            workload=self.workload,
+        )
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        ledger: Ledger,
+        models: dict[str, ModelSpec],
+        replica_id: str,
+        placement_wait_s: float = limits.placement_wait_s_max,
+        token_gap_s: float = limits.token_gap_s_max,
+        policy: str = "fastest",
+        on_finished: Callable[[LiveJob, str], None] | None = None,
+    ):
+        self.store, self.ledger, self.models = store, ledger, models
+        self.replica_id = replica_id
+        self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
+        self.config = scheduler.SchedulerConfig(policy=policy)
+        self.nodes: dict[str, NodeConn] = {}
+        self.jobs: dict[str, LiveJob] = {}
+        self.waiting: dict[str, LiveJob] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._writes: asyncio.Queue[_Write] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._on_finished = on_finished
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._recover)
+        self._task = asyncio.create_task(self._loop(), name="dispatch")
+        self._writer = asyncio.create_task(self._write_loop(), name="dispatch-writer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in list(self.jobs.values()):
+            await self._finish(job, error=JobFailed("the coordinator is shutting down"))
+        if self._writer:
+            await self._write(lambda: None)  # drain what is queued
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    def _recover(self) -> None:
+        """Settle jobs a previous run of this replica left open (it crashed or was killed).
+
+        Their clients' connections died with that process, so nothing more can be delivered:
+        the holds are voided and the jobs marked failed. No money moves for undelivered work.
+        """
+        for row in self.store.unfinished_jobs(self.replica_id):
+            self.ledger.void(row.id)
+            self.store.update_job(
+                row.id, state="failed", error="coordinator restarted", finished_at_s=time.time()
+            )
+        self.store.mark_replica_nodes_offline(self.replica_id)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        *,
+        job_id: str,
+        client_id: str,
+        api_key_id: str | None,
+        model: str,
+        endpoint: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        stream: bool,
+        workload: Workload = Workload.INFERENCE,
+        trusted_only: bool = False,
+    ) -> LiveJob:
+        """Record the job and hold its most possible cost; raises InsufficientBalance (402)."""
+        now = time.time()
+
+        def _persist() -> None:
+            self.store.insert_job(
+                id=job_id,
+                client_id=client_id,
+                api_key_id=api_key_id,
+                model=model,
+                endpoint=endpoint,
+                workload=str(workload),
+                state="admitted",
+                stream=stream,
+                trusted_only=trusted_only,
+                prompt_tokens=len(prompt_ids),
+                max_tokens=sampling.max_tokens,
+                replica_id=self.replica_id,
+                created_at_s=now,
+            )
+            try:
+                self.ledger.hold(job_id, client_id, model, len(prompt_ids), sampling.max_tokens)
+            except SpareCyclesError as exc:
+                self.store.update_job(
+                    job_id, state="failed", error=exc.message, finished_at_s=time.time()
+                )
+                raise
+
+        if len(self.waiting) >= limits.jobs_waiting_max:
+            raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
+        await asyncio.to_thread(_persist)
+        job = LiveJob(
+            job_id=job_id,
+            client_id=client_id,
+            model=model,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            workload=workload,
+            trusted_only=trusted_only,
+            admitted_s=now,
+            waiting_since_s=time.monotonic(),
+        )
+        self.jobs[job_id] = job
+        self.waiting[job_id] = job
+        self._wake.set()
+        return job
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), watchdog_interval_s)
+            self._wake.clear()
+            try:
+                self._place_waiting()
+                await self._watchdog()
+            except Exception:  # a bug here must not stop all placement; it is logged loudly
+                log.exception("dispatch loop iteration failed")
+
+    def _place_waiting(self) -> None:
+        if not self.waiting:
+            return
+        now = time.time()
+        snapshots = [
+            n.snapshot(now) for n in self.nodes.values() if not n.closed and not n.draining
+        ]
+        if not snapshots:
+            return
+        jobs = [j.as_job() for j in self.waiting.values()]
+        for assignment in scheduler.schedule(jobs, snapshots, self.models, now, self.config):
+            job = self.waiting.get(assignment.job_id)
+            node = self.nodes.get(assignment.node_id)
+            if job is None or node is None or node.node_id in job.excluded_nodes:
+                continue
+            self._assign(job, node)
+
+    def _assign(self, job: LiveJob, node: NodeConn) -> None:
+        number = len(job.attempts) + 1
+        prompt = job.prompt_ids + job.generated
+        remaining = job.sampling.max_tokens - len(job.generated)
+        msg = protocol.JobAssign(
+            job_id=job.job_id,
+            attempt=number,
+            model=job.model,
+            prompt_token_ids=prompt,
+            sampling=protocol.Sampling(
+                max_tokens=remaining,
+                temperature=job.sampling.temperature,
+                top_p=job.sampling.top_p,
+                seed=job.sampling.seed,
+                stop=list(job.sampling.stop),
+            ),
+            prompt_sha256=protocol.tokens_sha256(prompt),
+        )
+        if not node.send(protocol.encode(msg)):
+            return  # the node's socket is gone; its reader will clean up
+        now = time.monotonic()
+        job.attempts.append(
+            Attempt(
+                number=number,
+                node_id=node.node_id,
+                owner_id=node.owner_id,
+                device_class=node.profile.device_class,
+                token_base=len(job.generated),
+                started_s=now,
+                last_token_s=now,
+            )
+        )
+        job.state = JobState.PLACED
+        node.jobs.add(job.job_id)
+        node.queued_tokens += remaining
+        self.waiting.pop(job.job_id, None)
+        self._background(
+            self.store.start_attempt,
+            job_id=job.job_id,
+            attempt=number,
+            node_id=node.node_id,
+            prompt_tokens=len(prompt),
+        )
+
+    async def _watchdog(self) -> None:
+        now = time.monotonic()
+        for job in list(self.waiting.values()):
+            if now - job.waiting_since_s > self.placement_wait_s:
+                has_nodes = any(job.model in n.models for n in self.nodes.values())
+                why = (
+                    "every node serving this model is busy or unavailable"
+                    if has_nodes
+                    else "no node serving this model is online"
+                )
+                await self._finish(
+                    job,
+                    error=NoNodeAvailable(
+                        f"no node could take the request for model '{job.model}' within "
+                        f"{self.placement_wait_s:g} s: {why}"
+                    ),
+                )
+        for job in list(self.jobs.values()):
+            att = job.current
+            if job.state in (JobState.PLACED, JobState.STREAMING) and att is not None:
+                if now - att.last_token_s > self.token_gap_s:
+                    log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
+                    node = self.nodes.get(att.node_id)
+                    if node is not None:
+                        node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
+                                                                  attempt=att.number)))
+                    await self._resume(job, outcome="node_silent")
+
+    # ---- node events -------------------------------------------------------------------------
+
+    def _attempt_of(self, node: NodeConn, job_id: str, number: int) -> tuple[LiveJob, Attempt]:
+        job = self.jobs.get(job_id)
+        att = job.current if job else None
+        if job is None or att is None or att.number != number or att.node_id != node.node_id:
+            raise _StaleMessage
+        return job, att
+
+    def on_tokens(self, node: NodeConn, msg: protocol.Tokens) -> None:
+        try:
+            job, att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return  # a late message for an attempt that already ended: harmless, dropped
+        now = time.monotonic()
+        skip = att.tokens - msg.index  # tokens of this message we already have
+        if skip < 0:
+            log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
+            asyncio.get_running_loop().create_task(self._resume(job, outcome="protocol_gap"))
+            return
+        new = msg.token_ids[skip:]
+        room = job.sampling.max_tokens - len(job.generated)
+        if len(new) > room:
+            new = new[:room]  # a node may not produce more than was asked; the rest is dropped
+        if not new:
+            return
+        job.generated.extend(new)
+        att.tokens += len(new)
+        att.last_token_s = now
+        node.queued_tokens = max(0, node.queued_tokens - len(new))
+        if att.first_token_s is None:
+            att.first_token_s = now
+        if job.first_token_s is None:
+            job.first_token_s = now
+            job.state = JobState.STREAMING
+            self._background(
+                self.store.update_job,
+                job.job_id,
+                state="streaming",
+                first_token_at_s=time.time(),
+                time_to_first_token_s=now - job.admitted_mono_s,
+            )
+        job.events.put_nowait(JobEvent("tokens", tuple(new)))
+
+    async def on_done(self, node: NodeConn, msg: protocol.Done) -> None:
+        try:
+            job, att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return
+        produced = job.generated[att.token_base : att.token_base + att.tokens]
+        payload = protocol.result_payload(
+            job_id=msg.job_id,
+            attempt=msg.attempt,
+            weights_sha256=node.weights.get(job.model, ""),
+            prompt_sha256=protocol.tokens_sha256(job.prompt_ids + job.generated[: att.token_base]),
+            output_sha256=protocol.tokens_sha256(produced),
+            finish_reason=msg.finish_reason,
+            metering=msg.metering,
+        )
+        if msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
+            node.public_key, payload, msg.signature
+        ):
+            log.warning("job %s: node %s sent a result that does not verify", job.job_id,
+                        node.node_id)
+            await self._resume(job, outcome="bad_signature")
+            return
+        decode_s = (time.monotonic() - (att.first_token_s or att.started_s))
+        if att.tokens > 1 and decode_s > 0:
+            node.observe_speed(job.model, (att.tokens - 1) / decode_s)
+        self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
+        reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
+        await self._finish(job, finish_reason="stop" if reason == "cancelled" else reason)
+
+    async def on_job_error(self, node: NodeConn, msg: protocol.JobError) -> None:
+        try:
+            job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return
+        log.warning("job %s failed on node %s: %s", job.job_id, node.node_id, msg.message)
+        await self._resume(job, outcome="failed")
+
+    async def on_node_lost(self, node: NodeConn) -> None:
+        """The node's socket closed: every job it held is resumed elsewhere."""
+        self.nodes.pop(node.node_id, None)
+        for job_id in list(node.jobs):
+            job = self.jobs.get(job_id)
+            if job is not None and job.current and job.current.node_id == node.node_id:
+                await self._resume(job, outcome="node_lost")
+        self._wake.set()
+
+    def on_node_ready(self, node: NodeConn) -> None:
+        self.nodes[node.node_id] = node
+        self._wake.set()
+
+    # ---- ending ------------------------------------------------------------------------------
+
+    def _end_attempt(
+        self,
+        job: LiveJob,
+        att: Attempt,
+        node: NodeConn | None,
+        outcome: str,
+        metering: protocol.Metering | None = None,
+        signature: str | None = None,
+    ) -> None:
+        if node is not None:
+            node.jobs.discard(job.job_id)
+        now = time.monotonic()
+        fields: dict[str, Any] = {
+            "outcome": outcome,
+            "completion_tokens": att.tokens,
+            "time_to_first_token_s": (att.first_token_s - att.started_s)
+            if att.first_token_s
+            else None,
+            "total_s": now - att.started_s,
+        }
+        if metering is not None:
+            fields.update(
+                busy_s=metering.busy_s,
+                energy_j=metering.energy_j,
+                energy_source=metering.energy_source,
+                signature=signature,
+            )
+        self._background(self.store.end_attempt, job.job_id, att.number, **fields)
+
+    async def _resume(self, job: LiveJob, *, outcome: str) -> None:
+        """End the current attempt and put the job back to be placed with what it has so far."""
+        att = job.current
+        if att is None or job.state.is_final:
+            return
+        node = self.nodes.get(att.node_id)
+        self._end_attempt(job, att, node, outcome)
+        job.excluded_nodes.add(att.node_id)
+        if len(job.generated) >= job.sampling.max_tokens:
+            await self._finish(job, finish_reason="length")
+        elif len(job.attempts) >= limits.job_attempts_max:
+            await self._finish(job, error=JobFailed(
+                f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
+        else:
+            job.state = JobState.ADMITTED
+            job.waiting_since_s = time.monotonic()
+            self.waiting[job.job_id] = job
+            self._wake.set()
+
+    async def cancel(
+        self, job_id: str, *, reason: str = "client", keep_tokens: int | None = None
+    ) -> None:
+        """Stop a job early: the client went away, or its text reached a stop string.
+
+        The job is settled for the tokens it produced, or for ``keep_tokens`` of them when the
+        text ended there (tokens after a stop string are neither shown nor charged).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.state.is_final:
+            return
+        if keep_tokens is not None and keep_tokens < len(job.generated):
+            del job.generated[keep_tokens:]
+            for a in job.attempts:
+                a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
+        att = job.current
+        if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
+            node = self.nodes.get(att.node_id)
+            if node is not None:
+                node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
+            self._end_attempt(job, att, node, "cancelled")
+        await self._finish(job, finish_reason="stop", cancelled_by=reason)
+
+    async def _finish(
+        self,
+        job: LiveJob,
+        *,
+        finish_reason: str | None = None,
+        error: SpareCyclesError | None = None,
+        cancelled_by: str | None = None,
+    ) -> None:
+        if job.state.is_final:
+            return
+        self.jobs.pop(job.job_id, None)
+        self.waiting.pop(job.job_id, None)
+        delivered = len(job.generated)
+        job.state = JobState.DONE if delivered and error is None else JobState.FAILED
+        if error is not None and delivered:
+            job.state = JobState.FAILED  # partial output: charged for what was delivered
+        shares = [
+            WorkShare(
+                owner_id=a.owner_id,
+                node_id=a.node_id,
+                device_class=a.device_class,
+                prompt_tokens=len(job.prompt_ids) + a.token_base,
+                completion_tokens=a.tokens,
+                busy_s=0.0,
+            )
+            for a in job.attempts
+            if a.tokens > 0
+        ]
+        now = time.time()
+        total_s = time.monotonic() - job.admitted_mono_s
+
+        def _settle() -> None:
+            if delivered:
+                self.ledger.settle(
+                    job.job_id, job.client_id, job.model, len(job.prompt_ids), delivered, shares
+                )
+            else:
+                self.ledger.void(job.job_id)
+            self.store.update_job(
+                job.job_id,
+                state=str(job.state),
+                completion_tokens=delivered,
+                finish_reason=finish_reason if error is None else None,
+                error=None if error is None else error.message,
+                finished_at_s=now,
+                total_s=total_s,
+            )
+
+        try:
+            await self._write(_settle)
+        finally:
+            if error is not None:
+                job.events.put_nowait(JobEvent("error", error=error))
+            else:
+                job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
+            if self._on_finished:
+                self._on_finished(job, str(job.state))
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    # Store writes after admission go through one queue, applied in order on a worker thread:
+    # an attempt's row is written before its end, and every metering write of a job before its
+    # settlement, without the event loop ever waiting on the database mid-stream.
+
+    def _background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue a store write without waiting for it (metering updates)."""
+        self._writes.put_nowait(_Write(lambda: fn(*args, **kwargs), None))
+
+    async def _write(self, fn: Callable[[], Any]) -> Any:
+        """Queue a store write after all earlier ones and wait for its result."""
+        if self._writer is None:  # not started (unit tests driving parts directly)
+            return await asyncio.to_thread(fn)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait(_Write(fn, fut))
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            w = await self._writes.get()
+            try:
+                result = await asyncio.to_thread(w.fn)
+            except Exception as exc:  # noqa: BLE001 - reported to the waiter or logged
+                if w.future is not None and not w.future.done():
+                    w.future.set_exception(exc)
+                else:
+                    log.error("store write failed", exc_info=exc)
+            else:
+                if w.future is not None and not w.future.done():
+                    w.future.set_result(result)
+
+
+@dataclass(slots=True)
+class _Write:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any] | None
+
+
+class _StaleMessage(Exception):
+    pass

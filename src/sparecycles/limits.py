@@ -1,0 +1,38 @@
+"""Every bound in the system, named, with its unit last.
+
+A limit is checked at the boundary (rejected with a clear error) and inside (``invariant``).
+Settings may lower or raise the ones marked configurable; the rest are protocol constants.
+"""
+
+from __future__ import annotations
+
+# --- client API boundary -------------------------------------------------------------------
+request_body_bytes_max = 1_000_000
+messages_per_request_max = 256
+message_chars_max = 200_000
+stop_sequences_max = 4
+stop_sequence_chars_max = 256
+completion_tokens_max = 8192  # whatever the model's context allows, never more than this
+n_choices_max = 1
+
+# --- waiting and placement -----------------------------------------------------------------
+jobs_waiting_max = 10_000
+placement_wait_s_max = 10.0  # a job no node can take within this is answered 503
+job_attempts_max = 4  # first placement plus resumptions after nodes left
+token_gap_s_max = 60.0  # a node silent this long on a job it holds is treated as gone
+job_total_s_max = 3600.0
+
+# --- node protocol -------------------------------------------------------------------------
+ws_message_bytes_max = 1_000_000
+node_hello_timeout_s = 10.0
+heartbeat_interval_s = 5.0
+heartbeat_timeout_s = 20.0
+jobs_per_node_max = 64
+tokens_per_message_max = 256
+models_per_node_max = 32
+node_reconnect_backoff_s_max = 30.0
+
+# --- node engine ---------------------------------------------------------------------------
+batch_size_max = 16
+engine_queue_max = 256
+

@@ -1,0 +1,170 @@
+"""A whole network on one machine, as real processes on loopback: the demo and the e2e tests.
+
+``LocalNetwork`` runs the same ``sparecycles coordinator`` and ``sparecycles node`` commands a
+user runs, each in its own process, against an embedded SQLite file in its own folder, and knows
+how to wait for them, kill them and restart them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sparecycles.store import Store
+
+ready_timeout_s = 120.0  # loading torch and a model in a fresh process takes a few seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class NodeProc:
+    name: str
+    owner: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LocalNetwork:
+    root: Path
+    models: dict[str, Path]
+    port: int = field(default_factory=free_port)
+    coordinator: subprocess.Popen[bytes] | None = None
+    nodes: dict[str, NodeProc] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    coordinator_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def database(self) -> str:
+        return f"sqlite:///{self.root / 'sparecycles.db'}"
+
+    def store(self) -> Store:
+        store = Store(self.database)
+        store.migrate()
+        return store
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("OMP_NUM_THREADS", "1")  # two nodes share two cores on small machines
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def _spawn(self, args: list[str], log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log_path = self.root / "logs" / log_name
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sparecycles", *args],
+            stdout=out, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
+        )
+        out.close()
+        return proc, log_path
+
+    def start_coordinator(self, *, wait: bool = True) -> None:
+        args = ["coordinator", "--port", str(self.port), "--database", self.database,
+                "--log-level", "warning", *self.coordinator_args]
+        for name, path in self.models.items():
+            args += ["--model", f"{name}={path}"]
+        self.coordinator, _ = self._spawn(args, "coordinator.log")
+        if wait:
+            self.wait_ready(0)
+
+    def start_node(self, name: str, owner: str, *, extra_args: list[str] | None = None,
+                   token: str | None = None) -> NodeProc:
+        token = token or self.store().create_node_token(owner, name)
+        args = ["node", "--coordinator", self.url, "--token", token, "--name", name,
+                "--config-dir", str(self.root / "nodes" / name), "--jobs-max", "8",
+                "--log-level", "warning", *(extra_args or [])]
+        for model, path in self.models.items():
+            args += ["--model", f"{model}={path}"]
+        proc, log_path = self._spawn(args, f"node-{name}.log")
+        node = NodeProc(name, owner, token, proc, log_path, extra_args or [])
+        self.nodes[name] = node
+        return node
+
+    def restart_node(self, name: str) -> NodeProc:
+        old = self.nodes[name]
+        return self.start_node(name, old.owner, extra_args=old.extra_args, token=old.token)
+
+    def wait_ready(self, nodes_online: int, timeout_s: float = ready_timeout_s) -> dict[str, Any]:
+        """Wait until the coordinator answers and ``nodes_online`` nodes are connected."""
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.coordinator is not None and self.coordinator.poll() is not None:
+                raise RuntimeError(f"coordinator exited: {self.tail('coordinator.log')}")
+            for n in self.nodes.values():
+                if n.proc.poll() is not None and n.proc.returncode not in (0, -9, -15):
+                    raise RuntimeError(f"node {n.name} exited: {self.tail(n.log_path.name)}")
+            try:
+                last = httpx.get(self.url + "/readyz", timeout=2).json()
+                if last.get("status") == "ready" and last.get("nodes_online", 0) >= nodes_online:
+                    return last
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"network not ready after {timeout_s:g} s (last: {last})")
+
+    def tail(self, log_name: str, lines: int = 40) -> str:
+        path = self.root / "logs" / log_name
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.proc.pid, sig)
+        node.proc.wait(timeout=30)
+
+    def kill_coordinator(self, sig: int = signal.SIGKILL) -> None:
+        if self.coordinator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.coordinator.pid, sig)
+            self.coordinator.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process: nodes first (SIGTERM, then SIGKILL after a grace)."""
+        procs = [n.proc for n in self.nodes.values()]
+        if self.coordinator is not None:
+            procs.append(self.coordinator)
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+    def __enter__(self) -> LocalNetwork:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,299 @@
+"""The node agent: dials out to the coordinator, serves jobs from loaded engines, reports signed.
+
+Behind home NAT a device cannot be called, so the agent keeps one WebSocket open to the
+coordinator, reconnecting with capped exponential backoff. Jobs arrive on it; each is submitted
+to the engine of its model (one engine per model, loaded once, batching every job of that model);
+tokens go back as they are produced; the attempt ends with a ``done`` report signed with the
+node's Ed25519 key. When the owner's availability policy says stop (window over, on battery, the
+owner busy, too hot) the agent drains: no new jobs, running ones get ``drain_grace_s`` to finish,
+the rest are handed back so the coordinator resumes them elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import websockets
+
+from sparecycles import __version__, availability, limits, protocol
+from sparecycles.identity import NodeIdentity
+from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
+from sparecycles.types import AvailabilityPolicy, DeviceProfile, SamplingParams
+
+log = logging.getLogger("sparecycles.node")
+policy_check_interval_s = 1.0
+
+
+@dataclass
+class _Running:
+    job: protocol.JobAssign
+    updates: asyncio.Queue[GenerationUpdate]
+    started_s: float
+    busy_start_s: float
+    tokens_start: int
+    first_token_s: float | None = None
+    sent: int = 0
+    task: asyncio.Task[None] | None = None
+    handed_back: bool = False
+
+
+@dataclass
+class NodeAgent:
+    coordinator_url: str
+    token: str
+    identity: NodeIdentity
+    profile: DeviceProfile
+    engines: dict[str, Engine]
+    policy: AvailabilityPolicy = field(default_factory=AvailabilityPolicy)
+    name: str = ""
+    jobs_max: int = 8
+    status_probe: Any = None  # callable returning availability.DeviceStatus; None: always fine
+    running: dict[str, _Running] = field(default_factory=dict)
+    draining: bool = False
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ws_url(self) -> str:
+        base = self.coordinator_url.rstrip("/")
+        base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return base + protocol.WS_PATH
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect until stopped."""
+        backoff_s = 0.5
+        while not self._stop.is_set():
+            try:
+                async with websockets.connect(
+                    self.ws_url, max_size=limits.ws_message_bytes_max, open_timeout=10
+                ) as ws:
+                    backoff_s = 0.5
+                    await self._session(ws)
+            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                log.warning("connection to %s lost: %s", self.ws_url, exc)
+            except _Rejected as exc:
+                log.error("the coordinator refused this node: %s", exc)
+            self._abandon_all()
+            if self._stop.is_set():
+                break
+            delay = min(limits.node_reconnect_backoff_s_max, backoff_s) * random.uniform(0.5, 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            backoff_s *= 2
+
+    async def _session(self, ws: Any) -> None:
+        challenge = protocol.decode_coordinator_message(await ws.recv())
+        if not isinstance(challenge, protocol.Challenge):
+            raise _Rejected("expected a challenge")
+        hello = protocol.Hello(
+            token=self.token,
+            public_key=self.identity.public_key_b64,
+            name=self.name,
+            agent_version=__version__,
+            profile=asdict(self.profile),
+            availability=_policy_dict(self.policy),
+            models=[
+                protocol.ModelOffer(name=n, weights_sha256=e.spec.weights_sha256)
+                for n, e in self.engines.items()
+            ],
+            jobs_max=self.jobs_max,
+            nonce_signature=self.identity.sign(challenge.nonce.encode()),
+        )
+        await ws.send(protocol.encode(hello))
+        welcome = protocol.decode_coordinator_message(await ws.recv())
+        if isinstance(welcome, protocol.Reject):
+            raise _Rejected(welcome.reason)
+        if not isinstance(welcome, protocol.Welcome):
+            raise _Rejected("expected welcome")
+        for model, why in welcome.rejected_models.items():
+            log.warning("model %s refused by the coordinator: %s", model, why)
+        log.info("connected as %s serving %s", welcome.node_id, welcome.accepted_models)
+        send_lock = asyncio.Lock()
+
+        async def send(msg: Any) -> None:
+            async with send_lock:
+                await ws.send(protocol.encode(msg))
+
+        tasks = [
+            asyncio.create_task(self._heartbeats(send, welcome.heartbeat_interval_s)),
+            asyncio.create_task(self._watch_policy(send)),
+        ]
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            while True:
+                recv = asyncio.create_task(ws.recv())
+                done, _ = await asyncio.wait({recv, stop_wait}, return_when="FIRST_COMPLETED")
+                if stop_wait in done:
+                    recv.cancel()
+                    await self._drain(send, grace_s=self.policy.drain_grace_s, reason="stopping")
+                    return
+                msg = protocol.decode_coordinator_message(recv.result())
+                if isinstance(msg, protocol.JobAssign):
+                    self._start_job(msg, send)
+                elif isinstance(msg, protocol.Cancel):
+                    self._cancel_job(msg.job_id, msg.attempt)
+                elif isinstance(msg, protocol.Reject):
+                    raise _Rejected(msg.reason)
+        finally:
+            stop_wait.cancel()
+            for t in tasks:
+                t.cancel()
+
+    # ---- jobs ---------------------------------------------------------------------------------
+
+    def _start_job(self, job: protocol.JobAssign, send: Any) -> None:
+        engine = self.engines.get(job.model)
+        loop = asyncio.get_running_loop()
+        if engine is None or self.draining or len(self.running) >= self.jobs_max:
+            why = "draining" if self.draining else f"cannot take model {job.model} now"
+            loop.create_task(send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
+                                                    message=why)))
+            return
+        stats = engine.stats()
+        run = _Running(job=job, updates=asyncio.Queue(), started_s=time.monotonic(),
+                       busy_start_s=stats.busy_s, tokens_start=stats.tokens_generated)
+        self.running[job.job_id] = run
+
+        def on_update(update: GenerationUpdate) -> None:
+            loop.call_soon_threadsafe(run.updates.put_nowait, update)
+
+        s = job.sampling
+        engine.submit(
+            GenerationRequest(
+                request_id=f"{job.job_id}:{job.attempt}",
+                prompt_token_ids=tuple(job.prompt_token_ids),
+                params=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
+                                      top_p=s.top_p, seed=s.seed, stop=tuple(s.stop)),
+            ),
+            on_update,
+        )
+        run.task = loop.create_task(self._forward(engine, run, send))
+
+    async def _forward(self, engine: Engine, run: _Running, send: Any) -> None:
+        job = run.job
+        produced: list[int] = []
+        try:
+            while True:
+                update = await run.updates.get()
+                if update.error:
+                    await send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
+                                                 message=update.error[:2000]))
+                    return
+                if update.token_ids and not run.handed_back:
+                    if run.first_token_s is None:
+                        run.first_token_s = time.monotonic()
+                    ids = list(update.token_ids)
+                    for i in range(0, len(ids), limits.tokens_per_message_max):
+                        part = ids[i : i + limits.tokens_per_message_max]
+                        await send(protocol.Tokens(job_id=job.job_id, attempt=job.attempt,
+                                                   index=len(produced), token_ids=part))
+                        produced.extend(part)
+                if update.finished:
+                    break
+            if run.handed_back:
+                return
+            await send(self._report(engine, run, produced, update))
+        finally:
+            self.running.pop(job.job_id, None)
+
+    def _report(self, engine: Engine, run: _Running, produced: list[int],
+                last: GenerationUpdate) -> protocol.Done:
+        job = run.job
+        now = time.monotonic()
+        stats = engine.stats()
+        # The engine's busy time over this job's life, shared by tokens: this job's part.
+        engine_tokens = max(1, stats.tokens_generated - run.tokens_start)
+        busy_s = (stats.busy_s - run.busy_start_s) * min(1.0, len(produced) / engine_tokens)
+        metering = protocol.Metering(
+            prompt_tokens=len(job.prompt_token_ids),
+            completion_tokens=len(produced),
+            time_to_first_token_s=(run.first_token_s or now) - run.started_s,
+            total_s=now - run.started_s,
+            busy_s=busy_s,
+            energy_j=busy_s * max(0.0, self.profile.power_busy_w - self.profile.power_idle_w),
+            energy_source="estimated",
+        )
+        reason = "cancelled" if last.finish_reason is None else str(last.finish_reason)
+        output_sha = protocol.tokens_sha256(produced)
+        payload = protocol.result_payload(
+            job_id=job.job_id, attempt=job.attempt,
+            weights_sha256=engine.spec.weights_sha256, prompt_sha256=job.prompt_sha256,
+            output_sha256=output_sha, finish_reason=reason, metering=metering,
+        )
+        return protocol.Done(job_id=job.job_id, attempt=job.attempt, finish_reason=reason,
+                             metering=metering, output_sha256=output_sha,
+                             signature=self.identity.sign(payload))
+
+    def _cancel_job(self, job_id: str, attempt: int) -> None:
+        run = self.running.get(job_id)
+        if run is not None and run.job.attempt == attempt:
+            self.engines[run.job.model].cancel(f"{job_id}:{attempt}")
+
+    def _abandon_all(self) -> None:
+        """The socket is gone: the coordinator resumes these jobs elsewhere, so stop them."""
+        for run in list(self.running.values()):
+            run.handed_back = True
+            self.engines[run.job.model].cancel(f"{run.job.job_id}:{run.job.attempt}")
+            if run.task is not None:
+                run.task.cancel()
+        self.running.clear()
+
+    # ---- owner's policy -----------------------------------------------------------------------
+
+    async def _heartbeats(self, send: Any, interval_s: float) -> None:
+        while True:
+            status = self._status()
+            await send(protocol.Heartbeat(active_jobs=len(self.running),
+                                          available=not self.draining,
+                                          on_ac_power=status.on_ac_power,
+                                          charging=status.charging,
+                                          owner_load=status.owner_load,
+                                          temperature_c=status.temperature_c))
+            await asyncio.sleep(interval_s)
+
+    def _status(self) -> availability.DeviceStatus:
+        return self.status_probe() if self.status_probe else availability.DeviceStatus()
+
+    async def _watch_policy(self, send: Any) -> None:
+        """Drain when the owner's policy says stop; take work again when it says go."""
+        while True:
+            ok = availability.is_available(self.policy, self._status(), time.time())
+            if not ok and not self.draining:
+                log.info("the owner's availability policy says stop: draining")
+                await self._drain(send, grace_s=self.policy.drain_grace_s, reason="policy")
+            elif ok and self.draining and not self._stop.is_set():
+                log.info("the owner's availability policy allows work again")
+                self.draining = False
+                await send(protocol.Heartbeat(active_jobs=len(self.running), available=True))
+            await asyncio.sleep(policy_check_interval_s)
+
+    async def _drain(self, send: Any, *, grace_s: float, reason: str) -> None:
+        """Take no new jobs; give running ones ``grace_s``; hand the rest back."""
+        self.draining = True
+        await send(protocol.Draining(grace_s=grace_s, reason=reason))
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in list(self.running.values()):
+            run.handed_back = True
+            self.engines[run.job.model].cancel(f"{run.job.job_id}:{run.job.attempt}")
+            await send(protocol.JobError(job_id=run.job.job_id, attempt=run.job.attempt,
+                                         message=f"node draining ({reason})"))
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _policy_dict(policy: AvailabilityPolicy) -> dict[str, Any]:
+    d = asdict(policy)
+    d["windows"] = [list(w) for w in policy.windows]
+    return d

@@ -1,0 +1,81 @@
+"""The backend interface: what the node agent needs from an inference engine.
+
+An ``Engine`` holds one loaded model and decodes every request submitted to it together in
+batches (continuous batching: requests join and leave the batch between decode steps). The node
+agent never loads a model twice; it submits each job to the engine of that model.
+
+Engines are thread-based: ``submit`` and ``cancel`` may be called from any thread; ``on_update``
+callbacks run on the engine's own thread and must not block (the agent hands them to its event
+loop with ``call_soon_threadsafe``).
+
+Backends: ``transformers`` (Hugging Face on PyTorch, CPU or CUDA) ships here; llama.cpp (GGUF)
+and vLLM can be added as optional extras implementing the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sparecycles.types import FinishReason, ModelSpec, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    want_logprobs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationUpdate:
+    """New tokens of one request since its previous update; the last update has ``finished``."""
+
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None  # log-probability of each token in token_ids
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set when the request failed inside the engine
+
+
+@dataclass(slots=True)
+class EngineStats:
+    requests_active: int = 0
+    requests_waiting: int = 0
+    tokens_generated: int = 0
+    decode_steps: int = 0
+    busy_s: float = 0.0  # wall time the engine spent computing (prefill + decode)
+    batch_size_hist: dict[int, int] = field(default_factory=dict)
+
+
+UpdateCallback = Callable[[GenerationUpdate], None]
+
+
+class Engine(abc.ABC):
+    """One loaded model serving many concurrent requests."""
+
+    name: str
+    spec: ModelSpec  # includes weights_sha256 of the loaded files
+    device: str  # "cpu", "cuda:0", ...
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        """Queue a request. Raises ``EngineFull`` when ``engine_queue_max`` are waiting."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its final update (finished, reason STOP) is still delivered."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the engine thread; requests still running finish with an error update."""
+
+
+class EngineFull(Exception):
+    """The engine's waiting queue is at its limit."""

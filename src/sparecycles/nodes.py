@@ -1,0 +1,120 @@
+"""The coordinator's view of the nodes connected to it: one ``NodeConn`` per open socket.
+
+A ``NodeConn`` owns the outbound queue of its socket (a writer task drains it, so a slow node
+never blocks dispatch), the node's last reported status, and the jobs it holds. It turns that into
+the ``NodeSnapshot`` the scheduler reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sparecycles import availability
+from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
+
+outbound_queue_max = 1024  # messages waiting for a node's socket before it is dropped
+speed_ewma_weight = 0.3  # weight of the newest measurement in a node's measured decode speed
+
+
+def profile_from_dict(data: dict[str, Any]) -> DeviceProfile:
+    """A DeviceProfile from a hello's profile, ignoring fields this coordinator does not know."""
+    known = {f.name for f in fields(DeviceProfile)}
+    return DeviceProfile(**{k: v for k, v in data.items() if k in known})
+
+
+def policy_from_dict(data: dict[str, Any]) -> AvailabilityPolicy:
+    known = {f.name for f in fields(AvailabilityPolicy)}
+    clean = {k: v for k, v in data.items() if k in known}
+    if "windows" in clean:
+        clean["windows"] = tuple((int(a), int(b)) for a, b in clean["windows"])
+    return AvailabilityPolicy(**clean)
+
+
+@dataclass
+class NodeConn:
+    node_id: str
+    owner_id: str
+    name: str
+    public_key: str
+    profile: DeviceProfile
+    policy: AvailabilityPolicy
+    models: tuple[str, ...]
+    weights: dict[str, str]  # model -> weights_sha256 the node reported
+    jobs_max: int
+    send_raw: Callable[[str], Awaitable[None]]
+    status: availability.DeviceStatus = field(default_factory=availability.DeviceStatus)
+    jobs: set[str] = field(default_factory=set)  # job ids running here
+    queued_tokens: int = 0
+    draining: bool = False
+    last_seen_s: float = field(default_factory=time.monotonic)
+    measured_tps: dict[str, float] = field(default_factory=dict)
+    reputation: float = 1.0
+    _outbox: asyncio.Queue[str | None] = field(
+        default_factory=lambda: asyncio.Queue(outbound_queue_max)
+    )
+    _writer: asyncio.Task[None] | None = None
+    closed: bool = False
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"node-writer-{self.node_id}")
+
+    async def _write_loop(self) -> None:
+        while (frame := await self._outbox.get()) is not None:
+            try:
+                await self.send_raw(frame)
+            except Exception:  # noqa: BLE001 - a dead socket ends the writer; reader notices
+                self.closed = True
+                return
+
+    def send(self, frame: str) -> bool:
+        """Queue a frame; False (and the node is to be dropped) when its queue is full."""
+        if self.closed:
+            return False
+        try:
+            self._outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.closed = True
+            return False
+        return True
+
+    async def stop(self) -> None:
+        self.closed = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait(None)
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+
+    def observe_speed(self, model: str, tokens_per_s: float) -> None:
+        """Fold a measured decode speed into the node's running estimate (EWMA)."""
+        if tokens_per_s <= 0:
+            return
+        old = self.measured_tps.get(model)
+        self.measured_tps[model] = (
+            tokens_per_s
+            if old is None
+            else (1 - speed_ewma_weight) * old + speed_ewma_weight * tokens_per_s
+        )
+
+    def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        return NodeSnapshot(
+            node_id=self.node_id,
+            owner_id=self.owner_id,
+            profile=self.profile,
+            models=self.models,
+            active_jobs=len(self.jobs),
+            jobs_max=self.jobs_max,
+            queued_tokens=self.queued_tokens,
+            measured_decode_tokens_per_s=dict(self.measured_tps),
+            available=not self.draining
+            and availability.is_available(self.policy, self.status, now_epoch_s),
+            expected_stay_s=availability.expected_stay_s(self.policy, self.status, now_epoch_s),
+            reputation=self.reputation,
+            draining=self.draining,
+        )

@@ -1,0 +1,262 @@
+"""The node protocol: typed, versioned messages between a node agent and the coordinator.
+
+One WebSocket, dialled out by the node (so it works behind home NAT), carries JSON text frames,
+one message each, with a ``type`` field. Messages are validated on decode and tolerate unknown
+fields, so old and new agents share one network; a message that fails validation is a
+``ProtocolError`` and the node is disconnected. ``docs/protocol.md`` documents the same schemas
+for agents written in other languages.
+
+The node agent and the coordinator both import this module and never import each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from sparecycles import limits
+from sparecycles.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+WS_PATH = "/v1/node/ws"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    v: int = PROTOCOL_VERSION
+
+
+# ---- shared pieces --------------------------------------------------------------------------
+
+
+class ModelOffer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=200)
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    max_tokens: int = Field(ge=1, le=limits.completion_tokens_max)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=limits.stop_sequences_max)
+
+
+class Metering(BaseModel):
+    """What the node measured for one attempt of a job; part of the signed report."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    time_to_first_token_s: float = Field(ge=0)
+    total_s: float = Field(ge=0)
+    busy_s: float = Field(ge=0)
+    energy_j: float = Field(default=0.0, ge=0)
+    energy_source: Literal["rapl", "nvml", "estimated"] = "estimated"
+
+
+# ---- node -> coordinator --------------------------------------------------------------------
+
+
+class Hello(_Message):
+    """First message on a new socket: who the node is and what it can serve."""
+
+    type: Literal["hello"] = "hello"
+    token: str = Field(min_length=8, max_length=200)  # the owner's node token
+    public_key: str = Field(min_length=40, max_length=60)  # base64 raw Ed25519 public key
+    name: str = Field(default="", max_length=200)
+    agent_version: str = Field(default="", max_length=40)
+    profile: dict[str, Any]  # DeviceProfile fields
+    availability: dict[str, Any] = Field(default_factory=dict)  # AvailabilityPolicy fields
+    models: list[ModelOffer] = Field(max_length=limits.models_per_node_max)
+    jobs_max: int = Field(default=8, ge=1, le=limits.jobs_per_node_max)
+    nonce_signature: str = ""  # signature over the coordinator's challenge; see Challenge
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    active_jobs: int = Field(default=0, ge=0)
+    available: bool = True
+    on_ac_power: bool = True
+    charging: bool = False
+    owner_load: float = Field(default=0.0, ge=0.0, le=1.0)
+    temperature_c: float | None = None
+
+
+class Tokens(_Message):
+    """New tokens of a job, in order; ``index`` is the position of the first one in the attempt."""
+
+    type: Literal["tokens"] = "tokens"
+    job_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    index: int = Field(ge=0)
+    token_ids: list[int] = Field(min_length=1, max_length=limits.tokens_per_message_max)
+    logprobs: list[float] | None = None
+
+
+class Done(_Message):
+    """The end of an attempt, with the node's metering, signed with the node's key."""
+
+    type: Literal["done"] = "done"
+    job_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    finish_reason: Literal["stop", "length", "cancelled"]
+    metering: Metering
+    output_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(min_length=40, max_length=120)
+
+
+class JobError(_Message):
+    type: Literal["job_error"] = "job_error"
+    job_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    message: str = Field(max_length=2000)
+
+
+class Draining(_Message):
+    """The owner is taking the device back: no new jobs; running ones end within grace_s."""
+
+    type: Literal["draining"] = "draining"
+    grace_s: float = Field(ge=0, le=3600)
+    reason: str = Field(default="", max_length=200)
+
+
+NodeMessage = Annotated[
+    Hello | Heartbeat | Tokens | Done | JobError | Draining, Field(discriminator="type")
+]
+
+# ---- coordinator -> node --------------------------------------------------------------------
+
+
+class Challenge(_Message):
+    """Sent first by the coordinator; the node signs ``nonce`` in its Hello to prove its key."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    node_id: str
+    owner_id: str
+    heartbeat_interval_s: float
+    accepted_models: list[str]
+    rejected_models: dict[str, str] = Field(default_factory=dict)  # name -> reason
+
+
+class JobAssign(_Message):
+    """Work for the node. ``prompt_token_ids`` already include tokens of earlier attempts."""
+
+    type: Literal["job"] = "job"
+    job_id: str
+    attempt: int
+    model: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    prompt_sha256: str
+
+
+class Cancel(_Message):
+    type: Literal["cancel"] = "cancel"
+    job_id: str
+    attempt: int
+
+
+class Reject(_Message):
+    """Sent before closing a socket the coordinator will not serve (bad token, bad message)."""
+
+    type: Literal["reject"] = "reject"
+    reason: str
+
+
+CoordinatorMessage = Annotated[
+    Challenge | Welcome | JobAssign | Cancel | Reject, Field(discriminator="type")
+]
+
+_node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
+_coord_adapter: TypeAdapter[Any] = TypeAdapter(CoordinatorMessage)
+
+
+def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
+    if len(raw) > limits.ws_message_bytes_max:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {limits.ws_message_bytes_max}")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("message must be a JSON object")
+    version = data.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} not supported ({PROTOCOL_VERSION})")
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ProtocolError(f"invalid message at {where or 'top'}: {first['msg']}") from None
+
+
+def decode_node_message(raw: str | bytes) -> Hello | Heartbeat | Tokens | Done | JobError | Draining:
+    """Parse a frame from a node; raises ``ProtocolError`` for anything not in the protocol."""
+    return _decode(_node_adapter, raw)
+
+
+def decode_coordinator_message(raw: str | bytes) -> Challenge | Welcome | JobAssign | Cancel | Reject:
+    return _decode(_coord_adapter, raw)
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json()
+
+
+# ---- what a result signature covers ----------------------------------------------------------
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tokens_sha256(token_ids: list[int] | tuple[int, ...]) -> str:
+    """Hash of a token sequence: the decimal ids joined by commas, UTF-8."""
+    return sha256_hex(",".join(str(t) for t in token_ids).encode())
+
+
+def result_payload(
+    *,
+    job_id: str,
+    attempt: int,
+    weights_sha256: str,
+    prompt_sha256: str,
+    output_sha256: str,
+    finish_reason: str,
+    metering: Metering,
+) -> bytes:
+    """The exact bytes a node signs for a result: canonical JSON (sorted keys, no spaces)."""
+    body = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "weights_sha256": weights_sha256,
+        "prompt_sha256": prompt_sha256,
+        "output_sha256": output_sha256,
+        "finish_reason": finish_reason,
+        "metering": metering.model_dump(mode="json"),
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolError("invalid base64") from None

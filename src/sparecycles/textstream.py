@@ -1,0 +1,89 @@
+"""Token ids to text, incrementally, with stop strings: the coordinator's side of streaming.
+
+The coordinator decodes every job's output itself with the model's tokenizer, so the text a
+client sees and the tokens it is charged for come from one place, whatever node produced them.
+Decoding is incremental (constant work per token, the prefix/read-offset method used by
+text-generation-inference and vLLM) and holds back text that could still become a stop string
+or is an incomplete UTF-8 sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_INCOMPLETE = "\ufffd"  # what a tokenizer yields for a partial multi-byte character
+
+
+class TextStream:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()):
+        self._tok = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._text = ""  # everything decoded so far
+        self._emitted = 0  # characters of _text already handed out
+        self.stopped = False
+        self.tokens_used = 0  # tokens consumed, up to and including the one that hit a stop
+
+    def push(self, token_ids: tuple[int, ...] | list[int]) -> str:
+        """Add tokens; return the text that can be shown now. Stops consuming at a stop string."""
+        out: list[str] = []
+        for tid in token_ids:
+            if self.stopped:
+                break
+            self._ids.append(tid)
+            self.tokens_used += 1
+            self._text += self._decode_next()
+            out.append(self._release())
+        return "".join(out)
+
+    def finish(self) -> str:
+        """The held-back tail, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        tail = self._text[self._emitted :].rstrip(_INCOMPLETE)
+        self._emitted = len(self._text)
+        return tail
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._emitted]
+
+    def _decode_next(self) -> str:
+        ids = self._ids
+        prefix = self._tok.decode(ids[self._prefix_offset : self._read_offset],
+                                  skip_special_tokens=True)
+        full = self._tok.decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith(_INCOMPLETE):
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+            return full[len(prefix) :]
+        return ""
+
+    def _release(self) -> str:
+        if self._stop:
+            start = max(0, self._emitted - max(len(s) for s in self._stop))
+            hits = [p for s in self._stop if (p := self._text.find(s, start)) >= 0]
+            if hits:
+                end = min(hits)
+                out = self._text[self._emitted : end] if end > self._emitted else ""
+                self._text = self._text[:end]
+                self._emitted = len(self._text)
+                self.stopped = True
+                return out
+        safe = len(self._text) - self._held_back()
+        if safe <= self._emitted:
+            return ""
+        out = self._text[self._emitted : safe]
+        self._emitted = safe
+        return out
+
+    def _held_back(self) -> int:
+        """Characters at the end that might be the start of a stop string."""
+        best = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(self._text)), best, -1):
+                if self._text.endswith(s[:k]):
+                    best = k
+                    break
+        return best

@@ -1,0 +1,111 @@
+"""The node protocol: typed messages, strict on what matters, tolerant of unknown fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparecycles import limits, protocol
+from sparecycles.errors import ProtocolError
+from sparecycles.identity import NodeIdentity, node_id_for, verify
+
+
+def _hello(**over: object) -> dict:
+    ident = NodeIdentity.generate()
+    msg = {
+        "type": "hello",
+        "v": 1,
+        "token": "nt-sc-abcdefgh",
+        "public_key": ident.public_key_b64,
+        "profile": {"device_class": "laptop"},
+        "models": [{"name": "tiny", "weights_sha256": "a" * 64}],
+    }
+    msg.update(over)
+    return msg
+
+
+def test_hello_round_trip_ignores_unknown_fields() -> None:
+    raw = json.dumps(_hello(future_field={"x": 1}))
+    msg = protocol.decode_node_message(raw)
+    assert isinstance(msg, protocol.Hello)
+    assert msg.models[0].name == "tiny"
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ("not json", "not JSON"),
+        ("[1,2]", "JSON object"),
+        (json.dumps({"type": "nope"}), "invalid message"),
+        (json.dumps({"type": "tokens", "job_id": "j", "attempt": 1, "index": 0,
+                     "token_ids": []}), "token_ids"),
+        (json.dumps({"type": "tokens", "job_id": "j", "attempt": 1, "index": -1,
+                     "token_ids": [1]}), "index"),
+        (json.dumps({"type": "heartbeat", "v": 99}), "version"),
+        (json.dumps(_hello(models=[{"name": "tiny", "weights_sha256": "xyz"}])), "models"),
+    ],
+)
+def test_bad_messages_are_protocol_errors(raw: str, needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        protocol.decode_node_message(raw)
+
+
+def test_oversized_message_is_refused_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        protocol.decode_node_message("x" * (limits.ws_message_bytes_max + 1))
+
+
+def test_too_many_tokens_in_one_message() -> None:
+    raw = json.dumps({"type": "tokens", "job_id": "j", "attempt": 1, "index": 0,
+                      "token_ids": [1] * (limits.tokens_per_message_max + 1)})
+    with pytest.raises(ProtocolError):
+        protocol.decode_node_message(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=5)
+        | st.dictionaries(st.sampled_from(["type", "v", "job_id", "attempt", "index",
+                                           "token_ids", "metering", "signature", "token"]),
+                          children, max_size=6),
+        max_leaves=20,
+    ).map(json.dumps),
+))
+def test_hostile_input_never_escapes_as_anything_but_protocol_error(raw: str | bytes) -> None:
+    try:
+        protocol.decode_node_message(raw)
+    except ProtocolError:
+        pass
+
+
+def test_signed_result_verifies_and_tampering_does_not() -> None:
+    ident = NodeIdentity.generate()
+    metering = protocol.Metering(prompt_tokens=5, completion_tokens=3,
+                                 time_to_first_token_s=0.1, total_s=0.3, busy_s=0.2)
+    fields = dict(job_id="job_1", attempt=1, weights_sha256="a" * 64,
+                  prompt_sha256=protocol.tokens_sha256([1, 2, 3]),
+                  output_sha256=protocol.tokens_sha256([4, 5, 6]),
+                  finish_reason="stop", metering=metering)
+    sig = ident.sign(protocol.result_payload(**fields))
+    assert verify(ident.public_key_b64, protocol.result_payload(**fields), sig)
+    more = metering.model_copy(update={"completion_tokens": 30})
+    assert not verify(ident.public_key_b64, protocol.result_payload(**{**fields,
+                                                                       "metering": more}), sig)
+    other = NodeIdentity.generate()
+    assert not verify(other.public_key_b64, protocol.result_payload(**fields), sig)
+    assert not verify(ident.public_key_b64, protocol.result_payload(**fields), "garbage!")
+
+
+def test_node_id_is_derived_from_the_key(tmp_path) -> None:
+    path = tmp_path / "cfg" / "node_key.pem"
+    first = NodeIdentity.load_or_create(path)
+    again = NodeIdentity.load_or_create(path)
+    assert first.node_id == again.node_id == node_id_for(first.public_key_b64)
+    assert (path.stat().st_mode & 0o777) == 0o600

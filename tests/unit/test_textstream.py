@@ -1,0 +1,68 @@
+"""Incremental detokenization with stop strings: the text equals a one-shot decode."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sparecycles.textstream import TextStream
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Ünïcödé café naïve — 日本語 text!",
+    "Stop here: END of the line, and then some more words after the end.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|eos|>")
+
+
+def _stream(tok, ids, stop=(), chunk=1):
+    ts = TextStream(tok, stop)
+    out = [ts.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    out.append(ts.finish())
+    return "".join(out), ts
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_streamed_text_equals_full_decode(tok, chunk) -> None:
+    ids = tok.encode(CORPUS[0] + " " + CORPUS[1])
+    text, ts = _stream(tok, ids, chunk=chunk)
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    assert ts.tokens_used == len(ids) and not ts.stopped
+
+
+def test_stop_string_cuts_text_and_counts_tokens_to_it(tok) -> None:
+    full = CORPUS[1]
+    ids = tok.encode(full)
+    text, ts = _stream(tok, ids, stop=("END",))
+    assert text == full[: full.index("END")]
+    assert ts.stopped
+    assert ts.tokens_used < len(ids)
+    assert "END" in tok.decode(ids[: ts.tokens_used])
+    assert "END" not in tok.decode(ids[: ts.tokens_used - 1])
+
+
+def test_text_that_might_start_a_stop_string_is_held_back(tok) -> None:
+    ts = TextStream(tok, ("END",))
+    shown = ts.push(tok.encode("Stop here: EN"))
+    assert not shown.endswith("EN")
+    assert ts.finish().endswith("EN")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=60), st.integers(1, 5))
+def test_any_text_round_trips(tok, text, chunk) -> None:
+    ids = tok.encode(text)
+    streamed, _ = _stream(tok, ids, chunk=chunk)
+    assert streamed == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
