@@ -1,0 +1,255 @@
+"""The network end to end: real coordinator and node processes on loopback, the openai client.
+
+The processes start once for this module (loading torch and a model takes seconds); tests that
+kill a node restart it before they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import websockets
+from openai import OpenAI
+
+from sparecycles.ledger import Ledger
+from sparecycles.localnet import LocalNetwork
+from sparecycles.pricing import PriceBook
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, tiny_model_path):
+    root = tmp_path_factory.mktemp("net")
+    network = LocalNetwork(
+        root=root,
+        models={"tiny": tiny_model_path, "unserved": tiny_model_path},
+        coordinator_args=["--placement-wait-s", "3"],
+    )
+    with network:
+        store = network.store()
+        # "unserved" is registered but no node is allowed to serve it
+        network.start_coordinator()
+        network.models = {"tiny": tiny_model_path}
+        network.start_node("alice-pc", "alice")
+        network.start_node("bob-laptop", "bob")
+        network.wait_ready(2)
+        _key_id, key = store.create_api_key("acme", "e2e")
+        Ledger(store.sessions, prices=PriceBook.default()).deposit(
+            store.ensure_client("acme"), 50_000_000, reference="e2e-topup")
+        network.key = key  # type: ignore[attr-defined]
+        network.client = OpenAI(  # type: ignore[attr-defined]
+            base_url=network.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        yield network
+        # every end-to-end module ends with the ledger's own audit
+        problems = Ledger(store.sessions, prices=PriceBook.default()).check()
+        assert problems == [], problems
+
+
+def _chat(net, content="Tell me about the garden.", **kw):
+    kw.setdefault("max_tokens", 24)
+    return net.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], **kw)
+
+
+def _stream_text(net, content, **kw):
+    parts, usage, chunks = [], None, []
+    for chunk in _chat(net, content, stream=True, stream_options={"include_usage": True}, **kw):
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    return "".join(parts), usage, chunks
+
+
+def test_models_health_and_metrics(net) -> None:
+    assert [m.id for m in net.client.models.list()] == ["tiny", "unserved"]
+    assert httpx.get(net.url + "/healthz").json()["status"] == "ok"
+    ready = httpx.get(net.url + "/readyz").json()
+    assert ready["nodes_online"] == 2
+
+
+def test_chat_completion_usage_and_job_record(net, tiny_model_path) -> None:
+    from sparecycles import modelfiles
+
+    resp = _chat(net, temperature=0)
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    tok = modelfiles.load_tokenizer(str(tiny_model_path))
+    prompt_ids = modelfiles.render_chat(tok, [{"role": "user",
+                                               "content": "Tell me about the garden."}])
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert 1 <= resp.usage.completion_tokens <= 24
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    job = httpx.get(f"{net.url}/v1/jobs/{resp.id}",
+                    headers={"Authorization": f"Bearer {net.key}"}).json()
+    assert job["state"] == "done"
+    assert job["completion_tokens"] == resp.usage.completion_tokens
+    assert job["time_to_first_token_s"] > 0 and job["total_s"] >= job["time_to_first_token_s"]
+    assert len(job["attempts"]) == 1 and job["attempts"][0]["outcome"] == "done"
+    assert job["attempts"][0]["busy_s"] > 0
+    assert job["money"]["charged_micros"] > 0
+    assert job["money"]["owner_earned_micros"] > 0
+
+
+def test_streaming_equals_non_streaming_when_greedy(net) -> None:
+    once = _chat(net, "Where does the river go?", temperature=0, max_tokens=30)
+    text, usage, chunks = _stream_text(net, "Where does the river go?", temperature=0,
+                                       max_tokens=30)
+    assert text == once.choices[0].message.content
+    assert usage.completion_tokens == once.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_seed_reproduces_sampled_output(net) -> None:
+    a = _chat(net, "Say something.", temperature=1.0, seed=1234, max_tokens=20)
+    b = _chat(net, "Say something.", temperature=1.0, seed=1234, max_tokens=20)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_stop_string_ends_the_answer_before_it(net) -> None:
+    ref = _chat(net, "Tell me a story.", temperature=0, max_tokens=40).choices[0].message.content
+    words = ref.split()
+    assert len(words) >= 4, ref
+    stop = words[len(words) // 2]
+    cut = ref[: ref.index(stop)]
+    resp = _chat(net, "Tell me a story.", temperature=0, max_tokens=40, stop=[stop])
+    assert resp.choices[0].message.content == cut
+    assert resp.choices[0].finish_reason == "stop"
+    text, _usage, _ = _stream_text(net, "Tell me a story.", temperature=0, max_tokens=40,
+                                   stop=stop)
+    assert text == cut
+
+
+def test_legacy_completions(net) -> None:
+    resp = net.client.completions.create(model="tiny", prompt="Once upon a time",
+                                         max_tokens=12, temperature=0)
+    assert resp.object == "text_completion" and resp.choices[0].text
+    streamed = "".join(c.choices[0].text for c in net.client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True)
+        if c.choices)
+    assert streamed == resp.choices[0].text
+
+
+def test_concurrent_requests_all_complete_on_both_nodes(net) -> None:
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: _chat(net, f"Question {i}?", max_tokens=16, seed=i),
+                                range(8)))
+    assert all(r.choices[0].message.content is not None for r in results)
+    nodes = set()
+    for r in results:
+        job = httpx.get(f"{net.url}/v1/jobs/{r.id}",
+                        headers={"Authorization": f"Bearer {net.key}"}).json()
+        nodes.update(a["node_id"] for a in job["attempts"])
+    assert len(nodes) == 2
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b"{not json", 400, "parse the JSON"),
+        (json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400, "messages"),
+        (json.dumps({"model": "tiny", "messages": []}).encode(), 400, "messages"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "  "}]}).encode(),
+         400, "text"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                     "temperature": "hot"}).encode(), 400, "temperature"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 10**6}).encode(), 400, "context length"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                     "n": 3}).encode(), 400, "n"),
+        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+         404, "does not exist"),
+        (b"{" + b" " * 1_100_000 + b"}", 413, "exceeds"),
+    ],
+)
+def test_bad_input_gets_openai_errors(net, body, status, needle) -> None:
+    r = httpx.post(net.url + "/v1/chat/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {net.key}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower()
+    assert set(err) >= {"message", "type", "param", "code"}
+
+
+def test_keys_are_required(net) -> None:
+    for headers in ({}, {"Authorization": "Bearer sk-sc-wrong"}):
+        r = httpx.post(net.url + "/v1/chat/completions", headers=headers,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    bad = OpenAI(base_url=net.url + "/v1", api_key="sk-sc-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_no_node_for_the_model_is_503_after_a_bounded_wait(net) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        net.client.chat.completions.create(
+            model="unserved", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert info.value.status_code == 503
+    assert "no node" in str(info.value).lower()
+    assert 2.5 < time.monotonic() - t0 < 15
+
+
+def test_client_without_balance_gets_402_before_any_work(net) -> None:
+    _id, key = net.store().create_api_key("broke-client", "broke")
+    poor = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        poor.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=5)
+    assert info.value.status_code == 402
+
+
+def test_garbage_on_the_node_socket_is_disconnected_and_others_are_served(net) -> None:
+    async def hostile() -> int | None:
+        ws_url = net.url.replace("http://", "ws://") + "/v1/node/ws"
+        async with websockets.connect(ws_url) as ws:
+            await ws.recv()  # challenge
+            await ws.send("\x00\xff garbage {{{")
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+
+    assert asyncio.run(hostile()) == 1008
+    assert _chat(net, max_tokens=5).choices[0].message.content is not None
+
+
+def test_node_killed_mid_stream_the_answer_continues_elsewhere_exactly(net) -> None:
+    prompt = "Tell me everything about the long winter night."
+    reference = _chat(net, prompt, temperature=0, max_tokens=120).choices[0].message.content
+    stream = _chat(net, prompt, temperature=0, max_tokens=120, stream=True)
+    parts, job_id, killed = [], None, None
+    for chunk in stream:
+        job_id = chunk.id
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if killed is None and len(parts) >= 5:
+            job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
+                            headers={"Authorization": f"Bearer {net.key}"}).json()
+            node_id = job["attempts"][-1]["node_id"]
+            killed = next(n for n in net.nodes.values()
+                          if net.store().get_node(node_id).name == n.name)
+            net.kill_node(killed.name)
+    assert killed is not None
+    assert "".join(parts) == reference  # nothing repeated, nothing lost
+    job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
+                    headers={"Authorization": f"Bearer {net.key}"}).json()
+    assert job["state"] == "done"
+    assert [a["outcome"] for a in job["attempts"]] == ["node_lost", "done"]
+    assert sum(a["completion_tokens"] for a in job["attempts"]) == job["completion_tokens"]
+    assert len(job["money"]["earnings"]) == 2  # each node paid for its share
+    net.restart_node(killed.name)
+    net.wait_ready(2)
