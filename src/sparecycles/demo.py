@@ -72,7 +72,7 @@ def run_demo(root: Path, *, model_dir: Path | None = None, requests: int = 6,
         try:
             task = progress.add_task("starting a coordinator and two nodes on loopback")
             store = net.store()
-            key_id, key = store.create_api_key("demo-client", "demo")
+            _key_id, key = store.create_api_key("demo-client", "demo")
             client_id = store.ensure_client("demo-client")
             Ledger(store.sessions, prices=PriceBook.default()).deposit(
                 client_id, demo_deposit_micros, reference="demo-topup")

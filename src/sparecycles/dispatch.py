@@ -222,8 +222,11 @@ class Dispatcher:
 
     async def _loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as its timeout fires, and stop() would wait for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), watchdog_interval_s)
+                async with asyncio.timeout(watchdog_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 self._place_waiting()
@@ -311,14 +314,14 @@ class Dispatcher:
                 )
         for job in list(self.jobs.values()):
             att = job.current
-            if job.state in (JobState.PLACED, JobState.STREAMING) and att is not None:
-                if now - att.last_token_s > self.token_gap_s:
-                    log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
-                    node = self.nodes.get(att.node_id)
-                    if node is not None:
-                        node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
-                                                                  attempt=att.number)))
-                    await self._resume(job, outcome="node_silent")
+            if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
+                    and now - att.last_token_s > self.token_gap_s):
+                log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
+                node = self.nodes.get(att.node_id)
+                if node is not None:
+                    node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
+                                                              attempt=att.number)))
+                await self._resume(job, outcome="node_silent")
 
     # ---- node events -------------------------------------------------------------------------
 
@@ -568,7 +571,7 @@ class Dispatcher:
             w = await self._writes.get()
             try:
                 result = await asyncio.to_thread(w.fn)
-            except Exception as exc:  # noqa: BLE001 - reported to the waiter or logged
+            except Exception as exc:
                 if w.future is not None and not w.future.done():
                     w.future.set_exception(exc)
                 else:

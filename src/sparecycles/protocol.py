@@ -203,12 +203,16 @@ def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
         raise ProtocolError(f"invalid message at {where or 'top'}: {first['msg']}") from None
 
 
-def decode_node_message(raw: str | bytes) -> Hello | Heartbeat | Tokens | Done | JobError | Draining:
+def decode_node_message(
+    raw: str | bytes,
+) -> Hello | Heartbeat | Tokens | Done | JobError | Draining:
     """Parse a frame from a node; raises ``ProtocolError`` for anything not in the protocol."""
     return _decode(_node_adapter, raw)
 
 
-def decode_coordinator_message(raw: str | bytes) -> Challenge | Welcome | JobAssign | Cancel | Reject:
+def decode_coordinator_message(
+    raw: str | bytes,
+) -> Challenge | Welcome | JobAssign | Cancel | Reject:
     return _decode(_coord_adapter, raw)
 
 

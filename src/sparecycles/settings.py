@@ -72,6 +72,12 @@ class NodeSettings(BaseSettings):
     availability: dict[str, Any] = Field(default_factory=dict)
     """AvailabilityPolicy fields, e.g. windows = [[1320, 420]] for 22:00-07:00."""
     reprofile: bool = False
+    electricity_price: str = ""
+    """The owner's tariff per kWh, e.g. ``0.30`` (for "net profit after electricity")."""
+    hardware_price: str = ""
+    """What the device cost the owner, e.g. ``1500.00`` (for its wear per busy hour)."""
+    hardware_life_h: float = 0.0
+    """Busy hours the owner expects the device to last (0: the device class's default)."""
 
 
 def load_toml(path: Path | None) -> dict[str, Any]:

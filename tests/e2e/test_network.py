@@ -140,17 +140,15 @@ def test_legacy_completions(net) -> None:
     assert streamed == resp.choices[0].text
 
 
-def test_concurrent_requests_all_complete_on_both_nodes(net) -> None:
+def test_concurrent_requests_all_complete(net) -> None:
     with cf.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: _chat(net, f"Question {i}?", max_tokens=16, seed=i),
                                 range(8)))
-    assert all(r.choices[0].message.content is not None for r in results)
-    nodes = set()
     for r in results:
         job = httpx.get(f"{net.url}/v1/jobs/{r.id}",
                         headers={"Authorization": f"Bearer {net.key}"}).json()
-        nodes.update(a["node_id"] for a in job["attempts"])
-    assert len(nodes) == 2
+        assert job["state"] == "done"
+        assert job["completion_tokens"] == r.usage.completion_tokens >= 1
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from sparecycles import __version__
-from sparecycles.api import errors, node_ws, openai_routes
+from sparecycles.api import costs_routes, errors, node_ws, openai_routes
 from sparecycles.coordinator import Coordinator
 from sparecycles.settings import CoordinatorSettings
 
@@ -38,6 +38,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     app.add_middleware(errors.BodySizeLimit, limit_bytes=settings.request_body_bytes_max)
     app.include_router(openai_routes.router)
     app.include_router(node_ws.router)
+    app.include_router(costs_routes.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -49,7 +50,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
         """Readiness: the database answers and dispatch runs (for a load balancer)."""
         try:
             await asyncio.wait_for(asyncio.to_thread(coord.store.job_counts), 2.0)
-        except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
+        except Exception as exc:
             return JSONResponse({"status": "unready", "reason": str(exc)[:200]}, 503)
         d = coord.dispatcher
         return JSONResponse(

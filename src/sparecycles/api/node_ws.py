@@ -54,7 +54,8 @@ async def node_socket(ws: WebSocket) -> None:
 
 
 async def _receive(ws: WebSocket, timeout_s: float) -> str:
-    message = await asyncio.wait_for(ws.receive(), timeout_s)
+    async with asyncio.timeout(timeout_s):
+        message = await ws.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     data = message.get("text")

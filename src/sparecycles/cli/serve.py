@@ -59,6 +59,9 @@ def node(
     availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
     config: Path = typer.Option(None, "--config", help="TOML file with a [node] table"),
     reprofile: bool = typer.Option(False, help="Measure the device again"),
+    electricity_price: str = typer.Option(None, help="Your tariff per kWh, e.g. 0.30"),
+    hardware_price: str = typer.Option(None, help="What the device cost you, e.g. 1500.00"),
+    hardware_life_h: float = typer.Option(None, help="Busy hours you expect it to last"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run a node agent: profile the device, load the models, serve jobs."""
@@ -66,6 +69,8 @@ def node(
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
         "device": device, "device_class": device_class, "jobs_max": jobs_max,
         "config_dir": config_dir, "reprofile": reprofile or None,
+        "electricity_price": electricity_price, "hardware_price": hardware_price,
+        "hardware_life_h": hardware_life_h,
     }.items() if v is not None}
     file_cfg = load_toml(config).get("node", {})
     if availability is not None:
@@ -118,6 +123,7 @@ async def _run_node(settings: NodeSettings) -> None:
         policy=policy_from_dict(settings.availability),
         name=settings.name or identity.node_id,
         jobs_max=settings.jobs_max,
+        owner_costs=_owner_costs(settings),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,6 +133,20 @@ async def _run_node(settings: NodeSettings) -> None:
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def _owner_costs(settings: NodeSettings) -> dict[str, Any]:
+    """The owner's own costs, sent with the device profile so the owner sees net profit."""
+    from sparecycles.pricing import parse_money
+
+    out: dict[str, Any] = {}
+    if settings.electricity_price:
+        out["electricity_price_micros_per_kwh"] = parse_money(settings.electricity_price)
+    if settings.hardware_price:
+        out["hardware_price_micros"] = parse_money(settings.hardware_price)
+    if settings.hardware_life_h > 0:
+        out["hardware_life_h"] = settings.hardware_life_h
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,7 @@ import websockets
 from sparecycles import __version__, availability, limits, protocol
 from sparecycles.identity import NodeIdentity
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
+from sparecycles.node.energy import EnergyMeter, EnergyReading
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, SamplingParams
 
 log = logging.getLogger("sparecycles.node")
@@ -41,6 +42,7 @@ class _Running:
     sent: int = 0
     task: asyncio.Task[None] | None = None
     handed_back: bool = False
+    energy_start: EnergyReading | None = None
 
 
 @dataclass
@@ -53,10 +55,13 @@ class NodeAgent:
     policy: AvailabilityPolicy = field(default_factory=AvailabilityPolicy)
     name: str = ""
     jobs_max: int = 8
+    owner_costs: dict[str, Any] = field(default_factory=dict)  # tariff, hardware price, life
     status_probe: Any = None  # callable returning availability.DeviceStatus; None: always fine
     running: dict[str, _Running] = field(default_factory=dict)
+    meter: EnergyMeter | None = None  # RAPL or NVML where the hardware tells, else an estimate
     draining: bool = False
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def ws_url(self) -> str:
@@ -86,7 +91,8 @@ class NodeAgent:
                 break
             delay = min(limits.node_reconnect_backoff_s_max, backoff_s) * random.uniform(0.5, 1.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
             backoff_s *= 2
 
     async def _session(self, ws: Any) -> None:
@@ -98,7 +104,7 @@ class NodeAgent:
             public_key=self.identity.public_key_b64,
             name=self.name,
             agent_version=__version__,
-            profile=asdict(self.profile),
+            profile=asdict(self.profile) | self.owner_costs,
             availability=_policy_dict(self.policy),
             models=[
                 protocol.ModelOffer(name=n, weights_sha256=e.spec.weights_sha256)
@@ -154,12 +160,15 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         if engine is None or self.draining or len(self.running) >= self.jobs_max:
             why = "draining" if self.draining else f"cannot take model {job.model} now"
-            loop.create_task(send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
-                                                    message=why)))
+            task = loop.create_task(send(protocol.JobError(job_id=job.job_id,
+                                                           attempt=job.attempt, message=why)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         stats = engine.stats()
         run = _Running(job=job, updates=asyncio.Queue(), started_s=time.monotonic(),
-                       busy_start_s=stats.busy_s, tokens_start=stats.tokens_generated)
+                       busy_start_s=stats.busy_s, tokens_start=stats.tokens_generated,
+                       energy_start=self._meter().read())
         self.running[job.job_id] = run
 
         def on_update(update: GenerationUpdate) -> None:
@@ -212,14 +221,17 @@ class NodeAgent:
         # The engine's busy time over this job's life, shared by tokens: this job's part.
         engine_tokens = max(1, stats.tokens_generated - run.tokens_start)
         busy_s = (stats.busy_s - run.busy_start_s) * min(1.0, len(produced) / engine_tokens)
+        meter = self._meter()
+        energy_j, energy_source = meter.joules_between(
+            run.energy_start or meter.read(), meter.read(), busy_s)
         metering = protocol.Metering(
             prompt_tokens=len(job.prompt_token_ids),
             completion_tokens=len(produced),
             time_to_first_token_s=(run.first_token_s or now) - run.started_s,
             total_s=now - run.started_s,
             busy_s=busy_s,
-            energy_j=busy_s * max(0.0, self.profile.power_busy_w - self.profile.power_idle_w),
-            energy_source="estimated",
+            energy_j=energy_j,
+            energy_source=energy_source,
         )
         reason = "cancelled" if last.finish_reason is None else str(last.finish_reason)
         output_sha = protocol.tokens_sha256(produced)
@@ -231,6 +243,11 @@ class NodeAgent:
         return protocol.Done(job_id=job.job_id, attempt=job.attempt, finish_reason=reason,
                              metering=metering, output_sha256=output_sha,
                              signature=self.identity.sign(payload))
+
+    def _meter(self) -> EnergyMeter:
+        if self.meter is None:
+            self.meter = EnergyMeter.detect(self.profile)
+        return self.meter
 
     def _cancel_job(self, job_id: str, attempt: int) -> None:
         run = self.running.get(job_id)

@@ -1,0 +1,145 @@
+"""What sparecycles adds on top of the backend it drives: latency and throughput, side by side.
+
+Runs the same prompts at the same concurrency, in one run, two ways:
+  direct   the TransformersEngine in this process (what a node does, without any network)
+  network  the openai client -> coordinator (HTTP/SSE) -> node agent (WebSocket) -> the same
+           engine in a node process, all on 127.0.0.1
+and reports time to first token, tokens/s, and the coordinator's added latency.
+
+Both sides run the engine with one torch thread (the node process gets OMP_NUM_THREADS=1 from
+LocalNetwork), so the comparison is of the path, not of thread counts.
+
+    python bench/gateway_overhead.py [--requests 24] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sparecycles import modelfiles
+from sparecycles.ledger import Ledger
+from sparecycles.localnet import LocalNetwork
+from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate
+from sparecycles.node.backends.transformers import TransformersEngine
+from sparecycles.pricing import PriceBook
+from sparecycles.tinymodel import build_tiny_model
+from sparecycles.types import SamplingParams
+
+PROMPTS = [f"Tell me about the garden number {i}." for i in range(64)]
+
+
+def direct(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int,
+           concurrency: int) -> list[tuple[float, float, int]]:
+    """(ttft_s, total_s, tokens) per request, submitting ``concurrency`` at a time."""
+
+    def one(i: int) -> tuple[float, float, int]:
+        done = threading.Event()
+        first: list[float] = []
+        count = [0]
+        t0 = time.perf_counter()
+
+        def on_update(u: GenerationUpdate) -> None:
+            if u.token_ids and not first:
+                first.append(time.perf_counter() - t0)
+            count[0] += len(u.token_ids)
+            if u.finished:
+                done.set()
+
+        engine.submit(GenerationRequest(f"r{i}-{time.monotonic_ns()}", tuple(prompts[i]),
+                                        SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                       stop=())), on_update)
+        done.wait(120)
+        return first[0], time.perf_counter() - t0, count[0]
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(len(prompts))))
+
+
+def network(client, texts: list[str], max_tokens: int, concurrency: int
+            ) -> list[tuple[float, float, int]]:
+    def one(i: int) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        ttft, tokens = None, 0
+        for chunk in client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": texts[i]}],
+                max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return ttft or 0.0, time.perf_counter() - t0, tokens
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(len(texts))))
+
+
+def summarize(rows: list[tuple[float, float, int]], wall_s: float) -> dict[str, float]:
+    ttfts = sorted(r[0] for r in rows)
+    return {
+        "ttft_p50_ms": statistics.median(ttfts) * 1000,
+        "ttft_p90_ms": ttfts[int(0.9 * (len(ttfts) - 1))] * 1000,
+        "tokens_per_s": sum(r[2] for r in rows) / wall_s,
+        "tokens": sum(r[2] for r in rows),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--model", type=Path, default=Path(".sparecycles/bench/tiny"))
+    args = ap.parse_args()
+    if not (args.model / "config.json").exists():
+        build_tiny_model(args.model)
+    torch.set_num_threads(1)
+    tok = modelfiles.load_tokenizer(str(args.model))
+    texts = PROMPTS[: args.requests]
+    ids = [modelfiles.render_chat(tok, [{"role": "user", "content": t}]) for t in texts]
+    # The tiny model stops early at its end-of-turn token; both paths see the same prompts and
+    # greedy decoding, so they generate the same tokens.
+    engine = TransformersEngine.load("tiny", args.model, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp, LocalNetwork(
+            root=Path(tmp), models={"tiny": args.model}) as net:
+        from openai import OpenAI
+
+        store = net.store()
+        _kid, key = store.create_api_key("bench", "bench")
+        Ledger(store.sessions, prices=PriceBook.default()).deposit(
+            store.ensure_client("bench"), 100_000_000, reference="bench")
+        net.start_coordinator()
+        net.start_node("bench-node", "bench-owner")
+        net.wait_ready(1)
+        client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        network(client, texts[:2], 8, 1)  # warm up both paths
+        direct(engine, ids[:2], 8, 1)
+        print(f"{'concurrency':>11} {'path':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
+              f"{'tokens/s':>9} {'tokens':>7}")
+        for c in args.concurrency:
+            results = {}
+            for name in ("direct", "network"):
+                t0 = time.perf_counter()
+                rows = (direct(engine, ids, args.max_tokens, c) if name == "direct"
+                        else network(client, texts, args.max_tokens, c))
+                results[name] = summarize(rows, time.perf_counter() - t0)
+                r = results[name]
+                print(f"{c:>11} {name:>8} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p90_ms']:>7.1f}ms "
+                      f"{r['tokens_per_s']:>9.1f} {r['tokens']:>7}")
+            added = results["network"]["ttft_p50_ms"] - results["direct"]["ttft_p50_ms"]
+            ratio = results["network"]["tokens_per_s"] / results["direct"]["tokens_per_s"]
+            print(f"{c:>11} {'added':>8} {added:>7.1f}ms (median TTFT)   throughput ratio "
+                  f"network/direct = {ratio:.3f}")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The job lifecycle with in-memory twins: a SQLite in-memory store, the real ledger, fake sockets.
+
+Nodes here are ``NodeConn``s whose socket is a list: the test plays the node's part by calling
+dispatch's handlers with the messages a node would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sparecycles import protocol
+from sparecycles.dispatch import Dispatcher, LiveJob
+from sparecycles.errors import InsufficientBalance, NoNodeAvailable
+from sparecycles.identity import NodeIdentity
+from sparecycles.ledger import Ledger
+from sparecycles.nodes import NodeConn
+from sparecycles.pricing import PriceBook
+from sparecycles.store import Store
+from sparecycles.types import AvailabilityPolicy, DeviceProfile, ModelSpec, SamplingParams
+
+SPEC = ModelSpec(name="m", n_params=5_000_000, bytes_per_param=4, n_layers=4, hidden_size=128,
+                 n_kv_heads=2, head_dim=32, context_length=2048, weights_sha256="a" * 64)
+PROFILE = DeviceProfile(device_class="laptop", cpu_cores=8, ram_bytes=16 << 30,
+                        memory_bandwidth_bytes_per_s=20e9, peak_flops=2e11)
+
+
+class FakeNode:
+    def __init__(self, name: str, owner_id: str):
+        self.identity = NodeIdentity.generate()
+        self.sent: list[dict] = []
+
+        async def send_raw(frame: str) -> None:
+            self.sent.append(json.loads(frame))
+
+        self.conn = NodeConn(
+            node_id=self.identity.node_id, owner_id=owner_id, name=name,
+            public_key=self.identity.public_key_b64, profile=PROFILE,
+            policy=AvailabilityPolicy(), models=("m",), weights={"m": SPEC.weights_sha256},
+            jobs_max=8, send_raw=send_raw)
+        self.conn.start()
+
+    def jobs(self) -> list[dict]:
+        return [m for m in self.sent if m["type"] == "job"]
+
+    def done(self, job: dict, produced: list[int], reason: str = "stop") -> protocol.Done:
+        metering = protocol.Metering(prompt_tokens=len(job["prompt_token_ids"]),
+                                     completion_tokens=len(produced), time_to_first_token_s=0.01,
+                                     total_s=0.05, busy_s=0.04)
+        out = protocol.tokens_sha256(produced)
+        payload = protocol.result_payload(
+            job_id=job["job_id"], attempt=job["attempt"], weights_sha256=SPEC.weights_sha256,
+            prompt_sha256=job["prompt_sha256"], output_sha256=out, finish_reason=reason,
+            metering=metering)
+        return protocol.Done(job_id=job["job_id"], attempt=job["attempt"], finish_reason=reason,
+                             metering=metering, output_sha256=out,
+                             signature=self.identity.sign(payload))
+
+
+@pytest.fixture
+def world(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_all()
+    ledger = Ledger(store.sessions, prices=PriceBook.default())
+    client = store.ensure_client("acme")
+    ledger.deposit(client, 10_000_000, reference="topup")
+    owners = [store.ensure_owner("alice"), store.ensure_owner("bob")]
+    return store, ledger, client, owners
+
+
+async def _until(cond, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def _admit(d: Dispatcher, client: str, job_id: str = "job_1", max_tokens: int = 10
+                 ) -> LiveJob:
+    return await d.admit(job_id=job_id, client_id=client, api_key_id=None, model="m",
+                         endpoint="chat.completions", prompt_ids=[5, 6, 7],
+                         sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+                         stream=True)
+
+
+def _drain(job: LiveJob) -> list:
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    return events
+
+
+async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1, n2 = FakeNode("n1", alice), FakeNode("n2", bob)
+    d.on_node_ready(n1.conn)
+    job = await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    d.on_node_ready(n2.conn)  # n2 joins after placement
+    first = n1.jobs()[0]
+    assert first["prompt_token_ids"] == [5, 6, 7] and first["attempt"] == 1
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2, 3]))
+    await d.on_node_lost(n1.conn)
+    await _until(lambda: n2.jobs())
+    second = n2.jobs()[0]
+    assert second["attempt"] == 2
+    assert second["prompt_token_ids"] == [5, 6, 7, 1, 2, 3]  # resumed from what was delivered
+    assert second["sampling"]["max_tokens"] == 7
+    # a late message from the lost attempt changes nothing
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=3, token_ids=[99]))
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4, 5]))
+    await d.on_done(n2.conn, n2.done(second, [4, 5]))
+    events = _drain(job)
+    streamed = [t for e in events if e.kind == "tokens" for t in e.token_ids]
+    assert streamed == [1, 2, 3, 4, 5]
+    assert events[-1].kind == "done"
+    await _until(lambda: store.get_job("job_1").state == "done")
+    money = ledger.job_money("job_1")
+    assert money["state"] == "settled" and money["charged_micros"] > 0
+    attempts = store.attempts("job_1")
+    assert [(a.outcome, a.completion_tokens) for a in attempts] == [("node_lost", 3), ("done", 2)]
+    assert ledger.check() == []
+    await d.stop()
+
+
+async def test_a_result_with_a_bad_signature_is_not_accepted(world) -> None:
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    forged = n1.done(n1.jobs()[0], [1, 2]).model_copy(update={"signature": "A" * 88})
+    await d.on_done(n1.conn, forged)
+    assert d.jobs["job_1"].state == "admitted"  # back to waiting, not settled
+    assert ledger.job_money("job_1")["state"] == "held"
+    await d.stop()
+
+
+async def test_no_node_means_503_and_the_hold_is_voided(world) -> None:
+    store, ledger, client, _ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1",
+                   placement_wait_s=0.3)
+    await d.start()
+    job = await _admit(d, client)
+    event = await asyncio.wait_for(job.events.get(), 5)
+    assert event.kind == "error" and isinstance(event.error, NoNodeAvailable)
+    await _until(lambda: ledger.job_money("job_1")["state"] == "voided")
+    assert store.get_job("job_1").state == "failed"
+    await d.stop()
+
+
+async def test_admission_without_balance_is_refused(world) -> None:
+    store, ledger, _client, _ = world
+    poor = store.ensure_client("poor")
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    with pytest.raises(InsufficientBalance):
+        await _admit(d, poor, job_id="job_poor")
+    assert store.get_job("job_poor").state == "failed"
+    assert "job_poor" not in d.jobs
+
+
+async def test_client_cancel_charges_only_what_was_delivered(world) -> None:
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client, max_tokens=50)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    await d.cancel("job_1", reason="client")
+    await _until(lambda: any(m["type"] == "cancel" for m in n1.sent))
+    await _until(lambda: store.get_job("job_1").state == "done")
+    assert store.get_job("job_1").completion_tokens == 2
+    full = ledger.job_money("job_1")
+    assert 0 < full["charged_micros"] < full["held_micros"]
+    await d.stop()
+
+
+async def test_restart_voids_what_a_crashed_run_left_open(world) -> None:
+    store, ledger, client, _ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await _admit(d, client)  # admitted, never placed: then the process "dies"
+    assert ledger.job_money("job_1")["state"] == "held"
+    again = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await again.start()
+    assert ledger.job_money("job_1")["state"] == "voided"
+    assert store.get_job("job_1").state == "failed"
+    assert ledger.check() == []
+    await again.stop()
