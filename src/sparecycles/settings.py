@@ -69,6 +69,8 @@ class NodeSettings(BaseSettings):
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda:N``."""
     device_class: str = ""
     jobs_max: int = 8
+    duty_cycle: float = 1.0
+    """Share of time (0-1] the device may compute for the network; it rests the remainder."""
     availability: dict[str, Any] = Field(default_factory=dict)
     """AvailabilityPolicy fields, e.g. windows = [[1320, 420]] for 22:00-07:00."""
     reprofile: bool = False

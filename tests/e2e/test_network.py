@@ -37,8 +37,9 @@ def net(tmp_path_factory, tiny_model_path):
         # "unserved" is registered but no node is allowed to serve it
         network.start_coordinator()
         network.models = {"tiny": tiny_model_path}
-        network.start_node("alice-pc", "alice")
-        network.start_node("bob-laptop", "bob")
+        # a duty cycle slows the tiny model enough that a node can be killed mid-stream
+        network.start_node("alice-pc", "alice", extra_args=["--duty-cycle", "0.25"])
+        network.start_node("bob-laptop", "bob", extra_args=["--duty-cycle", "0.25"])
         network.wait_ready(2)
         _key_id, key = store.create_api_key("acme", "e2e")
         Ledger(store.sessions, prices=PriceBook.default()).deposit(

@@ -55,6 +55,7 @@ def node(
     device: str = typer.Option(None, help="auto, cpu or cuda:N"),
     device_class: str = typer.Option(None, help="gaming-pc, laptop, car, server, …"),
     jobs_max: int = typer.Option(None, help="Jobs this node runs at once"),
+    duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
     availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
     config: Path = typer.Option(None, "--config", help="TOML file with a [node] table"),
@@ -68,6 +69,7 @@ def node(
     flags = {k: v for k, v in {
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
         "device": device, "device_class": device_class, "jobs_max": jobs_max,
+        "duty_cycle": duty_cycle,
         "config_dir": config_dir, "reprofile": reprofile or None,
         "electricity_price": electricity_price, "hardware_price": hardware_price,
         "hardware_life_h": hardware_life_h,
@@ -112,7 +114,8 @@ async def _run_node(settings: NodeSettings) -> None:
     engines = {}
     for model_name, source in models.items():
         engines[model_name] = await asyncio.to_thread(
-            TransformersEngine.load, model_name, source, device=settings.device
+            TransformersEngine.load, model_name, source, device=settings.device,
+            duty_cycle=settings.duty_cycle,
         )
     agent = NodeAgent(
         coordinator_url=settings.coordinator,

@@ -160,10 +160,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         if engine is None or self.draining or len(self.running) >= self.jobs_max:
             why = "draining" if self.draining else f"cannot take model {job.model} now"
-            task = loop.create_task(send(protocol.JobError(job_id=job.job_id,
-                                                           attempt=job.attempt, message=why)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._refuse(send, job, why)
             return
         stats = engine.stats()
         run = _Running(job=job, updates=asyncio.Queue(), started_s=time.monotonic(),
@@ -174,6 +171,23 @@ class NodeAgent:
         def on_update(update: GenerationUpdate) -> None:
             loop.call_soon_threadsafe(run.updates.put_nowait, update)
 
+        try:
+            self._submit(engine, job, on_update)
+        except Exception as exc:  # full, closed, or a prompt it cannot take
+            self.running.pop(job.job_id, None)
+            self._refuse(send, job, f"engine refused: {exc}"[:2000])
+            return
+        run.task = loop.create_task(self._forward(engine, run, send))
+
+    def _refuse(self, send: Any, job: protocol.JobAssign, why: str) -> None:
+        """Hand a job back at once; the coordinator places it elsewhere."""
+        task = asyncio.get_running_loop().create_task(
+            send(protocol.JobError(job_id=job.job_id, attempt=job.attempt, message=why)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _submit(engine: Engine, job: protocol.JobAssign, on_update: Any) -> None:
         s = job.sampling
         engine.submit(
             GenerationRequest(
@@ -184,7 +198,6 @@ class NodeAgent:
             ),
             on_update,
         )
-        run.task = loop.create_task(self._forward(engine, run, send))
 
     async def _forward(self, engine: Engine, run: _Running, send: Any) -> None:
         job = run.job

@@ -31,7 +31,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class GenerationUpdate:
-    """New tokens of one request since its previous update; the last update has ``finished``."""
+    """New tokens of one request since its previous update; the last update has ``finished``.
+
+    ``token_ids`` never include the end-of-sequence token that finished a request: it is not part
+    of the completion's text, and a resumed job must not feed it back as prompt.
+    """
 
     request_id: str
     token_ids: tuple[int, ...] = ()
@@ -63,7 +67,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
-        """Queue a request. Raises ``EngineFull`` when ``engine_queue_max`` are waiting."""
+        """Queue a request. Raises ``EngineFull`` when ``engine_queue_max`` are waiting,
+        ``EngineClosed`` after ``close``, and ``InvalidRequest`` (``ContextLengthExceeded`` for a
+        prompt that leaves no room in the model's context) for a request it can never serve."""
 
     @abc.abstractmethod
     def cancel(self, request_id: str) -> None:
@@ -79,3 +85,7 @@ class Engine(abc.ABC):
 
 class EngineFull(Exception):
     """The engine's waiting queue is at its limit."""
+
+
+class EngineClosed(Exception):
+    """The engine was closed; it takes no more requests."""

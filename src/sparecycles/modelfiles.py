@@ -1,0 +1,306 @@
+"""A model's files: where they are, what they hash to, what shape the model has, its tokenizer.
+
+Shared by the coordinator and the node so that both read a model the same way: the coordinator's
+registry records the weights hash and model spec, and a node proves it holds the same weights by
+computing the same hash over its own copy. Everything here works on a local directory in the
+Hugging Face layout; a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) is fetched into the local hub cache
+first, which needs a network that can reach the hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sparecycles.errors import InvalidRequest, ModelNotFound
+from sparecycles.types import ModelSpec
+
+hash_chunk_bytes = 1 << 20  # stream weights through SHA-256 1 MiB at a time; memory stays flat
+hash_cache_name = ".sparecycles-weights-sha256.json"  # written next to the weights when allowed
+safetensors_header_bytes_max = 100 * (1 << 20)  # the safetensors format's own cap on its header
+
+# Files fetched for a hub id: the config, the tokenizer and the weights, nothing else.
+_hub_patterns = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+_hub_id = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_not_weights = {"training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin"}
+
+# Bytes per parameter by dtype name, as written in config.json (torch_dtype / dtype), by torch
+# ("torch.bfloat16") and in safetensors headers ("BF16").
+_dtype_bytes = {
+    "float64": 8.0, "f64": 8.0, "double": 8.0,
+    "float32": 4.0, "f32": 4.0, "float": 4.0, "fp32": 4.0,
+    "float16": 2.0, "f16": 2.0, "half": 2.0, "fp16": 2.0,
+    "bfloat16": 2.0, "bf16": 2.0,
+    "float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "f8_e4m3": 1.0, "f8_e5m2": 1.0,
+    "int8": 1.0, "i8": 1.0, "uint8": 1.0, "u8": 1.0,
+    "int32": 4.0, "i32": 4.0, "int64": 8.0, "i64": 8.0, "int16": 2.0, "i16": 2.0,
+    "bool": 1.0,
+}  # fmt: skip
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The local directory holding ``source``: the directory itself if it exists, else a hub id.
+
+    A hub id is downloaded (config, tokenizer and weights only) into the Hugging Face cache, or
+    found there when ``HF_HUB_OFFLINE=1``. Without a network that reaches the hub, only models
+    already in that cache resolve; anything else raises ``ModelNotFound``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    name = str(source)
+    if not _hub_id.match(name):
+        raise ModelNotFound(f"model directory {name!r} does not exist")
+    return _download_from_hub(name)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=[*_hub_patterns, "*.safetensors"]))
+        if not weight_files(local, missing_ok=True):  # an older repo: PyTorch pickles only
+            local = Path(snapshot_download(repo_id, allow_patterns=[*_hub_patterns, "*.bin"]))
+    except Exception as exc:  # network, auth, unknown repo: all mean "not available here"
+        raise ModelNotFound(
+            f"{repo_id!r} is not a local directory and the hub could not provide it "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return local
+
+
+def weight_files(directory: Path, *, missing_ok: bool = False) -> list[Path]:
+    """The files that hold the weights, sorted by name.
+
+    The shard index (``model.safetensors.index.json``) decides when there is one, so that extra
+    copies some repos carry (``consolidated.safetensors``) count neither in the hash nor in the
+    parameter count. Without an index: every ``*.safetensors``, else every PyTorch ``*.bin``.
+    """
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "*.bin"),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            return sorted((directory / name for name in names), key=lambda p: p.name)
+        files = sorted(
+            (p for p in directory.glob(pattern) if p.name not in _not_weights),
+            key=lambda p: p.name,
+        )
+        if files:
+            return files
+    if missing_ok:
+        return []
+    raise ModelNotFound(f"no weight files (*.safetensors or *.bin) in {directory}")
+
+
+def weights_sha256(source: str | Path, *, cache_dir: Path | None = None) -> str:
+    """SHA-256 of the weight files' bytes concatenated in name order, as lowercase hex.
+
+    The same as ``LC_ALL=C cat $(weight files) | sha256sum``. A gigabyte takes seconds to hash,
+    so the result is remembered in a small JSON file next to the weights (or, where that
+    directory is read-only, in ``cache_dir``, by default ``~/.cache/sparecycles``), keyed by each
+    file's name, size, mtime and inode: replacing or rewriting a file invalidates it.
+    """
+    directory = resolve_source(source).resolve()
+    files = weight_files(directory)
+    key = _files_key(files)
+    shared_cache = (cache_dir or _default_cache_dir()) / "weights-sha256.json"
+    local_cache = directory / hash_cache_name
+    for cached in (_read_json(local_cache), _read_json(shared_cache).get(str(directory))):
+        sha = cached.get("sha256") if isinstance(cached, dict) else None
+        if isinstance(sha, str) and cached.get("files") == key:
+            return sha
+
+    digest = hashlib.sha256()
+    buffer = bytearray(hash_chunk_bytes)
+    view = memoryview(buffer)
+    for path in files:
+        with path.open("rb") as f:
+            while n := f.readinto(buffer):
+                digest.update(view[:n])
+    sha = digest.hexdigest()
+
+    entry = {"files": key, "sha256": sha}
+    try:
+        _write_json_atomic(local_cache, entry)
+    except OSError:  # read-only model directory: fall back to the user's cache
+        with contextlib.suppress(OSError):
+            shared = _read_json(shared_cache)
+            shared[str(directory)] = entry
+            _write_json_atomic(shared_cache, shared)
+    return sha
+
+
+def _files_key(files: list[Path]) -> list[list[Any]]:
+    key = []
+    for path in files:
+        st = path.stat()
+        key.append([path.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    return key
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparecycles"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: tensor names, dtypes, shapes; no tensor is read."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise InvalidRequest(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > safetensors_header_bytes_max:
+            raise InvalidRequest(f"{path.name}: safetensors header of {size} bytes is too large")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def count_params(files: list[Path]) -> tuple[int, str | None]:
+    """(number of parameters stored, the dtype holding most of them) over the weight files.
+
+    Tied weights are stored once and counted once, which is what decoding reads.
+    """
+    n_params = 0
+    by_dtype: Counter[str] = Counter()
+    for path in files:
+        if path.suffix == ".safetensors":
+            tensors = [(t["dtype"], t["shape"]) for t in safetensors_header(path).values()]
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            tensors = [(str(t.dtype), list(t.shape)) for t in state.values()]
+        for dtype, shape in tensors:
+            n = math.prod(shape)
+            n_params += n
+            by_dtype[dtype] += n
+    top = by_dtype.most_common(1)
+    return n_params, (top[0][0] if top else None)
+
+
+def bytes_per_param(dtype: object) -> float:
+    """Bytes one parameter takes in ``dtype`` (a config string, a torch dtype or a header code)."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _dtype_bytes:
+        raise InvalidRequest(f"unknown dtype {dtype!r}")
+    return _dtype_bytes[name]
+
+
+def _first(config: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return None
+
+
+def model_spec(
+    name: str, source: str | Path, dtype: object | None = None, *, hash_weights: bool = True
+) -> ModelSpec:
+    """The model spec of ``source`` from its config.json and weight file headers.
+
+    ``dtype`` is the precision the weights are (or will be) held in when loaded; without it, the
+    config's ``torch_dtype``/``dtype``, else the dtype most parameters are stored in. The
+    weights are not loaded; with ``hash_weights`` they are hashed (see ``weights_sha256``).
+    """
+    directory = resolve_source(source)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFound(f"no config.json in {directory}")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    text = config.get("text_config") or config  # multimodal wrappers keep the LM's numbers here
+
+    n_layers = _first(text, "num_hidden_layers", "n_layer", "num_layers")
+    hidden_size = _first(text, "hidden_size", "n_embd", "d_model")
+    n_heads = _first(text, "num_attention_heads", "n_head")
+    context_length = _first(
+        text, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"
+    )
+    if None in (n_layers, hidden_size, n_heads, context_length):
+        raise InvalidRequest(f"{config_path}: missing layers, hidden size, heads or context length")
+    n_kv_heads = _first(text, "num_key_value_heads", "n_kv_heads") or n_heads
+    head_dim = _first(text, "head_dim") or hidden_size // n_heads
+
+    files = weight_files(directory)
+    n_params, stored_dtype = count_params(files)
+    dtype = dtype if dtype not in (None, "auto") else None
+    chosen = dtype or _first(text, "torch_dtype", "dtype") or _first(config, "torch_dtype", "dtype")
+    return ModelSpec(
+        name=name,
+        n_params=n_params,
+        bytes_per_param=bytes_per_param(chosen or stored_dtype or "float32"),
+        n_layers=int(n_layers),
+        hidden_size=int(hidden_size),
+        n_kv_heads=int(n_kv_heads),
+        head_dim=int(head_dim),
+        context_length=int(context_length),
+        weights_sha256=weights_sha256(directory) if hash_weights else "",
+    )
+
+
+def load_tokenizer(source: str | Path):  # -> transformers.PreTrainedTokenizerBase
+    """The model's tokenizer (AutoTokenizer). A hub id works only where the hub is reachable or
+    the model is already in the local hub cache (see ``resolve_source``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_source(source)))
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template, opening the assistant's turn.
+
+    The template is rendered to text and then tokenized without adding special tokens: templates
+    write their own BOS where the model wants one, and adding another would double it.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest(
+            "this model has no chat template; use /v1/completions with a plain prompt instead",
+            param="messages",
+        )
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (jinja2.TemplateError, KeyError, TypeError, ValueError) as exc:
+        message = f"the chat template rejected these messages: {exc}"
+        raise InvalidRequest(message, param="messages") from exc
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_completion(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a plain prompt, with the special tokens the tokenizer adds (Llama's BOS)."""
+    return list(tokenizer.encode(prompt, add_special_tokens=True))

@@ -1,0 +1,93 @@
+"""The running batch's KV cache, left-padded: groups merge in, finished rows leave.
+
+Row i of every layer's keys and values holds one sequence, right-aligned; ``mask`` (rows x
+columns, 1 for a real token) marks the real columns. Each sequence is fed its own position ids,
+so the padding changes nothing it attends to: masked columns get exactly zero weight. Padded
+columns are kept at exactly zero so that no stray value can leak in through ``0 * x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from sparecycles.errors import InvalidRequest
+
+
+@dataclass(slots=True)
+class KVBatch:
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, columns), long, 1 where the column holds a real token
+
+    def grow(self) -> torch.Tensor:
+        """The attention mask for one decode step: every row gains one real column."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        return self.mask
+
+    def zero_padding(self) -> None:
+        """Set the keys and values of padded columns to exactly zero."""
+        if bool(self.mask.all()):
+            return
+        padding = (self.mask == 0)[:, None, :, None]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.masked_fill(padding, 0.0)
+            layer.values = layer.values.masked_fill(padding, 0.0)
+
+    def merge(self, other: KVBatch) -> None:
+        """Append ``other``'s rows after this batch's, left-padding the shorter to one width."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), then drop columns that are padding in all of them,
+        so that a long request leaving does not make everyone else attend over its length."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        first = int(mask.any(dim=0).nonzero()[0, 0])
+        self.mask = mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+
+
+def left_padded(
+    prompts: list[tuple[int, ...]], device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, position ids) for prompts of different lengths, right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def check_full_attention(config: Any, name: str) -> None:
+    """Refuse models whose cache layers are not plain full attention (sliding windows, linear
+    attention, ...): their layers keep state that left-padding and row selection would break."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
+    if kinds - {DynamicLayer.__name__}:
+        raise InvalidRequest(
+            f"{name}: cache layers {sorted(kinds)} are not supported by the transformers engine,"
+            " which batches full-attention models only"
+        )
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the sequence dimension (-1 for a mask, -2 for keys and values) on the left."""
+    if t.dim() == 2:
+        return F.pad(t, (width - t.shape[-1], 0))
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))
