@@ -401,8 +401,8 @@ class Dispatcher:
             job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return
-        log.warning("job %s failed on node %s: %s", job.job_id, node.node_id, msg.message)
-        await self._resume(job, outcome="failed")
+        log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
+        await self._resume(job, outcome="drained" if node.draining else "failed")
 
     async def on_node_lost(self, node: NodeConn) -> None:
         """The node's socket closed: every job it held is resumed elsewhere."""

@@ -107,8 +107,10 @@ class LocalNetwork:
         old = self.nodes[name]
         return self.start_node(name, old.owner, extra_args=old.extra_args, token=old.token)
 
-    def wait_ready(self, nodes_online: int, timeout_s: float = ready_timeout_s) -> dict[str, Any]:
-        """Wait until the coordinator answers and ``nodes_online`` nodes are connected."""
+    def wait_ready(self, nodes_online: int, timeout_s: float = ready_timeout_s,
+                   *, key: str = "nodes_online") -> dict[str, Any]:
+        """Wait until the coordinator answers and ``nodes_online`` nodes are connected (or, with
+        ``key="nodes_available"``, connected and taking work)."""
         deadline = time.monotonic() + timeout_s
         last: Any = None
         while time.monotonic() < deadline:
@@ -119,7 +121,7 @@ class LocalNetwork:
                     raise RuntimeError(f"node {n.name} exited: {self.tail(n.log_path.name)}")
             try:
                 last = httpx.get(self.url + "/readyz", timeout=2).json()
-                if last.get("status") == "ready" and last.get("nodes_online", 0) >= nodes_online:
+                if last.get("status") == "ready" and last.get(key, 0) >= nodes_online:
                     return last
             except (httpx.HTTPError, ValueError):
                 pass
@@ -137,6 +139,9 @@ class LocalNetwork:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.proc.pid, sig)
         node.proc.wait(timeout=30)
+
+    def signal_node(self, name: str, sig: int) -> None:
+        os.kill(self.nodes[name].proc.pid, sig)
 
     def kill_coordinator(self, sig: int = signal.SIGKILL) -> None:
         if self.coordinator is not None:

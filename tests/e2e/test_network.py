@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import signal
 import time
 
 import httpx
@@ -37,9 +38,13 @@ def net(tmp_path_factory, tiny_model_path):
         # "unserved" is registered but no node is allowed to serve it
         network.start_coordinator()
         network.models = {"tiny": tiny_model_path}
-        # a duty cycle slows the tiny model enough that a node can be killed mid-stream
-        network.start_node("alice-pc", "alice", extra_args=["--duty-cycle", "0.25"])
-        network.start_node("bob-laptop", "bob", extra_args=["--duty-cycle", "0.25"])
+        # a duty cycle slows the tiny model enough that a node can be killed mid-stream; a
+        # short drain grace lets an owner's "take it back" hand work off within the test
+        policy = root / "policy.toml"
+        policy.write_text("[availability]\ndrain_grace_s = 0.2\n")
+        args = ["--duty-cycle", "0.25", "--availability", str(policy)]
+        network.start_node("alice-pc", "alice", extra_args=args)
+        network.start_node("bob-laptop", "bob", extra_args=args)
         network.wait_ready(2)
         _key_id, key = store.create_api_key("acme", "e2e")
         Ledger(store.sessions, prices=PriceBook.default()).deposit(
@@ -224,6 +229,34 @@ def test_garbage_on_the_node_socket_is_disconnected_and_others_are_served(net) -
 
     assert asyncio.run(hostile()) == 1008
     assert _chat(net, max_tokens=5).choices[0].message.content is not None
+
+
+def _serving_node(net, job_id: str):
+    job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
+                    headers={"Authorization": f"Bearer {net.key}"}).json()
+    name = net.store().get_node(job["attempts"][-1]["node_id"]).name
+    return net.nodes[name]
+
+
+def test_owner_takes_the_device_back_mid_stream_and_work_moves_on(net) -> None:
+    prompt = "Tell me everything about the long winter night."
+    reference = _chat(net, prompt, temperature=0, max_tokens=120).choices[0].message.content
+    parts, job_id, paused = [], None, None
+    for chunk in _chat(net, prompt, temperature=0, max_tokens=120, stream=True):
+        job_id = chunk.id
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if paused is None and len(parts) >= 5:
+            paused = _serving_node(net, job_id)
+            net.signal_node(paused.name, signal.SIGUSR1)  # what `sparecycles pause` sends
+    assert paused is not None
+    assert "".join(parts) == reference  # nothing repeated, nothing lost
+    job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
+                    headers={"Authorization": f"Bearer {net.key}"}).json()
+    assert [a["outcome"] for a in job["attempts"]] == ["drained", "done"]
+    assert len(job["money"]["earnings"]) == 2
+    net.signal_node(paused.name, signal.SIGUSR2)  # `sparecycles resume`
+    net.wait_ready(2, key="nodes_available", timeout_s=30)
 
 
 def test_node_killed_mid_stream_the_answer_continues_elsewhere_exactly(net) -> None:

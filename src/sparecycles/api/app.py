@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from sparecycles import __version__
-from sparecycles.api import costs_routes, errors, node_ws, openai_routes
+from sparecycles.api import costs_routes, dashboard, errors, node_ws, openai_routes
 from sparecycles.coordinator import Coordinator
 from sparecycles.settings import CoordinatorSettings
 
@@ -39,6 +39,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     app.include_router(openai_routes.router)
     app.include_router(node_ws.router)
     app.include_router(costs_routes.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -57,6 +58,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
             {
                 "status": "ready",
                 "nodes_online": len(d.nodes) if d else 0,
+                "nodes_available": sum(not n.draining for n in d.nodes.values()) if d else 0,
                 "jobs_waiting": len(d.waiting) if d else 0,
                 "models": sorted(coord.models),
             }

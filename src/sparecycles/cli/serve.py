@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import tomllib
 from pathlib import Path
@@ -95,6 +96,7 @@ async def _run_node(settings: NodeSettings) -> None:
     from sparecycles.node.agent import NodeAgent
     from sparecycles.node.backends.transformers import TransformersEngine
     from sparecycles.node.profile import profile_device
+    from sparecycles.node.status import StatusProbe
     from sparecycles.nodes import policy_from_dict
 
     if not settings.token:
@@ -128,14 +130,43 @@ async def _run_node(settings: NodeSettings) -> None:
         jobs_max=settings.jobs_max,
         owner_costs=_owner_costs(settings),
     )
+    agent.status_probe = StatusProbe()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
+    loop.add_signal_handler(signal.SIGUSR1, agent.pause)
+    loop.add_signal_handler(signal.SIGUSR2, agent.resume)
+    pid_file = settings.config_dir / "node.pid"
+    pid_file.write_text(str(os.getpid()))
     try:
         await agent.run()
     finally:
+        pid_file.unlink(missing_ok=True)
         for engine in engines.values():
             engine.close()
+
+
+def _signal_node(config_dir: Path | None, sig: signal.Signals) -> int:
+    folder = config_dir or NodeSettings().config_dir
+    try:
+        pid = int((folder / "node.pid").read_text())
+        os.kill(pid, sig)
+    except (OSError, ValueError):
+        raise ValueError(f"no node agent is running with config dir {folder}") from None
+    return pid
+
+
+def pause(config_dir: Path = typer.Option(None, help="The node's config dir")) -> None:
+    """Take the device back now: the node finishes what it can within its drain grace, hands
+    the rest to other nodes, and takes no work until `sparecycles resume`."""
+    pid = _signal_node(config_dir, signal.SIGUSR1)
+    console.print(f"node agent {pid} is draining and will take no new work")
+
+
+def resume(config_dir: Path = typer.Option(None, help="The node's config dir")) -> None:
+    """Let the node take work again (within its availability policy)."""
+    pid = _signal_node(config_dir, signal.SIGUSR2)
+    console.print(f"node agent {pid} takes work again")
 
 
 def _owner_costs(settings: NodeSettings) -> dict[str, Any]:
@@ -155,3 +186,5 @@ def _owner_costs(settings: NodeSettings) -> dict[str, Any]:
 def register(app: typer.Typer) -> None:
     app.command("coordinator")(friendly(coordinator))
     app.command("node")(node)
+    app.command("pause")(friendly(pause))
+    app.command("resume")(friendly(resume))

@@ -58,6 +58,7 @@ class NodeAgent:
     owner_costs: dict[str, Any] = field(default_factory=dict)  # tariff, hardware price, life
     status_probe: Any = None  # callable returning availability.DeviceStatus; None: always fine
     running: dict[str, _Running] = field(default_factory=dict)
+    owner_paused: bool = False  # the owner took the device back (``sparecycles pause``)
     meter: EnergyMeter | None = None  # RAPL or NVML where the hardware tells, else an estimate
     draining: bool = False
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,6 +72,13 @@ class NodeAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def pause(self) -> None:
+        """The owner takes the device back now: drain, then stay connected but idle."""
+        self.owner_paused = True
+
+    def resume(self) -> None:
+        self.owner_paused = False
 
     async def run(self) -> None:
         """Connect, serve, and reconnect until stopped."""
@@ -295,7 +303,8 @@ class NodeAgent:
     async def _watch_policy(self, send: Any) -> None:
         """Drain when the owner's policy says stop; take work again when it says go."""
         while True:
-            ok = availability.is_available(self.policy, self._status(), time.time())
+            ok = not self.owner_paused and availability.is_available(
+                self.policy, self._status(), time.time())
             if not ok and not self.draining:
                 log.info("the owner's availability policy says stop: draining")
                 await self._drain(send, grace_s=self.policy.drain_grace_s, reason="policy")
