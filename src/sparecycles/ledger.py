@@ -337,7 +337,7 @@ class Ledger:
         """One transaction: load and lock what the ops touch, apply them, write the outcome."""
         now = self.clock()
         self.store.ensure_accounts(
-            {a for op in ops if not isinstance(op, VoidOp | WithholdOp)
+            {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
              for a in eng.accounts_of(op, {})}, self.currency, now)
 
         def work(tx: LedgerTx) -> list[Any]:

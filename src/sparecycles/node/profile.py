@@ -1,0 +1,268 @@
+"""Profile this device: what the performance model needs to know, measured where it can be.
+
+Cores and memory are read from the operating system; a CUDA GPU is found through torch when torch
+and a GPU are present. Memory bandwidth and peak FLOP/s are *measured*, because decode speed
+follows the bandwidth a program actually gets, not the datasheet's:
+
+- bandwidth: copy a buffer much larger than the caches, best of a few tries, counting the bytes
+  read plus the bytes written (as STREAM's "copy" does);
+- FLOP/s: a square matrix multiply in the precision inference uses (fp32 on a CPU, fp16 on a GPU),
+  best of a few tries.
+
+Together they take a couple of seconds, so the result is cached as JSON and a node does not measure
+again on every start unless asked to (or unless its hardware changed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparecycles.types import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1  # bump when what is measured changes, so cached profiles are redone
+copy_bytes = 256 * 1024 * 1024  # far beyond any last-level cache (tens to hundreds of MiB)
+copy_tries = 5
+matmul_tries = 3
+cpu_matmul_n = 1024  # 2 * 1024^3 = 2.1 GFLOP: ~10-100 ms on a laptop core set
+gpu_matmul_n = 8192  # 1.1 TFLOP: a few ms on a data-centre GPU, long enough to time
+measure_budget_s = 3.0  # stop repeating a measurement once this much time has gone
+
+# Reference power figures per class, from the presets' datasheets (presets.py); a node has no
+# portable way to read its own power draw, so energy is estimated from these.
+_POWER_BY_CLASS_W = {
+    "gaming-pc": (60.0, 250.0),
+    "laptop": (5.0, 45.0),
+    "car": (15.0, 60.0),
+    "server": (150.0, 500.0),
+    "datacenter-gpu": (100.0, 800.0),
+    "desktop": (40.0, 150.0),
+}
+
+
+def _best_of(fn: Callable[[], float], tries: int, deadline: float) -> float:
+    """The shortest of ``tries`` timings of ``fn`` (each returning seconds), stopping early once
+    ``deadline`` (a perf_counter value) has passed; at least one try always runs."""
+    best = float("inf")
+    for _ in range(tries):
+        best = min(best, fn())
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+# --- CPU -------------------------------------------------------------------------------------
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def ram_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def measure_cpu_bandwidth(deadline: float, nbytes: int = copy_bytes) -> float:
+    """Bytes/s of a large memory copy (read + write), multithreaded through torch if present."""
+    try:
+        import torch
+
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        seconds = _best_of(lambda: _timed(lambda: dst.copy_(src)), copy_tries, deadline)
+    except ImportError:
+        src_np = np.ones(nbytes // 8, dtype=np.float64)
+        dst_np = np.empty_like(src_np)
+        seconds = _best_of(lambda: _timed(lambda: np.copyto(dst_np, src_np)), copy_tries, deadline)
+    return 2.0 * nbytes / seconds
+
+
+def measure_cpu_flops(deadline: float, n: int = cpu_matmul_n) -> float:
+    """FLOP/s of an fp32 n x n matrix multiply (2 n^3 FLOPs) on all cores."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm up the BLAS threads
+    seconds = _best_of(lambda: _timed(lambda: a @ b), matmul_tries, deadline)
+    return 2.0 * n**3 / seconds
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+def cuda_device() -> tuple[str, int] | None:
+    """(name, memory bytes) of the first CUDA GPU, or None without torch or without a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
+def measure_cuda(deadline: float) -> tuple[float, float]:
+    """(bytes/s of a device-to-device copy, FLOP/s of an fp16 matmul) on the first GPU."""
+    import torch
+
+    sync = torch.cuda.synchronize
+    src = torch.ones(copy_bytes * 4 // 2, dtype=torch.float16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy_s = _best_of(lambda: _timed(lambda: dst.copy_(src), sync), copy_tries, deadline + 1.0)
+    bandwidth = 2.0 * src.numel() * src.element_size() / copy_s
+    src = dst = torch.empty(0, device="cuda")  # free the buffers before the matmul
+    n = gpu_matmul_n
+    a = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    a @ b
+    mm_s = _best_of(lambda: _timed(lambda: a @ b, sync), matmul_tries + 2, deadline + 2.0)
+    return bandwidth, 2.0 * n**3 / mm_s
+
+
+# --- class -----------------------------------------------------------------------------------
+
+
+def _has_battery() -> bool:
+    return any(Path("/sys/class/power_supply").glob("BAT*"))
+
+
+def _is_tegra() -> bool:
+    return Path("/etc/nv_tegra_release").exists()
+
+
+def guess_device_class(cores: int, accelerator: str | None, *, battery: bool, tegra: bool) -> str:
+    """A best guess from what the OS shows; the owner can always say otherwise."""
+    name = (accelerator or "").upper()
+    if tegra:
+        return "car"  # an NVIDIA DRIVE/Jetson Orin board: the car computers this network targets
+    if any(k in name for k in ("H100", "H200", "A100", "B200", "L40", "A10", "L4", "V100")):
+        return "datacenter-gpu"
+    if battery:
+        return "laptop"
+    if "GEFORCE" in name or "RTX" in name or "RADEON" in name:
+        return "gaming-pc"
+    if cores >= 32:
+        return "server"
+    return "desktop"
+
+
+# --- the profile -----------------------------------------------------------------------------
+
+
+def measure_profile(
+    *,
+    device: str = "auto",
+    device_class: str | None = None,
+    network_rtt_s: float = 0.0,
+    budget_s: float = measure_budget_s,
+) -> DeviceProfile:
+    """Measure this device now. ``device``: "auto" (the GPU if there is one), "cpu" or "cuda"."""
+    deadline = time.perf_counter() + budget_s
+    cores, ram = cpu_cores(), ram_bytes()
+    gpu = cuda_device() if device in ("auto", "cuda") else None
+    if device == "cuda" and gpu is None:
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    if gpu is not None:
+        bandwidth, flops = measure_cuda(deadline)
+        accelerator, accel_bytes = f"cuda:{gpu[0]}", gpu[1]
+    else:
+        bandwidth, flops = measure_cpu_bandwidth(deadline), measure_cpu_flops(deadline)
+        accelerator, accel_bytes = None, 0
+    cls = device_class or guess_device_class(
+        cores, accelerator, battery=_has_battery(), tegra=_is_tegra()
+    )
+    idle_w, busy_w = _POWER_BY_CLASS_W.get(cls, (0.0, 0.0))
+    return DeviceProfile(
+        device_class=cls,
+        cpu_cores=cores,
+        ram_bytes=ram,
+        memory_bandwidth_bytes_per_s=bandwidth,
+        peak_flops=flops,
+        accelerator=accelerator,
+        accelerator_memory_bytes=accel_bytes,
+        network_rtt_s=network_rtt_s,
+        power_idle_w=idle_w,
+        power_busy_w=busy_w,
+    )
+
+
+def _fingerprint(device: str) -> dict[str, Any]:
+    """What, if changed, makes a cached profile stale: the hardware and what it is measured on."""
+    gpu = cuda_device() if device in ("auto", "cuda") else None
+    return {
+        "version": PROFILE_VERSION,
+        "machine": platform.machine(),
+        "cpu_cores": cpu_cores(),
+        "ram_bytes": ram_bytes(),
+        "accelerator": gpu[0] if gpu else None,
+    }
+
+
+def load_cached(cache_path: Path, fingerprint: dict[str, Any]) -> DeviceProfile | None:
+    """The cached profile if it exists, parses and was taken on this same hardware."""
+    try:
+        data = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    known = {f.name for f in fields(DeviceProfile)}
+    try:
+        return DeviceProfile(**{k: v for k, v in data.get("profile", {}).items() if k in known})
+    except TypeError:
+        return None
+
+
+def save_cached(cache_path: Path, profile: DeviceProfile, fingerprint: dict[str, Any]) -> None:
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "profile": asdict(profile)}, indent=2))
+    tmp.replace(cache_path)
+
+
+def profile_device(
+    cache_path: Path | None = None,
+    *,
+    refresh: bool = False,
+    device_class: str | None = None,
+    device: str = "auto",
+    network_rtt_s: float = 0.0,
+) -> DeviceProfile:
+    """This device's profile: from ``cache_path`` when it holds one taken on this hardware (and
+    ``refresh`` is false), else measured now and written there."""
+    fingerprint = _fingerprint(device)
+    if cache_path is not None and not refresh:
+        cached = load_cached(cache_path, fingerprint)
+        if cached is not None and (device_class is None or cached.device_class == device_class):
+            return cached
+    log.info("measuring this device (a few seconds)")
+    profile = measure_profile(device=device, device_class=device_class, network_rtt_s=network_rtt_s)
+    if cache_path is not None:
+        save_cached(cache_path, profile, fingerprint)
+    return profile

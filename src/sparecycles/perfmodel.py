@@ -1,0 +1,361 @@
+"""The performance model: roofline predictions from a device profile and a model spec.
+
+Pure arithmetic, no I/O. The scheduler, the owner's earnings estimate, ``sparecycles plan`` and the
+simulator all call these functions, so they agree on what a device can do.
+
+The physics, in short (docs/scheduling.md has the long form):
+
+- **Decode** makes one token per running sequence per step. A step reads every weight once (shared
+  by the whole batch) plus each sequence's KV cache, and does about ``2 * n_params`` FLOPs per
+  sequence plus the attention over its context. Its time is the larger of bytes / bandwidth and
+  FLOPs / FLOP/s: at small batches the weights dominate and decode is **memory-bound**; past the
+  ridge batch it is **compute-bound**.
+- **Prefill** processes the whole prompt in one pass: the same weight read, but ``n`` tokens'
+  worth of FLOPs, so it is compute-bound for any prompt longer than a few tokens.
+- **Memory** holds the weights and, in what is left, the KV cache of every running sequence; that
+  bounds the batch at a given context and the context at a given batch.
+
+Every achievable fraction lives in ``Calibration`` with the reason for its value. Units are last in
+every name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from sparecycles.types import DeviceProfile, ModelSpec
+
+Bound = Literal["memory", "compute"]
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """The fractions of the roofline a real engine reaches. One instance is shared by everyone."""
+
+    # Decode reaches this fraction of the profile's memory bandwidth. Calibrated on the llama.cpp
+    # reference in shared/data/README.md: a 7B model in 4 bits (about 3.8 GB) decodes at 3.9
+    # tokens/s on a desktop with about 20 GB/s, i.e. 3.8 GB * 3.9 /s = 14.8 GB/s = 74% of the
+    # bandwidth bound (llama.cpp issue 34). Tuned GPU kernels reach a similar or higher share of
+    # HBM/GDDR bandwidth, so one figure serves both until bench/perfmodel_validate.py says
+    # otherwise.
+    bandwidth_fraction: float = 0.74
+    # Prefill and large-batch decode reach this fraction of ``peak_flops``. An assumption, not a
+    # calibration: dense transformer forward passes commonly run at 40-60% of datasheet peak on
+    # GPUs, and a CPU's ``peak_flops`` is already a measured matmul (node/profile.py), of which a
+    # whole model with its non-matmul work reaches about half.
+    compute_fraction: float = 0.5
+    # Fixed cost of one decode step or one prefill pass outside the roofline: kernel launches,
+    # sampling, Python in the engine loop. Zero for the idealised model; an engine with a known
+    # per-step cost (e.g. Hugging Face transformers on a CPU) is described by raising it.
+    step_overhead_s: float = 0.0
+    # Share of accelerator memory the engine may fill with weights and KV cache; vLLM's default
+    # gpu_memory_utilization is 0.9, the rest is the CUDA context and activations.
+    accelerator_memory_fraction: float = 0.90
+    # Share of system RAM a CPU-only node lends. The owner is using the same machine (browser,
+    # games, the OS page cache), so we take at most about half.
+    ram_fraction: float = 0.5
+    # Quantized weights (under 2 bytes per parameter) still keep the KV cache in 16-bit floats,
+    # the default of llama.cpp and vLLM; so the KV cache is never costed below 2 bytes a value.
+    kv_bytes_per_value_min: float = 2.0
+
+
+DEFAULT_CALIBRATION = Calibration()
+
+
+# --- sizes ---------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(spec: ModelSpec, calib: Calibration = DEFAULT_CALIBRATION) -> int:
+    """Bytes of KV cache one token of context occupies: keys and values for every layer."""
+    value_bytes = max(spec.bytes_per_param, calib.kv_bytes_per_value_min)
+    return int(2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * value_bytes)
+
+
+def usable_memory_bytes(profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION) -> int:
+    """Memory the engine may fill (weights + KV cache) on this device."""
+    if profile.accelerator:
+        return int(profile.accelerator_memory_bytes * calib.accelerator_memory_fraction)
+    return int(profile.ram_bytes * calib.ram_fraction)
+
+
+def kv_capacity_tokens(
+    spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
+) -> int:
+    """Tokens of KV cache that fit beside the weights, over all sequences together; 0 if the
+    weights alone do not fit."""
+    free_bytes = usable_memory_bytes(profile, calib) - spec.weight_bytes
+    if free_bytes <= 0:
+        return 0
+    return free_bytes // max(1, kv_bytes_per_token(spec, calib))
+
+
+def fits(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> bool:
+    """Whether ``batch`` sequences of ``context_tokens`` each fit in memory beside the weights."""
+    if context_tokens > spec.context_length:
+        return False
+    return batch * context_tokens <= kv_capacity_tokens(spec, profile, calib)
+
+
+def max_batch(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> int:
+    """The largest number of sequences of ``context_tokens`` each that fit; 0 if none."""
+    if context_tokens > spec.context_length:
+        return 0
+    return kv_capacity_tokens(spec, profile, calib) // max(1, context_tokens)
+
+
+def max_context(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int = 1,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> int:
+    """The longest context each of ``batch`` sequences can have, capped at the model's own."""
+    return min(spec.context_length, kv_capacity_tokens(spec, profile, calib) // max(1, batch))
+
+
+# --- time ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """The roofline of one model on one device, reduced to a few constants, so that a prediction
+    in the scheduler's inner loop is a handful of multiplications. ``costs()`` builds it."""
+
+    weight_read_s: float  # every weight read once: weight bytes / achievable bandwidth
+    kv_s_per_token: float  # one token's KV cache read (or written) / achievable bandwidth
+    weight_flops_s_per_token: float  # 2 * n_params FLOPs per token / achievable FLOP/s
+    # attention: QK^T and AV are each one multiply-add (2 FLOPs) per query, key and hidden unit
+    # in every layer, so 4 * n_layers * hidden_size FLOPs per (query, key) pair
+    attention_s_per_pair: float
+    overhead_s: float
+    kv_capacity_tokens: int
+    context_length: int
+
+    def decode_times_s(self, batch: int, context_tokens: int) -> tuple[float, float]:
+        """(memory time, compute time) of one decode step of ``batch`` sequences whose contexts
+        average ``context_tokens``; the step takes the larger of the two (the roofline)."""
+        b = batch if batch > 1 else 1
+        memory_s = self.weight_read_s + b * context_tokens * self.kv_s_per_token
+        compute_s = b * (self.weight_flops_s_per_token + self.attention_s_per_pair * context_tokens)
+        return memory_s, compute_s
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        # decode_times_s inlined: this is the scheduler's innermost arithmetic
+        b = batch if batch > 1 else 1
+        memory_s = self.weight_read_s + b * context_tokens * self.kv_s_per_token
+        compute_s = b * (self.weight_flops_s_per_token + self.attention_s_per_pair * context_tokens)
+        return (memory_s if memory_s >= compute_s else compute_s) + self.overhead_s
+
+    def prefill_s(self, n_tokens: int, cached_tokens: int = 0) -> float:
+        if n_tokens <= 0:
+            return 0.0
+        # each new token attends to the cached ones and, causally, to half the new ones
+        memory_s = self.weight_read_s + (cached_tokens + n_tokens) * self.kv_s_per_token
+        compute_s = n_tokens * (
+            self.weight_flops_s_per_token
+            + self.attention_s_per_pair * (cached_tokens + n_tokens / 2.0)
+        )
+        return (memory_s if memory_s >= compute_s else compute_s) + self.overhead_s
+
+    def fits(self, batch: int, context_tokens: int) -> bool:
+        return context_tokens <= self.context_length and (
+            batch * context_tokens <= self.kv_capacity_tokens
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def costs(
+    spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
+) -> Costs:
+    """The roofline constants of ``spec`` on ``profile`` (memoised: the inputs are frozen)."""
+    bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
+    flops = max(1.0, profile.peak_flops * calib.compute_fraction)
+    return Costs(
+        weight_read_s=spec.weight_bytes / bandwidth,
+        kv_s_per_token=kv_bytes_per_token(spec, calib) / bandwidth,
+        weight_flops_s_per_token=2.0 * spec.n_params / flops,
+        attention_s_per_pair=4.0 * spec.n_layers * spec.hidden_size / flops,
+        overhead_s=calib.step_overhead_s,
+        kv_capacity_tokens=kv_capacity_tokens(spec, profile, calib),
+        context_length=spec.context_length,
+    )
+
+
+_costs_by_identity: dict[tuple[int, int, int], tuple[object, object, object, Costs]] = {}
+costs_by_identity_max = 65_536  # distinct (model, device) pairs remembered; then start afresh
+
+
+def costs_of(
+    spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
+) -> Costs:
+    """``costs()`` looked up by the objects' identity, for hot loops: hashing three frozen
+    dataclasses costs more than the prediction. The entry keeps the objects alive, so an id is
+    never reused while it is remembered."""
+    key = (id(spec), id(profile), id(calib))
+    hit = _costs_by_identity.get(key)
+    if hit is not None:
+        return hit[3]
+    if len(_costs_by_identity) >= costs_by_identity_max:
+        _costs_by_identity.clear()
+    c = costs(spec, profile, calib)
+    _costs_by_identity[key] = (spec, profile, calib, c)
+    return c
+
+
+def decode_times_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> tuple[float, float]:
+    """(memory time, compute time) of one decode step; see ``Costs.decode_times_s``."""
+    return costs(spec, profile, calib).decode_times_s(batch, context_tokens)
+
+
+def decode_step_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> float:
+    """Seconds for one decode step (one new token for each of ``batch`` sequences)."""
+    return costs(spec, profile, calib).decode_step_s(batch, context_tokens)
+
+
+def decode_tokens_per_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> float:
+    """Decode throughput of the whole batch, tokens/s; each sequence gets ``1/batch`` of it."""
+    return max(1, batch) / decode_step_s(spec, profile, batch, context_tokens, calib)
+
+
+def bound(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> Bound:
+    """Whether decoding at this batch and context is limited by memory or by compute."""
+    memory_s, compute_s = decode_times_s(spec, profile, batch, context_tokens, calib)
+    return "memory" if memory_s >= compute_s else "compute"
+
+
+def ridge_batch(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> float:
+    """The batch at which decode turns from memory-bound to compute-bound (may be fractional);
+    ``inf`` when the KV cache traffic alone outruns compute and decode never turns."""
+    c = costs(spec, profile, calib)
+    per_seq_compute_s = c.weight_flops_s_per_token + c.attention_s_per_pair * context_tokens
+    per_seq_kv_s = context_tokens * c.kv_s_per_token
+    if per_seq_compute_s <= per_seq_kv_s:
+        return math.inf
+    return c.weight_read_s / (per_seq_compute_s - per_seq_kv_s)
+
+
+def prefill_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    n_tokens: int,
+    cached_tokens: int = 0,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> float:
+    """Seconds to process ``n_tokens`` of prompt in one pass, after ``cached_tokens`` already in
+    the KV cache (0 for a fresh request; a resumed job re-prefills everything)."""
+    return costs(spec, profile, calib).prefill_s(n_tokens, cached_tokens)
+
+
+def decode_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    n_tokens: int,
+    batch: int,
+    context_start_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> float:
+    """Seconds to generate ``n_tokens`` for one sequence running in a batch of ``batch``, its
+    context growing from ``context_start_tokens``; the step time is taken at the mean context."""
+    if n_tokens <= 0:
+        return 0.0
+    mean_context = context_start_tokens + n_tokens // 2
+    return n_tokens * decode_step_s(spec, profile, batch, mean_context, calib)
+
+
+def request_s(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    prompt_tokens: int,
+    output_tokens: int,
+    batch: int = 1,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> tuple[float, float]:
+    """(time to first token, end-to-end time) of one request on an otherwise idle device running
+    ``batch`` sequences, including one network round trip."""
+    ttft_s = (
+        profile.network_rtt_s
+        + prefill_s(spec, profile, prompt_tokens, 0, calib)
+        + decode_step_s(spec, profile, batch, prompt_tokens, calib)
+    )
+    rest_s = decode_s(spec, profile, max(0, output_tokens - 1), batch, prompt_tokens + 1, calib)
+    return ttft_s, ttft_s + rest_s
+
+
+@dataclass(frozen=True, slots=True)
+class RooflinePoint:
+    """Everything ``sparecycles plan`` prints for one batch size."""
+
+    batch: int
+    context_tokens: int
+    step_s: float
+    memory_s: float
+    compute_s: float
+    bound: Bound
+    tokens_per_s: float  # the whole batch
+    tokens_per_s_per_sequence: float
+    fits: bool
+
+
+def roofline(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    batch: int,
+    context_tokens: int,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> RooflinePoint:
+    memory_s, compute_s = decode_times_s(spec, profile, batch, context_tokens, calib)
+    step = max(memory_s, compute_s) + calib.step_overhead_s
+    return RooflinePoint(
+        batch=batch,
+        context_tokens=context_tokens,
+        step_s=step,
+        memory_s=memory_s,
+        compute_s=compute_s,
+        bound="memory" if memory_s >= compute_s else "compute",
+        tokens_per_s=max(1, batch) / step,
+        tokens_per_s_per_sequence=1.0 / step,
+        fits=fits(spec, profile, batch, context_tokens, calib),
+    )

@@ -1,0 +1,494 @@
+"""The ledger's behaviour, flow by flow, against a real database.
+
+Here each test gets a fresh in-memory SQLite database; tests/integration/test_ledger_postgres.py
+runs these same functions again on SQLite files and PostgreSQL (it overrides ``make_books``).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, insert, select, text
+
+from sparecycles import payouts
+from sparecycles.errors import Conflict, InsufficientBalance, InvalidRequest, NotFound
+from sparecycles.ledger import Ledger, VoidOutcome, WorkShare
+from sparecycles.ledger_engine import DepositOp, HoldOp, SettleOp, VoidOp
+from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.store.db import Base, make_engine
+from sparecycles.store.ledger_schema import LedgerTransfer
+from sparecycles.store.schema import Client, JobRow, Owner
+
+USD = 1_000_000
+PRICE = ModelPrice(60_000, 180_000)  # the default price: $0.06 in / $0.18 out per million
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+@dataclass
+class Books:
+    """A ledger on a fresh database, with what tests need to look underneath it."""
+
+    engine: Engine
+    clock: FakeClock = field(default_factory=FakeClock)
+    prices: PriceBook = field(default_factory=PriceBook.default)
+    ledger: Ledger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = self.restart()
+
+    def restart(self, **kw: Any) -> Ledger:
+        """A new Ledger on the same database, as after a coordinator restart."""
+        return Ledger(self.engine, prices=self.prices, clock=self.clock, **kw)
+
+    def add_job(self, job_id: str, client_id: str, state: str,
+                finished_at_s: float | None = None) -> None:
+        with self.engine.begin() as c:
+            if c.scalar(select(func.count()).select_from(Client)
+                        .where(Client.id == client_id)) == 0:
+                c.execute(insert(Client.__table__).values(id=client_id, name=client_id,
+                                                          created_at_s=0.0))
+            c.execute(insert(JobRow.__table__).values(
+                id=job_id, client_id=client_id, model="m", endpoint="chat.completions",
+                state=state, prompt_tokens=1, max_tokens=1, created_at_s=self.clock() - 10,
+                finished_at_s=finished_at_s))
+
+    def transfers(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.count()).select_from(LedgerTransfer)) or 0)
+
+    def exec(self, sql: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(text(sql))
+
+
+def sqlite_books(**kw: Any) -> Books:
+    engine = make_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    return Books(engine, **kw)
+
+
+@pytest.fixture
+def make_books() -> Iterator[Callable[..., Books]]:
+    yield sqlite_books
+
+
+def share(owner: str, node: str, prompt: int, completion: int, busy_s: float = 1.0
+          ) -> WorkShare:
+    return WorkShare(owner, node, "gaming-pc", prompt, completion, busy_s)
+
+
+# ---- deposits and holds ----------------------------------------------------------------------
+
+
+def test_deposit_is_idempotent_by_reference(make_books: Callable[..., Books]) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 10 * USD, "pay-1")
+    L.deposit("alice", 10 * USD, "pay-1")  # a retried webhook
+    assert L.client_balance("alice").balance_micros == 10 * USD
+    with pytest.raises(Conflict):
+        L.deposit("alice", 11 * USD, "pay-1")  # same id, other content
+    with pytest.raises(InvalidRequest):
+        L.deposit("alice", 0, "pay-2")
+    assert L.check() == []
+
+
+def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books]) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 100, "p")
+    before = b.transfers()
+    with pytest.raises(InsufficientBalance) as err:
+        L.hold("j1", "alice", "m", 1000, 1000)  # costs 240 micros at most
+    assert err.value.status_code == 402
+    assert b.transfers() == before  # nothing was written
+    assert L.hold("j2", "alice", "m", 500, 0) == 30
+    assert L.client_balance("alice").available_micros == 70
+    with pytest.raises(InsufficientBalance):  # a client with no account at all
+        L.hold("j3", "nobody", "m", 1, 1)
+    assert L.check() == []
+
+
+def test_credit_limit_lets_a_client_go_negative_down_to_it(make_books: Callable[..., Books]
+                                                            ) -> None:
+    L = make_books().ledger
+    L.set_credit_limit("corp", 1 * USD)
+    hold = L.hold("j1", "corp", "m", 1_000_000, 2_000_000)  # 0.06 + 0.36 = 0.42 USD
+    assert hold == 420_000
+    L.settle("j1", "corp", "m", 1_000_000, 2_000_000, [share("o", "n", 1_000_000, 2_000_000)])
+    assert L.client_balance("corp").balance_micros == -420_000
+    with pytest.raises(InsufficientBalance):
+        L.hold("j2", "corp", "m", 10_000_000, 0)  # 0.60 more would pass -1.00
+    with pytest.raises(InvalidRequest):
+        L.set_credit_limit("corp", 100_000)  # already owes more than that
+    assert L.check() == []
+
+
+# ---- settlement --------------------------------------------------------------------------------
+
+
+def test_settle_posts_actual_releases_rest_and_pays_owner_and_fee(
+        make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", 1 * USD, "p")
+    assert L.hold("j1", "alice", "m", 1000, 500) == 150
+    s = L.settle("j1", "alice", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    assert (s.charge_micros, s.released_micros, s.fee_micros) == (96, 54, 20)
+    assert [(e.owner_id, e.node_id, e.amount_micros) for e in s.earnings] == [("bob", "pc1", 76)]
+    bal = L.client_balance("alice")
+    assert (bal.balance_micros, bal.held_micros) == (USD - 96, 0)
+    assert L.owner_balance("bob").earned_micros == 76
+    assert L.balance("platform:fees").balance_micros == 20
+    assert L.balance("platform:revenue").balance_micros == 0  # a clearing account
+    money = L.job_money("j1")
+    assert money["state"] == "settled" and money["charged_micros"] == 96
+    assert money["owner_earned_micros"] == 76 and money["released_micros"] == 54
+    assert L.check() == []
+
+
+def test_a_replayed_settlement_never_charges_twice(make_books: Callable[..., Books]) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 500)
+    shares = [share("bob", "pc1", 1000, 200)]
+    first = L.settle("j1", "alice", "m", 1000, 200, shares)
+    n = b.transfers()
+    again = b.restart().settle("j1", "alice", "m", 1000, 200, shares)  # after a restart, too
+    assert again.replayed and again.charge_micros == first.charge_micros
+    assert again.earnings == first.earnings and b.transfers() == n
+    with pytest.raises(Conflict):
+        L.settle("j1", "alice", "m", 1000, 201, shares)  # same job, other content
+    assert L.client_balance("alice").balance_micros == USD - 96
+    assert L.check() == []
+
+
+def test_void_releases_and_late_events_are_harmless(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 500)
+    assert L.void("j1") is VoidOutcome.VOIDED
+    assert L.void("j1") is VoidOutcome.ALREADY_VOIDED
+    assert L.client_balance("alice").available_micros == USD
+    with pytest.raises(Conflict):  # a completion that arrives after the failure
+        L.settle("j1", "alice", "m", 1000, 10, [share("bob", "pc1", 1000, 10)])
+    L.hold("j2", "alice", "m", 1000, 500)
+    L.settle("j2", "alice", "m", 1000, 10, [share("bob", "pc1", 1000, 10)])
+    assert L.void("j2") is VoidOutcome.SETTLED  # a failure after completion: charge stands
+    assert L.void("never-held") is VoidOutcome.NO_HOLD
+    with pytest.raises(Conflict):  # a retried admission of a job that already ended
+        L.hold("j1", "alice", "m", 1000, 500)
+    with pytest.raises(Conflict):
+        L.settle("never-held", "alice", "m", 1, 1, [])
+    assert L.job_money("j1")["state"] == "voided"
+    assert L.check() == []
+
+
+def test_the_worked_example_of_docs_ledger_md(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "pay-1")
+    assert L.hold("j1", "alice", "m", 1000, 500) == 150
+    s = L.settle("j1", "alice", "m", 1000, 200,
+                 [share("bob", "pc1", 1000, 80), share("carol", "laptop2", 1080, 120)])
+    assert s.charge_micros == 96 and s.released_micros == 54 and s.fee_micros == 21
+    assert {e.owner_id: e.amount_micros for e in s.earnings} == {"bob": 35, "carol": 40}
+    assert L.client_balance("alice").balance_micros == 999_904
+
+
+def test_client_who_disconnects_pays_for_what_was_generated(
+        make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 100, 1000)
+    s = L.settle("j1", "alice", "m", 100, 37, [share("bob", "pc1", 100, 37)])
+    assert s.charge_micros == -(-(100 * 60_000 + 37 * 180_000) // 1_000_000)
+    assert L.client_balance("alice").balance_micros == USD - s.charge_micros
+
+
+def test_work_split_between_nodes_pays_each_owner_its_share(
+        make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 1000)
+    # pc1 generated 300 tokens and left; laptop2 prefilled prompt + 300 and generated 500 more
+    shares = [share("bob", "pc1", 1000, 300), share("carol", "laptop2", 1300, 500)]
+    s = L.settle("j1", "alice", "m", 1000, 800, shares)
+    pool = s.charge_micros * 800_000 // 1_000_000
+    w1, w2 = 1000 * 60_000 + 300 * 180_000, 1300 * 60_000 + 500 * 180_000
+    assert [e.amount_micros for e in s.earnings] == [pool * w2 // (w1 + w2),
+                                                     pool * w1 // (w1 + w2)]  # sorted by node
+    assert L.owner_balance("bob").earned_micros == pool * w1 // (w1 + w2)
+    assert L.owner_balance("carol").earned_micros == pool * w2 // (w1 + w2)
+    assert sum(e.amount_micros for e in s.earnings) + s.fee_micros == s.charge_micros
+    assert L.check() == []
+
+
+def test_price_is_fixed_when_the_job_is_admitted(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("old", "alice", "m", 1_000_000, 0)  # 0.06 USD at the old price
+    L.set_price("m", ModelPrice(120_000, 360_000))
+    assert L.hold("new", "alice", "m", 1_000_000, 0) == 120_000
+    assert L.settle("old", "alice", "m", 1_000_000, 0, []).charge_micros == 60_000
+    assert L.prices().price_of("m") == ModelPrice(120_000, 360_000)
+    assert L.check() == []
+
+
+# ---- corrections -----------------------------------------------------------------------------
+
+
+def test_withhold_refunds_the_client_from_the_cheating_node(
+        make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 1000)
+    s = L.settle("j1", "alice", "m", 1000, 800,
+                 [share("bob", "pc1", 1000, 300), share("carol", "laptop2", 1300, 500)])
+    carol = next(e.amount_micros for e in s.earnings if e.owner_id == "carol")
+    assert L.withhold("j1", "wrong logits", node_id="laptop2") == carol
+    assert L.withhold("j1", "wrong logits", node_id="laptop2") == carol  # harmless repeat
+    assert L.owner_balance("carol").earned_micros == 0
+    assert L.client_balance("alice").balance_micros == USD - s.charge_micros + carol
+    assert L.balance("platform:fees").balance_micros == s.fee_micros  # the fee stays
+    assert L.job_money("j1")["withheld_micros"] == carol
+    with pytest.raises(Conflict):
+        L.withhold("not-settled", "x")
+    assert L.check() == []
+
+
+def test_withhold_after_payout_leaves_a_debt_netted_later(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    L = make_books().ledger
+    L.deposit("alice", 100 * USD, "p")
+    L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
+    L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
+    earned = L.owner_balance("bob").earned_micros
+    assert L.run_payouts(1, tmp_path / "b1.csv").total_micros == earned
+    L.withhold("j1", "cheat found late")
+    assert L.owner_balance("bob").earned_micros == -earned
+    assert L.run_payouts(1, tmp_path / "b2.csv").batch_id is None  # nothing until repaid
+    assert L.check() == []
+
+
+def test_record_cost_books_platform_costs(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.record_cost("hosting-2025-01", "hosting", 120 * USD, memo="coordinator VMs")
+    L.record_cost("hosting-2025-01", "hosting", 120 * USD)
+    assert L.balance("cost:cogs:hosting").balance_micros == -120 * USD  # a debit account
+    with pytest.raises(InvalidRequest):
+        L.record_cost("x", "Not A Category", 1)
+    assert L.check() == []
+
+
+# ---- batches and restarts ------------------------------------------------------------------
+
+
+def test_a_batch_gives_each_op_its_own_result(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    results = L.submit([
+        DepositOp("alice", 1000, "p1"),
+        HoldOp("j1", "alice", "m", 1000, 1000),  # 240
+        HoldOp("j2", "alice", "m", 100_000, 100_000),  # 24_000: refused
+        HoldOp("j3", "alice", "m", 1000, 1000),
+        SettleOp("j1", "alice", "m", 1000, 10, (share("bob", "pc1", 1000, 10),)),
+        SettleOp("j1", "alice", "m", 1000, 10, (share("bob", "pc1", 1000, 10),)),
+        VoidOp("j3"),
+        DepositOp("alice", 2000, "p1"),  # conflicting retry
+        DepositOp("bad id!", 5, "p2"),  # refused alone, and creates no account
+    ])
+    assert isinstance(results[8], InvalidRequest)
+    assert L.balance("client:bad id!").balance_micros == 0
+    assert results[0] == "deposit:p1" and results[1] == 240 and results[3] == 240
+    assert isinstance(results[2], InsufficientBalance)
+    assert results[4].charge_micros == 62 and results[5].replayed
+    assert results[6] is VoidOutcome.VOIDED and isinstance(results[7], Conflict)
+    assert L.client_balance("alice").balance_micros == 1000 - 62
+    assert L.check() == []
+
+
+def test_bad_ids_and_token_counts_are_refused(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    with pytest.raises(InvalidRequest):
+        L.hold("job with spaces", "alice", "m", 1, 1)
+    with pytest.raises(InvalidRequest):
+        L.hold("j", "alice", "m", -1, 1)
+    with pytest.raises(InvalidRequest):
+        L.settle("j", "alice", "m", 1, 1, [share("bad owner!", "n", 1, 1)])
+    with pytest.raises(InvalidRequest):
+        L.statement()
+
+
+# ---- statements ------------------------------------------------------------------------------
+
+
+def test_statements_show_balances_and_history(make_books: Callable[..., Books]) -> None:
+    L = make_books().ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 500)
+    L.settle("j1", "alice", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    st = L.statement(client_id="alice")
+    assert st.balances[0].balance_micros == USD - 96
+    assert [(x.kind, x.amount_micros, x.held_micros) for x in st.lines] == [
+        ("post", -96, -150), ("hold", 0, 150), ("deposit", USD, 0)]
+    doc = st.as_dict()
+    assert doc["balances"][0]["available_micros"] == USD - 96
+    assert doc["lines"][0]["transfer_id"] == "job:j1:post"
+    owner = L.statement(owner_id="bob")
+    assert [b.balance_micros for b in owner.balances] == [76, 0, 0]
+    assert [(x.kind, x.amount_micros) for x in owner.lines] == [("earning", 76)]
+
+
+# ---- payouts ---------------------------------------------------------------------------------
+
+
+def _earn(L: Ledger, job: str, owner: str, completion: int) -> int:
+    L.hold(job, "alice", "m", 0, completion)
+    return L.settle(job, "alice", "m", 0, completion,
+                    [share(owner, f"{owner}-pc", 0, completion)]).earnings[0].amount_micros
+
+
+def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Books],
+                                                   tmp_path: Path) -> None:
+    b = make_books()
+    L = b.ledger
+    with b.engine.begin() as c:
+        c.execute(insert(Owner.__table__).values(id="bob", name="Bob B", created_at_s=0.0))
+    L.deposit("alice", 1000 * USD, "p")
+    bob = _earn(L, "j1", "bob", 50_000_000)  # 9.00 USD * 0.8 = 7.20 USD
+    carol = _earn(L, "j2", "carol", 10_000_000)  # 1.44 USD: below the minimum
+    report = L.run_payouts(5 * USD, tmp_path / "batch.csv", batch_id="b1")
+    assert report.batch_id == "b1" and report.total_micros == bob == 7_200_000
+    with open(tmp_path / "batch.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"batch_id": "b1", "owner_id": "bob", "owner_name": "Bob B",
+                     "currency": "USD", "amount": "7.20", "amount_micros": "7200000",
+                     "transfer_id": "payout:b1:bob:paid"}]
+    assert L.owner_balance("bob").paid_micros == bob and L.owner_balance("bob").earned_micros == 0
+    assert L.owner_balance("carol").earned_micros == carol
+    with pytest.raises(Conflict):
+        L.run_payouts(5 * USD, tmp_path / "again.csv", batch_id="b1")
+    assert L.run_payouts(5 * USD, tmp_path / "b2.csv").batch_id is None
+    assert L.check() == []
+
+
+def test_failed_payout_is_reversed_and_paid_in_a_later_batch(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    L = make_books().ledger
+    L.deposit("alice", 1000 * USD, "p")
+    bob = _earn(L, "j1", "bob", 50_000_000)
+    L.run_payouts(USD, tmp_path / "b1.csv", batch_id="b1")
+    assert L.fail_payout("b1", "bob", "account closed") == bob
+    assert L.fail_payout("b1", "bob", "account closed") == bob  # harmless repeat
+    assert L.owner_balance("bob").earned_micros == bob and L.owner_balance("bob").paid_micros == 0
+    assert L.check() == []
+    assert L.run_payouts(USD, tmp_path / "b2.csv", batch_id="b2").total_micros == bob
+    with pytest.raises(NotFound):
+        L.fail_payout("b2", "nobody", "x")
+    assert L.owner_balance("bob").paid_micros == bob and L.check() == []
+
+
+def test_a_payout_run_that_crashed_is_resumed_not_paid_twice(
+        make_books: Callable[..., Books], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    bob = _earn(L, "j1", "bob", 50_000_000)
+
+    def crash(*_: Any) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(payouts, "_write_csv", crash)
+    with pytest.raises(OSError):
+        L.run_payouts(USD, tmp_path / "b.csv")
+    assert L.owner_balance("bob").payable_micros == bob  # in flight, books still balance
+    assert L.check() == []
+    monkeypatch.undo()
+    _earn(b.restart(), "j2", "bob", 50_000_000)  # earned meanwhile: not in the open batch
+    report = b.restart().run_payouts(USD, tmp_path / "b.csv")
+    assert report.resumed and report.total_micros == bob
+    assert L.owner_balance("bob").paid_micros == bob
+    assert L.owner_balance("bob").earned_micros == bob  # the second job waits for next batch
+    assert L.check() == []
+
+
+# ---- the auditor -----------------------------------------------------------------------------
+
+
+def test_check_finds_tampering_and_missing_settlements(make_books: Callable[..., Books]) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 500)
+    L.settle("j1", "alice", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    b.add_job("j1", "alice", "done", finished_at_s=b.clock() - 1000)
+    assert L.check() == []
+    L.hold("j2", "alice", "m", 10, 10)
+    b.add_job("j2", "alice", "failed", finished_at_s=b.clock() - 1000)  # hold never voided
+    b.add_job("j3", "alice", "done", finished_at_s=b.clock() - 1000)  # never charged
+    b.add_job("j4", "alice", "done", finished_at_s=b.clock() - 5)  # too recent to judge
+    problems = L.check()
+    assert any("j2" in p and "hold is still open" in p for p in problems)
+    assert any("j3" in p and "0 charges" in p for p in problems)
+    assert not any("j4" in p for p in problems)
+    L.void("j2")
+    b.exec("UPDATE ledger_accounts SET credits_posted = credits_posted + 5 "
+           "WHERE id = 'client:alice'")
+    problems = L.check(grace_s=1e9)
+    assert any("client:alice: stored totals" in p for p in problems)
+    assert any("posted debits" in p and "(stored totals)" in p for p in problems)
+
+
+def test_check_finds_a_hold_open_too_long(make_books: Callable[..., Books]) -> None:
+    b = make_books()
+    b.ledger.deposit("alice", USD, "p")
+    b.ledger.hold("j1", "alice", "m", 10, 10)
+    assert b.ledger.check() == []
+    b.clock.advance(2 * 3600 + 600)
+    assert any("open longer than any job" in p for p in b.ledger.check())
+
+
+def test_group_commit_serves_concurrent_callers(make_books: Callable[..., Books]) -> None:
+    import threading
+
+    b = make_books()
+    L = b.ledger
+    for c in range(8):
+        L.deposit(f"c{c}", USD, f"p{c}")
+    errors: list[BaseException] = []
+
+    def work(c: int) -> None:
+        try:
+            for i in range(20):
+                L.hold(f"j{c}-{i}", f"c{c}", "m", 100, 100)
+                L.settle(f"j{c}-{i}", f"c{c}", "m", 100, 50, [share("bob", "pc1", 100, 50)])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    charge = -(-(100 * 60_000 + 50 * 180_000) // 1_000_000)
+    assert all(L.client_balance(f"c{c}").balance_micros == USD - 20 * charge for c in range(8))
+    assert L.check() == []
+
+
+

@@ -1,0 +1,144 @@
+"""The roofline: hand-computed cases, the llama.cpp calibration point, and monotonicity."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparecycles import perfmodel as pm
+from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
+from sparecycles.types import DeviceProfile, ModelSpec
+
+GB = 1_000_000_000
+
+# A toy model with round numbers: 1e9 params in 2 bytes = 2 GB of weights; KV per token =
+# 2 * 10 layers * 4 heads * 100 dims * 2 bytes = 16,000 bytes.
+TOY = ModelSpec("toy", 1_000_000_000, 2.0, 10, 1000, 4, 100, 4096)
+# 100 GB/s, 10 TFLOP/s, 10 GB of RAM (CPU only: half is lent = 5 GB).
+CPU = DeviceProfile("laptop", 8, 10 * GB, 100 * GB, 10e12)
+IDEAL = pm.Calibration(bandwidth_fraction=1.0, compute_fraction=1.0)
+
+
+def test_decode_step_is_weight_read_at_batch_one() -> None:
+    # 2 GB + 1 * 0 context / 100 GB/s = 20 ms; compute 2e9 FLOPs / 10e12 = 0.2 ms
+    assert pm.decode_step_s(TOY, CPU, 1, 0, IDEAL) == pytest.approx(0.020)
+    assert pm.decode_tokens_per_s(TOY, CPU, 1, 0, IDEAL) == pytest.approx(50.0)
+    assert pm.bound(TOY, CPU, 1, 0, IDEAL) == "memory"
+
+
+def test_kv_cache_traffic_and_attention_counted() -> None:
+    # context 1000 at batch 4: bytes = 2e9 + 4 * 1000 * 16,000 = 2.064e9 -> 20.64 ms
+    memory_s, compute_s = pm.decode_times_s(TOY, CPU, 4, 1000, IDEAL)
+    assert memory_s == pytest.approx(0.02064)
+    # flops = 4 * (2e9 + 4 * 10 layers * 1000 hidden * 1000 context) = 4 * 2.04e9
+    assert compute_s == pytest.approx(4 * 2.04e9 / 10e12)
+
+
+def test_turns_compute_bound_past_the_ridge_batch() -> None:
+    ridge = pm.ridge_batch(TOY, CPU, 0, IDEAL)
+    # weights 20 ms vs 0.2 ms of compute per sequence: ridge at 100
+    assert ridge == pytest.approx(100.0)
+    assert pm.bound(TOY, CPU, 99, 0, IDEAL) == "memory"
+    assert pm.bound(TOY, CPU, 101, 0, IDEAL) == "compute"
+    # throughput grows almost linearly while memory-bound, then flattens
+    assert pm.decode_tokens_per_s(TOY, CPU, 8, 0, IDEAL) == pytest.approx(8 * 50.0)
+    flat = pm.decode_tokens_per_s(TOY, CPU, 400, 0, IDEAL) / pm.decode_tokens_per_s(
+        TOY, CPU, 200, 0, IDEAL
+    )
+    assert flat == pytest.approx(1.0)
+
+
+def test_ridge_is_infinite_when_kv_traffic_outruns_compute() -> None:
+    fast = replace(CPU, peak_flops=1e18)
+    assert math.isinf(pm.ridge_batch(TOY, fast, 1000, IDEAL))
+    assert pm.bound(TOY, fast, 10_000, 1000, IDEAL) == "memory"
+
+
+def test_prefill_is_compute_bound_and_includes_causal_attention() -> None:
+    n = 1000
+    flops = 2e9 * n + 4 * 10 * 1000 * n * (n / 2)
+    assert pm.prefill_s(TOY, CPU, n, 0, IDEAL) == pytest.approx(flops / 10e12)
+    assert pm.prefill_s(TOY, CPU, 0) == 0.0
+    # a single token's prefill is a weight read, like a decode step
+    assert pm.prefill_s(TOY, CPU, 1, 0, IDEAL) == pytest.approx(0.020, rel=1e-3)
+
+
+def test_memory_fit() -> None:
+    # 5 GB lent - 2 GB weights = 3 GB of KV = 187,500 tokens
+    assert pm.kv_capacity_tokens(TOY, CPU) == 187_500
+    assert pm.max_context(TOY, CPU) == 4096  # the model's own limit
+    assert pm.max_context(TOY, CPU, batch=100) == 1875
+    assert pm.max_batch(TOY, CPU, 4096) == 45
+    assert pm.fits(TOY, CPU, 45, 4096) and not pm.fits(TOY, CPU, 46, 4096)
+    assert not pm.fits(TOY, CPU, 1, 5000)  # beyond the model's context
+    tiny = replace(CPU, ram_bytes=3 * GB)  # 1.5 GB lent < 2 GB of weights
+    assert pm.kv_capacity_tokens(TOY, tiny) == 0
+    assert pm.max_batch(TOY, tiny, 1) == 0
+
+
+def test_accelerator_memory_used_when_present() -> None:
+    gpu = replace(CPU, accelerator="cuda:x", accelerator_memory_bytes=4 * GB)
+    assert pm.usable_memory_bytes(gpu) == int(4 * GB * 0.9)
+
+
+def test_quantized_weights_keep_a_16_bit_kv_cache() -> None:
+    q4 = MODEL_PRESETS["llama-3-8b-q4"]
+    assert pm.kv_bytes_per_token(q4) == 2 * 32 * 8 * 128 * 2
+    assert pm.kv_bytes_per_token(replace(q4, bytes_per_param=4.0)) == 2 * 32 * 8 * 128 * 4
+
+
+def test_calibrated_on_the_llama_cpp_reference() -> None:
+    """shared/data/README.md: a 7B model in 4 bits (~3.8 GB) decodes at 3.9 tokens/s on a desktop
+    with about 20 GB/s of memory bandwidth."""
+    spec = MODEL_PRESETS["llama-7b-q4"]
+    assert spec.weight_bytes == pytest.approx(3.8 * GB, rel=0.01)
+    desktop = DeviceProfile("gaming-pc", 8, 16 * GB, 20 * GB, 0.5e12)
+    assert pm.decode_tokens_per_s(spec, desktop, 1, 128) == pytest.approx(3.9, rel=0.03)
+
+
+def test_request_time_adds_network_prefill_and_decode() -> None:
+    dev = replace(CPU, network_rtt_s=0.05)
+    ttft, total = pm.request_s(TOY, dev, 100, 11, calib=IDEAL)
+    assert ttft == pytest.approx(
+        0.05 + pm.prefill_s(TOY, dev, 100, 0, IDEAL) + pm.decode_step_s(TOY, dev, 1, 100, IDEAL)
+    )
+    assert total - ttft == pytest.approx(10 * pm.decode_step_s(TOY, dev, 1, 106, IDEAL))
+
+
+def test_roofline_point_matches_the_parts() -> None:
+    point = pm.roofline(TOY, CPU, 4, 1000)
+    assert point.tokens_per_s == pytest.approx(pm.decode_tokens_per_s(TOY, CPU, 4, 1000))
+    assert point.bound == pm.bound(TOY, CPU, 4, 1000)
+    assert point.fits
+
+
+def test_presets_behave_plausibly() -> None:
+    q4 = MODEL_PRESETS["llama-3-8b-q4"]
+    speeds = {n: pm.decode_tokens_per_s(q4, d, 1, 1000) for n, d in DEVICE_PRESETS.items()}
+    assert speeds["h100"] > speeds["a100"] > speeds["gaming-pc"] > speeds["laptop"]
+    assert not pm.fits(MODEL_PRESETS["llama-3-8b"], DEVICE_PRESETS["gaming-pc"], 1, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 256),
+    context=st.integers(0, 8192),
+    more=st.integers(1, 64),
+)
+def test_step_time_grows_with_batch_and_context(batch: int, context: int, more: int) -> None:
+    for name in ("gaming-pc", "laptop-cpu", "h100"):
+        dev = DEVICE_PRESETS[name]
+        spec = MODEL_PRESETS["llama-3-8b-q4"]
+        base = pm.decode_step_s(spec, dev, batch, context)
+        assert pm.decode_step_s(spec, dev, batch + more, context) >= base
+        assert pm.decode_step_s(spec, dev, batch, context + more) >= base
+        # batching never lowers throughput
+        bigger = pm.decode_tokens_per_s(spec, dev, batch + more, context)
+        assert bigger >= pm.decode_tokens_per_s(spec, dev, batch, context) * (1 - 1e-12)
+        assert pm.max_batch(spec, dev, max(1, context)) * max(1, context) <= pm.kv_capacity_tokens(
+            spec, dev
+        )

@@ -1,0 +1,265 @@
+"""The scheduler on hand-built states whose right answer is known."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparecycles import perfmodel
+from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
+from sparecycles.scheduler import (
+    SchedulerConfig,
+    hedge_job,
+    predict,
+    schedule,
+    should_hedge,
+    speed_factor,
+    update_speed_factor,
+)
+from sparecycles.types import Assignment, DeviceProfile, Job, NodeSnapshot
+
+MODEL = MODEL_PRESETS["llama-3-8b-q4"]
+MODELS = {MODEL.name: MODEL}
+GPU = DEVICE_PRESETS["gaming-pc"]
+CPU = DEVICE_PRESETS["laptop-cpu"]
+H100 = DEVICE_PRESETS["h100"]
+NOW = 1000.0
+
+
+def node(node_id: str, profile: DeviceProfile = GPU, **kw: Any) -> NodeSnapshot:
+    kw.setdefault("models", (MODEL.name,))
+    return NodeSnapshot(node_id=node_id, owner_id="o-" + node_id, profile=profile, **kw)
+
+
+def job(job_id: str = "j1", prompt: int = 500, out: int = 200, **kw: Any) -> Job:
+    kw.setdefault("admitted_at_s", NOW)
+    return Job(job_id=job_id, model=MODEL.name, prompt_tokens=prompt, max_tokens=out,
+               client_id="c", **kw)  # fmt: skip
+
+
+def placed(assignments: list[Assignment]) -> dict[str, str]:
+    return {a.job_id: a.node_id for a in assignments}
+
+
+def test_goes_to_the_fastest_node() -> None:
+    out = schedule([job()], [node("cpu", CPU), node("gpu", GPU)], MODELS, NOW)
+    assert placed(out) == {"j1": "gpu"}
+    expected = predict(job(), node("gpu", GPU), MODEL, NOW, SchedulerConfig()).total_s
+    assert out[0].predicted_finish_s == pytest.approx(NOW + expected)
+
+
+def test_prefers_the_idle_twin_over_the_busy_one() -> None:
+    busy = node("busy", active_jobs=3, queued_tokens=600)
+    out = schedule([job()], [busy, node("idle")], MODELS, NOW)
+    assert placed(out) == {"j1": "idle"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(models=("other",)),
+        dict(available=False),
+        dict(draining=True),
+        dict(reputation=0.1),
+        dict(active_jobs=8, jobs_max=8),  # full; with late binding off it cannot wait either
+    ],
+)
+def test_hard_constraints_exclude_a_node(bad: dict) -> None:
+    cfg = SchedulerConfig(late_binding=False)
+    out = schedule([job()], [node("cpu", CPU), node("gpu", GPU, **bad)], MODELS, NOW, cfg)
+    assert placed(out) == {"j1": "cpu"}
+
+
+def test_job_side_constraints() -> None:
+    nodes = [node("cpu", CPU), node("gpu", GPU, reputation=0.7)]
+    assert placed(schedule([job(trusted_only=True)], nodes, MODELS, NOW)) == {"j1": "cpu"}
+    assert placed(schedule([job(avoid_nodes=("gpu",))], nodes, MODELS, NOW)) == {"j1": "cpu"}
+    # the 8B model in 16-bit does not fit a 12 GB card: only the CPU laptop... which lacks RAM too
+    big = MODEL_PRESETS["llama-3-8b"]
+    nodes16 = [replace(n, models=(big.name,)) for n in nodes]
+    j = replace(job(), model=big.name)
+    assert schedule([j], nodes16, {big.name: big}, NOW) == []
+
+
+def test_unknown_model_or_no_nodes_leave_the_job_waiting() -> None:
+    assert schedule([replace(job(), model="nope")], [node("gpu")], MODELS, NOW) == []
+    assert schedule([job()], [], MODELS, NOW) == []
+
+
+def test_jobs_of_one_call_share_the_slots_oldest_first() -> None:
+    nodes = [node("a", jobs_max=1), node("b", jobs_max=1)]
+    jobs = [job("late", admitted_at_s=NOW - 1), job("early", admitted_at_s=NOW - 5),
+            job("last", admitted_at_s=NOW)]  # fmt: skip
+    out = placed(schedule(jobs, nodes, MODELS, NOW))
+    assert set(out) == {"early", "late"}  # "last" waits: both nodes are full now
+    assert set(out.values()) == {"a", "b"}
+
+
+def test_waits_for_a_busy_fast_node_rather_than_a_slow_free_one() -> None:
+    """A long prompt takes ~90 s to prefill on a CPU laptop; a full H100 frees a slot in well
+    under a second. Ours keeps the job waiting (late binding); a baseline would not."""
+    h100 = node("h100", H100, active_jobs=8, jobs_max=8, queued_tokens=8 * 20)
+    long_prompt = job(prompt=2000, out=100)
+    assert schedule([long_prompt], [h100, node("cpu", CPU)], MODELS, NOW) == []
+    # ... but not for ever: after late_binding_wait_s_max the free node takes it
+    waited = replace(long_prompt, admitted_at_s=NOW - 6.0)
+    assert placed(schedule([waited], [h100, node("cpu", CPU)], MODELS, NOW)) == {"j1": "cpu"}
+
+
+def test_long_job_not_placed_on_a_node_about_to_leave() -> None:
+    leaving = node("leaving", H100, expected_stay_s=5.0)
+    staying = node("staying", GPU)
+    cfg = SchedulerConfig()
+    long_job = job("long", prompt=500, out=2000)  # ~35 s on the gaming PC, ~4 s on the H100
+    assert predict(long_job, leaving, MODEL, NOW, cfg).total_s > 0.5 * 5.0
+    assert placed(schedule([long_job], [leaving, staying], MODELS, NOW)) == {"long": "staying"}
+    short_job = job("short", prompt=100, out=10)
+    assert placed(schedule([short_job], [leaving, staying], MODELS, NOW)) == {"short": "leaving"}
+    # the same long job, after waiting past the relax time with only the leaving node, runs there
+    stale = replace(long_job, admitted_at_s=NOW - 10.0)
+    assert placed(schedule([stale], [leaving], MODELS, NOW)) == {"long": "leaving"}
+    assert schedule([long_job], [leaving], MODELS, NOW) == []
+
+
+def test_measured_speed_corrects_the_prediction() -> None:
+    slow_h100 = node("h100", H100, decode_speed_factor={MODEL.name: 0.02})
+    out = schedule([job()], [slow_h100, node("gpu", GPU)], MODELS, NOW)
+    assert placed(out) == {"j1": "gpu"}
+
+
+def test_reported_per_job_speed_is_used_when_no_factor_is_kept() -> None:
+    spec, profile = MODEL, GPU
+    predicted = 1.0 / perfmodel.decode_step_s(spec, profile, 1, 1024)
+    n = node("gpu", measured_decode_tokens_per_s={MODEL.name: predicted / 2})
+    assert speed_factor(n, MODEL.name, spec) == pytest.approx(0.5)
+    assert speed_factor(node("x"), MODEL.name, spec) == 1.0
+    kept = node("gpu", decode_speed_factor={MODEL.name: 3.0})
+    assert speed_factor(kept, MODEL.name, spec) == 3.0
+
+
+def test_update_speed_factor_is_an_ewma_with_clamps() -> None:
+    assert update_speed_factor(1.0, 50.0, 100.0, alpha=0.2) == pytest.approx(0.9)
+    assert update_speed_factor(1.0, 50.0, 100.0, alpha=1.0) == pytest.approx(0.5)
+    assert update_speed_factor(1.0, 1e6, 1.0, alpha=1.0) == 20.0
+    assert update_speed_factor(1.0, 1e-9, 1.0, alpha=1.0) == 0.05
+    assert update_speed_factor(0.7, 0.0, 100.0) == 0.7  # nothing measured, nothing learnt
+    factor = 1.0
+    for _ in range(30):
+        factor = update_speed_factor(factor, 40.0, 100.0)
+    assert factor == pytest.approx(0.4, rel=1e-2)
+
+
+def test_best_node_found_within_a_large_group() -> None:
+    """Twenty identical gaming PCs (one group); only one is fast in practice."""
+    nodes = [node(f"n{i:02d}", decode_speed_factor={MODEL.name: 1.0}) for i in range(20)]
+    nodes[13] = replace(nodes[13], decode_speed_factor={MODEL.name: 2.0})
+    assert placed(schedule([job()], nodes, MODELS, NOW)) == {"j1": "n13"}
+
+
+def test_resumed_job_prefills_what_it_already_generated() -> None:
+    cfg = SchedulerConfig()
+    fresh = predict(job(prompt=500, out=200), node("gpu"), MODEL, NOW, cfg)
+    resumed = predict(job(prompt=500, out=200, generated_tokens=150), node("gpu"), MODEL, NOW, cfg)
+    assert resumed.prefill_s > fresh.prefill_s
+    assert resumed.total_s < fresh.total_s  # only 50 tokens left to decode
+
+
+def test_cheapest_within_deadline() -> None:
+    cheap = node("cheap", CPU, price_micros_per_mtok=50_000)
+    dear = node("dear", H100, price_micros_per_mtok=900_000)
+    cfg = SchedulerConfig(policy="cheapest-within-deadline")
+    short = job(prompt=100, out=20)
+    slack = replace(short, deadline_s=NOW + 600)
+    assert placed(schedule([slack], [cheap, dear], MODELS, NOW, cfg)) == {"j1": "cheap"}
+    tight = replace(short, deadline_s=NOW + 1.0)
+    assert placed(schedule([tight], [cheap, dear], MODELS, NOW, cfg)) == {"j1": "dear"}
+    hopeless = replace(short, deadline_s=NOW - 1.0)  # nobody meets it: the fastest
+    assert placed(schedule([hopeless], [cheap, dear], MODELS, NOW, cfg)) == {"j1": "dear"}
+    assert predict(short, cheap, MODEL, NOW, cfg).cost_micros == 50_000 * 120 // 1_000_000
+
+
+def test_baselines_ignore_speed_and_departures_but_keep_hard_constraints() -> None:
+    nodes = [node("cpu", CPU), node("gpu", GPU, expected_stay_s=1.0), node("off", available=False)]
+    rr = SchedulerConfig(policy="round-robin")
+    assert placed(schedule([job()], nodes, MODELS, NOW, rr)) == {"j1": "cpu"}  # by node id
+    nodes[0] = replace(nodes[0], last_assigned_s=NOW - 1)
+    assert placed(schedule([job()], nodes, MODELS, NOW, rr)) == {"j1": "gpu"}
+    ll = SchedulerConfig(policy="least-loaded")
+    nodes[1] = replace(nodes[1], active_jobs=1)
+    assert placed(schedule([job()], nodes, MODELS, NOW, ll)) == {"j1": "cpu"}
+
+
+def test_round_robin_cycles_within_one_call() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    jobs = [job(f"j{i}", admitted_at_s=NOW + i) for i in range(6)]
+    out = schedule(jobs, nodes, MODELS, NOW + 10, SchedulerConfig(policy="round-robin"))
+    assert [a.node_id for a in out] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_random_is_reproducible_from_its_seed() -> None:
+    nodes = [node(f"n{i}") for i in range(10)]
+    jobs = [job(f"j{i}") for i in range(5)]
+    cfg = SchedulerConfig(policy="random")
+    first = schedule(jobs, nodes, MODELS, NOW, cfg, random.Random(7))
+    again = schedule(jobs, nodes, MODELS, NOW, cfg, random.Random(7))
+    assert first == again
+    assert len({a.node_id for a in first}) > 1
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(RuntimeError):
+        SchedulerConfig(policy="magic")
+
+
+def test_hedging_decision() -> None:
+    cfg = SchedulerConfig(hedge_after_factor=2.0)
+    j = job(out=200)
+    assert not should_hedge(j, 0.0, 10.0, 50, 0, 19.0, cfg)
+    assert should_hedge(j, 0.0, 10.0, 50, 0, 20.0, cfg)
+    assert not should_hedge(j, 0.0, 10.0, 50, 1, 20.0, cfg)  # one hedge per job
+    assert not should_hedge(j, 0.0, 10.0, 190, 0, 20.0, cfg)  # almost done anyway
+    assert not should_hedge(j, 0.0, 10.0, 50, 0, 20.0, SchedulerConfig())  # off by default
+    copy = hedge_job(j, 50, "slow", 1)
+    assert copy.job_id == "j1~h1" and copy.generated_tokens == 50 and copy.avoid_nodes == ("slow",)
+    assert schedule([copy], [node("slow")], MODELS, NOW) == []
+
+
+POLICY = st.sampled_from(["fastest", "cheapest-within-deadline", "random", "round-robin",
+                          "least-loaded"])  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    policy=POLICY,
+    actives=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    n_jobs=st.integers(1, 30),
+    seed=st.integers(0, 1000),
+)
+def test_never_oversubscribes_and_places_each_job_once(
+    policy: str, actives: list[int], n_jobs: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    profiles = [GPU, CPU, H100, DEVICE_PRESETS["car"], DEVICE_PRESETS["laptop"]]
+    nodes = [
+        node(f"n{i}", rng.choice(profiles), active_jobs=a, jobs_max=4, queued_tokens=a * 50,
+             expected_stay_s=rng.choice([30.0, 600.0, float("inf")]))
+        for i, a in enumerate(actives)
+    ]  # fmt: skip
+    jobs = [job(f"j{i}", prompt=rng.randint(1, 3000), out=rng.randint(1, 500),
+                admitted_at_s=NOW - rng.random() * 10) for i in range(n_jobs)]  # fmt: skip
+    out = schedule(jobs, nodes, MODELS, NOW, SchedulerConfig(policy=policy), random.Random(seed))
+    assert len({a.job_id for a in out}) == len(out)
+    per_node: dict[str, int] = {}
+    for a in out:
+        per_node[a.node_id] = per_node.get(a.node_id, 0) + 1
+        assert a.predicted_finish_s > NOW
+    for n in nodes:
+        assert n.active_jobs + per_node.get(n.node_id, 0) <= n.jobs_max
+    if policy in ("random", "round-robin", "least-loaded"):
+        free = sum(n.jobs_max - n.active_jobs for n in nodes)
+        assert len(out) == min(free, n_jobs)  # baselines fill every free slot they can

@@ -1,0 +1,187 @@
+"""The simulator: replays exactly from its seed, and ours beats the baselines under churn."""
+
+from __future__ import annotations
+
+import math
+import random
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparecycles import availability as av
+from sparecycles.errors import InvalidRequest, NotFound
+from sparecycles.sim import (
+    SimConfig,
+    load_fleet,
+    load_trace,
+    parse_fleet,
+    scaled,
+    simulate,
+    summarize,
+)
+from sparecycles.sim.churn import AvailabilitySpec, CarHabits, intersect, realise
+from sparecycles.sim.engine import DONE, max_tokens_for
+from sparecycles.sim.policies import CandidateIndex
+from sparecycles.sim.report import comparison_table, markdown
+from sparecycles.sim.trace import Trace, head
+
+FLEETS = Path(__file__).resolve().parents[2] / "examples" / "fleets"
+EPOCH = 1_700_158_546.0  # 2023-11-16 18:15:46 UTC, the conv trace's start
+
+
+def churny_consumer_fleet():  # the churny example without its data-centre GPU
+    data = tomllib.loads((FLEETS / "churny.toml").read_text())
+    data["class"] = [c for c in data["class"] if c["name"] != "a100"]
+    return parse_fleet(data)
+
+
+@pytest.fixture(scope="module")
+def trace() -> Trace:
+    # the conv trace's first ~2.5 minutes at twice its rate
+    return head(scaled(load_trace("conv"), 2 * 19_366, 0), 1000)
+
+
+def test_same_seed_same_results(trace: Trace) -> None:
+    fleet = load_fleet(FLEETS / "churny.toml")
+    short = head(trace, 150)
+    for policy in ("fastest+hedge", "random"):
+        a = simulate(short, fleet, SimConfig(policy=policy, seed=11))
+        b = simulate(short, fleet, SimConfig(policy=policy, seed=11))
+        for name in ("first_token", "end", "status", "attempts", "interrupted", "hedged",
+                     "node_busy_s", "node_earned_micros"):  # fmt: skip
+            assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+        assert a.events == b.events and a.charges_micros == b.charges_micros
+    c = simulate(short, fleet, SimConfig(policy="random", seed=12))
+    assert not np.array_equal(c.end, b.end, equal_nan=True)  # another seed, another run
+
+
+def test_ours_beats_every_baseline_under_churn(trace: Trace) -> None:
+    fleet = churny_consumer_fleet()
+    results = {
+        p: summarize(simulate(trace, fleet, SimConfig(policy=p, seed=5)))
+        for p in ("fastest", "random", "round-robin", "least-loaded")
+    }
+    ours = results.pop("fastest")
+    for name, base in results.items():
+        assert ours.slo_attainment > base.slo_attainment, name
+        assert ours.goodput_rps > base.goodput_rps, name
+        assert ours.goodput_tokens_per_s > base.goodput_tokens_per_s, name
+    table = markdown([ours, *results.values()])
+    assert "| fastest |" in table and "| least-loaded |" in table
+    assert comparison_table([ours]).row_count == 1
+
+
+def test_every_request_is_accounted_for(trace: Trace) -> None:
+    result = simulate(head(trace, 400), load_fleet(FLEETS / "churny.toml"), SimConfig(seed=2))
+    s = summarize(result)
+    assert s.completed + s.failed == s.requests == 400
+    done = result.status == DONE
+    assert np.all(result.end[done] >= result.first_token[done])
+    assert np.all(result.first_token[done] >= result.arrival[done])
+    # owners are paid from the charges: never more than the owners' 80% share
+    assert 0 < result.node_earned_micros.sum() <= result.charges_micros * 0.8 + len(result.status)
+    assert (
+        0.0 <= min(c.utilization for c in s.classes) <= max(c.utilization for c in s.classes) <= 1.0
+    )
+
+
+def test_departures_interrupt_and_jobs_resume_elsewhere() -> None:
+    """Nodes whose every stay is ~90 s, serving long outputs: jobs must be resumed."""
+    fleet = parse_fleet({
+        "class": [{
+            "name": "flaky", "device": "laptop", "count": 12, "models": ["llama-3-8b-q4"],
+            "availability": {"kind": "weibull", "up_shape": 1.0, "up_scale_h": 0.025,
+                             "down_shape": 1.0, "down_scale_h": 0.01, "drain_grace_s": 0},
+        }],
+    })  # fmt: skip
+    n = 60
+    trace = Trace("long", EPOCH, np.arange(n) * 2.0, np.full(n, 100), np.full(n, 1500))
+    s = summarize(simulate(trace, fleet, SimConfig(policy="random", seed=1)))
+    assert s.interrupted > 0
+    assert s.recovered > 0  # resumed elsewhere from the tokens already delivered
+
+
+def test_max_tokens_rule() -> None:
+    assert max_tokens_for(1) == 64
+    assert max_tokens_for(100) == 128
+    assert max_tokens_for(128) == 128
+    assert max_tokens_for(5000) == 8192
+    assert max_tokens_for(9000) == 9000  # never below what the request produced
+
+
+def test_example_fleets_parse_and_scale() -> None:
+    mixed = load_fleet(FLEETS / "mixed.toml")
+    assert {c.name for c in mixed.classes} >= {"gaming-pc", "laptop", "car", "a100"}
+    assert mixed.slo.ttft_s == 5.0
+    big = mixed.scaled(100_000)
+    assert abs(big.node_count - 100_000) < 10
+    assert [c.name for c in big.classes] == [c.name for c in mixed.classes]
+    with pytest.raises(InvalidRequest):
+        parse_fleet({"class": [{"device": "laptop", "models": ["llama-3-8b-q4"],
+                                "availability": {"kind": "weibull", "up": "nope"}}]})  # fmt: skip
+    with pytest.raises(NotFound):
+        parse_fleet({"class": [{"device": "toaster", "models": ["llama-3-8b-q4"]}]})
+    with pytest.raises(InvalidRequest):
+        parse_fleet({})
+
+
+def test_trace_loading_and_scaling() -> None:
+    conv = load_trace("conv")
+    assert len(conv) == 19_366
+    assert 1000 < conv.prompt_tokens.mean() < 1300
+    big = scaled(conv, 50_000, 0)
+    assert len(big) == 50_000
+    assert np.all(np.diff(big.arrival_s) >= 0)
+    assert big.duration_s <= conv.duration_s
+    assert scaled(conv, 50_000, 0).arrival_s.tolist() == big.arrival_s.tolist()
+
+
+def test_weibull_availability_starts_in_steady_state() -> None:
+    spec = AvailabilitySpec(kind="weibull", up=av.FTA_ND07CPU_UP, down=av.FTA_ND07CPU_DOWN)
+    rng = random.Random(0)
+    up_at_zero = sum(
+        any(a <= 0.0 < b for a, b in realise(rng, spec, EPOCH, 3600.0).intervals)
+        for _ in range(4000)
+    )
+    expected = av.FTA_ND07CPU_UP.mean_s / (av.FTA_ND07CPU_UP.mean_s + av.FTA_ND07CPU_DOWN.mean_s)
+    assert up_at_zero / 4000 == pytest.approx(expected, abs=0.03)
+
+
+def test_windows_cut_availability() -> None:
+    # available 18:00-19:00 UTC only; the run starts 18:15:46
+    spec = AvailabilitySpec(kind="always", windows=((18 * 60, 19 * 60),))
+    real = realise(random.Random(0), spec, EPOCH, 7200.0)
+    inside = [iv for iv in real.intervals if iv[1] > 0 and iv[0] < 7200]
+    assert len(inside) == 1
+    assert inside[0][1] == pytest.approx(44 * 60 + 14)  # leaves at 19:00
+    assert intersect([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+
+
+def test_parked_car_is_on_only_when_plugged_in_and_within_its_plan() -> None:
+    spec = AvailabilitySpec(kind="parked-car", car=CarHabits(plugged_at_home=1.0,
+                                                             plugged_at_work=0.0))  # fmt: skip
+    rng = random.Random(3)
+    for _ in range(50):
+        real = realise(rng, spec, EPOCH, 2 * 86_400.0, utc_offset_minutes=60)
+        assert real.policy.only_on_ac_power and len(real.policy.windows) == 1
+        for a, b in real.intervals:
+            mid = EPOCH + (a + b) / 2
+            assert av.in_window(real.policy, mid)
+            assert av.window_remaining_s(real.policy, EPOCH + a) >= (b - a) - 60.0
+        parked = sum(b - a for a, b in real.intervals if a >= 0 and b <= 86_400)
+        assert parked < 86_400 * 0.8  # at home only: the working day is not lent
+
+
+def test_candidate_index_offers_least_loaded_per_class() -> None:
+    index = CandidateIndex(all_max=4, extra_per_class=1)
+    for node in range(10):
+        index.update(node, "m", cls=node % 2, active=node // 2, jobs_max=8, accepting=True)
+    picked = index.candidates("m", 1, "fastest", random.Random(0))
+    assert sorted(picked) == [0, 1, 2, 3]  # the two least loaded of each class
+    index.update(0, "m", 0, 0, 8, accepting=False)
+    assert 0 not in index.candidates("m", 1, "least-loaded", random.Random(0))
+    assert len(index.candidates("m", 1, "random", random.Random(0))) == 8
+    assert index.candidates("other", 1, "fastest", random.Random(0)) == []
+    assert math.isfinite(len(index.candidates("m", 3, "round-robin", random.Random(0))))
