@@ -92,6 +92,28 @@ def summarize(rows: list[tuple[float, float, int]], wall_s: float) -> dict[str, 
     }
 
 
+def overhead_quantile(metrics_text: str, stage: str, q: float) -> float:
+    """The q-quantile of the coordinator's own overhead, interpolated in its histogram."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics_text.splitlines():
+        if line.startswith("sparecycles_coordinator_overhead_seconds_bucket") and \
+                f'stage="{stage}"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return float("nan")
+    target, prev_le, prev_n = q * total, 0.0, 0.0
+    for le, n in buckets:
+        if n >= target:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (target - prev_n) / max(n - prev_n, 1e-9)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=24)
@@ -138,6 +160,13 @@ def main() -> None:
             ratio = results["network"]["tokens_per_s"] / results["direct"]["tokens_per_s"]
             print(f"{c:>11} {'added':>8} {added:>7.1f}ms (median TTFT)   throughput ratio "
                   f"network/direct = {ratio:.3f}")
+        import httpx
+
+        text = httpx.get(net.url + "/metrics").text
+        for stage in ("admission", "relay"):
+            print(f"coordinator's own {stage} overhead: p50 "
+                  f"{overhead_quantile(text, stage, 0.5) * 1000:.2f} ms, p90 "
+                  f"{overhead_quantile(text, stage, 0.9) * 1000:.2f} ms")
     engine.close()
 
 

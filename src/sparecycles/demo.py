@@ -170,6 +170,23 @@ def _print_money(console: Console, net: LocalNetwork, store: Any) -> None:
     console.print(
         "[green]ledger check: every invariant holds[/green]" if not problems
         else "[red]ledger check failed:[/red]\n" + "\n".join(problems))
+    _print_costs(console, store)
+
+
+def _print_costs(console: Console, store: Any) -> None:
+    """This month's cost report: what the requests cost, and the fixed costs they must carry."""
+    from sparecycles.cli.costs import print_report
+    from sparecycles.costs.costmodel import load_cost_model
+    from sparecycles.costs.engine import period_costs
+
+    model = load_cost_model()
+    period = time.strftime("%Y-%m", time.gmtime())
+    costs = period_costs(store.sessions, period, model, requests_shown=6)
+    console.rule(f"cost of compute, {period} (cost model: {model.source})")
+    print_report(costs.report, console)
+    console.print("[dim]A month in progress carries its whole month of fixed costs, so a "
+                  "handful of demo requests shows a large loss; `sparecycles costs report` "
+                  "recomputes this for any month.[/dim]")
 
 
 def _spinner(console: Console) -> Progress:

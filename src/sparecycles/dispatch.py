@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparecycles import limits, protocol, scheduler
 from sparecycles.errors import JobFailed, NoNodeAvailable, SpareCyclesError
@@ -32,6 +32,9 @@ from sparecycles.ledger import Ledger, WorkShare
 from sparecycles.nodes import NodeConn
 from sparecycles.store import Store
 from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
+
+if TYPE_CHECKING:
+    from sparecycles.verifier import Verifier
 
 log = logging.getLogger("sparecycles.dispatch")
 watchdog_interval_s = 0.25
@@ -48,12 +51,14 @@ class Attempt:
     first_token_s: float | None = None
     tokens: int = 0
     last_token_s: float = 0.0
+    logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
 
 
 @dataclass
 class JobEvent:
     kind: str  # "tokens" | "done" | "error"
     token_ids: tuple[int, ...] = ()
+    at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
     finish_reason: str | None = None
     error: SpareCyclesError | None = None
 
@@ -78,6 +83,8 @@ class LiveJob:
     waiting_since_s: float = 0.0
     first_token_s: float | None = None
     excluded_nodes: set[str] = field(default_factory=set)
+    received_s: float = 0.0  # perf_counter when the API received the request
+    dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
 
     @property
     def current(self) -> Attempt | None:
@@ -109,6 +116,7 @@ class Dispatcher:
         token_gap_s: float = limits.token_gap_s_max,
         policy: str = "fastest",
         on_finished: Callable[[LiveJob, str], None] | None = None,
+        verifier: Verifier | None = None,
     ):
         self.store, self.ledger, self.models = store, ledger, models
         self.replica_id = replica_id
@@ -122,6 +130,7 @@ class Dispatcher:
         self._writes: asyncio.Queue[_Write] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._on_finished = on_finished
+        self.verifier = verifier  # told of every result, to check claims and spot-check jobs
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class Dispatcher:
         stream: bool,
         workload: Workload = Workload.INFERENCE,
         trusted_only: bool = False,
+        received_s: float | None = None,
     ) -> LiveJob:
         """Record the job and hold its most possible cost; raises InsufficientBalance (402)."""
         now = time.time()
@@ -212,6 +222,7 @@ class Dispatcher:
             trusted_only=trusted_only,
             admitted_s=now,
             waiting_since_s=time.monotonic(),
+            received_s=received_s or time.perf_counter(),
         )
         self.jobs[job_id] = job
         self.waiting[job_id] = job
@@ -268,6 +279,7 @@ class Dispatcher:
                 stop=list(job.sampling.stop),
             ),
             prompt_sha256=protocol.tokens_sha256(prompt),
+            want_logprobs=self.verifier is not None,
         )
         if not node.send(protocol.encode(msg)):
             return  # the node's socket is gone; its reader will clean up
@@ -284,6 +296,8 @@ class Dispatcher:
             )
         )
         job.state = JobState.PLACED
+        if job.dispatched_s is None:
+            job.dispatched_s = time.perf_counter()
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         self.waiting.pop(job.job_id, None)
@@ -350,6 +364,8 @@ class Dispatcher:
         if not new:
             return
         job.generated.extend(new)
+        lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
+        att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
         att.tokens += len(new)
         att.last_token_s = now
         node.queued_tokens = max(0, node.queued_tokens - len(new))
@@ -387,8 +403,12 @@ class Dispatcher:
         ):
             log.warning("job %s: node %s sent a result that does not verify", job.job_id,
                         node.node_id)
+            if self.verifier is not None:
+                self.verifier.on_bad_signature(node, job, att)
             await self._resume(job, outcome="bad_signature")
             return
+        if self.verifier is not None:
+            self.verifier.on_result(node, job, att, msg.metering)
         decode_s = (time.monotonic() - (att.first_token_s or att.started_s))
         if att.tokens > 1 and decode_s > 0:
             node.observe_speed(job.model, (att.tokens - 1) / decode_s)

@@ -49,6 +49,14 @@ class Metrics:
             "sparecycles_jobs_waiting", "Jobs waiting for a node", registry=r
         )
         self.jobs_running = Gauge("sparecycles_jobs_running", "Jobs on nodes", registry=r)
+        self.overhead = Histogram(
+            "sparecycles_coordinator_overhead_seconds",
+            "Time the coordinator itself adds: admission (request received to job sent to a "
+            "node) and relay (tokens received from a node to written to the client)",
+            ["stage"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=r,
+        )
         self.resumptions = Counter(
             "sparecycles_job_resumptions", "Attempts ended by a node leaving", registry=r
         )

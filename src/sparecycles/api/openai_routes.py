@@ -58,17 +58,19 @@ async def list_models(request: Request, _: ApiKeyInfo = Depends(require_key)) ->
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | StreamingResponse:
+    received_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await asyncio.to_thread(modelfiles.render_chat, tokenizer, messages)
-    return await _run(coord, request, key, body, prompt_ids, "chat.completions")
+    return await _run(coord, key, body, prompt_ids, "chat.completions", received_s)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | StreamingResponse:
+    received_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
@@ -80,7 +82,7 @@ async def completions(
     else:
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         prompt_ids = await asyncio.to_thread(modelfiles.render_completion, tokenizer, text)
-    return await _run(coord, request, key, body, prompt_ids, "completions")
+    return await _run(coord, key, body, prompt_ids, "completions", received_s)
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -125,11 +127,11 @@ async def get_job(job_id: str, request: Request, key: ApiKeyInfo = Depends(requi
 
 async def _run(
     coord: Coordinator,
-    request: Request,
     key: ApiKeyInfo,
     body: ChatCompletionRequest | CompletionRequest,
     prompt_ids: list[int],
     endpoint: str,
+    received_s: float,
 ) -> JSONResponse | StreamingResponse:
     spec, tokenizer = coord.model(body.model)
     room = spec.context_length - len(prompt_ids)
@@ -153,18 +155,26 @@ async def _run(
         stop=body.stop_tuple(),
     )
     assert coord.dispatcher is not None
-    job = await coord.dispatcher.admit(
-        job_id=new_id("job"),
-        client_id=key.client_id,
-        api_key_id=key.key_id,
-        model=body.model,
-        endpoint=endpoint,
-        prompt_ids=prompt_ids,
-        sampling=sampling,
-        stream=body.stream,
-        workload=body.workload,
-        trusted_only=body.trusted_only,
-    )
+    job_id = new_id("job")
+    # the key's limits (429 with Retry-After): in flight, rate, budget; released when it ends
+    ticket = await coord.gate.admit(key.key_id, job_id, body.model, len(prompt_ids), max_tokens)
+    try:
+        job = await coord.dispatcher.admit(
+            job_id=job_id,
+            client_id=key.client_id,
+            api_key_id=key.key_id,
+            model=body.model,
+            endpoint=endpoint,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            stream=body.stream,
+            workload=body.workload,
+            trusted_only=body.trusted_only or ticket.trusted_only,
+            received_s=received_s,
+        )
+    except BaseException:
+        coord.gate.release(job_id)
+        raise
     text = TextStream(tokenizer, sampling.stop)
     chat = endpoint == "chat.completions"
     reply = _Reply(job, body.model, chat, len(prompt_ids))
@@ -176,6 +186,8 @@ async def _run(
         await _cancel(coord, job)
         raise
     coord.metrics.requests.labels(endpoint, "error" if first.kind == "error" else "ok").inc()
+    if job.dispatched_s is not None:
+        coord.metrics.overhead.labels("admission").observe(job.dispatched_s - received_s)
     if first.kind == "error":
         assert first.error is not None
         raise first.error
@@ -231,6 +243,7 @@ async def _stream(
                 delta = text.push(event.token_ids)
                 if delta:
                     yield _sse(reply.chunk_text(delta))
+                coord.metrics.overhead.labels("relay").observe(time.perf_counter() - event.at_s)
                 if text.stopped:
                     await coord.dispatcher.cancel(
                     job.job_id, reason="stop", keep_tokens=text.tokens_used)
