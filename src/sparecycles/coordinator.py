@@ -16,12 +16,15 @@ from typing import Any
 from sparecycles import modelfiles
 from sparecycles.dispatch import Dispatcher
 from sparecycles.errors import ModelNotFound
+from sparecycles.keygate import KeyGate
 from sparecycles.ledger import Ledger
 from sparecycles.metrics import Metrics
 from sparecycles.pricing import PriceBook
 from sparecycles.settings import CoordinatorSettings, parse_model_args
 from sparecycles.store import ApiKeyInfo, Store
+from sparecycles.store.trust_queries import TrustQueries
 from sparecycles.types import ModelSpec
+from sparecycles.verifier import Verifier
 
 log = logging.getLogger("sparecycles.coordinator")
 key_cache_ttl_s = 5.0  # a revoked key stops working within this
@@ -39,6 +42,9 @@ class Coordinator:
         self.tokenizers: dict[str, Any] = {}
         self.metrics = Metrics()
         self.dispatcher: Dispatcher | None = None
+        self.verifier = (Verifier(store=self.store, ledger=self.ledger)
+                         if settings.verification else None)
+        self.gate = KeyGate(TrustQueries(self.store.sessions), self.ledger)  # per-key limits
         self.started_at_s = time.time()
         self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
 
@@ -53,13 +59,25 @@ class Coordinator:
             placement_wait_s=self.settings.placement_wait_s,
             token_gap_s=self.settings.token_gap_s,
             policy=self.settings.scheduler_policy,
-            on_finished=self.metrics.job_finished,
+            on_finished=self._job_finished,
+            verifier=self.verifier,
         )
         await self.dispatcher.start()
+        if self.verifier is not None:
+            await self.verifier.start(self.dispatcher)
         log.info("coordinator %s ready (pid %d) serving %s", self.replica_id, os.getpid(),
                  ", ".join(self.models) or "no models yet")
 
+    def _job_finished(self, job: Any, state: str) -> None:
+        """After a job's settlement: metrics, then (off the client's path) a spot check."""
+        self.metrics.job_finished(job, state)
+        self.gate.release(job.job_id)
+        if self.verifier is not None:
+            self.verifier.on_job_finished(job, state)
+
     async def stop(self) -> None:
+        if self.verifier is not None:
+            await self.verifier.stop()
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         self.store.close()
@@ -72,10 +90,13 @@ class Coordinator:
         for row in self.store.list_models():
             try:
                 self.tokenizers[row.name] = modelfiles.load_tokenizer(row.source)
-            except Exception as exc:  # noqa: BLE001 - a model we cannot load is not served
+            except Exception as exc:
                 log.error("model %s from %s cannot be loaded: %s", row.name, row.source, exc)
                 continue
             self.models[row.name] = ModelSpec(**row.spec)
+        # each model is priced by its size unless the platform set its price (admin API)
+        self.prices = self.prices.with_specs(self.models.values())
+        self.ledger.book = self.prices
 
     def model(self, name: str) -> tuple[ModelSpec, Any]:
         spec = self.models.get(name)
@@ -85,6 +106,10 @@ class Coordinator:
                 param="model",
             )
         return spec, self.tokenizers[name]
+
+    def forget_keys(self) -> None:
+        """Drop cached key lookups (a key was revoked): it stops working at once."""
+        self._keys.clear()
 
     def authenticate(self, secret: str) -> ApiKeyInfo | None:
         """Look up a key, caching answers briefly so a request costs no query in the common case."""

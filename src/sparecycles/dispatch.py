@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sparecycles import limits, protocol, scheduler
-from sparecycles.errors import JobFailed, NoNodeAvailable, SpareCyclesError
+from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
 from sparecycles.identity import verify
 from sparecycles.ledger import Ledger, WorkShare
 from sparecycles.nodes import NodeConn
@@ -542,12 +542,14 @@ class Dispatcher:
         total_s = time.monotonic() - job.admitted_mono_s
 
         def _settle() -> None:
-            if delivered:
-                self.ledger.settle(
-                    job.job_id, job.client_id, job.model, len(job.prompt_ids), delivered, shares
-                )
-            else:
-                self.ledger.void(job.job_id)
+            try:
+                if delivered:
+                    self.ledger.settle(job.job_id, job.client_id, job.model,
+                                       len(job.prompt_ids), delivered, shares)
+                else:
+                    self.ledger.void(job.job_id)
+            except Conflict as exc:  # e.g. a restart already voided this job's hold
+                log.warning("job %s: not settled: %s", job.job_id, exc.message)
             self.store.update_job(
                 job.job_id,
                 state=str(job.state),
