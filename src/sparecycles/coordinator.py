@@ -6,6 +6,7 @@ The HTTP surface (``api/``) holds one ``Coordinator`` and calls into it; nothing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from sparecycles.metrics import Metrics
 from sparecycles.pricing import PriceBook
 from sparecycles.settings import CoordinatorSettings, parse_model_args
 from sparecycles.store import ApiKeyInfo, Store
+from sparecycles.store.dashboard_queries import DashboardQueries, node_sample_interval_s
 from sparecycles.store.trust_queries import TrustQueries
 from sparecycles.types import ModelSpec
 from sparecycles.verifier import Verifier
@@ -46,6 +48,7 @@ class Coordinator:
                          if settings.verification else None)
         self.gate = KeyGate(TrustQueries(self.store.sessions), self.ledger)  # per-key limits
         self.started_at_s = time.time()
+        self._sampler: asyncio.Task[None] | None = None
         self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
 
     async def start(self) -> None:
@@ -65,6 +68,7 @@ class Coordinator:
         await self.dispatcher.start()
         if self.verifier is not None:
             await self.verifier.start(self.dispatcher)
+        self._sampler = asyncio.create_task(self._sample_fleet(), name="fleet-sampler")
         log.info("coordinator %s ready (pid %d) serving %s", self.replica_id, os.getpid(),
                  ", ".join(self.models) or "no models yet")
 
@@ -75,7 +79,22 @@ class Coordinator:
         if self.verifier is not None:
             self.verifier.on_job_finished(job, state)
 
+    async def _sample_fleet(self) -> None:
+        """Record nodes online, busy and queue depth for the dashboard's charts. Any replica
+        may run it: a sample is skipped when another replica took one moments ago."""
+        queries = DashboardQueries(self.store.sessions)
+        while True:
+            try:
+                await asyncio.to_thread(queries.record_node_sample, time.time())
+            except Exception:  # a missed sample is not worth stopping the coordinator
+                log.exception("fleet sample failed")
+            await asyncio.sleep(node_sample_interval_s)
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         if self.verifier is not None:
             await self.verifier.stop()
         if self.dispatcher is not None:

@@ -67,7 +67,7 @@ class NodeConn:
         while (frame := await self._outbox.get()) is not None:
             try:
                 await self.send_raw(frame)
-            except Exception:  # noqa: BLE001 - a dead socket ends the writer; reader notices
+            except Exception:
                 self.closed = True
                 return
 

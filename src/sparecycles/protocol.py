@@ -97,7 +97,8 @@ class Tokens(_Message):
     attempt: int = Field(ge=1)
     index: int = Field(ge=0)
     token_ids: list[int] = Field(min_length=1, max_length=limits.tokens_per_message_max)
-    logprobs: list[float] | None = None
+    # log p of each token under the model (no temperature), when the job asked want_logprobs
+    logprobs: list[float] | None = Field(default=None, max_length=limits.tokens_per_message_max)
 
 
 class Done(_Message):
@@ -127,8 +128,31 @@ class Draining(_Message):
     reason: str = Field(default="", max_length=200)
 
 
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+ScoreList = Annotated[list[FiniteFloat], Field(max_length=limits.score_tokens_max)]
+
+
+class Scored(_Message):
+    """A verifier's teacher-forced pass over a ``score`` request: one entry per output token.
+
+    ``logprobs``: log p(token) under the model, untempered; ``top_logprobs``: the best log p at
+    that position; ``mass_above``: probability of the tokens likelier than it, at the request's
+    temperature; ``expected_logprobs`` / ``logprob_vars``: mean and variance of log p(t) for t
+    drawn with the request's temperature and top_p. ``error`` instead when it could not score."""
+
+    type: Literal["scored"] = "scored"
+    score_id: str = Field(max_length=40)
+    logprobs: ScoreList = Field(default_factory=list)
+    top_logprobs: ScoreList = Field(default_factory=list)
+    mass_above: ScoreList = Field(default_factory=list)
+    expected_logprobs: ScoreList = Field(default_factory=list)
+    logprob_vars: ScoreList = Field(default_factory=list)
+    busy_s: float = Field(default=0.0, ge=0, le=limits.verification_timeout_s * 10)
+    error: str | None = Field(default=None, max_length=2000)
+
+
 NodeMessage = Annotated[
-    Hello | Heartbeat | Tokens | Done | JobError | Draining, Field(discriminator="type")
+    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored, Field(discriminator="type")
 ]
 
 # ---- coordinator -> node --------------------------------------------------------------------
@@ -160,6 +184,20 @@ class JobAssign(_Message):
     prompt_token_ids: list[int]
     sampling: Sampling
     prompt_sha256: str
+    want_logprobs: bool = False  # send ``Tokens.logprobs`` (spot checks compare them)
+
+
+class Score(_Message):
+    """Verification work: score ``output_token_ids`` after ``prompt_token_ids`` in one prefill
+    pass (teacher forcing) and answer ``scored``. The node serves it between decode steps."""
+
+    type: Literal["score"] = "score"
+    score_id: str
+    model: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = Field(min_length=1, max_length=limits.score_tokens_max)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
 class Cancel(_Message):
@@ -176,7 +214,7 @@ class Reject(_Message):
 
 
 CoordinatorMessage = Annotated[
-    Challenge | Welcome | JobAssign | Cancel | Reject, Field(discriminator="type")
+    Challenge | Welcome | JobAssign | Score | Cancel | Reject, Field(discriminator="type")
 ]
 
 _node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
@@ -205,14 +243,14 @@ def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
 
 def decode_node_message(
     raw: str | bytes,
-) -> Hello | Heartbeat | Tokens | Done | JobError | Draining:
+) -> Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored:
     """Parse a frame from a node; raises ``ProtocolError`` for anything not in the protocol."""
     return _decode(_node_adapter, raw)
 
 
 def decode_coordinator_message(
     raw: str | bytes,
-) -> Challenge | Welcome | JobAssign | Cancel | Reject:
+) -> Challenge | Welcome | JobAssign | Score | Cancel | Reject:
     return _decode(_coord_adapter, raw)
 
 

@@ -47,6 +47,9 @@ class CoordinatorSettings(BaseSettings):
     """A node silent this long on a job it holds is treated as gone and the job resumed."""
     request_body_bytes_max: int = limits.request_body_bytes_max
     scheduler_policy: str = "fastest"
+    verification: bool = True
+    """Spot-check nodes' work after settlement (teacher-forced scoring, re-execution), keep each
+    node's reputation and withhold the earnings of work that fails (docs/security.md)."""
     log_level: str = "info"
 
 

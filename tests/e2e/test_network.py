@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from sparecycles.ledger import Ledger
 from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import PriceBook
+from sparecycles.pricing import ModelPrice, PriceBook
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,8 +47,10 @@ def net(tmp_path_factory, tiny_model_path):
         network.start_node("bob-laptop", "bob", extra_args=args)
         network.wait_ready(2)
         _key_id, key = store.create_api_key("acme", "e2e")
-        Ledger(store.sessions, prices=PriceBook.default()).deposit(
-            store.ensure_client("acme"), 50_000_000, reference="e2e-topup")
+        ledger = Ledger(store.sessions, prices=PriceBook.default())
+        ledger.deposit(store.ensure_client("acme"), 50_000_000, reference="e2e-topup")
+        # a price at which every token is worth whole micro-units, so each share is visible
+        ledger.set_price("tiny", ModelPrice(10_000_000, 30_000_000))
         network.key = key  # type: ignore[attr-defined]
         network.client = OpenAI(  # type: ignore[attr-defined]
             base_url=network.url + "/v1", api_key=key, max_retries=0, timeout=60)
@@ -242,20 +244,24 @@ def test_owner_takes_the_device_back_mid_stream_and_work_moves_on(net) -> None:
     prompt = "Tell me everything about the long winter night."
     reference = _chat(net, prompt, temperature=0, max_tokens=120).choices[0].message.content
     parts, job_id, paused = [], None, None
-    for chunk in _chat(net, prompt, temperature=0, max_tokens=120, stream=True):
-        job_id = chunk.id
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
-        if paused is None and len(parts) >= 5:
-            paused = _serving_node(net, job_id)
-            net.signal_node(paused.name, signal.SIGUSR1)  # what `sparecycles pause` sends
+    try:
+        for chunk in _chat(net, prompt, temperature=0, max_tokens=120, stream=True):
+            job_id = chunk.id
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            if paused is None and len(parts) >= 5:
+                paused = _serving_node(net, job_id)
+                net.signal_node(paused.name, signal.SIGUSR1)  # what `sparecycles pause` sends
+    finally:
+        if paused is not None:
+            time.sleep(0.5)
+            net.signal_node(paused.name, signal.SIGUSR2)  # `sparecycles resume`
     assert paused is not None
     assert "".join(parts) == reference  # nothing repeated, nothing lost
     job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
                     headers={"Authorization": f"Bearer {net.key}"}).json()
     assert [a["outcome"] for a in job["attempts"]] == ["drained", "done"]
-    assert len(job["money"]["earnings"]) == 2
-    net.signal_node(paused.name, signal.SIGUSR2)  # `sparecycles resume`
+    assert len(job["money"]["earnings"]) == 2  # each owner paid for their node's share
     net.wait_ready(2, key="nodes_available", timeout_s=30)
 
 

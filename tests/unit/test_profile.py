@@ -54,11 +54,8 @@ def test_cache_from_other_hardware_is_ignored(tmp_path: Path) -> None:
 
 def test_real_measurement_is_plausible() -> None:
     """A short real run: bandwidth and FLOP/s of this machine's CPU, within broad bounds."""
-    import time
-
-    deadline = time.perf_counter() + 0.5
-    bandwidth = prof.measure_cpu_bandwidth(deadline, nbytes=32 * 1024 * 1024)
-    flops = prof.measure_cpu_flops(deadline, n=256)
+    bandwidth = prof.measure_cpu_bandwidth(0.2, nbytes=32 * 1024 * 1024)
+    flops = prof.measure_cpu_flops(0.2, n=256)
     assert 1e8 < bandwidth < 1e13
     assert 1e8 < flops < 1e15
     assert prof.cpu_cores() >= 1 and prof.ram_bytes() > 0

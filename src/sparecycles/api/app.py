@@ -8,10 +8,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from sparecycles import __version__
-from sparecycles.api import costs_routes, dashboard, errors, node_ws, openai_routes
+from sparecycles.api import (
+    admin_routes,
+    costs_routes,
+    dashboard,
+    errors,
+    ledger_routes,
+    node_ws,
+    openai_routes,
+    owner_routes,
+)
 from sparecycles.coordinator import Coordinator
 from sparecycles.settings import CoordinatorSettings
 
@@ -39,6 +48,9 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     app.include_router(openai_routes.router)
     app.include_router(node_ws.router)
     app.include_router(costs_routes.router)
+    app.include_router(ledger_routes.router)
+    app.include_router(admin_routes.router)
+    app.include_router(owner_routes.router)
     app.include_router(dashboard.router)
 
     @app.get("/healthz")
@@ -64,7 +76,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
             }
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         return Response(
             coord.metrics.render(coord.dispatcher),

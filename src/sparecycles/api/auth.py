@@ -1,4 +1,9 @@
-"""Client authentication: ``Authorization: Bearer sk-sc-…`` checked against hashed keys."""
+"""Client authentication: ``Authorization: Bearer sk-sc-…`` checked against hashed keys.
+
+Scopes: ``inference`` (the OpenAI-compatible API and a client's own job records), ``admin``
+(``/v1/admin``, costs), ``owner`` (an owner's dashboard and ``/v1/owner``; such keys have no
+client and never authenticate here). A key holds one or more.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from sparecycles.errors import PermissionDenied, Unauthorized
 from sparecycles.store import ApiKeyInfo
 
 
-async def require_key(request: Request) -> ApiKeyInfo:
+async def _authenticate(request: Request) -> ApiKeyInfo:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -24,8 +29,16 @@ async def require_key(request: Request) -> ApiKeyInfo:
     return info
 
 
+async def require_key(request: Request) -> ApiKeyInfo:
+    """A key with the ``inference`` scope."""
+    info = await _authenticate(request)
+    if "inference" not in info.scopes:
+        raise PermissionDenied("This endpoint needs an API key with the inference scope.")
+    return info
+
+
 async def require_admin(request: Request) -> ApiKeyInfo:
-    info = await require_key(request)
+    info = await _authenticate(request)
     if "admin" not in info.scopes:
         raise PermissionDenied("This endpoint needs an API key with the admin scope.")
     return info

@@ -14,12 +14,38 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparecycles.errors import RateLimited, SpareCyclesError
 
 log = logging.getLogger("sparecycles.api")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, as every route answers a failure."""
+
+    error: ErrorDetail
+
+
+# Documented on the routers (``APIRouter(responses=ERROR_RESPONSES)``) so that the OpenAPI spec
+# says what a client gets, and a fuzzer can check the bodies against it.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in ((400, "Invalid request"), (401, "No or unknown API key"),
+                        (402, "Insufficient balance"), (403, "The key lacks the scope"),
+                        (404, "Not found"), (413, "Request body too large"),
+                        (429, "A limit of the key was reached; see Retry-After"),
+                        (503, "No node could serve the request"))
+}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None

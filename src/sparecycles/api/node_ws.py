@@ -83,6 +83,8 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"invalid profile or availability policy: {exc}") from None
     node_id = node_id_for(hello.public_key)
+    reputation = 1.0 if coord.verifier is None else await coord.verifier.admit_node(
+        node_id, owner_id)  # a quarantined node is refused here
     accepted, rejected, weights = [], {}, {}
     for offer in hello.models:
         spec = coord.models.get(offer.name)
@@ -108,6 +110,9 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         )
     except Conflict as exc:
         raise ProtocolError(exc.message) from None
+    stored = await asyncio.to_thread(coord.store.node_availability, node_id)
+    if stored and stored.get("set_by") == "owner":  # the owner's dashboard edit wins
+        policy = policy_from_dict(stored)
     assert coord.dispatcher is not None
     old = coord.dispatcher.nodes.get(node_id)
     if old is not None:  # the same node reconnected: its old socket is finished
@@ -124,6 +129,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         weights=weights,
         jobs_max=hello.jobs_max,
         send_raw=ws.send_text,
+        reputation=reputation,
     )
     await ws.send_text(
         protocol.encode(
@@ -149,6 +155,8 @@ async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
     while not node.closed:
         msg = protocol.decode_node_message(await _receive(ws, timeout_s))
         node.last_seen_s = time.monotonic()
+        if coord.verifier is not None and coord.verifier.handles(node, msg):
+            continue  # the answer to verification work
         if isinstance(msg, protocol.Tokens):
             dispatcher.on_tokens(node, msg)
         elif isinstance(msg, protocol.Done):

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sparecycles import limits, modelfiles
 from sparecycles.api.auth import require_key
-from sparecycles.api.errors import error_body
+from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
 from sparecycles.coordinator import Coordinator
 from sparecycles.dispatch import JobEvent, LiveJob
@@ -28,7 +28,7 @@ from sparecycles.store import ApiKeyInfo
 from sparecycles.textstream import TextStream
 from sparecycles.types import SamplingParams
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 default_max_tokens = 512  # when a request names none; bounded by the model's context
 
 

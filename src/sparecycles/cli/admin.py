@@ -67,6 +67,37 @@ def owners_token(
     print(secret)
 
 
+@owners_app.command("key")
+@friendly
+def owners_key(
+    owner: str = typer.Option(..., "--owner", help="Owner name (created if new)"),
+    name: str = typer.Option("dashboard", "--name", help="A name for the key"),
+    database: str | None = DatabaseOption,
+) -> None:
+    """Make an owner's key to sign in to the dashboard (/dashboard), shown once."""
+    key_id, secret = _store(database).create_owner_key(owner, name)
+    console.print(f"owner key {key_id} for owner '{owner}' (shown once, keep it safe):")
+    print(secret)
+
+
+@owners_app.command("trust")
+@friendly
+def owners_trust(
+    owner: str = typer.Option(..., "--owner", help="Owner name (created if new)"),
+    revoke: bool = typer.Option(False, "--revoke", help="Stop trusting this owner"),
+    database: str | None = DatabaseOption,
+) -> None:
+    """Designate an owner's nodes as trusted (the operator's own machines): they verify others'
+    work, take trusted-only jobs and are not spot-checked. A running coordinator picks this up at
+    its next start; PUT /v1/admin/owners/{owner}/trusted applies at once."""
+    from sparecycles.store.trust_queries import TrustQueries
+
+    store = _store(database)
+    store.ensure_owner(owner)
+    TrustQueries(store.sessions).set_owner_trusted(owner, not revoke)
+    console.print(f"owner '{owner}' is {'no longer ' if revoke else ''}trusted")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(owners_app, name="owners")

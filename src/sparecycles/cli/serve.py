@@ -65,6 +65,8 @@ def node(
     hardware_price: str = typer.Option(None, help="What the device cost you, e.g. 1500.00"),
     hardware_life_h: float = typer.Option(None, help="Busy hours you expect it to last"),
     log_level: str = typer.Option("info"),
+    cheat: str = typer.Option(None, "--cheat", hidden=True,
+                              help="tests only (needs SPARECYCLES_ALLOW_CHEATS=1)"),
 ) -> None:
     """Run a node agent: profile the device, load the models, serve jobs."""
     flags = {k: v for k, v in {
@@ -82,7 +84,7 @@ def node(
     settings = NodeSettings(**{**file_cfg, **flags})
     setup_logging(log_level)
     with _errors():
-        asyncio.run(_run_node(settings))
+        asyncio.run(_run_node(settings, cheat))
 
 
 def _errors() -> Any:
@@ -91,7 +93,7 @@ def _errors() -> Any:
     return one_line_errors()
 
 
-async def _run_node(settings: NodeSettings) -> None:
+async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     from sparecycles.identity import NodeIdentity
     from sparecycles.node.agent import NodeAgent
     from sparecycles.node.backends.transformers import TransformersEngine
@@ -101,6 +103,8 @@ async def _run_node(settings: NodeSettings) -> None:
 
     if not settings.token:
         raise ValueError("a node needs --token (ask the coordinator's admin: owners token)")
+    if cheat is not None and os.environ.get("SPARECYCLES_ALLOW_CHEATS") != "1":
+        raise ValueError("--cheat is for tests only (SPARECYCLES_ALLOW_CHEATS=1)")
     models = parse_model_args(settings.models)
     if not models:
         raise ValueError("a node needs at least one --model NAME=SOURCE")
@@ -131,6 +135,10 @@ async def _run_node(settings: NodeSettings) -> None:
         owner_costs=_owner_costs(settings),
     )
     agent.status_probe = StatusProbe()
+    if cheat is not None:
+        from sparecycles.node import cheats  # test-only behaviours; see node/cheats.py
+
+        cheats.apply(agent, cheat)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)

@@ -61,8 +61,10 @@ class NodeAgent:
     owner_paused: bool = False  # the owner took the device back (``sparecycles pause``)
     meter: EnergyMeter | None = None  # RAPL or NVML where the hardware tells, else an estimate
     draining: bool = False
+    _welcomed: bool = False  # the last session got past hello (its backoff starts over)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _policy_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ws_url(self) -> str:
@@ -76,24 +78,31 @@ class NodeAgent:
     def pause(self) -> None:
         """The owner takes the device back now: drain, then stay connected but idle."""
         self.owner_paused = True
+        self._policy_changed.set()
 
     def resume(self) -> None:
         self.owner_paused = False
+        self._policy_changed.set()
 
     async def run(self) -> None:
         """Connect, serve, and reconnect until stopped."""
         backoff_s = 0.5
         while not self._stop.is_set():
+            self._welcomed, rejected = False, False
             try:
                 async with websockets.connect(
                     self.ws_url, max_size=limits.ws_message_bytes_max, open_timeout=10
                 ) as ws:
-                    backoff_s = 0.5
                     await self._session(ws)
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 log.warning("connection to %s lost: %s", self.ws_url, exc)
             except _Rejected as exc:
                 log.error("the coordinator refused this node: %s", exc)
+                rejected = True
+            if rejected:  # refused (e.g. quarantined): do not knock again soon
+                backoff_s = limits.node_reconnect_backoff_s_max
+            elif self._welcomed:  # a session that worked: reconnect quickly
+                backoff_s = 0.5
             self._abandon_all()
             if self._stop.is_set():
                 break
@@ -130,6 +139,7 @@ class NodeAgent:
         for model, why in welcome.rejected_models.items():
             log.warning("model %s refused by the coordinator: %s", model, why)
         log.info("connected as %s serving %s", welcome.node_id, welcome.accepted_models)
+        self._welcomed = True
         send_lock = asyncio.Lock()
 
         async def send(msg: Any) -> None:
@@ -154,6 +164,8 @@ class NodeAgent:
                     self._start_job(msg, send)
                 elif isinstance(msg, protocol.Cancel):
                     self._cancel_job(msg.job_id, msg.attempt)
+                elif isinstance(msg, protocol.Score):
+                    self._spawn(self._score(msg, send))
                 elif isinstance(msg, protocol.Reject):
                     raise _Rejected(msg.reason)
         finally:
@@ -189,10 +201,29 @@ class NodeAgent:
 
     def _refuse(self, send: Any, job: protocol.JobAssign, why: str) -> None:
         """Hand a job back at once; the coordinator places it elsewhere."""
-        task = asyncio.get_running_loop().create_task(
-            send(protocol.JobError(job_id=job.job_id, attempt=job.attempt, message=why)))
+        self._spawn(send(protocol.JobError(job_id=job.job_id, attempt=job.attempt, message=why)))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _score(self, msg: protocol.Score, send: Any) -> None:
+        """Verification work: one teacher-forced pass, answered with ``scored``."""
+        engine = self.engines.get(msg.model)
+        try:
+            if engine is None or self.draining:
+                raise RuntimeError("draining" if self.draining else f"no model {msg.model}")
+            r = await asyncio.to_thread(engine.score, tuple(msg.prompt_token_ids),
+                                        tuple(msg.output_token_ids),
+                                        temperature=msg.temperature, top_p=msg.top_p)
+        except Exception as exc:
+            await send(protocol.Scored(score_id=msg.score_id, error=f"{exc}"[:2000] or "failed"))
+            return
+        await send(protocol.Scored(
+            score_id=msg.score_id, logprobs=list(r.logprobs), top_logprobs=list(r.top_logprobs),
+            mass_above=list(r.mass_above), expected_logprobs=list(r.expected_logprobs),
+            logprob_vars=list(r.logprob_vars), busy_s=r.busy_s))
 
     @staticmethod
     def _submit(engine: Engine, job: protocol.JobAssign, on_update: Any) -> None:
@@ -203,6 +234,7 @@ class NodeAgent:
                 prompt_token_ids=tuple(job.prompt_token_ids),
                 params=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
                                       top_p=s.top_p, seed=s.seed, stop=tuple(s.stop)),
+                want_logprobs=job.want_logprobs,
             ),
             on_update,
         )
@@ -221,10 +253,13 @@ class NodeAgent:
                     if run.first_token_s is None:
                         run.first_token_s = time.monotonic()
                     ids = list(update.token_ids)
+                    lps = list(update.logprobs) if update.logprobs is not None else None
                     for i in range(0, len(ids), limits.tokens_per_message_max):
                         part = ids[i : i + limits.tokens_per_message_max]
+                        lp = lps[i : i + len(part)] if lps is not None else None
                         await send(protocol.Tokens(job_id=job.job_id, attempt=job.attempt,
-                                                   index=len(produced), token_ids=part))
+                                                   index=len(produced), token_ids=part,
+                                                   logprobs=lp))
                         produced.extend(part)
                 if update.finished:
                     break
@@ -312,7 +347,10 @@ class NodeAgent:
                 log.info("the owner's availability policy allows work again")
                 self.draining = False
                 await send(protocol.Heartbeat(active_jobs=len(self.running), available=True))
-            await asyncio.sleep(policy_check_interval_s)
+            with contextlib.suppress(TimeoutError):  # the owner's pause/resume acts at once
+                async with asyncio.timeout(policy_check_interval_s):
+                    await self._policy_changed.wait()
+            self._policy_changed.clear()
 
     async def _drain(self, send: Any, *, grace_s: float, reason: str) -> None:
         """Take no new jobs; give running ones ``grace_s``; hand the rest back."""

@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
 from sparecycles.store import ledger_schema as _ledger_schema  # noqa: F401  (registers tables)
+from sparecycles.store import trust_schema as _trust_schema  # noqa: F401  (registers tables)
 from sparecycles.store.db import Base, make_engine, make_sessionmaker
 from sparecycles.store.schema import (
     ApiKey,
@@ -36,9 +37,10 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 @dataclass(frozen=True, slots=True)
 class ApiKeyInfo:
     key_id: str
-    client_id: str
+    client_id: str | None  # a client's key (inference, admin)
     client_name: str
     scopes: frozenset[str]
+    owner_id: str | None = None  # an owner's key (owner scope)
 
 
 class Store:
@@ -102,13 +104,14 @@ class Store:
         with self.sessions() as s:
             row = s.execute(
                 select(ApiKey, Client.name)
-                .join(Client, Client.id == ApiKey.client_id)
+                .outerjoin(Client, Client.id == ApiKey.client_id)
                 .where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at_s.is_(None))
             ).first()
             if row is None:
                 return None
             key, client_name = row
-            return ApiKeyInfo(key.id, key.client_id, client_name, frozenset(key.scopes.split(",")))
+            return ApiKeyInfo(key.id, key.client_id, client_name or "",
+                              frozenset(key.scopes.split(",")), owner_id=key.owner_id)
 
     def revoke_api_key(self, key_id: str) -> None:
         with self.sessions.begin() as s:
@@ -162,6 +165,19 @@ class Store:
             )
         return secret
 
+    def create_owner_key(self, owner_name: str, key_name: str = "dashboard") -> tuple[str, str]:
+        """An owner's key for the dashboard (created owner if new); returns (key id, the key
+        shown once). It has no client and only the ``owner`` scope, so the inference API
+        refuses it: it shows an owner their devices and earnings, and spends nothing."""
+        owner_id = self.ensure_owner(owner_name)
+        secret = new_secret("ow")
+        key_id = new_id("key")
+        with self.sessions.begin() as s:
+            s.add(ApiKey(id=key_id, client_id=None, owner_id=owner_id, name=key_name,
+                         key_hash=hash_secret(secret), prefix=secret[:10], scopes="owner",
+                         created_at_s=time.time()))
+        return key_id, secret
+
     def owner_for_node_token(self, secret: str) -> str | None:
         with self.sessions() as s:
             return s.scalar(
@@ -194,6 +210,11 @@ class Store:
 
     # ---- nodes ----------------------------------------------------------------------------
 
+    def node_availability(self, node_id: str) -> dict | None:
+        with self.sessions() as s:
+            row = s.get(Node, node_id)
+            return None if row is None else dict(row.availability or {})
+
     def node_connected(
         self,
         *,
@@ -219,7 +240,9 @@ class Store:
             row.name = name or node_id
             row.public_key = public_key
             row.device_class = str(profile.get("device_class", "unknown"))
-            row.profile, row.models, row.availability = profile, models, availability
+            row.profile, row.models = profile, models
+            if (row.availability or {}).get("set_by") != "owner":
+                row.availability = availability  # an owner's edit on the dashboard wins
             row.agent_version = agent_version
             row.status, row.replica_id, row.last_seen_at_s = "online", replica_id, now
 

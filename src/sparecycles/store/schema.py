@@ -43,11 +43,16 @@ class Client(Base):
 
 
 class ApiKey(Base):
-    """A client's (or an admin's) API key. Only its SHA-256 is stored; the key is shown once."""
+    """A client's (or an admin's) API key, or an owner's key for the dashboard (``owner_id``
+    set, ``client_id`` empty: it signs an owner in and never authenticates at ``/v1``).
+    Only its SHA-256 is stored; the key is shown once."""
 
     __tablename__ = "api_keys"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
+    client_id: Mapped[str | None] = mapped_column(
+        ForeignKey("clients.id"), index=True, nullable=True)
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("owners.id"), index=True,
+                                                 nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))  # first characters, to recognise a key

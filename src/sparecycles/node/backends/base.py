@@ -45,6 +45,19 @@ class GenerationUpdate:
     error: str | None = None  # set when the request failed inside the engine
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """A teacher-forced pass over claimed output tokens, one entry per token (see
+    ``protocol.Scored`` for what each list means)."""
+
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[float, ...]
+    mass_above: tuple[float, ...]
+    expected_logprobs: tuple[float, ...]
+    logprob_vars: tuple[float, ...]
+    busy_s: float = 0.0
+
+
 @dataclass(slots=True)
 class EngineStats:
     requests_active: int = 0
@@ -77,6 +90,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+    def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
+              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+        """Score ``output_token_ids`` after the prompt in one forward pass (teacher forcing), for
+        verification. Blocks until done; callable from any thread; runs between decode steps.
+        Raises ``InvalidRequest`` for tokens outside the vocabulary or the context."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score")
 
     @abc.abstractmethod
     def close(self) -> None:

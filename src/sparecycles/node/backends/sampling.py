@@ -67,6 +67,38 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids[:, None])[:, 0]
 
 
+def score_positions(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float,
+                    top_p: float) -> tuple[tuple[float, ...], ...]:
+    """Teacher-forced statistics of each row (a position) for verification (``protocol.Scored``).
+
+    ``logits`` (positions x vocab, float32) are the model's outputs before each claimed token.
+    Returns (log p of the token, best log p, mass above the token at ``temperature``, mean and
+    variance of log p(t) for t drawn the way ``next_tokens`` draws), each one float per row."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, token_ids[:, None])[:, 0]
+    top = logp.max(dim=-1).values
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        tok_prob = probs.gather(-1, token_ids[:, None])
+        above = (probs * (probs > tok_prob)).sum(dim=-1)
+        if top_p < 1.0:
+            drawn = _nucleus(probs, torch.full((len(probs),), top_p, device=logits.device))
+        else:
+            drawn = probs
+        drawn = drawn / drawn.sum(dim=-1, keepdim=True)
+        safe = torch.where(drawn > 0, logp, torch.zeros_like(logp))
+        mean = (drawn * safe).sum(dim=-1)
+        var = (drawn * safe * safe).sum(dim=-1) - mean * mean
+    else:  # greedy: the draw is the best token, always
+        probs = logp.exp()
+        tok_prob = probs.gather(-1, token_ids[:, None])
+        above = (probs * (probs > tok_prob)).sum(dim=-1)
+        mean, var = top, torch.zeros_like(top)
+    floor = -1e4  # keeps every number finite on the wire (JSON has no -inf)
+    return tuple(tuple(float(x) for x in t.clamp(min=floor).tolist())
+                 for t in (chosen, top, above, mean, var.clamp(min=0.0)))
+
+
 def stop_window_tokens(stop: Sequence[str]) -> int:
     """How many of the last generated tokens to decode to be sure to see any of ``stop``."""
     return stop_tokens_per_char_max * max((len(s) for s in stop), default=0) + 1

@@ -20,6 +20,7 @@ Qwen2, Mistral without a sliding window, ...); others are refused at load with a
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -41,6 +42,7 @@ from sparecycles.node.backends.base import (
     EngineStats,
     GenerationRequest,
     GenerationUpdate,
+    ScoreResult,
     UpdateCallback,
 )
 from sparecycles.node.backends.kvbatch import KVBatch, check_full_attention, left_padded
@@ -53,6 +55,17 @@ log = logging.getLogger(__name__)
 prefill_tokens_max = 8192
 idle_wait_s = 1.0  # the engine thread re-checks for work at least this often when idle
 close_join_s = 30.0  # how long close() waits for a step in progress to end
+
+
+@dataclass(slots=True, eq=False)
+class _ScoreJob:
+    """A teacher-forced scoring request waiting for the engine thread."""
+
+    prompt: tuple[int, ...]
+    output: tuple[int, ...]
+    temperature: float
+    top_p: float
+    future: concurrent.futures.Future[ScoreResult]
 
 
 @dataclass(slots=True, eq=False)
@@ -109,6 +122,7 @@ class TransformersEngine(Engine):
         # update is out, while the engine thread still holds the old sequence.
         self._active: dict[str, _Sequence] = {}  # waiting or running, by request id
         self._cancelled: set[_Sequence] = set()
+        self._scores: list[_ScoreJob] = []  # verification passes, run between decode steps
         self._closing = False
         self._stats = EngineStats()
 
@@ -184,6 +198,26 @@ class TransformersEngine(Engine):
                 self._cancelled.add(sequence)
                 self._wakeup.notify()
 
+    def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
+              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+        n = len(prompt_token_ids) + len(output_token_ids)
+        if not prompt_token_ids or not output_token_ids:
+            raise InvalidRequest("scoring needs a prompt and at least one output token")
+        if n > self.spec.context_length:
+            raise ContextLengthExceeded(f"{n} tokens exceed {self.name}'s context")
+        if not all(0 <= t < self._vocab_size for t in (*prompt_token_ids, *output_token_ids)):
+            raise InvalidRequest(f"token ids must lie in [0, {self._vocab_size})")
+        job = _ScoreJob(tuple(prompt_token_ids), tuple(output_token_ids), temperature, top_p,
+                        concurrent.futures.Future())
+        with self._lock:
+            if self._closing:
+                raise EngineClosed(f"engine {self.name} is closed")
+            if len(self._scores) >= self._queue_max:
+                raise EngineFull(f"{len(self._scores)} scoring passes already wait")
+            self._scores.append(job)
+            self._wakeup.notify()
+        return job.future.result(timeout=limits.verification_timeout_s)
+
     def stats(self) -> EngineStats:
         with self._lock:
             s = self._stats
@@ -217,7 +251,10 @@ class TransformersEngine(Engine):
             self._closing = True
             leftovers = self._batch + list(self._waiting)
             self._waiting.clear()
+            scores, self._scores = self._scores, []
         self._fail(leftovers, error)
+        for job in scores:
+            job.future.set_exception(EngineClosed(error))
         self._reset_batch()
         self._model = None  # let the weights go: a closed engine is an unloaded model
         if self.device.startswith("cuda"):
@@ -226,15 +263,19 @@ class TransformersEngine(Engine):
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._closing or self._waiting or self._batch or self._cancelled):
+                while not (self._closing or self._waiting or self._batch or self._cancelled
+                           or self._scores):
                     self._wakeup.wait(idle_wait_s)
                 if self._closing:
                     return
                 cancelled, self._cancelled = self._cancelled, set()
+                scores, self._scores = self._scores, []
                 for s in self._waiting.copy():
                     if s in cancelled:
                         self._waiting.remove(s)
                 admitted = self._take_admissible()
+            for job in scores:
+                self._run_score(job)
             try:
                 self._step(cancelled, admitted)
             except Exception as exc:  # a bug, not a model error: fail what runs, carry on
@@ -323,6 +364,30 @@ class TransformersEngine(Engine):
             s.n_cached += 1
         self._choose(batch, out.logits[:, -1, :])
         return [s for s in batch if s.finished]
+
+    def _run_score(self, job: _ScoreJob) -> None:
+        started = time.perf_counter()
+        try:
+            result = self._score(job)
+        except Exception as exc:  # e.g. out of memory: only this pass fails
+            log.exception("engine %s: scoring failed", self.name)
+            job.future.set_exception(exc)
+            return
+        busy_s = time.perf_counter() - started
+        if self._duty_cycle < 1.0:
+            time.sleep(busy_s * (1.0 / self._duty_cycle - 1.0))
+        job.future.set_result(ScoreResult(*result, busy_s=busy_s))
+
+    def _score(self, job: _ScoreJob) -> tuple[tuple[float, ...], ...]:
+        """One forward pass over prompt + output; statistics of each output position."""
+        n_out = len(job.output)
+        ids = torch.tensor([job.prompt + job.output], device=self.device)
+        extra = {"logits_to_keep": n_out + 1} if self._keep_last_logits else {}
+        logits = self._model(input_ids=ids, use_cache=False, **extra).logits[0]
+        # position p predicts token p + 1: the rows before each output token
+        logits = logits[-(n_out + 1) : -1].float()
+        return sampling.score_positions(
+            logits, torch.tensor(job.output, device=self.device), job.temperature, job.top_p)
 
     def _choose(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token, tell its caller, and finish it where it ends."""

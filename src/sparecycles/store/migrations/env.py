@@ -9,7 +9,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from sparecycles.store import ledger_schema, schema  # noqa: F401  (registers every table)
+from sparecycles.store import (  # noqa: F401  (every table)
+    dashboard_schema,
+    ledger_schema,
+    schema,
+    trust_schema,
+)
 from sparecycles.store.db import Base
 
 config = context.config

@@ -1,0 +1,179 @@
+"""Dishonest node behaviours, for the adversary tests and the verification benchmark only.
+
+``sparecycles node --cheat MODE`` (a hidden option) makes a real node agent cheat in one of the
+ways an owner could try to earn without doing the work asked. It is honoured only when the
+environment has ``SPARECYCLES_ALLOW_CHEATS=1`` (the tests set it); otherwise the node refuses to
+start. Every mode wraps the honest engine or agent; none changes what the node reports at hello
+(the weights hash of the files on disk), which is exactly what makes them cheats.
+
+- ``random-tokens``: sends random token ids (and made-up log-probabilities) instead of decoding.
+- ``different-model``: decodes with other weights of the same shape (re-drawn at random).
+- ``bf16`` / ``int8``: decodes with a lower-precision copy of the right weights (rounded to
+  bfloat16, or to 8 bits per weight with one scale per row), as a node saving memory would.
+- ``replay``: answers every job with the output it produced for its first job.
+- ``forged-signature``: signs its results with a key other than the one it said hello with.
+- ``overclaim``: reports (and signs) more tokens and busy time than it produced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from typing import Any
+
+import torch
+
+from sparecycles import protocol
+from sparecycles.identity import NodeIdentity
+from sparecycles.node.backends.base import (
+    Engine,
+    EngineStats,
+    GenerationRequest,
+    GenerationUpdate,
+    ScoreResult,
+    UpdateCallback,
+)
+from sparecycles.types import FinishReason
+
+ALLOW_ENV = "SPARECYCLES_ALLOW_CHEATS"
+MODES = ("random-tokens", "different-model", "bf16", "int8", "replay", "forged-signature",
+         "overclaim")
+
+
+def apply(agent: Any, mode: str, *, seed: int = 0) -> None:
+    """Make ``agent`` (a ``NodeAgent``) cheat; refuses unless ``SPARECYCLES_ALLOW_CHEATS=1``."""
+    if os.environ.get(ALLOW_ENV) != "1":
+        raise ValueError(f"--cheat is for tests only; set {ALLOW_ENV}=1 to allow it")
+    if mode not in MODES:
+        raise ValueError(f"unknown cheat {mode!r}; choose from {', '.join(MODES)}")
+    if mode in ("different-model", "bf16", "int8"):
+        for engine in agent.engines.values():
+            degrade_weights(engine._model, mode, seed=seed)
+    elif mode == "random-tokens":
+        agent.engines = {n: RandomTokens(e, seed) for n, e in agent.engines.items()}
+    elif mode == "replay":
+        agent.engines = {n: Replay(e) for n, e in agent.engines.items()}
+    elif mode == "forged-signature":
+        agent.identity = ForgingIdentity(agent.identity)
+    elif mode == "overclaim":
+        _overclaim(agent)
+
+
+@torch.no_grad()
+def degrade_weights(model: torch.nn.Module, mode: str, *, seed: int = 0) -> None:
+    """Change a loaded model's weights in place: another model, or a lower-precision copy."""
+    g = torch.Generator().manual_seed(seed + 1234)
+    for p in model.parameters():
+        if mode == "different-model":
+            p.copy_(torch.randn(p.shape, generator=g).to(p) * p.float().std().clamp(min=1e-3))
+        elif mode == "bf16":
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+        elif mode == "int8":
+            w = p.float()
+            rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+            scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            p.copy_(((rows / scale).round().clamp(-127, 127) * scale).reshape(p.shape).to(p))
+        else:
+            raise ValueError(f"not a weights cheat: {mode}")
+
+
+class _Wrapped(Engine):
+    """An engine that delegates everything to the honest one it wraps."""
+
+    def __init__(self, inner: Engine):
+        self.inner = inner
+        self.name, self.spec, self.device = inner.name, inner.spec, inner.device
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        self.inner.submit(request, on_update)
+
+    def cancel(self, request_id: str) -> None:
+        self.inner.cancel(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
+              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+        return self.inner.score(prompt_token_ids, output_token_ids, temperature=temperature,
+                                top_p=top_p)
+
+
+class RandomTokens(_Wrapped):
+    """Runs the real engine (so timing looks right) but sends random ids in place of its own."""
+
+    def __init__(self, inner: Engine, seed: int = 0):
+        super().__init__(inner)
+        self._rng = random.Random(seed)
+        self._vocab = int(getattr(getattr(inner, "tokenizer", None), "vocab_size", 0) or 1000)
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        def fake(u: GenerationUpdate) -> None:
+            ids = tuple(self._rng.randrange(self._vocab) for _ in u.token_ids)
+            lps = tuple(-self._rng.uniform(0.1, 5.0) for _ in ids) if u.logprobs else u.logprobs
+            on_update(GenerationUpdate(u.request_id, ids, lps, u.finished, u.finish_reason,
+                                       u.error))
+
+        self.inner.submit(request, fake)
+
+
+class Replay(_Wrapped):
+    """Decodes its first job honestly and answers every later one with that same output."""
+
+    def __init__(self, inner: Engine):
+        super().__init__(inner)
+        self._recorded: tuple[tuple[int, ...], tuple[float, ...]] | None = None
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        if self._recorded is None:
+            ids: list[int] = []
+            lps: list[float] = []
+
+            def record(u: GenerationUpdate) -> None:
+                ids.extend(u.token_ids)
+                lps.extend(u.logprobs or (0.0,) * len(u.token_ids))
+                if u.finished and u.error is None and ids:
+                    self._recorded = (tuple(ids), tuple(lps))
+                on_update(u)
+
+            self.inner.submit(request, record)
+            return
+        ids_r, lps_r = self._recorded
+        n = min(len(ids_r), request.params.max_tokens)
+        update = GenerationUpdate(request.request_id, ids_r[:n],
+                                  lps_r[:n] if request.want_logprobs else None, finished=True,
+                                  finish_reason=FinishReason.LENGTH)
+        threading.Timer(0.01, on_update, args=(update,)).start()  # "after some work"
+
+
+class ForgingIdentity:
+    """Proves its real key at hello, then signs results with another key."""
+
+    def __init__(self, real: NodeIdentity):
+        self._real, self._other = real, NodeIdentity.generate()
+        self.public_key_b64, self.node_id = real.public_key_b64, real.node_id
+
+    def sign(self, payload: bytes) -> str:
+        result = payload.startswith(b'{"attempt"')  # a result payload, not the hello nonce
+        return (self._other if result else self._real).sign(payload)
+
+
+def _overclaim(agent: Any) -> None:
+    honest_report = agent._report
+
+    def report(engine: Engine, run: Any, produced: list[int], last: Any) -> protocol.Done:
+        done = honest_report(engine, run, produced, last)
+        m = done.metering.model_copy(update={
+            "completion_tokens": done.metering.completion_tokens * 2 + 5,
+            "busy_s": done.metering.busy_s * 2})
+        payload = protocol.result_payload(
+            job_id=done.job_id, attempt=done.attempt, weights_sha256=engine.spec.weights_sha256,
+            prompt_sha256=run.job.prompt_sha256, output_sha256=done.output_sha256,
+            finish_reason=done.finish_reason, metering=m)
+        return done.model_copy(update={"metering": m, "signature": agent.identity.sign(payload)})
+
+    agent._report = report
