@@ -42,7 +42,7 @@ def net(tmp_path_factory, tiny_model_path):
         # short drain grace lets an owner's "take it back" hand work off within the test
         policy = root / "policy.toml"
         policy.write_text("[availability]\ndrain_grace_s = 0.2\n")
-        args = ["--duty-cycle", "0.25", "--availability", str(policy)]
+        args = ["--duty-cycle", "0.2", "--availability", str(policy)]
         network.start_node("alice-pc", "alice", extra_args=args)
         network.start_node("bob-laptop", "bob", extra_args=args)
         network.wait_ready(2)
@@ -125,16 +125,16 @@ def test_seed_reproduces_sampled_output(net) -> None:
 
 
 def test_stop_string_ends_the_answer_before_it(net) -> None:
-    ref = _chat(net, "Tell me a story.", temperature=0, max_tokens=40).choices[0].message.content
+    prompt, ref = _long_prompt(net)
     words = ref.split()
     assert len(words) >= 4, ref
     stop = words[len(words) // 2]
     cut = ref[: ref.index(stop)]
-    resp = _chat(net, "Tell me a story.", temperature=0, max_tokens=40, stop=[stop])
-    assert resp.choices[0].message.content == cut
+    resp = net.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                         temperature=0, stop=[stop])
+    assert resp.choices[0].text == cut
     assert resp.choices[0].finish_reason == "stop"
-    text, _usage, _ = _stream_text(net, "Tell me a story.", temperature=0, max_tokens=40,
-                                   stop=stop)
+    text = "".join(d for _, d in _stream_completion_stop(net, prompt, stop))
     assert text == cut
 
 
@@ -233,6 +233,39 @@ def test_garbage_on_the_node_socket_is_disconnected_and_others_are_served(net) -
     assert _chat(net, max_tokens=5).choices[0].message.content is not None
 
 
+LONG_PROMPTS = (
+    "The old man and the sea",
+    "It was a dark night and",
+    "Alice was beginning to get very tired",
+    "Once upon a time",
+    "The rabbit said",
+)
+
+
+def _long_prompt(net, tokens_min: int = 20) -> tuple[str, str]:
+    """A completion prompt whose greedy continuation is long enough to interrupt midway (the
+    tiny model's chat answers are short), and that continuation."""
+    for prompt in LONG_PROMPTS:
+        resp = net.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                             temperature=0)
+        if resp.usage.completion_tokens >= tokens_min:
+            return prompt, resp.choices[0].text
+    pytest.fail(f"the tiny model continues every candidate prompt in < {tokens_min} tokens")
+
+
+def _stream_completion_stop(net, prompt: str, stop: str):
+    for chunk in net.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                               temperature=0, stream=True, stop=stop):
+        yield chunk.id, (chunk.choices[0].text if chunk.choices else "")
+
+
+def _stream_completion(net, prompt: str):
+    """Yield (job id, text delta) of a greedy streamed completion."""
+    for chunk in net.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                               temperature=0, stream=True):
+        yield chunk.id, (chunk.choices[0].text if chunk.choices else "")
+
+
 def _serving_node(net, job_id: str):
     job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
                     headers={"Authorization": f"Bearer {net.key}"}).json()
@@ -241,14 +274,12 @@ def _serving_node(net, job_id: str):
 
 
 def test_owner_takes_the_device_back_mid_stream_and_work_moves_on(net) -> None:
-    prompt = "Tell me everything about the long winter night."
-    reference = _chat(net, prompt, temperature=0, max_tokens=120).choices[0].message.content
+    prompt, reference = _long_prompt(net)
     parts, job_id, paused = [], None, None
     try:
-        for chunk in _chat(net, prompt, temperature=0, max_tokens=120, stream=True):
-            job_id = chunk.id
-            if chunk.choices and chunk.choices[0].delta.content:
-                parts.append(chunk.choices[0].delta.content)
+        for job_id, delta in _stream_completion(net, prompt):
+            if delta:
+                parts.append(delta)
             if paused is None and len(parts) >= 5:
                 paused = _serving_node(net, job_id)
                 net.signal_node(paused.name, signal.SIGUSR1)  # what `sparecycles pause` sends
@@ -266,14 +297,11 @@ def test_owner_takes_the_device_back_mid_stream_and_work_moves_on(net) -> None:
 
 
 def test_node_killed_mid_stream_the_answer_continues_elsewhere_exactly(net) -> None:
-    prompt = "Tell me everything about the long winter night."
-    reference = _chat(net, prompt, temperature=0, max_tokens=120).choices[0].message.content
-    stream = _chat(net, prompt, temperature=0, max_tokens=120, stream=True)
+    prompt, reference = _long_prompt(net)
     parts, job_id, killed = [], None, None
-    for chunk in stream:
-        job_id = chunk.id
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
+    for job_id, delta in _stream_completion(net, prompt):
+        if delta:
+            parts.append(delta)
         if killed is None and len(parts) >= 5:
             job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
                             headers={"Authorization": f"Bearer {net.key}"}).json()

@@ -109,3 +109,24 @@ def test_node_id_is_derived_from_the_key(tmp_path) -> None:
     again = NodeIdentity.load_or_create(path)
     assert first.node_id == again.node_id == node_id_for(first.public_key_b64)
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_verification_messages_round_trip_and_refuse_non_finite_scores() -> None:
+    score = protocol.Score(score_id="scr_1", model="tiny", prompt_token_ids=[1, 2],
+                           output_token_ids=[3], temperature=0.0)
+    assert protocol.decode_coordinator_message(protocol.encode(score)) == score
+    job = protocol.decode_coordinator_message(json.dumps(
+        {"type": "job", "job_id": "j", "attempt": 1, "model": "m", "prompt_token_ids": [1],
+         "sampling": {"max_tokens": 2}, "prompt_sha256": "x"}))
+    assert job.want_logprobs is False  # an older coordinator's job: no log-probabilities
+    scored = protocol.Scored(score_id="scr_1", logprobs=[-0.5], top_logprobs=[-0.5],
+                             mass_above=[0.0], expected_logprobs=[-0.5], logprob_vars=[0.0])
+    assert protocol.decode_node_message(protocol.encode(scored)) == scored
+    for bad in ("NaN", "Infinity"):
+        with pytest.raises(ProtocolError):
+            protocol.decode_node_message(
+                '{"type":"scored","score_id":"s","logprobs":[' + bad + "]}")
+    too_many = {"type": "scored", "score_id": "s",
+                "logprobs": [0.0] * (limits.score_tokens_max + 1)}
+    with pytest.raises(ProtocolError):
+        protocol.decode_node_message(json.dumps(too_many))
