@@ -188,10 +188,15 @@ def test_budget_is_429_until_the_next_period(net) -> None:
 
 def test_trusted_only_key_runs_on_trusted_nodes(net) -> None:
     _id, client = _limited_key(net, trusted_only=True, streams_max=1)
-    ops = _nodes(net)["ops-1"]["node_id"]
     for _ in range(3):
         resp = _hi(client)
-        assert _served_by(net, resp.id) == [ops]
+        # trusted = the operator's designated nodes, or a reputation of at least 0.9 (the
+        # documented definition, docs/security.md): never a cheater or a new node
+        nodes = {n["node_id"]: n for n in _nodes(net).values()}
+        for node_id in _served_by(net, resp.id):
+            node = nodes[node_id]
+            rep = node.get("reputation") or 0.0
+            assert node["name"] == "ops-1" or rep >= 0.9, node
 
 
 def test_revoked_key_stops_at_once(net) -> None:
