@@ -3,6 +3,7 @@ the console and on every request the page makes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,16 @@ def sign_in(page: Any, url: str, key: str) -> None:
 
 
 def save_screenshot(page: Any, name: str) -> Path:
-    """Write ``artifacts/screenshots/<name>.png`` and copy it to ``docs/screenshots``."""
+    """Write ``artifacts/screenshots/<name>.png``; with SPARECYCLES_UPDATE_SCREENSHOTS=1 also
+    copy it to ``docs/screenshots`` (the README's pictures), so a test run leaves the tree as
+    it found it."""
     page.wait_for_timeout(settle_ms)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    shutil.copyfile(path, DOCS_SCREENSHOTS / f"{name}.png")
+    if os.environ.get("SPARECYCLES_UPDATE_SCREENSHOTS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_SCREENSHOTS / f"{name}.png")
     return path
 
 
