@@ -19,6 +19,11 @@ from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
 
 outbound_queue_max = 1024  # messages waiting for a node's socket before it is dropped
 speed_ewma_weight = 0.3  # weight of the newest measurement in a node's measured decode speed
+# A node's snapshot is reused while nothing it reads has changed, for at most this long: the
+# availability windows move by the minute and the expected stay by the second, so a second-old
+# answer is as good; rebuilding every snapshot on every placement pass cost ~30 us a node (a
+# third of a second per pass on 10,000 nodes; docs/benchmarks.md, control plane).
+snapshot_reuse_s_max = 1.0
 
 
 def profile_from_dict(data: dict[str, Any]) -> DeviceProfile:
@@ -33,6 +38,22 @@ def policy_from_dict(data: dict[str, Any]) -> AvailabilityPolicy:
     if "windows" in clean:
         clean["windows"] = tuple((int(a), int(b)) for a, b in clean["windows"])
     return AvailabilityPolicy(**clean)
+
+
+def fold_speed(speeds: dict[str, float], batches: dict[str, float], model: str,
+               tokens_per_s: float, batch: int) -> None:
+    """Fold one measured decode speed, and the batch it ran in, into a node's running
+    estimates (EWMA); shared by local nodes and other replicas' (fleet.RemoteNode)."""
+    if tokens_per_s <= 0:
+        return
+    running = float(batch)
+    old = speeds.get(model)
+    if old is None:
+        speeds[model], batches[model] = tokens_per_s, running
+        return
+    w = speed_ewma_weight
+    speeds[model] = (1 - w) * old + w * tokens_per_s
+    batches[model] = (1 - w) * batches.get(model, running) + w * running
 
 
 @dataclass
@@ -53,12 +74,14 @@ class NodeConn:
     draining: bool = False
     last_seen_s: float = field(default_factory=time.monotonic)
     measured_tps: dict[str, float] = field(default_factory=dict)
+    measured_batch: dict[str, float] = field(default_factory=dict)  # the batch each was taken at
     reputation: float = 1.0
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(outbound_queue_max)
     )
     _writer: asyncio.Task[None] | None = None
     closed: bool = False
+    _snap: tuple[tuple[Any, ...], float, NodeSnapshot] | None = None  # (inputs, at, snapshot)
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"node-writer-{self.node_id}")
@@ -91,18 +114,29 @@ class NodeConn:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
 
-    def observe_speed(self, model: str, tokens_per_s: float) -> None:
-        """Fold a measured decode speed into the node's running estimate (EWMA)."""
-        if tokens_per_s <= 0:
-            return
-        old = self.measured_tps.get(model)
-        self.measured_tps[model] = (
-            tokens_per_s
-            if old is None
-            else (1 - speed_ewma_weight) * old + speed_ewma_weight * tokens_per_s
-        )
+    def observe_speed(self, model: str, tokens_per_s: float, batch: int | None = None) -> None:
+        """Fold a job's measured decode speed into the node's running estimate (EWMA), with the
+        batch it ran in: by default the jobs on the node now, the finishing one included (the
+        caller observes before it ends the attempt). The scheduler compares the speed with the
+        prediction at that batch, so a node measured while busy is not taken for a slow one."""
+        fold_speed(self.measured_tps, self.measured_batch, model, tokens_per_s,
+                   max(1, len(self.jobs) if batch is None else batch))
 
     def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        """The scheduler's view of this node now (reused while its inputs are unchanged, for at
+        most ``snapshot_reuse_s_max``)."""
+        inputs = (len(self.jobs), self.queued_tokens, self.draining, self.reputation,
+                  self.status, self.policy, self.models, self.jobs_max, self.profile)
+        cached = self._snap
+        if (cached is not None and cached[0] == inputs
+                and abs(now_epoch_s - cached[1]) < snapshot_reuse_s_max
+                and cached[2].measured_decode_tokens_per_s == self.measured_tps):
+            return cached[2]
+        snap = self._build_snapshot(now_epoch_s)
+        self._snap = (inputs, now_epoch_s, snap)
+        return snap
+
+    def _build_snapshot(self, now_epoch_s: float) -> NodeSnapshot:
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -112,6 +146,7 @@ class NodeConn:
             jobs_max=self.jobs_max,
             queued_tokens=self.queued_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
+            measured_decode_batch=dict(self.measured_batch),
             available=not self.draining
             and availability.is_available(self.policy, self.status, now_epoch_s),
             expected_stay_s=availability.expected_stay_s(self.policy, self.status, now_epoch_s),

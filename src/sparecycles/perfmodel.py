@@ -15,6 +15,19 @@ The physics, in short (docs/scheduling.md has the long form):
 - **Memory** holds the weights and, in what is left, the KV cache of every running sequence; that
   bounds the batch at a given context and the context at a given batch.
 
+Where the device profile carries what node/profile.py measured, two corrections replace
+assumptions with measurements (docs/benchmarks.md shows why both matter on a CPU):
+
+- **Linear layers at their real shape.** ``matmul_flops_by_rows`` is the FLOP/s of linear layers
+  whose weights stream from memory, by rows of input. The weight matmuls of a pass over ``r`` rows
+  (the batch in decode, the prompt's tokens in prefill) take ``r * 2 * n_params / F(r)``, with
+  ``F`` interpolated between the measured points. One row is a matrix-vector product: the weight
+  read as the engine does it, which is slower than a plain copy of memory.
+- **The engine's own cost per pass** (``engine_overhead_s``): Python, operator dispatch and
+  sampling, measured on a model too small to compute, as a fixed cost per pass, per layer, per
+  sequence and per sequence-layer. It is added to the roofline time, not overlapped with it: on a
+  CPU the same cores do both.
+
 Every achievable fraction lives in ``Calibration`` with the reason for its value. Units are last in
 every name.
 """
@@ -44,12 +57,14 @@ class Calibration:
     bandwidth_fraction: float = 0.74
     # Prefill and large-batch decode reach this fraction of ``peak_flops``. An assumption, not a
     # calibration: dense transformer forward passes commonly run at 40-60% of datasheet peak on
-    # GPUs, and a CPU's ``peak_flops`` is already a measured matmul (node/profile.py), of which a
-    # whole model with its non-matmul work reaches about half.
+    # GPUs. It applies to the idealised roofline (presets, profiles without measured linear
+    # layers) and to attention; a profile's ``matmul_flops_by_rows`` is already what the linear
+    # layers reach, and the engine's other work is its measured overhead, so it is not applied
+    # to them again.
     compute_fraction: float = 0.5
-    # Fixed cost of one decode step or one prefill pass outside the roofline: kernel launches,
-    # sampling, Python in the engine loop. Zero for the idealised model; an engine with a known
-    # per-step cost (e.g. Hugging Face transformers on a CPU) is described by raising it.
+    # Fixed cost of one decode step or one prefill pass outside the roofline, on top of what the
+    # profile measured (DeviceProfile.overhead_*): kernel launches, sampling, Python in the
+    # engine loop. Zero: a node's own engine overhead is measured by its profiler instead.
     step_overhead_s: float = 0.0
     # Share of accelerator memory the engine may fill with weights and KV cache; vLLM's default
     # gpu_memory_utilization is 0.9, the rest is the CUDA context and activations.
@@ -129,6 +144,53 @@ def max_context(
 
 # --- time ----------------------------------------------------------------------------------
 
+# Decode batches whose linear-layer time ``Costs`` precomputes (the scheduler's inner loop reads
+# it); a larger batch is interpolated on demand.
+decode_batch_table_max = 64
+
+
+def engine_overhead_s(
+    profile: DeviceProfile, n_layers: int, batch: int, context_tokens: float = 0.0
+) -> float:
+    """The engine's measured time of one forward pass of ``batch`` sequences of
+    ``context_tokens`` each through ``n_layers``, outside the maths (node/overhead.py); 0 for a
+    profile that did not measure it."""
+    per_layer_s = profile.overhead_sequence_layer_s
+    per_layer_s += context_tokens * profile.overhead_context_layer_s
+    per_sequence_s = profile.overhead_sequence_s + n_layers * per_layer_s
+    return profile.overhead_step_s + n_layers * profile.overhead_layer_s + batch * per_sequence_s
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], rows: int) -> float:
+    """Seconds of the linear layers over ``rows`` rows, from ``points`` ((rows, seconds), rows
+    ascending): linear between points (each extra row adds about the same work), the first
+    point's time below the first, and the last point's FLOP/s beyond the last."""
+    r0, s0 = points[0]
+    if rows <= r0:
+        return s0
+    for r1, s1 in points[1:]:
+        if rows <= r1:
+            return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        r0, s0 = r1, s1
+    return s0 * rows / r0
+
+
+def linear_points(
+    spec: ModelSpec, profile: DeviceProfile
+) -> tuple[tuple[int, float], ...]:
+    """((rows, seconds), ...): the measured time of all of ``spec``'s weight matmuls at each
+    measured row count on ``profile``; empty when the profile measured none in ``spec``'s
+    precision (a 4-bit model's kernels are not an fp32 matmul's)."""
+    if not profile.matmul_flops_by_rows:
+        return ()
+    if abs(profile.matmul_bytes_per_param - spec.bytes_per_param) > 1e-9:
+        return ()
+    return tuple(
+        (rows, rows * 2.0 * spec.n_params / flops)
+        for rows, flops in profile.matmul_flops_by_rows
+        if flops > 0
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class Costs:
@@ -141,35 +203,60 @@ class Costs:
     # attention: QK^T and AV are each one multiply-add (2 FLOPs) per query, key and hidden unit
     # in every layer, so 4 * n_layers * hidden_size FLOPs per (query, key) pair
     attention_s_per_pair: float
-    overhead_s: float
+    overhead_s: float  # per forward pass, outside the roofline (Calibration + measured)
     kv_capacity_tokens: int
     context_length: int
+    overhead_s_per_sequence: float = 0.0  # ... and per sequence in it (measured)
+    overhead_s_per_sequence_token: float = 0.0  # ... and per token of each one's context
+    # the measured time of the weight matmuls by rows (see linear_points); empty: the roofline's
+    # rows * weight_flops_s_per_token
+    linear_points: tuple[tuple[int, float], ...] = ()
+    linear_s_by_batch: tuple[float, ...] = ()  # linear_s(b) for b = 1, 2, ..., precomputed
+
+    def linear_s(self, rows: int) -> float:
+        """Seconds of the weight matmuls of one pass over ``rows`` rows of input."""
+        if self.linear_points:
+            return _interpolate(self.linear_points, rows)
+        return rows * self.weight_flops_s_per_token
 
     def decode_times_s(self, batch: int, context_tokens: int) -> tuple[float, float]:
         """(memory time, compute time) of one decode step of ``batch`` sequences whose contexts
         average ``context_tokens``; the step takes the larger of the two (the roofline)."""
         b = batch if batch > 1 else 1
+        table = self.linear_s_by_batch
+        linear_s = table[b - 1] if b <= len(table) else self.linear_s(b)
         memory_s = self.weight_read_s + b * context_tokens * self.kv_s_per_token
-        compute_s = b * (self.weight_flops_s_per_token + self.attention_s_per_pair * context_tokens)
+        compute_s = linear_s + b * self.attention_s_per_pair * context_tokens
         return memory_s, compute_s
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         # decode_times_s inlined: this is the scheduler's innermost arithmetic
         b = batch if batch > 1 else 1
+        table = self.linear_s_by_batch
+        linear_s = table[b - 1] if b <= len(table) else self.linear_s(b)
         memory_s = self.weight_read_s + b * context_tokens * self.kv_s_per_token
-        compute_s = b * (self.weight_flops_s_per_token + self.attention_s_per_pair * context_tokens)
-        return (memory_s if memory_s >= compute_s else compute_s) + self.overhead_s
+        compute_s = linear_s + b * self.attention_s_per_pair * context_tokens
+        per_sequence_s = self.overhead_s_per_sequence
+        per_sequence_s += context_tokens * self.overhead_s_per_sequence_token
+        worse_s = memory_s if memory_s >= compute_s else compute_s
+        return worse_s + self.overhead_s + b * per_sequence_s
 
     def prefill_s(self, n_tokens: int, cached_tokens: int = 0) -> float:
         if n_tokens <= 0:
             return 0.0
         # each new token attends to the cached ones and, causally, to half the new ones
         memory_s = self.weight_read_s + (cached_tokens + n_tokens) * self.kv_s_per_token
-        compute_s = n_tokens * (
-            self.weight_flops_s_per_token
-            + self.attention_s_per_pair * (cached_tokens + n_tokens / 2.0)
+        compute_s = self.linear_s(n_tokens) + n_tokens * self.attention_s_per_pair * (
+            cached_tokens + n_tokens / 2.0
         )
-        return (memory_s if memory_s >= compute_s else compute_s) + self.overhead_s
+        worse_s = memory_s if memory_s >= compute_s else compute_s
+        context = cached_tokens + n_tokens
+        return (
+            worse_s
+            + self.overhead_s
+            + self.overhead_s_per_sequence
+            + context * self.overhead_s_per_sequence_token
+        )
 
     def fits(self, batch: int, context_tokens: int) -> bool:
         return context_tokens <= self.context_length and (
@@ -184,14 +271,30 @@ def costs(
     """The roofline constants of ``spec`` on ``profile`` (memoised: the inputs are frozen)."""
     bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
     flops = max(1.0, profile.peak_flops * calib.compute_fraction)
+    weight_read_s = spec.weight_bytes / bandwidth
+    points = linear_points(spec, profile)
+    if points:
+        # one row streams every weight once, as decode's weight read does: where the engine's
+        # matrix-vector product is slower than a plain copy, that is the rate it reads at
+        weight_read_s = max(weight_read_s, _interpolate(points, 1))
+    overhead_1 = engine_overhead_s(profile, spec.n_layers, 1)
+    overhead_0 = engine_overhead_s(profile, spec.n_layers, 0)
     return Costs(
-        weight_read_s=spec.weight_bytes / bandwidth,
+        weight_read_s=weight_read_s,
         kv_s_per_token=kv_bytes_per_token(spec, calib) / bandwidth,
         weight_flops_s_per_token=2.0 * spec.n_params / flops,
         attention_s_per_pair=4.0 * spec.n_layers * spec.hidden_size / flops,
-        overhead_s=calib.step_overhead_s,
+        overhead_s=calib.step_overhead_s + overhead_0,
         kv_capacity_tokens=kv_capacity_tokens(spec, profile, calib),
         context_length=spec.context_length,
+        overhead_s_per_sequence=overhead_1 - overhead_0,
+        overhead_s_per_sequence_token=spec.n_layers * profile.overhead_context_layer_s,
+        linear_points=points,
+        linear_s_by_batch=tuple(
+            _interpolate(points, b) for b in range(1, decode_batch_table_max + 1)
+        )
+        if points
+        else (),
     )
 
 
@@ -268,8 +371,16 @@ def ridge_batch(
     calib: Calibration = DEFAULT_CALIBRATION,
 ) -> float:
     """The batch at which decode turns from memory-bound to compute-bound (may be fractional);
-    ``inf`` when the KV cache traffic alone outruns compute and decode never turns."""
+    ``inf`` when the KV cache traffic alone outruns compute and decode never turns. With measured
+    linear layers, the first whole batch (up to ``decode_batch_table_max``) that is
+    compute-bound."""
     c = costs(spec, profile, calib)
+    if c.linear_points:
+        for b in range(1, decode_batch_table_max + 1):
+            memory_s, compute_s = c.decode_times_s(b, context_tokens)
+            if compute_s > memory_s:
+                return float(b)
+        return math.inf
     per_seq_compute_s = c.weight_flops_s_per_token + c.attention_s_per_pair * context_tokens
     per_seq_kv_s = context_tokens * c.kv_s_per_token
     if per_seq_compute_s <= per_seq_kv_s:
@@ -346,8 +457,9 @@ def roofline(
     context_tokens: int,
     calib: Calibration = DEFAULT_CALIBRATION,
 ) -> RooflinePoint:
-    memory_s, compute_s = decode_times_s(spec, profile, batch, context_tokens, calib)
-    step = max(memory_s, compute_s) + calib.step_overhead_s
+    c = costs(spec, profile, calib)
+    memory_s, compute_s = c.decode_times_s(batch, context_tokens)
+    step = c.decode_step_s(batch, context_tokens)
     return RooflinePoint(
         batch=batch,
         context_tokens=context_tokens,

@@ -21,7 +21,8 @@ Policies (``SchedulerConfig.policy``):
 
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
 available, draining, expected_stay_s, reputation, decode_speed_factor (else
-measured_decode_tokens_per_s), price_micros_per_mtok, last_assigned_s (round-robin only). Job
+measured_decode_tokens_per_s at measured_decode_batch), price_micros_per_mtok, last_assigned_s
+(round-robin only). Job
 fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
 deadline_s, trusted_only, avoid_nodes.
 
@@ -69,6 +70,11 @@ class SchedulerConfig:
     late_binding_wait_s_max: float = 5.0  # ... for so long; then the best free node takes it
     deadline_default_s: float = 60.0  # "cheapest-within-deadline" for a job without a deadline
     group_candidates: int = 4  # nodes per group each job weighs exactly
+    # A group larger than this is ranked only over its least-loaded members (free slots first,
+    # then the smallest queue per unit of memory bandwidth): ranking predicts every member, and
+    # on one group of 10,000 nodes that took most of a second per placement pass while the best
+    # node of such a group is, all but always, among its least-loaded few hundred.
+    group_rank_max: int = 512
     assignments_per_call_max: int = 10_000
     # Hedging: a job still running after this many times its predicted duration gets a second
     # node (0 disables); at most hedges_per_job_max, only if enough tokens remain to matter.
@@ -80,6 +86,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         invariant(self.policy in POLICIES, f"unknown scheduling policy {self.policy!r}")
         invariant(self.group_candidates >= 1, "group_candidates must be at least 1")
+        invariant(self.group_rank_max >= self.group_candidates,
+                  "group_rank_max must be at least group_candidates")
 
 
 # --- measured speed ------------------------------------------------------------------------
@@ -110,15 +118,16 @@ def speed_factor(
     node: NodeSnapshot, model: str, spec: ModelSpec, calib: Calibration = DEFAULT_CALIBRATION
 ) -> float:
     """Measured / predicted decode speed of ``node`` for ``model``: the kept factor if there is
-    one; else the node's reported per-job decode speed (``measured_decode_tokens_per_s``) over the
-    prediction at its current batch; else 1."""
+    one; else the node's measured per-job decode speed (``measured_decode_tokens_per_s``) over
+    the predicted per-job speed at the batch it was measured at (``measured_decode_batch``, else
+    the node's current batch); else 1."""
     factor = node.decode_speed_factor.get(model)
     if factor is not None:
         return factor
     measured = node.measured_decode_tokens_per_s.get(model, 0.0)
     if measured <= 0.0:
         return 1.0
-    batch = max(1, node.active_jobs)
+    batch = max(1, round(node.measured_decode_batch.get(model, 0.0)) or node.active_jobs)
     step_s = perfmodel.decode_step_s(
         spec, node.profile, batch, SPEED_REFERENCE_CONTEXT_TOKENS, calib
     )
@@ -289,6 +298,13 @@ class _Ranking:
         bisect.insort(group.ranked, (score, self.seq, load, load.version))
 
 
+def _load_order(load: _Load) -> tuple[bool, float, float]:
+    """A cheap order of a group's members, least loaded first (see ``group_rank_max``)."""
+    node = load.node
+    bandwidth = max(1.0, node.profile.memory_bandwidth_bytes_per_s)
+    return (load.full, load.active / max(1, node.jobs_max), load.queued_tokens / bandwidth)
+
+
 def _typical_job(jobs: Sequence[Job]) -> Job:
     """A job of median prompt and median remaining length, to rank nodes by."""
     prompt = int(statistics.median(j.prompt_tokens + j.generated_tokens for j in jobs))
@@ -316,6 +332,9 @@ def _build_ranking(
             if node_can_serve(load.node, model, config):
                 groups.setdefault(_group_key(load.node), _Group()).members.append(load)
         for group in groups.values():
+            if len(group.members) > config.group_rank_max:
+                group.members = heapq.nsmallest(config.group_rank_max, group.members,
+                                                key=_load_order)
             if len(group.members) > config.group_candidates:
                 ranking.rank(group, models[model], now_s, config)
     return ranking

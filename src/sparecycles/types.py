@@ -77,6 +77,25 @@ class DeviceProfile:
     network_rtt_s: float = 0.0
     power_idle_w: float = 0.0
     power_busy_w: float = 0.0
+    # Measured by node/profile.py where torch is present; empty or zero means "not measured", and
+    # the performance model then falls back to the idealised roofline (presets, old nodes).
+    # FLOP/s of a linear layer whose weights stream from memory, by the rows of its input (the
+    # batch in decode, the prompt's tokens in prefill): ((rows, FLOP/s), ...), rows ascending.
+    matmul_flops_by_rows: tuple[tuple[int, float], ...] = ()
+    matmul_bytes_per_param: float = 0.0  # the precision those were measured in (4 = fp32)
+    # The inference engine's own time per forward pass outside the maths (Python, op dispatch,
+    # sampling), measured on a model too small to compute (node/overhead.py): step + layers *
+    # layer + batch * (sequence + layers * (sequence_layer + context * context_layer)) seconds.
+    overhead_step_s: float = 0.0
+    overhead_layer_s: float = 0.0
+    overhead_sequence_s: float = 0.0
+    overhead_sequence_layer_s: float = 0.0
+    overhead_context_layer_s: float = 0.0  # per sequence, token of context and layer
+
+    def __post_init__(self) -> None:
+        # JSON (a cached profile, a node's hello) gives lists; keep the profile hashable
+        rows = tuple((int(r), float(f)) for r, f in self.matmul_flops_by_rows)
+        object.__setattr__(self, "matmul_flops_by_rows", rows)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -157,7 +176,10 @@ class NodeSnapshot:
     active_jobs: int = 0
     jobs_max: int = 8
     queued_tokens: int = 0  # tokens still to generate for the jobs already on it
-    measured_decode_tokens_per_s: dict[str, float] = field(default_factory=dict)
+    measured_decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per job
+    # the batch (jobs running on the node) those per-job speeds were measured at, averaged the
+    # same way: a job's speed at batch 8 is compared with the prediction at batch 8
+    measured_decode_batch: dict[str, float] = field(default_factory=dict)
     available: bool = True
     expected_stay_s: float = float("inf")
     reputation: float = 1.0

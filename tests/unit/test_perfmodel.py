@@ -142,3 +142,63 @@ def test_step_time_grows_with_batch_and_context(batch: int, context: int, more: 
         assert pm.max_batch(spec, dev, max(1, context)) * max(1, context) <= pm.kv_capacity_tokens(
             spec, dev
         )
+
+
+# A profile as node/profile.py measures one: linear layers by rows of input (in the toy's 2-byte
+# precision) and the engine's overhead per pass.
+MEASURED = replace(
+    CPU,
+    matmul_flops_by_rows=((1, 50e9), (8, 200e9), (64, 1e12)),
+    matmul_bytes_per_param=2.0,
+    overhead_step_s=0.001,
+    overhead_layer_s=0.0001,
+    overhead_sequence_s=0.0002,
+    overhead_sequence_layer_s=0.00001,
+    overhead_context_layer_s=1e-8,
+)
+
+
+def test_engine_overhead_has_a_term_per_pass_layer_sequence_and_both() -> None:
+    # 1 ms + 10 layers * 0.1 ms + batch * (0.2 ms + 10 * 0.01 ms)
+    assert pm.engine_overhead_s(MEASURED, 10, 1) == pytest.approx(0.0023)
+    assert pm.engine_overhead_s(MEASURED, 10, 8) == pytest.approx(0.002 + 8 * 0.0003)
+    # and 10 layers * 1e-8 s per token of context per sequence: 0.1 ms for 1000 tokens
+    assert pm.engine_overhead_s(MEASURED, 10, 8, 1000) == pytest.approx(0.0044 + 8 * 0.0001)
+    # in a decode step beside the roofline's (compute-bound at batch 8: attention, not KV bytes)
+    attention_s = 8 * 1000 * 4 * 10 * 1000 / 10e12
+    assert pm.decode_step_s(TOY, MEASURED, 8, 1000, IDEAL) == pytest.approx(
+        pm.decode_step_s(TOY, MEASURED, 8, 0, IDEAL) + 8 * 0.0001 + attention_s
+    )
+    assert pm.engine_overhead_s(CPU, 10, 8) == 0.0  # not measured: the idealised roofline
+
+
+def test_measured_linear_layers_replace_the_peak_flops() -> None:
+    # one row: 2e9 FLOPs at 50 GFLOP/s = 40 ms, slower than the 20 ms copy: that is the weight read
+    assert pm.decode_step_s(TOY, MEASURED, 1, 0, IDEAL) == pytest.approx(0.040 + 0.0023)
+    assert pm.bound(TOY, MEASURED, 1, 0, IDEAL) == "memory"
+    # eight rows: 8 * 2e9 at 200 GFLOP/s = 80 ms; four rows lie on the line between
+    assert pm.decode_step_s(TOY, MEASURED, 8, 0, IDEAL) == pytest.approx(0.080 + 0.0044)
+    memory_s, compute_s = pm.decode_times_s(TOY, MEASURED, 4, 0, IDEAL)
+    assert (memory_s, compute_s) == pytest.approx((0.040, 0.040 + 0.040 * 3 / 7))
+    assert pm.ridge_batch(TOY, MEASURED, 0, IDEAL) == 2.0
+    # beyond the last point, its FLOP/s: 100 rows at 1 TFLOP/s = 0.2 s, plus causal attention
+    attention_s = 100 * 4 * 10 * 1000 * 50 / 10e12
+    expected = 0.2 + attention_s + 0.0023 + 100 * 10 * 1e-8  # overhead: a pass, 100 tokens
+    assert pm.prefill_s(TOY, MEASURED, 100, 0, IDEAL) == pytest.approx(expected)
+    assert pm.roofline(TOY, MEASURED, 8, 0, IDEAL).step_s == pytest.approx(0.0844)
+
+
+def test_linear_layers_measured_in_another_precision_are_not_used() -> None:
+    fp32 = replace(TOY, bytes_per_param=4.0)  # 4 GB / 100 GB/s = 40 ms, overhead still counts
+    assert pm.decode_step_s(fp32, MEASURED, 1, 0, IDEAL) == pytest.approx(0.040 + 0.0023)
+    assert pm.decode_step_s(fp32, MEASURED, 8, 0, IDEAL) == pytest.approx(0.040 + 0.0044)
+
+
+def test_a_profile_read_from_json_stays_hashable() -> None:
+    data = {"device_class": "desktop", "cpu_cores": 2, "ram_bytes": GB,
+            "memory_bandwidth_bytes_per_s": 1e10, "peak_flops": 1e11,
+            "matmul_flops_by_rows": [[1, 5e9], [8, 2e10]], "matmul_bytes_per_param": 4.0}
+    profile = DeviceProfile(**data)
+    assert profile.matmul_flops_by_rows == ((1, 5e9), (8, 2e10))
+    assert hash(profile) == hash(replace(profile))
+    assert pm.decode_step_s(TOY, profile, 1, 0) > 0

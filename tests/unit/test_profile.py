@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sparecycles.node import overhead
 from sparecycles.node import profile as prof
 from sparecycles.types import DeviceProfile
 
@@ -59,3 +60,32 @@ def test_real_measurement_is_plausible() -> None:
     assert 1e8 < bandwidth < 1e13
     assert 1e8 < flops < 1e15
     assert prof.cpu_cores() >= 1 and prof.ram_bytes() > 0
+
+
+def test_linear_layers_by_rows_are_measured() -> None:
+    rows = prof.measure_cpu_matmul_rows(0.2, rows=(1, 8), n=128, stack_bytes=1 << 20)
+    assert [r for r, _ in rows] == [1, 8]
+    assert all(1e7 < flops < 1e15 for _, flops in rows)
+
+
+def test_overhead_terms_are_recovered_from_step_times() -> None:
+    terms = step, layer, seq, seq_layer, ctx_layer = 0.001, 0.0002, 0.0003, 0.00002, 1e-7
+    new = overhead.overhead_new_tokens
+    times = {
+        (n, b, p): step + n * layer + b * (seq + n * (seq_layer + (p + new / 2) * ctx_layer))
+        for n in overhead.overhead_layers
+        for b in overhead.overhead_batches
+        for p in overhead.overhead_prompts
+    }
+    assert overhead.fit_overhead(times) == pytest.approx(terms)
+    # noise that would make a term negative leaves it at zero instead
+    noisy = {**times, (2, 1, 16): times[8, 1, 16] + 0.01}
+    assert min(overhead.fit_overhead(noisy)) >= 0.0
+
+
+def test_engine_overhead_is_measured_on_the_real_engine() -> None:
+    terms = overhead.measure_engine_overhead(0.1)
+    assert min(terms) >= 0.0
+    step, layer, seq, seq_layer, ctx_layer = terms
+    per_pass_s = step + 8 * layer + seq + 8 * (seq_layer + 100 * ctx_layer)  # 8 layers, 1 seq
+    assert 1e-5 < per_pass_s < 1.0

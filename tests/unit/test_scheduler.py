@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparecycles import perfmodel
+from sparecycles.nodes import NodeConn
 from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
 from sparecycles.scheduler import (
     SchedulerConfig,
@@ -21,7 +22,7 @@ from sparecycles.scheduler import (
     speed_factor,
     update_speed_factor,
 )
-from sparecycles.types import Assignment, DeviceProfile, Job, NodeSnapshot
+from sparecycles.types import Assignment, AvailabilityPolicy, DeviceProfile, Job, NodeSnapshot
 
 MODEL = MODEL_PRESETS["llama-3-8b-q4"]
 MODELS = {MODEL.name: MODEL}
@@ -130,6 +131,50 @@ def test_measured_speed_corrects_the_prediction() -> None:
     slow_h100 = node("h100", H100, decode_speed_factor={MODEL.name: 0.02})
     out = schedule([job()], [slow_h100, node("gpu", GPU)], MODELS, NOW)
     assert placed(out) == {"j1": "gpu"}
+
+
+def conn(node_id: str, profile: DeviceProfile = GPU) -> NodeConn:
+    """A connected node as the coordinator keeps it (its socket is never written to here)."""
+
+    async def send(_frame: str) -> None:
+        raise AssertionError("nothing is sent in these tests")
+
+    return NodeConn(node_id=node_id, owner_id="o-" + node_id, name=node_id, public_key="",
+                    profile=profile, policy=AvailabilityPolicy(), models=(MODEL.name,),
+                    weights={}, jobs_max=8, send_raw=send)  # fmt: skip
+
+
+def test_node_measured_slower_than_predicted_loses_placement() -> None:
+    """The coordinator's path: finished jobs' speeds (NodeConn.observe_speed, as dispatch calls
+    it) reach the scheduler through the snapshot and correct the twins' equal predictions."""
+    slow, fair = conn("slow"), conn("fair")
+    twins = [slow.snapshot(NOW), fair.snapshot(NOW)]
+    assert placed(schedule([job()], twins, MODELS, NOW)) == {"j1": "slow"}  # a tie: list order
+    predicted = 1.0 / perfmodel.decode_step_s(MODEL, GPU, 1, 1024)
+    for _ in range(5):
+        slow.observe_speed(MODEL.name, 0.6 * predicted, batch=1)
+        fair.observe_speed(MODEL.name, 1.0 * predicted, batch=1)
+    slow_snap, fair_snap = slow.snapshot(NOW), fair.snapshot(NOW)
+    assert speed_factor(slow_snap, MODEL.name, MODEL) == pytest.approx(0.6)
+    assert speed_factor(fair_snap, MODEL.name, MODEL) == pytest.approx(1.0)
+    assert placed(schedule([job()], [slow_snap, fair_snap], MODELS, NOW)) == {"j1": "fair"}
+    config = SchedulerConfig()
+    slow_s = predict(job(), slow_snap, MODEL, NOW, config).total_s
+    assert slow_s > predict(job(), fair_snap, MODEL, NOW, config).total_s * 1.5
+
+
+def test_speed_measured_in_a_busy_batch_is_compared_at_that_batch() -> None:
+    """A job that shared the node with seven others ran at the predicted per-job speed of batch
+    8, which is slower than batch 1's on a compute-bound CPU: not evidence of a slow node."""
+    busy, other = conn("busy", CPU), conn("other", CPU)
+    busy.jobs.update(f"j{i}" for i in range(8))  # observed before the finishing job leaves
+    busy.observe_speed(MODEL.name, 1.0 / perfmodel.decode_step_s(MODEL, CPU, 8, 1024))
+    busy.jobs.clear()
+    assert busy.snapshot(NOW).measured_decode_batch == {MODEL.name: 8.0}
+    other.observe_speed(MODEL.name, 0.8 / perfmodel.decode_step_s(MODEL, CPU, 1, 1024), batch=1)
+    snaps = [other.snapshot(NOW), busy.snapshot(NOW)]
+    assert speed_factor(snaps[1], MODEL.name, MODEL) == pytest.approx(1.0)
+    assert placed(schedule([job()], snaps, MODELS, NOW)) == {"j1": "busy"}
 
 
 def test_reported_per_job_speed_is_used_when_no_factor_is_kept() -> None:

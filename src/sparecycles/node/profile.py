@@ -7,9 +7,15 @@ follows the bandwidth a program actually gets, not the datasheet's:
 - bandwidth: copy a buffer much larger than the caches, best of a few tries, counting the bytes
   read plus the bytes written (as STREAM's "copy" does);
 - FLOP/s: a square matrix multiply in the precision inference uses (fp32 on a CPU, fp16 on a GPU),
-  best of a few tries.
+  best of a few tries;
+- on a CPU, the FLOP/s of linear layers at the shapes inference gives them: weights streamed from
+  memory (a stack larger than the caches) times an input of 1, 2, 4 ... 256 rows. One row is a
+  matrix-vector product, which streams the weights at the rate decode at batch 1 gets; a few rows
+  is what batched decode does, and BLAS libraries handle them far below the square matmul's rate
+  (on the 2-vCPU VM of docs/benchmarks.md, 8 rows cost 1.5x one row, not the same);
+- the inference engine's own cost per forward pass outside the maths (node/overhead.py).
 
-Together they take a couple of seconds, so the result is cached as JSON and a node does not measure
+Together they take a few seconds, so the result is cached as JSON and a node does not measure
 again on every start unless asked to (or unless its hardware changed).
 """
 
@@ -27,17 +33,22 @@ from typing import Any
 
 import numpy as np
 
+from sparecycles.node.overhead import NO_OVERHEAD, measure_engine_overhead
 from sparecycles.types import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1  # bump when what is measured changes, so cached profiles are redone
+PROFILE_VERSION = 2  # bump when what is measured changes, so cached profiles are redone
 copy_bytes = 256 * 1024 * 1024  # far beyond any last-level cache (tens to hundreds of MiB)
 copy_tries = 5
 matmul_tries = 3
 cpu_matmul_n = 2048  # 2 * 2048^3 = 17 GFLOP: ~20-200 ms on a laptop's cores
 gpu_matmul_n = 8192  # 1.1 TFLOP: a few ms on a data-centre GPU, long enough to time
-measure_budget_s = 3.0  # stop repeating the measurements once this much time has gone
+# Rows of input at which a CPU's linear layers are timed: decode batches, then prompt-sized
+# passes; the square matmul above adds the last point (cpu_matmul_n rows).
+matmul_rows = (1, 2, 4, 8, 16, 32, 64, 256)
+matmul_stack_bytes = 256 * 1024 * 1024  # the weights those stream: far beyond any cache
+measure_budget_s = 4.0  # stop repeating the measurements once this much time has gone
 
 # Reference power figures per class, from the presets' datasheets (presets.py); a node has no
 # portable way to read its own power draw, so energy is estimated from these.
@@ -127,6 +138,38 @@ def measure_cpu_flops(budget_s: float, n: int = cpu_matmul_n) -> float:
     return 2.0 * n**3 / seconds
 
 
+def measure_cpu_matmul_rows(
+    budget_s: float,
+    rows: tuple[int, ...] = matmul_rows,
+    n: int = cpu_matmul_n,
+    stack_bytes: int = matmul_stack_bytes,
+) -> tuple[tuple[int, float], ...]:
+    """((rows, FLOP/s), ...) of fp32 linear layers (n x n weights, as many as fill
+    ``stack_bytes``, each used once in turn so that every call streams its weights from memory)
+    applied to an input of ``rows`` rows, through torch; best of a few per row count, the budget
+    shared among them. Empty without torch."""
+    try:
+        import torch
+    except ImportError:
+        return ()
+    count = max(2, stack_bytes // (n * n * 4))
+    weights = [torch.randn(n, n, dtype=torch.float32) for _ in range(count)]
+    linear = torch.nn.functional.linear
+
+    def run(x: Any) -> None:
+        for w in weights:
+            linear(x, w)
+
+    run(torch.randn(1, n))  # warm up the BLAS threads
+    out = []
+    for r in rows:
+        x = torch.randn(r, n, dtype=torch.float32)
+        deadline = time.perf_counter() + budget_s / len(rows)
+        seconds = _best_of(lambda x=x: _timed(lambda: run(x)), matmul_tries, deadline)
+        out.append((r, 2.0 * r * n * n * count / seconds))
+    return tuple(out)
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 
@@ -202,17 +245,26 @@ def measure_profile(
     budget_s: float = measure_budget_s,
 ) -> DeviceProfile:
     """Measure this device now. ``device``: "auto" (the GPU if there is one), "cpu" or "cuda"."""
-    half_s = budget_s / 2  # each measurement gets its own half of the budget
+    share_s = budget_s / 4  # each measurement gets its own share of the budget
     cores, ram = cpu_cores(), ram_bytes()
+    rows: tuple[tuple[int, float], ...] = ()
+    bytes_per_param = 0.0
     gpu = cuda_device() if device in ("auto", "cuda") else None
     if device == "cuda" and gpu is None:
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
     if gpu is not None:
+        # GPUs keep the idealised roofline for now: their linear layers and the engine's launch
+        # costs are not measured yet (docs/benchmarks.md)
         bandwidth, flops = measure_cuda(budget_s)
         accelerator, accel_bytes = f"cuda:{gpu[0]}", gpu[1]
+        overhead = NO_OVERHEAD
     else:
-        bandwidth = measure_cpu_bandwidth(half_s)
-        flops = measure_cpu_flops(half_s)
+        bandwidth = measure_cpu_bandwidth(share_s)
+        flops = measure_cpu_flops(share_s)
+        rows = measure_cpu_matmul_rows(share_s)
+        if rows:  # the square matmul is the last point: prompt-sized passes
+            rows, bytes_per_param = (*rows, (cpu_matmul_n, flops)), 4.0
+        overhead = measure_engine_overhead(share_s, "cpu")
         accelerator, accel_bytes = None, 0
     cls = device_class or guess_device_class(
         cores, accelerator, battery=_has_battery(), tegra=_is_tegra()
@@ -229,6 +281,13 @@ def measure_profile(
         network_rtt_s=network_rtt_s,
         power_idle_w=idle_w,
         power_busy_w=busy_w,
+        matmul_flops_by_rows=rows,
+        matmul_bytes_per_param=bytes_per_param,
+        overhead_step_s=overhead[0],
+        overhead_layer_s=overhead[1],
+        overhead_sequence_s=overhead[2],
+        overhead_sequence_layer_s=overhead[3],
+        overhead_context_layer_s=overhead[4],
     )
 
 
