@@ -26,6 +26,7 @@ from sparecycles.store.trust_queries import TrustQueries
 
 policy_cache_s = 5.0  # a limit an admin or a client sets applies within this
 spend_cache_s = 5.0
+prices_cache_s = 1.0  # the price book used to estimate a request's hold (as the ledger's cache)
 keys_tracked_max = 100_000  # keys with state in memory; beyond it the caches start over
 
 
@@ -46,6 +47,7 @@ class KeyGate:
         self._in_flight: dict[str, dict[str, int]] = {}  # key -> job -> hold
         self._spent: dict[tuple[str, float], tuple[float, int]] = {}  # (key, period start)
         self._tickets: dict[str, Ticket] = {}
+        self._prices: tuple[float, pricing.PriceBook] | None = None
 
     async def policy(self, key_id: str) -> KeyPolicy:
         now = self.clock()
@@ -81,7 +83,7 @@ class KeyGate:
         budgets = [(policy.budget_micros, policy.budget_period),
                    (policy.monthly_budget_micros, "month")]
         if any(b is not None for b, _ in budgets):
-            price = (await asyncio.to_thread(self.ledger.prices)).price_of(model)
+            price = (await self._price_book()).price_of(model)
             hold = pricing.hold_micros(price, prompt_tokens, max_tokens)
         for budget, period in budgets:
             if budget is None:
@@ -117,6 +119,13 @@ class KeyGate:
         for (key, start), (at, spent) in list(self._spent.items()):
             if key == ticket.key_id:
                 self._spent[(key, start)] = (at, spent + ticket.hold_micros)
+
+    async def _price_book(self) -> pricing.PriceBook:
+        """The ledger's prices, re-read at most every ``prices_cache_s`` (not once a request)."""
+        now = self.clock()
+        if self._prices is None or not 0 <= now - self._prices[0] <= prices_cache_s:
+            self._prices = (now, await asyncio.to_thread(self.ledger.prices))
+        return self._prices[1]
 
     def in_flight(self, key_id: str) -> int:
         return len(self._in_flight.get(key_id, {}))

@@ -35,13 +35,13 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sparecycles import ledger_engine as eng
-from sparecycles.errors import InvalidRequest, invariant
+from sparecycles.errors import InvalidRequest, SpareCyclesError, invariant
 from sparecycles.ledger_engine import (
     CostOp,
     DepositOp,
@@ -147,11 +147,16 @@ class Statement:
         }
 
 
-class _Pending:
-    __slots__ = ("done", "error", "event", "op", "promoted", "result")
+# Work done inside an op's own transaction once its result is known (the result: its value, or
+# the SpareCyclesError it raised): how an admission writes its job row with its hold.
+After = Callable[[LedgerTx, Any], None]
 
-    def __init__(self, op: Op):
-        self.op, self.event = op, threading.Event()
+
+class _Pending:
+    __slots__ = ("after", "done", "error", "event", "op", "promoted", "result")
+
+    def __init__(self, op: Op, after: After | None = None):
+        self.op, self.after, self.event = op, after, threading.Event()
         self.done = self.promoted = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -163,14 +168,14 @@ class _GroupCommit:
     one commit (the expensive part) serves up to ``batch_ops_max`` operations. Safe because
     ``apply`` gives each op in a batch the same result it would have alone, in queue order."""
 
-    def __init__(self, run: Callable[[list[Op]], list[Any]], ops_max: int):
+    def __init__(self, run: Callable[[list[Op], list[After | None]], list[Any]], ops_max: int):
         self._run, self._ops_max = run, ops_max
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._busy = False
 
-    def submit(self, op: Op) -> Any:
-        me = _Pending(op)
+    def submit(self, op: Op, after: After | None = None) -> Any:
+        me = _Pending(op, after)
         with self._lock:
             self._queue.append(me)
             lead = not self._busy
@@ -184,7 +189,7 @@ class _GroupCommit:
                 batch = self._queue[: self._ops_max]
                 del self._queue[: self._ops_max]
             try:
-                results = self._run([p.op for p in batch])
+                results = self._run([p.op for p in batch], [p.after for p in batch])
             except BaseException as exc:  # the whole transaction failed: every op learns why
                 for p in batch:
                     p.error = exc
@@ -271,12 +276,28 @@ class Ledger:
     # ---- money -----------------------------------------------------------------------------
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-             max_tokens: int) -> int:
-        """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance."""
+             max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+        """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
+
+        ``job``, the job's row (``store.schema.JobRow``'s columns), is inserted in the hold's own
+        transaction: as given when the hold is placed, ``failed`` with the reason when it is
+        refused. So admission costs one commit, and no job is ever admitted without its hold.
+        """
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
-        return self._submit(HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens,
-                                   max_tokens))
+        op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens)
+        if job is None:
+            return self._submit(op)
+        row = dict(job)
+
+        def record(tx: LedgerTx, result: Any) -> None:
+            if isinstance(result, SpareCyclesError):
+                tx.insert_job({**row, "state": "failed", "error": result.message,
+                               "finished_at_s": self.clock()})
+            else:
+                tx.insert_job(row)
+
+        return self._submit(op, record)
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                completion_tokens: int, shares: Sequence[WorkShare]) -> Settlement:
@@ -327,14 +348,15 @@ class Ledger:
             out.extend(self._apply_batch(list(ops[i : i + batch_ops_max])))
         return out
 
-    def _submit(self, op: Op) -> Any:
+    def _submit(self, op: Op, after: After | None = None) -> Any:
         key = (getattr(op, "job_id", None) or getattr(op, "reference", None)
                or getattr(op, "cost_id", ""))
         lane = self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
-        return lane.submit(op)
+        return lane.submit(op, after)
 
-    def _apply_batch(self, ops: list[Op]) -> list[Any]:
-        """One transaction: load and lock what the ops touch, apply them, write the outcome."""
+    def _apply_batch(self, ops: list[Op], afters: Sequence[After | None] = ()) -> list[Any]:
+        """One transaction: load and lock what the ops touch, apply them, write the outcome,
+        then each op's ``after`` with its result."""
         now = self.clock()
         self.store.ensure_accounts(
             {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
@@ -356,6 +378,9 @@ class Ledger:
             snap = eng.Snapshot(now, self.book, accounts, transfers, holds, prices)
             out = eng.apply(snap, ops)
             tx.write(out)
+            for after, result in zip(afters, out.results, strict=False):
+                if after is not None:
+                    after(tx, result)
             return out.results
 
         return self.store.write(work)

@@ -22,6 +22,9 @@ class FakeCoordinator:
         self.store.create_all()
         self.ledger = Ledger(self.store.sessions)
 
+    def cached_key(self, secret: str):
+        return False, None  # no cache: every request asks authenticate
+
     def authenticate(self, secret: str):
         return self.store.authenticate_key(secret)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, event, func, insert, select, text
 
 from sparecycles import payouts
 from sparecycles.errors import Conflict, InsufficientBalance, InvalidRequest, NotFound
@@ -121,6 +121,35 @@ def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books])
     assert L.client_balance("alice").available_micros == 70
     with pytest.raises(InsufficientBalance):  # a client with no account at all
         L.hold("j3", "nobody", "m", 1, 1)
+    assert L.check() == []
+
+
+def test_a_hold_writes_its_job_row_in_the_same_transaction(make_books: Callable[..., Books]
+                                                           ) -> None:
+    """Admission is one commit: the job's row and its hold together, or the row alone as
+    failed when the hold is refused (402 before any work, and no hold without its job)."""
+    b = make_books()
+    L = b.ledger
+    b.add_job("seed", "alice", "done")  # the client's row (jobs reference it)
+    L.deposit("alice", 130, "p")
+    L.hold("j0", "alice", "m", 500, 0)  # creates the accounts a hold touches (once, apart)
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+
+    def row(job_id: str) -> dict[str, Any]:
+        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                    state="admitted", prompt_tokens=500, max_tokens=0, created_at_s=b.clock())
+
+    assert L.hold("j1", "alice", "m", 500, 0, job=row("j1")) == 30
+    assert len(commits) == 1
+    with pytest.raises(InsufficientBalance):
+        L.hold("j2", "alice", "m", 1000, 1000, job=row("j2"))  # 240 > the 70 left
+    with b.engine.connect() as c:
+        jobs = {r.id: r for r in c.execute(select(JobRow).where(JobRow.id.in_(["j1", "j2"])))}
+    assert jobs["j1"].state == "admitted" and jobs["j1"].error is None
+    assert jobs["j2"].state == "failed" and "balance" in (jobs["j2"].error or "").lower()
+    assert jobs["j2"].finished_at_s == b.clock()
+    assert L.job_money("j1")["state"] == "held" and L.job_money("j2")["state"] == "none"
     assert L.check() == []
 
 

@@ -23,7 +23,9 @@ async def _authenticate(request: Request) -> ApiKeyInfo:
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
     coord = request.app.state.coordinator
-    info = await asyncio.to_thread(coord.authenticate, secret.strip())
+    cached, info = coord.cached_key(secret.strip())
+    if not cached:  # a query, off the event loop
+        info = await asyncio.to_thread(coord.authenticate, secret.strip())
     if info is None:
         raise Unauthorized("Incorrect API key provided.")
     return info

@@ -14,11 +14,8 @@ The ledger's other modules never import SQLAlchemy; they call ``LedgerStore``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +50,7 @@ from sparecycles.ledger_engine import (
     lock_rank,
 )
 from sparecycles.pricing import ModelPrice, PayoutTerms
+from sparecycles.store.db import writer_lock
 from sparecycles.store.ledger_schema import (
     LEDGER_TABLES,
     LedgerAccount,
@@ -92,8 +90,6 @@ _insert_columns = {
                      "input_micros_per_mtok", "output_micros_per_mtok", "terms", "hold_micros",
                      "created_at_s"),
 }
-_writers: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
-_writers_guard = threading.Lock()
 
 
 def _by_ids(table: Any, col: str, pg: bool) -> Any:
@@ -220,6 +216,10 @@ class LedgerTx:
                 if any(d)]
         if rows:
             self.conn.execute(_update_totals, rows)
+
+    def insert_job(self, fields: Mapping[str, Any]) -> None:
+        """A job's row, written in the transaction of its hold (``Ledger.hold(job=...)``)."""
+        self.conn.execute(insert(JobRow.__table__), [dict(fields)])
 
     def _insert(self, table: Any, rows: list[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
@@ -425,12 +425,7 @@ class LedgerStore:
             raise InvariantViolation(f"the ledger runs on SQLite or PostgreSQL, not {self.dialect}")
         self._known_accounts: set[str] = set()
         self.retries = 0  # transactions retried after a deadlock, busy or duplicate error
-        # SQLite has one writer per file; queueing writers here is fairer and far faster than
-        # SQLite's busy handler, which sleeps in steps of milliseconds.
-        self._writer: Any = contextlib.nullcontext()
-        if self.dialect == "sqlite":
-            with _writers_guard:
-                self._writer = _writers.setdefault(engine, threading.Lock())
+        self._writer: Any = writer_lock(engine)  # shared with the store's writes (db.py)
 
     def create_tables(self) -> None:
         """Tables straight from the models (tests, benchmarks); production uses migrations."""
