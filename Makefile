@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYS_PYTHON ?= python3
 
-.PHONY: setup demo test test-fast lint bench-gateway bench-ledger bench-perfmodel bench-sim clean
+.PHONY: setup demo test test-fast lint bench-gateway bench-ledger bench-perfmodel bench-sim \
+	bench-control-plane bench-third-party clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,17 @@ bench-perfmodel: setup
 
 bench-sim: setup
 	$(PY) bench/sim_policies.py && $(PY) bench/sim_scale.py
+
+# the control plane under load: fake nodes (a test tool, not a backend) and many clients;
+# SQLite, then PostgreSQL at 127.0.0.1:5432 (a fresh database sparecycles_load)
+bench-control-plane: setup
+	$(PY) bench/control_plane.py --database sqlite
+	$(PY) bench/control_plane.py --database postgres --scale 0
+
+# GuideLLM (PyPI) in its own venv (.venv-bench) against fake nodes, then real tiny-model nodes
+bench-third-party: setup
+	PY=$(abspath $(PY)) bench/third_party.sh fake
+	PY=$(abspath $(PY)) bench/third_party.sh real
 
 clean:
 	rm -rf $(VENV) .sparecycles .pytest_cache

@@ -15,12 +15,15 @@ from dataclasses import asdict
 from typing import Any
 
 from sparecycles import modelfiles
+from sparecycles.bus import open_bus
 from sparecycles.dispatch import Dispatcher
 from sparecycles.errors import ModelNotFound
+from sparecycles.fleet import Fleet
 from sparecycles.keygate import KeyGate
 from sparecycles.ledger import Ledger
 from sparecycles.metrics import Metrics
 from sparecycles.pricing import PriceBook
+from sparecycles.replicas import ReplicaLease
 from sparecycles.settings import CoordinatorSettings, parse_model_args
 from sparecycles.store import ApiKeyInfo, Store
 from sparecycles.store.dashboard_queries import DashboardQueries, node_sample_interval_s
@@ -31,24 +34,28 @@ from sparecycles.verifier import Verifier
 log = logging.getLogger("sparecycles.coordinator")
 key_cache_ttl_s = 5.0  # a revoked key stops working within this
 key_cache_entries_max = 10_000
+wal_checkpoint_interval_s = 1.0  # SQLite's WAL is checkpointed off the requests' path this often
 
 
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, *, store: Store | None = None):
         self.settings = settings
         self.replica_id = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
-        self.store = store or Store(settings.database)
+        self.store = store or Store(settings.database, background_checkpoints=True)
         self.prices = PriceBook.default()
         self.ledger = Ledger(self.store.sessions, currency=settings.currency, prices=self.prices)
         self.models: dict[str, ModelSpec] = {}
         self.tokenizers: dict[str, Any] = {}
         self.metrics = Metrics()
         self.dispatcher: Dispatcher | None = None
+        self.fleet: Fleet | None = None  # the other replicas' nodes, over the bus
+        self.lease: ReplicaLease | None = None  # this replica's lease; settles dead ones' jobs
         self.verifier = (Verifier(store=self.store, ledger=self.ledger)
                          if settings.verification else None)
         self.gate = KeyGate(TrustQueries(self.store.sessions), self.ledger)  # per-key limits
         self.started_at_s = time.time()
         self._sampler: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
         self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
 
     async def start(self) -> None:
@@ -66,9 +73,18 @@ class Coordinator:
             verifier=self.verifier,
         )
         await self.dispatcher.start()
+        self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,
+                           self.dispatcher)
+        await self.fleet.start()
+        self.lease = ReplicaLease(self.store, self.ledger, self.replica_id,
+                                  alive_on_bus=self.fleet.peer_ids,
+                                  lease_s=self.settings.replica_lease_s)
+        await self.lease.start()
         if self.verifier is not None:
             await self.verifier.start(self.dispatcher)
         self._sampler = asyncio.create_task(self._sample_fleet(), name="fleet-sampler")
+        if self.store.engine.dialect.name == "sqlite":
+            self._checkpointer = asyncio.create_task(self._checkpoints(), name="checkpointer")
         log.info("coordinator %s ready (pid %d) serving %s", self.replica_id, os.getpid(),
                  ", ".join(self.models) or "no models yet")
 
@@ -90,13 +106,28 @@ class Coordinator:
                 log.exception("fleet sample failed")
             await asyncio.sleep(node_sample_interval_s)
 
+    async def _checkpoints(self) -> None:
+        """SQLite's WAL checkpoints, here on a worker thread rather than inside whichever commit
+        fills the WAL (5-15 ms of fsync on an admission's path; see store/db.py)."""
+        while True:
+            await asyncio.sleep(wal_checkpoint_interval_s)
+            try:
+                await asyncio.to_thread(self.store.checkpoint)
+            except Exception:  # the backstop (automatic checkpoints) still bounds the WAL
+                log.exception("WAL checkpoint failed")
+
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        for task in (self._sampler, self._checkpointer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.verifier is not None:
             await self.verifier.stop()
+        if self.lease is not None:
+            await self.lease.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         self.store.close()
@@ -130,12 +161,20 @@ class Coordinator:
         """Drop cached key lookups (a key was revoked): it stops working at once."""
         self._keys.clear()
 
+    def cached_key(self, secret: str) -> tuple[bool, ApiKeyInfo | None]:
+        """(whether the cache answered, its answer), without touching the database: cheap
+        enough for the event loop, so a request with a known key costs no hop to a thread."""
+        hit = self._keys.get(secret)
+        if hit is not None and time.monotonic() - hit[0] < key_cache_ttl_s:
+            return True, hit[1]
+        return False, None
+
     def authenticate(self, secret: str) -> ApiKeyInfo | None:
         """Look up a key, caching answers briefly so a request costs no query in the common case."""
+        cached, info = self.cached_key(secret)
+        if cached:
+            return info
         now = time.monotonic()
-        hit = self._keys.get(secret)
-        if hit is not None and now - hit[0] < key_cache_ttl_s:
-            return hit[1]
         info = self.store.authenticate_key(secret)
         if len(self._keys) >= key_cache_entries_max:
             self._keys.clear()

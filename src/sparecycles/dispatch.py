@@ -25,11 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import exc as sa_exc
+
 from sparecycles import limits, protocol, scheduler
 from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
+from sparecycles.fleet import RemoteNode
 from sparecycles.identity import verify
 from sparecycles.ledger import Ledger, WorkShare
 from sparecycles.nodes import NodeConn
+from sparecycles.replicas import settle_abandoned
 from sparecycles.store import Store
 from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
 
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sparecycles.dispatch")
 watchdog_interval_s = 0.25
+store_retry_s = 120.0  # how long writes after admission wait out a database outage
 
 
 @dataclass
@@ -122,7 +127,8 @@ class Dispatcher:
         self.replica_id = replica_id
         self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
         self.config = scheduler.SchedulerConfig(policy=policy)
-        self.nodes: dict[str, NodeConn] = {}
+        self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
+        self.remote: dict[str, RemoteNode] = {}  # nodes of other replicas (fleet.py)
         self.jobs: dict[str, LiveJob] = {}
         self.waiting: dict[str, LiveJob] = {}
         self._wake = asyncio.Event()
@@ -156,13 +162,11 @@ class Dispatcher:
         """Settle jobs a previous run of this replica left open (it crashed or was killed).
 
         Their clients' connections died with that process, so nothing more can be delivered:
-        the holds are voided and the jobs marked failed. No money moves for undelivered work.
+        the holds are voided and the jobs marked failed (a job settled just before the crash
+        keeps its charge). No money moves for undelivered work.
         """
         for row in self.store.unfinished_jobs(self.replica_id):
-            self.ledger.void(row.id)
-            self.store.update_job(
-                row.id, state="failed", error="coordinator restarted", finished_at_s=time.time()
-            )
+            settle_abandoned(self.store, self.ledger, row.id, "coordinator restarted")
         self.store.mark_replica_nodes_offline(self.replica_id)
 
     # ---- admission ---------------------------------------------------------------------------
@@ -182,36 +186,32 @@ class Dispatcher:
         trusted_only: bool = False,
         received_s: float | None = None,
     ) -> LiveJob:
-        """Record the job and hold its most possible cost; raises InsufficientBalance (402)."""
+        """Record the job and hold its most possible cost; raises InsufficientBalance (402).
+
+        The job row and the hold are one transaction (one commit, one hop to a worker thread),
+        durable before any node is sent the job. When no other job waits, the job is placed
+        here and now rather than on the dispatch loop's next turn.
+        """
         now = time.time()
-
-        def _persist() -> None:
-            self.store.insert_job(
-                id=job_id,
-                client_id=client_id,
-                api_key_id=api_key_id,
-                model=model,
-                endpoint=endpoint,
-                workload=str(workload),
-                state="admitted",
-                stream=stream,
-                trusted_only=trusted_only,
-                prompt_tokens=len(prompt_ids),
-                max_tokens=sampling.max_tokens,
-                replica_id=self.replica_id,
-                created_at_s=now,
-            )
-            try:
-                self.ledger.hold(job_id, client_id, model, len(prompt_ids), sampling.max_tokens)
-            except SpareCyclesError as exc:
-                self.store.update_job(
-                    job_id, state="failed", error=exc.message, finished_at_s=time.time()
-                )
-                raise
-
+        row = dict(
+            id=job_id,
+            client_id=client_id,
+            api_key_id=api_key_id,
+            model=model,
+            endpoint=endpoint,
+            workload=str(workload),
+            state="admitted",
+            stream=stream,
+            trusted_only=trusted_only,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=sampling.max_tokens,
+            replica_id=self.replica_id,
+            created_at_s=now,
+        )
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
-        await asyncio.to_thread(_persist)
+        await asyncio.to_thread(self.ledger.hold, job_id, client_id, model, len(prompt_ids),
+                                sampling.max_tokens, job=row)
         job = LiveJob(
             job_id=job_id,
             client_id=client_id,
@@ -226,8 +226,19 @@ class Dispatcher:
         )
         self.jobs[job_id] = job
         self.waiting[job_id] = job
-        self._wake.set()
+        if len(self.waiting) == 1 and self._task is not None:
+            self._place_on_admission()
+        if self.waiting:
+            self._wake.set()
         return job
+
+    def _place_on_admission(self) -> None:
+        """Place the one waiting job at once. Only when nothing else waits: then this costs one
+        job's scheduling, and a queue (all nodes busy) is left to the loop, which batches it."""
+        try:
+            self._place_waiting()
+        except Exception:  # the loop retries on its next turn; a bug here is logged loudly
+            log.exception("placement on admission failed")
 
     # ---- placement ---------------------------------------------------------------------------
 
@@ -250,19 +261,24 @@ class Dispatcher:
             return
         now = time.time()
         snapshots = [
-            n.snapshot(now) for n in self.nodes.values() if not n.closed and not n.draining
+            n.snapshot(now) for n in (*self.nodes.values(), *self.remote.values())
+            if not n.closed and not n.draining
         ]
         if not snapshots:
             return
         jobs = [j.as_job() for j in self.waiting.values()]
         for assignment in scheduler.schedule(jobs, snapshots, self.models, now, self.config):
             job = self.waiting.get(assignment.job_id)
-            node = self.nodes.get(assignment.node_id)
+            node = self.node(assignment.node_id)
             if job is None or node is None or node.node_id in job.excluded_nodes:
                 continue
             self._assign(job, node)
 
-    def _assign(self, job: LiveJob, node: NodeConn) -> None:
+    def node(self, node_id: str) -> NodeConn | RemoteNode | None:
+        """A node of the fleet: connected here, or to another replica."""
+        return self.nodes.get(node_id) or self.remote.get(node_id)
+
+    def _assign(self, job: LiveJob, node: NodeConn | RemoteNode) -> None:
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
@@ -313,7 +329,8 @@ class Dispatcher:
         now = time.monotonic()
         for job in list(self.waiting.values()):
             if now - job.waiting_since_s > self.placement_wait_s:
-                has_nodes = any(job.model in n.models for n in self.nodes.values())
+                has_nodes = any(job.model in n.models
+                                for n in (*self.nodes.values(), *self.remote.values()))
                 why = (
                     "every node serving this model is busy or unavailable"
                     if has_nodes
@@ -331,7 +348,7 @@ class Dispatcher:
             if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
                     and now - att.last_token_s > self.token_gap_s):
                 log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
-                node = self.nodes.get(att.node_id)
+                node = self.node(att.node_id)
                 if node is not None:
                     node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
                                                               attempt=att.number)))
@@ -339,14 +356,15 @@ class Dispatcher:
 
     # ---- node events -------------------------------------------------------------------------
 
-    def _attempt_of(self, node: NodeConn, job_id: str, number: int) -> tuple[LiveJob, Attempt]:
+    def _attempt_of(self, node: NodeConn | RemoteNode, job_id: str, number: int
+                    ) -> tuple[LiveJob, Attempt]:
         job = self.jobs.get(job_id)
         att = job.current if job else None
         if job is None or att is None or att.number != number or att.node_id != node.node_id:
             raise _StaleMessage
         return job, att
 
-    def on_tokens(self, node: NodeConn, msg: protocol.Tokens) -> None:
+    def on_tokens(self, node: NodeConn | RemoteNode, msg: protocol.Tokens) -> None:
         try:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
@@ -383,7 +401,7 @@ class Dispatcher:
             )
         job.events.put_nowait(JobEvent("tokens", tuple(new)))
 
-    async def on_done(self, node: NodeConn, msg: protocol.Done) -> None:
+    async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
         try:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
@@ -416,7 +434,7 @@ class Dispatcher:
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         await self._finish(job, finish_reason="stop" if reason == "cancelled" else reason)
 
-    async def on_job_error(self, node: NodeConn, msg: protocol.JobError) -> None:
+    async def on_job_error(self, node: NodeConn | RemoteNode, msg: protocol.JobError) -> None:
         try:
             job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
@@ -424,17 +442,30 @@ class Dispatcher:
         log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
         await self._resume(job, outcome="drained" if node.draining else "failed")
 
-    async def on_node_lost(self, node: NodeConn) -> None:
-        """The node's socket closed: every job it held is resumed elsewhere."""
-        self.nodes.pop(node.node_id, None)
+    async def on_node_lost(self, node: NodeConn | RemoteNode, *, outcome: str = "node_lost"
+                           ) -> None:
+        """The node's socket closed (here, or at its replica): every job it held is resumed
+        elsewhere. With ``outcome="replica_lost"`` the node is not to blame (the replica holding
+        its socket died, or it moved to another), so its jobs may resume on it again."""
+        fleet = self.remote if isinstance(node, RemoteNode) else self.nodes
+        if fleet.get(node.node_id) is node:
+            del fleet[node.node_id]
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)
             if job is not None and job.current and job.current.node_id == node.node_id:
-                await self._resume(job, outcome="node_lost")
+                await self._resume(job, outcome=outcome)
         self._wake.set()
 
-    def on_node_ready(self, node: NodeConn) -> None:
-        self.nodes[node.node_id] = node
+    def on_node_ready(self, node: NodeConn | RemoteNode) -> None:
+        if isinstance(node, RemoteNode):
+            self.remote[node.node_id] = node
+        else:
+            self.nodes[node.node_id] = node
+            moved = self.remote.get(node.node_id)
+            if moved is not None:  # it left its replica for this one: its jobs there are gone
+                moved.closed = True
+                asyncio.get_running_loop().create_task(
+                    self.on_node_lost(moved, outcome="replica_lost"))
         self._wake.set()
 
     # ---- ending ------------------------------------------------------------------------------
@@ -443,7 +474,7 @@ class Dispatcher:
         self,
         job: LiveJob,
         att: Attempt,
-        node: NodeConn | None,
+        node: NodeConn | RemoteNode | None,
         outcome: str,
         metering: protocol.Metering | None = None,
         signature: str | None = None,
@@ -473,9 +504,10 @@ class Dispatcher:
         att = job.current
         if att is None or job.state.is_final:
             return
-        node = self.nodes.get(att.node_id)
+        node = self.node(att.node_id)
         self._end_attempt(job, att, node, outcome)
-        job.excluded_nodes.add(att.node_id)
+        if outcome != "replica_lost":  # not the node's fault: it may take the job up again
+            job.excluded_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
             await self._finish(job, finish_reason="length")
         elif len(job.attempts) >= limits.job_attempts_max:
@@ -504,7 +536,7 @@ class Dispatcher:
                 a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
         att = job.current
         if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
-            node = self.nodes.get(att.node_id)
+            node = self.node(att.node_id)
             if node is not None:
                 node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
             self._end_attempt(job, att, node, "cancelled")
@@ -588,11 +620,33 @@ class Dispatcher:
         self._writes.put_nowait(_Write(fn, fut))
         return await fut
 
+    async def _apply(self, fn: Callable[[], Any]) -> Any:
+        """Run a store write, retrying while the database is away (PostgreSQL restarting) for
+        up to ``store_retry_s``: writes after admission are metering and settlements, which must
+        not be lost to a short outage. Every one is idempotent (settlements by transfer id), and
+        a retried insert that had in fact landed is recognised by its key."""
+        delay_s, deadline = 0.2, time.monotonic() + store_retry_s
+        retried = False
+        while True:
+            try:
+                return await asyncio.to_thread(fn)
+            except sa_exc.IntegrityError:
+                if retried:
+                    return None  # the earlier try committed before its connection dropped
+                raise
+            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                log.warning("store write failed (%s); retrying in %.1f s",
+                            str(exc).splitlines()[0][:120], delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s, retried = min(2 * delay_s, 2.0), True
+
     async def _write_loop(self) -> None:
         while True:
             w = await self._writes.get()
             try:
-                result = await asyncio.to_thread(w.fn)
+                result = await self._apply(w.fn)
             except Exception as exc:
                 if w.future is not None and not w.future.done():
                     w.future.set_exception(exc)

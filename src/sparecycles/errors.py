@@ -87,6 +87,15 @@ class JobFailed(SpareCyclesError):
     code = "job_failed"
 
 
+class StoreUnavailable(SpareCyclesError):
+    """The database did not answer (it is restarting, or out of connections): retry shortly.
+    Nothing was accepted, so nothing is charged."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
+
+
 class Conflict(SpareCyclesError):
     status_code = 409
     error_type = "conflict_error"

@@ -2,7 +2,8 @@
 
 ``LocalNetwork`` runs the same ``sparecycles coordinator`` and ``sparecycles node`` commands a
 user runs, each in its own process, against an embedded SQLite file in its own folder, and knows
-how to wait for them, kill them and restart them.
+how to wait for them, kill them and restart them. ``Cluster`` does the same for several
+coordinator replicas sharing one PostgreSQL database and one NATS server.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ class NodeProc:
     proc: subprocess.Popen[bytes]
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
+    coordinator_url: str | None = None
 
 
 @dataclass
@@ -91,36 +95,42 @@ class LocalNetwork:
             self.wait_ready(0)
 
     def start_node(self, name: str, owner: str, *, extra_args: list[str] | None = None,
-                   token: str | None = None) -> NodeProc:
+                   token: str | None = None, coordinator_url: str | None = None) -> NodeProc:
         token = token or self.store().create_node_token(owner, name)
-        args = ["node", "--coordinator", self.url, "--token", token, "--name", name,
+        url = coordinator_url or self.url
+        args = ["node", "--coordinator", url, "--token", token, "--name", name,
                 "--config-dir", str(self.root / "nodes" / name), "--jobs-max", "8",
                 "--log-level", "warning", *(extra_args or [])]
         for model, path in self.models.items():
             args += ["--model", f"{model}={path}"]
         proc, log_path = self._spawn(args, f"node-{name}.log")
-        node = NodeProc(name, owner, token, proc, log_path, extra_args or [])
+        node = NodeProc(name, owner, token, proc, log_path, extra_args or [], url)
         self.nodes[name] = node
         return node
 
     def restart_node(self, name: str) -> NodeProc:
         old = self.nodes[name]
-        return self.start_node(name, old.owner, extra_args=old.extra_args, token=old.token)
+        return self.start_node(name, old.owner, extra_args=old.extra_args, token=old.token,
+                               coordinator_url=old.coordinator_url)
 
     def wait_ready(self, nodes_online: int, timeout_s: float = ready_timeout_s,
-                   *, key: str = "nodes_online") -> dict[str, Any]:
+                   *, key: str = "nodes_online", url: str | None = None,
+                   proc: subprocess.Popen[bytes] | None = None,
+                   log_name: str = "coordinator.log") -> dict[str, Any]:
         """Wait until the coordinator answers and ``nodes_online`` nodes are connected (or, with
         ``key="nodes_available"``, connected and taking work)."""
         deadline = time.monotonic() + timeout_s
         last: Any = None
+        url = url or self.url
+        proc = proc or self.coordinator
         while time.monotonic() < deadline:
-            if self.coordinator is not None and self.coordinator.poll() is not None:
-                raise RuntimeError(f"coordinator exited: {self.tail('coordinator.log')}")
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited: {self.tail(log_name)}")
             for n in self.nodes.values():
                 if n.proc.poll() is not None and n.proc.returncode not in (0, -9, -15):
                     raise RuntimeError(f"node {n.name} exited: {self.tail(n.log_path.name)}")
             try:
-                last = httpx.get(self.url + "/readyz", timeout=2).json()
+                last = httpx.get(url + "/readyz", timeout=2).json()
                 if last.get("status") == "ready" and last.get(key, 0) >= nodes_online:
                     return last
             except (httpx.HTTPError, ValueError):
@@ -173,3 +183,99 @@ class LocalNetwork:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str = "postgresql://postgres@127.0.0.1:5432/postgres",
+                      prefix: str = "sparecycles") -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for the duration (dropped after); yields its URL."""
+    import psycopg
+
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Replica:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Cluster(LocalNetwork):
+    """Several replicas of the coordinator on one PostgreSQL database and one NATS server (a
+    namespace of its own, so clusters sharing the server never hear each other), and nodes that
+    each dial a preferred replica first and the others after it, as behind a load balancer."""
+
+    postgres_url: str = ""
+    bus: str = ""
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+    @property
+    def database(self) -> str:
+        return self.postgres_url
+
+    @classmethod
+    def namespace_bus(cls, nats_url: str = "nats://127.0.0.1:4222") -> str:
+        return f"{nats_url}/cluster{uuid.uuid4().hex[:10]}"
+
+    def start_replica(self, name: str, *, wait: bool = True) -> Replica:
+        replica = self.replicas.get(name) or Replica(name, free_port())
+        self.replicas[name] = replica
+        args = ["coordinator", "--port", str(replica.port), "--database", self.database,
+                "--bus", self.bus, "--replica-id", name, "--log-level", "warning",
+                *self.coordinator_args]
+        for model, path in self.models.items():
+            args += ["--model", f"{model}={path}"]
+        replica.proc, _ = self._spawn(args, f"replica-{name}.log")
+        if wait:
+            self.wait_replica(name, 0)
+        return replica
+
+    def wait_replica(self, name: str, nodes: int, *, key: str = "nodes_online",
+                     timeout_s: float = ready_timeout_s) -> dict[str, Any]:
+        r = self.replicas[name]
+        return self.wait_ready(nodes, timeout_s, key=key, url=r.url, proc=r.proc,
+                               log_name=f"replica-{name}.log")
+
+    def kill_replica(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.replicas[name].proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+
+    def urls(self, first: str) -> str:
+        """Every replica's URL, ``first`` first: what a node is given."""
+        order = [first] + [n for n in self.replicas if n != first]
+        return ",".join(self.replicas[n].url for n in order)
+
+    def start_node_at(self, name: str, owner: str, replica: str, *,
+                      extra_args: list[str] | None = None) -> NodeProc:
+        return self.start_node(name, owner, extra_args=extra_args,
+                               coordinator_url=self.urls(replica))
+
+    def stop(self) -> None:
+        for r in self.replicas.values():
+            if r.proc is not None and r.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(r.proc.pid, signal.SIGTERM)
+        super().stop()
+        for r in self.replicas.values():
+            if r.proc is not None:
+                try:
+                    r.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(r.proc.pid, signal.SIGKILL)

@@ -36,7 +36,11 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     replica_id: str = ""
-    """Name of this replica in logs and job records; defaults to host:port:pid."""
+    """Name of this replica in logs and job records; defaults to host:port. Keep it stable
+    across restarts: a replica restarted under its name settles its own open jobs at once."""
+    replica_lease_s: float = 15.0
+    """A replica whose lease is not renewed for this long (and that is silent on the bus) is
+    dead: another replica settles its open jobs (replicas.py)."""
     models: list[str] = Field(default_factory=list)
     """Models the network serves, as ``NAME=SOURCE`` (a local directory or a hub id)."""
     currency: str = "USD"

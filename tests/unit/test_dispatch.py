@@ -10,15 +10,13 @@ import asyncio
 import json
 
 import pytest
+from sqlalchemy import event
 
 from sparecycles import protocol
 from sparecycles.dispatch import Dispatcher, LiveJob
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity
-from sparecycles.ledger import Ledger
 from sparecycles.nodes import NodeConn
-from sparecycles.pricing import PriceBook
-from sparecycles.store import Store
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, ModelSpec, SamplingParams
 
 SPEC = ModelSpec(name="m", n_params=5_000_000, bytes_per_param=4, n_layers=4, hidden_size=128,
@@ -57,17 +55,6 @@ class FakeNode:
         return protocol.Done(job_id=job["job_id"], attempt=job["attempt"], finish_reason=reason,
                              metering=metering, output_sha256=out,
                              signature=self.identity.sign(payload))
-
-
-@pytest.fixture
-def world(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    store.create_all()
-    ledger = Ledger(store.sessions, prices=PriceBook.default())
-    client = store.ensure_client("acme")
-    ledger.deposit(client, 10_000_000, reference="topup")
-    owners = [store.ensure_owner("alice"), store.ensure_owner("bob")]
-    return store, ledger, client, owners
 
 
 async def _until(cond, timeout_s: float = 5.0) -> None:
@@ -126,6 +113,27 @@ async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
     attempts = store.attempts("job_1")
     assert [(a.outcome, a.completion_tokens) for a in attempts] == [("node_lost", 3), ("done", 2)]
     assert ledger.check() == []
+    await d.stop()
+
+
+async def test_admission_is_one_commit_and_places_at_once(world) -> None:
+    """The job row and the hold are one transaction, durable before the node is sent the job;
+    with nothing else waiting the job goes to the node within ``admit``, not a loop turn later."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client, job_id="job_0")  # first hold of a client creates its accounts
+    await _until(lambda: store.get_job("job_0").state == "placed")  # its writes are done
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    job = await _admit(d, client)
+    assert len(commits) == 1  # admit returns before the writer's attempt row can commit
+    assert ledger.job_money("job_1")["state"] == "held"
+    assert job.state == "placed" and job.dispatched_s is not None and not d.waiting
+    assert store.get_job("job_1").state == "admitted"
+    await _until(lambda: len(n1.jobs()) == 2)  # the socket's writer sends it
     await d.stop()
 
 
@@ -197,3 +205,36 @@ async def test_restart_voids_what_a_crashed_run_left_open(world) -> None:
     assert store.get_job("job_1").state == "failed"
     assert ledger.check() == []
     await again.stop()
+
+
+async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypatch) -> None:
+    from sqlalchemy import exc as sa_exc
+
+    from sparecycles import dispatch
+
+    store, ledger, *_ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sa_exc.OperationalError("UPDATE jobs", {}, Exception("server closed"))
+        return "written"
+
+    assert await d._apply(flaky) == "written" and len(calls) == 3
+
+    def landed_before_the_drop() -> None:  # its commit landed; the retry hits the key
+        calls.append(1)
+        if len(calls) == 4:
+            raise sa_exc.OperationalError("INSERT", {}, Exception("connection lost"))
+        raise sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    assert await d._apply(landed_before_the_drop) is None
+    monkeypatch.setattr(dispatch, "store_retry_s", 0.3)
+
+    def down() -> None:
+        raise sa_exc.OperationalError("SELECT", {}, Exception("connection refused"))
+
+    with pytest.raises(sa_exc.OperationalError):
+        await d._apply(down)  # not for ever: the outage outlasted the retry window

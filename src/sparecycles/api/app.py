@@ -62,15 +62,23 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     async def readyz() -> JSONResponse:
         """Readiness: the database answers and dispatch runs (for a load balancer)."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(coord.store.job_counts), 2.0)
+            await asyncio.wait_for(asyncio.to_thread(coord.store.ping), 2.0)
         except Exception as exc:
             return JSONResponse({"status": "unready", "reason": str(exc)[:200]}, 503)
         d = coord.dispatcher
         return JSONResponse(
             {
                 "status": "ready",
+                "replica": coord.replica_id,
                 "nodes_online": len(d.nodes) if d else 0,
                 "nodes_available": sum(not n.draining for n in d.nodes.values()) if d else 0,
+                # the whole fleet this replica can place work on (its nodes and its peers')
+                "fleet_nodes_available": sum(
+                    not n.draining and not n.closed
+                    for n in (*d.nodes.values(), *d.remote.values())) if d else 0,
+                "peers": sorted(coord.fleet.peer_ids()) if coord.fleet else [],
+                "bus": ("connected" if coord.fleet and coord.fleet.connected
+                        else "disconnected"),
                 "jobs_waiting": len(d.waiting) if d else 0,
                 "models": sorted(coord.models),
             }

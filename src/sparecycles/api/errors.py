@@ -15,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sparecycles.errors import RateLimited, SpareCyclesError
+from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
 
 log = logging.getLogger("sparecycles.api")
 
@@ -57,6 +58,8 @@ def error_response(exc: SpareCyclesError) -> JSONResponse:
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    elif isinstance(exc, StoreUnavailable):
+        headers["Retry-After"] = "1"
     return JSONResponse(
         error_body(exc.message, exc.error_type, exc.param, exc.code),
         status_code=exc.status_code,
@@ -91,6 +94,15 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _store_away(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0][:200])
+        return error_response(StoreUnavailable(
+            "The service's database is briefly unavailable; nothing was charged. Retry shortly."))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -49,6 +49,8 @@ async def node_socket(ws: WebSocket) -> None:
             await node.stop()
             if coord.dispatcher is not None and coord.dispatcher.nodes.get(node.node_id) is node:
                 await coord.dispatcher.on_node_lost(node)
+                if coord.fleet is not None:
+                    coord.fleet.local_down(node)
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(coord.store.set_node_status, node.node_id, "offline")
 
@@ -144,6 +146,8 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
     )
     node.start()
     coord.dispatcher.on_node_ready(node)
+    if coord.fleet is not None:
+        coord.fleet.local_up(node)
     log.info("node %s (%s) online with %s", node_id, profile.device_class, accepted)
     return node
 
@@ -153,10 +157,13 @@ async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
     assert dispatcher is not None
     timeout_s = coord.settings.heartbeat_timeout_s
     while not node.closed:
-        msg = protocol.decode_node_message(await _receive(ws, timeout_s))
+        raw = await _receive(ws, timeout_s)
+        msg = protocol.decode_node_message(raw)
         node.last_seen_s = time.monotonic()
         if coord.verifier is not None and coord.verifier.handles(node, msg):
             continue  # the answer to verification work
+        if coord.fleet is not None and coord.fleet.relay_from_node(node, msg, raw):
+            continue  # a job another replica owns: its tokens went there over the bus
         if isinstance(msg, protocol.Tokens):
             dispatcher.on_tokens(node, msg)
         elif isinstance(msg, protocol.Done):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sparecycles.cli import admin, costs, demo, ledger, model, plan, serve, sim
+from sparecycles.cli import admin, costs, demo, ledger, loadtest, model, plan, serve, sim
 
 app = typer.Typer(
     name="sparecycles",
@@ -13,5 +13,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (serve, admin, model, demo, ledger, costs, plan, sim):
+for _module in (serve, admin, model, demo, ledger, costs, plan, sim, loadtest):
     _module.register(app)

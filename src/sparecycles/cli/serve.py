@@ -20,6 +20,8 @@ def coordinator(
     host: str = typer.Option(None, help="Address to listen on [127.0.0.1]"),
     port: int = typer.Option(None, help="Port [8000]"),
     database: str = typer.Option(None, help="sqlite:///path (default) or postgresql://…"),
+    bus: str = typer.Option(
+        None, help="memory (default, one replica) or nats://host:4222 (several replicas)"),
     model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE, repeatable"),
     config: Path = typer.Option(None, "--config", help="TOML file with a [coordinator] table"),
     placement_wait_s: float = typer.Option(None, help="Seconds a job may wait for a node"),
@@ -32,7 +34,7 @@ def coordinator(
     from sparecycles.api.app import create_app
 
     flags = {k: v for k, v in {
-        "host": host, "port": port, "database": database, "models": model or None,
+        "host": host, "port": port, "database": database, "bus": bus, "models": model or None,
         "placement_wait_s": placement_wait_s, "replica_id": replica_id, "log_level": log_level,
     }.items() if v is not None}
     settings = CoordinatorSettings(**{**load_toml(config).get("coordinator", {}), **flags})
@@ -44,12 +46,17 @@ def coordinator(
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=limits.ws_message_bytes_max,
+        # node frames are small JSON; deflate cost 44% of a replica's CPU at 10,000 nodes and
+        # a third of its memory (docs/benchmarks.md, "Control plane")
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,
     )
 
 
 def node(
-    coordinator_url: str = typer.Option(None, "--coordinator", help="Coordinator URL"),
+    coordinator_url: str = typer.Option(
+        None, "--coordinator",
+        help="Coordinator URL; several replicas' URLs separated by commas are tried in turn"),
     token: str = typer.Option(None, "--token", help="The owner's node token"),
     model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE the owner allows"),
     name: str = typer.Option(None, help="A name for this device"),

@@ -47,7 +47,7 @@ class _Running:
 
 @dataclass
 class NodeAgent:
-    coordinator_url: str
+    coordinator_url: str  # one URL, or several separated by commas (replicas: tried in turn)
     token: str
     identity: NodeIdentity
     profile: DeviceProfile
@@ -62,13 +62,19 @@ class NodeAgent:
     meter: EnergyMeter | None = None  # RAPL or NVML where the hardware tells, else an estimate
     draining: bool = False
     _welcomed: bool = False  # the last session got past hello (its backoff starts over)
+    _url_index: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _policy_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def coordinator_urls(self) -> list[str]:
+        return [u.strip() for u in self.coordinator_url.split(",") if u.strip()]
+
+    @property
     def ws_url(self) -> str:
-        base = self.coordinator_url.rstrip("/")
+        urls = self.coordinator_urls
+        base = urls[self._url_index % len(urls)].rstrip("/")
         base = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         return base + protocol.WS_PATH
 
@@ -106,11 +112,14 @@ class NodeAgent:
             self._abandon_all()
             if self._stop.is_set():
                 break
+            # the next replica (if several were given): the one just lost may be gone for good
+            self._url_index = (self._url_index + 1) % len(self.coordinator_urls)
             delay = min(limits.node_reconnect_backoff_s_max, backoff_s) * random.uniform(0.5, 1.0)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
-            backoff_s *= 2
+            if self._url_index == 0:  # every replica tried: wait longer before the next round
+                backoff_s *= 2
 
     async def _session(self, ws: Any) -> None:
         challenge = protocol.decode_coordinator_message(await ws.recv())

@@ -39,7 +39,8 @@ class Trace:
 
 
 def data_dir() -> Path:
-    """shared/data: $SPARECYCLES_DATA, else ../shared/data beside the project's checkout."""
+    """$SPARECYCLES_DATA, else shared/data beside the project's checkout, else the copies of the
+    traces shipped in the package (sparecycles/data/traces, with their attribution)."""
     env = os.environ.get("SPARECYCLES_DATA")
     if env:
         return Path(env)
@@ -48,7 +49,7 @@ def data_dir() -> Path:
         candidate = parent.parent / "shared" / "data"
         if (parent / "pyproject.toml").exists() and candidate.is_dir():
             return candidate
-    return Path.cwd().parent / "shared" / "data"
+    return here.parents[1] / "data" / "traces"
 
 
 def _epoch(timestamp: str) -> float:

@@ -8,18 +8,28 @@ ledger's queries are in ``ledger_store.py``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
 from sparecycles.store import ledger_schema as _ledger_schema  # noqa: F401  (registers tables)
 from sparecycles.store import trust_schema as _trust_schema  # noqa: F401  (registers tables)
-from sparecycles.store.db import Base, make_engine, make_sessionmaker
+from sparecycles.store.db import (
+    Base,
+    make_engine,
+    make_sessionmaker,
+    wal_autocheckpoint_pages,
+    wal_backstop_pages,
+    writer_lock,
+)
 from sparecycles.store.schema import (
     ApiKey,
     Client,
@@ -29,9 +39,11 @@ from sparecycles.store.schema import (
     Node,
     NodeToken,
     Owner,
+    ReplicaRow,
 )
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+migrate_lock_key = 0x5C_0DB_0001  # PostgreSQL advisory lock held while migrating
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +56,13 @@ class ApiKeyInfo:
 
 
 class Store:
-    def __init__(self, url: str, *, engine: Engine | None = None):
+    def __init__(self, url: str, *, engine: Engine | None = None,
+                 background_checkpoints: bool = False):
+        """``background_checkpoints``: the owner calls ``checkpoint`` every so often (the
+        coordinator, once a second), so that no commit on a request's path pays for one."""
         self.url = url
-        self.engine = engine or make_engine(url)
+        pages = wal_backstop_pages if background_checkpoints else wal_autocheckpoint_pages
+        self.engine = engine or make_engine(url, autocheckpoint_pages=pages)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
 
     # ---- schema ---------------------------------------------------------------------------
@@ -59,8 +75,15 @@ class Store:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # replicas starting together: one at a time
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({migrate_lock_key})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    def ping(self) -> None:
+        """One round trip to the database (readiness)."""
+        with self.engine.connect() as c:
+            c.exec_driver_sql("SELECT 1")
 
     def create_all(self) -> None:
         """Create tables straight from the models (unit tests' in-memory twin only)."""
@@ -68,6 +91,15 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def checkpoint(self) -> None:
+        """Copy SQLite's WAL into the database file (and fsync it) without waiting for readers
+        or writers (``PASSIVE``); nothing to do on PostgreSQL or an in-memory database."""
+        if self.engine.dialect.name != "sqlite" or self.engine.url.database in (None, "",
+                                                                                 ":memory:"):
+            return
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # ---- clients and keys -----------------------------------------------------------------
 
@@ -189,6 +221,14 @@ class Store:
     # ---- models ---------------------------------------------------------------------------
 
     def upsert_model(self, name: str, source: str, weights_sha256: str, spec: dict) -> None:
+        """Register or update a model. Replicas starting together may race to insert the same
+        row: the loser's insert fails on the key, and its second try updates the row."""
+        try:
+            self._upsert_model(name, source, weights_sha256, spec)
+        except IntegrityError:
+            self._upsert_model(name, source, weights_sha256, spec)
+
+    def _upsert_model(self, name: str, source: str, weights_sha256: str, spec: dict) -> None:
         with self.sessions.begin() as s:
             row = s.get(Model, name)
             if row is None:
@@ -272,12 +312,25 @@ class Store:
 
     # ---- jobs -----------------------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A write transaction of the jobs' lifecycle (run on dispatch's writer thread beside
+        the ledger's): it takes the engine's writer lock (``db.writer_lock``), and on SQLite
+        starts ``IMMEDIATE``, so that it queues behind an admission's hold rather than meeting
+        SQLite's busy handler, and an admission never waits in that handler behind it."""
+        with writer_lock(self.engine), self.sessions.begin() as s:
+            conn = s.connection()
+            if self.engine.dialect.name == "sqlite" and not getattr(
+                    conn.connection.dbapi_connection, "in_transaction", False):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield s
+
     def insert_job(self, **fields: Any) -> None:
-        with self.sessions.begin() as s:
+        with self._writing() as s:
             s.add(JobRow(**fields))
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        with self.sessions.begin() as s:
+        with self._writing() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(**fields))
 
     def get_job(self, job_id: str) -> JobRow | None:
@@ -298,11 +351,54 @@ class Store:
                 q = q.where(JobRow.replica_id == replica_id)
             return list(s.scalars(q))
 
+    # ---- replicas (several coordinators on one database) ---------------------------------------
+
+    def replica_beat(self, replica_id: str, *, started_at_s: float, pid: int) -> None:
+        """Renew this replica's lease."""
+        now = time.time()
+        with self.sessions.begin() as s:
+            row = s.get(ReplicaRow, replica_id)
+            if row is None:
+                s.add(ReplicaRow(id=replica_id, started_at_s=started_at_s, last_seen_at_s=now,
+                                 pid=pid))
+            else:
+                row.last_seen_at_s, row.started_at_s, row.pid = now, started_at_s, pid
+
+    def replicas(self) -> list[ReplicaRow]:
+        with self.sessions() as s:
+            return list(s.scalars(select(ReplicaRow).order_by(ReplicaRow.id)))
+
+    def claim_orphaned_jobs(self, me: str, *, lapsed_before_s: float, spare: set[str],
+                            limit: int = 100) -> list[str]:
+        """Take over unfinished jobs of replicas whose lease lapsed before ``lapsed_before_s``
+        (not ``spare``: replicas still heard on the bus). Rows another replica is claiming are
+        skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the claim is a compare-and-set
+        on ``replica_id``, so each orphan is claimed by exactly one replica."""
+        with self.sessions.begin() as s:
+            dead = [r for r in s.scalars(select(ReplicaRow.id).where(
+                ReplicaRow.last_seen_at_s < lapsed_before_s, ReplicaRow.id != me))
+                if r not in spare]
+            if not dead:
+                return []
+            ids = list(s.scalars(
+                select(JobRow.id)
+                .where(JobRow.replica_id.in_(dead), JobRow.state.not_in(("done", "failed")))
+                .limit(limit)
+                .with_for_update(skip_locked=True)))
+            claimed = []
+            for job_id in ids:
+                res = s.execute(update(JobRow).where(JobRow.id == job_id,
+                                                     JobRow.replica_id.in_(dead))
+                                .values(replica_id=me))
+                if res.rowcount == 1:
+                    claimed.append(job_id)
+            return claimed
+
     def start_attempt(
         self, *, job_id: str, attempt: int, node_id: str, prompt_tokens: int
     ) -> None:
         now = time.time()
-        with self.sessions.begin() as s:
+        with self._writing() as s:
             s.add(
                 JobAttempt(
                     job_id=job_id,
@@ -321,7 +417,7 @@ class Store:
 
     def end_attempt(self, job_id: str, attempt: int, **fields: Any) -> None:
         fields.setdefault("ended_at_s", time.time())
-        with self.sessions.begin() as s:
+        with self._writing() as s:
             s.execute(
                 update(JobAttempt)
                 .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)

@@ -103,6 +103,17 @@ class Node(Base):
     last_seen_at_s: Mapped[float] = mapped_column(Float)
 
 
+class ReplicaRow(Base):
+    """A coordinator replica's lease: it renews ``last_seen_at_s`` while it lives. The jobs of a
+    replica whose lease ran out are claimed and settled by another (replicas.py)."""
+
+    __tablename__ = "replicas"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    started_at_s: Mapped[float] = mapped_column(Float)
+    last_seen_at_s: Mapped[float] = mapped_column(Float)
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class JobRow(Base):
     """One request's work, from admission to its final state; its metering lives here too."""
 
@@ -123,7 +134,7 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     node_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # last node
-    replica_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    replica_id: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
     created_at_s: Mapped[float] = mapped_column(Float, index=True)
     first_token_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
