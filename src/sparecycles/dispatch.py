@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sparecycles.dispatch")
 watchdog_interval_s = 0.25
 store_retry_s = 120.0  # how long writes after admission wait out a database outage
+write_batch_max = 256  # background writes committed together at most
 
 
 @dataclass
@@ -573,24 +574,20 @@ class Dispatcher:
         now = time.time()
         total_s = time.monotonic() - job.admitted_mono_s
 
-        def _settle() -> None:
+        final = {"state": str(job.state), "completion_tokens": delivered,
+                 "finish_reason": finish_reason if error is None else None,
+                 "error": None if error is None else error.message,
+                 "finished_at_s": now, "total_s": total_s}
+
+        def _settle() -> None:  # one transaction: the money and the job's final row
             try:
                 if delivered:
                     self.ledger.settle(job.job_id, job.client_id, job.model,
-                                       len(job.prompt_ids), delivered, shares)
+                                       len(job.prompt_ids), delivered, shares, job=final)
                 else:
-                    self.ledger.void(job.job_id)
+                    self.ledger.void(job.job_id, job=final)
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
-            self.store.update_job(
-                job.job_id,
-                state=str(job.state),
-                completion_tokens=delivered,
-                finish_reason=finish_reason if error is None else None,
-                error=None if error is None else error.message,
-                finished_at_s=now,
-                total_s=total_s,
-            )
 
         try:
             await self._write(_settle)
@@ -643,18 +640,46 @@ class Dispatcher:
                 delay_s, retried = min(2 * delay_s, 2.0), True
 
     async def _write_loop(self) -> None:
+        """Apply queued writes in order. Background (metering) writes that queued up together
+        commit as one transaction (``Store.write_batch``); a write someone waits for (a
+        settlement) runs alone, in its place in the order."""
         while True:
-            w = await self._writes.get()
-            try:
-                result = await self._apply(w.fn)
-            except Exception as exc:
-                if w.future is not None and not w.future.done():
-                    w.future.set_exception(exc)
+            todo = [await self._writes.get()]
+            while not self._writes.empty() and len(todo) < write_batch_max:
+                todo.append(self._writes.get_nowait())
+            i = 0
+            while i < len(todo):
+                j = i
+                while j < len(todo) and todo[j].future is None:
+                    j += 1
+                if j - i > 1:
+                    await self._run_batch(todo[i:j])
                 else:
-                    log.error("store write failed", exc_info=exc)
+                    j = max(j, i + 1)
+                    await self._run_write(todo[i])
+                i = j
+
+    async def _run_batch(self, batch: list[_Write]) -> None:
+        fns = [w.fn for w in batch]
+        try:
+            await self._apply(lambda: self.store.write_batch(fns))
+        except sa_exc.IntegrityError:  # one of them had landed before: one by one, in order
+            for w in batch:
+                await self._run_write(w)
+        except Exception as exc:
+            log.error("store writes failed (%d)", len(batch), exc_info=exc)
+
+    async def _run_write(self, w: _Write) -> None:
+        try:
+            result = await self._apply(w.fn)
+        except Exception as exc:
+            if w.future is not None and not w.future.done():
+                w.future.set_exception(exc)
             else:
-                if w.future is not None and not w.future.done():
-                    w.future.set_result(result)
+                log.error("store write failed", exc_info=exc)
+        else:
+            if w.future is not None and not w.future.done():
+                w.future.set_result(result)
 
 
 @dataclass(slots=True)

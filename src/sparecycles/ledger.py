@@ -300,7 +300,8 @@ class Ledger:
         return self._submit(op, record)
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-               completion_tokens: int, shares: Sequence[WorkShare]) -> Settlement:
+               completion_tokens: int, shares: Sequence[WorkShare], *,
+               job: Mapping[str, Any] | None = None) -> Settlement:
         """Post the actual charge against the hold (the rest is released), credit each owner's
         earning for their share and the fee to the platform. Idempotent by job id."""
         _tokens(prompt_tokens, completion_tokens)
@@ -308,12 +309,23 @@ class Ledger:
             check_id(s.owner_id, "owner id")
             check_id(s.node_id, "node id")
             _tokens(s.prompt_tokens, s.completion_tokens)
-        return self._submit(SettleOp(check_id(job_id, "job id"), check_id(client_id, "client id"),
-                                     model, prompt_tokens, completion_tokens, tuple(shares)))
+        op = SettleOp(check_id(job_id, "job id"), check_id(client_id, "client id"),
+                      model, prompt_tokens, completion_tokens, tuple(shares))
+        return self._submit(op, self._job_update(job_id, job))
 
-    def void(self, job_id: str) -> VoidOutcome:
+    def void(self, job_id: str, *, job: Mapping[str, Any] | None = None) -> VoidOutcome:
         """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
-        return self._submit(VoidOp(check_id(job_id, "job id")))
+        return self._submit(VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job))
+
+    @staticmethod
+    def _job_update(job_id: str, job: Mapping[str, Any] | None) -> After | None:
+        """``job``, fields of the job's row (its final state), updated in the transaction of its
+        settlement or void: a job is closed exactly when its money is, in one commit. Written
+        whatever the op's result (a void after a settlement is a no-op, yet the job is over)."""
+        if job is None:
+            return None
+        fields = dict(job)
+        return lambda tx, _result: tx.update_job(job_id, fields)
 
     def deposit(self, client_id: str, amount_micros: int, reference: str) -> str:
         """Credit a client's prepaid balance; ``reference`` (e.g. the payment's id) makes the

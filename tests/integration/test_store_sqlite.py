@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy import event
+
 from sparecycles.store import Store
 from sparecycles.store.db import wal_autocheckpoint_pages, wal_backstop_pages
 
@@ -36,4 +39,30 @@ def test_commits_leave_checkpoints_to_the_background_when_asked(tmp_path: Path) 
     assert store.get_job("job_299") is not None
     Store("sqlite://").checkpoint()  # in memory: nothing to do
     plain.close()
+    store.close()
+
+
+def test_a_write_batch_is_one_transaction_all_or_nothing(tmp_path: Path) -> None:
+    """Dispatch's writer commits queued metering writes together: one commit for all, and a
+    failing one takes the others back with it (the writer then replays them one by one)."""
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    store.migrate()
+    client = store.ensure_client("acme")
+    job = dict(client_id=client, model="m", endpoint="completions", state="admitted",
+               prompt_tokens=1, max_tokens=4, created_at_s=time.time())
+    store.insert_job(id="j1", **job)
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    store.write_batch([
+        lambda: store.start_attempt(job_id="j1", attempt=1, node_id="n1", prompt_tokens=1),
+        lambda: store.update_job("j1", state="streaming"),
+        lambda: store.end_attempt("j1", 1, outcome="done", completion_tokens=4),
+    ])
+    assert len(commits) == 1
+    assert store.get_job("j1").state == "streaming"
+    assert [(a.outcome, a.completion_tokens) for a in store.attempts("j1")] == [("done", 4)]
+    with pytest.raises(Exception):  # noqa: B017  (the second insert of j1 violates its key)
+        store.write_batch([lambda: store.update_job("j1", state="done"),
+                           lambda: store.insert_job(id="j1", **job)])
+    assert store.get_job("j1").state == "streaming"  # the update went back with the batch
     store.close()

@@ -153,6 +153,33 @@ def test_a_hold_writes_its_job_row_in_the_same_transaction(make_books: Callable[
     assert L.check() == []
 
 
+def test_settle_and_void_close_their_job_row_in_the_same_transaction(
+        make_books: Callable[..., Books]) -> None:
+    """A job's final row lands in the commit of its settlement (or void), not in one of its
+    own: a job is done exactly when its money is settled."""
+    b = make_books()
+    L = b.ledger
+    b.add_job("seed", "alice", "done")
+    L.deposit("alice", 1_000, "p")
+    for job_id in ("j0", "j1", "j2"):
+        b.add_job(job_id, "alice", "streaming")
+        L.hold(job_id, "alice", "m", 500, 100)
+    L.settle("j0", "alice", "m", 500, 1, [share("o", "n", 500, 1)])  # creates the accounts
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+    L.settle("j1", "alice", "m", 500, 10, [share("o", "n", 500, 10)],
+             job={"state": "done", "completion_tokens": 10, "finish_reason": "stop"})
+    L.void("j2", job={"state": "failed", "error": "node lost"})
+    L.void("j1", job={"state": "done"})  # a no-op on the money; the row is written as given
+    assert len(commits) == 3
+    with b.engine.connect() as c:
+        jobs = {r.id: r for r in c.execute(select(JobRow).where(JobRow.id.in_(["j1", "j2"])))}
+    assert (jobs["j1"].state, jobs["j1"].completion_tokens) == ("done", 10)
+    assert (jobs["j2"].state, jobs["j2"].error) == ("failed", "node lost")
+    assert L.job_money("j1")["state"] == "settled" and L.job_money("j2")["state"] == "voided"
+    assert L.check() == []
+
+
 def test_credit_limit_lets_a_client_go_negative_down_to_it(make_books: Callable[..., Books]
                                                             ) -> None:
     L = make_books().ledger

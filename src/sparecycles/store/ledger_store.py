@@ -221,6 +221,12 @@ class LedgerTx:
         """A job's row, written in the transaction of its hold (``Ledger.hold(job=...)``)."""
         self.conn.execute(insert(JobRow.__table__), [dict(fields)])
 
+    def update_job(self, job_id: str, fields: Mapping[str, Any]) -> None:
+        """A job's final state, written in the transaction of its settlement or void
+        (``Ledger.settle(job=...)``, ``Ledger.void(job=...)``)."""
+        self.conn.execute(update(JobRow.__table__).where(JobRow.__table__.c.id == job_id)
+                          .values(**dict(fields)))
+
     def _insert(self, table: Any, rows: list[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
         every constraint still checked), executemany otherwise."""

@@ -7,8 +7,9 @@ ledger's queries are in ``ledger_store.py``.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class Store:
         pages = wal_backstop_pages if background_checkpoints else wal_autocheckpoint_pages
         self.engine = engine or make_engine(url, autocheckpoint_pages=pages)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        self._joined = threading.local()  # the transaction of a ``write_batch`` on this thread
 
     # ---- schema ---------------------------------------------------------------------------
 
@@ -318,12 +320,27 @@ class Store:
         the ledger's): it takes the engine's writer lock (``db.writer_lock``), and on SQLite
         starts ``IMMEDIATE``, so that it queues behind an admission's hold rather than meeting
         SQLite's busy handler, and an admission never waits in that handler behind it."""
+        joined: Session | None = getattr(self._joined, "session", None)
+        if joined is not None:
+            yield joined
+            return
         with writer_lock(self.engine), self.sessions.begin() as s:
             conn = s.connection()
             if self.engine.dialect.name == "sqlite" and not getattr(
                     conn.connection.dbapi_connection, "in_transaction", False):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield s
+
+    def write_batch(self, writes: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Run several job writes (calls of this store's write methods) in one transaction, in
+        order: dispatch's writer commits the metering writes that queued up together at once
+        (one commit instead of one each). All land or none does."""
+        with self._writing() as s:
+            self._joined.session = s
+            try:
+                return [write() for write in writes]
+            finally:
+                self._joined.session = None
 
     def insert_job(self, **fields: Any) -> None:
         with self._writing() as s:
