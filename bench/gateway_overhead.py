@@ -10,6 +10,13 @@ Both sides run the engine with one torch thread (the node process gets OMP_NUM_T
 LocalNetwork), so the comparison is of the path, not of thread counts.
 
     python bench/gateway_overhead.py [--requests 24] [--max-tokens 64]
+        [--endpoint chat|completions] [--preset tiny|medium] [--concurrency 1 4]
+
+``--endpoint chat`` (the default) sends chat prompts, which the tiny model answers in a few
+tokens: per-request costs dominate. ``--endpoint completions`` sends plain-text prompts whose
+greedy continuation runs to ``max_tokens``: per-token costs dominate. ``--preset medium`` uses
+the ~290M-parameter untrained model (whose decode step is a realistic tens of milliseconds on a
+CPU core) instead of the tiny one (a millisecond or two).
 """
 
 from __future__ import annotations
@@ -63,16 +70,25 @@ def direct(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int
         return list(pool.map(one, range(len(prompts))))
 
 
-def network(client, texts: list[str], max_tokens: int, concurrency: int
+def network(client, texts: list[str], max_tokens: int, concurrency: int, endpoint: str = "chat"
             ) -> list[tuple[float, float, int]]:
+    def stream(i: int):
+        if endpoint == "chat":
+            return client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": texts[i]}],
+                max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+        return client.completions.create(
+            model="tiny", prompt=texts[i], max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+
     def one(i: int) -> tuple[float, float, int]:
         t0 = time.perf_counter()
         ttft, tokens = None, 0
-        for chunk in client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": texts[i]}],
-                max_tokens=max_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}):
-            if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+        for chunk in stream(i):
+            if chunk.choices and ttft is None and (
+                    chunk.choices[0].delta.content if endpoint == "chat"
+                    else chunk.choices[0].text):
                 ttft = time.perf_counter() - t0
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
@@ -119,14 +135,23 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--model", type=Path, default=Path(".sparecycles/bench/tiny"))
+    ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    ap.add_argument("--preset", choices=("tiny", "medium"), default="tiny")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a model directory (default: .sparecycles/bench/PRESET, built once)")
     args = ap.parse_args()
+    args.model = args.model or Path(".sparecycles/bench") / args.preset
     if not (args.model / "config.json").exists():
-        build_tiny_model(args.model)
+        build_tiny_model(args.model, preset=args.preset)
     torch.set_num_threads(1)
     tok = modelfiles.load_tokenizer(str(args.model))
     texts = PROMPTS[: args.requests]
-    ids = [modelfiles.render_chat(tok, [{"role": "user", "content": t}]) for t in texts]
+    if args.endpoint == "chat":
+        ids = [modelfiles.render_chat(tok, [{"role": "user", "content": t}]) for t in texts]
+    else:
+        ids = [modelfiles.render_completion(tok, t) for t in texts]
+    print(f"model {args.model} ({args.preset}), endpoint {args.endpoint}, "
+          f"{len(texts)} requests, max_tokens {args.max_tokens}")
     # The tiny model stops early at its end-of-turn token; both paths see the same prompts and
     # greedy decoding, so they generate the same tokens.
     engine = TransformersEngine.load("tiny", args.model, device="cpu")
@@ -142,7 +167,7 @@ def main() -> None:
         net.start_node("bench-node", "bench-owner")
         net.wait_ready(1)
         client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=120)
-        network(client, texts[:2], 8, 1)  # warm up both paths
+        network(client, texts[:2], 8, 1, args.endpoint)  # warm up both paths
         direct(engine, ids[:2], 8, 1)
         print(f"{'concurrency':>11} {'path':>8} {'TTFT p50':>9} {'TTFT p90':>9} "
               f"{'tokens/s':>9} {'tokens':>7}")
@@ -151,7 +176,7 @@ def main() -> None:
             for name in ("direct", "network"):
                 t0 = time.perf_counter()
                 rows = (direct(engine, ids, args.max_tokens, c) if name == "direct"
-                        else network(client, texts, args.max_tokens, c))
+                        else network(client, texts, args.max_tokens, c, args.endpoint))
                 results[name] = summarize(rows, time.perf_counter() - t0)
                 r = results[name]
                 print(f"{c:>11} {name:>8} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p90_ms']:>7.1f}ms "

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import websockets
@@ -251,9 +251,10 @@ class NodeAgent:
     async def _forward(self, engine: Engine, run: _Running, send: Any) -> None:
         job = run.job
         produced: list[int] = []
+        carry: GenerationUpdate | None = None
         try:
             while True:
-                update = await run.updates.get()
+                update, carry = await _coalesced(run.updates, carry)
                 if update.error:
                     await send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
                                                  message=update.error[:2000]))
@@ -383,3 +384,22 @@ def _policy_dict(policy: AvailabilityPolicy) -> dict[str, Any]:
     d = asdict(policy)
     d["windows"] = [list(w) for w in policy.windows]
     return d
+
+
+async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: GenerationUpdate | None
+                     ) -> tuple[GenerationUpdate, GenerationUpdate | None]:
+    """The next update of a job, merged with those that queued up behind it while this loop was
+    busy (one ``tokens`` message instead of one per token, when the node is loaded; an idle node
+    still sends each token as it comes). An error is never merged: it is handed back as the
+    ``carry`` for the next call, so the tokens before it are sent first."""
+    update = carry if carry is not None else await updates.get()
+    while not update.error and not update.finished and not updates.empty():
+        nxt = updates.get_nowait()
+        if nxt.error:
+            return update, nxt
+        lps = (update.logprobs + nxt.logprobs
+               if update.logprobs is not None and nxt.logprobs is not None else None)
+        update = replace(update, token_ids=update.token_ids + nxt.token_ids,
+                                     logprobs=lps, finished=nxt.finished,
+                                     finish_reason=nxt.finish_reason)
+    return update, None
