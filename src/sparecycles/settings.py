@@ -76,6 +76,9 @@ class NodeSettings(BaseSettings):
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda:N``."""
     device_class: str = ""
     jobs_max: int = 8
+    stream_interval_ms: float = Field(default=10.0, ge=0.0, le=1_000.0)
+    """After the first token, tokens go to the coordinator at most this often (merged into one
+    message): a fast device otherwise spends its CPU on one message per token. 0: each alone."""
     duty_cycle: float = 1.0
     """Share of time (0-1] the device may compute for the network; it rests the remainder."""
     availability: dict[str, Any] = Field(default_factory=dict)

@@ -4,6 +4,7 @@ message, never across an error, and never waits for more when nothing is queued.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from sparecycles.node.agent import _coalesced
 from sparecycles.node.backends.base import GenerationUpdate
@@ -49,5 +50,34 @@ def test_an_update_alone_goes_at_once() -> None:
         q = _queue(GenerationUpdate("r", (5,)))
         update, carry = await asyncio.wait_for(_coalesced(q, None), 1)
         assert update.token_ids == (5,) and carry is None
+
+    asyncio.run(run())
+
+
+def test_tokens_arriving_within_the_stream_interval_are_held_and_merged() -> None:
+    async def run() -> None:
+        q: asyncio.Queue[GenerationUpdate] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        q.put_nowait(GenerationUpdate("r", (1,)))
+        loop.call_later(0.02, q.put_nowait, GenerationUpdate("r", (2,)))
+        loop.call_later(0.04, q.put_nowait, GenerationUpdate("r", (3,)))
+        loop.call_later(0.30, q.put_nowait, GenerationUpdate("r", (4,)))
+        t0 = time.monotonic()
+        update, _ = await _coalesced(q, None, t0 + 0.15)
+        assert update.token_ids == (1, 2, 3)  # held until the interval ended, then sent
+        assert 0.14 <= time.monotonic() - t0 < 0.29
+        last, _ = await _coalesced(q, None, 0.0)  # nothing to hold for: the next one as it comes
+        assert last.token_ids == (4,)
+
+    asyncio.run(run())
+
+
+def test_the_end_of_a_job_is_never_held_back() -> None:
+    async def run() -> None:
+        q = _queue(GenerationUpdate("r", (1,)),
+                   GenerationUpdate("r", (), finished=True, finish_reason=FinishReason.STOP))
+        t0 = time.monotonic()
+        update, _ = await _coalesced(q, None, t0 + 5.0)
+        assert update.finished and update.token_ids == (1,) and time.monotonic() - t0 < 1.0
 
     asyncio.run(run())

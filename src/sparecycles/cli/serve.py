@@ -63,6 +63,8 @@ def node(
     device: str = typer.Option(None, help="auto, cpu or cuda:N"),
     device_class: str = typer.Option(None, help="gaming-pc, laptop, car, server, …"),
     jobs_max: int = typer.Option(None, help="Jobs this node runs at once"),
+    stream_interval_ms: float = typer.Option(
+        None, help="Send tokens at most this often after the first (default 10; 0: each alone)"),
     duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
     availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
@@ -79,6 +81,7 @@ def node(
     flags = {k: v for k, v in {
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
         "device": device, "device_class": device_class, "jobs_max": jobs_max,
+        "stream_interval_ms": stream_interval_ms,
         "duty_cycle": duty_cycle,
         "config_dir": config_dir, "reprofile": reprofile or None,
         "electricity_price": electricity_price, "hardware_price": hardware_price,
@@ -139,6 +142,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         policy=policy_from_dict(settings.availability),
         name=settings.name or identity.node_id,
         jobs_max=settings.jobs_max,
+        stream_interval_s=settings.stream_interval_ms / 1000,
         owner_costs=_owner_costs(settings),
     )
     agent.status_probe = StatusProbe()

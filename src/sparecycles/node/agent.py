@@ -39,6 +39,7 @@ class _Running:
     busy_start_s: float
     tokens_start: int
     first_token_s: float | None = None
+    last_sent_s: float = 0.0  # when tokens last went to the coordinator
     sent: int = 0
     task: asyncio.Task[None] | None = None
     handed_back: bool = False
@@ -55,6 +56,10 @@ class NodeAgent:
     policy: AvailabilityPolicy = field(default_factory=AvailabilityPolicy)
     name: str = ""
     jobs_max: int = 8
+    # After a job's first token (sent at once), its tokens go out at most this often, merged
+    # into one message: a fast engine otherwise spends its CPU, the coordinator's and the
+    # client's on one message per token (docs/benchmarks.md, gateway). 0: each as it comes.
+    stream_interval_s: float = 0.01
     owner_costs: dict[str, Any] = field(default_factory=dict)  # tariff, hardware price, life
     status_probe: Any = None  # callable returning availability.DeviceStatus; None: always fine
     running: dict[str, _Running] = field(default_factory=dict)
@@ -254,7 +259,8 @@ class NodeAgent:
         carry: GenerationUpdate | None = None
         try:
             while True:
-                update, carry = await _coalesced(run.updates, carry)
+                hold_until = run.last_sent_s + self.stream_interval_s if produced else 0.0
+                update, carry = await _coalesced(run.updates, carry, hold_until)
                 if update.error:
                     await send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
                                                  message=update.error[:2000]))
@@ -271,6 +277,7 @@ class NodeAgent:
                                                    index=len(produced), token_ids=part,
                                                    logprobs=lp))
                         produced.extend(part)
+                    run.last_sent_s = time.monotonic()
                 if update.finished:
                     break
             if run.handed_back:
@@ -386,20 +393,30 @@ def _policy_dict(policy: AvailabilityPolicy) -> dict[str, Any]:
     return d
 
 
-async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: GenerationUpdate | None
+async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: GenerationUpdate | None,
+                     hold_until_s: float = 0.0
                      ) -> tuple[GenerationUpdate, GenerationUpdate | None]:
     """The next update of a job, merged with those that queued up behind it while this loop was
-    busy (one ``tokens`` message instead of one per token, when the node is loaded; an idle node
-    still sends each token as it comes). An error is never merged: it is handed back as the
-    ``carry`` for the next call, so the tokens before it are sent first."""
+    busy, and with those that arrive before ``hold_until_s`` (monotonic; the stream interval):
+    one ``tokens`` message instead of one per token. The end of the job is never held back, and
+    an error is never merged: it is handed back as the ``carry`` for the next call, so that the
+    tokens before it are sent first."""
     update = carry if carry is not None else await updates.get()
-    while not update.error and not update.finished and not updates.empty():
-        nxt = updates.get_nowait()
+    while not update.error and not update.finished:
+        if not updates.empty():
+            nxt = updates.get_nowait()
+        else:
+            wait_s = hold_until_s - time.monotonic()
+            if wait_s <= 0:
+                break
+            try:
+                nxt = await asyncio.wait_for(updates.get(), wait_s)
+            except TimeoutError:
+                break
         if nxt.error:
             return update, nxt
         lps = (update.logprobs + nxt.logprobs
                if update.logprobs is not None and nxt.logprobs is not None else None)
-        update = replace(update, token_ids=update.token_ids + nxt.token_ids,
-                                     logprobs=lps, finished=nxt.finished,
-                                     finish_reason=nxt.finish_reason)
+        update = replace(update, token_ids=update.token_ids + nxt.token_ids, logprobs=lps,
+                         finished=nxt.finished, finish_reason=nxt.finish_reason)
     return update, None
