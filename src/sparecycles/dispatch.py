@@ -390,16 +390,9 @@ class Dispatcher:
         node.queued_tokens = max(0, node.queued_tokens - len(new))
         if att.first_token_s is None:
             att.first_token_s = now
-        if job.first_token_s is None:
+        if job.first_token_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_s = now
             job.state = JobState.STREAMING
-            self._background(
-                self.store.update_job,
-                job.job_id,
-                state="streaming",
-                first_token_at_s=time.time(),
-                time_to_first_token_s=now - job.admitted_mono_s,
-            )
         job.events.put_nowait(JobEvent("tokens", tuple(new)))
 
     async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
@@ -578,6 +571,9 @@ class Dispatcher:
                  "finish_reason": finish_reason if error is None else None,
                  "error": None if error is None else error.message,
                  "finished_at_s": now, "total_s": total_s}
+        if job.first_token_s is not None:
+            final.update(first_token_at_s=now - (time.monotonic() - job.first_token_s),
+                         time_to_first_token_s=job.first_token_s - job.admitted_mono_s)
 
         def _settle() -> None:  # one transaction: the money and the job's final row
             try:
