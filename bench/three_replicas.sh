@@ -2,12 +2,12 @@
 # Three coordinator replicas on one PostgreSQL database and NATS, driven by the control-plane
 # harness (fake nodes spread over the replicas, clients over the replicas), then one replica
 # alone with the same fleet and clients, side by side. Results: artifacts/three_replicas/.
-#   bench/three_replicas.sh [CONCURRENCY=64,256] [FLEET=300] [DURATION_S=15]
+#   bench/three_replicas.sh [CONCURRENCY=64,256] [FLEET=300] [DURATION_S=15] [OUTPUT_TOKENS_MAX=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 MODEL_DIR=${SPARECYCLES_TINY_MODEL:-/tmp/tiny2}
-CONC=${1:-64,256}; FLEET=${2:-300}; DUR=${3:-15}
+CONC=${1:-64,256}; FLEET=${2:-300}; DUR=${3:-15}; OUT_MAX=${4:-64}
 OUT=artifacts/three_replicas; mkdir -p "$OUT"
 [ -f "$MODEL_DIR/config.json" ] || "$PY" -m sparecycles model tiny "$MODEL_DIR"
 pids=()
@@ -31,6 +31,7 @@ run() {  # replicas label
   "$PY" bench/control_plane.py --urls "$(IFS=,; echo "${urls[*]}")" \
     --database "postgresql://postgres@127.0.0.1:5432/$db" --model-dir "$MODEL_DIR" \
     --scale 0 --fleet "$FLEET" --concurrency "$CONC" --duration-s "$DUR" \
+    --output-tokens-max "$OUT_MAX" \
     --out "$OUT/$label"
   cleanup; pids=(); sleep 2
   psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE $db WITH (FORCE)" >/dev/null
