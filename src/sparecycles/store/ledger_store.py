@@ -25,9 +25,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Text,
     any_,
     bindparam,
     case,
+    cast,
     func,
     insert,
     inspect,
@@ -68,18 +70,27 @@ tx_attempts_max = 8  # a transaction that keeps meeting deadlocks or busy errors
 tx_backoff_s = 0.002  # first pause before a retry, doubled each time
 copy_rows_min = 16  # below this a COPY's extra round trips cost more than the INSERTs
 in_list_max = 500  # ids per IN (...) list, well below SQLite's bound on parameters
+terms_cache_max = 1000  # distinct payout terms kept parsed
 _retry_sqlstates = {"40P01", "40001", "23505", "55P03"}  # deadlock, serialization, unique, lock
 
-_update_totals = (
-    update(A)
-    .where(A.c.id == bindparam("b_id"))
-    .values(
-        debits_posted=A.c.debits_posted + bindparam("b_dp"),
-        credits_posted=A.c.credits_posted + bindparam("b_cp"),
-        debits_pending=A.c.debits_pending + bindparam("b_dq"),
-        credits_pending=A.c.credits_pending + bindparam("b_cq"),
-    )
-)
+# The totals of a batch in one statement on PostgreSQL: ``l`` locks the accounts in the order
+# of the arrays (ORDER BY runs below the row locks, so they are taken in that order), then the
+# UPDATE changes only rows this transaction already holds, so it never waits out of order.
+_pg_apply_totals = """
+WITH d AS (
+    SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[])
+        WITH ORDINALITY AS d(id, dp, cp, dq, cq, n)),
+l AS MATERIALIZED (
+    SELECT a.id FROM ledger_accounts a JOIN d ON a.id = d.id ORDER BY d.n
+    FOR NO KEY UPDATE OF a)
+UPDATE ledger_accounts a
+SET debits_posted = a.debits_posted + d.dp, credits_posted = a.credits_posted + d.cp,
+    debits_pending = a.debits_pending + d.dq, credits_pending = a.credits_pending + d.cq
+FROM d, l WHERE a.id = d.id AND l.id = d.id"""
+_sqlite_apply_totals = (
+    "UPDATE ledger_accounts SET debits_posted = debits_posted + ?, "
+    "credits_posted = credits_posted + ?, debits_pending = debits_pending + ?, "
+    "credits_pending = credits_pending + ? WHERE id = ?")
 
 
 _insert_columns = {
@@ -101,11 +112,17 @@ def _by_ids(table: Any, col: str, pg: bool) -> Any:
     return select(table).where(c.in_(bindparam("ids", expanding=True)))
 
 
+def _holds_by_ids(pg: bool) -> Any:
+    """Hold terms by job id, ``terms`` as its JSON text (parsed once per distinct text)."""
+    cols = [H.c[c] for c in _insert_columns["ledger_holds"] if c != "terms"]
+    q = _by_ids(H, "job_id", pg)
+    return q.with_only_columns(*cols, cast(H.c.terms, Text).label("terms"))
+
+
 # (statement on SQLite, statement on PostgreSQL)
-_sel_holds = (_by_ids(H, "job_id", False), _by_ids(H, "job_id", True))
+_sel_holds = (_holds_by_ids(False), _holds_by_ids(True))
 _sel_accounts = tuple(q.order_by(A.c.id) for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
-# FOR NO KEY UPDATE, not FOR UPDATE: the foreign keys of every new transfer take KEY SHARE locks
-# on its accounts, which FOR UPDATE would conflict with (a deadlock with a concurrent payout).
+# FOR NO KEY UPDATE, not FOR UPDATE: the weakest lock that excludes another writer of the totals.
 _sel_accounts_locked = _sel_accounts[1].with_for_update(key_share=True)
 _sel_job_transfers = (_by_ids(TR, "job_id", False), _by_ids(TR, "job_id", True))
 _sel_transfers = (_by_ids(TR, "id", False), _by_ids(TR, "id", True))
@@ -131,14 +148,14 @@ def _transfer(row: Any) -> TransferRow:
 _terms_cache: dict[str, PayoutTerms] = {}
 
 
-def _terms(d: dict[str, Any]) -> PayoutTerms:
-    """Payout terms from their JSON; few distinct terms exist, so they are parsed once each."""
-    key = json.dumps(d, sort_keys=True)
-    terms = _terms_cache.get(key)
+def _terms(text: str) -> PayoutTerms:
+    """Payout terms from their stored JSON text; few distinct terms exist (one per price book),
+    so each text is parsed once."""
+    terms = _terms_cache.get(text)
     if terms is None:
-        if len(_terms_cache) > 1000:
+        if len(_terms_cache) > terms_cache_max:
             _terms_cache.clear()
-        terms = _terms_cache[key] = PayoutTerms.from_dict(d)
+        terms = _terms_cache[text] = PayoutTerms.from_dict(json.loads(text))
     return terms
 
 
@@ -202,20 +219,41 @@ class LedgerTx:
     # -- writes --
 
     def write(self, out: Outcome) -> None:
-        """Insert the new transfers and holds, then apply the totals in lock order."""
+        """Insert the new transfers and holds, then lock every account they name in lock order
+        and apply the totals; an account that does not exist stops the transaction."""
         self._insert(TR, [
             (t.id, t.debit_account_id, t.credit_account_id, t.amount_micros, t.currency,
              t.kind, t.job_id, t.pending_id, t.fingerprint, t.memo, t.created_at_s)
             for t in out.transfers])
-        self._insert(H, [
-            (h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
-             h.price.input_micros_per_mtok, h.price.output_micros_per_mtok, h.terms.as_dict(),
-             h.hold_micros, h.created_at_s) for h in out.holds])
-        rows = [{"b_id": k, "b_dp": d[0], "b_cp": d[1], "b_dq": d[2], "b_cq": d[3]}
-                for k, d in sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0]))
-                if any(d)]
-        if rows:
-            self.conn.execute(_update_totals, rows)
+        if out.holds:
+            terms: dict[int, str] = {}  # the batch's holds share one or two terms objects
+            for h in out.holds:
+                if id(h.terms) not in terms:
+                    terms[id(h.terms)] = json.dumps(h.terms.as_dict(), sort_keys=True)
+            self._insert(H, [
+                (h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
+                 h.price.input_micros_per_mtok, h.price.output_micros_per_mtok,
+                 terms[id(h.terms)], h.hold_micros, h.created_at_s) for h in out.holds])
+        self._apply_totals(sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0])))
+
+    def _apply_totals(self, deltas: list[tuple[str, list[int]]]) -> None:
+        """Add each account's deltas to its totals, locking the accounts in the order given
+        (``lock_rank``). Every account a transfer names is here (``emit`` records both sides,
+        even for a zero amount), and the count of rows updated must equal the count of
+        accounts: this is what keeps transfers from naming an account that does not exist
+        (migration 0005 replaced the per-row foreign keys with it; ``ledger check`` verifies
+        it again from outside)."""
+        if not deltas:
+            return
+        if self.pg:
+            cols = list(zip(*((k, *d) for k, d in deltas), strict=True))
+            n = self.conn.exec_driver_sql(_pg_apply_totals, tuple(list(c) for c in cols)).rowcount
+        else:
+            n = self.conn.exec_driver_sql(_sqlite_apply_totals,
+                                          [(*d, k) for k, d in deltas]).rowcount
+        if n != len(deltas):
+            raise InvariantViolation(f"{len(deltas) - n} of the accounts {[k for k, _ in deltas]}"
+                                     " do not exist")
 
     def insert_job(self, fields: Mapping[str, Any]) -> None:
         """A job's row, written in the transaction of its hold (``Ledger.hold(job=...)``)."""
@@ -229,19 +267,18 @@ class LedgerTx:
 
     def _insert(self, table: Any, rows: list[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
-        every constraint still checked), executemany otherwise."""
+        every constraint still checked), executemany of one plain INSERT otherwise."""
         if not rows:
             return
         cols = _insert_columns[table.name]
         if not self.pg or len(rows) < copy_rows_min:
-            self.conn.execute(insert(table), [dict(zip(cols, r, strict=True)) for r in rows])
+            mark = "%s" if self.pg else "?"
+            self.conn.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES "
+                                      f"({', '.join([mark] * len(cols))})", rows)
             return
-        json_at = cols.index("terms") if "terms" in cols else -1
         cur = self.conn.connection.driver_connection.cursor()  # same transaction
         with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
             for r in rows:
-                if json_at >= 0:
-                    r = (*r[:json_at], json.dumps(r[json_at]), *r[json_at + 1:])
                 copy.write_row(r)
 
     def set_credit_limit(self, account_id: str, limit_micros: int) -> None:
