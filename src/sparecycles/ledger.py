@@ -370,15 +370,18 @@ class Ledger:
         """One transaction: load and lock what the ops touch, apply them, write the outcome,
         then each op's ``after`` with its result."""
         now = self.clock()
-        self.store.ensure_accounts(
-            {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
-             for a in eng.accounts_of(op, {})}, self.currency, now)
+        named = {a for op in ops for a in eng.accounts_of(op, {})}  # all but voids' and withholds'
+        if not self.store.knows(named):  # create the accounts of the ops whose ids are valid
+            self.store.ensure_accounts(
+                {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
+                 for a in eng.accounts_of(op, {})}, self.currency, now)
 
         def work(tx: LedgerTx) -> list[Any]:
             jobs = eng.job_ids(ops)
             holds = tx.holds(j.job_id for j in ops if not isinstance(j, HoldOp | DepositOp
                                                                       | CostOp))
-            touched = {a for op in ops for a in eng.accounts_of(op, holds)}
+            touched = named | {a for op in ops if isinstance(op, VoidOp | WithholdOp)
+                               for a in eng.accounts_of(op, holds)}
             clients = {a for a in touched if eng.account_kind(a) == "client"}
             accounts = tx.accounts(clients, lock=True)
             transfers = tx.transfers(job_ids=jobs, ids=eng.transfer_ids(ops))

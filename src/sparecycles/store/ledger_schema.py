@@ -20,6 +20,7 @@ from sqlalchemy import (
     CheckConstraint,
     Float,
     ForeignKey,
+    Index,
     Integer,
     PrimaryKeyConstraint,
     String,
@@ -80,6 +81,9 @@ class LedgerTransfer(Base):
     __table_args__ = (
         CheckConstraint("amount_micros >= 0", name="amount_not_negative"),
         CheckConstraint("debit_account_id <> credit_account_id", name="two_accounts"),
+        # Every query by time also names a kind (costs, withholds, old holds of a period), so
+        # one index serves both (one index fewer to update per transfer than kind and time).
+        Index("ix_ledger_transfers_kind_created_at_s", "kind", "created_at_s"),
     )
     seq: Mapped[int] = mapped_column(_Seq, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(200), unique=True)
@@ -92,12 +96,12 @@ class LedgerTransfer(Base):
     credit_account_id: Mapped[str] = mapped_column(String(120), index=True)
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(8))
-    kind: Mapped[str] = mapped_column(String(24), index=True)
+    kind: Mapped[str] = mapped_column(String(24))
     job_id: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
     pending_id: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     memo: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at_s: Mapped[float] = mapped_column(Float, index=True)
+    created_at_s: Mapped[float] = mapped_column(Float)
 
 
 class LedgerHold(Base):

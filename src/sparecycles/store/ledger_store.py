@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,7 +93,7 @@ _sqlite_apply_totals = (
     "credits_pending = credits_pending + ? WHERE id = ?")
 
 
-_insert_columns = {
+_insert_columns = {  # "ledger_transfers": the fields of TransferRow, in order
     "ledger_transfers": ("id", "debit_account_id", "credit_account_id", "amount_micros",
                          "currency", "kind", "job_id", "pending_id", "fingerprint", "memo",
                          "created_at_s"),
@@ -101,6 +101,10 @@ _insert_columns = {
                      "input_micros_per_mtok", "output_micros_per_mtok", "terms", "hold_micros",
                      "created_at_s"),
 }
+
+
+if TransferRow._fields != _insert_columns["ledger_transfers"]:  # rows are written as they are
+    raise InvariantViolation("TransferRow's fields and ledger_transfers' columns differ")
 
 
 def _by_ids(table: Any, col: str, pg: bool) -> Any:
@@ -113,10 +117,16 @@ def _by_ids(table: Any, col: str, pg: bool) -> Any:
 
 
 def _holds_by_ids(pg: bool) -> Any:
-    """Hold terms by job id, ``terms`` as its JSON text (parsed once per distinct text)."""
+    """Hold terms by job id, ``terms`` last and as its JSON text (parsed once per text)."""
     cols = [H.c[c] for c in _insert_columns["ledger_holds"] if c != "terms"]
     q = _by_ids(H, "job_id", pg)
     return q.with_only_columns(*cols, cast(H.c.terms, Text).label("terms"))
+
+
+def _transfers_by(col: str, pg: bool) -> Any:
+    """Transfers by ``col``, their columns in the order of ``TransferRow``'s fields."""
+    q = _by_ids(TR, col, pg)
+    return q.with_only_columns(*(TR.c[c] for c in _insert_columns["ledger_transfers"]))
 
 
 # (statement on SQLite, statement on PostgreSQL)
@@ -124,8 +134,8 @@ _sel_holds = (_holds_by_ids(False), _holds_by_ids(True))
 _sel_accounts = tuple(q.order_by(A.c.id) for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
 # FOR NO KEY UPDATE, not FOR UPDATE: the weakest lock that excludes another writer of the totals.
 _sel_accounts_locked = _sel_accounts[1].with_for_update(key_share=True)
-_sel_job_transfers = (_by_ids(TR, "job_id", False), _by_ids(TR, "job_id", True))
-_sel_transfers = (_by_ids(TR, "id", False), _by_ids(TR, "id", True))
+_sel_job_transfers = (_transfers_by("job_id", False), _transfers_by("job_id", True))
+_sel_transfers = (_transfers_by("id", False), _transfers_by("id", True))
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
@@ -187,11 +197,10 @@ class LedgerTx:
     def holds(self, job_ids: Iterable[str]) -> dict[str, HoldTerms]:
         out: dict[str, HoldTerms] = {}
         for chunk in _chunks(job_ids):
-            for r in self.conn.execute(_sel_holds[self.pg], {"ids": chunk}):
-                out[r.job_id] = HoldTerms(
-                    r.job_id, r.client_id, r.model, r.currency, r.prompt_tokens, r.max_tokens,
-                    ModelPrice(r.input_micros_per_mtok, r.output_micros_per_mtok),
-                    _terms(r.terms), r.hold_micros, r.created_at_s)
+            for (job, client, model, cur, prompt, most, p_in, p_out, amount, at,
+                 terms) in self.conn.execute(_sel_holds[self.pg], {"ids": chunk}):
+                out[job] = HoldTerms(job, client, model, cur, prompt, most,
+                                     ModelPrice(p_in, p_out), _terms(terms), amount, at)
         return out
 
     def accounts(self, ids: Iterable[str], *, lock: bool = False) -> dict[str, AccountState]:
@@ -207,7 +216,7 @@ class LedgerTx:
         out: dict[str, TransferRow] = {}
         for q, keys in ((_sel_job_transfers[self.pg], job_ids), (_sel_transfers[self.pg], ids)):
             for chunk in _chunks(keys):
-                out.update((r.id, _transfer(r)) for r in self.conn.execute(q, {"ids": chunk}))
+                out.update((r[0], TransferRow(*r)) for r in self.conn.execute(q, {"ids": chunk}))
         return out
 
     def all_prices(self, currency: str) -> dict[str, ModelPrice]:
@@ -221,10 +230,7 @@ class LedgerTx:
     def write(self, out: Outcome) -> None:
         """Insert the new transfers and holds, then lock every account they name in lock order
         and apply the totals; an account that does not exist stops the transaction."""
-        self._insert(TR, [
-            (t.id, t.debit_account_id, t.credit_account_id, t.amount_micros, t.currency,
-             t.kind, t.job_id, t.pending_id, t.fingerprint, t.memo, t.created_at_s)
-            for t in out.transfers])
+        self._insert(TR, out.transfers)  # TransferRow is a tuple in the columns' order
         if out.holds:
             terms: dict[int, str] = {}  # the batch's holds share one or two terms objects
             for h in out.holds:
@@ -265,7 +271,7 @@ class LedgerTx:
         self.conn.execute(update(JobRow.__table__).where(JobRow.__table__.c.id == job_id)
                           .values(**dict(fields)))
 
-    def _insert(self, table: Any, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(self, table: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
         every constraint still checked), executemany of one plain INSERT otherwise."""
         if not rows:
@@ -531,6 +537,10 @@ class LedgerStore:
         if wrong or len(found) != len(missing):
             raise InvariantViolation(f"accounts in another currency than {currency}: {wrong}")
         self._known_accounts.update(missing)
+
+    def knows(self, ids: set[str]) -> bool:
+        """Whether every one of these accounts was created (or found) by this store already."""
+        return self._known_accounts.issuperset(ids)
 
     def tables_present(self) -> bool:
         names = set(inspect(self.engine).get_table_names())
