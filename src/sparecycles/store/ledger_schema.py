@@ -25,6 +25,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -84,6 +85,11 @@ class LedgerTransfer(Base):
         # Every query by time also names a kind (costs, withholds, old holds of a period), so
         # one index serves both (one index fewer to update per transfer than kind and time).
         Index("ix_ledger_transfers_kind_created_at_s", "kind", "created_at_s"),
+        # Unique among the posts and voids that name a hold; the three rows of four per
+        # settlement without one are left out of the index (NULLs never collide anyway).
+        Index("ix_ledger_transfers_pending_id", "pending_id", unique=True,
+              postgresql_where=text("pending_id IS NOT NULL"),
+              sqlite_where=text("pending_id IS NOT NULL")),
     )
     seq: Mapped[int] = mapped_column(_Seq, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(200), unique=True)
@@ -98,7 +104,7 @@ class LedgerTransfer(Base):
     currency: Mapped[str] = mapped_column(String(8))
     kind: Mapped[str] = mapped_column(String(24))
     job_id: Mapped[str | None] = mapped_column(String(80), nullable=True, index=True)
-    pending_id: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
+    pending_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     memo: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at_s: Mapped[float] = mapped_column(Float)
