@@ -384,6 +384,42 @@ def test_a_batch_gives_each_op_its_own_result(make_books: Callable[..., Books]) 
     assert L.check() == []
 
 
+def test_concurrent_submits_share_transactions_and_keep_their_order(
+        make_books: Callable[..., Books]) -> None:
+    import threading
+
+    b = make_books()
+    L = b.restart(lanes=2)
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+    for c in range(6):
+        L.deposit(f"c{c}", USD, f"p{c}")
+    commits.clear()
+    results: dict[int, list[Any]] = {}
+
+    def work(c: int) -> None:  # each list holds a job's hold before its settlement
+        ops: list[Any] = []
+        for i in range(40):
+            ops += [HoldOp(f"j{c}-{i}", f"c{c}", "m", 100, 100),
+                    SettleOp(f"j{c}-{i}", f"c{c}", "m", 100, 50, (share("bob", "pc1", 100, 50),))]
+        results[c] = L.submit(ops)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # at most one transaction per submit (80 ops fit one; several may share one), and the
+    # creation of bob's accounts (by either lane)
+    assert len(commits) <= 6 + 2
+    charge = -(-(100 * 60_000 + 50 * 180_000) // 1_000_000)
+    for c in range(6):
+        assert results[c][0::2] == [-(-(100 * 60_000 + 100 * 180_000) // 1_000_000)] * 40
+        assert [r.charge_micros for r in results[c][1::2]] == [charge] * 40
+        assert L.client_balance(f"c{c}").balance_micros == USD - 40 * charge
+    assert L.check() == []
+
+
 def test_bad_ids_and_token_counts_are_refused(make_books: Callable[..., Books]) -> None:
     L = make_books().ledger
     with pytest.raises(InvalidRequest):
