@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -87,6 +87,16 @@ UPDATE ledger_accounts a
 SET debits_posted = a.debits_posted + d.dp, credits_posted = a.credits_posted + d.cp,
     debits_pending = a.debits_pending + d.dq, credits_pending = a.credits_pending + d.cq
 FROM d, l WHERE a.id = d.id AND l.id = d.id"""
+def _pg_totals_args(deltas: list[tuple[str, list[int]]]) -> tuple[list[Any], ...]:
+    """The five arrays of ``_pg_apply_totals``: ids and the four deltas, in lock order."""
+    return tuple(list(c) for c in zip(*((k, *d) for k, d in deltas), strict=True))
+
+
+def _insert_sql(table: str, mark: str) -> str:
+    cols = _insert_columns[table]
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
+
+
 _sqlite_apply_totals = (
     "UPDATE ledger_accounts SET debits_posted = debits_posted + ?, "
     "credits_posted = credits_posted + ?, debits_pending = debits_pending + ?, "
@@ -101,10 +111,6 @@ _insert_columns = {  # "ledger_transfers": the fields of TransferRow, in order
                      "input_micros_per_mtok", "output_micros_per_mtok", "terms", "hold_micros",
                      "created_at_s"),
 }
-
-
-if TransferRow._fields != _insert_columns["ledger_transfers"]:  # rows are written as they are
-    raise InvariantViolation("TransferRow's fields and ledger_transfers' columns differ")
 
 
 def _by_ids(table: Any, col: str, pg: bool) -> Any:
@@ -131,11 +137,30 @@ def _transfers_by(col: str, pg: bool) -> Any:
 
 # (statement on SQLite, statement on PostgreSQL)
 _sel_holds = (_holds_by_ids(False), _holds_by_ids(True))
-_sel_accounts = tuple(q.order_by(A.c.id) for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
+_account_columns = ("id", "currency", "debits_posted", "credits_posted", "debits_pending",
+                    "credits_pending", "credit_limit_micros")  # AccountState's fields, in order
+_sel_accounts = tuple(q.with_only_columns(*(A.c[c] for c in _account_columns)).order_by(A.c.id)
+                      for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
 # FOR NO KEY UPDATE, not FOR UPDATE: the weakest lock that excludes another writer of the totals.
 _sel_accounts_locked = _sel_accounts[1].with_for_update(key_share=True)
+if (TransferRow._fields != _insert_columns["ledger_transfers"]  # rows are written as they are
+        or tuple(f.name for f in fields(AccountState)) != _account_columns):  # and read so
+    raise InvariantViolation("TransferRow's or AccountState's fields and the columns differ")
 _sel_job_transfers = (_transfers_by("job_id", False), _transfers_by("job_id", True))
 _sel_transfers = (_transfers_by("id", False), _transfers_by("id", True))
+
+
+def _pg_text(q: Any) -> str:
+    """A statement's SQL for the raw psycopg connection (``%s`` for its one array)."""
+    sql = str(q.compile(dialect=postgresql.psycopg.dialect()))
+    if sql.count("%(ids)s") != 1:
+        raise InvariantViolation(f"expected one array parameter in {sql}")
+    return sql.replace("%(ids)s", "%s")
+
+
+# The reads of a batch on PostgreSQL, sent together in one pipeline (``LedgerTx.load``).
+_pg_load = (_pg_text(_sel_holds[1]), _pg_text(_sel_accounts_locked),
+            _pg_text(_sel_job_transfers[1]), _pg_text(_sel_transfers[1]))
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
@@ -169,8 +194,10 @@ def _terms(text: str) -> PayoutTerms:
     return terms
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    orig = exc.orig
+def _retryable(exc: Exception) -> bool:
+    """Whether a failed transaction may be run again: ``exc`` is SQLAlchemy's wrapper of a
+    driver error, or a driver error raised from the raw connection (COPY, pipelines)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
     state = getattr(orig, "sqlstate", None)
     if state is not None:
         return state in _retry_sqlstates
@@ -219,6 +246,35 @@ class LedgerTx:
                 out.update((r[0], TransferRow(*r)) for r in self.conn.execute(q, {"ids": chunk}))
         return out
 
+    def load(self, hold_jobs: Iterable[str], clients: Iterable[str], job_ids: Iterable[str],
+             ids: Iterable[str]) -> tuple[dict[str, HoldTerms], dict[str, AccountState],
+                                          dict[str, TransferRow]]:
+        """``holds``, then ``accounts(clients, lock=True)``, then ``transfers``, for a batch
+        whose clients are known before its holds are read. On PostgreSQL the three go in one
+        pipeline: one round trip, run in this order, so the transfers are still read after
+        the locks are taken."""
+        if not self.pg:
+            return (self.holds(hold_jobs), self.accounts(clients, lock=True),
+                    self.transfers(job_ids=job_ids, ids=ids))
+        raw = self._raw()
+        keys = [sorted(set(k)) for k in (hold_jobs, clients, job_ids, ids)]
+        with raw.pipeline():
+            curs = [raw.execute(sql, (k,)) if k else None for sql, k in zip(_pg_load, keys,
+                                                                             strict=True)]
+        holds = {job: HoldTerms(job, client, model, cur, prompt, most, ModelPrice(p_in, p_out),
+                                _terms(terms), amount, at)
+                 for job, client, model, cur, prompt, most, p_in, p_out, amount, at, terms
+                 in (curs[0].fetchall() if curs[0] else ())}
+        accounts = {r[0]: AccountState(*r) for r in (curs[1].fetchall() if curs[1] else ())}
+        transfers = {r[0]: TransferRow(*r) for c in curs[2:] if c for r in c.fetchall()}
+        return holds, accounts, transfers
+
+    def _raw(self) -> Any:
+        """The psycopg connection under this transaction (COPY, pipelines)."""
+        if not self.conn.in_transaction():
+            self.conn.begin()  # so that the store's commit commits what is sent raw
+        return self.conn.connection.driver_connection
+
     def all_prices(self, currency: str) -> dict[str, ModelPrice]:
         P = LedgerPrice.__table__
         q = select(P).where(P.c.currency == currency)
@@ -230,17 +286,30 @@ class LedgerTx:
     def write(self, out: Outcome) -> None:
         """Insert the new transfers and holds, then lock every account they name in lock order
         and apply the totals; an account that does not exist stops the transaction."""
+        terms: dict[int, str] = {}  # the batch's holds share one or two terms objects
+        for h in out.holds:
+            if id(h.terms) not in terms:
+                terms[id(h.terms)] = json.dumps(h.terms.as_dict(), sort_keys=True)
+        holds = [(h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
+                  h.price.input_micros_per_mtok, h.price.output_micros_per_mtok,
+                  terms[id(h.terms)], h.hold_micros, h.created_at_s) for h in out.holds]
+        deltas = sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0]))
+        if self.pg and len(out.transfers) < copy_rows_min and len(holds) < copy_rows_min:
+            # A few rows (the group commit of single calls): the INSERTs and the totals in one
+            # pipeline, one round trip; the count of accounts is checked before the commit.
+            raw = self._raw()
+            with raw.pipeline():
+                cur = raw.cursor()
+                for table, rows in ((TR, out.transfers), (H, holds)):
+                    if rows:
+                        cur.executemany(_insert_sql(table.name, "%s"), rows)
+                totals = (raw.execute(_pg_apply_totals, _pg_totals_args(deltas))
+                          if deltas else None)
+            self._check_totals(deltas, totals.rowcount if totals else 0)
+            return
         self._insert(TR, out.transfers)  # TransferRow is a tuple in the columns' order
-        if out.holds:
-            terms: dict[int, str] = {}  # the batch's holds share one or two terms objects
-            for h in out.holds:
-                if id(h.terms) not in terms:
-                    terms[id(h.terms)] = json.dumps(h.terms.as_dict(), sort_keys=True)
-            self._insert(H, [
-                (h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
-                 h.price.input_micros_per_mtok, h.price.output_micros_per_mtok,
-                 terms[id(h.terms)], h.hold_micros, h.created_at_s) for h in out.holds])
-        self._apply_totals(sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0])))
+        self._insert(H, holds)
+        self._apply_totals(deltas)
 
     def _apply_totals(self, deltas: list[tuple[str, list[int]]]) -> None:
         """Add each account's deltas to its totals, locking the accounts in the order given
@@ -252,11 +321,14 @@ class LedgerTx:
         if not deltas:
             return
         if self.pg:
-            cols = list(zip(*((k, *d) for k, d in deltas), strict=True))
-            n = self.conn.exec_driver_sql(_pg_apply_totals, tuple(list(c) for c in cols)).rowcount
+            n = self.conn.exec_driver_sql(_pg_apply_totals, _pg_totals_args(deltas)).rowcount
         else:
             n = self.conn.exec_driver_sql(_sqlite_apply_totals,
                                           [(*d, k) for k, d in deltas]).rowcount
+        self._check_totals(deltas, n)
+
+    @staticmethod
+    def _check_totals(deltas: list[tuple[str, list[int]]], n: int) -> None:
         if n != len(deltas):
             raise InvariantViolation(f"{len(deltas) - n} of the accounts {[k for k, _ in deltas]}"
                                      " do not exist")
@@ -278,11 +350,9 @@ class LedgerTx:
             return
         cols = _insert_columns[table.name]
         if not self.pg or len(rows) < copy_rows_min:
-            mark = "%s" if self.pg else "?"
-            self.conn.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES "
-                                      f"({', '.join([mark] * len(cols))})", rows)
+            self.conn.exec_driver_sql(_insert_sql(table.name, "%s" if self.pg else "?"), rows)
             return
-        cur = self.conn.connection.driver_connection.cursor()  # same transaction
+        cur = self._raw().cursor()  # same transaction
         with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
             for r in rows:
                 copy.write_row(r)
@@ -503,8 +573,9 @@ class LedgerStore:
             try:
                 with self._writer, self._connect(write=True) as conn:
                     return fn(LedgerTx(conn, self.dialect))
-            except DBAPIError as exc:
-                if attempt == tx_attempts_max or not _retryable(exc):
+            except Exception as exc:
+                driver = isinstance(exc, DBAPIError) or hasattr(exc, "sqlstate")
+                if attempt == tx_attempts_max or not driver or not _retryable(exc):
                     raise
                 self.retries += 1
                 time.sleep(pause)
