@@ -35,6 +35,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -152,12 +153,20 @@ class Statement:
 After = Callable[[LedgerTx, Any], None]
 
 
-class _Pending:
-    __slots__ = ("after", "done", "error", "event", "op", "promoted", "result")
+class _Caller:
+    """One caller waiting on its ops: woken when all of them are done, or to lead."""
 
-    def __init__(self, op: Op, after: After | None = None):
-        self.op, self.after, self.event = op, after, threading.Event()
-        self.done = self.promoted = False
+    __slots__ = ("event", "left", "promoted")
+
+    def __init__(self, ops: int):
+        self.event, self.left, self.promoted = threading.Event(), ops, False
+
+
+class _Pending:
+    __slots__ = ("after", "caller", "error", "op", "result")
+
+    def __init__(self, op: Op, after: After | None, caller: _Caller):
+        self.op, self.after, self.caller = op, after, caller
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -166,28 +175,43 @@ class _GroupCommit:
     """Commit concurrent calls together: the first caller leads and runs every queued op in one
     transaction, then hands the lead to the next waiter. A single caller pays no wait; under load
     one commit (the expensive part) serves up to ``batch_ops_max`` operations. Safe because
-    ``apply`` gives each op in a batch the same result it would have alone, in queue order."""
+    ``apply`` gives each op in a batch the same result it would have alone, in queue order.
+    A caller may queue many ops at once (``Ledger.submit``): they stay in order, and are run in
+    as few transactions as fit them, shared with other callers' ops."""
 
     def __init__(self, run: Callable[[list[Op], list[After | None]], list[Any]], ops_max: int):
         self._run, self._ops_max = run, ops_max
         self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
         self._busy = False
 
+    def load(self) -> int:
+        """Ops queued or running (a hint for choosing a lane; read without the lock)."""
+        return len(self._queue) + self._busy
+
     def submit(self, op: Op, after: After | None = None) -> Any:
-        me = _Pending(op, after)
+        p = self.submit_many([op], [after])[0]
+        if isinstance(p, BaseException):
+            raise p
+        return p
+
+    def submit_many(self, ops: Sequence[Op], afters: Sequence[After | None]) -> list[Any]:
+        """Each op's result (its value or the SpareCyclesError it raised), in order; raises
+        what made a transaction of one of them fail."""
+        me = _Caller(len(ops))
+        mine = [_Pending(op, after, me) for op, after in zip(ops, afters, strict=True)]
         with self._lock:
-            self._queue.append(me)
+            self._queue.extend(mine)
             lead = not self._busy
             self._busy = True
         if not lead:
             me.event.wait()
             if not me.promoted:
-                return self._unwrap(me)
-        while not me.done:
+                return self._results(mine)
+        while me.left:
             with self._lock:
-                batch = self._queue[: self._ops_max]
-                del self._queue[: self._ops_max]
+                batch = [self._queue.popleft()
+                         for _ in range(min(self._ops_max, len(self._queue)))]
             try:
                 results = self._run([p.op for p in batch], [p.after for p in batch])
             except BaseException as exc:  # the whole transaction failed: every op learns why
@@ -197,24 +221,23 @@ class _GroupCommit:
                 for p, r in zip(batch, results, strict=True):
                     p.result = r
             for p in batch:
-                p.done = True
-                if p is not me:
-                    p.event.set()
+                p.caller.left -= 1
+                if not p.caller.left and p.caller is not me:
+                    p.caller.event.set()
         with self._lock:
             if self._queue:
-                self._queue[0].promoted = True
-                self._queue[0].event.set()
+                self._queue[0].caller.promoted = True
+                self._queue[0].caller.event.set()
             else:
                 self._busy = False
-        return self._unwrap(me)
+        return self._results(mine)
 
     @staticmethod
-    def _unwrap(p: _Pending) -> Any:
-        if p.error is not None:
-            raise p.error
-        if isinstance(p.result, BaseException):
-            raise p.result
-        return p.result
+    def _results(mine: list[_Pending]) -> list[Any]:
+        for p in mine:
+            if p.error is not None:
+                raise p.error
+        return [p.result for p in mine]
 
 
 class Ledger:
@@ -243,6 +266,7 @@ class Ledger:
         n = lanes or (4 if self.store.dialect == "postgresql" else 1)
         self._prices: dict[str, ModelPrice] = {}
         self._prices_expire_s = float("-inf")
+        self._batching = batching
         self._lanes = [_GroupCommit(self._apply_batch, batch_ops_max if batching else 1)
                        for _ in range(n)]
 
@@ -353,12 +377,17 @@ class Ledger:
                                    None if memo is None else memo[:memo_chars_max]))
 
     def submit(self, ops: Sequence[Op]) -> list[Any]:
-        """Apply many operations in one transaction (simulation, benchmarks, bulk imports).
-        Returns one result per op: its value, or the SpareCyclesError it raised."""
-        out: list[Any] = []
-        for i in range(0, len(ops), batch_ops_max):
-            out.extend(self._apply_batch(list(ops[i : i + batch_ops_max])))
-        return out
+        """Apply many operations, in order, in as few transactions as fit them (simulation,
+        benchmarks, bulk imports): through the least busy lane's group commit, so concurrent
+        submits share transactions of up to ``batch_ops_max`` ops. Returns one result per op:
+        its value, or the SpareCyclesError it raised."""
+        if not self._batching:  # each call its own transaction; a submit still one per chunk
+            return [r for i in range(0, len(ops), batch_ops_max)
+                    for r in self._apply_batch(list(ops[i : i + batch_ops_max]))]
+        if not ops:
+            return []
+        lane = min(self._lanes, key=_GroupCommit.load)
+        return lane.submit_many(ops, [None] * len(ops))
 
     def _submit(self, op: Op, after: After | None = None) -> Any:
         key = (getattr(op, "job_id", None) or getattr(op, "reference", None)
@@ -370,18 +399,28 @@ class Ledger:
         """One transaction: load and lock what the ops touch, apply them, write the outcome,
         then each op's ``after`` with its result."""
         now = self.clock()
-        self.store.ensure_accounts(
-            {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
-             for a in eng.accounts_of(op, {})}, self.currency, now)
+        named = {a for op in ops for a in eng.accounts_of(op, {})}  # all but voids' and withholds'
+        if not self.store.knows(named):  # create the accounts of the ops whose ids are valid
+            self.store.ensure_accounts(
+                {a for op in ops if not isinstance(op, VoidOp | WithholdOp) and eng.ids_valid(op)
+                 for a in eng.accounts_of(op, {})}, self.currency, now)
+
+        late = any(isinstance(op, VoidOp | WithholdOp) for op in ops)  # clients in their holds
 
         def work(tx: LedgerTx) -> list[Any]:
             jobs = eng.job_ids(ops)
-            holds = tx.holds(j.job_id for j in ops if not isinstance(j, HoldOp | DepositOp
-                                                                      | CostOp))
-            touched = {a for op in ops for a in eng.accounts_of(op, holds)}
-            clients = {a for a in touched if eng.account_kind(a) == "client"}
-            accounts = tx.accounts(clients, lock=True)
-            transfers = tx.transfers(job_ids=jobs, ids=eng.transfer_ids(ops))
+            held = [j.job_id for j in ops if not isinstance(j, HoldOp | DepositOp | CostOp)]
+            if late:  # read the holds, then lock their clients too
+                holds = tx.holds(held)
+                touched = named | {a for op in ops if isinstance(op, VoidOp | WithholdOp)
+                                   for a in eng.accounts_of(op, holds)}
+                clients = {a for a in touched if eng.account_kind(a) == "client"}
+                accounts = tx.accounts(clients, lock=True)
+                transfers = tx.transfers(job_ids=jobs, ids=eng.transfer_ids(ops))
+            else:  # the same three reads, in one round trip on PostgreSQL
+                touched = set(named)
+                clients = {a for a in touched if eng.account_kind(a) == "client"}
+                holds, accounts, transfers = tx.load(held, clients, jobs, eng.transfer_ids(ops))
             touched |= {a for t in transfers.values()
                         for a in (t.debit_account_id, t.credit_account_id)}
             for a in touched - accounts.keys():

@@ -14,9 +14,16 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
 
 from sparecycles import payouts
-from sparecycles.errors import Conflict, InsufficientBalance, InvalidRequest, NotFound
+from sparecycles.errors import (
+    Conflict,
+    InsufficientBalance,
+    InvalidRequest,
+    InvariantViolation,
+    NotFound,
+)
 from sparecycles.ledger import Ledger, VoidOutcome, WorkShare
 from sparecycles.ledger_engine import DepositOp, HoldOp, SettleOp, VoidOp
 from sparecycles.pricing import ModelPrice, PriceBook
@@ -377,6 +384,42 @@ def test_a_batch_gives_each_op_its_own_result(make_books: Callable[..., Books]) 
     assert L.check() == []
 
 
+def test_concurrent_submits_share_transactions_and_keep_their_order(
+        make_books: Callable[..., Books]) -> None:
+    import threading
+
+    b = make_books()
+    L = b.restart(lanes=2)
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+    for c in range(6):
+        L.deposit(f"c{c}", USD, f"p{c}")
+    commits.clear()
+    results: dict[int, list[Any]] = {}
+
+    def work(c: int) -> None:  # each list holds a job's hold before its settlement
+        ops: list[Any] = []
+        for i in range(40):
+            ops += [HoldOp(f"j{c}-{i}", f"c{c}", "m", 100, 100),
+                    SettleOp(f"j{c}-{i}", f"c{c}", "m", 100, 50, (share("bob", "pc1", 100, 50),))]
+        results[c] = L.submit(ops)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # at most one transaction per submit (80 ops fit one; several may share one), and the
+    # creation of bob's accounts (by either lane)
+    assert len(commits) <= 6 + 2
+    charge = -(-(100 * 60_000 + 50 * 180_000) // 1_000_000)
+    for c in range(6):
+        assert results[c][0::2] == [-(-(100 * 60_000 + 100 * 180_000) // 1_000_000)] * 40
+        assert [r.charge_micros for r in results[c][1::2]] == [charge] * 40
+        assert L.client_balance(f"c{c}").balance_micros == USD - 40 * charge
+    assert L.check() == []
+
+
 def test_bad_ids_and_token_counts_are_refused(make_books: Callable[..., Books]) -> None:
     L = make_books().ledger
     with pytest.raises(InvalidRequest):
@@ -508,6 +551,27 @@ def test_check_finds_tampering_and_missing_settlements(make_books: Callable[...,
     problems = L.check(grace_s=1e9)
     assert any("client:alice: stored totals" in p for p in problems)
     assert any("posted debits" in p and "(stored totals)" in p for p in problems)
+
+
+def test_the_database_refuses_a_missing_account_and_a_hold_resolved_twice(
+        make_books: Callable[..., Books]) -> None:
+    """What the foreign keys did before migration 0005, and the unique ``pending_id``."""
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", USD, "p")
+    L.hold("j1", "alice", "m", 1000, 500)
+    L.ensure_owner("carol")  # this ledger now takes carol's accounts as created...
+    b.exec("DELETE FROM ledger_accounts WHERE id = 'owner:carol:earned'")  # ...and one is gone
+    with pytest.raises(InvariantViolation, match="owner:carol:earned"):
+        L.settle("j1", "alice", "m", 1000, 200, [share("carol", "pc9", 1000, 200)])
+    assert L.job_money("j1")["state"] == "held"  # nothing of the settlement was written
+    L.settle("j1", "alice", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    with pytest.raises(IntegrityError):  # a second post of the same hold
+        b.exec("INSERT INTO ledger_transfers (id, debit_account_id, credit_account_id, "
+               "amount_micros, currency, kind, job_id, pending_id, fingerprint, created_at_s) "
+               "VALUES ('job:j1:post2', 'client:alice', 'platform:revenue', 1, 'USD', 'post', "
+               "'j1', 'job:j1:hold', 'x', 0)")
+    assert L.check() == []
 
 
 def test_check_finds_a_hold_open_too_long(make_books: Callable[..., Books]) -> None:

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Text,
     any_,
     bindparam,
     case,
+    cast,
     func,
     insert,
     inspect,
@@ -68,21 +70,40 @@ tx_attempts_max = 8  # a transaction that keeps meeting deadlocks or busy errors
 tx_backoff_s = 0.002  # first pause before a retry, doubled each time
 copy_rows_min = 16  # below this a COPY's extra round trips cost more than the INSERTs
 in_list_max = 500  # ids per IN (...) list, well below SQLite's bound on parameters
+terms_cache_max = 1000  # distinct payout terms kept parsed
 _retry_sqlstates = {"40P01", "40001", "23505", "55P03"}  # deadlock, serialization, unique, lock
 
-_update_totals = (
-    update(A)
-    .where(A.c.id == bindparam("b_id"))
-    .values(
-        debits_posted=A.c.debits_posted + bindparam("b_dp"),
-        credits_posted=A.c.credits_posted + bindparam("b_cp"),
-        debits_pending=A.c.debits_pending + bindparam("b_dq"),
-        credits_pending=A.c.credits_pending + bindparam("b_cq"),
-    )
-)
+# The totals of a batch in one statement on PostgreSQL: ``l`` locks the accounts in the order
+# of the arrays (ORDER BY runs below the row locks, so they are taken in that order), then the
+# UPDATE changes only rows this transaction already holds, so it never waits out of order.
+_pg_apply_totals = """
+WITH d AS (
+    SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[])
+        WITH ORDINALITY AS d(id, dp, cp, dq, cq, n)),
+l AS MATERIALIZED (
+    SELECT a.id FROM ledger_accounts a JOIN d ON a.id = d.id ORDER BY d.n
+    FOR NO KEY UPDATE OF a)
+UPDATE ledger_accounts a
+SET debits_posted = a.debits_posted + d.dp, credits_posted = a.credits_posted + d.cp,
+    debits_pending = a.debits_pending + d.dq, credits_pending = a.credits_pending + d.cq
+FROM d, l WHERE a.id = d.id AND l.id = d.id"""
+def _pg_totals_args(deltas: list[tuple[str, list[int]]]) -> tuple[list[Any], ...]:
+    """The five arrays of ``_pg_apply_totals``: ids and the four deltas, in lock order."""
+    return tuple(list(c) for c in zip(*((k, *d) for k, d in deltas), strict=True))
 
 
-_insert_columns = {
+def _insert_sql(table: str, mark: str) -> str:
+    cols = _insert_columns[table]
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
+
+
+_sqlite_apply_totals = (
+    "UPDATE ledger_accounts SET debits_posted = debits_posted + ?, "
+    "credits_posted = credits_posted + ?, debits_pending = debits_pending + ?, "
+    "credits_pending = credits_pending + ? WHERE id = ?")
+
+
+_insert_columns = {  # "ledger_transfers": the fields of TransferRow, in order
     "ledger_transfers": ("id", "debit_account_id", "credit_account_id", "amount_micros",
                          "currency", "kind", "job_id", "pending_id", "fingerprint", "memo",
                          "created_at_s"),
@@ -101,14 +122,45 @@ def _by_ids(table: Any, col: str, pg: bool) -> Any:
     return select(table).where(c.in_(bindparam("ids", expanding=True)))
 
 
+def _holds_by_ids(pg: bool) -> Any:
+    """Hold terms by job id, ``terms`` last and as its JSON text (parsed once per text)."""
+    cols = [H.c[c] for c in _insert_columns["ledger_holds"] if c != "terms"]
+    q = _by_ids(H, "job_id", pg)
+    return q.with_only_columns(*cols, cast(H.c.terms, Text).label("terms"))
+
+
+def _transfers_by(col: str, pg: bool) -> Any:
+    """Transfers by ``col``, their columns in the order of ``TransferRow``'s fields."""
+    q = _by_ids(TR, col, pg)
+    return q.with_only_columns(*(TR.c[c] for c in _insert_columns["ledger_transfers"]))
+
+
 # (statement on SQLite, statement on PostgreSQL)
-_sel_holds = (_by_ids(H, "job_id", False), _by_ids(H, "job_id", True))
-_sel_accounts = tuple(q.order_by(A.c.id) for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
-# FOR NO KEY UPDATE, not FOR UPDATE: the foreign keys of every new transfer take KEY SHARE locks
-# on its accounts, which FOR UPDATE would conflict with (a deadlock with a concurrent payout).
+_sel_holds = (_holds_by_ids(False), _holds_by_ids(True))
+_account_columns = ("id", "currency", "debits_posted", "credits_posted", "debits_pending",
+                    "credits_pending", "credit_limit_micros")  # AccountState's fields, in order
+_sel_accounts = tuple(q.with_only_columns(*(A.c[c] for c in _account_columns)).order_by(A.c.id)
+                      for q in (_by_ids(A, "id", False), _by_ids(A, "id", True)))
+# FOR NO KEY UPDATE, not FOR UPDATE: the weakest lock that excludes another writer of the totals.
 _sel_accounts_locked = _sel_accounts[1].with_for_update(key_share=True)
-_sel_job_transfers = (_by_ids(TR, "job_id", False), _by_ids(TR, "job_id", True))
-_sel_transfers = (_by_ids(TR, "id", False), _by_ids(TR, "id", True))
+if (TransferRow._fields != _insert_columns["ledger_transfers"]  # rows are written as they are
+        or tuple(f.name for f in fields(AccountState)) != _account_columns):  # and read so
+    raise InvariantViolation("TransferRow's or AccountState's fields and the columns differ")
+_sel_job_transfers = (_transfers_by("job_id", False), _transfers_by("job_id", True))
+_sel_transfers = (_transfers_by("id", False), _transfers_by("id", True))
+
+
+def _pg_text(q: Any) -> str:
+    """A statement's SQL for the raw psycopg connection (``%s`` for its one array)."""
+    sql = str(q.compile(dialect=postgresql.psycopg.dialect()))
+    if sql.count("%(ids)s") != 1:
+        raise InvariantViolation(f"expected one array parameter in {sql}")
+    return sql.replace("%(ids)s", "%s")
+
+
+# The reads of a batch on PostgreSQL, sent together in one pipeline (``LedgerTx.load``).
+_pg_load = (_pg_text(_sel_holds[1]), _pg_text(_sel_accounts_locked),
+            _pg_text(_sel_job_transfers[1]), _pg_text(_sel_transfers[1]))
 
 
 def _chunks(items: Iterable[str]) -> Iterator[list[str]]:
@@ -131,19 +183,21 @@ def _transfer(row: Any) -> TransferRow:
 _terms_cache: dict[str, PayoutTerms] = {}
 
 
-def _terms(d: dict[str, Any]) -> PayoutTerms:
-    """Payout terms from their JSON; few distinct terms exist, so they are parsed once each."""
-    key = json.dumps(d, sort_keys=True)
-    terms = _terms_cache.get(key)
+def _terms(text: str) -> PayoutTerms:
+    """Payout terms from their stored JSON text; few distinct terms exist (one per price book),
+    so each text is parsed once."""
+    terms = _terms_cache.get(text)
     if terms is None:
-        if len(_terms_cache) > 1000:
+        if len(_terms_cache) > terms_cache_max:
             _terms_cache.clear()
-        terms = _terms_cache[key] = PayoutTerms.from_dict(d)
+        terms = _terms_cache[text] = PayoutTerms.from_dict(json.loads(text))
     return terms
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    orig = exc.orig
+def _retryable(exc: Exception) -> bool:
+    """Whether a failed transaction may be run again: ``exc`` is SQLAlchemy's wrapper of a
+    driver error, or a driver error raised from the raw connection (COPY, pipelines)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
     state = getattr(orig, "sqlstate", None)
     if state is not None:
         return state in _retry_sqlstates
@@ -170,11 +224,10 @@ class LedgerTx:
     def holds(self, job_ids: Iterable[str]) -> dict[str, HoldTerms]:
         out: dict[str, HoldTerms] = {}
         for chunk in _chunks(job_ids):
-            for r in self.conn.execute(_sel_holds[self.pg], {"ids": chunk}):
-                out[r.job_id] = HoldTerms(
-                    r.job_id, r.client_id, r.model, r.currency, r.prompt_tokens, r.max_tokens,
-                    ModelPrice(r.input_micros_per_mtok, r.output_micros_per_mtok),
-                    _terms(r.terms), r.hold_micros, r.created_at_s)
+            for (job, client, model, cur, prompt, most, p_in, p_out, amount, at,
+                 terms) in self.conn.execute(_sel_holds[self.pg], {"ids": chunk}):
+                out[job] = HoldTerms(job, client, model, cur, prompt, most,
+                                     ModelPrice(p_in, p_out), _terms(terms), amount, at)
         return out
 
     def accounts(self, ids: Iterable[str], *, lock: bool = False) -> dict[str, AccountState]:
@@ -190,8 +243,37 @@ class LedgerTx:
         out: dict[str, TransferRow] = {}
         for q, keys in ((_sel_job_transfers[self.pg], job_ids), (_sel_transfers[self.pg], ids)):
             for chunk in _chunks(keys):
-                out.update((r.id, _transfer(r)) for r in self.conn.execute(q, {"ids": chunk}))
+                out.update((r[0], TransferRow(*r)) for r in self.conn.execute(q, {"ids": chunk}))
         return out
+
+    def load(self, hold_jobs: Iterable[str], clients: Iterable[str], job_ids: Iterable[str],
+             ids: Iterable[str]) -> tuple[dict[str, HoldTerms], dict[str, AccountState],
+                                          dict[str, TransferRow]]:
+        """``holds``, then ``accounts(clients, lock=True)``, then ``transfers``, for a batch
+        whose clients are known before its holds are read. On PostgreSQL the three go in one
+        pipeline: one round trip, run in this order, so the transfers are still read after
+        the locks are taken."""
+        if not self.pg:
+            return (self.holds(hold_jobs), self.accounts(clients, lock=True),
+                    self.transfers(job_ids=job_ids, ids=ids))
+        raw = self._raw()
+        keys = [sorted(set(k)) for k in (hold_jobs, clients, job_ids, ids)]
+        with raw.pipeline():
+            curs = [raw.execute(sql, (k,)) if k else None for sql, k in zip(_pg_load, keys,
+                                                                             strict=True)]
+        holds = {job: HoldTerms(job, client, model, cur, prompt, most, ModelPrice(p_in, p_out),
+                                _terms(terms), amount, at)
+                 for job, client, model, cur, prompt, most, p_in, p_out, amount, at, terms
+                 in (curs[0].fetchall() if curs[0] else ())}
+        accounts = {r[0]: AccountState(*r) for r in (curs[1].fetchall() if curs[1] else ())}
+        transfers = {r[0]: TransferRow(*r) for c in curs[2:] if c for r in c.fetchall()}
+        return holds, accounts, transfers
+
+    def _raw(self) -> Any:
+        """The psycopg connection under this transaction (COPY, pipelines)."""
+        if not self.conn.in_transaction():
+            self.conn.begin()  # so that the store's commit commits what is sent raw
+        return self.conn.connection.driver_connection
 
     def all_prices(self, currency: str) -> dict[str, ModelPrice]:
         P = LedgerPrice.__table__
@@ -202,20 +284,54 @@ class LedgerTx:
     # -- writes --
 
     def write(self, out: Outcome) -> None:
-        """Insert the new transfers and holds, then apply the totals in lock order."""
-        self._insert(TR, [
-            (t.id, t.debit_account_id, t.credit_account_id, t.amount_micros, t.currency,
-             t.kind, t.job_id, t.pending_id, t.fingerprint, t.memo, t.created_at_s)
-            for t in out.transfers])
-        self._insert(H, [
-            (h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
-             h.price.input_micros_per_mtok, h.price.output_micros_per_mtok, h.terms.as_dict(),
-             h.hold_micros, h.created_at_s) for h in out.holds])
-        rows = [{"b_id": k, "b_dp": d[0], "b_cp": d[1], "b_dq": d[2], "b_cq": d[3]}
-                for k, d in sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0]))
-                if any(d)]
-        if rows:
-            self.conn.execute(_update_totals, rows)
+        """Insert the new transfers and holds, then lock every account they name in lock order
+        and apply the totals; an account that does not exist stops the transaction."""
+        terms: dict[int, str] = {}  # the batch's holds share one or two terms objects
+        for h in out.holds:
+            if id(h.terms) not in terms:
+                terms[id(h.terms)] = json.dumps(h.terms.as_dict(), sort_keys=True)
+        holds = [(h.job_id, h.client_id, h.model, h.currency, h.prompt_tokens, h.max_tokens,
+                  h.price.input_micros_per_mtok, h.price.output_micros_per_mtok,
+                  terms[id(h.terms)], h.hold_micros, h.created_at_s) for h in out.holds]
+        deltas = sorted(out.deltas.items(), key=lambda kv: lock_rank(kv[0]))
+        if self.pg and len(out.transfers) < copy_rows_min and len(holds) < copy_rows_min:
+            # A few rows (the group commit of single calls): the INSERTs and the totals in one
+            # pipeline, one round trip; the count of accounts is checked before the commit.
+            raw = self._raw()
+            with raw.pipeline():
+                cur = raw.cursor()
+                for table, rows in ((TR, out.transfers), (H, holds)):
+                    if rows:
+                        cur.executemany(_insert_sql(table.name, "%s"), rows)
+                totals = (raw.execute(_pg_apply_totals, _pg_totals_args(deltas))
+                          if deltas else None)
+            self._check_totals(deltas, totals.rowcount if totals else 0)
+            return
+        self._insert(TR, out.transfers)  # TransferRow is a tuple in the columns' order
+        self._insert(H, holds)
+        self._apply_totals(deltas)
+
+    def _apply_totals(self, deltas: list[tuple[str, list[int]]]) -> None:
+        """Add each account's deltas to its totals, locking the accounts in the order given
+        (``lock_rank``). Every account a transfer names is here (``emit`` records both sides,
+        even for a zero amount), and the count of rows updated must equal the count of
+        accounts: this is what keeps transfers from naming an account that does not exist
+        (migration 0005 replaced the per-row foreign keys with it; ``ledger check`` verifies
+        it again from outside)."""
+        if not deltas:
+            return
+        if self.pg:
+            n = self.conn.exec_driver_sql(_pg_apply_totals, _pg_totals_args(deltas)).rowcount
+        else:
+            n = self.conn.exec_driver_sql(_sqlite_apply_totals,
+                                          [(*d, k) for k, d in deltas]).rowcount
+        self._check_totals(deltas, n)
+
+    @staticmethod
+    def _check_totals(deltas: list[tuple[str, list[int]]], n: int) -> None:
+        if n != len(deltas):
+            raise InvariantViolation(f"{len(deltas) - n} of the accounts {[k for k, _ in deltas]}"
+                                     " do not exist")
 
     def insert_job(self, fields: Mapping[str, Any]) -> None:
         """A job's row, written in the transaction of its hold (``Ledger.hold(job=...)``)."""
@@ -227,21 +343,18 @@ class LedgerTx:
         self.conn.execute(update(JobRow.__table__).where(JobRow.__table__.c.id == job_id)
                           .values(**dict(fields)))
 
-    def _insert(self, table: Any, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(self, table: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
-        every constraint still checked), executemany otherwise."""
+        every constraint still checked), executemany of one plain INSERT otherwise."""
         if not rows:
             return
         cols = _insert_columns[table.name]
         if not self.pg or len(rows) < copy_rows_min:
-            self.conn.execute(insert(table), [dict(zip(cols, r, strict=True)) for r in rows])
+            self.conn.exec_driver_sql(_insert_sql(table.name, "%s" if self.pg else "?"), rows)
             return
-        json_at = cols.index("terms") if "terms" in cols else -1
-        cur = self.conn.connection.driver_connection.cursor()  # same transaction
+        cur = self._raw().cursor()  # same transaction
         with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
             for r in rows:
-                if json_at >= 0:
-                    r = (*r[:json_at], json.dumps(r[json_at]), *r[json_at + 1:])
                 copy.write_row(r)
 
     def set_credit_limit(self, account_id: str, limit_micros: int) -> None:
@@ -460,8 +573,9 @@ class LedgerStore:
             try:
                 with self._writer, self._connect(write=True) as conn:
                     return fn(LedgerTx(conn, self.dialect))
-            except DBAPIError as exc:
-                if attempt == tx_attempts_max or not _retryable(exc):
+            except Exception as exc:
+                driver = isinstance(exc, DBAPIError) or hasattr(exc, "sqlstate")
+                if attempt == tx_attempts_max or not driver or not _retryable(exc):
                     raise
                 self.retries += 1
                 time.sleep(pause)
@@ -494,6 +608,10 @@ class LedgerStore:
         if wrong or len(found) != len(missing):
             raise InvariantViolation(f"accounts in another currency than {currency}: {wrong}")
         self._known_accounts.update(missing)
+
+    def knows(self, ids: set[str]) -> bool:
+        """Whether every one of these accounts was created (or found) by this store already."""
+        return self._known_accounts.issuperset(ids)
 
     def tables_present(self) -> bool:
         names = set(inspect(self.engine).get_table_names())
