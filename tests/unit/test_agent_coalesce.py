@@ -81,3 +81,17 @@ def test_the_end_of_a_job_is_never_held_back() -> None:
         assert update.finished and update.token_ids == (1,) and time.monotonic() - t0 < 1.0
 
     asyncio.run(run())
+
+
+def test_the_end_of_a_job_keeps_the_logprobs_of_the_tokens_before_it() -> None:
+    """Verification needs a log-probability for every token a job that asked for them sends:
+    the last update (no tokens, no logprobs) must not wipe those merged before it."""
+    async def run() -> None:
+        q = _queue(GenerationUpdate("r", (1,), (-0.5,)), GenerationUpdate("r", (2,), (-0.25,)),
+                   GenerationUpdate("r", (), None, finished=True,
+                                    finish_reason=FinishReason.STOP))
+        update, _ = await _coalesced(q, None)
+        assert update.token_ids == (1, 2) and update.logprobs == (-0.5, -0.25)
+        assert update.finished
+
+    asyncio.run(run())

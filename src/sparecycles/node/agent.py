@@ -415,8 +415,17 @@ async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: Generation
                 break
         if nxt.error:
             return update, nxt
-        lps = (update.logprobs + nxt.logprobs
-               if update.logprobs is not None and nxt.logprobs is not None else None)
-        update = replace(update, token_ids=update.token_ids + nxt.token_ids, logprobs=lps,
-                         finished=nxt.finished, finish_reason=nxt.finish_reason)
+        update = replace(update, token_ids=update.token_ids + nxt.token_ids,
+                         logprobs=_joined_logprobs(update, nxt), finished=nxt.finished,
+                         finish_reason=nxt.finish_reason)
     return update, None
+
+
+def _joined_logprobs(a: GenerationUpdate, b: GenerationUpdate) -> tuple[float, ...] | None:
+    """The log-probabilities of two merged updates' tokens; an update without tokens (the end
+    of a job) carries none and takes none away."""
+    if not b.token_ids:
+        return a.logprobs
+    if not a.token_ids:
+        return b.logprobs
+    return a.logprobs + b.logprobs if a.logprobs is not None and b.logprobs is not None else None
