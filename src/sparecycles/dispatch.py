@@ -35,6 +35,7 @@ from sparecycles.ledger import Ledger, WorkShare
 from sparecycles.nodes import NodeConn
 from sparecycles.replicas import settle_abandoned
 from sparecycles.store import Store
+from sparecycles.store.db import transient_store_errors
 from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ log = logging.getLogger("sparecycles.dispatch")
 watchdog_interval_s = 0.25
 store_retry_s = 120.0  # how long writes after admission wait out a database outage
 write_batch_max = 256  # background writes committed together at most
+
 
 
 @dataclass
@@ -613,21 +615,22 @@ class Dispatcher:
         self._writes.put_nowait(_Write(fn, fut))
         return await fut
 
-    async def _apply(self, fn: Callable[[], Any]) -> Any:
+    async def _apply(self, fn: Callable[[], Any], *, landed_if_duplicate: bool = True) -> Any:
         """Run a store write, retrying while the database is away (PostgreSQL restarting) for
         up to ``store_retry_s``: writes after admission are metering and settlements, which must
         not be lost to a short outage. Every one is idempotent (settlements by transfer id), and
-        a retried insert that had in fact landed is recognised by its key."""
+        a retried insert that had in fact landed is recognised by its key (for one write; a
+        batch's duplicate may be any one of its writes, so a batch raises instead)."""
         delay_s, deadline = 0.2, time.monotonic() + store_retry_s
         retried = False
         while True:
             try:
                 return await asyncio.to_thread(fn)
             except sa_exc.IntegrityError:
-                if retried:
+                if retried and landed_if_duplicate:
                     return None  # the earlier try committed before its connection dropped
                 raise
-            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            except transient_store_errors as exc:
                 if time.monotonic() + delay_s > deadline:
                     raise
                 log.warning("store write failed (%s); retrying in %.1f s",
@@ -658,12 +661,12 @@ class Dispatcher:
     async def _run_batch(self, batch: list[_Write]) -> None:
         fns = [w.fn for w in batch]
         try:
-            await self._apply(lambda: self.store.write_batch(fns))
-        except sa_exc.IntegrityError:  # one of them had landed before: one by one, in order
+            await self._apply(lambda: self.store.write_batch(fns), landed_if_duplicate=False)
+        except Exception as exc:  # one by one, in order: one bad write costs only itself
+            log.warning("%d store writes failed together (%s); one by one", len(batch),
+                        str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
             for w in batch:
                 await self._run_write(w)
-        except Exception as exc:
-            log.error("store writes failed (%d)", len(batch), exc_info=exc)
 
     async def _run_write(self, w: _Write) -> None:
         try:

@@ -245,7 +245,10 @@ class Ledger:
 
     ``sessions`` is the store's sessionmaker (or an Engine). ``prices`` are the configured prices;
     prices set through the admin API (``set_price``) are stored and take precedence. ``lanes``
-    group commits run side by side (PostgreSQL); operations of one job always share a lane.
+    group commits run side by side (PostgreSQL); the calls for one job (``hold``, ``settle``,
+    ``void``...) always share a lane. ``submit`` takes the least busy lane for its whole list,
+    so a job's ops sent through ``submit`` and through the calls at once may meet in two lanes:
+    the transfer ids keep that safe (the second transaction retries and finds them done).
     """
 
     def __init__(

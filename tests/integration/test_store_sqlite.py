@@ -65,4 +65,8 @@ def test_a_write_batch_is_one_transaction_all_or_nothing(tmp_path: Path) -> None
         store.write_batch([lambda: store.update_job("j1", state="done"),
                            lambda: store.insert_job(id="j1", **job)])
     assert store.get_job("j1").state == "streaming"  # the update went back with the batch
+    with pytest.raises(RuntimeError, match="nest"):  # a second writer lock would deadlock
+        store.write_batch([lambda: store.write_batch([lambda: None])])
+    store.write_batch([lambda: store.update_job("j1", state="done")])  # and the store goes on
+    assert store.get_job("j1").state == "done"
     store.close()

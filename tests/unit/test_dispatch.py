@@ -238,3 +238,68 @@ async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypa
 
     with pytest.raises(sa_exc.OperationalError):
         await d._apply(down)  # not for ever: the outage outlasted the retry window
+
+
+def job_fields(job_id: str, client_id: str, now: float) -> dict:
+    return dict(id=job_id, client_id=client_id, model="m", endpoint="chat.completions",
+                state="admitted", prompt_tokens=3, max_tokens=10, created_at_s=now)
+
+
+async def test_one_bad_write_in_a_batch_costs_only_itself(world) -> None:
+    """Metering writes that queue together commit as one; when the batch fails, the writer
+    replays them one by one, in order, so only the bad write is lost (and logged)."""
+    import time
+
+
+    store, ledger, client, _ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    for j in ("j1", "j2"):
+        store.insert_job(**job_fields(j, client, time.time()))
+
+    def bad() -> None:
+        raise ValueError("a bug in one write")
+
+    batch = [lambda: store.start_attempt(job_id="j1", attempt=1, node_id="n", prompt_tokens=3),
+             bad,
+             lambda: store.start_attempt(job_id="j2", attempt=1, node_id="n", prompt_tokens=3),
+             lambda: store.end_attempt("j1", 1, outcome="done", completion_tokens=4)]
+    from sparecycles.dispatch import _Write
+
+    await d._run_batch([_Write(fn, None) for fn in batch])
+    assert [(a.outcome, a.completion_tokens) for a in store.attempts("j1")] == [("done", 4)]
+    assert [a.outcome for a in store.attempts("j2")] == ["running"]
+    assert store.get_job("j2").state == "placed"
+
+
+async def test_a_duplicate_in_a_retried_batch_is_not_taken_for_the_whole_batch(world,
+                                                                              monkeypatch
+                                                                              ) -> None:
+    """After a dropped connection, a duplicate key on the retry means "this one write landed"
+    only for a single write; a batch that meets one is replayed write by write."""
+    import time
+
+    from sqlalchemy import exc as sa_exc
+
+    from sparecycles.dispatch import _Write
+
+    store, ledger, client, _ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    store.insert_job(**job_fields("j1", client, time.time()))
+    real = store.write_batch
+    tries: list[int] = []
+
+    def dropped_then_duplicate(writes):
+        tries.append(1)
+        if len(tries) == 1:
+            raise sa_exc.OperationalError("COMMIT", {}, Exception("connection lost"))
+        raise sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    monkeypatch.setattr(store, "write_batch", dropped_then_duplicate)
+    await d._run_batch([
+        _Write(lambda: store.start_attempt(job_id="j1", attempt=1, node_id="n",
+                                           prompt_tokens=3), None),
+        _Write(lambda: store.update_job("j1", error="metered"), None)])
+    monkeypatch.setattr(store, "write_batch", real)
+    assert len(tries) == 2  # the batch was not taken as landed: its writes ran one by one
+    assert [a.outcome for a in store.attempts("j1")] == ["running"]
+    assert store.get_job("j1").error == "metered"

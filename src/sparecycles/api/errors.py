@@ -15,11 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
+from sparecycles.store.db import transient_store_errors
 
 log = logging.getLogger("sparecycles.api")
 
@@ -95,14 +95,14 @@ def install(app: FastAPI) -> None:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
 
-    @app.exception_handler(sa_exc.OperationalError)
-    @app.exception_handler(sa_exc.InterfaceError)
-    @app.exception_handler(sa_exc.TimeoutError)
     async def _store_away(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
                     str(exc).splitlines()[0][:200])
         return error_response(StoreUnavailable(
             "The service's database is briefly unavailable; nothing was charged. Retry shortly."))
+
+    for error in transient_store_errors:
+        app.add_exception_handler(error, _store_away)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -284,7 +284,8 @@ class NodeAgent:
                 return
             await send(self._report(engine, run, produced, update))
         finally:
-            self.running.pop(job.job_id, None)
+            if self.running.get(job.job_id) is run:  # not a newer attempt of the same job
+                del self.running[job.job_id]
 
     def _report(self, engine: Engine, run: _Running, produced: list[int],
                 last: GenerationUpdate) -> protocol.Done:
@@ -409,8 +410,9 @@ async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: Generation
             wait_s = hold_until_s - time.monotonic()
             if wait_s <= 0:
                 break
-            try:
-                nxt = await asyncio.wait_for(updates.get(), wait_s)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(wait_s):
+                    nxt = await updates.get()
             except TimeoutError:
                 break
         if nxt.error:

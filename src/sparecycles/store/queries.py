@@ -338,6 +338,8 @@ class Store:
         """Run several job writes (calls of this store's write methods) in one transaction, in
         order: dispatch's writer commits the metering writes that queued up together at once
         (one commit instead of one each). All land or none does."""
+        if getattr(self._joined, "session", None) is not None:
+            raise RuntimeError("write_batch does not nest")  # a second writer lock: deadlock
         with self._writing() as s:
             self._joined.session = s
             try:
