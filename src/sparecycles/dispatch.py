@@ -47,7 +47,6 @@ store_retry_s = 120.0  # how long writes after admission wait out a database out
 write_batch_max = 256  # background writes committed together at most
 
 
-
 @dataclass
 class Attempt:
     number: int
@@ -662,6 +661,8 @@ class Dispatcher:
         fns = [w.fn for w in batch]
         try:
             await self._apply(lambda: self.store.write_batch(fns), landed_if_duplicate=False)
+        except transient_store_errors as exc:  # the outage outlasted store_retry_s: as alone
+            log.error("%d store writes lost to a database outage", len(batch), exc_info=exc)
         except Exception as exc:  # one by one, in order: one bad write costs only itself
             log.warning("%d store writes failed together (%s); one by one", len(batch),
                         str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)

@@ -303,3 +303,26 @@ async def test_a_duplicate_in_a_retried_batch_is_not_taken_for_the_whole_batch(w
     assert len(tries) == 2  # the batch was not taken as landed: its writes ran one by one
     assert [a.outcome for a in store.attempts("j1")] == ["running"]
     assert store.get_job("j1").error == "metered"
+
+
+async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(world,
+                                                                           monkeypatch) -> None:
+    """Past ``store_retry_s`` an outage costs the batch as it would cost one write, rather than
+    waiting the window out again for each of its writes while settlements queue behind them."""
+    from sqlalchemy import exc as sa_exc
+
+    from sparecycles import dispatch
+    from sparecycles.dispatch import _Write
+
+    store, ledger, *_ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    monkeypatch.setattr(dispatch, "store_retry_s", 0.3)
+    calls: list[int] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise sa_exc.OperationalError("INSERT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(store, "write_batch", lambda writes: down())
+    await d._run_batch([_Write(down, None) for _ in range(5)])
+    assert 1 <= len(calls) <= 3  # the batch's own tries only, none per write
