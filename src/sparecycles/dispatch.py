@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -645,17 +646,13 @@ class Dispatcher:
             todo = [await self._writes.get()]
             while not self._writes.empty() and len(todo) < write_batch_max:
                 todo.append(self._writes.get_nowait())
-            i = 0
-            while i < len(todo):
-                j = i
-                while j < len(todo) and todo[j].future is None:
-                    j += 1
-                if j - i > 1:
-                    await self._run_batch(todo[i:j])
+            for background, run in itertools.groupby(todo, key=lambda w: w.future is None):
+                group = list(run)
+                if background and len(group) > 1:
+                    await self._run_batch(group)
                 else:
-                    j = max(j, i + 1)
-                    await self._run_write(todo[i])
-                i = j
+                    for w in group:
+                        await self._run_write(w)
 
     async def _run_batch(self, batch: list[_Write]) -> None:
         fns = [w.fn for w in batch]
