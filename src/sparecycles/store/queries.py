@@ -59,6 +59,7 @@ class ApiKeyInfo:
 _jobs = JobRow.__table__
 _attempts = JobAttempt.__table__
 
+
 class Store:
     def __init__(self, url: str, *, engine: Engine | None = None,
                  background_checkpoints: bool = False):
