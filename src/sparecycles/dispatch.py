@@ -112,6 +112,23 @@ class LiveJob:
         )
 
 
+def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
+    """The decode speed an attempt showed: tokens after the first over the time from the first
+    token to the end. Tokens that arrive in a burst (a node or network that held them back, a
+    node running late and catching up) would make that time tiny and the node look hundreds of
+    times faster than it is, and placement would then queue every job on it; so the decode time
+    is taken as at least half the decode tokens' even share of the whole attempt (assignment to
+    end): a burst can make a node look at most about twice as fast as its attempt did, and a
+    steady stream (decode at least half the attempt) is measured exactly. 0 when there is
+    nothing to measure."""
+    if att.tokens <= 1:
+        return 0.0
+    total_s = now_s - att.started_s
+    decode_s = now_s - (att.first_token_s or att.started_s)
+    decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
+    return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -130,6 +147,7 @@ class Dispatcher:
         self.replica_id = replica_id
         self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
         self.config = scheduler.SchedulerConfig(policy=policy)
+        self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
         self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
         self.remote: dict[str, RemoteNode] = {}  # nodes of other replicas (fleet.py)
         self.jobs: dict[str, LiveJob] = {}
@@ -270,7 +288,10 @@ class Dispatcher:
         if not snapshots:
             return
         jobs = [j.as_job() for j in self.waiting.values()]
-        for assignment in scheduler.schedule(jobs, snapshots, self.models, now, self.config):
+        assignments = scheduler.schedule(
+            jobs, snapshots, self.models, now, self.config, memo=self._rank_memo
+        )
+        for assignment in assignments:
             job = self.waiting.get(assignment.job_id)
             node = self.node(assignment.node_id)
             if job is None or node is None or node.node_id in job.excluded_nodes:
@@ -423,9 +444,9 @@ class Dispatcher:
             return
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
-        decode_s = (time.monotonic() - (att.first_token_s or att.started_s))
-        if att.tokens > 1 and decode_s > 0:
-            node.observe_speed(job.model, (att.tokens - 1) / decode_s)
+        speed = observed_decode_tokens_per_s(att, time.monotonic())
+        if speed > 0:
+            node.observe_speed(job.model, speed)
         self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         await self._finish(job, finish_reason="stop" if reason == "cancelled" else reason)

@@ -87,6 +87,7 @@ class RemoteNode:
     host_active: int = 0  # all replicas' jobs on it, as its host last said
     host_queued: int = 0
     sent_since_report: int = 0  # jobs this replica placed on it since that report
+    _snap: tuple[tuple[Any, ...], NodeSnapshot] | None = None  # (inputs, snapshot)
     is_local = False
 
     def send(self, frame: str) -> bool:
@@ -116,6 +117,21 @@ class RemoteNode:
         self.sent_since_report = 0
 
     def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        """The scheduler's view of the node: reused while its inputs are unchanged (the host's
+        reports carry no clock), so placement's memo of scores finds it again."""
+        inputs = (self.host_active, self.sent_since_report, len(self.jobs), self.host_queued,
+                  self.queued_tokens, self.available, self.draining, self.expected_stay_s,
+                  self.reputation)
+        cached = self._snap
+        if (cached is not None and cached[0] == inputs
+                and cached[1].measured_decode_tokens_per_s == self.measured_tps
+                and cached[1].measured_decode_batch == self.measured_batch):
+            return cached[1]
+        snap = self._build_snapshot()
+        self._snap = (inputs, snap)
+        return snap
+
+    def _build_snapshot(self) -> NodeSnapshot:
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,

@@ -12,7 +12,8 @@ Policies (``SchedulerConfig.policy``):
   node's measured speed, weighted by the risk that the node leaves first. A job predicted to take
   longer than a fraction of a node's expected stay is not placed there. If the best node is busy
   (every slot taken), the job waits for it rather than going to a much slower free node (late
-  binding): nothing is returned for it, and later jobs of the same call see that queue.
+  binding; ``late_binding_gain_min`` says how much slower): nothing is returned for it, and
+  later jobs of the same call see that queue.
 - ``cheapest-within-deadline``: the cheapest node whose predicted finish meets the job's deadline
   (or ``deadline_default_s`` after admission); the fastest node if none does.
 - baselines for the simulator: ``random``, ``round-robin`` (least recently assigned first),
@@ -68,6 +69,10 @@ class SchedulerConfig:
     departure_penalty_fraction: float = 1.0
     late_binding: bool = True  # "fastest"/"cheapest": may keep a job waiting for a busy node
     late_binding_wait_s_max: float = 5.0  # ... for so long; then the best free node takes it
+    # ... and only if the busy node's score beats the best free node's by this factor: the
+    # performance model is trusted to about 25 % (docs/benchmarks.md), so a smaller edge is noise,
+    # and a fleet of near-equal nodes would otherwise queue on whichever measured a little faster.
+    late_binding_gain_min: float = 1.25
     deadline_default_s: float = 60.0  # "cheapest-within-deadline" for a job without a deadline
     group_candidates: int = 4  # nodes per group each job weighs exactly
     # A group larger than this is ranked only over its least-loaded members (free slots first,
@@ -88,6 +93,7 @@ class SchedulerConfig:
         invariant(self.group_candidates >= 1, "group_candidates must be at least 1")
         invariant(self.group_rank_max >= self.group_candidates,
                   "group_rank_max must be at least group_candidates")
+        invariant(self.late_binding_gain_min >= 1.0, "late_binding_gain_min must be at least 1")
 
 
 # --- measured speed ------------------------------------------------------------------------
@@ -128,8 +134,8 @@ def speed_factor(
     if measured <= 0.0:
         return 1.0
     batch = max(1, round(node.measured_decode_batch.get(model, 0.0)) or node.active_jobs)
-    step_s = perfmodel.decode_step_s(
-        spec, node.profile, batch, SPEED_REFERENCE_CONTEXT_TOKENS, calib
+    step_s = perfmodel.costs_of(spec, node.profile, calib).decode_step_s(
+        batch, SPEED_REFERENCE_CONTEXT_TOKENS
     )
     return update_speed_factor(1.0, measured, 1.0 / step_s, alpha=1.0)
 
@@ -149,6 +155,7 @@ class _Load:
     version: int = 0
     last_assigned_s: float = -math.inf
     costs: dict[str, perfmodel.Costs] = field(default_factory=dict)  # per model, this call
+    factors: dict[str, float] = field(default_factory=dict)  # speed_factor per model, this call
 
     @property
     def full(self) -> bool:
@@ -159,6 +166,12 @@ class _Load:
         if c is None:
             c = self.costs[spec.name] = perfmodel.costs_of(spec, self.node.profile, calib)
         return c
+
+    def factor_of(self, model: str, spec: ModelSpec, calib: Calibration) -> float:
+        f = self.factors.get(model)
+        if f is None:
+            f = self.factors[model] = speed_factor(self.node, model, spec, calib)
+        return f
 
 
 class Prediction(NamedTuple):  # a tuple: built hundreds of times per call, so kept cheap
@@ -195,11 +208,7 @@ def _predict(
 ) -> Prediction:
     node, calib = load.node, config.calibration
     costs = load.costs_of(spec, calib)
-    factor = node.decode_speed_factor.get(job.model)
-    if factor is None:
-        factor = (
-            speed_factor(node, job.model, spec, calib) if node.measured_decode_tokens_per_s else 1.0
-        )
+    factor = load.factor_of(job.model, spec, calib)
     context = job.prompt_tokens + job.generated_tokens  # a resumed job prefills its tokens too
     remaining = max(1, job.max_tokens - job.generated_tokens)
     batch = load.active + 1 if load.active < node.jobs_max else node.jobs_max
@@ -282,10 +291,20 @@ class _Ranking:
     typical: dict[str, Job]
     seq: int = 0
 
+    memo: RankMemo | None = None
+
     def rank(self, group: _Group, spec: ModelSpec, now_s: float, config: SchedulerConfig) -> None:
-        group.ranked = []
-        for load in group.members:
-            self.push(group, load, spec, now_s, config)
+        typical, memo = self.typical[spec.name], self.memo
+        entries = []
+        for load in group.members:  # every load is as its snapshot: nothing placed yet
+            if memo is not None:
+                score = memo.score(typical, load, spec, now_s, config)
+            else:
+                score = _predict(typical, load, spec, now_s, config).score_s
+            self.seq += 1
+            entries.append((score, self.seq, load, load.version))
+        entries.sort()  # seq is unique: loads are never compared
+        group.ranked = entries
 
     def push(
         self, group: _Group, load: _Load, spec: ModelSpec, now_s: float, config: SchedulerConfig
@@ -298,6 +317,42 @@ class _Ranking:
         bisect.insort(group.ranked, (score, self.seq, load, load.version))
 
 
+class RankMemo:
+    """Scores of the typical job on node snapshots, kept from one ``schedule`` call to the next.
+
+    Ranking a large group predicts the typical job on every member, each call; between two calls
+    of a busy coordinator only the few nodes whose load changed have new snapshots (the
+    coordinator reuses a node's snapshot while its inputs are unchanged), so the rest are looked
+    up here. A score depends only on the snapshot, the (quantised) typical job, the model and the
+    config; the entry keeps its snapshot, so an id is never reused while it is remembered.
+    """
+
+    def __init__(self, entries_max: int = 200_000) -> None:
+        self.entries_max = entries_max
+        self._scores: dict[tuple[int, str, int, int], tuple[NodeSnapshot, float]] = {}
+        self._config: SchedulerConfig | None = None
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def score(
+        self, typical: Job, load: _Load, spec: ModelSpec, now_s: float, config: SchedulerConfig
+    ) -> float:
+        if config is not self._config and config != self._config:
+            self._scores.clear()
+        self._config = config
+        if len(self._scores) >= self.entries_max:
+            self._scores.clear()
+        node = load.node
+        key = (id(node), spec.name, typical.prompt_tokens, typical.max_tokens)
+        hit = self._scores.get(key)
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        score = _predict(typical, load, spec, now_s, config).score_s
+        self._scores[key] = (node, score)
+        return score
+
+
 def _load_order(load: _Load) -> tuple[bool, float, float]:
     """A cheap order of a group's members, least loaded first (see ``group_rank_max``)."""
     node = load.node
@@ -305,10 +360,19 @@ def _load_order(load: _Load) -> tuple[bool, float, float]:
     return (load.full, load.active / max(1, node.jobs_max), load.queued_tokens / bandwidth)
 
 
+def _quantised(tokens: float) -> int:
+    """``tokens`` rounded to a step of 2**(1/4) (19 %): a large group's ranking is a short list
+    of candidates, each then weighed for the job itself, so it may be for a nearby size, and
+    rankings for nearby sizes are then the same one (``RankMemo``)."""
+    if tokens <= 8:
+        return max(1, round(tokens))
+    return round(2.0 ** (round(4.0 * math.log2(tokens)) / 4.0))
+
+
 def _typical_job(jobs: Sequence[Job]) -> Job:
-    """A job of median prompt and median remaining length, to rank nodes by."""
-    prompt = int(statistics.median(j.prompt_tokens + j.generated_tokens for j in jobs))
-    remaining = int(statistics.median(max(1, j.remaining_tokens) for j in jobs))
+    """A job of (quantised) median prompt and median remaining length, to rank nodes by."""
+    prompt = _quantised(statistics.median(j.prompt_tokens + j.generated_tokens for j in jobs))
+    remaining = _quantised(statistics.median(max(1, j.remaining_tokens) for j in jobs))
     return replace(jobs[0], prompt_tokens=prompt, generated_tokens=0, max_tokens=remaining)
 
 
@@ -318,6 +382,7 @@ def _build_ranking(
     models: Mapping[str, ModelSpec],
     now_s: float,
     config: SchedulerConfig,
+    memo: RankMemo | None = None,
 ) -> _Ranking:
     by_model: dict[str, list[Job]] = {}
     for job in jobs:
@@ -325,6 +390,7 @@ def _build_ranking(
     ranking = _Ranking(
         groups={m: {} for m in by_model},
         typical={m: _typical_job(js) for m, js in by_model.items()},
+        memo=memo,
     )
     for model in by_model:
         groups = ranking.groups[model]
@@ -353,7 +419,14 @@ def _choose(
         on_time = [o for o in usable if now_s + o[0].total_s <= deadline]
         if on_time:
             return min(on_time, key=lambda o: (o[0].cost_micros, o[0].score_s))
-    return min(usable, key=lambda o: o[0].score_s)
+    best = min(usable, key=lambda o: o[0].score_s)
+    if best[1].full:  # late binding: wait for it only if no free node comes close
+        free = [o for o in usable if not o[1].full]
+        if free:
+            best_free = min(free, key=lambda o: o[0].score_s)
+            if best_free[0].score_s <= best[0].score_s * config.late_binding_gain_min:
+                return best_free
+    return best
 
 
 def _best_for(
@@ -390,8 +463,9 @@ def _schedule_ours(
     models: Mapping[str, ModelSpec],
     now_s: float,
     config: SchedulerConfig,
+    memo: RankMemo | None = None,
 ) -> list[Assignment]:
-    ranking = _build_ranking(jobs, loads, models, now_s, config)
+    ranking = _build_ranking(jobs, loads, models, now_s, config, memo)
     out: list[Assignment] = []
     for job in jobs:
         spec = models[job.model]
@@ -509,10 +583,13 @@ def schedule(
     now_s: float,
     config: SchedulerConfig = SchedulerConfig(),
     rng: random.Random | None = None,
+    memo: RankMemo | None = None,
 ) -> list[Assignment]:
     """Place waiting jobs on nodes; oldest job first. Jobs whose model is not in ``models`` or
     that no node can take now are left out (they stay waiting). ``rng`` (seeded by the caller)
-    is needed by the random and least-loaded policies; each node gets at most its free slots."""
+    is needed by the random and least-loaded policies; each node gets at most its free slots.
+    A caller that schedules again and again keeps one ``memo``: the answer is the same with or
+    without it, only cheaper when most snapshots are the same objects as last call."""
     waiting = sorted(
         (j for j in jobs if j.model in models), key=lambda j: (j.admitted_at_s, j.job_id)
     )
@@ -522,7 +599,7 @@ def schedule(
         _Load(n, n.active_jobs, n.queued_tokens, last_assigned_s=n.last_assigned_s) for n in nodes
     ]
     if config.policy in ("fastest", "cheapest-within-deadline"):
-        return _schedule_ours(waiting, loads, models, now_s, config)
+        return _schedule_ours(waiting, loads, models, now_s, config, memo)
     return _schedule_baseline(waiting, loads, models, now_s, config, rng or random.Random(0))
 
 

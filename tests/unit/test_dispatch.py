@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event
 
 from sparecycles import protocol
-from sparecycles.dispatch import Dispatcher, LiveJob
+from sparecycles.dispatch import Attempt, Dispatcher, LiveJob, observed_decode_tokens_per_s
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity
 from sparecycles.nodes import NodeConn
@@ -326,3 +326,28 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
     monkeypatch.setattr(store, "write_batch", lambda writes: down())
     await d._run_batch([_Write(down, None) for _ in range(5)])
     assert 1 <= len(calls) <= 3  # the batch's own tries only, none per write
+
+
+def _attempt(started_s: float, first_token_s: float | None, tokens: int) -> Attempt:
+    return Attempt(number=1, node_id="n", owner_id="o", device_class="gpu", token_base=0,
+                   started_s=started_s, first_token_s=first_token_s, tokens=tokens)  # fmt: skip
+
+
+def test_observed_speed_of_a_steady_stream_is_its_token_rate() -> None:
+    # 101 tokens, the first at 0.1 s, then one every 20 ms: 50 tokens/s
+    att = _attempt(started_s=0.0, first_token_s=0.1, tokens=101)
+    assert observed_decode_tokens_per_s(att, now_s=0.1 + 100 * 0.02) == pytest.approx(50.0)
+
+
+def test_a_burst_does_not_make_a_node_look_faster_than_its_whole_attempt() -> None:
+    """Eight tokens over 0.4 s, the last seven held back and sent 1 ms after the first: taken
+    at face value that is 7,000 tokens/s; the attempt as a whole (20 tokens/s) bounds it at 40."""
+    att = _attempt(started_s=0.0, first_token_s=0.399, tokens=8)
+    speed = observed_decode_tokens_per_s(att, now_s=0.4)
+    assert speed == pytest.approx(7 / (0.4 * 7 / 16))
+    assert speed <= 2 * 8 / 0.4
+
+
+def test_nothing_to_measure_in_one_token() -> None:
+    assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_s=0.2) == 0.0
+    assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_s=5.0) == 0.0

@@ -84,6 +84,13 @@ async def test_a_client_on_one_replica_is_served_by_a_node_on_another(world, fas
     assert "job_1" not in f2.relayed and not node.conn.jobs
     remote = d1.remote[node.conn.node_id]  # its speed is measured with the batch it ran in
     assert remote.measured_tps["m"] > 0 and remote.snapshot(0).measured_decode_batch["m"] >= 1
+    snap = remote.snapshot(0)  # reused while nothing it reads changes (placement's memo)
+    assert remote.snapshot(1e9) is snap
+    remote.observe_speed("m", 123.0)
+    assert remote.snapshot(0) is not snap
+    snap = remote.snapshot(0)
+    remote.apply_state([3, 40, True, None, False, 1.0, {}])
+    assert remote.snapshot(0) is not snap and remote.snapshot(0).active_jobs == 3
     money = ledger.job_money("job_1")
     assert money["state"] == "settled" and money["charged_micros"] > 0
     assert ledger.check() == []

@@ -14,6 +14,7 @@ from sparecycles import perfmodel
 from sparecycles.nodes import NodeConn
 from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
 from sparecycles.scheduler import (
+    RankMemo,
     SchedulerConfig,
     hedge_job,
     predict,
@@ -112,6 +113,19 @@ def test_waits_for_a_busy_fast_node_rather_than_a_slow_free_one() -> None:
     assert placed(schedule([waited], [h100, node("cpu", CPU)], MODELS, NOW)) == {"j1": "cpu"}
 
 
+def test_does_not_wait_for_a_busy_node_only_a_little_faster() -> None:
+    """Twin gaming PCs, the busy one measured 10 % faster: within the model's accuracy, so the
+    job goes to the free twin rather than queueing (it would with no margin)."""
+    busy = node("busy", active_jobs=4, jobs_max=4, queued_tokens=4 * 4,
+                decode_speed_factor={MODEL.name: 1.1})  # fmt: skip
+    free = node("free", decode_speed_factor={MODEL.name: 1.0})
+    assert placed(schedule([job()], [busy, free], MODELS, NOW)) == {"j1": "free"}
+    no_margin = SchedulerConfig(late_binding_gain_min=1.0)
+    assert schedule([job()], [busy, free], MODELS, NOW, no_margin) == []  # waits for "busy"
+    with pytest.raises(RuntimeError, match="late_binding_gain_min"):
+        SchedulerConfig(late_binding_gain_min=0.5)
+
+
 def test_long_job_not_placed_on_a_node_about_to_leave() -> None:
     leaving = node("leaving", H100, expected_stay_s=5.0)
     staying = node("staying", GPU)
@@ -204,6 +218,46 @@ def test_best_node_found_within_a_large_group() -> None:
     nodes = [node(f"n{i:02d}", decode_speed_factor={MODEL.name: 1.0}) for i in range(20)]
     nodes[13] = replace(nodes[13], decode_speed_factor={MODEL.name: 2.0})
     assert placed(schedule([job()], nodes, MODELS, NOW)) == {"j1": "n13"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rounds=st.integers(2, 8),
+    group=st.integers(5, 40),
+)
+def test_a_memo_changes_no_answer_only_the_cost(seed: int, rounds: int, group: int) -> None:
+    """Call after call, some nodes get new snapshots (their load changed) and the rest stay the
+    same objects: with one memo kept across the calls every answer equals the one without, and
+    the memo holds a score per (snapshot, typical job) it was asked for."""
+    rng = random.Random(seed)
+    cfg, memo = SchedulerConfig(), RankMemo()
+    nodes = [node(f"n{i:02d}", active_jobs=rng.randint(0, 3), jobs_max=4,
+                  queued_tokens=rng.randint(0, 400),
+                  decode_speed_factor={MODEL.name: rng.uniform(0.5, 2.0)})
+             for i in range(group)]  # fmt: skip
+    for r in range(rounds):
+        for i in rng.sample(range(group), k=rng.randint(0, 3)):
+            active = rng.randint(0, 4)
+            nodes[i] = replace(nodes[i], active_jobs=active, queued_tokens=active * 90)
+        jobs = [job(f"j{r}-{k}", prompt=rng.randint(1, 3000), out=rng.randint(1, 500))
+                for k in range(rng.randint(1, 4))]  # fmt: skip
+        assert schedule(jobs, nodes, MODELS, NOW, cfg, memo=memo) == schedule(
+            jobs, nodes, MODELS, NOW, cfg)
+    assert 0 < len(memo) <= group * rounds
+
+
+def test_a_memo_is_bounded_and_forgets_another_config() -> None:
+    memo = RankMemo(entries_max=10)
+    nodes = [node(f"n{i:02d}") for i in range(8)]
+    schedule([job(out=50)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)
+    assert len(memo) == 8
+    schedule([job(out=50)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)  # an equal config
+    assert len(memo) == 8  # every score was found
+    schedule([job(out=400)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)  # 16 > 10: cleared
+    assert len(memo) == 6
+    schedule([job(out=400)], nodes, MODELS, NOW, SchedulerConfig(group_candidates=2), memo=memo)
+    assert len(memo) == 8  # a different config: nothing of the old one is reused
 
 
 def test_resumed_job_prefills_what_it_already_generated() -> None:
