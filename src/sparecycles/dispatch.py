@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -209,9 +209,10 @@ class Dispatcher:
     ) -> LiveJob:
         """Record the job and hold its most possible cost; raises InsufficientBalance (402).
 
-        The job row and the hold are one transaction (one commit, one hop to a worker thread),
-        durable before any node is sent the job. When no other job waits, the job is placed
-        here and now rather than on the dispatch loop's next turn.
+        The job row and the hold are one transaction (one commit, shared by the admissions of
+        the moment: the ledger's group commit), durable before any node is sent the job. When
+        no other job waits, the job is placed here and now rather than on the dispatch loop's
+        next turn.
         """
         now = time.time()
         row = dict(
@@ -231,8 +232,8 @@ class Dispatcher:
         )
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
-        await asyncio.to_thread(self.ledger.hold, job_id, client_id, model, len(prompt_ids),
-                                sampling.max_tokens, job=row)
+        await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
+                                     sampling.max_tokens, job=row)
         job = LiveJob(
             job_id=job_id,
             client_id=client_id,
@@ -598,13 +599,14 @@ class Dispatcher:
             final.update(first_token_at_s=now - (time.monotonic() - job.first_token_s),
                          time_to_first_token_s=job.first_token_s - job.admitted_mono_s)
 
-        def _settle() -> None:  # one transaction: the money and the job's final row
+        async def _settle() -> None:  # one transaction: the money and the job's final row
             try:
                 if delivered:
-                    self.ledger.settle(job.job_id, job.client_id, job.model,
-                                       len(job.prompt_ids), delivered, shares, job=final)
+                    await self.ledger.settle_async(job.job_id, job.client_id, job.model,
+                                                   len(job.prompt_ids), delivered, shares,
+                                                   job=final)
                 else:
-                    self.ledger.void(job.job_id, job=final)
+                    await self.ledger.void_async(job.job_id, job=final)
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
 
@@ -629,9 +631,10 @@ class Dispatcher:
         self._writes.put_nowait(_Write(lambda: fn(*args, **kwargs), None))
 
     async def _write(self, fn: Callable[[], Any]) -> Any:
-        """Queue a store write after all earlier ones and wait for its result."""
+        """Queue a store write after all earlier ones and wait for its result. ``fn`` runs on
+        a worker thread, or is awaited if it is a coroutine function (the ledger's own queue)."""
         if self._writer is None:  # not started (unit tests driving parts directly)
-            return await asyncio.to_thread(fn)
+            return await _call(fn)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._writes.put_nowait(_Write(fn, fut))
         return await fut
@@ -646,7 +649,7 @@ class Dispatcher:
         retried = False
         while True:
             try:
-                return await asyncio.to_thread(fn)
+                return await _call(fn)
             except sa_exc.IntegrityError:
                 if retried and landed_if_duplicate:
                     return None  # the earlier try committed before its connection dropped
@@ -660,20 +663,33 @@ class Dispatcher:
                 delay_s, retried = min(2 * delay_s, 2.0), True
 
     async def _write_loop(self) -> None:
-        """Apply queued writes in order. Background (metering) writes that queued up together
-        commit as one transaction (``Store.write_batch``); a write someone waits for (a
-        settlement) runs alone, in its place in the order."""
+        """Apply queued writes, a round at a time: what queued up together. The round's
+        background (metering) writes commit first, as one transaction (``Store.write_batch``);
+        then the writes someone waits for (settlements) run side by side, so the ledger's group
+        commit settles them in one transaction too, and each waiter learns its result when the
+        whole round is done (a drain marker thus means what was queued before it has landed).
+        A job's attempt writes are queued before its settlement, so they land before it; a
+        background write queued after a settlement may land first (they touch other rows)."""
         while True:
             todo = [await self._writes.get()]
             while not self._writes.empty() and len(todo) < write_batch_max:
                 todo.append(self._writes.get_nowait())
-            for background, run in itertools.groupby(todo, key=lambda w: w.future is None):
-                group = list(run)
-                if background and len(group) > 1:
-                    await self._run_batch(group)
-                else:
-                    for w in group:
-                        await self._run_write(w)
+            background = [w for w in todo if w.future is None]
+            waited = [w for w in todo if w.future is not None]
+            if len(background) > 1:
+                await self._run_batch(background)
+            elif background:
+                await self._run_write(background[0])
+            if waited:
+                results = await asyncio.gather(*(self._apply(w.fn) for w in waited),
+                                               return_exceptions=True)
+                for w, result in zip(waited, results, strict=True):
+                    if w.future is None or w.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        w.future.set_exception(result)
+                    else:
+                        w.future.set_result(result)
 
     async def _run_batch(self, batch: list[_Write]) -> None:
         fns = [w.fn for w in batch]
@@ -698,6 +714,13 @@ class Dispatcher:
         else:
             if w.future is not None and not w.future.done():
                 w.future.set_result(result)
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    """Await a coroutine function; run a plain one on a worker thread."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn()
+    return await asyncio.to_thread(fn)
 
 
 @dataclass(slots=True)

@@ -32,11 +32,14 @@ independently by ``Ledger.check()`` (``sparecycles ledger check``):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,12 +166,29 @@ class _Caller:
 
 
 class _Pending:
-    __slots__ = ("after", "caller", "error", "op", "result")
+    """One queued op: of a thread waiting (``caller``) or of a coroutine (``future``)."""
 
-    def __init__(self, op: Op, after: After | None, caller: _Caller):
-        self.op, self.after, self.caller = op, after, caller
+    __slots__ = ("after", "caller", "error", "future", "op", "result")
+
+    def __init__(self, op: Op, after: After | None, caller: _Caller | None,
+                 future: asyncio.Future[Any] | None = None):  # fmt: skip
+        self.op, self.after, self.caller, self.future = op, after, caller, future
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+def _resolve(done: list[_Pending]) -> None:
+    """On the event loop: hand each coroutine its op's result (or the error)."""
+    for p in done:
+        fut = p.future
+        if fut is None or fut.done():
+            continue
+        if p.error is not None:
+            fut.set_exception(p.error)
+        elif isinstance(p.result, BaseException):
+            fut.set_exception(p.result)
+        else:
+            fut.set_result(p.result)
 
 
 class _GroupCommit:
@@ -177,13 +197,18 @@ class _GroupCommit:
     one commit (the expensive part) serves up to ``batch_ops_max`` operations. Safe because
     ``apply`` gives each op in a batch the same result it would have alone, in queue order.
     A caller may queue many ops at once (``Ledger.submit``): they stay in order, and are run in
-    as few transactions as fit them, shared with other callers' ops."""
+    as few transactions as fit them, shared with other callers' ops.
+
+    Coroutines queue ops too (``submit_async``) without holding a thread each while they wait:
+    when the op at the head of the queue is a coroutine's, the lane's own worker thread leads
+    (and hands the lead back to a waiting thread when one is at the head again)."""
 
     def __init__(self, run: Callable[[list[Op], list[After | None]], list[Any]], ops_max: int):
         self._run, self._ops_max = run, ops_max
         self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
         self._busy = False
+        self._worker: ThreadPoolExecutor | None = None
 
     def load(self) -> int:
         """Ops queued or running (a hint for choosing a lane; read without the lock)."""
@@ -209,28 +234,74 @@ class _GroupCommit:
             if not me.promoted:
                 return self._results(mine)
         while me.left:
-            with self._lock:
-                batch = [self._queue.popleft()
-                         for _ in range(min(self._ops_max, len(self._queue)))]
-            try:
-                results = self._run([p.op for p in batch], [p.after for p in batch])
-            except BaseException as exc:  # the whole transaction failed: every op learns why
-                for p in batch:
-                    p.error = exc
-            else:
-                for p, r in zip(batch, results, strict=True):
-                    p.result = r
-            for p in batch:
-                p.caller.left -= 1
-                if not p.caller.left and p.caller is not me:
-                    p.caller.event.set()
-        with self._lock:
-            if self._queue:
-                self._queue[0].caller.promoted = True
-                self._queue[0].caller.event.set()
-            else:
-                self._busy = False
+            self._run_one_batch(me)
+        self._hand_on()
         return self._results(mine)
+
+    def submit_async(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
+        """Queue ``op`` from a coroutine; the future is done when its transaction is."""
+        loop = asyncio.get_running_loop()
+        p = _Pending(op, after, None, loop.create_future())
+        with self._lock:
+            self._queue.append(p)
+            lead = not self._busy
+            self._busy = True
+        if lead:
+            self._start_worker()
+        return p.future  # type: ignore[return-value]
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-lane")
+        self._worker.submit(self._lead_for_coroutines)
+
+    def _lead_for_coroutines(self) -> None:
+        """The worker's turn as leader: run batches while a coroutine's op is at the head."""
+        while True:
+            with self._lock:
+                head = self._queue[0] if self._queue else None
+            if head is None or head.caller is not None:
+                break
+            self._run_one_batch(None)
+        self._hand_on()
+
+    def _run_one_batch(self, me: _Caller | None) -> None:
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(self._ops_max, len(self._queue)))]
+        try:
+            results = self._run([p.op for p in batch], [p.after for p in batch])
+        except BaseException as exc:  # the whole transaction failed: every op learns why
+            for p in batch:
+                p.error = exc
+        else:
+            for p, r in zip(batch, results, strict=True):
+                p.result = r
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        for p in batch:
+            if p.caller is None:
+                fut = p.future
+                if fut is not None:
+                    by_loop.setdefault(fut.get_loop(), []).append(p)
+                continue
+            p.caller.left -= 1
+            if not p.caller.left and p.caller is not me:
+                p.caller.event.set()
+        for loop, done in by_loop.items():  # one wake-up of each loop per transaction
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, done)
+
+    def _hand_on(self) -> None:
+        """The leader is done: the lead goes to the op at the head of the queue, if any."""
+        with self._lock:
+            if not self._queue:
+                self._busy = False
+                return
+            head = self._queue[0]
+            if head.caller is not None:
+                head.caller.promoted = True
+                head.caller.event.set()
+                return
+        self._start_worker()
 
     @staticmethod
     def _results(mine: list[_Pending]) -> list[Any]:
@@ -310,11 +381,22 @@ class Ledger:
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
         """
+        return self._submit(*self._hold_op(job_id, client_id, model, prompt_tokens, max_tokens,
+                                           job))
+
+    async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
+                         max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+        """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
+        return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
+                                                       max_tokens, job))
+
+    def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
+                 max_tokens: int, job: Mapping[str, Any] | None) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
         op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens)
         if job is None:
-            return self._submit(op)
+            return op, None
         row = dict(job)
 
         def record(tx: LedgerTx, result: Any) -> None:
@@ -324,13 +406,26 @@ class Ledger:
             else:
                 tx.insert_job(row)
 
-        return self._submit(op, record)
+        return op, record
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                completion_tokens: int, shares: Sequence[WorkShare], *,
                job: Mapping[str, Any] | None = None) -> Settlement:
         """Post the actual charge against the hold (the rest is released), credit each owner's
         earning for their share and the fee to the platform. Idempotent by job id."""
+        return self._submit(*self._settle_op(job_id, client_id, model, prompt_tokens,
+                                             completion_tokens, shares, job))
+
+    async def settle_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
+                           completion_tokens: int, shares: Sequence[WorkShare], *,
+                           job: Mapping[str, Any] | None = None) -> Settlement:
+        """``settle`` from a coroutine: queued on its lane's group commit without a thread."""
+        return await self._submit_async(*self._settle_op(job_id, client_id, model, prompt_tokens,
+                                                         completion_tokens, shares, job))
+
+    def _settle_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
+                   completion_tokens: int, shares: Sequence[WorkShare],
+                   job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
         _tokens(prompt_tokens, completion_tokens)
         for s in shares:
             check_id(s.owner_id, "owner id")
@@ -338,11 +433,17 @@ class Ledger:
             _tokens(s.prompt_tokens, s.completion_tokens)
         op = SettleOp(check_id(job_id, "job id"), check_id(client_id, "client id"),
                       model, prompt_tokens, completion_tokens, tuple(shares))
-        return self._submit(op, self._job_update(job_id, job))
+        return op, self._job_update(job_id, job)
 
     def void(self, job_id: str, *, job: Mapping[str, Any] | None = None) -> VoidOutcome:
         """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
         return self._submit(VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job))
+
+    async def void_async(self, job_id: str, *,
+                         job: Mapping[str, Any] | None = None) -> VoidOutcome:  # fmt: skip
+        """``void`` from a coroutine: queued on its lane's group commit without a thread."""
+        return await self._submit_async(VoidOp(check_id(job_id, "job id")),
+                                        self._job_update(job_id, job))
 
     @staticmethod
     def _job_update(job_id: str, job: Mapping[str, Any] | None) -> After | None:
@@ -392,11 +493,17 @@ class Ledger:
         lane = min(self._lanes, key=_GroupCommit.load)
         return lane.submit_many(ops, [None] * len(ops))
 
-    def _submit(self, op: Op, after: After | None = None) -> Any:
+    def _lane(self, op: Op) -> _GroupCommit:
         key = (getattr(op, "job_id", None) or getattr(op, "reference", None)
                or getattr(op, "cost_id", ""))
-        lane = self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
-        return lane.submit(op, after)
+        return self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
+
+    def _submit(self, op: Op, after: After | None = None) -> Any:
+        return self._lane(op).submit(op, after)
+
+    async def _submit_async(self, op: Op, after: After | None = None) -> Any:
+        result = await self._lane(op).submit_async(op, after)
+        return result
 
     def _apply_batch(self, ops: list[Op], afters: Sequence[After | None] = ()) -> list[Any]:
         """One transaction: load and lock what the ops touch, apply them, write the outcome,

@@ -420,6 +420,60 @@ def test_concurrent_submits_share_transactions_and_keep_their_order(
     assert L.check() == []
 
 
+def test_coroutines_queue_on_the_group_commit_with_threads(
+        make_books: Callable[..., Books]) -> None:
+    """hold_async/settle_async/void_async from many coroutines at once, while threads call the
+    blocking API on the same lane: every op gets its own result (a refused hold raises in its
+    own coroutine only), the coroutines' ops share transactions, and the books balance."""
+    import asyncio
+    import threading
+
+    b = make_books()
+    L = b.restart(lanes=1)
+    for c in range(4):
+        L.deposit(f"c{c}", USD, f"p{c}")
+    L.deposit("poor", 10, "p-poor")
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+
+    async def one(c: int, i: int) -> int:
+        job = f"a{c}-{i}"
+        held = await L.hold_async(job, f"c{c}", "m", 100, 100)
+        if i % 5 == 4:
+            assert await L.void_async(job) is VoidOutcome.VOIDED
+            return 0
+        s = await L.settle_async(job, f"c{c}", "m", 100, 50, [share("bob", "pc1", 100, 50)])
+        assert s.charge_micros <= held
+        return s.charge_micros
+
+    def blocking(c: int) -> None:  # a thread on the same lane meanwhile
+        for i in range(10):
+            L.hold(f"t{c}-{i}", f"c{c}", "m", 100, 100)
+            L.settle(f"t{c}-{i}", f"c{c}", "m", 100, 50, [share("bob", "pc1", 100, 50)])
+
+    async def main() -> list[int]:
+        threads = [threading.Thread(target=blocking, args=(c,)) for c in range(2)]
+        for t in threads:
+            t.start()
+        charges = await asyncio.gather(*(one(c, i) for c in range(4) for i in range(25)))
+        with pytest.raises(InsufficientBalance):
+            await L.hold_async("broke", "poor", "m", 100_000, 100_000)
+        await asyncio.to_thread(lambda: [t.join() for t in threads])
+        return charges
+
+    commits.clear()
+    charges = asyncio.run(main())
+    charge = -(-(100 * 60_000 + 50 * 180_000) // 1_000_000)
+    assert charges.count(charge) == 80 and charges.count(0) == 20
+    # 100 coroutines x 2-3 ops and 2 threads x 20 ops, in far fewer transactions than ops
+    assert len(commits) < (100 * 2 + 20 + 40) / 2
+    for c in range(4):
+        spent = 20 * charge + (10 * charge if c < 2 else 0)
+        assert L.client_balance(f"c{c}").balance_micros == USD - spent
+    assert L.client_balance("poor").balance_micros == 10
+    assert L.check() == []
+
+
 def test_bad_ids_and_token_counts_are_refused(make_books: Callable[..., Books]) -> None:
     L = make_books().ledger
     with pytest.raises(InvalidRequest):
