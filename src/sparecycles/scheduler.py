@@ -143,34 +143,43 @@ def speed_factor(
 # --- prediction ----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _Load:
-    """A node's load as this call has changed it (the snapshot itself stays untouched)."""
+    """A node's load as this call has changed it (the snapshot itself stays untouched). A plain
+    slotted class: one is made per node per call, so it allocates nothing more until used."""
 
-    node: NodeSnapshot
-    active: int
-    queued_tokens: int
-    prefill_backlog_s: float = 0.0  # prefills of jobs placed here in this call, run before ours
-    waiting: int = 0  # jobs of this call waiting for a slot here (late binding)
-    version: int = 0
-    last_assigned_s: float = -math.inf
-    costs: dict[str, perfmodel.Costs] = field(default_factory=dict)  # per model, this call
-    factors: dict[str, float] = field(default_factory=dict)  # speed_factor per model, this call
+    __slots__ = ("_costs", "_factors", "active", "last_assigned_s", "node", "prefill_backlog_s",
+                 "queued_tokens", "version", "waiting")
+
+    def __init__(self, node: NodeSnapshot, active: int, queued_tokens: int,
+                 last_assigned_s: float = -math.inf) -> None:  # fmt: skip
+        self.node = node
+        self.active = active
+        self.queued_tokens = queued_tokens
+        self.prefill_backlog_s = 0.0  # prefills of jobs placed here in this call, run before ours
+        self.waiting = 0  # jobs of this call waiting for a slot here (late binding)
+        self.version = 0
+        self.last_assigned_s = last_assigned_s
+        self._costs: dict[str, perfmodel.Costs] | None = None  # per model, this call
+        self._factors: dict[str, float] | None = None  # speed_factor per model, this call
 
     @property
     def full(self) -> bool:
         return self.active >= self.node.jobs_max
 
     def costs_of(self, spec: ModelSpec, calib: Calibration) -> perfmodel.Costs:
-        c = self.costs.get(spec.name)
+        if self._costs is None:
+            self._costs = {}
+        c = self._costs.get(spec.name)
         if c is None:
-            c = self.costs[spec.name] = perfmodel.costs_of(spec, self.node.profile, calib)
+            c = self._costs[spec.name] = perfmodel.costs_of(spec, self.node.profile, calib)
         return c
 
     def factor_of(self, model: str, spec: ModelSpec, calib: Calibration) -> float:
-        f = self.factors.get(model)
+        if self._factors is None:
+            self._factors = {}
+        f = self._factors.get(model)
         if f is None:
-            f = self.factors[model] = speed_factor(self.node, model, spec, calib)
+            f = self._factors[model] = speed_factor(self.node, model, spec, calib)
         return f
 
 
@@ -199,7 +208,7 @@ def predict(
 ) -> Prediction:
     """The prediction the scheduler makes for ``job`` on ``node`` as it stands (no other job of
     the same call counted); the coordinator keeps it to correct the node's speed later."""
-    load = _Load(node=node, active=node.active_jobs, queued_tokens=node.queued_tokens)
+    load = _Load(node, node.active_jobs, node.queued_tokens)
     return _predict(job, load, spec, now_s, config)
 
 
@@ -596,7 +605,7 @@ def schedule(
     if not waiting or not nodes:
         return []
     loads = [
-        _Load(n, n.active_jobs, n.queued_tokens, last_assigned_s=n.last_assigned_s) for n in nodes
+        _Load(n, n.active_jobs, n.queued_tokens, n.last_assigned_s) for n in nodes
     ]
     if config.policy in ("fastest", "cheapest-within-deadline"):
         return _schedule_ours(waiting, loads, models, now_s, config, memo)

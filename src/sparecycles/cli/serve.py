@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import tomllib
@@ -40,6 +41,7 @@ def coordinator(
     settings = CoordinatorSettings(**{**load_toml(config).get("coordinator", {}), **flags})
     setup_logging(settings.log_level)
     app = create_app(settings)
+    tune_gc()
     uvicorn.run(
         app,
         host=settings.host,
@@ -51,6 +53,20 @@ def coordinator(
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def tune_gc() -> None:
+    """A long-running server's garbage collector: what was loaded at start-up (the libraries,
+    ~130,000 objects) is moved out of the collector's sight (``gc.freeze``), and the youngest
+    generation is collected every 20,000 net allocations instead of 700. Placement allocates a few
+    objects per node per request, and each collection walked the young objects of a busy
+    coordinator: 131 -> 146 requests/s on one replica (docs/benchmarks.md, control plane).
+    The objects are mostly freed by reference counting; only cycles wait longer."""
+    gc.freeze()
+    gc.set_threshold(gc_thresholds[0], gc_thresholds[1], gc_thresholds[2])
+
+
+gc_thresholds = (20_000, 20, 20)
 
 
 def node(
