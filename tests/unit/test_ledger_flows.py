@@ -187,6 +187,44 @@ def test_settle_and_void_close_their_job_row_in_the_same_transaction(
     assert L.check() == []
 
 
+def test_one_transaction_writes_its_jobs_rows_together(make_books: Callable[..., Books]
+                                                      ) -> None:
+    """Admissions and settlements batched into one transaction write every job row, whatever
+    columns each names (a refused hold's row has more; a settlement with a first token too),
+    and a job held and settled in the same transaction is inserted before it is closed."""
+    b = make_books()
+    L = b.ledger
+    b.add_job("seed", "alice", "done")
+    L.deposit("alice", 1_000, "p")
+    L.hold("j0", "alice", "m", 500, 0)  # the accounts a hold touches, created apart
+    L.settle("j0", "alice", "m", 500, 0, [share("o", "n", 500, 0)])
+
+    def row(job_id: str, most: int) -> dict[str, Any]:
+        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                    state="admitted", prompt_tokens=100, max_tokens=most, created_at_s=1.0)
+
+    calls = [  # what the group commit batches when these arrive together
+        L._hold_op("a", "alice", "m", 100, 10, row("a", 10)),
+        L._hold_op("big", "alice", "m", 100_000, 100_000, row("big", 100_000)),
+        L._hold_op("b", "alice", "m", 100, 10, row("b", 10)),
+        L._settle_op("a", "alice", "m", 100, 4, [share("o", "n", 100, 4)],
+                     {"state": "done", "completion_tokens": 4, "time_to_first_token_s": 0.25}),
+        (VoidOp("b"), L._job_update("b", {"state": "failed", "error": "node lost"})),
+    ]
+    commits: list[int] = []
+    event.listen(b.engine, "commit", lambda _conn: commits.append(1))
+    results = L._apply_batch([op for op, _ in calls], [after for _, after in calls])
+    assert len(commits) == 1
+    assert isinstance(results[1], InsufficientBalance) and results[4] is VoidOutcome.VOIDED
+    with b.engine.connect() as c:
+        jobs = {r.id: r for r in c.execute(select(JobRow).where(JobRow.id.in_(["a", "b", "big"])))}
+    assert (jobs["a"].state, jobs["a"].completion_tokens) == ("done", 4)
+    assert jobs["a"].time_to_first_token_s == 0.25
+    assert (jobs["b"].state, jobs["b"].error) == ("failed", "node lost")
+    assert jobs["big"].state == "failed" and "balance" in (jobs["big"].error or "").lower()
+    assert L.check() == []
+
+
 def test_credit_limit_lets_a_client_go_negative_down_to_it(make_books: Callable[..., Books]
                                                             ) -> None:
     L = make_books().ledger
