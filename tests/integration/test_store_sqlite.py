@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -69,4 +70,35 @@ def test_a_write_batch_is_one_transaction_all_or_nothing(tmp_path: Path) -> None
         store.write_batch([lambda: store.write_batch([lambda: None])])
     store.write_batch([lambda: store.update_job("j1", state="done")])  # and the store goes on
     assert store.get_job("j1").state == "done"
+    store.close()
+
+
+def test_a_write_batch_sends_its_attempt_writes_a_kind_at_a_time(tmp_path: Path) -> None:
+    """Twenty jobs placed and finished in one batch: three statements (the attempts' rows, the
+    jobs' placement, the attempts' ends), not sixty; every row as if written one by one."""
+    store = Store(f"sqlite:///{tmp_path / 'a.db'}")
+    store.migrate()
+    client = store.ensure_client("acme")
+    for i in range(20):
+        store.insert_job(id=f"j{i}", client_id=client, model="m", endpoint="completions",
+                         state="admitted", prompt_tokens=1, max_tokens=4,
+                         created_at_s=time.time())
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda _c, _cur, sql, *_a: statements.append(sql))
+    writes: list[Any] = []
+    for i in range(20):
+        writes.append(lambda i=i: store.start_attempt(job_id=f"j{i}", attempt=1, node_id="n1",
+                                                      prompt_tokens=1))
+    for i in range(20):
+        more = {"signature": "sig"} if i % 2 else {}
+        writes.append(lambda i=i, more=more: store.end_attempt(
+            f"j{i}", 1, outcome="done", completion_tokens=i, **more))
+    store.write_batch(writes)
+    assert len([q for q in statements if not q.startswith(("BEGIN", "PRAGMA"))]) == 4
+    for i in range(20):  # (ends of two sets of columns: two statements)
+        (att,) = store.attempts(f"j{i}")
+        assert (att.outcome, att.completion_tokens, att.node_id) == ("done", i, "n1")
+        assert att.signature == ("sig" if i % 2 else None)
+        assert (store.get_job(f"j{i}").state, store.get_job(f"j{i}").node_id) == ("placed", "n1")
     store.close()

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, create_engine, event, insert
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import update as sa_update
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -86,6 +88,33 @@ def make_engine(url: str, *, autocheckpoint_pages: int = wal_autocheckpoint_page
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def _by_columns(rows: Sequence[Mapping[str, Any]]) -> Iterator[list[Mapping[str, Any]]]:
+    """Rows grouped by their set of columns, groups in first-seen order, rows in order."""
+    groups: dict[frozenset[str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(frozenset(row), []).append(row)
+    yield from groups.values()
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows``: one statement per set of columns, each executed for all its rows at
+    once (a multi-row INSERT), instead of a round trip per row."""
+    for group in _by_columns(rows):
+        conn.execute(insert(table), list(group))
+
+
+def update_rows(conn: Connection, table: Table, keys: Sequence[str],
+                rows: Sequence[Mapping[str, Any]]) -> None:  # fmt: skip
+    """Update each row named by its ``keys`` columns with its other columns: one statement
+    per set of columns, executed for all its rows at once (psycopg pipelines an executemany).
+    Rows of one set of columns are applied in order, so a later row for the same key wins."""
+    for group in _by_columns(rows):
+        cols = [c for c in group[0] if c not in keys]
+        stmt = sa_update(table).where(*(table.c[k] == bindparam(f"{k}_") for k in keys))
+        stmt = stmt.values({c: bindparam(f"{c}_") for c in cols})
+        conn.execute(stmt, [{f"{c}_": v for c, v in row.items()} for row in group])
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -52,7 +52,7 @@ from sparecycles.ledger_engine import (
     lock_rank,
 )
 from sparecycles.pricing import ModelPrice, PayoutTerms
-from sparecycles.store.db import writer_lock
+from sparecycles.store.db import insert_rows, update_rows, writer_lock
 from sparecycles.store.ledger_schema import (
     LEDGER_TABLES,
     LedgerAccount,
@@ -212,15 +212,6 @@ class StatementRow:
     hold_amount_micros: int | None  # for post and void rows: the hold they resolve
 
 
-def _by_columns(rows: Sequence[Any]) -> Iterator[tuple[tuple[str, ...], list[Any]]]:
-    """Rows (dicts, or (key, dict) pairs) grouped by their set of columns, in first-seen order."""
-    groups: dict[tuple[str, ...], list[Any]] = {}
-    for row in rows:
-        fields = row[1] if isinstance(row, tuple) else row
-        groups.setdefault(tuple(sorted(fields)), []).append(row)
-    yield from groups.items()
-
-
 class LedgerTx:
     """One transaction's queries. Made only by ``LedgerStore.write``/``read``."""
 
@@ -358,16 +349,11 @@ class LedgerTx:
         """Write the queued job rows: the inserts, then the updates (a job held and settled in
         one batch is inserted first), each kind as one statement per set of columns, sent
         together (a batch of 15 admissions cost 15 round trips before; now one or two)."""
-        J = JobRow.__table__
         inserts, self._job_inserts = self._job_inserts, []
         updates, self._job_updates = self._job_updates, []
-        for _cols, rows in _by_columns(inserts):
-            self.conn.execute(insert(J), rows)
-        for cols, rows in _by_columns(updates):
-            stmt = (update(J).where(J.c.id == bindparam("job_id_"))
-                    .values({c: bindparam(f"{c}_") for c in cols}))
-            self.conn.execute(stmt, [{"job_id_": job_id, **{f"{c}_": v for c, v in f.items()}}
-                                     for job_id, f in rows])
+        insert_rows(self.conn, JobRow.__table__, inserts)
+        update_rows(self.conn, JobRow.__table__, ("id",),
+                    [{"id": job_id, **fields} for job_id, fields in updates])
 
     def _insert(self, table: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,

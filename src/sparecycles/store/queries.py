@@ -11,11 +11,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,8 +25,10 @@ from sparecycles.store import ledger_schema as _ledger_schema  # noqa: F401  (re
 from sparecycles.store import trust_schema as _trust_schema  # noqa: F401  (registers tables)
 from sparecycles.store.db import (
     Base,
+    insert_rows,
     make_engine,
     make_sessionmaker,
+    update_rows,
     wal_autocheckpoint_pages,
     wal_backstop_pages,
     writer_lock,
@@ -58,6 +60,26 @@ class ApiKeyInfo:
 
 _jobs = JobRow.__table__
 _attempts = JobAttempt.__table__
+
+
+@dataclass(slots=True)
+class _AttemptWrites:
+    """Attempt writes of one transaction, written together (``write_batch``): the attempts'
+    rows first, then the jobs' placement, then the attempts' ends, each kind as one statement
+    per set of columns for all its rows; an attempt always starts before it ends in the queue,
+    and a later write of the same row wins. Any other write of the batch first flushes what is
+    queued, so writes land in the order they were made. Before, each was its own statement
+    and round trip: a writer's batch of N jobs cost ~1.5 N of them."""
+
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    ends: list[dict[str, Any]] = field(default_factory=list)
+
+    def flush(self, conn: Connection) -> None:
+        insert_rows(conn, _attempts, self.starts)
+        update_rows(conn, _jobs, ("id",), self.jobs)
+        update_rows(conn, _attempts, ("job_id", "attempt"), self.ends)
+        self.starts, self.jobs, self.ends = [], [], []
 
 
 class Store:
@@ -326,6 +348,9 @@ class Store:
         SQLite's busy handler, and an admission never waits in that handler behind it."""
         joined: Session | None = getattr(self._joined, "session", None)
         if joined is not None:
+            queued = getattr(self._joined, "attempts", None)
+            if queued is not None:  # the batch's attempt writes so far land before this one
+                queued.flush(joined.connection())
             yield joined
             return
         with writer_lock(self.engine), self.sessions.begin() as s:
@@ -343,10 +368,14 @@ class Store:
             raise RuntimeError("write_batch does not nest")  # a second writer lock: deadlock
         with self._writing() as s:
             self._joined.session = s
+            self._joined.attempts = attempts = _AttemptWrites()
             try:
-                return [write() for write in writes]
+                results = [write() for write in writes]
+                attempts.flush(s.connection())
+                return results
             finally:
                 self._joined.session = None
+                self._joined.attempts = None
 
     # The job writes below are Core statements on the session's connection, not ORM units of
     # work: they run for every job on dispatch's writer, and the ORM's flush and bulk-update
@@ -424,23 +453,25 @@ class Store:
     def start_attempt(
         self, *, job_id: str, attempt: int, node_id: str, prompt_tokens: int
     ) -> None:
-        now = time.time()
-        with self._writing() as s:
-            conn = s.connection()
-            conn.execute(insert(_attempts), [dict(
-                job_id=job_id, attempt=attempt, node_id=node_id, outcome="running",
-                prompt_tokens=prompt_tokens, started_at_s=now)])
-            conn.execute(update(_jobs).where(_jobs.c.id == job_id)
-                         .values(state="placed", attempts=attempt, node_id=node_id))
+        queued = getattr(self._joined, "attempts", None) or _AttemptWrites()
+        queued.starts.append(dict(job_id=job_id, attempt=attempt, node_id=node_id,
+                                  outcome="running", prompt_tokens=prompt_tokens,
+                                  started_at_s=time.time()))
+        queued.jobs.append(dict(id=job_id, state="placed", attempts=attempt, node_id=node_id))
+        self._write_attempts(queued)
 
     def end_attempt(self, job_id: str, attempt: int, **fields: Any) -> None:
         fields.setdefault("ended_at_s", time.time())
+        queued = getattr(self._joined, "attempts", None) or _AttemptWrites()
+        queued.ends.append(dict(job_id=job_id, attempt=attempt, **fields))
+        self._write_attempts(queued)
+
+    def _write_attempts(self, queued: _AttemptWrites) -> None:
+        """Alone: write now. In a ``write_batch``: the batch writes them all at its end."""
+        if queued is getattr(self._joined, "attempts", None):
+            return
         with self._writing() as s:
-            s.connection().execute(
-                update(_attempts)
-                .where(_attempts.c.job_id == job_id, _attempts.c.attempt == attempt)
-                .values(**fields)
-            )
+            queued.flush(s.connection())
 
     def attempts(self, job_id: str) -> list[JobAttempt]:
         with self.sessions() as s:
