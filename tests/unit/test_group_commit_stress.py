@@ -264,3 +264,39 @@ def test_coroutines_of_one_loop_are_woken_once_per_transaction() -> None:
 
     assert asyncio.run(main()) == list(range(50))
     assert len(woken) <= 2  # the first op's batch, then the other 49 together
+
+
+def test_the_lead_goes_from_the_worker_to_a_thread_and_back() -> None:
+    """In turn: the worker runs a coroutine's op while a thread and then another coroutine
+    queue; the thread, at the head, is promoted and runs its own op; the coroutine's op, at
+    the head again, goes back to the worker. One batch at a time, each by the right leader."""
+    started, gate = threading.Event(), threading.Event()
+    ran: list[tuple[str, list[Any]]] = []
+
+    def run(ops: list[Any], _afters: list[Any]) -> list[Any]:
+        ran.append((threading.current_thread().name, list(ops)))
+        if ops == ["a"]:
+            started.set()
+            gate.wait(5)
+        return [f"r{op}" for op in ops]
+
+    lane = _GroupCommit(run, 1)
+    told: list[Any] = []
+
+    async def main() -> list[Any]:
+        fa = lane.submit_async("a")
+        await asyncio.to_thread(started.wait, 5)
+        t = threading.Thread(target=lambda: told.append(lane.submit("t")), name="caller")
+        t.start()
+        while len(lane._queue) < 1:  # the thread's op is queued behind the worker's batch
+            await asyncio.sleep(0.001)
+        fb = lane.submit_async("b")
+        gate.set()
+        out = await asyncio.wait_for(asyncio.gather(fa, fb), 5)
+        await asyncio.to_thread(t.join, 5)
+        return out
+
+    assert asyncio.run(main()) == ["ra", "rb"] and told == ["rt"]
+    assert [(who.split("_")[0], ops) for who, ops in ran] == [
+        ("ledger-lane", ["a"]), ("caller", ["t"]), ("ledger-lane", ["b"])]
+    _wait_idle(lane)
