@@ -300,3 +300,75 @@ def test_the_lead_goes_from_the_worker_to_a_thread_and_back() -> None:
     assert [(who.split("_")[0], ops) for who, ops in ran] == [
         ("ledger-lane", ["a"]), ("caller", ["t"]), ("ledger-lane", ["b"])]
     _wait_idle(lane)
+
+
+class _NoThreads:
+    """A ThreadPoolExecutor that cannot start its thread (out of threads, or the interpreter
+    shutting down)."""
+
+    def __init__(self, *_a: Any, **_kw: Any) -> None:
+        pass
+
+    def submit(self, *_a: Any, **_kw: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+
+def test_without_a_worker_thread_the_lane_is_led_where_it_stands(monkeypatch) -> None:
+    """No thread to be had for the lane's worker: the op is not left queued with the lane
+    marked busy and nobody leading (which would stop every later call on the lane); the
+    caller at hand leads instead."""
+    from sparecycles import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "ThreadPoolExecutor", _NoThreads)
+    lane = _GroupCommit(lambda ops, _afters: [f"r{op}" for op in ops], 8)
+
+    async def one(op: str) -> Any:
+        return await lane.submit_async(op)
+
+    assert asyncio.run(one("a")) == "ra"
+    done: list[Any] = []
+    t = threading.Thread(target=lambda: done.append(lane.submit("t")), daemon=True)
+    t.start()
+    t.join(5)
+    assert done == ["rt"], "the lane was left busy with nobody leading"
+    _wait_idle(lane)
+
+
+def test_a_thread_that_cannot_hand_on_to_the_worker_leads_on(monkeypatch) -> None:
+    """A thread leads; a coroutine's op queues behind; no worker thread can be started: the
+    thread runs that op too, rather than raise (its own op did commit) and leave the
+    coroutine waiting for ever."""
+    from sparecycles import ledger as ledger_module
+
+    started, gate = threading.Event(), threading.Event()
+
+    def run(ops: list[Any], _afters: list[Any]) -> list[Any]:
+        if ops == ["t"]:
+            started.set()
+            gate.wait(5)
+        return [f"r{op}" for op in ops]
+
+    lane = _GroupCommit(run, 8)
+    monkeypatch.setattr(ledger_module, "ThreadPoolExecutor", _NoThreads)
+    told: list[Any] = []
+
+    def caller() -> None:
+        try:
+            told.append(lane.submit("t"))
+        except BaseException as exc:  # the test reports what it was told
+            told.append(exc)
+
+    async def main() -> Any:
+        t = threading.Thread(target=caller, daemon=True)
+        t.start()
+        await asyncio.to_thread(started.wait, 5)
+        fut = lane.submit_async("c")  # queued behind the thread's batch
+        gate.set()
+        try:
+            return await asyncio.wait_for(fut, 5)
+        finally:
+            await asyncio.to_thread(t.join, 5)
+
+    assert asyncio.run(main()) == "rc"
+    assert told == ["rt"]
+    _wait_idle(lane)
