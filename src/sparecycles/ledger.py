@@ -251,9 +251,18 @@ class _GroupCommit:
         return p.future  # type: ignore[return-value]
 
     def _start_worker(self) -> None:
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-lane")
-        self._worker.submit(self._lead_for_coroutines)
+        """Give the lead to the lane's worker thread. When no thread can be had (the process
+        is out of threads, or the interpreter is shutting down) the caller at hand leads: the
+        lane is busy, so left without a leader it would stop every later call on it."""
+        try:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-lane")
+            self._worker.submit(self._lead_for_coroutines)
+        except RuntimeError:
+            # A failed thread start leaves the task queued in that executor: never use it again
+            # (were its thread to start later, the task would lead beside whoever leads then).
+            self._worker = None
+            self._lead_for_coroutines()
 
     def _lead_for_coroutines(self) -> None:
         """The worker's turn as leader: run batches while a coroutine's op is at the head."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 from sqlalchemy import event
@@ -351,3 +352,90 @@ def test_a_burst_does_not_make_a_node_look_faster_than_its_whole_attempt() -> No
 def test_nothing_to_measure_in_one_token() -> None:
     assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_s=0.2) == 0.0
     assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_s=5.0) == 0.0
+
+
+async def test_a_round_of_settlements_lands_together_each_waiter_told_its_own(world) -> None:
+    """Many jobs end at once: their settlements run side by side (fewer ledger commits than
+    jobs), each job's attempt rows land before its settlement, every job is closed with its
+    money, and stop() drains what is queued."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    nodes = [FakeNode(f"n{i}", (alice, bob)[i % 2]) for i in range(4)]
+    for n in nodes:
+        d.on_node_ready(n.conn)
+    await _admit(d, client, job_id="job_0")  # the client's accounts, apart
+    ids = [f"job_{i}" for i in range(1, 25)]
+    jobs = await asyncio.gather(*(_admit(d, client, job_id=j, max_tokens=5) for j in ids))
+    await _until(lambda: sum(len(n.jobs()) for n in nodes) == 25)
+    by_id = {m["job_id"]: (n, m) for n in nodes for m in n.jobs()}
+    for j in ids:
+        n, _m = by_id[j]
+        d.on_tokens(n.conn, protocol.Tokens(job_id=j, attempt=1, index=0, token_ids=[1, 2]))
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    ended = [d.on_done(by_id[j][0].conn, by_id[j][0].done(by_id[j][1], [1, 2]))
+             for j in ids[:20]]
+    ended += [d.cancel(j) for j in ids[20:]]
+    await asyncio.gather(*ended)
+    assert len(commits) < len(ids)  # settlements shared transactions
+    for j, job in zip(ids, jobs, strict=True):
+        assert job.state.is_final
+        assert _drain(job)[-1].kind == "done"
+        row = store.get_job(j)
+        assert (row.state, row.completion_tokens) == ("done", 2), j
+        assert ledger.job_money(j)["state"] == "settled"
+        assert [a.outcome for a in store.attempts(j)] == (["done"] if j in ids[:20]
+                                                           else ["cancelled"])
+    await d.stop()  # job_0 is still open: stop settles it and drains
+    assert store.get_job("job_0").state == "failed"
+    assert ledger.job_money("job_0")["state"] == "voided"
+    assert ledger.check() == []
+
+
+async def test_the_writers_round_background_first_waiters_after_the_round(world,
+                                                                          monkeypatch) -> None:
+    """A round: its background writes commit first (even those queued after a settlement),
+    then the writes waited for run side by side, coroutine functions awaited, each retried
+    through an outage on its own, and a failing one raises in its own waiter only."""
+    from sqlalchemy import exc as sa_exc
+
+    from sparecycles import dispatch
+
+    store, ledger, *_ = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    monkeypatch.setattr(dispatch, "store_retry_s", 5.0)
+    log: list[str] = []
+    gate = threading.Event()
+
+    async def waited(name: str, *, fail: BaseException | None = None, flaky: int = 0) -> str:
+        tries = [0]
+
+        async def fn() -> str:
+            tries[0] += 1
+            log.append(f"{name}:{tries[0]}")
+            await asyncio.sleep(0)
+            if tries[0] <= flaky:
+                raise sa_exc.OperationalError("COMMIT", {}, Exception("connection lost"))
+            if fail is not None:
+                raise fail
+            return name
+
+        return await d._write(fn)
+
+    await d.start()
+    d._background(lambda: gate.wait(5) and log.append("blocker"))  # holds the writer
+    await _until(lambda: d._writes.empty())
+    d._background(log.append, "bg1")
+    w1 = asyncio.ensure_future(waited("s1"))
+    w2 = asyncio.ensure_future(waited("s2", fail=ValueError("bad settlement")))
+    w3 = asyncio.ensure_future(waited("s3", flaky=1))
+    await asyncio.sleep(0)
+    d._background(log.append, "bg2")  # queued after the settlements
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(w1, w2, w3, return_exceptions=True), 10)
+    assert results[0] == "s1" and results[2] == "s3"
+    assert isinstance(results[1], ValueError)
+    assert log[:3] == ["blocker", "bg1", "bg2"]  # one round: its background writes first
+    assert sorted(log[3:]) == ["s1:1", "s2:1", "s3:1", "s3:2"]  # s3 retried, the others once
+    await d.stop()

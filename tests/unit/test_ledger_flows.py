@@ -6,9 +6,10 @@ runs these same functions again on SQLite files and PostgreSQL (it overrides ``m
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sparecycles.errors import (
     InvalidRequest,
     InvariantViolation,
     NotFound,
+    SpareCyclesError,
 )
 from sparecycles.ledger import Ledger, VoidOutcome, WorkShare
 from sparecycles.ledger_engine import DepositOp, HoldOp, SettleOp, VoidOp
@@ -509,6 +511,194 @@ def test_coroutines_queue_on_the_group_commit_with_threads(
         spent = 20 * charge + (10 * charge if c < 2 else 0)
         assert L.client_balance(f"c{c}").balance_micros == USD - spent
     assert L.client_balance("poor").balance_micros == 10
+    assert L.check() == []
+
+
+# The calls of one job, in its order: (call, args...). Each pattern's results alone (computed
+# sequentially first) are what every concurrent run of it must get.
+_PATTERNS: dict[str, list[tuple[Any, ...]]] = {
+    "settled": [("hold", 100, 100), ("settle", 50)],
+    "voided": [("hold", 100, 100), ("void",)],
+    "settled twice": [("hold", 100, 100), ("settle", 50), ("settle", 50)],
+    "void after settle": [("hold", 100, 100), ("settle", 50), ("void",)],
+    "voided twice": [("hold", 100, 100), ("void",), ("void",)],
+    "refused": [("hold", 100_000, 100_000), ("void",)],
+    "never held": [("settle", 50)],
+    "with its row": [("hold", 100, 100, "row"), ("settle", 50, "row")],
+}
+
+
+def _normal(result: Any, job_id: str) -> Any:
+    """A result with its job id taken out, to compare runs of a pattern."""
+    if isinstance(result, BaseException):
+        return (type(result).__name__, str(result).replace(job_id, "J"))
+    if hasattr(result, "job_id"):
+        return replace(result, job_id="J")
+    return result
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_threads_and_coroutines_on_a_ledger_get_the_results_of_calls_alone(
+        make_books: Callable[..., Books], lanes: int) -> None:
+    """Stress: blocking calls from threads, ``submit`` lists, and coroutines on two event loops
+    (some of which stop waiting), all at once on one or two lanes. No lane ever runs two
+    transactions at once, every call gets the result the same call gets alone, a job's calls
+    keep their order, and the books balance."""
+    import asyncio
+    import random
+    import threading
+    import time
+
+    b = make_books()
+    L = b.restart(lanes=lanes)
+    overlaps: list[int] = []
+    for lane in L._lanes:  # one transaction at a time per lane
+        running = [0]
+
+        def watched(ops: Any, afters: Any, run: Any = lane._run, running: list[int] = running
+                    ) -> Any:
+            running[0] += 1
+            if running[0] > 1:
+                overlaps.append(1)
+            try:
+                return run(ops, afters)
+            finally:
+                running[0] -= 1
+
+        lane._run = watched  # type: ignore[method-assign]
+    clients = [f"c{c}" for c in range(4)]
+    for c in clients:
+        b.add_job(f"seed-{c}", c, "done")  # the clients' rows (job rows reference them)
+        L.deposit(c, USD, f"p-{c}")
+    L.deposit("poor", 10, "p-poor")
+    L.hold("seed", "c0", "m", 1, 1)
+    L.settle("seed", "c0", "m", 1, 1, [share("bob", "pc1", 1, 1)])  # bob's accounts, apart
+
+    def row(job_id: str, client: str) -> dict[str, Any]:
+        return dict(id=job_id, client_id=client, model="m", endpoint="chat.completions",
+                    state="admitted", prompt_tokens=100, max_tokens=100, created_at_s=b.clock())
+
+    def args(step: tuple[Any, ...], job_id: str, client: str) -> tuple[str, tuple[Any, ...],
+                                                                         dict[str, Any]]:
+        kind, *rest = step
+        who = "poor" if rest[:1] == [100_000] else client
+        if kind == "hold":
+            kw = {"job": row(job_id, who)} if "row" in rest else {}
+            return kind, (job_id, who, "m", rest[0], rest[1]), kw
+        if kind == "settle":
+            kw = {"job": {"state": "done", "completion_tokens": rest[0]}} if "row" in rest else {}
+            return kind, (job_id, client, "m", 100, rest[0], [share("bob", "pc1", 100, rest[0])]
+                          ), kw
+        return kind, (job_id,), {}
+
+    def alone(steps: list[tuple[Any, ...]], job_id: str, client: str) -> list[Any]:
+        out = []
+        for step in steps:
+            kind, a, kw = args(step, job_id, client)
+            try:
+                out.append(_normal(getattr(L, kind)(*a, **kw), job_id))
+            except SpareCyclesError as exc:
+                out.append(_normal(exc, job_id))
+        return out
+
+    expected = {name: alone(steps, f"oracle-{i}", "c0")
+                for i, (name, steps) in enumerate(_PATTERNS.items())}
+    assert expected["settled"][1].charge_micros > 0  # the oracle itself is sane
+    start = {c: L.client_balance(c).balance_micros for c in clients}
+    got: list[tuple[str, str, list[Any]]] = []  # (pattern, job id, results)
+    charged = {c: 0 for c in clients}
+    lock = threading.Lock()
+
+    def record(name: str, job_id: str, client: str, results: list[Any]) -> None:
+        with lock:
+            got.append((name, job_id, results))
+            if name in ("settled", "settled twice", "void after settle", "with its row"):
+                charged[client] += expected["settled"][1].charge_micros
+
+    def blocking(t: int) -> None:
+        rng = random.Random(t)
+        for i in range(12):
+            name = rng.choice(list(_PATTERNS))
+            job_id, client = f"t{t}-{i}", clients[(t + i) % 4]
+            if rng.random() < 0.25 and "row" not in repr(_PATTERNS[name]):  # a submit list
+                ops = []
+                for step in _PATTERNS[name]:
+                    kind, a, _kw = args(step, job_id, client)
+                    ops.append(HoldOp(*a) if kind == "hold" else VoidOp(*a) if kind == "void"
+                               else SettleOp(*a[:5], tuple(a[5])))
+                record(name, job_id, client, [_normal(r, job_id) for r in L.submit(ops)])
+            else:
+                record(name, job_id, client, alone(_PATTERNS[name], job_id, client))
+
+    async def one(e: int, k: int) -> None:
+        rng = random.Random(1000 * e + k)
+        for i in range(4):
+            name = rng.choice(list(_PATTERNS))
+            job_id, client = f"e{e}-{k}-{i}", clients[(e + k + i) % 4]
+            out: list[Any] = []
+            for step in _PATTERNS[name]:
+                kind, a, kw = args(step, job_id, client)
+                call = getattr(L, f"{kind}_async")(*a, **kw)
+                if rng.random() < 0.05:  # stops waiting; the call lands all the same
+                    task = asyncio.ensure_future(call)
+                    await asyncio.sleep(0)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, SpareCyclesError):
+                        await task
+                    out = []
+                    break
+                try:
+                    out.append(_normal(await call, job_id))
+                except SpareCyclesError as exc:
+                    out.append(_normal(exc, job_id))
+            if out:
+                record(name, job_id, client, out)
+            else:  # cancelled part way: finish the job alone (its calls must have landed)
+                with lock:
+                    got.append(("cancelled", job_id, []))
+
+    loop_errors: list[Any] = []
+
+    def loop_thread(e: int) -> None:
+        async def main() -> None:
+            asyncio.get_running_loop().set_exception_handler(
+                lambda _l, ctx: loop_errors.append(ctx))
+            await asyncio.gather(*(one(e, k) for k in range(10)))
+
+        asyncio.run(main())
+
+    workers = ([threading.Thread(target=blocking, args=(t,)) for t in range(3)]
+               + [threading.Thread(target=loop_thread, args=(e,)) for e in range(2)])
+    t0 = time.monotonic()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers), "a caller never got its result"
+    assert time.monotonic() - t0 < 60
+    assert overlaps == [] and loop_errors == []
+    for name, job_id, results in got:
+        if name != "cancelled":
+            assert results == expected[name], (name, job_id)
+    deadline = time.monotonic() + 10  # a leader may still be handing on after its last wake-up
+    while any(lane.load() for lane in L._lanes) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not any(lane.load() for lane in L._lanes), "ops left queued with nobody leading"
+    # jobs cancelled part way: settle or void them now, so every hold is closed
+    for name, job_id, _ in got:
+        if name == "cancelled":
+            L.void(job_id)
+    cancelled_charges = sum(L.job_money(j)["charged_micros"] for n, j, _ in got
+                            if n == "cancelled")
+    assert sum(start[c] - L.client_balance(c).balance_micros for c in clients) == (
+        sum(charged.values()) + cancelled_charges)
+    for c in clients:
+        assert L.client_balance(c).held_micros == 0
+    assert L.client_balance("poor").balance_micros == 10
+    with b.engine.connect() as c:
+        rows = dict(c.execute(select(JobRow.id, JobRow.state)
+                              .where(JobRow.id.not_like("seed-%"))).all())
+    assert all(rows[j] == "done" for n, j, _ in got if n == "with its row")
     assert L.check() == []
 
 
