@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 
 from sparecycles import limits, protocol, scheduler
-from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
+from sparecycles.errors import (
+    Conflict,
+    InvariantViolation,
+    JobFailed,
+    NoNodeAvailable,
+    SpareCyclesError,
+)
 from sparecycles.fleet import RemoteNode
 from sparecycles.identity import verify
 from sparecycles.ledger import Ledger, WorkShare
@@ -717,10 +723,17 @@ class Dispatcher:
 
 
 async def _call(fn: Callable[[], Any]) -> Any:
-    """Await a coroutine function; run a plain one on a worker thread."""
+    """Await a coroutine function; run a plain one on a worker thread. A plain function that
+    returns a coroutine (``lambda: ledger.settle_async(...)``) is a bug that would skip the
+    write: refused loudly."""
     if inspect.iscoroutinefunction(fn):
         return await fn()
-    return await asyncio.to_thread(fn)
+    result = await asyncio.to_thread(fn)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise InvariantViolation("a store write returned an awaitable: pass an async def")
+    return result
 
 
 @dataclass(slots=True)

@@ -67,6 +67,7 @@ from sparecycles.pricing import (
     amount_micros_max,
     tokens_max,
 )
+from sparecycles.store.db import transient_store_errors
 from sparecycles.store.ledger_store import LedgerStore, LedgerTx
 
 __all__ = [
@@ -222,7 +223,8 @@ class _GroupCommit:
 
     def submit_many(self, ops: Sequence[Op], afters: Sequence[After | None]) -> list[Any]:
         """Each op's result (its value or the SpareCyclesError it raised), in order; raises
-        what made a transaction of one of them fail."""
+        what made the transaction of one of them fail (a transaction that fails for one op's
+        sake is run again op by op, so the others of the list may have committed)."""
         me = _Caller(len(ops))
         mine = [_Pending(op, after, me) for op, after in zip(ops, afters, strict=True)]
         with self._lock:
@@ -279,12 +281,21 @@ class _GroupCommit:
             batch = [self._queue.popleft() for _ in range(min(self._ops_max, len(self._queue)))]
         try:
             results = self._run([p.op for p in batch], [p.after for p in batch])
-        except BaseException as exc:  # the whole transaction failed: every op learns why
-            for p in batch:
-                p.error = exc
-        else:
             for p, r in zip(batch, results, strict=True):
                 p.result = r
+        except Exception as exc:
+            if len(batch) == 1 or isinstance(exc, transient_store_errors):
+                for p in batch:  # the database is away (its retries are spent): all learn why
+                    p.error = exc
+            else:  # one op broke the transaction: run each alone, so it costs only itself
+                for p in batch:
+                    try:
+                        p.result = self._run([p.op], [p.after])[0]
+                    except Exception as alone:
+                        p.error = alone
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: every op learns why
+            for p in batch:
+                p.error = exc
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for p in batch:
             if p.caller is None:

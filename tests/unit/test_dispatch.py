@@ -439,3 +439,16 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
     assert log[:3] == ["blocker", "bg1", "bg2"]  # one round: its background writes first
     assert sorted(log[3:]) == ["s1:1", "s2:1", "s3:1", "s3:2"]  # s3 retried, the others once
     await d.stop()
+
+
+async def test_a_write_that_returns_a_coroutine_is_refused_not_skipped() -> None:
+    from sparecycles.dispatch import _call
+    from sparecycles.errors import InvariantViolation
+
+    async def settle() -> int:
+        return 7
+
+    assert await _call(settle) == 7
+    assert await _call(lambda: 8) == 8
+    with pytest.raises(InvariantViolation):
+        await _call(lambda: settle())  # a plain function returning a coroutine

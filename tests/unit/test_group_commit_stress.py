@@ -2,7 +2,9 @@
 several event loops (``submit_async``) queue ops on one lane at once, the lead passing between
 waiting threads and the lane's worker. A fake transaction stands in for the database, so the
 hand-off itself is what is tested: one batch at a time per lane, every op run exactly once, in
-each caller's order, and every caller told its own op's result (or its transaction's error)."""
+each caller's order, and every caller told its own op's result. An op that breaks a shared
+transaction is run again alone, as are the others of that batch: it fails on its own, they
+commit."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class Refused(Exception):
 
 
 class TxFailed(Exception):
-    """The whole transaction failed: every op of the batch learns it."""
+    """The whole transaction failed (a poison op in it): the lane reruns each op alone."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,12 @@ class FakeDb:
             assert 1 <= len(ops) <= self.ops_max
             time.sleep(jitter * 0.0005)  # widen the windows between the lane's steps
             with self._guard:
-                start = len(self.applied)
-                self.applied.extend(ops)
                 self.batches.append(list(ops))
-                if any(op.kind == "poison" for op in ops):
+                if any(op.kind == "poison" for op in ops):  # rolled back: nothing applied
                     self.failed.add(len(self.batches) - 1)
                     raise TxFailed(f"batch {len(self.batches) - 1}")
+                start = len(self.applied)
+                self.applied.extend(ops)
             return [Refused(op) if op.kind == "refused" else start + i
                     for i, op in enumerate(ops)]
         finally:
@@ -87,23 +89,29 @@ def _kind(rng: random.Random) -> str:
 
 
 def _check(db: FakeDb, outcomes: dict[FakeOp, Any], submitted: list[FakeOp]) -> None:
-    """Every op ran once, each caller's ops in its order, and each got its own outcome."""
+    """Every op but the poison committed once, each caller's ops in its order, each poison op
+    failed alone (in a batch of its own), and each op got its own outcome."""
     assert db.overlaps == 0
-    assert sorted(db.applied, key=repr) == sorted(submitted, key=repr)  # each exactly once
+    healthy = [op for op in submitted if op.kind != "poison"]
+    assert sorted(db.applied, key=repr) == sorted(healthy, key=repr)  # each exactly once
     position = {op: i for i, op in enumerate(db.applied)}
-    batch_of = {op: b for b, ops in enumerate(db.batches) for op in ops}
+    alone = {ops[0]: b for b, ops in enumerate(db.batches) if b in db.failed and len(ops) == 1}
+    assert all(op in alone for op in submitted if op.kind == "poison")
+    for b in db.failed:  # every op of a failed shared batch was run again alone
+        assert all(op in alone or op in position for op in db.batches[b])
     by_caller: dict[str, list[FakeOp]] = {}
     for op in submitted:
         by_caller.setdefault(op.caller, []).append(op)
     for ops in by_caller.values():
-        assert [position[op] for op in ops] == sorted(position[op] for op in ops)
+        committed = [position[op] for op in ops if op in position]
+        assert committed == sorted(committed)
     for op in submitted:
         got = outcomes[op]
-        if isinstance(got, GroupFailed):
-            first = next(batch_of[o] for o in got.ops if batch_of[o] in db.failed)
-            assert str(got.error) == f"batch {first}", (op, got)
-        elif batch_of[op] in db.failed:
-            assert isinstance(got, TxFailed) and str(got) == f"batch {batch_of[op]}", (op, got)
+        if isinstance(got, GroupFailed):  # raised: the first poison op of the list's error
+            first = next(o for o in got.ops if o.kind == "poison")
+            assert str(got.error) == f"batch {alone[first]}", (op, got)
+        elif op.kind == "poison":
+            assert isinstance(got, TxFailed) and str(got) == f"batch {alone[op]}", (op, got)
         elif op.kind == "refused":
             assert isinstance(got, Refused) and got.args == (op,), (op, got)
         else:
@@ -197,8 +205,8 @@ def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int) 
 
 def _expected(db: FakeDb, op: FakeOp) -> Any:
     """What a cancelled coroutine would have been told (its op ran all the same)."""
-    b = next(i for i, ops in enumerate(db.batches) if op in ops)
-    if b in db.failed:
+    if op.kind == "poison":  # its last transaction: the one it ran in alone
+        b = max(i for i, ops in enumerate(db.batches) if ops == [op])
         return TxFailed(f"batch {b}")
     return Refused(op) if op.kind == "refused" else db.applied.index(op)
 

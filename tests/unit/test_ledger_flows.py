@@ -227,6 +227,31 @@ def test_one_transaction_writes_its_jobs_rows_together(make_books: Callable[...,
     assert L.check() == []
 
 
+def test_an_op_that_breaks_a_shared_transaction_costs_only_itself(
+        make_books: Callable[..., Books]) -> None:
+    """Three admissions batched together, the second's job row a duplicate of the first's:
+    the transaction fails, each op is run again alone, and only the duplicate fails."""
+    from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+    b = make_books()
+    L = b.restart(lanes=1)
+    b.add_job("seed", "alice", "done")
+    L.deposit("alice", 10_000, "p")
+
+    def row(job_id: str) -> dict[str, Any]:
+        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                    state="admitted", prompt_tokens=100, max_tokens=10, created_at_s=1.0)
+
+    calls = [L._hold_op("h1", "alice", "m", 100, 10, row("r1")),
+             L._hold_op("h2", "alice", "m", 100, 10, row("r1")),  # the same row id again
+             L._hold_op("h3", "alice", "m", 100, 10, row("r3"))]
+    with pytest.raises(SAIntegrityError):
+        L._lanes[0].submit_many([op for op, _ in calls], [after for _, after in calls])
+    assert L.job_money("h1")["state"] == "held" and L.job_money("h3")["state"] == "held"
+    assert L.job_money("h2")["state"] == "none"  # went back with its own transaction
+    assert L.check() == []
+
+
 def test_credit_limit_lets_a_client_go_negative_down_to_it(make_books: Callable[..., Books]
                                                             ) -> None:
     L = make_books().ledger
