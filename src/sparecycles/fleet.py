@@ -146,6 +146,7 @@ class RemoteNode:
             expected_stay_s=self.expected_stay_s,
             reputation=self.reputation,
             draining=self.draining,
+            relayed=True,
         )
 
 

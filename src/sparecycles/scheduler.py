@@ -73,6 +73,12 @@ class SchedulerConfig:
     # performance model is trusted to about 25 % (docs/benchmarks.md), so a smaller edge is noise,
     # and a fleet of near-equal nodes would otherwise queue on whichever measured a little faster.
     late_binding_gain_min: float = 1.25
+    # With several coordinator replicas, a node connected to another replica costs a relay of
+    # every message over the bus (CPU on both replicas and NATS). Among near-equal nodes the
+    # replica's own wins: a relayed node is chosen only if it beats this replica's best free
+    # node by more than this fraction of its score (0: no preference).
+    relay_tolerance: float = 0.1
+    group_rank_local_scan: int = 64  # ... looked for this far down a large group's ranking
     deadline_default_s: float = 60.0  # "cheapest-within-deadline" for a job without a deadline
     group_candidates: int = 4  # nodes per group each job weighs exactly
     # A group larger than this is ranked only over its least-loaded members (free slots first,
@@ -291,6 +297,24 @@ class _Group:
             i += 1
         return out
 
+    def local_candidates(self, scan: int) -> list[_Load]:
+        """This replica's own free nodes among the first ``scan`` current entries, in order
+        (every member of an unranked group)."""
+        if self.ranked is None:
+            return [ld for ld in self.members if not ld.node.relayed]
+        out: list[_Load] = []
+        seen, entries = 0, self.ranked
+        for i in range(self.start, len(entries)):
+            _, _, load, version = entries[i]
+            if version != load.version:
+                continue
+            seen += 1
+            if not load.node.relayed and not load.full:
+                out.append(load)
+            if seen >= scan:
+                break
+        return out
+
 
 @dataclass(slots=True)
 class _Ranking:
@@ -434,7 +458,13 @@ def _choose(
         if free:
             best_free = min(free, key=lambda o: o[0].score_s)
             if best_free[0].score_s <= best[0].score_s * config.late_binding_gain_min:
-                return best_free
+                best = best_free
+    if best[1].node.relayed and config.relay_tolerance > 0:  # this replica's own, if as good
+        bound = best[0].score_s * (1.0 + config.relay_tolerance)
+        near = [o for o in usable
+                if not o[1].node.relayed and not o[1].full and o[0].score_s <= bound]
+        if near:
+            best = min(near, key=lambda o: o[0].score_s)
     return best
 
 
@@ -463,7 +493,19 @@ def _best_for(
         if (load.full and not may_wait) or not _job_fits(job, load, spec, config):
             continue
         options.append((_predict(job, load, spec, now_s, config), load))
-    return _choose(options, job, now_s, config)
+    best = _choose(options, job, now_s, config)
+    if best is not None and best[1].node.relayed and config.relay_tolerance > 0:
+        # the replica's own nodes may sit just below the top of a ranking: weigh the best one
+        # of each group too, so that the relay rule in _choose has it to compare
+        weighed = {id(o[1]) for o in options}
+        for group in ranking.groups[job.model].values():
+            for load in group.local_candidates(config.group_rank_local_scan):
+                if id(load) in weighed or load.full or not _job_fits(job, load, spec, config):
+                    continue
+                options.append((_predict(job, load, spec, now_s, config), load))
+                break
+        best = _choose(options, job, now_s, config)
+    return best
 
 
 def _schedule_ours(

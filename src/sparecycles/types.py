@@ -189,6 +189,7 @@ class NodeSnapshot:
     decode_speed_factor: dict[str, float] = field(default_factory=dict)
     price_micros_per_mtok: int = 0  # the owner's asking price per million tokens (prompt + output)
     last_assigned_s: float = float("-inf")  # when a job was last placed here (round-robin order)
+    relayed: bool = False  # connected to another coordinator replica: its tokens cross the bus
 
 
 @dataclass(frozen=True, slots=True)

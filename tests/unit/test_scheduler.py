@@ -126,6 +126,29 @@ def test_does_not_wait_for_a_busy_node_only_a_little_faster() -> None:
         SchedulerConfig(late_binding_gain_min=0.5)
 
 
+def test_a_replica_prefers_its_own_node_among_near_equals() -> None:
+    """Nodes on other replicas (relayed over the bus) win only by more than relay_tolerance."""
+    mine = node("mine", decode_speed_factor={MODEL.name: 1.0})
+    near = node("near", relayed=True, decode_speed_factor={MODEL.name: 1.05})
+    far = node("far", relayed=True, decode_speed_factor={MODEL.name: 1.5})
+    assert placed(schedule([job()], [near, mine], MODELS, NOW)) == {"j1": "mine"}
+    assert placed(schedule([job()], [far, mine], MODELS, NOW)) == {"j1": "far"}
+    no_preference = SchedulerConfig(relay_tolerance=0.0)
+    assert placed(schedule([job()], [near, mine], MODELS, NOW, no_preference)) == {"j1": "near"}
+
+
+def test_the_own_node_is_found_below_the_top_of_a_large_group() -> None:
+    """A group of 30 twins ranked by measured speed: the ten fastest are on other replicas,
+    a little faster than this replica's own; the job still goes to one of its own."""
+    nodes = [node(f"r{i:02d}", relayed=True, decode_speed_factor={MODEL.name: 1.08 - i / 1000})
+             for i in range(10)]
+    nodes += [node(f"m{i:02d}", decode_speed_factor={MODEL.name: 1.0 - i / 1000})
+              for i in range(20)]
+    assert placed(schedule([job()], nodes, MODELS, NOW)) == {"j1": "m00"}
+    no_preference = SchedulerConfig(relay_tolerance=0.0)
+    assert placed(schedule([job()], nodes, MODELS, NOW, no_preference)) == {"j1": "r00"}
+
+
 def test_long_job_not_placed_on_a_node_about_to_leave() -> None:
     leaving = node("leaving", H100, expected_stay_s=5.0)
     staying = node("staying", GPU)
