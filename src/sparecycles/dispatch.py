@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +154,7 @@ class Dispatcher:
         self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
         self.config = scheduler.SchedulerConfig(policy=policy)
         self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
+        self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
         self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
         self.remote: dict[str, RemoteNode] = {}  # nodes of other replicas (fleet.py)
         self.jobs: dict[str, LiveJob] = {}
@@ -181,6 +182,8 @@ class Dispatcher:
             await self._finish(job, error=JobFailed("the coordinator is shutting down"))
         if self._writer:
             await self._write(lambda: None)  # drain what is queued
+            if self._ending:  # settled by now: their clients are told
+                await asyncio.gather(*self._ending, return_exceptions=True)
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -426,10 +429,22 @@ class Dispatcher:
         job.events.put_nowait(JobEvent("tokens", tuple(new)))
 
     async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
+        """A node's result: returns once the job is settled and its client told."""
+        ending = self.done_received(node, msg)
+        if ending is not None:
+            await ending
+
+    def done_received(self, node: NodeConn | RemoteNode,
+                      msg: protocol.Done) -> asyncio.Future[None] | None:  # fmt: skip
+        """A node's result, handled now: checked, the attempt ended, the job finished (or
+        resumed when the result does not verify). Returns what completes once the settlement
+        has committed and the client has been told; a socket's reader does not wait for it,
+        so the node's (or, for a relayed node, every relayed node's) next messages are not held
+        behind a commit."""
         try:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
-            return
+            return None
         produced = job.generated[att.token_base : att.token_base + att.tokens]
         payload = protocol.result_payload(
             job_id=msg.job_id,
@@ -447,8 +462,7 @@ class Dispatcher:
                         node.node_id)
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
-            await self._resume(job, outcome="bad_signature")
-            return
+            return self._spawn(self._resume(job, outcome="bad_signature"))
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
         speed = observed_decode_tokens_per_s(att, time.monotonic())
@@ -456,7 +470,7 @@ class Dispatcher:
             node.observe_speed(job.model, speed)
         self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
-        await self._finish(job, finish_reason="stop" if reason == "cancelled" else reason)
+        return self._finish_soon(job, finish_reason="stop" if reason == "cancelled" else reason)
 
     async def on_job_error(self, node: NodeConn | RemoteNode, msg: protocol.JobError) -> None:
         try:
@@ -574,8 +588,23 @@ class Dispatcher:
         error: SpareCyclesError | None = None,
         cancelled_by: str | None = None,
     ) -> None:
+        ending = self._finish_soon(job, finish_reason=finish_reason, error=error,
+                                   cancelled_by=cancelled_by)
+        if ending is not None:
+            await ending
+
+    def _finish_soon(
+        self,
+        job: LiveJob,
+        *,
+        finish_reason: str | None = None,
+        error: SpareCyclesError | None = None,
+        cancelled_by: str | None = None,
+    ) -> asyncio.Future[None] | None:
+        """End the job now (state, out of the queues) and queue its settlement; returns what
+        completes once the settlement has committed and the client has been told."""
         if job.state.is_final:
-            return
+            return None
         self.jobs.pop(job.job_id, None)
         self.waiting.pop(job.job_id, None)
         delivered = len(job.generated)
@@ -616,15 +645,20 @@ class Dispatcher:
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
 
-        try:
-            await self._write(_settle)
-        finally:
-            if error is not None:
-                job.events.put_nowait(JobEvent("error", error=error))
-            else:
-                job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
-            if self._on_finished:
-                self._on_finished(job, str(job.state))
+        settled = self._queue_write(_settle)
+
+        async def _tell() -> None:
+            try:
+                await settled
+            finally:
+                if error is not None:
+                    job.events.put_nowait(JobEvent("error", error=error))
+                else:
+                    job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
+                if self._on_finished:
+                    self._on_finished(job, str(job.state))
+
+        return self._spawn(_tell())
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -636,14 +670,31 @@ class Dispatcher:
         """Queue a store write without waiting for it (metering updates)."""
         self._writes.put_nowait(_Write(lambda: fn(*args, **kwargs), None))
 
+    def _queue_write(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Queue a store write after all earlier ones, now; the future gives its result."""
+        if self._writer is None:  # not started (unit tests driving parts directly)
+            return asyncio.ensure_future(_call(fn))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait(_Write(fn, fut))
+        return fut
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run ``coro`` as a task kept until it ends (its failure is logged, and raised to
+        whoever awaits it)."""
+        task = asyncio.ensure_future(coro)
+        self._ending.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ending a job failed", exc_info=task.exception())
+
     async def _write(self, fn: Callable[[], Any]) -> Any:
         """Queue a store write after all earlier ones and wait for its result. ``fn`` runs on
         a worker thread, or is awaited if it is a coroutine function (the ledger's own queue)."""
-        if self._writer is None:  # not started (unit tests driving parts directly)
-            return await _call(fn)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait(_Write(fn, fut))
-        return await fut
+        return await self._queue_write(fn)
 
     async def _apply(self, fn: Callable[[], Any], *, landed_if_duplicate: bool = True) -> Any:
         """Run a store write, retrying while the database is away (PostgreSQL restarting) for

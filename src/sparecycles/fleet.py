@@ -463,6 +463,6 @@ class Fleet:
         if isinstance(msg, protocol.Tokens):
             d.on_tokens(node, msg)
         elif isinstance(msg, protocol.Done):
-            await d.on_done(node, msg)
+            d.done_received(node, msg)  # the settlement is not waited for: the bus reads on
         elif isinstance(msg, protocol.JobError):
             await d.on_job_error(node, msg)

@@ -452,3 +452,40 @@ async def test_a_write_that_returns_a_coroutine_is_refused_not_skipped() -> None
     assert await _call(lambda: 8) == 8
     with pytest.raises(InvariantViolation):
         await _call(lambda: settle())  # a plain function returning a coroutine
+
+
+async def test_a_node_s_reader_does_not_wait_for_a_settlement(world, monkeypatch) -> None:
+    """done_received (what a socket's reader calls) ends the job at once and leaves the commit
+    to run: while the ledger holds the settlement, the node's next job's tokens still reach its
+    client; the first client hears "done" only once its settlement has committed."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    node = FakeNode("n1", alice)
+    d.on_node_ready(node.conn)
+    first = await _admit(d, client, "job_1")
+    second = await _admit(d, client, "job_2")
+    await _until(lambda: len(node.jobs()) == 2)
+    by_id = {j["job_id"]: j for j in node.jobs()}
+    gate = asyncio.Event()
+    settle = ledger.settle_async
+
+    async def held_settle(*args, **kwargs):
+        await gate.wait()
+        return await settle(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "settle_async", held_settle)
+    d.on_tokens(node.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    ending = d.done_received(node.conn, node.done(by_id["job_1"], [1]))
+    assert ending is not None and not ending.done()
+    assert "job_1" not in d.jobs  # ended now, settling later
+    d.on_tokens(node.conn, protocol.Tokens(job_id="job_2", attempt=1, index=0, token_ids=[7]))
+    events = _drain(second)
+    assert [t for e in events if e.kind == "tokens" for t in e.token_ids] == [7]
+    await asyncio.sleep(0.05)
+    assert [e.kind for e in _drain(first)] == ["tokens"]  # no "done" before the commit
+    gate.set()
+    await ending
+    assert [e.kind for e in _drain(first)] == ["done"]
+    assert ledger.job_money("job_1")["state"] == "settled"
+    await d.stop()

@@ -167,7 +167,7 @@ async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
         if isinstance(msg, protocol.Tokens):
             dispatcher.on_tokens(node, msg)
         elif isinstance(msg, protocol.Done):
-            await dispatcher.on_done(node, msg)
+            dispatcher.done_received(node, msg)  # the settlement is not waited for here
         elif isinstance(msg, protocol.Heartbeat):
             node.status = availability.DeviceStatus(
                 on_ac_power=msg.on_ac_power,
