@@ -407,7 +407,7 @@ class Dispatcher:
         skip = att.tokens - msg.index  # tokens of this message we already have
         if skip < 0:
             log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
-            asyncio.get_running_loop().create_task(self._resume(job, outcome="protocol_gap"))
+            self._resume_soon(job, outcome="protocol_gap")  # now: a task could end a later one
             return
         new = msg.token_ids[skip:]
         room = job.sampling.max_tokens - len(job.generated)
@@ -462,7 +462,7 @@ class Dispatcher:
                         node.node_id)
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
-            return self._spawn(self._resume(job, outcome="bad_signature"))
+            return self._resume_soon(job, outcome="bad_signature")  # now, not in a task
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
         speed = observed_decode_tokens_per_s(att, time.monotonic())
@@ -539,23 +539,29 @@ class Dispatcher:
 
     async def _resume(self, job: LiveJob, *, outcome: str) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
+        ending = self._resume_soon(job, outcome=outcome)
+        if ending is not None:
+            await ending
+
+    def _resume_soon(self, job: LiveJob, *, outcome: str) -> asyncio.Future[None] | None:
+        """``_resume``, done now; if that ends the job, what completes once it is settled."""
         att = job.current
         if att is None or job.state.is_final:
-            return
+            return None
         node = self.node(att.node_id)
         self._end_attempt(job, att, node, outcome)
         if outcome != "replica_lost":  # not the node's fault: it may take the job up again
             job.excluded_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
-            await self._finish(job, finish_reason="length")
-        elif len(job.attempts) >= limits.job_attempts_max:
-            await self._finish(job, error=JobFailed(
+            return self._finish_soon(job, finish_reason="length")
+        if len(job.attempts) >= limits.job_attempts_max:
+            return self._finish_soon(job, error=JobFailed(
                 f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
-        else:
-            job.state = JobState.ADMITTED
-            job.waiting_since_s = time.monotonic()
-            self.waiting[job.job_id] = job
-            self._wake.set()
+        job.state = JobState.ADMITTED
+        job.waiting_since_s = time.monotonic()
+        self.waiting[job.job_id] = job
+        self._wake.set()
+        return None
 
     async def cancel(
         self, job_id: str, *, reason: str = "client", keep_tokens: int | None = None

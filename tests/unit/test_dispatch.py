@@ -489,3 +489,31 @@ async def test_a_node_s_reader_does_not_wait_for_a_settlement(world, monkeypatch
     assert [e.kind for e in _drain(first)] == ["done"]
     assert ledger.job_money("job_1")["state"] == "settled"
     await d.stop()
+
+
+async def test_a_bad_result_resumes_its_own_attempt_at_once(world) -> None:
+    """A forged result, then the same node lost in the same read, then placement: the attempt
+    that sent the forgery is the one ended and blamed, at once; the next node's attempt is
+    left running (a deferred resume once ended and blamed the next node's attempt instead)."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    job = await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    n2 = FakeNode("n2", bob)
+    d.nodes[n2.conn.node_id] = n2.conn  # online, without waking the loop yet
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    forged = n1.done(n1.jobs()[0], [1]).model_copy(update={"signature": "A" * 88})
+    d._wake.set()  # the loop is due to run (an admission or a heartbeat a moment earlier)
+    assert d.done_received(n1.conn, forged) is None  # resumed now: back in the queue
+    assert "job_1" in d.waiting and n1.conn.node_id in job.excluded_nodes
+    await d.on_node_lost(n1.conn)  # the next frame of the same read
+    await _until(lambda: n2.jobs())
+    await asyncio.sleep(0.05)
+    assert [a.node_id for a in job.attempts] == [n1.conn.node_id, n2.conn.node_id]
+    assert n2.conn.node_id not in job.excluded_nodes and "job_1" in n2.conn.jobs
+    await _until(lambda: [r.outcome for r in store.attempts("job_1")] == ["bad_signature",
+                                                                           "running"])
+    await d.stop()
