@@ -19,39 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exc as sa_exc
-
 from sparecycles import limits, protocol, scheduler
-from sparecycles.errors import (
-    Conflict,
-    InvariantViolation,
-    JobFailed,
-    NoNodeAvailable,
-    SpareCyclesError,
-)
+from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
 from sparecycles.fleet import RemoteNode
 from sparecycles.identity import verify
 from sparecycles.ledger import Ledger, WorkShare
 from sparecycles.nodes import NodeConn
 from sparecycles.replicas import settle_abandoned
 from sparecycles.store import Store
-from sparecycles.store.db import transient_store_errors
 from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
+from sparecycles.writer import StoreWriter
 
 if TYPE_CHECKING:
     from sparecycles.verifier import Verifier
 
 log = logging.getLogger("sparecycles.dispatch")
 watchdog_interval_s = 0.25
-store_retry_s = 120.0  # how long writes after admission wait out a database outage
-write_batch_max = 256  # background writes committed together at most
 
 
 @dataclass
@@ -161,8 +150,7 @@ class Dispatcher:
         self.waiting: dict[str, LiveJob] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._writes: asyncio.Queue[_Write] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self.writer = StoreWriter(store)  # store writes after admission, in order
         self._on_finished = on_finished
         self.verifier = verifier  # told of every result, to check claims and spot-check jobs
 
@@ -171,7 +159,7 @@ class Dispatcher:
     async def start(self) -> None:
         await asyncio.to_thread(self._recover)
         self._task = asyncio.create_task(self._loop(), name="dispatch")
-        self._writer = asyncio.create_task(self._write_loop(), name="dispatch-writer")
+        self.writer.start()
 
     async def stop(self) -> None:
         if self._task:
@@ -180,13 +168,10 @@ class Dispatcher:
                 await self._task
         for job in list(self.jobs.values()):
             await self._finish(job, error=JobFailed("the coordinator is shutting down"))
-        if self._writer:
-            await self._write(lambda: None)  # drain what is queued
-            if self._ending:  # settled by now: their clients are told
-                await asyncio.gather(*self._ending, return_exceptions=True)
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self.writer.drain()
+        if self._ending:  # settled by now: their clients are told
+            await asyncio.gather(*self._ending, return_exceptions=True)
+        await self.writer.stop()
 
     def _recover(self) -> None:
         """Settle jobs a previous run of this replica left open (it crashed or was killed).
@@ -351,7 +336,7 @@ class Dispatcher:
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         self.waiting.pop(job.job_id, None)
-        self._background(
+        self.writer.background(
             self.store.start_attempt,
             job_id=job.job_id,
             attempt=number,
@@ -535,7 +520,7 @@ class Dispatcher:
                 energy_source=metering.energy_source,
                 signature=signature,
             )
-        self._background(self.store.end_attempt, job.job_id, att.number, **fields)
+        self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
 
     async def _resume(self, job: LiveJob, *, outcome: str) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
@@ -651,7 +636,7 @@ class Dispatcher:
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
 
-        settled = self._queue_write(_settle)
+        settled = self.writer.queue(_settle)
 
         async def _tell() -> None:
             try:
@@ -668,22 +653,6 @@ class Dispatcher:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    # Store writes after admission go through one queue, applied in order on a worker thread:
-    # an attempt's row is written before its end, and every metering write of a job before its
-    # settlement, without the event loop ever waiting on the database mid-stream.
-
-    def _background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Queue a store write without waiting for it (metering updates)."""
-        self._writes.put_nowait(_Write(lambda: fn(*args, **kwargs), None))
-
-    def _queue_write(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Queue a store write after all earlier ones, now; the future gives its result."""
-        if self._writer is None:  # not started (unit tests driving parts directly)
-            return asyncio.ensure_future(_call(fn))
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait(_Write(fn, fut))
-        return fut
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run ``coro`` as a task kept until it ends (its failure is logged, and raised to
         whoever awaits it)."""
@@ -696,107 +665,6 @@ class Dispatcher:
         self._ending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("ending a job failed", exc_info=task.exception())
-
-    async def _write(self, fn: Callable[[], Any]) -> Any:
-        """Queue a store write after all earlier ones and wait for its result. ``fn`` runs on
-        a worker thread, or is awaited if it is a coroutine function (the ledger's own queue)."""
-        return await self._queue_write(fn)
-
-    async def _apply(self, fn: Callable[[], Any], *, landed_if_duplicate: bool = True) -> Any:
-        """Run a store write, retrying while the database is away (PostgreSQL restarting) for
-        up to ``store_retry_s``: writes after admission are metering and settlements, which must
-        not be lost to a short outage. Every one is idempotent (settlements by transfer id), and
-        a retried insert that had in fact landed is recognised by its key (for one write; a
-        batch's duplicate may be any one of its writes, so a batch raises instead)."""
-        delay_s, deadline = 0.2, time.monotonic() + store_retry_s
-        retried = False
-        while True:
-            try:
-                return await _call(fn)
-            except sa_exc.IntegrityError:
-                if retried and landed_if_duplicate:
-                    return None  # the earlier try committed before its connection dropped
-                raise
-            except transient_store_errors as exc:
-                if time.monotonic() + delay_s > deadline:
-                    raise
-                log.warning("store write failed (%s); retrying in %.1f s",
-                            str(exc).splitlines()[0][:120], delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s, retried = min(2 * delay_s, 2.0), True
-
-    async def _write_loop(self) -> None:
-        """Apply queued writes, a round at a time: what queued up together. The round's
-        background (metering) writes commit first, as one transaction (``Store.write_batch``);
-        then the writes someone waits for (settlements) run side by side, so the ledger's group
-        commit settles them in one transaction too, and each waiter learns its result when the
-        whole round is done (a drain marker thus means what was queued before it has landed).
-        A job's attempt writes are queued before its settlement, so they land before it; a
-        background write queued after a settlement may land first (they touch other rows)."""
-        while True:
-            todo = [await self._writes.get()]
-            while not self._writes.empty() and len(todo) < write_batch_max:
-                todo.append(self._writes.get_nowait())
-            background = [w for w in todo if w.future is None]
-            waited = [w for w in todo if w.future is not None]
-            if len(background) > 1:
-                await self._run_batch(background)
-            elif background:
-                await self._run_write(background[0])
-            if waited:
-                results = await asyncio.gather(*(self._apply(w.fn) for w in waited),
-                                               return_exceptions=True)
-                for w, result in zip(waited, results, strict=True):
-                    if w.future is None or w.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        w.future.set_exception(result)
-                    else:
-                        w.future.set_result(result)
-
-    async def _run_batch(self, batch: list[_Write]) -> None:
-        fns = [w.fn for w in batch]
-        try:
-            await self._apply(lambda: self.store.write_batch(fns), landed_if_duplicate=False)
-        except transient_store_errors as exc:  # the outage outlasted store_retry_s: as alone
-            log.error("%d store writes lost to a database outage", len(batch), exc_info=exc)
-        except Exception as exc:  # one by one, in order: one bad write costs only itself
-            log.warning("%d store writes failed together (%s); one by one", len(batch),
-                        str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
-            for w in batch:
-                await self._run_write(w)
-
-    async def _run_write(self, w: _Write) -> None:
-        try:
-            result = await self._apply(w.fn)
-        except Exception as exc:
-            if w.future is not None and not w.future.done():
-                w.future.set_exception(exc)
-            else:
-                log.error("store write failed", exc_info=exc)
-        else:
-            if w.future is not None and not w.future.done():
-                w.future.set_result(result)
-
-
-async def _call(fn: Callable[[], Any]) -> Any:
-    """Await a coroutine function; run a plain one on a worker thread. A plain function that
-    returns a coroutine (``lambda: ledger.settle_async(...)``) is a bug that would skip the
-    write: refused loudly."""
-    if inspect.iscoroutinefunction(fn):
-        return await fn()
-    result = await asyncio.to_thread(fn)
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise InvariantViolation("a store write returned an awaitable: pass an async def")
-    return result
-
-
-@dataclass(slots=True)
-class _Write:
-    fn: Callable[[], Any]
-    future: asyncio.Future[Any] | None
 
 
 class _StaleMessage(Exception):

@@ -457,13 +457,16 @@ class Ledger:
 
     def void(self, job_id: str, *, job: Mapping[str, Any] | None = None) -> VoidOutcome:
         """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
-        return self._submit(VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job))
+        return self._submit(*self._void_op(job_id, job))
 
     async def void_async(self, job_id: str, *,
                          job: Mapping[str, Any] | None = None) -> VoidOutcome:  # fmt: skip
         """``void`` from a coroutine: queued on its lane's group commit without a thread."""
-        return await self._submit_async(VoidOp(check_id(job_id, "job id")),
-                                        self._job_update(job_id, job))
+        return await self._submit_async(*self._void_op(job_id, job))
+
+    def _void_op(self, job_id: str,
+                 job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
+        return VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job)
 
     @staticmethod
     def _job_update(job_id: str, job: Mapping[str, Any] | None) -> After | None:
@@ -522,8 +525,7 @@ class Ledger:
         return self._lane(op).submit(op, after)
 
     async def _submit_async(self, op: Op, after: After | None = None) -> Any:
-        result = await self._lane(op).submit_async(op, after)
-        return result
+        return await self._lane(op).submit_async(op, after)
 
     def _apply_batch(self, ops: list[Op], afters: Sequence[After | None] = ()) -> list[Any]:
         """One transaction: load and lock what the ops touch, apply them, write the outcome,

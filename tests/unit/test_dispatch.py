@@ -211,7 +211,7 @@ async def test_restart_voids_what_a_crashed_run_left_open(world) -> None:
 async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypatch) -> None:
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import dispatch
+    from sparecycles import writer
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -223,7 +223,7 @@ async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypa
             raise sa_exc.OperationalError("UPDATE jobs", {}, Exception("server closed"))
         return "written"
 
-    assert await d._apply(flaky) == "written" and len(calls) == 3
+    assert await d.writer.apply(flaky) == "written" and len(calls) == 3
 
     def landed_before_the_drop() -> None:  # its commit landed; the retry hits the key
         calls.append(1)
@@ -231,14 +231,14 @@ async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypa
             raise sa_exc.OperationalError("INSERT", {}, Exception("connection lost"))
         raise sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
 
-    assert await d._apply(landed_before_the_drop) is None
-    monkeypatch.setattr(dispatch, "store_retry_s", 0.3)
+    assert await d.writer.apply(landed_before_the_drop) is None
+    monkeypatch.setattr(writer, "store_retry_s", 0.3)
 
     def down() -> None:
         raise sa_exc.OperationalError("SELECT", {}, Exception("connection refused"))
 
     with pytest.raises(sa_exc.OperationalError):
-        await d._apply(down)  # not for ever: the outage outlasted the retry window
+        await d.writer.apply(down)  # not for ever: the outage outlasted the retry window
 
 
 def job_fields(job_id: str, client_id: str, now: float) -> dict:
@@ -264,9 +264,9 @@ async def test_one_bad_write_in_a_batch_costs_only_itself(world) -> None:
              bad,
              lambda: store.start_attempt(job_id="j2", attempt=1, node_id="n", prompt_tokens=3),
              lambda: store.end_attempt("j1", 1, outcome="done", completion_tokens=4)]
-    from sparecycles.dispatch import _Write
+    from sparecycles.writer import Write
 
-    await d._run_batch([_Write(fn, None) for fn in batch])
+    await d.writer.run_batch([Write(fn, None) for fn in batch])
     assert [(a.outcome, a.completion_tokens) for a in store.attempts("j1")] == [("done", 4)]
     assert [a.outcome for a in store.attempts("j2")] == ["running"]
     assert store.get_job("j2").state == "placed"
@@ -281,7 +281,7 @@ async def test_a_duplicate_in_a_retried_batch_is_not_taken_for_the_whole_batch(w
 
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles.dispatch import _Write
+    from sparecycles.writer import Write
 
     store, ledger, client, _ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -296,10 +296,10 @@ async def test_a_duplicate_in_a_retried_batch_is_not_taken_for_the_whole_batch(w
         raise sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
 
     monkeypatch.setattr(store, "write_batch", dropped_then_duplicate)
-    await d._run_batch([
-        _Write(lambda: store.start_attempt(job_id="j1", attempt=1, node_id="n",
+    await d.writer.run_batch([
+        Write(lambda: store.start_attempt(job_id="j1", attempt=1, node_id="n",
                                            prompt_tokens=3), None),
-        _Write(lambda: store.update_job("j1", error="metered"), None)])
+        Write(lambda: store.update_job("j1", error="metered"), None)])
     monkeypatch.setattr(store, "write_batch", real)
     assert len(tries) == 2  # the batch was not taken as landed: its writes ran one by one
     assert [a.outcome for a in store.attempts("j1")] == ["running"]
@@ -312,12 +312,12 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
     waiting the window out again for each of its writes while settlements queue behind them."""
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import dispatch
-    from sparecycles.dispatch import _Write
+    from sparecycles import writer
+    from sparecycles.writer import Write
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
-    monkeypatch.setattr(dispatch, "store_retry_s", 0.3)
+    monkeypatch.setattr(writer, "store_retry_s", 0.3)
     calls: list[int] = []
 
     def down() -> None:
@@ -325,7 +325,7 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
         raise sa_exc.OperationalError("INSERT", {}, Exception("connection refused"))
 
     monkeypatch.setattr(store, "write_batch", lambda writes: down())
-    await d._run_batch([_Write(down, None) for _ in range(5)])
+    await d.writer.run_batch([Write(down, None) for _ in range(5)])
     assert 1 <= len(calls) <= 3  # the batch's own tries only, none per write
 
 
@@ -400,11 +400,11 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
     through an outage on its own, and a failing one raises in its own waiter only."""
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import dispatch
+    from sparecycles import writer
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
-    monkeypatch.setattr(dispatch, "store_retry_s", 5.0)
+    monkeypatch.setattr(writer, "store_retry_s", 5.0)
     log: list[str] = []
     gate = threading.Event()
 
@@ -421,17 +421,17 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
                 raise fail
             return name
 
-        return await d._write(fn)
+        return await d.writer.write(fn)
 
     await d.start()
-    d._background(lambda: gate.wait(5) and log.append("blocker"))  # holds the writer
-    await _until(lambda: d._writes.empty())
-    d._background(log.append, "bg1")
+    d.writer.background(lambda: gate.wait(5) and log.append("blocker"))  # holds the writer
+    await _until(lambda: d.writer.idle)
+    d.writer.background(log.append, "bg1")
     w1 = asyncio.ensure_future(waited("s1"))
     w2 = asyncio.ensure_future(waited("s2", fail=ValueError("bad settlement")))
     w3 = asyncio.ensure_future(waited("s3", flaky=1))
     await asyncio.sleep(0)
-    d._background(log.append, "bg2")  # queued after the settlements
+    d.writer.background(log.append, "bg2")  # queued after the settlements
     gate.set()
     results = await asyncio.wait_for(asyncio.gather(w1, w2, w3, return_exceptions=True), 10)
     assert results[0] == "s1" and results[2] == "s3"
@@ -442,8 +442,8 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
 
 
 async def test_a_write_that_returns_a_coroutine_is_refused_not_skipped() -> None:
-    from sparecycles.dispatch import _call
     from sparecycles.errors import InvariantViolation
+    from sparecycles.writer import call as _call
 
     async def settle() -> int:
         return 7
