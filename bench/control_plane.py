@@ -38,11 +38,11 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sparecycles.loadtest.clients import samples_from_json, summarize
-from sparecycles.loadtest.procs import proc_sample, spawn, stop
-from sparecycles.loadtest.setup import prepare
-from sparecycles.loadtest.speed import SpeedModel
-from sparecycles.localnet import free_port
+from sparecycles.tools.loadtest.clients import samples_from_json, summarize
+from sparecycles.tools.loadtest.procs import proc_sample, spawn, stop
+from sparecycles.tools.loadtest.setup import prepare
+from sparecycles.tools.loadtest.speed import SpeedModel
+from sparecycles.tools.localnet import free_port
 
 console = Console()
 PG_ADMIN = "postgresql://127.0.0.1:5432/postgres"
@@ -218,7 +218,7 @@ def client_load(run: Run, concurrency: int, duration_s: float, processes: int,
 
 def fake_node_lag(run: Run) -> dict[str, float]:
     """The fake nodes' own lag behind their schedule (first token), p50 and p99 in ms."""
-    from sparecycles.loadtest.clients import _quantile
+    from sparecycles.tools.loadtest.clients import _quantile
 
     lags: list[float] = []
     for f in run.root.glob("nodes-*.json"):

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from sparecycles import modelfiles
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate
 from sparecycles.node.backends.transformers import TransformersEngine
-from sparecycles.pricing import PriceBook
-from sparecycles.tinymodel import build_tiny_model
+from sparecycles.tools.localnet import LocalNetwork
+from sparecycles.tools.tinymodel import build_tiny_model
 from sparecycles.types import SamplingParams
 
 PROMPTS = [f"Tell me about the garden number {i}." for i in range(64)]

@@ -38,10 +38,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
-from sparecycles.ledger import Ledger, WorkShare
-from sparecycles.ledger_engine import HoldOp, SettleOp
+from sparecycles.ledger.engine import HoldOp, SettleOp
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store.db import Base, make_engine
-from sparecycles.store.ledger_store import LedgerStore
+from sparecycles.store.ledger_queries import LedgerStore
 
 
 @contextmanager

@@ -38,10 +38,11 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from sparecycles import modelfiles, perfmodel  # noqa: E402
+from sparecycles import modelfiles  # noqa: E402
 from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate  # noqa: E402
 from sparecycles.node.backends.transformers import TransformersEngine  # noqa: E402
 from sparecycles.node.profile import measure_profile  # noqa: E402
+from sparecycles.scheduling import perfmodel  # noqa: E402
 from sparecycles.types import DeviceProfile, ModelSpec, SamplingParams  # noqa: E402
 
 TARGET = 0.25

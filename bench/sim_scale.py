@@ -27,7 +27,7 @@ SWEEP = [(10_000, 100_000), (100_000, 100_000), (10_000, 1_000_000), (100_000, 1
 def one_point(nodes: int, requests: int, policy: str, seed: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "src"))
     from sparecycles.sim import load_fleet, load_trace, scaled, summarize
-    from sparecycles.sim.engine import SimConfig, Simulation
+    from sparecycles.sim.loop import SimConfig, Simulation
 
     t0 = time.perf_counter()
     trace = scaled(load_trace("conv"), requests, seed)

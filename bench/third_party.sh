@@ -30,7 +30,7 @@ fi
 
 WORK="$(mktemp -d /tmp/third-party-XXXX)"
 DB="sqlite:///$WORK/sparecycles.db"
-PORT="$("$PY" -c 'from sparecycles.localnet import free_port; print(free_port())')"
+PORT="$("$PY" -c 'from sparecycles.tools.localnet import free_port; print(free_port())')"
 URL="http://127.0.0.1:$PORT"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "-$p" 2>/dev/null || true; done; }

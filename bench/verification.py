@@ -33,11 +33,12 @@ from typing import Any
 import httpx
 import torch
 
-from sparecycles import modelfiles, verify
+from sparecycles import modelfiles
 from sparecycles.node import cheats
 from sparecycles.node.backends.base import Engine, GenerationRequest
 from sparecycles.node.backends.transformers import TransformersEngine
-from sparecycles.tinymodel import build_tiny_model
+from sparecycles.tools.tinymodel import build_tiny_model
+from sparecycles.trust import decisions as verify
 from sparecycles.types import SamplingParams
 
 SAMPLINGS = {"greedy": (0.0, 1.0), "sampled": (0.8, 0.95)}  # (temperature, top_p)
@@ -155,10 +156,10 @@ def engine_part(model_dir: Path, jobs: int, max_tokens: int) -> dict[str, Any]:
 def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, Any]:
     from openai import OpenAI
 
-    from sparecycles.ledger import Ledger
-    from sparecycles.localnet import LocalNetwork
-    from sparecycles.pricing import ModelPrice, PriceBook
+    from sparecycles.ledger.pricing import ModelPrice, PriceBook
+    from sparecycles.ledger.service import Ledger
     from sparecycles.store.trust_queries import TrustQueries
+    from sparecycles.tools.localnet import LocalNetwork
 
     root = Path(tempfile.mkdtemp(prefix="sc-verify-bench-"))
     net = LocalNetwork(root=root, models={"tiny": model_dir},
@@ -259,7 +260,7 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
 
 def steady_state(cost_ratio: float, jobs: int = 200_000, seed: int = 0) -> dict[str, Any]:
     """The selection rule over a long clean record, with the measured cost of a check."""
-    from sparecycles.reputation import new_trust, record_check
+    from sparecycles.trust.reputation import new_trust, record_check
 
     rng, trust = random.Random(seed), new_trust("n")
     spent, checks, tail_spent, tail = 0.0, 0, 0.0, jobs // 2

@@ -21,7 +21,7 @@ _built: dict[str, Path] = {}  # one build per process, even if this module is re
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the tiny preset (seed 0), loadable with the Auto classes."""
-    from sparecycles.tinymodel import build_tiny_model  # imports torch: only when asked for
+    from sparecycles.tools.tinymodel import build_tiny_model  # imports torch: only when asked for
 
     if "tiny" in _built:
         return _built["tiny"]

@@ -32,13 +32,13 @@ tokens_per_message_max = 256
 models_per_node_max = 32
 node_reconnect_backoff_s_max = 30.0
 
-# --- verification (verify.py, verifier.py) ---------------------------------------------------
+# --- verification (trust/decisions.py, coordinator/verification.py) -------------------------------
 score_tokens_max = 2048  # claimed tokens scored in one teacher-forced pass (the first ones)
 verifications_running_max = 4  # checks in flight at once on one coordinator
 verifications_waiting_max = 256  # selected checks waiting for a verifier; more are dropped
 verification_timeout_s = 60.0  # a verifier silent this long fails the check as inconclusive
 
-# --- client keys (ratelimit.py, keygate.py) --------------------------------------------------
+# --- client keys (coordinator/ratelimit.py, coordinator/admission.py) -----------------------------
 streams_per_key_max = 64  # requests in flight at once per key, unless its policy says fewer
 requests_per_minute_max = 100_000  # the most an admin may grant one key
 

@@ -40,7 +40,7 @@ class CoordinatorSettings(BaseSettings):
     across restarts: a replica restarted under its name settles its own open jobs at once."""
     replica_lease_s: float = 15.0
     """A replica whose lease is not renewed for this long (and that is silent on the bus) is
-    dead: another replica settles its open jobs (replicas.py)."""
+    dead: another replica settles its open jobs (coordinator/replication/leases.py)."""
     models: list[str] = Field(default_factory=list)
     """Models the network serves, as ``NAME=SOURCE`` (a local directory or a hub id)."""
     currency: str = "USD"

@@ -26,7 +26,8 @@ class Workload(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
-    """The job lifecycle (see dispatch.py): admitted -> placed -> streaming -> done | failed.
+    """The job lifecycle (see coordinator/dispatch.py): admitted -> placed -> streaming -> done |
+    failed.
 
     A job whose node leaves goes back to ``admitted`` with the tokens it already produced and is
     placed again (resumed elsewhere); its attempts are recorded separately.

@@ -21,11 +21,11 @@ import pytest
 from browser_helpers import CHROMIUM, CHROMIUM_ARGS
 from openai import OpenAI
 
-from sparecycles.demo import PROMPTS
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import PriceBook
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.store.dashboard_queries import DashboardQueries
+from sparecycles.tools.demo import PROMPTS
+from sparecycles.tools.localnet import LocalNetwork
 
 
 @dataclass

@@ -12,10 +12,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from sparecycles.api import dashboard, errors
-from sparecycles.api import dashboard_session as sess
+from sparecycles.api import errors
+from sparecycles.api.dashboard import routes as dashboard
+from sparecycles.api.dashboard import session as sess
 from sparecycles.costs import focus
-from sparecycles.ledger import Ledger, WorkShare
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store import Store
 from sparecycles.store.dashboard_queries import DashboardQueries
 

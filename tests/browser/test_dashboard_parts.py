@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from sparecycles.api import dashboard_charts as ch
-from sparecycles.api import dashboard_forms as forms
-from sparecycles.api import dashboard_session as sess
+from sparecycles.api.dashboard import charts as ch
+from sparecycles.api.dashboard import forms as forms
+from sparecycles.api.dashboard import session as sess
 from sparecycles.errors import InvalidRequest
 from sparecycles.store import Store
 from sparecycles.store.dashboard_queries import (

@@ -17,10 +17,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.store.trust_queries import TrustQueries
+from sparecycles.tools.localnet import LocalNetwork
 
 pytestmark = pytest.mark.timeout(300)
 CHEATS = ("random-tokens", "different-model", "bf16", "replay", "forged-signature", "overclaim")

@@ -11,9 +11,9 @@ import time
 import pytest
 from openai import OpenAI
 
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import LocalNetwork
 
 pytestmark = pytest.mark.timeout(600)
 crash_rounds = 3

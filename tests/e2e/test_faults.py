@@ -6,7 +6,7 @@ After each fault every request is accounted for: it completed with exactly the t
 sent (rebuilt from the job's attempts: none lost, none repeated), or it failed with a clear error
 and its job (if one was admitted) was charged only for what was delivered; no job is left open;
 `sparecycles ledger check` passes. The fake nodes are the control-plane test tool
-(sparecycles.loadtest); NATS is a private nats-server so it can be stopped; PostgreSQL is cut
+(sparecycles.tools.loadtest); NATS is a private nats-server so it can be stopped; PostgreSQL is cut
 off for this test's database only (connections terminated, new ones refused for a while).
 """
 
@@ -25,15 +25,15 @@ import psycopg
 import pytest
 
 from sparecycles import modelfiles
-from sparecycles.ledger import Ledger
-from sparecycles.loadtest.clients import ClientConfig, Sample, Workload, run_clients
-from sparecycles.loadtest.fakenodes import FakeModel, token_ids_for
-from sparecycles.loadtest.procs import spawn
-from sparecycles.loadtest.setup import prepare
-from sparecycles.loadtest.speed import SpeedModel
-from sparecycles.localnet import Cluster, free_port, postgres_database
-from sparecycles.pricing import PriceBook
-from sparecycles.textstream import TextStream
+from sparecycles.coordinator.textstream import TextStream
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.loadtest.clients import ClientConfig, Sample, Workload, run_clients
+from sparecycles.tools.loadtest.fakenodes import FakeModel, token_ids_for
+from sparecycles.tools.loadtest.procs import spawn
+from sparecycles.tools.loadtest.setup import prepare
+from sparecycles.tools.loadtest.speed import SpeedModel
+from sparecycles.tools.localnet import Cluster, free_port, postgres_database
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.postgres]
 ADMIN_PG = "postgresql://postgres@127.0.0.1:5432/postgres"

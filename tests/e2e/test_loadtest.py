@@ -11,13 +11,13 @@ import sys
 import pytest
 
 from sparecycles import modelfiles
-from sparecycles.loadtest.clients import ClientConfig, Workload, run_clients
-from sparecycles.loadtest.fakenodes import FakeModel, token_ids_for
-from sparecycles.loadtest.procs import spawn, stop
-from sparecycles.loadtest.setup import prepare
-from sparecycles.loadtest.speed import SpeedModel
-from sparecycles.localnet import LocalNetwork
-from sparecycles.textstream import TextStream
+from sparecycles.coordinator.textstream import TextStream
+from sparecycles.tools.loadtest.clients import ClientConfig, Workload, run_clients
+from sparecycles.tools.loadtest.fakenodes import FakeModel, token_ids_for
+from sparecycles.tools.loadtest.procs import spawn, stop
+from sparecycles.tools.loadtest.setup import prepare
+from sparecycles.tools.loadtest.speed import SpeedModel
+from sparecycles.tools.localnet import LocalNetwork
 
 pytestmark = pytest.mark.timeout(300)
 NODES = 50

@@ -18,9 +18,9 @@ import pytest
 import websockets
 from openai import OpenAI
 
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import LocalNetwork
 
 pytestmark = pytest.mark.timeout(600)
 

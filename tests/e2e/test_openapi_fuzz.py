@@ -17,9 +17,9 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import LocalNetwork
-from sparecycles.pricing import PriceBook
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import LocalNetwork
 
 pytestmark = pytest.mark.timeout(300)
 examples_per_operation = 25  # ~25 operations: well under a minute on two cores

@@ -16,9 +16,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from sparecycles.ledger import Ledger
-from sparecycles.localnet import Cluster, postgres_database
-from sparecycles.pricing import PriceBook
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import Cluster, postgres_database
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.postgres]
 LEASE_S = 4.0  # replica lease, short for the test (production default: 15 s)
@@ -190,7 +190,7 @@ def test_clients_reach_the_replicas_through_the_shipped_haproxy_config(cluster, 
 
     if shutil.which("haproxy") is None or shutil.which("openssl") is None:
         pytest.skip("haproxy is not installed (.ci/run installs it)")
-    from sparecycles.localnet import free_port
+    from sparecycles.tools.localnet import free_port
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from sparecycles.bus import MemoryBus, NatsBus, open_bus, parse_nats_url
+from sparecycles.coordinator.replication.bus import MemoryBus, NatsBus, open_bus, parse_nats_url
 
 NATS_URL = os.environ.get("SPARECYCLES_TEST_NATS", "nats://127.0.0.1:4222")
 

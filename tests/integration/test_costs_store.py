@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from sparecycles.cli import costs as costs_cli
 from sparecycles.costs import focus
 from sparecycles.costs.costmodel import parse_cost_model
-from sparecycles.costs.engine import period_costs, period_reconciliation
-from sparecycles.ledger import Ledger, WorkShare
-from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.costs.period import period_costs, period_reconciliation
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store import Store
 
 D = 1_000_000

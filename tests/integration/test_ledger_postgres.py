@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import Engine, create_engine, text
 
 from sparecycles.errors import Conflict, InsufficientBalance
-from sparecycles.ledger import Ledger, WorkShare
-from sparecycles.pricing import charge_micros
+from sparecycles.ledger.pricing import charge_micros
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store.db import Base, make_engine
 
 PG_URL = os.environ.get("SPARECYCLES_TEST_POSTGRES",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from sparecycles import replicas
-from sparecycles.replicas import ReplicaLease
+from sparecycles.coordinator.replication import leases as replicas
+from sparecycles.coordinator.replication.leases import ReplicaLease
 from sparecycles.store import Store
 from sparecycles.store.db import Base
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparecycles.ledger import Ledger
-from sparecycles.pricing import PriceBook
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.store import Store
 
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from sparecycles.api import costs_routes, errors
 from sparecycles.costs import focus
-from sparecycles.ledger import Ledger, WorkShare
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store import Store
 
 

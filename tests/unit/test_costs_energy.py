@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sparecycles.node.energy import EnergyMeter, EnergyReading
-from sparecycles.presets import DEVICE_PRESETS
+from sparecycles.scheduling.presets import DEVICE_PRESETS
 from sparecycles.types import DeviceProfile
 
 CPU = DEVICE_PRESETS["laptop-cpu"]  # 5 W idle, 45 W busy

@@ -14,8 +14,8 @@ from sparecycles.costs import costmodel as cm
 from sparecycles.costs.economics import estimate, owner_figures
 from sparecycles.costs.usage import NodeInfo
 from sparecycles.errors import InvalidRequest
-from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
-from sparecycles.pricing import PayoutMode, PayoutTerms, PriceBook
+from sparecycles.ledger.pricing import PayoutMode, PayoutTerms, PriceBook
+from sparecycles.scheduling.presets import DEVICE_PRESETS, MODEL_PRESETS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "costs.toml"
 D = 1_000_000

@@ -14,10 +14,15 @@ import pytest
 from sqlalchemy import event
 
 from sparecycles import protocol
-from sparecycles.dispatch import Attempt, Dispatcher, LiveJob, observed_decode_tokens_per_s
+from sparecycles.coordinator.dispatch import (
+    Attempt,
+    Dispatcher,
+    LiveJob,
+    observed_decode_tokens_per_s,
+)
+from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity
-from sparecycles.nodes import NodeConn
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, ModelSpec, SamplingParams
 
 SPEC = ModelSpec(name="m", n_params=5_000_000, bytes_per_param=4, n_layers=4, hidden_size=128,
@@ -211,7 +216,7 @@ async def test_restart_voids_what_a_crashed_run_left_open(world) -> None:
 async def test_writes_after_admission_wait_out_a_database_outage(world, monkeypatch) -> None:
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import writer
+    from sparecycles.coordinator import writer
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -264,7 +269,7 @@ async def test_one_bad_write_in_a_batch_costs_only_itself(world) -> None:
              bad,
              lambda: store.start_attempt(job_id="j2", attempt=1, node_id="n", prompt_tokens=3),
              lambda: store.end_attempt("j1", 1, outcome="done", completion_tokens=4)]
-    from sparecycles.writer import Write
+    from sparecycles.coordinator.writer import Write
 
     await d.writer.run_batch([Write(fn, None) for fn in batch])
     assert [(a.outcome, a.completion_tokens) for a in store.attempts("j1")] == [("done", 4)]
@@ -281,7 +286,7 @@ async def test_a_duplicate_in_a_retried_batch_is_not_taken_for_the_whole_batch(w
 
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles.writer import Write
+    from sparecycles.coordinator.writer import Write
 
     store, ledger, client, _ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -312,8 +317,8 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
     waiting the window out again for each of its writes while settlements queue behind them."""
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import writer
-    from sparecycles.writer import Write
+    from sparecycles.coordinator import writer
+    from sparecycles.coordinator.writer import Write
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -400,7 +405,7 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
     through an outage on its own, and a failing one raises in its own waiter only."""
     from sqlalchemy import exc as sa_exc
 
-    from sparecycles import writer
+    from sparecycles.coordinator import writer
 
     store, ledger, *_ = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
@@ -442,8 +447,8 @@ async def test_the_writers_round_background_first_waiters_after_the_round(world,
 
 
 async def test_a_write_that_returns_a_coroutine_is_refused_not_skipped() -> None:
+    from sparecycles.coordinator.writer import call as _call
     from sparecycles.errors import InvariantViolation
-    from sparecycles.writer import call as _call
 
     async def settle() -> int:
         return 7

@@ -6,13 +6,14 @@ import threading
 
 import pytest
 
-from sparecycles import modelfiles, protocol, verify
+from sparecycles import modelfiles, protocol
 from sparecycles.errors import InvalidRequest
 from sparecycles.identity import NodeIdentity
 from sparecycles.identity import verify as verify_signature
 from sparecycles.node import cheats
 from sparecycles.node.backends.base import GenerationRequest
 from sparecycles.node.backends.transformers import TransformersEngine
+from sparecycles.trust import decisions as verify
 from sparecycles.types import SamplingParams
 
 

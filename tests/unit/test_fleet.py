@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from test_dispatch import SPEC, FakeNode, _admit, _drain, _until
 
-from sparecycles import fleet as fleet_mod
 from sparecycles import protocol
-from sparecycles.bus import MemoryBus, subject_matches
-from sparecycles.dispatch import Dispatcher
-from sparecycles.fleet import Fleet, RemoteNode
+from sparecycles.coordinator.dispatch import Dispatcher
+from sparecycles.coordinator.replication import fleet as fleet_mod
+from sparecycles.coordinator.replication.bus import MemoryBus, subject_matches
+from sparecycles.coordinator.replication.fleet import Fleet, RemoteNode
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sparecycles.ledger import _GroupCommit
+from sparecycles.ledger.service import _GroupCommit
 
 
 class Refused(Exception):
@@ -325,7 +325,7 @@ def test_without_a_worker_thread_the_lane_is_led_where_it_stands(monkeypatch) ->
     """No thread to be had for the lane's worker: the op is not left queued with the lane
     marked busy and nobody leading (which would stop every later call on the lane); the
     caller at hand leads instead."""
-    from sparecycles import ledger as ledger_module
+    from sparecycles.ledger import service as ledger_module
 
     monkeypatch.setattr(ledger_module, "ThreadPoolExecutor", _NoThreads)
     lane = _GroupCommit(lambda ops, _afters: [f"r{op}" for op in ops], 8)
@@ -346,7 +346,7 @@ def test_a_thread_that_cannot_hand_on_to_the_worker_leads_on(monkeypatch) -> Non
     """A thread leads; a coroutine's op queues behind; no worker thread can be started: the
     thread runs that op too, rather than raise (its own op did commit) and leave the
     coroutine waiting for ever."""
-    from sparecycles import ledger as ledger_module
+    from sparecycles.ledger import service as ledger_module
 
     started, gate = threading.Event(), threading.Event()
 

@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from sparecycles.cli.ledger import register
-from sparecycles.ledger import Ledger, WorkShare
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store import Store
 
 Run = Callable[..., tuple[int, str]]

@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import Engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
-from sparecycles import payouts
 from sparecycles.errors import (
     Conflict,
     InsufficientBalance,
@@ -26,12 +25,13 @@ from sparecycles.errors import (
     NotFound,
     SpareCyclesError,
 )
-from sparecycles.ledger import Ledger, VoidOutcome, WorkShare
-from sparecycles.ledger_engine import DepositOp, HoldOp, SettleOp, VoidOp
-from sparecycles.pricing import ModelPrice, PriceBook
+from sparecycles.ledger import payouts
+from sparecycles.ledger.engine import DepositOp, HoldOp, SettleOp, VoidOp
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger, VoidOutcome, WorkShare
+from sparecycles.store.core_tables import Client, JobRow, Owner
 from sparecycles.store.db import Base, make_engine
-from sparecycles.store.ledger_schema import LedgerTransfer
-from sparecycles.store.schema import Client, JobRow, Owner
+from sparecycles.store.ledger_tables import LedgerTransfer
 
 USD = 1_000_000
 PRICE = ModelPrice(60_000, 180_000)  # the default price: $0.06 in / $0.18 out per million

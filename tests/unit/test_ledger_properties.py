@@ -24,8 +24,8 @@ from hypothesis.stateful import (
 from test_ledger_flows import Books, sqlite_books
 
 from sparecycles.errors import Conflict, InsufficientBalance, InvalidRequest
-from sparecycles.ledger import VoidOutcome, WorkShare
-from sparecycles.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.service import VoidOutcome, WorkShare
 
 CLIENTS = ("alice", "bert")
 OWNERS = ("olga", "omar", "otto")

@@ -25,8 +25,8 @@ import pytest
 from test_ledger_flows import Books, sqlite_books
 
 from sparecycles.errors import Conflict, InsufficientBalance
-from sparecycles.ledger import VoidOutcome, WorkShare
-from sparecycles.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.service import VoidOutcome, WorkShare
 
 SEEDS = [int(os.environ["SPARECYCLES_SIM_SEED"])] if "SPARECYCLES_SIM_SEED" in os.environ \
     else list(range(6))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sparecycles.errors import InvariantViolation
-from sparecycles.loadtest.clients import Sample, summarize
-from sparecycles.loadtest.fakenodes import FakeModel, fake_identity, token_ids_for
-from sparecycles.loadtest.speed import SpeedModel
+from sparecycles.tools.loadtest.clients import Sample, summarize
+from sparecycles.tools.loadtest.fakenodes import FakeModel, fake_identity, token_ids_for
+from sparecycles.tools.loadtest.speed import SpeedModel
 
 
 def test_speed_model_schedule_and_parse() -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparecycles import perfmodel as pm
-from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
+from sparecycles.scheduling import perfmodel as pm
+from sparecycles.scheduling.presets import DEVICE_PRESETS, MODEL_PRESETS
 from sparecycles.types import DeviceProfile, ModelSpec
 
 GB = 1_000_000_000

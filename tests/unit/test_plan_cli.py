@@ -8,10 +8,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from sparecycles import perfmodel as pm
 from sparecycles.cli import app
 from sparecycles.modelfiles import model_spec
-from sparecycles.presets import DEVICE_PRESETS
+from sparecycles.scheduling import perfmodel as pm
+from sparecycles.scheduling.presets import DEVICE_PRESETS
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparecycles.errors import InvalidRequest, ModelNotFound
-from sparecycles.pricing import (
+from sparecycles.ledger.pricing import (
     DEFAULT_TIERS,
     ModelPrice,
     PayoutMode,

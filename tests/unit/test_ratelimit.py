@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparecycles import ratelimit
+from sparecycles.coordinator import ratelimit
+from sparecycles.coordinator.admission import KeyGate
+from sparecycles.coordinator.ratelimit import Bucket, KeyPolicy
 from sparecycles.errors import RateLimited
-from sparecycles.keygate import KeyGate
-from sparecycles.ledger import Ledger
-from sparecycles.pricing import PriceBook
-from sparecycles.ratelimit import Bucket, KeyPolicy
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.store import Store
 from sparecycles.store.trust_queries import TrustQueries
 

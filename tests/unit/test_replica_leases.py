@@ -8,12 +8,12 @@ import time
 import pytest
 from sqlalchemy import update
 
-from sparecycles import replicas
-from sparecycles.ledger import Ledger, WorkShare
-from sparecycles.pricing import PriceBook
-from sparecycles.replicas import ReplicaLease
+from sparecycles.coordinator.replication import leases as replicas
+from sparecycles.coordinator.replication.leases import ReplicaLease
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store import Store
-from sparecycles.store.schema import ReplicaRow
+from sparecycles.store.core_tables import ReplicaRow
 
 
 def open_jobs(store: Store, ledger: Ledger, replica_id: str, n: int, *, client: str,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparecycles.reputation import (
+from sparecycles.trust.reputation import (
     NodeTrust,
     ReputationConfig,
     beta_cdf,

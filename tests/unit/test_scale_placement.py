@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from sparecycles import availability, scheduler
-from sparecycles.loadtest.fakenodes import fake_profile
-from sparecycles.nodes import NodeConn, snapshot_reuse_s_max
+from sparecycles import availability
+from sparecycles.coordinator.node_conn import NodeConn, snapshot_reuse_s_max
+from sparecycles.scheduling import scheduler
+from sparecycles.tools.loadtest.fakenodes import fake_profile
 from sparecycles.types import AvailabilityPolicy, Job, ModelSpec, NodeSnapshot
 
 SPEC = ModelSpec(name="m", n_params=1_000_000_000, bytes_per_param=2.0, n_layers=24,

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparecycles import perfmodel
-from sparecycles.nodes import NodeConn
-from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS
-from sparecycles.scheduler import (
+from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.scheduling import perfmodel
+from sparecycles.scheduling.presets import DEVICE_PRESETS, MODEL_PRESETS
+from sparecycles.scheduling.scheduler import (
     RankMemo,
     SchedulerConfig,
     hedge_job,

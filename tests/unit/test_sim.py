@@ -22,7 +22,7 @@ from sparecycles.sim import (
     summarize,
 )
 from sparecycles.sim.churn import AvailabilitySpec, CarHabits, intersect, realise
-from sparecycles.sim.engine import DONE, max_tokens_for
+from sparecycles.sim.loop import DONE, max_tokens_for
 from sparecycles.sim.policies import CandidateIndex
 from sparecycles.sim.report import comparison_table, markdown
 from sparecycles.sim.trace import Trace, head

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sparecycles.textstream import TextStream
+from sparecycles.coordinator.textstream import TextStream
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Ünïcödé café naïve — 日本語 text!",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparecycles import tinymodel
 from sparecycles.errors import InvalidRequest
+from sparecycles.tools import tinymodel
 
 
 def test_loads_with_the_auto_classes(tiny_model_path: Path) -> None:

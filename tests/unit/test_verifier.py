@@ -16,18 +16,18 @@ import pytest
 import torch
 
 from sparecycles import protocol
-from sparecycles.dispatch import Dispatcher
+from sparecycles.coordinator.dispatch import Dispatcher
+from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.verification import Verifier
 from sparecycles.errors import ProtocolError
 from sparecycles.identity import NodeIdentity
-from sparecycles.ledger import Ledger
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
 from sparecycles.node.backends.sampling import score_positions
-from sparecycles.nodes import NodeConn
-from sparecycles.pricing import PriceBook
 from sparecycles.store import Store
 from sparecycles.store.trust_queries import TrustQueries
+from sparecycles.trust.decisions import SpotCheckConfig
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, ModelSpec, SamplingParams
-from sparecycles.verifier import Verifier
-from sparecycles.verify import SpotCheckConfig
 
 VOCAB = 32
 SPEC = ModelSpec(name="m", n_params=5_000_000, bytes_per_param=4, n_layers=4, hidden_size=128,

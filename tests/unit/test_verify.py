@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparecycles import verify
-from sparecycles.reputation import new_trust, record_check
-from sparecycles.verify import Claim, Method, Outcome, Scores
+from sparecycles.trust import decisions as verify
+from sparecycles.trust.decisions import Claim, Method, Outcome, Scores
+from sparecycles.trust.reputation import new_trust, record_check
 
 
 def _trust(clean: int = 0, *, designated: bool = False):

@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sparecycles import limits
 from sparecycles.api.auth import require_admin
 from sparecycles.api.errors import ERROR_RESPONSES
+from sparecycles.coordinator.ratelimit import KeyPolicy
 from sparecycles.errors import NotFound
-from sparecycles.ratelimit import KeyPolicy
-from sparecycles.reputation import NodeTrust, honesty_lower_bound, reputation
 from sparecycles.store.trust_queries import TrustQueries
+from sparecycles.trust.reputation import NodeTrust, honesty_lower_bound, reputation
 
 router = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin)], tags=["admin"],
                    responses=ERROR_RESPONSES)

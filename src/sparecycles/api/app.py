@@ -14,14 +14,14 @@ from sparecycles import __version__
 from sparecycles.api import (
     admin_routes,
     costs_routes,
-    dashboard,
     errors,
     ledger_routes,
     node_ws,
     openai_routes,
     owner_routes,
 )
-from sparecycles.coordinator import Coordinator
+from sparecycles.api.dashboard import routes as dashboard
+from sparecycles.coordinator.service import Coordinator
 from sparecycles.settings import CoordinatorSettings
 
 

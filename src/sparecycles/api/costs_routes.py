@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sparecycles.api.auth import require_admin
 from sparecycles.costs import focus
 from sparecycles.costs.costmodel import load_cost_model
-from sparecycles.costs.engine import period_costs, period_reconciliation
+from sparecycles.costs.period import period_costs, period_reconciliation
 from sparecycles.errors import InvariantViolation
 
 router = APIRouter(prefix="/v1/admin/costs", dependencies=[Depends(require_admin)])

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparecycles.api.auth import _authenticate, require_admin, require_key
 from sparecycles.errors import PermissionDenied
-from sparecycles.pricing import ModelPrice
+from sparecycles.ledger.pricing import ModelPrice
 from sparecycles.store import ApiKeyInfo
 
 router = APIRouter()

@@ -19,10 +19,10 @@ import time
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from sparecycles import availability, limits, protocol
-from sparecycles.coordinator import Coordinator
+from sparecycles.coordinator.node_conn import NodeConn, policy_from_dict, profile_from_dict
+from sparecycles.coordinator.service import Coordinator
 from sparecycles.errors import Conflict, ProtocolError
 from sparecycles.identity import node_id_for, verify
-from sparecycles.nodes import NodeConn, policy_from_dict, profile_from_dict
 
 router = APIRouter()
 log = logging.getLogger("sparecycles.node_ws")

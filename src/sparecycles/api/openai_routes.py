@@ -20,12 +20,12 @@ from sparecycles import limits, modelfiles
 from sparecycles.api.auth import require_key
 from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
-from sparecycles.coordinator import Coordinator
-from sparecycles.dispatch import JobEvent, LiveJob
+from sparecycles.coordinator.dispatch import JobEvent, LiveJob
+from sparecycles.coordinator.service import Coordinator
+from sparecycles.coordinator.textstream import TextStream
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest, NotFound
 from sparecycles.secrets_util import new_id
 from sparecycles.store import ApiKeyInfo
-from sparecycles.textstream import TextStream
 from sparecycles.types import SamplingParams
 
 router = APIRouter(responses=ERROR_RESPONSES)

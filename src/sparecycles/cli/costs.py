@@ -22,9 +22,9 @@ from rich.table import Table
 
 from sparecycles.cli.common import DatabaseOption, console, database_url, err_console, friendly
 from sparecycles.costs.costmodel import CostModel, OwnerHardware, load_cost_model
-from sparecycles.costs.engine import period_costs, period_reconciliation
+from sparecycles.costs.period import period_costs, period_reconciliation
 from sparecycles.costs.reports import CostReport, Row
-from sparecycles.pricing import format_money, parse_money
+from sparecycles.ledger.pricing import format_money, parse_money
 
 costs_app = typer.Typer(help="Cost of compute: COGS, margins, FOCUS export, reconciliation, "
                              "owner economics.", no_args_is_help=True)
@@ -286,13 +286,13 @@ def estimate_cmd(
     month, from the performance model and current prices."""
     from sparecycles.cli.plan import resolve_device, resolve_model
     from sparecycles.costs.economics import estimate
-    from sparecycles.pricing import PriceBook
+    from sparecycles.ledger.pricing import PriceBook
 
     cm: CostModel = load_cost_model(model_file)
     spec, profile = resolve_model(model), resolve_device(device)
     book = PriceBook.default(cm.currency)
     if database:
-        from sparecycles.ledger import Ledger
+        from sparecycles.ledger.service import Ledger
 
         book = Ledger(_sessions(database), currency=cm.currency).prices()
     hw = cm.owners.hardware_of(profile.device_class)

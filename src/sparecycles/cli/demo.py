@@ -16,7 +16,7 @@ def demo(
     model_dir: Path = typer.Option(None, help="Use this model instead of building the tiny one"),
 ) -> None:
     """Build a tiny model, start a coordinator and two nodes, send real requests, show the money."""
-    from sparecycles.demo import run_demo
+    from sparecycles.tools.demo import run_demo
 
     run_demo(root, model_dir=model_dir, requests=requests, console=console)
 

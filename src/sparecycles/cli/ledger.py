@@ -14,8 +14,8 @@ from rich.table import Table
 
 from sparecycles.cli.common import DatabaseOption, console, database_url, err_console, friendly
 from sparecycles.errors import InvalidRequest
-from sparecycles.ledger import Ledger, Statement
-from sparecycles.pricing import ModelPrice, format_money, parse_money
+from sparecycles.ledger.pricing import ModelPrice, format_money, parse_money
+from sparecycles.ledger.service import Ledger, Statement
 
 ledger_app = typer.Typer(help="The double-entry ledger: balances, deposits, prices, audit.",
                          no_args_is_help=True)

@@ -46,7 +46,7 @@ def setup_cmd(
     out: Path = typer.Option(None, help="Write {node_token, keys} here as JSON (mode 0600)"),
 ) -> None:
     """Make a node token, client keys and a large deposit for a load test."""
-    from sparecycles.loadtest.setup import prepare
+    from sparecycles.tools.loadtest.setup import prepare
 
     creds = prepare(database, keys=keys, model=model or None)
     text = json.dumps({"node_token": creds.node_token, "keys": list(creds.keys)})
@@ -80,14 +80,14 @@ def nodes_cmd(
 ) -> None:
     """Host COUNT fake nodes in this process until stopped. They replay a speed model's token
     timing with random token ids and sign their results; they never run a model."""
-    from sparecycles.loadtest.fakenodes import (
+    from sparecycles.tools.loadtest.fakenodes import (
         FakeModel,
         FleetConfig,
         FleetStats,
         raise_open_files_limit,
         run_fleet,
     )
-    from sparecycles.loadtest.speed import SpeedModel
+    from sparecycles.tools.loadtest.speed import SpeedModel
 
     setup_logging(log_level)
     if token is None:
@@ -147,13 +147,13 @@ def clients_cmd(
 ) -> None:
     """Stream chat completions from many concurrent clients and report requests/s, tokens/s,
     and latency (and, against fake nodes, the latency the coordinator added)."""
-    from sparecycles.loadtest.clients import (
+    from sparecycles.tools.loadtest.clients import (
         ClientConfig,
         Workload,
         run_clients,
         samples_to_json,
     )
-    from sparecycles.loadtest.speed import SpeedModel
+    from sparecycles.tools.loadtest.speed import SpeedModel
 
     keys = list(key or [])
     if keys_file is not None:

@@ -20,7 +20,7 @@ def tiny(
     seed: int = typer.Option(0, help="Same seed, same bytes"),
 ) -> None:
     """Write a small Llama-architecture model with a real tokenizer (Hugging Face layout)."""
-    from sparecycles.tinymodel import build_tiny_model
+    from sparecycles.tools.tinymodel import build_tiny_model
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
                   TimeElapsedColumn(), console=console) as progress:

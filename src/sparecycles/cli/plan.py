@@ -9,10 +9,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from sparecycles import perfmodel as pm
-from sparecycles import pricing
 from sparecycles.cli.common import console, friendly
-from sparecycles.presets import DEVICE_PRESETS, MODEL_PRESETS, device_preset, model_preset
+from sparecycles.ledger import pricing
+from sparecycles.scheduling import perfmodel as pm
+from sparecycles.scheduling.presets import (
+    DEVICE_PRESETS,
+    MODEL_PRESETS,
+    device_preset,
+    model_preset,
+)
 from sparecycles.types import DeviceProfile, ModelSpec
 
 GB = 1e9

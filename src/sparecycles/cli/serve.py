@@ -120,12 +120,12 @@ def _errors() -> Any:
 
 
 async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
+    from sparecycles.coordinator.node_conn import policy_from_dict
     from sparecycles.identity import NodeIdentity
     from sparecycles.node.agent import NodeAgent
     from sparecycles.node.backends.transformers import TransformersEngine
     from sparecycles.node.profile import profile_device
     from sparecycles.node.status import StatusProbe
-    from sparecycles.nodes import policy_from_dict
 
     if not settings.token:
         raise ValueError("a node needs --token (ask the coordinator's admin: owners token)")
@@ -206,7 +206,7 @@ def resume(config_dir: Path = typer.Option(None, help="The node's config dir")) 
 
 def _owner_costs(settings: NodeSettings) -> dict[str, Any]:
     """The owner's own costs, sent with the device profile so the owner sees net profit."""
-    from sparecycles.pricing import parse_money
+    from sparecycles.ledger.pricing import parse_money
 
     out: dict[str, Any] = {}
     if settings.electricity_price:

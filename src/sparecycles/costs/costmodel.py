@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sparecycles.errors import InvalidRequest
-from sparecycles.pricing import amount_micros_max, currency_pattern, parse_money
+from sparecycles.ledger.pricing import amount_micros_max, currency_pattern, parse_money
 from sparecycles.types import Workload
 
 WORKLOADS: tuple[str, ...] = tuple(w.value for w in Workload)  # inference, training, rnd

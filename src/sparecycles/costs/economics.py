@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sparecycles import perfmodel as pm
 from sparecycles.costs.allocation import J_PER_KWH, to_micros
 from sparecycles.costs.costmodel import CostModel, OwnerDefaults, OwnerHardware
 from sparecycles.costs.usage import NodeInfo, PeriodUsage
-from sparecycles.pricing import PPM, PayoutMode, PriceBook, price_micros
+from sparecycles.ledger.pricing import PPM, PayoutMode, PriceBook, price_micros
+from sparecycles.scheduling import perfmodel as pm
 from sparecycles.types import DeviceProfile, ModelSpec
 
 days_per_month = 30  # for "per month" figures of the estimate

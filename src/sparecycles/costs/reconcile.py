@@ -17,7 +17,7 @@ from typing import Any
 from sparecycles.costs import focus
 from sparecycles.costs.allocation import OWNER_PAYOUTS, Allocation
 from sparecycles.costs.reports import CostReport
-from sparecycles.pricing import ModelPrice, charge_micros, format_money
+from sparecycles.ledger.pricing import ModelPrice, charge_micros, format_money
 
 mismatches_listed_max = 20  # jobs named in a failing line; the count covers all
 

@@ -50,7 +50,8 @@ matmul_rows = (1, 2, 4, 8, 16, 32, 64, 256)
 matmul_stack_bytes = 256 * 1024 * 1024  # the weights those stream: far beyond any cache
 measure_budget_s = 4.0  # stop repeating the measurements once this much time has gone
 
-# Reference power figures per class, from the presets' datasheets (presets.py); a node has no
+# Reference power figures per class, from the presets' datasheets (scheduling/presets.py); a node
+# has no
 # portable way to read its own power draw, so energy is estimated from these.
 _POWER_BY_CLASS_W = {
     "gaming-pc": (60.0, 250.0),

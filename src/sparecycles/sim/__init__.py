@@ -1,17 +1,17 @@
 """The discrete-event simulator: a workload trace against a fleet, driving the production
-scheduler (scheduler.schedule) and ledger rules (pricing.py) with a simulated clock.
+scheduler (scheduler.schedule) and ledger rules (ledger/pricing.py) with a simulated clock.
 
 - trace.py: the Azure LLM traces, scaled by superposition
-- fleet.py: the fleet file (TOML): device classes, counts, models, availability
+- fleet_file.py: the fleet file (TOML): device classes, counts, models, availability
 - churn.py: availability realised as intervals (FTA Weibull fits, time windows, parked cars)
 - node.py: a node's engine (continuous batching, prefill first)
 - policies.py: the policies compared and the candidate nodes offered for each
-- engine.py: the event loop
+- loop.py: the event loop
 - report.py: goodput, latency percentiles, SLO attainment, utilization, earnings, cost
 """
 
-from sparecycles.sim.engine import SimConfig, SimResult, simulate
-from sparecycles.sim.fleet import FleetSpec, load_fleet, parse_fleet
+from sparecycles.sim.fleet_file import FleetSpec, load_fleet, parse_fleet
+from sparecycles.sim.loop import SimConfig, SimResult, simulate
 from sparecycles.sim.report import Summary, summarize
 from sparecycles.sim.trace import Trace, load_trace, scaled
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from sparecycles import perfmodel
 from sparecycles.availability import StayModel
+from sparecycles.scheduling import perfmodel
 from sparecycles.sim.churn import Interval
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, Job, ModelSpec, NodeSnapshot
 

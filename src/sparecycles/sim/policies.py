@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from sparecycles.scheduler import SchedulerConfig
+from sparecycles.scheduling.scheduler import SchedulerConfig
 
 POLICY_CONFIGS: dict[str, SchedulerConfig] = {
     "fastest": SchedulerConfig(policy="fastest"),

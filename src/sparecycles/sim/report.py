@@ -11,7 +11,8 @@ Definitions (also in docs/scheduling.md):
 - **Utilization** of a device class: busy node-seconds over available node-seconds.
 - **Interrupted**: requests that lost at least one attempt to a departure; **recovered**: those of
   them that still completed (resumed elsewhere).
-- **Earnings**: each owner's share of the charges (pricing.py's rules), per hour the device was
+- **Earnings**: each owner's share of the charges (ledger/pricing.py's rules), per hour the device
+was
   available. **Cost per million tokens**: the clients' charges per million output tokens
   delivered; **busy cost**: what paying every busy second at the device class's hourly rate
   would cost per million output tokens (wasted work included: re-prefills, lost hedges).
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from rich.table import Table
 
-from sparecycles.sim.engine import DONE, SimResult
+from sparecycles.sim.loop import DONE, SimResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,9 +34,9 @@ from sqlalchemy.orm import sessionmaker
 
 from sparecycles import limits
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
-from sparecycles.store.dashboard_schema import KeyLimit, NodeSample
-from sparecycles.store.ledger_schema import LedgerTransfer, PayoutBatch, PayoutItem
-from sparecycles.store.schema import ApiKey, Client, JobAttempt, JobRow, Node, Owner
+from sparecycles.store.core_tables import ApiKey, Client, JobAttempt, JobRow, Node, Owner
+from sparecycles.store.dashboard_tables import KeyLimit, NodeSample
+from sparecycles.store.ledger_tables import LedgerTransfer, PayoutBatch, PayoutItem
 
 J, AT, N, K = JobRow.__table__, JobAttempt.__table__, Node.__table__, ApiKey.__table__
 C, OW, TR = Client.__table__, Owner.__table__, LedgerTransfer.__table__

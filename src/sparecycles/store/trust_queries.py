@@ -1,5 +1,6 @@
 """Every query of verification, reputation and key policies in one place (tables in
-``trust_schema.py``). Synchronous, one short transaction per method, like ``queries.Store``."""
+``store/trust_tables.py``). Synchronous, one short transaction per method, like
+``core_queries.Store``."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import sessionmaker
 
+from sparecycles.coordinator.ratelimit import KeyPolicy
 from sparecycles.errors import NotFound
-from sparecycles.ratelimit import KeyPolicy
-from sparecycles.reputation import NodeTrust
-from sparecycles.store.dashboard_schema import KeyLimit
-from sparecycles.store.ledger_schema import LedgerTransfer
-from sparecycles.store.schema import ApiKey, JobRow, Node, Owner
-from sparecycles.store.trust_schema import (
+from sparecycles.store.core_tables import ApiKey, JobRow, Node, Owner
+from sparecycles.store.dashboard_tables import KeyLimit
+from sparecycles.store.ledger_tables import LedgerTransfer
+from sparecycles.store.trust_tables import (
     KeyPolicyRow,
     NodeTrustRow,
     TrustedOwner,
     VerificationRow,
 )
+from sparecycles.trust.reputation import NodeTrust
 
 verifications_listed_max = 200
 

@@ -9,12 +9,6 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from sparecycles.store import (  # noqa: F401  (every table)
-    dashboard_schema,
-    ledger_schema,
-    schema,
-    trust_schema,
-)
 from sparecycles.store.db import Base
 
 config = context.config

@@ -1,0 +1,74 @@
+"""The finance page: revenue, COGS by category, gross margin, cost per million tokens, fixed
+base costs and break-even, and the reconciliation, from the cost engine's report of a month."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sparecycles.api.dashboard import charts as ch
+from sparecycles.api.dashboard.views import period_costs_cached
+
+
+def finance(coord: Any, period: str, now_s: float) -> dict[str, Any]:
+    pc, rec = period_costs_cached(coord, period, now_s)
+    r = pc.report
+    cur = r.currency
+    by_day = {row.key: row for row in r.by_day}
+    xs = [d for d in pc.usage.period.days() if d <= ch.day(now_s) or d in by_day]
+    days = [by_day.get(d) for d in xs]
+
+    def daily(value: Callable[[Any], Any]) -> list[Any]:
+        return [None if row is None else value(row) for row in days]
+
+    cats = sorted({c for row in r.by_day for c in row.cogs_micros})
+    cogs = [ch.trace(c, xs, daily(lambda row, c=c: ch.units(row.cogs_micros.get(c, 0))),
+                     kind="bar", i=i) for i, c in enumerate(cats)]
+    if r.by_day:
+        cogs.append(ch.trace("revenue", xs, daily(lambda row: ch.units(row.revenue_micros)), i=9,
+                             line={"color": "#111827", "width": 3}))
+    margin = [ch.trace("gross margin", xs, daily(lambda row: ch.units(row.gross_margin_micros)),
+                       kind="bar", i=2),
+              ch.trace("gross margin %", xs, daily(lambda row: row.gross_margin_pct), i=4,
+                       yaxis="y2")] if r.by_day else []
+    per_mtok = [
+        ch.trace(label, [f"{kind}: {row.key}" for row in rows],
+                 [ch.units(row.cogs_per_mtok_micros) for row in rows], kind="bar", i=i)
+        for i, (label, kind, rows) in enumerate((("by model", "model", r.by_model),
+                                                 ("by device class", "device", r.by_device_class)))
+        if rows]
+    charts = {
+        "cogs": ch.figure(cogs, "day (UTC)", f"{cur} per day", barmode="stack", days=True,
+                          money_axis=True),
+        "margin": ch.figure(margin, "day (UTC)", f"gross margin ({cur})",
+                            y2_title="gross margin (%)", days=True, money_axis=True),
+        "per_mtok": ch.figure(per_mtok, "model or device class",
+                              f"COGS per million tokens ({cur})", x_type="category",
+                              money_axis=True),
+    }
+    gm = r.gross_margin_micros
+    stats = {
+        "revenue": ch.money_short(r.revenue_micros, cur),
+        "cogs": ch.money_short(r.totals.cogs_total_micros, cur),
+        "gross_margin": ch.money_short(gm, cur),
+        "gross_margin_pct": ch.pct(100 * gm / r.revenue_micros if r.revenue_micros else None),
+        "operating_result": ch.money_short(r.operating_result_micros, cur),
+        "reconciled": "all sources agree" if rec.ok else "MISMATCH",
+    }
+    mtok = [{"kind": kind, "key": row.key, "tokens": f"{row.inference_tokens:,}",
+             "cogs": ch.money(row.cogs_total_micros, cur),
+             "per_mtok": ch.money(row.cogs_per_mtok_micros, cur)}
+            for kind, rows in (("model", r.by_model), ("device class", r.by_device_class))
+            for row in rows]
+    fixed = [(name.removesuffix("_micros").replace("_", " "), ch.money(v, cur))
+             for name, v in r.fixed_base_micros.items()]
+    return {"period": period, "stats": stats, "charts": charts, "tables": {
+        "mtok": mtok, "fixed": fixed, "fixed_total": ch.money(r.fixed_base_total_micros, cur),
+        "break_even": (f"{r.break_even_tokens_per_month:,} tokens per month"
+                       if r.break_even_tokens_per_month is not None
+                       else "not reachable: a token contributes nothing yet"),
+        "contribution": ch.money(r.contribution_per_mtok_micros, cur),
+        "inference_tokens": f"{r.inference_tokens:,}",
+        "reconciliation": rec, "cost_model": r.cost_model,
+        "cogs_by_category": [(c, ch.money(v, cur))
+                             for c, v in sorted(r.totals.cogs_micros.items())]}}

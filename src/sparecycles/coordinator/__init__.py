@@ -1,0 +1,1 @@
+"""The coordinator process minus HTTP: admission, dispatch, node connections, verification."""

@@ -1,0 +1,673 @@
+"""The job lifecycle: the only glue between the API, the scheduler, the nodes, the store and money.
+
+    admitted --(scheduler picks a node)--> placed --(first token)--> streaming --> done
+        ^                                                    |                 \\-> failed
+        \\------ node left / went silent: resumed elsewhere --/
+
+Guarantees, each enforced below:
+- A job's tokens reach its client in order, each exactly once, across attempts: an attempt
+  starts from the prompt plus every token already delivered, and token messages are matched to
+  the attempt and position they claim (duplicates dropped, gaps end the attempt).
+- Every wait is bounded: placement (``placement_wait_s``), silence of a node on a job
+  (``token_gap_s``), attempts (``limits.job_attempts_max``).
+- Money follows the outcome: a job is admitted only with a hold on the client's balance; a job
+  that ends with tokens delivered is settled for exactly those tokens, shared between the nodes
+  that produced them; a job that delivered nothing has its hold voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sparecycles import limits, protocol
+from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.replication.fleet import RemoteNode
+from sparecycles.coordinator.replication.leases import settle_abandoned
+from sparecycles.coordinator.writer import StoreWriter
+from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
+from sparecycles.identity import verify
+from sparecycles.ledger.service import Ledger, WorkShare
+from sparecycles.scheduling import scheduler
+from sparecycles.store import Store
+from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
+
+if TYPE_CHECKING:
+    from sparecycles.coordinator.verification import Verifier
+
+log = logging.getLogger("sparecycles.coordinator.dispatch")
+watchdog_interval_s = 0.25
+
+
+@dataclass
+class Attempt:
+    number: int
+    node_id: str
+    owner_id: str
+    device_class: str
+    token_base: int  # len(job.generated) when the attempt started
+    started_s: float
+    first_token_s: float | None = None
+    tokens: int = 0
+    last_token_s: float = 0.0
+    logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
+
+
+@dataclass
+class JobEvent:
+    kind: str  # "tokens" | "done" | "error"
+    token_ids: tuple[int, ...] = ()
+    at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
+    finish_reason: str | None = None
+    error: SpareCyclesError | None = None
+
+
+@dataclass
+class LiveJob:
+    """A job while this coordinator holds it. ``generated`` is the authoritative output."""
+
+    job_id: str
+    client_id: str
+    model: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    workload: Workload
+    trusted_only: bool
+    admitted_s: float
+    admitted_mono_s: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.ADMITTED
+    generated: list[int] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+    waiting_since_s: float = 0.0
+    first_token_s: float | None = None
+    excluded_nodes: set[str] = field(default_factory=set)
+    received_s: float = 0.0  # perf_counter when the API received the request
+    dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def as_job(self) -> Job:
+        return Job(
+            job_id=self.job_id,
+            model=self.model,
+            prompt_tokens=len(self.prompt_ids),
+            max_tokens=self.sampling.max_tokens,
+            client_id=self.client_id,
+            admitted_at_s=self.admitted_s,
+            generated_tokens=len(self.generated),
+            trusted_only=self.trusted_only,
+            workload=self.workload,
+        )
+
+
+def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
+    """The decode speed an attempt showed: tokens after the first over the time from the first
+    token to the end. Tokens that arrive in a burst (a node or network that held them back, a
+    node running late and catching up) would make that time tiny and the node look hundreds of
+    times faster than it is, and placement would then queue every job on it; so the decode time
+    is taken as at least half the decode tokens' even share of the whole attempt (assignment to
+    end): a burst can make a node look at most about twice as fast as its attempt did, and a
+    steady stream (decode at least half the attempt) is measured exactly. 0 when there is
+    nothing to measure."""
+    if att.tokens <= 1:
+        return 0.0
+    total_s = now_s - att.started_s
+    decode_s = now_s - (att.first_token_s or att.started_s)
+    decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
+    return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        ledger: Ledger,
+        models: dict[str, ModelSpec],
+        replica_id: str,
+        placement_wait_s: float = limits.placement_wait_s_max,
+        token_gap_s: float = limits.token_gap_s_max,
+        policy: str = "fastest",
+        on_finished: Callable[[LiveJob, str], None] | None = None,
+        verifier: Verifier | None = None,
+    ):
+        self.store, self.ledger, self.models = store, ledger, models
+        self.replica_id = replica_id
+        self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
+        self.config = scheduler.SchedulerConfig(policy=policy)
+        self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
+        self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
+        self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
+        # nodes of other replicas (coordinator/replication/fleet.py)
+        self.remote: dict[str, RemoteNode] = {}
+        self.jobs: dict[str, LiveJob] = {}
+        self.waiting: dict[str, LiveJob] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.writer = StoreWriter(store)  # store writes after admission, in order
+        self._on_finished = on_finished
+        self.verifier = verifier  # told of every result, to check claims and spot-check jobs
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._recover)
+        self._task = asyncio.create_task(self._loop(), name="dispatch")
+        self.writer.start()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in list(self.jobs.values()):
+            await self._finish(job, error=JobFailed("the coordinator is shutting down"))
+        await self.writer.drain()
+        if self._ending:  # settled by now: their clients are told
+            await asyncio.gather(*self._ending, return_exceptions=True)
+        await self.writer.stop()
+
+    def _recover(self) -> None:
+        """Settle jobs a previous run of this replica left open (it crashed or was killed).
+
+        Their clients' connections died with that process, so nothing more can be delivered:
+        the holds are voided and the jobs marked failed (a job settled just before the crash
+        keeps its charge). No money moves for undelivered work.
+        """
+        for row in self.store.unfinished_jobs(self.replica_id):
+            settle_abandoned(self.store, self.ledger, row.id, "coordinator restarted")
+        self.store.mark_replica_nodes_offline(self.replica_id)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        *,
+        job_id: str,
+        client_id: str,
+        api_key_id: str | None,
+        model: str,
+        endpoint: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        stream: bool,
+        workload: Workload = Workload.INFERENCE,
+        trusted_only: bool = False,
+        received_s: float | None = None,
+    ) -> LiveJob:
+        """Record the job and hold its most possible cost; raises InsufficientBalance (402).
+
+        The job row and the hold are one transaction (one commit, shared by the admissions of
+        the moment: the ledger's group commit), durable before any node is sent the job. When
+        no other job waits, the job is placed here and now rather than on the dispatch loop's
+        next turn.
+        """
+        now = time.time()
+        row = dict(
+            id=job_id,
+            client_id=client_id,
+            api_key_id=api_key_id,
+            model=model,
+            endpoint=endpoint,
+            workload=str(workload),
+            state="admitted",
+            stream=stream,
+            trusted_only=trusted_only,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=sampling.max_tokens,
+            replica_id=self.replica_id,
+            created_at_s=now,
+        )
+        if len(self.waiting) >= limits.jobs_waiting_max:
+            raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
+        await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
+                                     sampling.max_tokens, job=row)
+        job = LiveJob(
+            job_id=job_id,
+            client_id=client_id,
+            model=model,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            workload=workload,
+            trusted_only=trusted_only,
+            admitted_s=now,
+            waiting_since_s=time.monotonic(),
+            received_s=received_s or time.perf_counter(),
+        )
+        self.jobs[job_id] = job
+        self.waiting[job_id] = job
+        if len(self.waiting) == 1 and self._task is not None:
+            self._place_on_admission()
+        if self.waiting:
+            self._wake.set()
+        return job
+
+    def _place_on_admission(self) -> None:
+        """Place the one waiting job at once. Only when nothing else waits: then this costs one
+        job's scheduling, and a queue (all nodes busy) is left to the loop, which batches it."""
+        try:
+            self._place_waiting()
+        except Exception:  # the loop retries on its next turn; a bug here is logged loudly
+            log.exception("placement on admission failed")
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as its timeout fires, and stop() would wait for ever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(watchdog_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._place_waiting()
+                await self._watchdog()
+            except Exception:  # a bug here must not stop all placement; it is logged loudly
+                log.exception("dispatch loop iteration failed")
+
+    def _place_waiting(self) -> None:
+        if not self.waiting:
+            return
+        now = time.time()
+        snapshots = [
+            n.snapshot(now) for n in (*self.nodes.values(), *self.remote.values())
+            if not n.closed and not n.draining
+        ]
+        if not snapshots:
+            return
+        jobs = [j.as_job() for j in self.waiting.values()]
+        assignments = scheduler.schedule(
+            jobs, snapshots, self.models, now, self.config, memo=self._rank_memo
+        )
+        for assignment in assignments:
+            job = self.waiting.get(assignment.job_id)
+            node = self.node(assignment.node_id)
+            if job is None or node is None or node.node_id in job.excluded_nodes:
+                continue
+            self._assign(job, node)
+
+    def node(self, node_id: str) -> NodeConn | RemoteNode | None:
+        """A node of the fleet: connected here, or to another replica."""
+        return self.nodes.get(node_id) or self.remote.get(node_id)
+
+    def _assign(self, job: LiveJob, node: NodeConn | RemoteNode) -> None:
+        number = len(job.attempts) + 1
+        prompt = job.prompt_ids + job.generated
+        remaining = job.sampling.max_tokens - len(job.generated)
+        msg = protocol.JobAssign(
+            job_id=job.job_id,
+            attempt=number,
+            model=job.model,
+            prompt_token_ids=prompt,
+            sampling=protocol.Sampling(
+                max_tokens=remaining,
+                temperature=job.sampling.temperature,
+                top_p=job.sampling.top_p,
+                seed=job.sampling.seed,
+                stop=list(job.sampling.stop),
+            ),
+            prompt_sha256=protocol.tokens_sha256(prompt),
+            want_logprobs=self.verifier is not None,
+        )
+        if not node.send(protocol.encode(msg)):
+            return  # the node's socket is gone; its reader will clean up
+        now = time.monotonic()
+        job.attempts.append(
+            Attempt(
+                number=number,
+                node_id=node.node_id,
+                owner_id=node.owner_id,
+                device_class=node.profile.device_class,
+                token_base=len(job.generated),
+                started_s=now,
+                last_token_s=now,
+            )
+        )
+        job.state = JobState.PLACED
+        if job.dispatched_s is None:
+            job.dispatched_s = time.perf_counter()
+        node.jobs.add(job.job_id)
+        node.queued_tokens += remaining
+        self.waiting.pop(job.job_id, None)
+        self.writer.background(
+            self.store.start_attempt,
+            job_id=job.job_id,
+            attempt=number,
+            node_id=node.node_id,
+            prompt_tokens=len(prompt),
+        )
+
+    async def _watchdog(self) -> None:
+        now = time.monotonic()
+        for job in list(self.waiting.values()):
+            if now - job.waiting_since_s > self.placement_wait_s:
+                has_nodes = any(job.model in n.models
+                                for n in (*self.nodes.values(), *self.remote.values()))
+                why = (
+                    "every node serving this model is busy or unavailable"
+                    if has_nodes
+                    else "no node serving this model is online"
+                )
+                await self._finish(
+                    job,
+                    error=NoNodeAvailable(
+                        f"no node could take the request for model '{job.model}' within "
+                        f"{self.placement_wait_s:g} s: {why}"
+                    ),
+                )
+        for job in list(self.jobs.values()):
+            att = job.current
+            if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
+                    and now - att.last_token_s > self.token_gap_s):
+                log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
+                node = self.node(att.node_id)
+                if node is not None:
+                    node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
+                                                              attempt=att.number)))
+                await self._resume(job, outcome="node_silent")
+
+    # ---- node events -------------------------------------------------------------------------
+
+    def _attempt_of(self, node: NodeConn | RemoteNode, job_id: str, number: int
+                    ) -> tuple[LiveJob, Attempt]:
+        job = self.jobs.get(job_id)
+        att = job.current if job else None
+        if job is None or att is None or att.number != number or att.node_id != node.node_id:
+            raise _StaleMessage
+        return job, att
+
+    def on_tokens(self, node: NodeConn | RemoteNode, msg: protocol.Tokens) -> None:
+        try:
+            job, att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return  # a late message for an attempt that already ended: harmless, dropped
+        now = time.monotonic()
+        skip = att.tokens - msg.index  # tokens of this message we already have
+        if skip < 0:
+            log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
+            self._resume_soon(job, outcome="protocol_gap")  # now: a task could end a later one
+            return
+        new = msg.token_ids[skip:]
+        room = job.sampling.max_tokens - len(job.generated)
+        if len(new) > room:
+            new = new[:room]  # a node may not produce more than was asked; the rest is dropped
+        if not new:
+            return
+        job.generated.extend(new)
+        lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
+        att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
+        att.tokens += len(new)
+        att.last_token_s = now
+        node.queued_tokens = max(0, node.queued_tokens - len(new))
+        if att.first_token_s is None:
+            att.first_token_s = now
+        if job.first_token_s is None:  # recorded with the job's final row (one write a job)
+            job.first_token_s = now
+            job.state = JobState.STREAMING
+        job.events.put_nowait(JobEvent("tokens", tuple(new)))
+
+    async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
+        """A node's result: returns once the job is settled and its client told."""
+        ending = self.done_received(node, msg)
+        if ending is not None:
+            await ending
+
+    def done_received(self, node: NodeConn | RemoteNode,
+                      msg: protocol.Done) -> asyncio.Future[None] | None:  # fmt: skip
+        """A node's result, handled now: checked, the attempt ended, the job finished (or
+        resumed when the result does not verify). Returns what completes once the settlement
+        has committed and the client has been told; a socket's reader does not wait for it,
+        so the node's (or, for a relayed node, every relayed node's) next messages are not held
+        behind a commit."""
+        try:
+            job, att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return None
+        produced = job.generated[att.token_base : att.token_base + att.tokens]
+        payload = protocol.result_payload(
+            job_id=msg.job_id,
+            attempt=msg.attempt,
+            weights_sha256=node.weights.get(job.model, ""),
+            prompt_sha256=protocol.tokens_sha256(job.prompt_ids + job.generated[: att.token_base]),
+            output_sha256=protocol.tokens_sha256(produced),
+            finish_reason=msg.finish_reason,
+            metering=msg.metering,
+        )
+        if msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
+            node.public_key, payload, msg.signature
+        ):
+            log.warning("job %s: node %s sent a result that does not verify", job.job_id,
+                        node.node_id)
+            if self.verifier is not None:
+                self.verifier.on_bad_signature(node, job, att)
+            return self._resume_soon(job, outcome="bad_signature")  # now, not in a task
+        if self.verifier is not None:
+            self.verifier.on_result(node, job, att, msg.metering)
+        speed = observed_decode_tokens_per_s(att, time.monotonic())
+        if speed > 0:
+            node.observe_speed(job.model, speed)
+        self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
+        reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
+        return self._finish_soon(job, finish_reason="stop" if reason == "cancelled" else reason)
+
+    async def on_job_error(self, node: NodeConn | RemoteNode, msg: protocol.JobError) -> None:
+        try:
+            job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return
+        log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
+        await self._resume(job, outcome="drained" if node.draining else "failed")
+
+    async def on_node_lost(self, node: NodeConn | RemoteNode, *, outcome: str = "node_lost"
+                           ) -> None:
+        """The node's socket closed (here, or at its replica): every job it held is resumed
+        elsewhere. With ``outcome="replica_lost"`` the node is not to blame (the replica holding
+        its socket died, or it moved to another), so its jobs may resume on it again."""
+        fleet = self.remote if isinstance(node, RemoteNode) else self.nodes
+        if fleet.get(node.node_id) is node:
+            del fleet[node.node_id]
+        for job_id in list(node.jobs):
+            job = self.jobs.get(job_id)
+            if job is not None and job.current and job.current.node_id == node.node_id:
+                await self._resume(job, outcome=outcome)
+        self._wake.set()
+
+    def on_node_ready(self, node: NodeConn | RemoteNode) -> None:
+        if isinstance(node, RemoteNode):
+            self.remote[node.node_id] = node
+        else:
+            self.nodes[node.node_id] = node
+            moved = self.remote.get(node.node_id)
+            if moved is not None:  # it left its replica for this one: its jobs there are gone
+                moved.closed = True
+                asyncio.get_running_loop().create_task(
+                    self.on_node_lost(moved, outcome="replica_lost"))
+        self._wake.set()
+
+    # ---- ending ------------------------------------------------------------------------------
+
+    def _end_attempt(
+        self,
+        job: LiveJob,
+        att: Attempt,
+        node: NodeConn | RemoteNode | None,
+        outcome: str,
+        metering: protocol.Metering | None = None,
+        signature: str | None = None,
+    ) -> None:
+        if node is not None:
+            node.jobs.discard(job.job_id)
+        now = time.monotonic()
+        fields: dict[str, Any] = {
+            "outcome": outcome,
+            "completion_tokens": att.tokens,
+            "time_to_first_token_s": (att.first_token_s - att.started_s)
+            if att.first_token_s
+            else None,
+            "total_s": now - att.started_s,
+        }
+        if metering is not None:
+            fields.update(
+                busy_s=metering.busy_s,
+                energy_j=metering.energy_j,
+                energy_source=metering.energy_source,
+                signature=signature,
+            )
+        self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
+
+    async def _resume(self, job: LiveJob, *, outcome: str) -> None:
+        """End the current attempt and put the job back to be placed with what it has so far."""
+        ending = self._resume_soon(job, outcome=outcome)
+        if ending is not None:
+            await ending
+
+    def _resume_soon(self, job: LiveJob, *, outcome: str) -> asyncio.Future[None] | None:
+        """``_resume``, done now; if that ends the job, what completes once it is settled."""
+        att = job.current
+        if att is None or job.state.is_final:
+            return None
+        node = self.node(att.node_id)
+        self._end_attempt(job, att, node, outcome)
+        if outcome != "replica_lost":  # not the node's fault: it may take the job up again
+            job.excluded_nodes.add(att.node_id)
+        if len(job.generated) >= job.sampling.max_tokens:
+            return self._finish_soon(job, finish_reason="length")
+        if len(job.attempts) >= limits.job_attempts_max:
+            return self._finish_soon(job, error=JobFailed(
+                f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
+        job.state = JobState.ADMITTED
+        job.waiting_since_s = time.monotonic()
+        self.waiting[job.job_id] = job
+        self._wake.set()
+        return None
+
+    async def cancel(
+        self, job_id: str, *, reason: str = "client", keep_tokens: int | None = None
+    ) -> None:
+        """Stop a job early: the client went away, or its text reached a stop string.
+
+        The job is settled for the tokens it produced, or for ``keep_tokens`` of them when the
+        text ended there (tokens after a stop string are neither shown nor charged).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.state.is_final:
+            return
+        if keep_tokens is not None and keep_tokens < len(job.generated):
+            del job.generated[keep_tokens:]
+            for a in job.attempts:
+                a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
+        att = job.current
+        if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
+            node = self.node(att.node_id)
+            if node is not None:
+                node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
+            self._end_attempt(job, att, node, "cancelled")
+        await self._finish(job, finish_reason="stop", cancelled_by=reason)
+
+    async def _finish(
+        self,
+        job: LiveJob,
+        *,
+        finish_reason: str | None = None,
+        error: SpareCyclesError | None = None,
+        cancelled_by: str | None = None,
+    ) -> None:
+        ending = self._finish_soon(job, finish_reason=finish_reason, error=error,
+                                   cancelled_by=cancelled_by)
+        if ending is not None:
+            await ending
+
+    def _finish_soon(
+        self,
+        job: LiveJob,
+        *,
+        finish_reason: str | None = None,
+        error: SpareCyclesError | None = None,
+        cancelled_by: str | None = None,
+    ) -> asyncio.Future[None] | None:
+        """End the job now (state, out of the queues) and queue its settlement; returns what
+        completes once the settlement has committed and the client has been told."""
+        if job.state.is_final:
+            return None
+        self.jobs.pop(job.job_id, None)
+        self.waiting.pop(job.job_id, None)
+        delivered = len(job.generated)
+        job.state = JobState.DONE if delivered and error is None else JobState.FAILED
+        if error is not None and delivered:
+            job.state = JobState.FAILED  # partial output: charged for what was delivered
+        shares = [
+            WorkShare(
+                owner_id=a.owner_id,
+                node_id=a.node_id,
+                device_class=a.device_class,
+                prompt_tokens=len(job.prompt_ids) + a.token_base,
+                completion_tokens=a.tokens,
+                busy_s=0.0,
+            )
+            for a in job.attempts
+            if a.tokens > 0
+        ]
+        now = time.time()
+        total_s = time.monotonic() - job.admitted_mono_s
+
+        final = {"state": str(job.state), "completion_tokens": delivered,
+                 "finish_reason": finish_reason if error is None else None,
+                 "error": None if error is None else error.message,
+                 "finished_at_s": now, "total_s": total_s}
+        if job.first_token_s is not None:
+            final.update(first_token_at_s=now - (time.monotonic() - job.first_token_s),
+                         time_to_first_token_s=job.first_token_s - job.admitted_mono_s)
+
+        async def _settle() -> None:  # one transaction: the money and the job's final row
+            try:
+                if delivered:
+                    await self.ledger.settle_async(job.job_id, job.client_id, job.model,
+                                                   len(job.prompt_ids), delivered, shares,
+                                                   job=final)
+                else:
+                    await self.ledger.void_async(job.job_id, job=final)
+            except Conflict as exc:  # e.g. a restart already voided this job's hold
+                log.warning("job %s: not settled: %s", job.job_id, exc.message)
+
+        settled = self.writer.queue(_settle)
+
+        async def _tell() -> None:
+            try:
+                await settled
+            finally:
+                if error is not None:
+                    job.events.put_nowait(JobEvent("error", error=error))
+                else:
+                    job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
+                if self._on_finished:
+                    self._on_finished(job, str(job.state))
+
+        return self._spawn(_tell())
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run ``coro`` as a task kept until it ends (its failure is logged, and raised to
+        whoever awaits it)."""
+        task = asyncio.ensure_future(coro)
+        self._ending.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        self._ending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ending a job failed", exc_info=task.exception())
+
+
+class _StaleMessage(Exception):
+    pass

@@ -1,0 +1,1 @@
+"""Several coordinator replicas: the bus between them, the fleet of each other's nodes, leases."""

@@ -1,0 +1,469 @@
+"""Several replicas, one fleet: each replica sees the nodes connected to the others, over the bus.
+
+A node keeps one socket to one replica (its *host*). A client's request is held by the replica it
+reached (the job's *owner*), whose dispatcher may place it on any node of the fleet:
+
+    owner replica A                          bus                       host replica B
+    Dispatcher ── RemoteNode.send(assign) ──> sc.replica.B.to_node ──> NodeConn.send ──> node
+    Dispatcher.on_tokens/on_done <── sc.replica.A.from_node <── relay_from_node <── node
+
+So the owner runs the very same job lifecycle for a remote node as for a local one: the tokens
+carry their attempt and index, the result is signed by the node's key, silence is resumed.
+
+What each replica publishes (JSON; ``sc`` is the default namespace, see
+coordinator/replication/bus.py):
+
+``sc.fleet.beat``    every ``beat_interval_s``: "I am alive" (and how many nodes I host)
+``sc.fleet.up``      nodes I host (static description + state), on connect and when asked
+``sc.fleet.down``    a node left me
+``sc.fleet.state``   the state of my nodes that changed (load, availability, draining)
+``sc.fleet.hello``   "I just met you": every replica answers by announcing all its nodes again
+
+A replica that has not beaten for ``replica_timeout_s`` is taken for dead: the owner resumes the
+jobs that were on its nodes (from the tokens already delivered, on another node), and the host
+cancels the jobs it relayed for it (their clients are gone). The nodes of a dead replica dial
+another replica (behind a load balancer, or from their list of coordinator URLs) and are announced
+again by their new host. Replicas only publish node state once they know of another replica, so
+one replica alone pays nothing for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sparecycles import protocol
+from sparecycles.coordinator.node_conn import NodeConn, fold_speed, profile_from_dict
+from sparecycles.coordinator.replication.bus import Bus, Subscription
+from sparecycles.types import DeviceProfile, NodeSnapshot
+
+if TYPE_CHECKING:
+    from sparecycles.coordinator.dispatch import Dispatcher
+
+log = logging.getLogger("sparecycles.coordinator.replication.fleet")
+
+beat_interval_s = 0.5
+replica_timeout_s = 3.0  # no beat for this long: the replica is taken for dead
+full_state_every_s = 10.0  # resend every node's state, healing any lost update
+announce_chunk = 200  # nodes per ``up`` message (NATS's default max payload is 1 MiB)
+
+
+def subject_token(replica_id: str) -> str:
+    """A replica id as one subject token (ids hold ':' and '.')."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", replica_id)
+
+
+@dataclass(eq=False)
+class RemoteNode:
+    """A node hosted by another replica, as this replica's dispatcher sees it.
+
+    It quacks like ``NodeConn`` where the dispatcher needs it to: ``send`` goes over the bus to
+    the host, and the load is the host's last report plus what this replica sent since."""
+
+    node_id: str
+    owner_id: str
+    name: str
+    public_key: str
+    profile: DeviceProfile
+    models: tuple[str, ...]
+    weights: dict[str, str]
+    jobs_max: int
+    host: str  # the replica holding its socket
+    fleet: Fleet
+    jobs: set[str] = field(default_factory=set)  # this replica's jobs on it
+    queued_tokens: int = 0
+    draining: bool = False
+    closed: bool = False
+    available: bool = True
+    expected_stay_s: float = float("inf")
+    reputation: float = 1.0
+    measured_tps: dict[str, float] = field(default_factory=dict)
+    measured_batch: dict[str, float] = field(default_factory=dict)  # batch of each speed
+    host_active: int = 0  # all replicas' jobs on it, as its host last said
+    host_queued: int = 0
+    sent_since_report: int = 0  # jobs this replica placed on it since that report
+    _snap: tuple[tuple[Any, ...], NodeSnapshot] | None = None  # (inputs, snapshot)
+    is_local = False
+
+    def send(self, frame: str) -> bool:
+        if self.closed:
+            return False
+        self.fleet.to_node(self, frame)
+        return True
+
+    async def stop(self) -> None:
+        self.closed = True
+
+    def observe_speed(self, model: str, tokens_per_s: float, batch: int | None = None) -> None:
+        """As ``NodeConn.observe_speed``: the batch is the node's jobs now, as far as known."""
+        fold_speed(self.measured_tps, self.measured_batch, model, tokens_per_s,
+                   batch or max(1, self.host_active, len(self.jobs)))
+
+    def apply_state(self, state: list[Any]) -> None:
+        active, queued, available, stay, draining, reputation, tps, *more = state
+        for model, batch in (more[0] if more else {}).items():
+            self.measured_batch.setdefault(model, float(batch))
+        self.host_active, self.host_queued = int(active), int(queued)
+        self.available, self.draining = bool(available), bool(draining)
+        self.expected_stay_s = float("inf") if stay is None else float(stay)
+        self.reputation = float(reputation)
+        for model, speed in (tps or {}).items():
+            self.measured_tps.setdefault(model, float(speed))
+        self.sent_since_report = 0
+
+    def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        """The scheduler's view of the node: reused while its inputs are unchanged (the host's
+        reports carry no clock), so placement's memo of scores finds it again."""
+        inputs = (self.host_active, self.sent_since_report, len(self.jobs), self.host_queued,
+                  self.queued_tokens, self.available, self.draining, self.expected_stay_s,
+                  self.reputation)
+        cached = self._snap
+        if (cached is not None and cached[0] == inputs
+                and cached[1].measured_decode_tokens_per_s == self.measured_tps
+                and cached[1].measured_decode_batch == self.measured_batch):
+            return cached[1]
+        snap = self._build_snapshot()
+        self._snap = (inputs, snap)
+        return snap
+
+    def _build_snapshot(self) -> NodeSnapshot:
+        return NodeSnapshot(
+            node_id=self.node_id,
+            owner_id=self.owner_id,
+            profile=self.profile,
+            models=self.models,
+            active_jobs=max(self.host_active + self.sent_since_report, len(self.jobs)),
+            jobs_max=self.jobs_max,
+            queued_tokens=max(self.host_queued, self.queued_tokens),
+            measured_decode_tokens_per_s=dict(self.measured_tps),
+            measured_decode_batch=dict(self.measured_batch),
+            available=self.available and not self.draining,
+            expected_stay_s=self.expected_stay_s,
+            reputation=self.reputation,
+            draining=self.draining,
+            relayed=True,
+        )
+
+
+@dataclass
+class _Relayed:
+    """A job this replica relays between its node and the job's owner replica."""
+
+    owner: str
+    node_id: str
+    attempt: int
+    remaining: int  # tokens the node may still send (its queued_tokens share)
+
+
+def _state_of(node: NodeConn, now_epoch_s: float) -> list[Any]:
+    snap = node.snapshot(now_epoch_s)
+    stay = None if snap.expected_stay_s == float("inf") else round(snap.expected_stay_s, 1)
+    return [snap.active_jobs, snap.queued_tokens, snap.available, stay, snap.draining,
+            round(snap.reputation, 4),
+            {m: round(v, 2) for m, v in snap.measured_decode_tokens_per_s.items()},
+            {m: round(v, 2) for m, v in snap.measured_decode_batch.items()}]
+
+
+def _describe(node: NodeConn) -> dict[str, Any]:
+    return {"id": node.node_id, "owner": node.owner_id, "name": node.name,
+            "key": node.public_key, "profile": asdict(node.profile), "models": list(node.models),
+            "weights": node.weights, "jobs_max": node.jobs_max}
+
+
+class Fleet:
+    """This replica's end of the fleet: announces its nodes, tracks the others', relays jobs."""
+
+    def __init__(self, bus: Bus, replica_id: str, dispatcher: Dispatcher) -> None:
+        self.bus, self.replica_id, self.dispatcher = bus, replica_id, dispatcher
+        self.me = subject_token(replica_id)
+        self.ns = bus.namespace  # subjects: <ns>.fleet.*, <ns>.replica.<id>.*
+        self.peers: dict[str, float] = {}  # replica token -> monotonic time of its last beat
+        self.peer_names: dict[str, str] = {}  # replica token -> replica id
+        self.relayed: dict[str, _Relayed] = {}  # job id -> where its node's messages go
+        self._sent_state: dict[str, list[Any]] = {}
+        self._last_full_s = 0.0
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bus.connect()
+        handlers = {
+            f"{self.ns}.fleet.beat": self._on_beat,
+            f"{self.ns}.fleet.hello": self._on_hello,
+            f"{self.ns}.fleet.up": self._on_up,
+            f"{self.ns}.fleet.down": self._on_down,
+            f"{self.ns}.fleet.state": self._on_state,
+            f"{self.ns}.replica.{self.me}.to_node": self._on_to_node,
+            f"{self.ns}.replica.{self.me}.from_node": self._on_from_node,
+        }
+        for subject, handler in handlers.items():
+            self._subs.append(await self.bus.subscribe(subject, handler))
+        self._tasks = [asyncio.create_task(self._send_loop(), name="fleet-send"),
+                       asyncio.create_task(self._beat_loop(), name="fleet-beat")]
+        self._publish(f"{self.ns}.fleet.hello", {"r": self.me})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.bus.connected
+
+    def peer_ids(self) -> set[str]:
+        """Replicas heard on the bus lately (by id)."""
+        return {self.peer_names.get(t, t) for t in self.peers}
+
+    def _publish(self, subject: str, body: dict[str, Any]) -> None:
+        """Queue a message; one task publishes in order (the dispatcher never awaits the bus)."""
+        self._outbox.put_nowait((subject, json.dumps(body, separators=(",", ":")).encode()))
+
+    async def _send_loop(self) -> None:
+        while True:
+            subject, data = await self._outbox.get()
+            try:
+                await self.bus.publish(subject, data)
+            except Exception as exc:  # the bus is down: the message is lost, as on NATS
+                log.warning("bus publish to %s failed: %s", subject, exc)
+
+    # ---- this replica's nodes ----------------------------------------------------------------
+
+    def local_up(self, node: NodeConn) -> None:
+        if self.peers:
+            self._announce([node])
+
+    def local_down(self, node: NodeConn) -> None:
+        self._sent_state.pop(node.node_id, None)
+        for job_id, rel in list(self.relayed.items()):
+            if rel.node_id == node.node_id:  # the owner resumes it when it hears of the loss
+                del self.relayed[job_id]
+        if self.peers:
+            self._publish(f"{self.ns}.fleet.down", {"r": self.me, "id": node.node_id})
+
+    def _announce(self, nodes: list[NodeConn]) -> None:
+        now = time.time()
+        for i in range(0, len(nodes), announce_chunk):
+            chunk = nodes[i:i + announce_chunk]
+            self._publish(f"{self.ns}.fleet.up", {"r": self.me, "nodes": [
+                {**_describe(n), "state": _state_of(n, now)} for n in chunk]})
+            for n in chunk:
+                self._sent_state[n.node_id] = _state_of(n, now)
+
+    async def _beat_loop(self) -> None:
+        while True:
+            try:
+                self._publish(f"{self.ns}.fleet.beat", {"r": self.me, "id": self.replica_id,
+                                                "nodes": len(self.dispatcher.nodes)})
+                self._expire_peers()
+                if self.peers:
+                    self._publish_state()
+            except Exception:
+                log.exception("fleet beat failed")
+            await asyncio.sleep(beat_interval_s)
+
+    def _publish_state(self) -> None:
+        now_epoch, now = time.time(), time.monotonic()
+        full = now - self._last_full_s >= full_state_every_s
+        if full:
+            self._last_full_s = now
+        changed: dict[str, list[Any]] = {}
+        for node in list(self.dispatcher.nodes.values()):
+            if node.closed:
+                continue
+            state = _state_of(node, now_epoch)
+            if full or self._sent_state.get(node.node_id) != state:
+                changed[node.node_id] = state
+                self._sent_state[node.node_id] = state
+        items = list(changed.items())
+        for i in range(0, len(items), announce_chunk * 5):
+            self._publish(f"{self.ns}.fleet.state", {"r": self.me,
+                                             "nodes": dict(items[i:i + announce_chunk * 5])})
+
+    # ---- the other replicas ------------------------------------------------------------------
+
+    async def _on_beat(self, _subject: str, data: bytes) -> None:
+        body = json.loads(data)
+        peer = body["r"]
+        if peer == self.me:
+            return
+        new = peer not in self.peers
+        self.peers[peer] = time.monotonic()
+        self.peer_names[peer] = body.get("id", peer)
+        if new:  # a replica we did not know (or had given up on): exchange fleets
+            log.info("replica %s joined", peer)
+            self._publish(f"{self.ns}.fleet.hello", {"r": self.me})
+            self._announce(list(self.dispatcher.nodes.values()))
+
+    async def _on_hello(self, _subject: str, data: bytes) -> None:
+        peer = json.loads(data)["r"]
+        if peer == self.me:
+            return
+        if peer not in self.peers:
+            self.peers[peer] = time.monotonic()
+        self._announce(list(self.dispatcher.nodes.values()))
+
+    async def _on_up(self, _subject: str, data: bytes) -> None:
+        body = json.loads(data)
+        host = body["r"]
+        if host == self.me:
+            return
+        self.peers.setdefault(host, time.monotonic())
+        d = self.dispatcher
+        for desc in body["nodes"]:
+            node_id = desc["id"]
+            if node_id in d.nodes:
+                continue  # its socket is here: a stale announcement from its old host
+            old = d.remote.get(node_id)
+            if old is not None and old.host == host:
+                old.apply_state(desc["state"])
+                continue
+            if old is not None:  # it moved to another replica: its jobs there are gone
+                await old.stop()
+                await d.on_node_lost(old, outcome="replica_lost")
+            remote = RemoteNode(
+                node_id=node_id, owner_id=desc["owner"], name=desc["name"],
+                public_key=desc["key"], profile=profile_from_dict(desc["profile"]),
+                models=tuple(desc["models"]), weights=dict(desc["weights"]),
+                jobs_max=int(desc["jobs_max"]), host=host, fleet=self)
+            remote.apply_state(desc["state"])
+            d.on_node_ready(remote)
+
+    async def _on_down(self, _subject: str, data: bytes) -> None:
+        body = json.loads(data)
+        node = self.dispatcher.remote.get(body["id"])
+        if node is not None and node.host == body["r"]:
+            await node.stop()
+            await self.dispatcher.on_node_lost(node)
+
+    async def _on_state(self, _subject: str, data: bytes) -> None:
+        body = json.loads(data)
+        host = body["r"]
+        if host == self.me:
+            return
+        remote = self.dispatcher.remote
+        for node_id, state in body["nodes"].items():
+            node = remote.get(node_id)
+            if node is not None and node.host == host:
+                was_available = node.available and not node.draining
+                node.apply_state(state)
+                if not was_available and node.available and not node.draining:
+                    self.dispatcher.on_node_ready(node)
+
+    def _expire_peers(self) -> None:
+        now = time.monotonic()
+        for peer, seen in list(self.peers.items()):
+            if now - seen > replica_timeout_s:
+                del self.peers[peer]
+                log.warning("replica %s silent for %.1f s: taken for dead", peer, now - seen)
+                asyncio.get_running_loop().create_task(self._peer_lost(peer))
+
+    async def _peer_lost(self, peer: str) -> None:
+        d = self.dispatcher
+        for node in [n for n in d.remote.values() if n.host == peer]:
+            await node.stop()
+            await d.on_node_lost(node, outcome="replica_lost")  # its jobs resume elsewhere
+        for job_id, rel in list(self.relayed.items()):
+            if rel.owner == peer:  # the client was there; nobody will read these tokens
+                self._cancel_relayed(job_id, rel)
+
+    # ---- relaying jobs -----------------------------------------------------------------------
+
+    def to_node(self, node: RemoteNode, frame: str) -> None:
+        """Owner side: a frame for a node another replica hosts."""
+        self._publish(f"{self.ns}.replica.{node.host}.to_node",
+                      {"r": self.me, "node": node.node_id, "frame": frame})
+        if json.loads(frame).get("type") == "job":
+            node.sent_since_report += 1
+
+    async def _on_to_node(self, _subject: str, data: bytes) -> None:
+        """Host side: pass a frame from the job's owner to the node, and note where its
+        answers go."""
+        body = json.loads(data)
+        owner, frame = body["r"], body["frame"]
+        node = self.dispatcher.nodes.get(body["node"])
+        msg = json.loads(frame)
+        job_id, kind = msg.get("job_id"), msg.get("type")
+        if node is None or node.closed:
+            # the node left this replica: the owner must resume at once, not wait for silence
+            self._publish(f"{self.ns}.replica.{owner}.from_node",
+                          {"r": self.me, "node": body["node"], "lost": True})
+            return
+        if kind == "job" and job_id:
+            remaining = int(msg.get("sampling", {}).get("max_tokens", 0))
+            self.relayed[job_id] = _Relayed(owner=owner, node_id=node.node_id,
+                                            attempt=int(msg.get("attempt", 1)),
+                                            remaining=remaining)
+            node.jobs.add(job_id)
+            node.queued_tokens += remaining
+        elif kind == "cancel" and job_id in self.relayed:
+            self._end_relay(job_id)
+        node.send(frame)
+
+    def relay_from_node(self, node: NodeConn, msg: Any, raw: str) -> bool:
+        """Host side: True if this message of a local node belongs to another replica's job
+        (and was sent there)."""
+        job_id = getattr(msg, "job_id", None)
+        rel = self.relayed.get(job_id) if job_id else None
+        if rel is None or rel.node_id != node.node_id:
+            return False
+        if isinstance(msg, protocol.Tokens):
+            n = len(msg.token_ids)
+            rel.remaining -= n
+            node.queued_tokens = max(0, node.queued_tokens - n)
+        elif isinstance(msg, (protocol.Done, protocol.JobError)):
+            self._end_relay(job_id)
+        else:
+            return False
+        self._publish(f"{self.ns}.replica.{rel.owner}.from_node",
+                      {"r": self.me, "node": node.node_id, "frame": raw})
+        return True
+
+    def _end_relay(self, job_id: str) -> None:
+        rel = self.relayed.pop(job_id, None)
+        if rel is None:
+            return
+        node = self.dispatcher.nodes.get(rel.node_id)
+        if node is not None:
+            node.jobs.discard(job_id)
+            node.queued_tokens = max(0, node.queued_tokens - max(0, rel.remaining))
+
+    def _cancel_relayed(self, job_id: str, rel: _Relayed) -> None:
+        node = self.dispatcher.nodes.get(rel.node_id)
+        if node is not None:
+            node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=rel.attempt)))
+        self._end_relay(job_id)
+
+    async def _on_from_node(self, _subject: str, data: bytes) -> None:
+        """Owner side: a node's message about one of this replica's jobs, via its host."""
+        body = json.loads(data)
+        node = self.dispatcher.remote.get(body["node"])
+        if node is None or node.host != body["r"]:
+            return  # we already gave up on that node; the attempt has been resumed
+        if body.get("lost"):
+            await node.stop()
+            await self.dispatcher.on_node_lost(node)
+            return
+        msg = protocol.decode_node_message(body["frame"])
+        d = self.dispatcher
+        if isinstance(msg, protocol.Tokens):
+            d.on_tokens(node, msg)
+        elif isinstance(msg, protocol.Done):
+            d.done_received(node, msg)  # the settlement is not waited for: the bus reads on
+        elif isinstance(msg, protocol.JobError):
+            await d.on_job_error(node, msg)

@@ -1,0 +1,182 @@
+"""The coordinator as a service: the store, the ledger, the model registry and dispatch, assembled.
+
+The HTTP surface (``api/``) holds one ``Coordinator`` and calls into it; nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sparecycles import modelfiles
+from sparecycles.coordinator.admission import KeyGate
+from sparecycles.coordinator.dispatch import Dispatcher
+from sparecycles.coordinator.metrics import Metrics
+from sparecycles.coordinator.replication.bus import open_bus
+from sparecycles.coordinator.replication.fleet import Fleet
+from sparecycles.coordinator.replication.leases import ReplicaLease
+from sparecycles.coordinator.verification import Verifier
+from sparecycles.errors import ModelNotFound
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.settings import CoordinatorSettings, parse_model_args
+from sparecycles.store import ApiKeyInfo, Store
+from sparecycles.store.dashboard_queries import DashboardQueries, node_sample_interval_s
+from sparecycles.store.trust_queries import TrustQueries
+from sparecycles.types import ModelSpec
+
+log = logging.getLogger("sparecycles.coordinator.service")
+key_cache_ttl_s = 5.0  # a revoked key stops working within this
+key_cache_entries_max = 10_000
+wal_checkpoint_interval_s = 1.0  # SQLite's WAL is checkpointed off the requests' path this often
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, *, store: Store | None = None):
+        self.settings = settings
+        self.replica_id = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+        self.store = store or Store(settings.database, background_checkpoints=True)
+        self.prices = PriceBook.default()
+        self.ledger = Ledger(self.store.sessions, currency=settings.currency, prices=self.prices)
+        self.models: dict[str, ModelSpec] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.metrics = Metrics()
+        self.dispatcher: Dispatcher | None = None
+        self.fleet: Fleet | None = None  # the other replicas' nodes, over the bus
+        self.lease: ReplicaLease | None = None  # this replica's lease; settles dead ones' jobs
+        self.verifier = (Verifier(store=self.store, ledger=self.ledger)
+                         if settings.verification else None)
+        self.gate = KeyGate(TrustQueries(self.store.sessions), self.ledger)  # per-key limits
+        self.started_at_s = time.time()
+        self._sampler: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.migrate)
+        await asyncio.to_thread(self._load_models)
+        self.dispatcher = Dispatcher(
+            store=self.store,
+            ledger=self.ledger,
+            models=self.models,
+            replica_id=self.replica_id,
+            placement_wait_s=self.settings.placement_wait_s,
+            token_gap_s=self.settings.token_gap_s,
+            policy=self.settings.scheduler_policy,
+            on_finished=self._job_finished,
+            verifier=self.verifier,
+        )
+        await self.dispatcher.start()
+        self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,
+                           self.dispatcher)
+        await self.fleet.start()
+        self.lease = ReplicaLease(self.store, self.ledger, self.replica_id,
+                                  alive_on_bus=self.fleet.peer_ids,
+                                  lease_s=self.settings.replica_lease_s)
+        await self.lease.start()
+        if self.verifier is not None:
+            await self.verifier.start(self.dispatcher)
+        self._sampler = asyncio.create_task(self._sample_fleet(), name="fleet-sampler")
+        if self.store.engine.dialect.name == "sqlite":
+            self._checkpointer = asyncio.create_task(self._checkpoints(), name="checkpointer")
+        log.info("coordinator %s ready (pid %d) serving %s", self.replica_id, os.getpid(),
+                 ", ".join(self.models) or "no models yet")
+
+    def _job_finished(self, job: Any, state: str) -> None:
+        """After a job's settlement: metrics, then (off the client's path) a spot check."""
+        self.metrics.job_finished(job, state)
+        self.gate.release(job.job_id)
+        if self.verifier is not None:
+            self.verifier.on_job_finished(job, state)
+
+    async def _sample_fleet(self) -> None:
+        """Record nodes online, busy and queue depth for the dashboard's charts. Any replica
+        may run it: a sample is skipped when another replica took one moments ago."""
+        queries = DashboardQueries(self.store.sessions)
+        while True:
+            try:
+                await asyncio.to_thread(queries.record_node_sample, time.time())
+            except Exception:  # a missed sample is not worth stopping the coordinator
+                log.exception("fleet sample failed")
+            await asyncio.sleep(node_sample_interval_s)
+
+    async def _checkpoints(self) -> None:
+        """SQLite's WAL checkpoints, here on a worker thread rather than inside whichever commit
+        fills the WAL (5-15 ms of fsync on an admission's path; see store/db.py)."""
+        while True:
+            await asyncio.sleep(wal_checkpoint_interval_s)
+            try:
+                await asyncio.to_thread(self.store.checkpoint)
+            except Exception:  # the backstop (automatic checkpoints) still bounds the WAL
+                log.exception("WAL checkpoint failed")
+
+    async def stop(self) -> None:
+        for task in (self._sampler, self._checkpointer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.verifier is not None:
+            await self.verifier.stop()
+        if self.lease is not None:
+            await self.lease.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        self.store.close()
+
+    def _load_models(self) -> None:
+        """Register the configured models (hash and spec) and load their tokenizers."""
+        for name, source in parse_model_args(self.settings.models).items():
+            spec = modelfiles.model_spec(name, source)
+            self.store.upsert_model(name, source, spec.weights_sha256, asdict(spec))
+        for row in self.store.list_models():
+            try:
+                self.tokenizers[row.name] = modelfiles.load_tokenizer(row.source)
+            except Exception as exc:
+                log.error("model %s from %s cannot be loaded: %s", row.name, row.source, exc)
+                continue
+            self.models[row.name] = ModelSpec(**row.spec)
+        # each model is priced by its size unless the platform set its price (admin API)
+        self.prices = self.prices.with_specs(self.models.values())
+        self.ledger.book = self.prices
+
+    def model(self, name: str) -> tuple[ModelSpec, Any]:
+        spec = self.models.get(name)
+        if spec is None:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        return spec, self.tokenizers[name]
+
+    def forget_keys(self) -> None:
+        """Drop cached key lookups (a key was revoked): it stops working at once."""
+        self._keys.clear()
+
+    def cached_key(self, secret: str) -> tuple[bool, ApiKeyInfo | None]:
+        """(whether the cache answered, its answer), without touching the database: cheap
+        enough for the event loop, so a request with a known key costs no hop to a thread."""
+        hit = self._keys.get(secret)
+        if hit is not None and time.monotonic() - hit[0] < key_cache_ttl_s:
+            return True, hit[1]
+        return False, None
+
+    def authenticate(self, secret: str) -> ApiKeyInfo | None:
+        """Look up a key, caching answers briefly so a request costs no query in the common case."""
+        cached, info = self.cached_key(secret)
+        if cached:
+            return info
+        now = time.monotonic()
+        info = self.store.authenticate_key(secret)
+        if len(self._keys) >= key_cache_entries_max:
+            self._keys.clear()
+        self._keys[secret] = (now, info)
+        return info

@@ -1,0 +1,111 @@
+"""Verification work on a verifier node's socket: what is sent, and the answers matched to it.
+
+Two kinds, both bounded by ``limits.verification_timeout_s``:
+
+- ``replay``: an ordinary ``job`` with the checked attempt's prompt and sampling (re-execution);
+  the verifier answers with ``tokens`` and ``done`` like for any client job.
+- ``score``: a ``score`` message (teacher forcing), answered with ``scored``.
+
+``handles`` is called by the socket handler for every frame and takes the answers to this work,
+so that dispatch never sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparecycles import limits, protocol
+from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.secrets_util import new_id
+from sparecycles.types import SamplingParams
+
+
+@dataclass
+class Replay:
+    node_id: str
+    done: asyncio.Future[bool]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    busy_s: float = 0.0
+
+
+class VerifierLink:
+    def __init__(self) -> None:
+        self._scores: dict[str, tuple[str, asyncio.Future[protocol.Scored]]] = {}
+        self._replays: dict[str, Replay] = {}
+
+    @property
+    def idle(self) -> bool:
+        return not self._scores and not self._replays
+
+    def handles(self, node: NodeConn, msg: Any) -> bool:
+        """Take the messages that answer verification work; False for everything else."""
+        if isinstance(msg, protocol.Scored):
+            owner, fut = self._scores.get(msg.score_id, (None, None))
+            if fut is not None and owner == node.node_id and not fut.done():
+                fut.set_result(msg)
+            return True
+        replay = self._replays.get(getattr(msg, "job_id", ""))
+        if replay is None or replay.node_id != node.node_id:
+            return False
+        if isinstance(msg, protocol.Tokens):
+            skip = len(replay.tokens) - msg.index
+            if skip < 0 and not replay.done.done():
+                replay.done.set_result(False)  # a gap: the replay is unusable
+            elif skip >= 0:
+                new = msg.token_ids[skip:]
+                replay.tokens.extend(new)
+                lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) \
+                    else [None] * len(msg.token_ids)
+                replay.logprobs.extend(lps[skip:])
+        elif isinstance(msg, protocol.Done | protocol.JobError) and not replay.done.done():
+            if isinstance(msg, protocol.Done):
+                replay.busy_s = msg.metering.busy_s
+            replay.done.set_result(isinstance(msg, protocol.Done))
+        return True
+
+    async def replay(self, node: NodeConn, model: str, prompt: list[int],
+                     sampling: SamplingParams, max_tokens: int) -> Replay | None:
+        """Decode ``prompt`` on ``node`` as an ordinary-looking job; None if it failed."""
+        job_id = new_id("job")
+        msg = protocol.JobAssign(
+            job_id=job_id, attempt=1, model=model, prompt_token_ids=prompt,
+            sampling=protocol.Sampling(max_tokens=max_tokens, temperature=sampling.temperature,
+                                       top_p=sampling.top_p, seed=sampling.seed,
+                                       stop=list(sampling.stop)),
+            prompt_sha256=protocol.tokens_sha256(prompt), want_logprobs=True)
+        replay = Replay(node.node_id, asyncio.get_running_loop().create_future())
+        self._replays[job_id] = replay
+        node.jobs.add(job_id)  # it takes a slot there, as the scheduler should see
+        try:
+            if not node.send(protocol.encode(msg)):
+                return None
+            async with asyncio.timeout(limits.verification_timeout_s):
+                ok = await replay.done
+            return replay if ok else None
+        except TimeoutError:
+            node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=1)))
+            return None
+        finally:
+            self._replays.pop(job_id, None)
+            node.jobs.discard(job_id)
+
+    async def score(self, node: NodeConn, model: str, prompt: list[int], output: list[int],
+                    temperature: float, top_p: float) -> protocol.Scored:
+        """One teacher-forced pass on ``node``; a ``Scored`` with ``error`` if it failed."""
+        score_id = new_id("scr")
+        msg = protocol.Score(score_id=score_id, model=model, prompt_token_ids=prompt,
+                             output_token_ids=output, temperature=temperature, top_p=top_p)
+        fut: asyncio.Future[protocol.Scored] = asyncio.get_running_loop().create_future()
+        self._scores[score_id] = (node.node_id, fut)
+        try:
+            if not node.send(protocol.encode(msg)):
+                return protocol.Scored(score_id=score_id, error="the verifier's socket is closed")
+            async with asyncio.timeout(limits.verification_timeout_s):
+                return await fut
+        except TimeoutError:
+            return protocol.Scored(score_id=score_id, error="the verifier did not answer in time")
+        finally:
+            self._scores.pop(score_id, None)

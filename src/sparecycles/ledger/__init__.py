@@ -1,0 +1,1 @@
+"""Money: double-entry accounts, holds and settlements, pricing, payouts and the auditor."""

@@ -1,0 +1,1 @@
+"""Placement: the pure scheduler, the roofline performance model, model presets."""

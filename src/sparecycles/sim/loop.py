@@ -1,0 +1,588 @@
+"""The simulator's event loop: a workload trace against a fleet, with a simulated clock.
+
+It drives ``scheduler.schedule`` the way the coordinator does: jobs wait in a queue; whenever one
+arrives or a node frees a slot (at most every ``schedule_interval_s``, the coordinator's
+scheduling tick) the waiting jobs and node snapshots go in, assignments come out and are applied.
+Nodes come and go as their availability intervals say (sim/churn.py); a node that leaves stops
+taking work, finishes what it can within its owner's drain grace, and the rest of its jobs go
+back to the queue with the tokens already delivered (resumption elsewhere, as dispatch does), up
+to ``limits.job_attempts_max`` attempts.
+
+Deterministic from its seed: the fleet's availability and speeds, the model mix and the
+scheduler's randomness each come from their own seeded stream, events are ordered by (time,
+sequence number), and nothing reads a clock (except to report how long the run took).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from sparecycles import availability, limits
+from sparecycles.ledger import pricing
+from sparecycles.scheduling import perfmodel
+from sparecycles.scheduling.presets import model_preset
+from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, update_speed_factor
+from sparecycles.sim.churn import realise
+from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
+from sparecycles.sim.node import Attempt, SimNode
+from sparecycles.sim.policies import CandidateIndex, policy_config
+from sparecycles.sim.trace import Trace
+from sparecycles.types import Job, NodeSnapshot
+
+EV_NODE, EV_JOIN, EV_LEAVE, EV_DRAIN_END, EV_SCHEDULE, EV_HEDGE = range(6)
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_AT_WORK = availability.DeviceStatus(on_ac_power=True, charging=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    policy: str = "fastest"
+    seed: int = 0
+    schedule_interval_s: float = 0.05  # the coordinator's scheduling tick
+    retry_interval_s: float = 0.5  # jobs left waiting are offered again this often
+    stay_refresh_s: float = 5.0  # a node's expected stay is recomputed at most this often
+    drain_horizon_s: float = 1800.0  # simulate this long past the last arrival, then stop
+    candidates_all_max: int = 64  # see sim/policies.py
+    model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
+
+
+def max_tokens_for(output_tokens: int) -> int:
+    """The client's max_tokens for a request that produced ``output_tokens``: the trace does not
+    say, so we assume clients ask for a round power of two at or above what they get (at least
+    64, at most the API's limit); the scheduler plans with max_tokens, the node stops at the
+    true output length."""
+    cap = max(64, 1 << max(0, output_tokens - 1).bit_length())
+    return max(output_tokens, min(cap, limits.completion_tokens_max))
+
+
+@dataclass(slots=True)
+class Waiting:
+    req: int
+    job: Job
+    since: float
+    is_hedge: bool = False
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    seed: int
+    fleet: FleetSpec
+    trace_name: str
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    first_token: np.ndarray  # client time of the first token; nan if none
+    end: np.ndarray  # client time of the last token (or of the failure)
+    status: np.ndarray  # DONE / FAILED
+    attempts: np.ndarray
+    interrupted: np.ndarray
+    hedged: np.ndarray
+    node_class: np.ndarray
+    node_busy_s: np.ndarray
+    node_available_s: np.ndarray
+    node_earned_micros: np.ndarray
+    charges_micros: int = 0
+    hedge_waste_tokens: int = 0
+    busy_cost_micros: int = 0
+    scheduler_calls: int = 0
+    events: int = 0
+    sim_end_s: float = 0.0
+    wall_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def build_nodes(fleet: FleetSpec, epoch0_s: float, horizon_s: float, seed: int) -> list[SimNode]:
+    """Realise every node of the fleet: profile, model, true speed, policy and intervals."""
+    rng = random.Random(f"{seed}:fleet")
+    nodes: list[SimNode] = []
+    for ci, c in enumerate(fleet.classes):
+        for i in range(c.count):
+            offset = c.utc_offsets_minutes[i % len(c.utc_offsets_minutes)]
+            real = realise(rng, c.availability, epoch0_s, horizon_s, offset)
+            spec = model_preset(c.models[i % len(c.models)])
+            nodes.append(
+                SimNode(
+                    idx=len(nodes),
+                    node_id=f"{c.name}-{i}",
+                    cls=ci,
+                    profile=c.profile,
+                    spec=spec,
+                    costs=perfmodel.costs(spec, c.profile),
+                    jobs_max=c.jobs_max,
+                    speed=lognormal_factor(rng.gauss(0.0, 1.0), c.speed_mean, c.speed_sigma),
+                    price_micros_per_mtok=c.price_micros_per_mtok,
+                    reputation=c.reputation,
+                    policy=real.policy,
+                    stay_model=real.stay_model,
+                    intervals=real.intervals,
+                )
+            )
+    return nodes
+
+
+class Simulation:
+    def __init__(
+        self,
+        trace: Trace,
+        fleet: FleetSpec,
+        config: SimConfig,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.trace, self.fleet, self.config, self.progress = trace, fleet, config, progress
+        self.sched = policy_config(config.policy)
+        self.rng = random.Random(f"{config.seed}:scheduler")
+        self.models = {m: model_preset(m) for c in fleet.classes for m in c.models}
+        self.end_t = trace.duration_s + config.drain_horizon_s
+        self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed)
+        self.by_id = {n.node_id: n for n in self.nodes}
+        self.index = CandidateIndex(all_max=config.candidates_all_max)
+        self.prices = pricing.PriceBook.default().with_specs(self.models.values())
+        n = len(trace)
+        self.prompt = trace.prompt_tokens.tolist()
+        self.output = trace.output_tokens.tolist()
+        self.req_model = self._model_of_requests(n)
+        self.first = [math.nan] * n
+        self.end = [math.nan] * n
+        self.status = bytearray(n)
+        self.attempts = bytearray(n)
+        self.interrupted = bytearray(n)
+        self.hedged = bytearray(n)
+        self.heap: list[tuple[float, int, int, object, int]] = []
+        self.seq = 0
+        self.waiting: dict[str, Waiting] = {}
+        self.waiting_by_req: dict[int, str] = {}
+        self.live: dict[int, list[Attempt]] = {}
+        self.shares: dict[int, list[tuple[SimNode, int, int]]] = {}
+        self.sched_pending: float | None = None
+        self.last_sched = -math.inf
+        self.result_counters = {"charges": 0, "hedge_waste": 0, "calls": 0, "events": 0}
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _model_of_requests(self, n: int) -> list[str]:
+        mix = self.config.model_mix or ((self.fleet.classes[0].models[0], 1.0),)
+        names = [m for m, _ in mix]
+        if len(names) == 1:
+            return [names[0]] * n
+        weights = np.asarray([w for _, w in mix], dtype=float)
+        rng = np.random.default_rng(self.config.seed)
+        picks = rng.choice(len(names), size=n, p=weights / weights.sum())
+        return [names[i] for i in picks]
+
+    def push(self, t: float, kind: int, obj: object, version: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, obj, version))
+
+    def _start_nodes(self) -> None:
+        for node in self.nodes:
+            self._next_interval(node, 0.0, first=True)
+
+    def _next_interval(self, node: SimNode, t: float, first: bool = False) -> None:
+        """Push the node's next join (or, if it is up at the start, mark it up)."""
+        for start, end in node.intervals:
+            if end <= t or start >= self.end_t:
+                continue
+            if first and start <= 0.0:
+                node.accepting, node.up_since = True, start
+                self._index(node)
+                if end < self.end_t:
+                    self.push(end, EV_LEAVE, node)
+            elif start > t or (start == t and not first):
+                self.push(start, EV_JOIN, node)
+            return
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        self._start_nodes()
+        arrivals = self.trace.arrival_s.tolist()
+        n, i, t = len(arrivals), 0, 0.0
+        handlers = {
+            EV_NODE: self.on_node, EV_JOIN: self.on_join, EV_LEAVE: self.on_leave,
+            EV_DRAIN_END: self.on_drain_end, EV_SCHEDULE: self.on_schedule,
+            EV_HEDGE: self.on_hedge,
+        }  # fmt: skip
+        heap = self.heap
+        while True:
+            next_arrival = arrivals[i] if i < n else math.inf
+            if heap and heap[0][0] <= next_arrival:
+                t, _, kind, obj, version = heapq.heappop(heap)
+                if t > self.end_t:
+                    break
+                handlers[kind](obj, version, t)
+            elif i < n:
+                t = next_arrival
+                self.arrive(i, t)
+                i += 1
+                if self.progress is not None and i % 2000 == 0:
+                    self.progress(i, n)
+            else:
+                break
+            self.result_counters["events"] += 1
+            if i >= n and not self.live and not self.waiting:
+                break
+        if self.progress is not None:
+            self.progress(n, n)
+        return self._result(t, time.perf_counter() - wall0)
+
+    def arrive(self, req: int, t: float) -> None:
+        """A request arrives; its deadline is the SLO for its max_tokens (what a client with that
+        SLO would state; only cheapest-within-deadline reads it)."""
+        max_tokens = max_tokens_for(self.output[req])
+        slo = self.fleet.slo
+        job = Job(
+            job_id=str(req),
+            model=self.req_model[req],
+            prompt_tokens=self.prompt[req],
+            max_tokens=max_tokens,
+            client_id="client",
+            admitted_at_s=t,
+            deadline_s=t + slo.ttft_s + slo.tpot_s * (max_tokens - 1),
+        )
+        self._enqueue(Waiting(req, job, t), t)
+
+    def _enqueue(self, w: Waiting, t: float) -> None:
+        self.waiting[w.job.job_id] = w
+        self.waiting_by_req[w.req] = w.job.job_id
+        self.want_schedule(t)
+
+    # --- scheduling --------------------------------------------------------------------------
+
+    def want_schedule(self, t: float) -> None:
+        at = max(t, self.last_sched + self.config.schedule_interval_s)
+        if self.sched_pending is not None and self.sched_pending <= at:
+            return
+        self.sched_pending = at
+        self.push(at, EV_SCHEDULE, None)
+
+    def on_schedule(self, _obj: object, _version: int, t: float) -> None:
+        if self.sched_pending == t:
+            self.sched_pending = None
+        if not self.waiting or t < self.last_sched + self.config.schedule_interval_s - 1e-9:
+            return
+        self.last_sched = t
+        self._expire(t)
+        if self.waiting:
+            self._place(t)
+        if self.waiting:
+            self.want_schedule(t + self.config.retry_interval_s)
+
+    def _expire(self, t: float) -> None:
+        """Jobs no node took within placement_wait_s_max are answered 503 (oldest first)."""
+        while self.waiting:
+            job_id = next(iter(self.waiting))
+            w = self.waiting[job_id]
+            if t - w.since <= limits.placement_wait_s_max:
+                break
+            self._unwait(job_id)
+            if w.req not in self.live:
+                self.fail(w.req, t)
+
+    def _unwait(self, job_id: str) -> Waiting | None:
+        w = self.waiting.pop(job_id, None)
+        if w is not None and self.waiting_by_req.get(w.req) == job_id:
+            del self.waiting_by_req[w.req]
+        return w
+
+    def _place(self, t: float) -> None:
+        jobs = [w.job for w in self.waiting.values()][: limits.jobs_waiting_max]
+        per_model: dict[str, int] = {}
+        for j in jobs:
+            per_model[j.model] = per_model.get(j.model, 0) + 1
+        snapshots = [
+            self.snapshot(self.nodes[idx], t)
+            for model, count in per_model.items()
+            for idx in self.index.candidates(model, count, self.sched.policy, self.rng)
+        ]
+        self.result_counters["calls"] += 1
+        for a in schedule(jobs, snapshots, self.models, t, self.sched, self.rng):
+            w = self._unwait(a.job_id)
+            if w is not None:
+                self.start(w, self.by_id[a.node_id], t, a.predicted_finish_s)
+
+    def snapshot(self, node: SimNode, t: float) -> NodeSnapshot:
+        """What the coordinator would report for this node now (cached while unchanged)."""
+        if node.snapshot is not None and t - node.snapshot_t <= self.config.stay_refresh_s:
+            return node.snapshot
+        epoch = self.trace.epoch0_s
+        stay = availability.expected_stay_s(
+            node.policy, STATUS_AT_WORK, epoch + t,
+            up_since_s=epoch + node.up_since, model=node.stay_model,
+        ) if node.accepting else 0.0  # fmt: skip
+        node.snapshot = NodeSnapshot(
+            node_id=node.node_id,
+            owner_id="owner-" + node.node_id,
+            profile=node.profile,
+            models=(node.spec.name,),
+            active_jobs=node.active,
+            jobs_max=node.jobs_max,
+            queued_tokens=node.queued_tokens(),
+            available=node.accepting,
+            expected_stay_s=stay,
+            reputation=node.reputation,
+            draining=node.draining,
+            decode_speed_factor=node.factor,
+            price_micros_per_mtok=node.price_micros_per_mtok,
+            last_assigned_s=node.last_assigned_t,
+        )
+        node.snapshot_t = t
+        return node.snapshot
+
+    def _index(self, node: SimNode) -> None:
+        node.snapshot = None
+        accepting = node.accepting and not node.draining
+        self.index.update(node.idx, node.spec.name, node.cls, node.active, node.jobs_max, accepting)
+
+    def start(self, w: Waiting, node: SimNode, t: float, predicted_finish_t: float) -> None:
+        req, gen = w.req, w.job.generated_tokens
+        att = Attempt(
+            req=req, job=w.job, node=node, assigned_t=t, predicted_finish_t=predicted_finish_t,
+            target=max(1, self.output[req] - gen), context0=self.prompt[req] + gen,
+            is_hedge=w.is_hedge,
+        )  # fmt: skip
+        node.advance(t)
+        node.queue.append(att)
+        node.start_prefill(t)
+        self.replan(node, t)
+        self.live.setdefault(req, []).append(att)
+        self.attempts[req] = min(255, self.attempts[req] + 1)
+        node.last_assigned_t = t
+        self.index.assigned(node.idx)
+        self._index(node)
+        factor = self.sched.hedge_after_factor
+        if factor > 0.0 and not w.is_hedge:
+            self.push(t + factor * max(1e-3, predicted_finish_t - t), EV_HEDGE, att)
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    def replan(self, node: SimNode, t: float) -> None:
+        node.version += 1
+        at = node.next_event_t(t)
+        if at is not None:
+            self.push(at, EV_NODE, node, node.version)
+
+    def on_node(self, obj: object, version: int, t: float) -> None:
+        node = obj
+        assert isinstance(node, SimNode)
+        if version != node.version:
+            return
+        node.advance(t)
+        finished: list[Attempt] = []
+        if node.prefilling is not None:
+            if t < node.prefill_end - 1e-9:
+                self.replan(node, t)
+                return
+            a, node.prefilling = node.prefilling, None
+            a.first_token_t, a.done, a.decode_batch = t, 1.0, len(node.decoding) + 1
+            req = a.req
+            if math.isnan(self.first[req]):
+                self.first[req] = t + node.profile.network_rtt_s
+            if a.done >= a.target:
+                finished.append(a)
+            else:
+                node.decoding.append(a)
+            node.start_prefill(t)
+        else:
+            finished = node.finished()
+        for a in finished:
+            self.complete(a, t)
+        self.replan(node, t)
+        if finished:
+            self._index(node)
+            if self.waiting:
+                self.want_schedule(t)
+
+    def complete(self, a: Attempt, t: float) -> None:
+        req, node = a.req, a.node
+        a.live = False
+        self.status[req] = DONE
+        self.end[req] = t + node.profile.network_rtt_s
+        for other in self.live.pop(req, []):
+            if other is not a and other.live:  # a hedge that lost: cancelled, its work wasted
+                other.live = False
+                other.node.advance(t)
+                other.node.remove(other)
+                other.node.start_prefill(t)  # in case it was the one being prefilled
+                self.result_counters["hedge_waste"] += int(other.done)
+                self.replan(other.node, t)
+                self._index(other.node)
+        pending = self.waiting_by_req.get(req)
+        if pending is not None:
+            self._unwait(pending)
+        shares = self.shares.pop(req, [])
+        shares.append((node, a.context0, a.target))
+        self.settle(req, shares)
+        node.tokens_out += a.target
+        self._learn_speed(a, t)
+
+    def _learn_speed(self, a: Attempt, t: float) -> None:
+        """What the coordinator does when a job ends: fold measured speed into the node's factor."""
+        decode_s = t - a.first_token_t
+        if a.target <= 1 or decode_s <= 0.0:
+            return
+        node = a.node
+        step = node.costs.decode_step_s(a.decode_batch, a.context0 + a.target // 2)
+        model = node.spec.name
+        node.factor = {
+            model: update_speed_factor(
+                node.factor.get(model, 1.0), (a.target - 1) / decode_s, 1.0 / step
+            )
+        }
+
+    def settle(self, req: int, shares: list[tuple[SimNode, int, int]]) -> None:
+        """The production ledger's rules (ledger/pricing.py): the client's charge, the owners'
+        split."""
+        price = self.prices.price_of(self.req_model[req])
+        hold = pricing.hold_micros(price, self.prompt[req], max_tokens_for(self.output[req]))
+        charge = pricing.charge_micros(price, self.prompt[req], self.output[req], hold)
+        work = [
+            pricing.WorkShare("owner-" + n.node_id, n.node_id, n.profile.device_class, p, c)
+            for n, p, c in shares
+        ]
+        split = pricing.split_charge(charge, price, self.prices.terms, work)
+        for e in split.earnings:
+            self.by_id[e.node_id].earned_micros += e.amount_micros
+        self.result_counters["charges"] += charge
+
+    def fail(self, req: int, t: float) -> None:
+        self.status[req] = FAILED
+        self.end[req] = t
+        self.shares.pop(req, None)  # a failed job is not charged; nobody is paid (the hold voids)
+
+    # --- comings and goings ------------------------------------------------------------------
+
+    def on_join(self, obj: object, _version: int, t: float) -> None:
+        node = obj
+        assert isinstance(node, SimNode)
+        if node.draining:  # back before its grace ran out: it keeps what it holds
+            node.draining = False
+            node.drains += 1  # the pending end of that drain no longer applies
+        node.accepting, node.up_since = True, t
+        self._index(node)
+        end = next((e for s, e in node.intervals if s <= t < e), t)
+        if end < self.end_t:
+            self.push(end, EV_LEAVE, node)
+        if self.waiting:
+            self.want_schedule(t)
+
+    def on_leave(self, obj: object, _version: int, t: float) -> None:
+        node = obj
+        assert isinstance(node, SimNode)
+        node.accepting, node.draining = False, True
+        node.drains += 1
+        self._index(node)
+        self.push(t + node.policy.drain_grace_s, EV_DRAIN_END, node, node.drains)
+        self._next_interval(node, t)
+
+    def on_drain_end(self, obj: object, version: int, t: float) -> None:
+        node = obj
+        assert isinstance(node, SimNode)
+        if not node.draining or version != node.drains:
+            return  # already drained (it came back early), or the end of an older drain
+        node.advance(t)
+        for a in node.attempts():
+            self.interrupt(a, t)
+        node.queue.clear()
+        node.prefilling, node.decoding, node.draining = None, [], False
+        self.replan(node, t)
+        self._index(node)
+
+    def interrupt(self, a: Attempt, t: float) -> None:
+        """The node left with this attempt unfinished: resume the job elsewhere from the tokens
+        already delivered, unless another copy carries on or it is out of attempts."""
+        req, node = a.req, a.node
+        a.live = False
+        copies = self.live.get(req, [])
+        if a in copies:
+            copies.remove(a)
+        if not copies:
+            self.live.pop(req, None)
+        tokens = int(a.done)
+        self.interrupted[req] = min(255, self.interrupted[req] + 1)
+        if a.first_token_t >= 0.0:
+            self.shares.setdefault(req, []).append((node, a.context0, tokens))
+        if req in self.live or req in self.waiting_by_req or self.status[req] != PENDING:
+            return
+        if self.attempts[req] >= limits.job_attempts_max:
+            self.fail(req, t)
+            return
+        job = replace(
+            a.job, job_id=str(req), generated_tokens=a.job.generated_tokens + tokens,
+            admitted_at_s=t, avoid_nodes=(node.node_id,),
+        )  # fmt: skip
+        self._enqueue(Waiting(req, job, t), t)
+
+    def on_hedge(self, obj: object, _version: int, t: float) -> None:
+        a = obj
+        assert isinstance(a, Attempt)
+        req = a.req
+        if not a.live or req in self.waiting_by_req:
+            return
+        done = int(a.done)
+        if should_hedge(a.job, a.assigned_t, a.predicted_finish_t, done, self.hedged[req], t,
+                        self.sched):  # fmt: skip
+            self.hedged[req] += 1
+            base = replace(a.job, job_id=str(req))
+            copy = replace(hedge_job(base, done, a.node.node_id, self.hedged[req]), admitted_at_s=t)
+            self._enqueue(Waiting(req, copy, t, is_hedge=True), t)
+
+    # --- the result --------------------------------------------------------------------------
+
+    def _result(self, t_end: float, wall_s: float) -> SimResult:
+        for req in range(len(self.status)):
+            if self.status[req] == PENDING:  # still running or waiting when the run stopped
+                self.fail(req, t_end)
+        available = np.zeros(len(self.nodes))
+        busy_cost = 0
+        for node in self.nodes:
+            node.advance(t_end)
+            available[node.idx] = sum(
+                max(0.0, min(e, t_end) - max(s, 0.0)) for s, e in node.intervals
+            )
+            rate = self.prices.terms.busy_rate(node.profile.device_class)
+            busy_cost += int(node.busy_s * rate / 3600.0)
+        c = self.result_counters
+        return SimResult(
+            policy=self.config.policy,
+            seed=self.config.seed,
+            fleet=self.fleet,
+            trace_name=self.trace.name,
+            arrival=self.trace.arrival_s,
+            prompt=self.trace.prompt_tokens,
+            output=self.trace.output_tokens,
+            first_token=np.asarray(self.first),
+            end=np.asarray(self.end),
+            status=np.frombuffer(bytes(self.status), dtype=np.uint8),
+            attempts=np.frombuffer(bytes(self.attempts), dtype=np.uint8),
+            interrupted=np.frombuffer(bytes(self.interrupted), dtype=np.uint8),
+            hedged=np.frombuffer(bytes(self.hedged), dtype=np.uint8),
+            node_class=np.asarray([n.cls for n in self.nodes]),
+            node_busy_s=np.asarray([n.busy_s for n in self.nodes]),
+            node_available_s=available,
+            node_earned_micros=np.asarray([n.earned_micros for n in self.nodes], dtype=np.int64),
+            charges_micros=c["charges"],
+            hedge_waste_tokens=c["hedge_waste"],
+            busy_cost_micros=busy_cost,
+            scheduler_calls=c["calls"],
+            events=c["events"],
+            sim_end_s=t_end,
+            wall_s=wall_s,
+        )
+
+
+def simulate(
+    trace: Trace,
+    fleet: FleetSpec,
+    config: SimConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    return Simulation(trace, fleet, config, progress).run()

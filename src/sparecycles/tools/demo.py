@@ -1,0 +1,194 @@
+"""The main job on one machine: a coordinator, two nodes, a small local model, real requests.
+
+``sparecycles demo`` builds the tiny model (once), starts a coordinator and two node agents as
+real processes on loopback against an embedded SQLite database, sends chat requests through the
+official ``openai`` client (some streamed, some at once, some concurrently), and prints for each
+request the answer, tokens, latency, the node that served it, what the client was charged and
+what the node's owner earned; then the ledger check and the cost report of the run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sparecycles.ledger.pricing import format_money
+from sparecycles.tools.localnet import LocalNetwork
+
+PROMPTS = (
+    "Tell me about the rabbit and the garden.",
+    "What did the old man say to the sea?",
+    "Write one sentence about a long winter night.",
+    "Where does the road by the river go?",
+    "Describe a quiet morning in the village.",
+    "Who knocked at the door so late?",
+)
+demo_deposit_micros = 5_000_000  # the demo client's prepaid balance: 5.00
+
+
+@dataclass
+class Outcome:
+    prompt: str
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    ttft_s: float | None
+    streamed: bool
+    job: dict[str, Any]
+
+
+def run_demo(root: Path, *, model_dir: Path | None = None, requests: int = 6,
+             console: Console | None = None) -> list[Outcome]:
+    """Run the whole network once and print what happened. Returns the outcomes."""
+    from openai import OpenAI
+
+    from sparecycles.ledger.pricing import PriceBook
+    from sparecycles.ledger.service import Ledger
+    from sparecycles.tools.tinymodel import build_tiny_model
+
+    console = console or Console()
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir or root / "models" / "tiny"
+    with _spinner(console) as progress:
+        if not (model_dir / "config.json").exists():
+            task = progress.add_task("building the tiny model (tokenizer + a short training)")
+            build_tiny_model(model_dir, preset="tiny", seed=0)
+            progress.remove_task(task)
+        db = root / "sparecycles.db"
+        if db.exists():
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(db) + suffix).unlink(missing_ok=True)
+        net = LocalNetwork(root=root, models={"tiny": model_dir})
+        net.__enter__()
+        try:
+            task = progress.add_task("starting a coordinator and two nodes on loopback")
+            store = net.store()
+            _key_id, key = store.create_api_key("demo-client", "demo")
+            client_id = store.ensure_client("demo-client")
+            Ledger(store.sessions, prices=PriceBook.default()).deposit(
+                client_id, demo_deposit_micros, reference="demo-topup")
+            net.start_coordinator()
+            net.start_node("alice-gaming-pc", "alice", extra_args=["--device-class", "gaming-pc"])
+            net.start_node("bob-laptop", "bob", extra_args=["--device-class", "laptop"])
+            net.wait_ready(2)
+            progress.remove_task(task)
+            task = progress.add_task(f"sending {requests} chat requests with the openai client")
+            client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=120)
+            outcomes = _send(client, net, key, requests)
+            progress.remove_task(task)
+        except BaseException:
+            net.stop()
+            raise
+    try:
+        _print_outcomes(console, outcomes, store)
+        _print_money(console, net, store)
+    finally:
+        net.stop()
+    return outcomes
+
+
+def _send(client: Any, net: LocalNetwork, key: str, n: int) -> list[Outcome]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+    def one(i_prompt: tuple[int, str]) -> Outcome:
+        i, prompt = i_prompt
+        streamed = i % 2 == 1
+        t0 = time.perf_counter()
+        ttft = None
+        messages = [{"role": "user", "content": prompt}]
+        if streamed:
+            parts, usage, job_id = [], None, ""
+            stream = client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=i,
+                stream=True, stream_options={"include_usage": True})
+            for chunk in stream:
+                job_id = chunk.id
+                if chunk.choices and chunk.choices[0].delta.content:
+                    ttft = ttft or time.perf_counter() - t0
+                    parts.append(chunk.choices[0].delta.content)
+                if chunk.usage:
+                    usage = chunk.usage
+            answer = "".join(parts)
+        else:
+            resp = client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=i)
+            answer, usage, job_id = resp.choices[0].message.content or "", resp.usage, resp.id
+        latency = time.perf_counter() - t0
+        job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
+                        headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+        return Outcome(prompt, answer, usage.prompt_tokens, usage.completion_tokens, latency,
+                       ttft, streamed, job)
+
+    # the first half one after another, the rest concurrently (batched on the nodes)
+    half = n // 2
+    outcomes = [one((i, p)) for i, p in enumerate(prompts[:half])]
+    with cf.ThreadPoolExecutor(max_workers=max(1, n - half)) as pool:
+        outcomes += list(pool.map(one, list(enumerate(prompts))[half:]))
+    return outcomes
+
+
+def _print_outcomes(console: Console, outcomes: list[Outcome], store: Any) -> None:
+    nodes = {n.id: n for n in store.list_nodes()}
+    table = Table(title="Requests through sparecycles", show_lines=True)
+    for col in ("prompt → answer", "tokens in/out", "latency", "served by", "client charged",
+                "owner earned"):
+        table.add_column(col)
+    for o in outcomes:
+        money = o.job.get("money", {})
+        served = ", ".join(
+            f"{nodes[a['node_id']].name if a['node_id'] in nodes else a['node_id']}"
+            for a in o.job.get("attempts", [])
+        )
+        latency = f"{o.latency_s * 1000:.0f} ms" + (
+            f"\n(first token {o.ttft_s * 1000:.0f} ms, streamed)" if o.ttft_s else "")
+        table.add_row(
+            f"[bold]{o.prompt}[/bold]\n{o.answer.strip()[:160]}",
+            f"{o.prompt_tokens} / {o.completion_tokens}",
+            latency,
+            served,
+            format_money(money.get("charged_micros", 0), money.get("currency")),
+            format_money(money.get("owner_earned_micros", 0), money.get("currency")),
+        )
+    console.print(table)
+
+
+def _print_money(console: Console, net: LocalNetwork, store: Any) -> None:
+    from sparecycles.ledger.pricing import PriceBook
+    from sparecycles.ledger.service import Ledger
+
+    ledger = Ledger(store.sessions, prices=PriceBook.default())
+    problems = ledger.check()
+    console.print(
+        "[green]ledger check: every invariant holds[/green]" if not problems
+        else "[red]ledger check failed:[/red]\n" + "\n".join(problems))
+    _print_costs(console, store)
+
+
+def _print_costs(console: Console, store: Any) -> None:
+    """This month's cost report: what the requests cost, and the fixed costs they must carry."""
+    from sparecycles.cli.costs import print_report
+    from sparecycles.costs.costmodel import load_cost_model
+    from sparecycles.costs.period import period_costs
+
+    model = load_cost_model()
+    period = time.strftime("%Y-%m", time.gmtime())
+    costs = period_costs(store.sessions, period, model, requests_shown=6)
+    console.rule(f"cost of compute, {period} (cost model: {model.source})")
+    print_report(costs.report, console)
+    console.print("[dim]A month in progress carries its whole month of fixed costs, so a "
+                  "handful of demo requests shows a large loss; `sparecycles costs report` "
+                  "recomputes this for any month.[/dim]")
+
+
+def _spinner(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    console=console, transient=True)

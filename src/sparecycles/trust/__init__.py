@@ -1,0 +1,1 @@
+"""Pure trust decisions: which jobs to spot-check, verdicts from evidence, reputation."""
