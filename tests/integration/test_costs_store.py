@@ -188,6 +188,37 @@ def test_a_tampered_posting_is_caught(world):
     assert "charges = earnings + fees" in bad
 
 
+def test_ledger_postings_without_a_job_row_are_seen(world):
+    """A charge posted for a request the jobs table does not have was invisible to both the
+    report and the reconciliation (both start from the jobs): it must show and fail."""
+    store, ledger, _ = world
+    ledger.clock.t = ts(11, 15)  # type: ignore[attr-defined]
+    ledger.hold("ghost", store.ensure_client("acme"), "small", 100, 10)
+    ledger.settle("ghost", store.ensure_client("acme"), "small", 100, 10, [])
+    pc, rec = period_reconciliation(store.sessions, "2026-11", MODEL)
+    kinds = {o.kind: o for o in pc.report.orphans}
+    assert "post" in kinds and kinds["post"].job_ids == ("ghost",)
+    (line,) = [c for c in rec.checks if c.what == "ledger postings with no request row"]
+    assert not line.ok and not rec.ok and "ghost" in line.note
+    assert pc.report.as_dict()["orphan_postings"][0]["kind"] in kinds
+
+
+def test_reconcile_reads_the_exported_file_back(world):
+    store, _, _ = world
+    pc, _ = period_reconciliation(store.sessions, "2026-11", MODEL)
+    sent = pc.focus_csv()
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL, focus_csv=sent)
+    assert rec.ok
+    _, rows = focus.read_csv(sent)
+    rows[0]["BilledCost"] = focus.money(focus._micros(rows[0]["BilledCost"]) + 1)
+    rows[0]["EffectiveCost"] = rows[0]["BilledCost"]
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL,
+                                   focus_csv=focus.to_csv(rows))
+    assert {c.what for c in rec.checks if not c.ok} == {"revenue (charges - refunds)"}
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL, focus_csv="a,b\n1,2\n")
+    assert not rec.ok and rec.checks[0].what == "FOCUS file readable"
+
+
 def test_the_cli(world, tmp_path: Path):
     store, _, url = world
     model_file = tmp_path / "costs.toml"
@@ -208,6 +239,12 @@ def test_the_cli(world, tmp_path: Path):
     assert focus.validate(*focus.read_csv(out.read_text())) == []
     r = runner.invoke(app, ["costs", "reconcile", *common])
     assert r.exit_code == 0 and "agree" in r.output, r.output
+    r = runner.invoke(app, ["costs", "reconcile", "--focus-file", str(out), *common])
+    assert r.exit_code == 0 and "agree" in r.output, r.output
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:1] + lines[2:]))  # a row lost on the way
+    r = runner.invoke(app, ["costs", "reconcile", "--focus-file", str(out), *common])
+    assert r.exit_code == 1, r.output
     with store.engine.begin() as c:
         c.execute(text("UPDATE jobs SET completion_tokens = 999 WHERE id = 'j3'"))
     r = runner.invoke(app, ["costs", "reconcile", *common])

@@ -234,12 +234,20 @@ def reconcile(
     period: str | None = PeriodOption,
     model_file: Path | None = ModelFileOption,
     as_json: bool = typer.Option(False, "--json", help="Print the reconciliation as JSON"),
+    focus_file: Path | None = typer.Option(
+        None, "--focus-file", help="The FOCUS CSV that was exported (and sent): read it back "
+                                   "and check it (default: the export made now)"),
     database: str | None = DatabaseOption,
 ) -> None:
     """Metered usage, ledger postings, the FOCUS export and the report side by side; exit 1
     where they disagree."""
+    try:
+        focus_csv = focus_file.read_text(encoding="utf-8") if focus_file else None
+    except (OSError, UnicodeDecodeError) as exc:
+        err_console.print(f"[red]cannot read {focus_file}: {exc}[/red]")
+        raise typer.Exit(1) from None
     _, rec = period_reconciliation(_sessions(database), _period(period),
-                                   load_cost_model(model_file))
+                                   load_cost_model(model_file), focus_csv=focus_csv)
     if as_json:
         console.print_json(json.dumps(rec.as_dict()))
     else:

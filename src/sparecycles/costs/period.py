@@ -46,13 +46,17 @@ def period_costs(sessions: Any, period: str, model: CostModel, currency: str | N
 
 
 def period_reconciliation(sessions: Any, period: str, model: CostModel,
-                          currency: str | None = None) -> tuple[PeriodCosts, Reconciliation]:
-    """The period's costs and their reconciliation with the metering, the ledger and FOCUS."""
+                          currency: str | None = None, *, focus_csv: str | None = None
+                          ) -> tuple[PeriodCosts, Reconciliation]:
+    """The period's costs and their reconciliation with the metering, the ledger and FOCUS
+    (``focus_csv``: the exported file's text, read back; default: the export made now)."""
     from sparecycles.store.costs_queries import CostQueries
 
     pc = period_costs(sessions, period, model, currency)
     q = CostQueries(sessions)
     p, cur = pc.usage.period, pc.usage.currency
-    rec = reconcile(pc.allocation, pc.report, pc.focus_csv(), q.metered_totals(p),
-                    q.ledger_totals(p, cur), q.charge_facts(p, cur))
+    rec = reconcile(pc.allocation, pc.report,
+                    pc.focus_csv() if focus_csv is None else focus_csv, q.metered_totals(p),
+                    q.ledger_totals(p, cur), q.charge_facts(p, cur),
+                    q.orphan_postings(p, cur))
     return pc, rec

@@ -32,7 +32,7 @@ from sparecycles.costs.allocation import (
 )
 from sparecycles.costs.costmodel import CostModel
 from sparecycles.costs.economics import NodeEconomics, owner_economics
-from sparecycles.costs.usage import JobUsage, PeriodUsage
+from sparecycles.costs.usage import JobUsage, OrphanPosting, PeriodUsage
 from sparecycles.errors import invariant
 
 requests_shown_default = 50  # requests listed in a report (the most costly); totals cover all
@@ -143,6 +143,7 @@ class CostReport:
     requests: tuple[Row, ...]  # the most costly, at most ``requests_shown``
     pools: tuple[Pool, ...]
     owners: tuple[NodeEconomics, ...]
+    orphans: tuple[OrphanPosting, ...] = ()  # ledger postings with no request row
 
     @property
     def revenue_micros(self) -> int:
@@ -217,6 +218,9 @@ class CostReport:
             "pools": [{"name": p.name, "category": p.category, "total_micros": p.total_micros,
                        "basis": p.basis} for p in self.pools],
             "owners": [o.as_dict() for o in self.owners],
+            "orphan_postings": [{"kind": o.kind, "count": o.count,
+                                 "amount_micros": o.amount_micros, "job_ids": list(o.job_ids)}
+                                for o in self.orphans],
         }
 
 
@@ -341,5 +345,5 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
         by_customer=customers.sorted(by_cost), by_model=models.sorted(), by_day=days.sorted(),
         by_node=node_rows.sorted(by_cost), by_device_class=classes.sorted(),
         requests=requests.sorted(by_cost)[:max(0, requests_shown)], pools=alloc.pools,
-        owners=tuple(owner_economics(usage, model)),
+        owners=tuple(owner_economics(usage, model)), orphans=usage.orphans,
     )
