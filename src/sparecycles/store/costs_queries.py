@@ -11,9 +11,11 @@ of an earlier period they are corrections.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, and_, case, exists, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from sparecycles.costs.allocation import (
@@ -33,19 +35,51 @@ from sparecycles.errors import InvalidRequest
 from sparecycles.ledger.engine import holder_of
 from sparecycles.ledger.pricing import ModelPrice
 from sparecycles.store.core_tables import ApiKey, Client, JobAttempt, JobRow, Node
+from sparecycles.store.costs_tables import CostClose
 from sparecycles.store.ledger_tables import LedgerHold, LedgerPrice, LedgerTransfer
 
 J, AT, N = JobRow.__table__, JobAttempt.__table__, Node.__table__
 TR, H, LP = LedgerTransfer.__table__, LedgerHold.__table__, LedgerPrice.__table__
+CC = CostClose.__table__
 period_jobs_max = 5_000_000  # a report holds a period's jobs in memory; beyond this, split it
 orphan_ids_listed_max = 20  # job ids named per kind of orphan posting
 _ended = ("done", "failed")
 _request_kinds = ("post", "earning", "fee", "withhold")  # transfers that speak of a request
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedMonth:
+    period: str
+    currency: str
+    closed_at_s: float
+    report_json: str
+    focus_csv: str
+    cost_model_source: str
+    cost_model_text: str
+
+
 class CostQueries:
     def __init__(self, sessions: sessionmaker | Engine):
         self.engine: Engine = sessions if isinstance(sessions, Engine) else sessions.kw["bind"]
+
+    def closed_month(self, period: str) -> ClosedMonth | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(CC).where(CC.c.period == period)).first()
+        return None if row is None else ClosedMonth(*row)
+
+    def close_month(self, closed: ClosedMonth) -> bool:
+        """Freeze a month; False when it was closed already (a month is closed once: the
+        primary key decides between two closes at the same time)."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(CC.insert().values(
+                    period=closed.period, currency=closed.currency,
+                    closed_at_s=closed.closed_at_s, report_json=closed.report_json,
+                    focus_csv=closed.focus_csv, cost_model_source=closed.cost_model_source,
+                    cost_model_text=closed.cost_model_text))
+        except IntegrityError:
+            return False
+        return True
 
     @staticmethod
     def _in_period(period: Period) -> Any:
