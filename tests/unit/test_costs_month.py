@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from rich.console import Console
 
-from sparecycles.cli.costs import print_month, sig
+from sparecycles.cli.costs import print_month
 from sparecycles.costs.allocation import (
     AttemptUsage,
     JobUsage,
@@ -21,7 +21,7 @@ from sparecycles.costs.allocation import (
     allocate,
 )
 from sparecycles.costs.costmodel import parse_cost_model
-from sparecycles.costs.month import month_view
+from sparecycles.costs.month import month_view, sig
 from sparecycles.costs.reports import build_report
 from sparecycles.errors import InvalidRequest
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from rich.table import Table
 
 from sparecycles.cli.common import DatabaseOption, console, database_url, err_console, friendly
 from sparecycles.costs.costmodel import CostModel, OwnerHardware, load_cost_model
+from sparecycles.costs.month import sig
 from sparecycles.costs.period import (
     close_month,
     month_report,
@@ -158,19 +158,6 @@ def _owners(r: CostReport) -> Table:
                   _m(o.earned_micros), _m(o.electricity_micros), _m(o.wear_micros),
                   _m(o.net_micros), _m(o.net_per_busy_hour_micros))
     return t
-
-
-def sig(micros: int | None, digits: int = 4) -> str:
-    """An amount to ``digits`` significant figures, whole units with thousands separators from
-    1,000 up, never finer than a micro-unit: 1,235 / 123.5 / 0.001235 / 0.000001."""
-    if micros is None:
-        return "-"
-    value = Decimal(micros) / 1_000_000
-    if value == 0:
-        return "0"
-    places = max(0, min(6, digits - 1 - value.adjusted()))
-    text = f"{value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):,.{places}f}"
-    return text
 
 
 def _ratio(value: float | None) -> str:

@@ -25,6 +25,7 @@ the two apart:
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sparecycles.costs.allocation import EGRESS, ENERGY, OWNER_PAYOUTS
@@ -156,3 +157,16 @@ def month_view(r: CostReport, start_s: float, end_s: float, now_s: float, *,
             "cogs_micros": cogs, "per_request_micros": _div(cogs, requests),
             "per_mtok_micros": _div(cogs * MTOK, tokens)}
     return view
+
+
+def sig(micros: int | None, digits: int = 4) -> str:
+    """An amount to ``digits`` significant figures, whole units with thousands separators from
+    1,000 up, never finer than a micro-unit: 1,235 / 123.5 / 0.001235 / 0.000001."""
+    if micros is None:
+        return "-"
+    value = Decimal(micros) / 1_000_000
+    if value == 0:
+        return "0"
+    places = max(0, min(6, digits - 1 - value.adjusted()))
+    text = f"{value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):,.{places}f}"
+    return text

@@ -145,7 +145,8 @@ class CostReport:
     owners: tuple[NodeEconomics, ...]
     orphans: tuple[OrphanPosting, ...] = ()  # ledger postings with no request row
     # inference costs by category: variable (scale with volume) and fixed base (the fixed
-    # part of inference COGS, idle capacity as "idle: <category>", unallocated inference/base)
+    # part of inference COGS with the idle capacity and unallocated inference/base costs of
+    # each category)
     variable_by_category: Mapping[str, int] = field(default_factory=dict)
     base_by_category: Mapping[str, int] = field(default_factory=dict)
     opex_by_workload: Mapping[str, int] = field(default_factory=dict)  # training, rnd: all of it
@@ -332,11 +333,13 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
     for (cat, w), amount in sorted(alloc.unallocated.items()):
         unallocated[w][cat] = amount
     un_by = {w: sum(c.values()) for w, c in unallocated.items()}
+    # a budget line is the category's whole month, whether a request, idle capacity or
+    # nobody carried it (the P&L of --wide keeps them apart)
     for cat, amount in alloc.idle.items():
-        base_by[f"idle: {cat}"] += amount
+        base_by[cat] += amount
     for w in ("inference", BASE):
         for cat, amount in unallocated.get(w, {}).items():
-            base_by[f"unallocated: {cat}"] += amount
+            base_by[cat] += amount
     energy_by: dict[str, float] = defaultdict(float)
     for job in usage.jobs:
         for a in job.attempts:
