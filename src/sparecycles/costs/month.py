@@ -98,11 +98,12 @@ def month_view(r: CostReport, start_s: float, end_s: float, now_s: float, *,
     base_lines = [{"line": c, "budget_micros": base[c],
                    "accrued_micros": base[c] * elapsed_ppm // 1_000_000} for c in order]
     base_total = sum(base.values())
-    opex = [{"line": f"{w} (opex)", "budget_micros": v,
-             "accrued_micros": v * elapsed_ppm // 1_000_000}
-            for w, v in (("training", r.opex_by_workload.get("training", 0)),
-                         ("R&D", r.opex_by_workload.get("rnd", 0))) if v]
-    fixed_total = base_total + sum(x["budget_micros"] for x in opex)
+    opex: list[dict[str, Any]] = [{"line": f"{w} (opex)", "budget_micros": v,
+                                   "accrued_micros": v * elapsed_ppm // 1_000_000}
+                                  for w, v in (("training", r.opex_by_workload.get("training", 0)),
+                                               ("R&D", r.opex_by_workload.get("rnd", 0)))
+                                  if v]
+    fixed_total = base_total + sum(int(x["budget_micros"]) for x in opex)
 
     def run(x: int) -> int | None:
         return _div(x * 1_000_000, elapsed_ppm)

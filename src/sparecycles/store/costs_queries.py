@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, exists, func, select
+from sqlalchemy import Engine, and_, case, exists, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -72,7 +72,7 @@ class CostQueries:
         primary key decides between two closes at the same time)."""
         try:
             with self.engine.begin() as c:
-                c.execute(CC.insert().values(
+                c.execute(insert(CostClose).values(
                     period=closed.period, currency=closed.currency,
                     closed_at_s=closed.closed_at_s, report_json=closed.report_json,
                     focus_csv=closed.focus_csv, cost_model_source=closed.cost_model_source,
