@@ -159,6 +159,11 @@ def test_roles(env) -> None:
     sign_in(client, keys["admin"][1])
     assert client.get("/dashboard/api/network").status_code == 200
     assert client.get("/dashboard/api/finance").status_code == 200
+    page = client.get("/dashboard/finance").text  # the month view of ``costs report``
+    assert 'id="month-view"' in page and "Accrued to date" in page
+    for label in ("price (revenue)", "variable cost", "contribution margin",
+                  "fixed base, total", "break-even, tokens a month"):
+        assert label in page
     r = client.get("/dashboard/finance/focus.csv")
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     rows = focus.read_csv(r.text)

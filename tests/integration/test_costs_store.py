@@ -188,6 +188,78 @@ def test_a_tampered_posting_is_caught(world):
     assert "charges = earnings + fees" in bad
 
 
+def test_ledger_postings_without_a_job_row_are_seen(world):
+    """A charge posted for a request the jobs table does not have was invisible to both the
+    report and the reconciliation (both start from the jobs): it must show and fail."""
+    store, ledger, _ = world
+    ledger.clock.t = ts(11, 15)  # type: ignore[attr-defined]
+    ledger.hold("ghost", store.ensure_client("acme"), "small", 100, 10)
+    ledger.settle("ghost", store.ensure_client("acme"), "small", 100, 10, [])
+    pc, rec = period_reconciliation(store.sessions, "2026-11", MODEL)
+    kinds = {o.kind: o for o in pc.report.orphans}
+    assert "post" in kinds and kinds["post"].job_ids == ("ghost",)
+    (line,) = [c for c in rec.checks if c.what == "ledger postings with no request row"]
+    assert not line.ok and not rec.ok and "ghost" in line.note
+    assert pc.report.as_dict()["orphan_postings"][0]["kind"] in kinds
+
+
+def test_reconcile_reads_the_exported_file_back(world):
+    store, _, _ = world
+    pc, _ = period_reconciliation(store.sessions, "2026-11", MODEL)
+    sent = pc.focus_csv()
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL, focus_csv=sent)
+    assert rec.ok
+    _, rows = focus.read_csv(sent)
+    rows[0]["BilledCost"] = focus.money(focus._micros(rows[0]["BilledCost"]) + 1)
+    rows[0]["EffectiveCost"] = rows[0]["BilledCost"]
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL,
+                                   focus_csv=focus.to_csv(rows))
+    assert {c.what for c in rec.checks if not c.ok} == {"revenue (charges - refunds)"}
+    _, rec = period_reconciliation(store.sessions, "2026-11", MODEL, focus_csv="a,b\n1,2\n")
+    assert not rec.ok and rec.checks[0].what == "FOCUS file readable"
+
+
+def test_a_closed_month_is_read_back_not_recomputed(world, tmp_path: Path):
+    """Closing freezes a month: after the cost model changes (even backdated) and a late
+    posting, its report renders byte for byte as it was, and its FOCUS export is the frozen
+    one."""
+    store, ledger, url = world
+    model_file = tmp_path / "costs.toml"
+    model_file.write_text(MODEL_TOML)
+    app = typer.Typer()
+    costs_cli.register(app)
+    runner = CliRunner()
+    common = ["--database", url, "--model-file", str(model_file)]
+    r = runner.invoke(app, ["costs", "close", "2026-11", *common])
+    assert r.exit_code == 0 and "2026-11 closed" in r.output, r.output
+    before = runner.invoke(app, ["costs", "report", "--period", "2026-11", *common]).output
+    before_json = runner.invoke(app, ["costs", "report", "--json", "--period", "2026-11",
+                                      *common]).output
+    focus_before = tmp_path / "a.csv"
+    runner.invoke(app, ["costs", "export-focus", "--out", str(focus_before), "--period",
+                        "2026-11", *common])
+    model_file.write_text(MODEL_TOML.replace('"30.00"', '"90.00"'))  # rewrites history
+    ledger.clock.t = ts(11, 25)  # type: ignore[attr-defined]
+    ledger.record_cost("late-fee", "payment_fees", 5 * D)
+    after = runner.invoke(app, ["costs", "report", "--period", "2026-11", *common]).output
+    after_json = runner.invoke(app, ["costs", "report", "--json", "--period", "2026-11",
+                                     *common]).output
+    assert after.split("\n", 1)[1] == before.split("\n", 1)[1]  # all but the model's path
+    assert after_json == before_json
+    focus_after = tmp_path / "b.csv"
+    runner.invoke(app, ["costs", "export-focus", "--out", str(focus_after), "--period",
+                        "2026-11", *common])
+    assert focus_after.read_bytes() == focus_before.read_bytes()
+    recomputed = period_costs(store.sessions, "2026-11", parse_cost_model(
+        __import__("tomllib").loads(MODEL_TOML.replace('"30.00"', '"90.00"')), "x"))
+    assert recomputed.report.total_cost_micros != json.loads(before_json)["summary"][
+        "total_cost_micros"]  # so the month was read back, not recomputed
+    r = runner.invoke(app, ["costs", "close", "2026-11", *common])
+    assert r.exit_code == 0 and "already closed" in r.output
+    r = runner.invoke(app, ["costs", "close", "2999-01", *common])
+    assert r.exit_code == 1 and "has not ended" in r.output
+
+
 def test_the_cli(world, tmp_path: Path):
     store, _, url = world
     model_file = tmp_path / "costs.toml"
@@ -201,13 +273,22 @@ def test_the_cli(world, tmp_path: Path):
     body = json.loads(r.output)
     assert body["conservation"]["holds"] is True and body["summary"]["requests"] == 5
     r = runner.invoke(app, ["costs", "report", *common])
-    assert r.exit_code == 0 and "gross margin" in r.output and "break-even" in r.output
+    assert r.exit_code == 0 and "break-even" in r.output and "contribution" in r.output
+    assert "gross margin" not in r.output  # the absorbed P&L is the --wide detail
+    r = runner.invoke(app, ["costs", "report", "--wide", *common])
+    assert r.exit_code == 0 and "gross margin" in r.output
     out = tmp_path / "focus.csv"
     r = runner.invoke(app, ["costs", "export-focus", "--out", str(out), *common])
     assert r.exit_code == 0, r.output
     assert focus.validate(*focus.read_csv(out.read_text())) == []
     r = runner.invoke(app, ["costs", "reconcile", *common])
     assert r.exit_code == 0 and "agree" in r.output, r.output
+    r = runner.invoke(app, ["costs", "reconcile", "--focus-file", str(out), *common])
+    assert r.exit_code == 0 and "agree" in r.output, r.output
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:1] + lines[2:]))  # a row lost on the way
+    r = runner.invoke(app, ["costs", "reconcile", "--focus-file", str(out), *common])
+    assert r.exit_code == 1, r.output
     with store.engine.begin() as c:
         c.execute(text("UPDATE jobs SET completion_tokens = 999 WHERE id = 'j3'"))
     r = runner.invoke(app, ["costs", "reconcile", *common])

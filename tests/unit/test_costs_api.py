@@ -78,7 +78,10 @@ def test_report_focus_and_reconcile(api):
     r = client.get("/v1/admin/costs/focus.csv", params={"period": period}, headers=admin)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     header, rows = focus.read_csv(r.text)
-    assert focus.validate(header, rows) == [] and rows[0]["BilledCost"] == "0.000005"
+    assert focus.validate(header, rows) == [] and focus.billed_micros(rows) == 5
+    # split by list amount, 0.6 : 3.6 micro-units: input 1, output 4 (largest remainder)
+    assert [(r["SkuMeter"], r["BilledCost"], r["ListCost"]) for r in rows] == [
+        ("Input Tokens", "0.000001", "0.0000006"), ("Output Tokens", "0.000004", "0.0000036")]
     r = client.get("/v1/admin/costs/reconcile", params={"period": period}, headers=admin)
     assert r.status_code == 200 and r.json()["ok"] is True, r.json()
 

@@ -1,6 +1,7 @@
 """Admin API of the cost engine: the report as JSON, the FOCUS CSV, the reconciliation.
 
-``GET /v1/admin/costs/report?period=2026-11``     the report (``CostReport.as_dict``)
+``GET /v1/admin/costs/report?period=2026-11``     the report (``CostReport.as_dict``, the month
+                                                  view under ``month``; a closed month frozen)
 ``GET /v1/admin/costs/focus.csv?period=2026-11``  the FOCUS 1.2 CSV (500 if it broke a rule: a bug)
 ``GET /v1/admin/costs/reconcile?period=2026-11``  the reconciliation; ``ok`` false when the
                                                   sources disagree (still 200: it is a finding)
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -20,7 +22,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sparecycles.api.auth import require_admin
 from sparecycles.costs import focus
 from sparecycles.costs.costmodel import load_cost_model
-from sparecycles.costs.period import period_costs, period_reconciliation
+from sparecycles.costs.period import month_report, period_costs, period_reconciliation
 from sparecycles.errors import InvariantViolation
 
 router = APIRouter(prefix="/v1/admin/costs", dependencies=[Depends(require_admin)])
@@ -47,9 +49,9 @@ async def costs_report(
     sessions, currency = _context(request)
 
     def work() -> dict[str, Any]:
-        model = load_cost_model()
-        pc = period_costs(sessions, _period(period), model, currency, requests_shown=requests)
-        return pc.report.as_dict()
+        body, _ = month_report(sessions, _period(period), load_cost_model(), time.time(),
+                               currency, requests_shown=requests)
+        return body  # the report, its month view under "month"; a closed month as frozen
 
     return await asyncio.to_thread(work)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from rich.table import Table
 
 from sparecycles.cli.common import DatabaseOption, console, database_url, err_console, friendly
 from sparecycles.costs.costmodel import CostModel, OwnerHardware, load_cost_model
-from sparecycles.costs.period import period_costs, period_reconciliation
+from sparecycles.costs.month import sig
+from sparecycles.costs.period import (
+    close_month,
+    month_report,
+    period_costs,
+    period_reconciliation,
+)
 from sparecycles.costs.reports import CostReport, Row
 from sparecycles.ledger.pricing import format_money, parse_money
 
@@ -153,6 +160,104 @@ def _owners(r: CostReport) -> Table:
     return t
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def _tokens(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:,}"
+
+
+def print_month(body: dict[str, Any], out: Console | None = None) -> None:
+    """The month view (``costs/month.py``) in tables that read at 80 columns."""
+    out = out or console
+    m, cur = body["month"], body["currency"]
+    u, f, rr, be = m["unit"], m["fixed"], m["run_rate"], m["break_even"]
+    day = 86_400
+    days = round((m["period_end_s"] - m["period_start_s"]) / day)
+    done = m["elapsed_ppm"] * days / 1_000_000
+    status = m["status"] + (f", day {done:.1f} of {days}" if m["status"] == "in progress"
+                            else "")
+    out.print(f"[bold]{body['period']}[/bold] ({status}); {m['inference_requests']:,} "
+              f"inference requests, {m['inference_tokens']:,} tokens; amounts in {cur}")
+    t = Table(title="unit economics, variable cost only", title_justify="left")
+    t.add_column("line", no_wrap=True)
+    for col in ("to date", "per Mtok", "per request"):
+        t.add_column(col, justify="right", no_wrap=True)
+
+    def row(label: str, x: dict[str, Any], style: str = "") -> None:
+        cells = [sig(x["total_micros"]), sig(x["per_mtok_micros"]),
+                 sig(x["per_request_micros"])]
+        t.add_row(f"[{style}]{label}[/{style}]" if style else label, *cells)
+
+    row("price (revenue)", u["price"], "bold")
+    for line in u["variable_lines"]:
+        label = "  " + line["line"]
+        if line["line"] == "energy":
+            label += f" ({u['energy']['label']})"
+        row(label, line)
+    row("variable cost", u["variable"], "bold")
+    row("contribution", u["contribution"], "bold")
+    t.add_row("contribution margin", _ratio(u["contribution_margin_pct"]), "", "")
+    out.print(t)
+    e = u["energy"]
+    if e["measured_pct"] is not None:
+        share = e["share_of_variable_pct"]
+        out.print(f"[dim]energy: {e['measured_pct']:g}% of the joules measured (NVML, RAPL), "
+                  f"the rest estimated; {'-' if share is None else f'{share:g}%'} of the "
+                  "variable cost[/dim]")
+    t = Table(title="fixed base costs of the month", title_justify="left")
+    t.add_column("line", no_wrap=True)
+    t.add_column("budget", justify="right", no_wrap=True)
+    t.add_column("accrued to date", justify="right", no_wrap=True)
+    for x in f["base_lines"]:
+        t.add_row("  " + x["line"], sig(x["budget_micros"]), sig(x["accrued_micros"]))
+    t.add_row("[bold]base infrastructure[/bold]", sig(f["base_budget_micros"]),
+              sig(f["base_accrued_micros"]))
+    for x in f["opex_lines"]:
+        t.add_row(x["line"], sig(x["budget_micros"]), sig(x["accrued_micros"]))
+    t.add_row("[bold]fixed base[/bold]", sig(f["budget_micros"]), sig(f["accrued_micros"]))
+    out.print(t)
+    t = Table(title="run-rate and break-even", title_justify="left", show_header=False)
+    t.add_column("line", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    t.add_row("revenue, month at this rate", sig(rr["revenue_micros"]))
+    t.add_row("contribution, month at this rate", sig(rr["contribution_micros"]))
+    t.add_row("result after the fixed budget", sig(rr["result_micros"]))
+    t.add_row("tokens, month at this rate", _tokens(rr["tokens"]))
+    t.add_row("break-even, tokens a month", _tokens(be["tokens_per_month"])
+              if be["tokens_per_month"] is not None else "never")
+    t.add_row("break-even, requests a month", _tokens(be["requests_per_month"]))
+    loaded = m["fully_loaded_per_mtok_micros"]
+    t.add_row("fully loaded per M tokens, this rate", sig(loaded["at_run_rate"]))
+    t.add_row("fully loaded per M tokens, break-even", sig(loaded["at_break_even"]))
+    if (a := m.get("absorbed")) is not None:
+        t.add_row("COGS per request, absorbed", sig(a["per_request_micros"]))
+        t.add_row("COGS per M tokens, absorbed", sig(a["per_mtok_micros"]))
+    out.print(t)
+    if a is not None:
+        out.print(f"[dim]absorbed: {a['label']}[/dim]")
+    if m["by_model"]:
+        t = Table(title="by model, per M tokens", title_justify="left")
+        t.add_column("model", no_wrap=True, min_width=8)
+        for col in ("reqs", "tokens", "price", "variable", "contrib."):
+            t.add_column(col, justify="right", no_wrap=True)
+        for x in m["by_model"]:
+            t.add_row(x["model"], f"{x['requests']:,}", _tokens(x["tokens"]),
+                      sig(x["price_per_mtok_micros"]), sig(x["variable_per_mtok_micros"]),
+                      sig(x["contribution_per_mtok_micros"]))
+        out.print(t)
+    for o in body.get("orphan_postings", []):
+        out.print(f"[red]{o['count']:,} ledger {o['kind']} posting(s) of "
+                  f"{sig(o['amount_micros'])} with no request row[/red] (jobs "
+                  f"{', '.join(o['job_ids'][:5])}): see `costs reconcile`")
+
+
 def print_report(r: CostReport, out: Console | None = None) -> None:
     """The whole report, as ``costs report`` prints it (the demo may print it too)."""
     out = out or console
@@ -188,19 +293,44 @@ def report(
     period: str | None = PeriodOption,
     model_file: Path | None = ModelFileOption,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+    wide: bool = typer.Option(False, "--wide", help="Also the detail: P&L by cost pool, by "
+                                                   "client, model, day, device, request, owner"),
     requests: int = typer.Option(20, "--requests", min=0, max=10_000,
                                  help="How many of the most costly requests to list"),
     database: str | None = DatabaseOption,
 ) -> None:
-    """Revenue, COGS by category, gross and contribution margins per request, client, model
-    and day; fixed base costs and break-even volume; cost per million tokens; owner economics."""
+    """The month: unit economics on variable cost, fixed costs budgeted against accrued,
+    run-rate, break-even and fully loaded cost per million tokens (a closed month is read back
+    as it was frozen). --wide adds every breakdown; --json has them all."""
     model = load_cost_model(model_file)
-    pc = period_costs(_sessions(database), _period(period), model, requests_shown=requests)
+    body, pc = month_report(_sessions(database), _period(period), model, time.time(),
+                            requests_shown=requests)
     if as_json:
-        console.print_json(json.dumps(pc.report.as_dict()))
+        console.print_json(json.dumps(body))
         return
-    console.print(f"cost model: {model.source}")
-    print_report(pc.report)
+    console.print(f"cost model: {body['cost_model']}" + (
+        f" [dim](closed {dt.datetime.fromtimestamp(body['closed_at_s'], dt.UTC):%Y-%m-%d}: "
+        "read back as frozen)[/dim]" if body.get("closed_at_s") else ""))
+    print_month(body)
+    if wide and pc is not None:
+        print_report(pc.report)
+    elif wide:
+        console.print("[dim]a closed month keeps its detail in --json[/dim]")
+
+
+@costs_app.command("close")
+@friendly
+def close(
+    period: str = typer.Argument(..., help="The month to close, YYYY-MM (it must have ended)"),
+    model_file: Path | None = ModelFileOption,
+    database: str | None = DatabaseOption,
+) -> None:
+    """Freeze a month that has ended: its report, FOCUS export and cost model are stored and read
+    back from then on, whatever later edits of the cost model or late postings say."""
+    body, new = close_month(_sessions(database), period, load_cost_model(model_file),
+                            time.time())
+    when = dt.datetime.fromtimestamp(body["closed_at_s"], dt.UTC).strftime("%Y-%m-%d %H:%M")
+    console.print(f"{body['period']} {'closed' if new else 'was already closed'} ({when} UTC)")
 
 
 @costs_app.command("export-focus")
@@ -213,9 +343,15 @@ def export_focus(
 ) -> None:
     """Write the period's billing data as a FinOps FOCUS 1.2 CSV (checked before it is written)."""
     from sparecycles.costs import focus
+    from sparecycles.store.costs_queries import CostQueries
 
-    pc = period_costs(_sessions(database), _period(period), load_cost_model(model_file))
-    text = pc.focus_csv()
+    sessions = _sessions(database)
+    frozen = CostQueries(sessions).closed_month(_period(period))
+    if frozen is not None:  # a closed month's export is the one that was frozen
+        text, currency = frozen.focus_csv, frozen.currency
+    else:
+        pc = period_costs(sessions, _period(period), load_cost_model(model_file))
+        text, currency = pc.focus_csv(), pc.usage.currency
     header, rows = focus.read_csv(text)
     problems = focus.validate(header, rows)
     if problems:
@@ -225,7 +361,7 @@ def export_focus(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     console.print(f"{len(rows)} FOCUS {focus.FOCUS_VERSION} rows, billed "
-                  f"{format_money(focus.billed_micros(rows), pc.usage.currency)}, written to {out}")
+                  f"{format_money(focus.billed_micros(rows), currency)}, written to {out}")
 
 
 @costs_app.command("reconcile")
@@ -234,12 +370,20 @@ def reconcile(
     period: str | None = PeriodOption,
     model_file: Path | None = ModelFileOption,
     as_json: bool = typer.Option(False, "--json", help="Print the reconciliation as JSON"),
+    focus_file: Path | None = typer.Option(
+        None, "--focus-file", help="The FOCUS CSV that was exported (and sent): read it back "
+                                   "and check it (default: the export made now)"),
     database: str | None = DatabaseOption,
 ) -> None:
     """Metered usage, ledger postings, the FOCUS export and the report side by side; exit 1
     where they disagree."""
+    try:
+        focus_csv = focus_file.read_text(encoding="utf-8") if focus_file else None
+    except (OSError, UnicodeDecodeError) as exc:
+        err_console.print(f"[red]cannot read {focus_file}: {exc}[/red]")
+        raise typer.Exit(1) from None
     _, rec = period_reconciliation(_sessions(database), _period(period),
-                                   load_cost_model(model_file))
+                                   load_cost_model(model_file), focus_csv=focus_csv)
     if as_json:
         console.print_json(json.dumps(rec.as_dict()))
     else:

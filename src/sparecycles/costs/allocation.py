@@ -318,6 +318,7 @@ def allocate(usage: PeriodUsage, model: CostModel) -> Allocation:
     if model.currency != usage.currency:
         raise InvalidRequest(f"the cost model is in {model.currency}, the ledger in "
                              f"{usage.currency}")
+    model = model.for_period(usage.period.start_s)  # the rates in effect that month
     books = _Books(usage, model)
     books.owner_payouts()
     books.hardware()

@@ -7,6 +7,15 @@ key and docs/costs.md the method. Amounts are decimal strings of the currency (`
 exactly into integer micro-units; quantities (GB, hours, PUE, shares) are decimals. An unknown key
 is refused, so a typo is an error, not a cost silently left out.
 
+**History does not change.** Every rate has an effective date: an entry of ``[[servers]]``,
+``[[storage]]``, ``[[hardware]]`` or ``[[people]]`` says ``from`` (and may say ``until``), and
+``[energy]``, ``[egress]`` and ``[ledger]`` may be arrays of tables with a ``from`` each. Entries
+with the same name are the versions of one rate. Rates change on the first day of a month (a
+month has one rate), so ``from`` and ``until`` are first days of months. ``CostModel.for_period``
+gives the model in effect in a month; a new version dated next month leaves every earlier month
+as it was. An entry without ``from`` applies since always (write one: it is what keeps a later
+edit out of the past).
+
 ``parse_cost_model`` turns the parsed TOML into a ``CostModel`` (pure); ``load_cost_model`` reads
 the file (``--model-file``, else ``$SPARECYCLES_COST_MODEL``, else the shipped example).
 """
@@ -14,10 +23,11 @@ the file (``--model-file``, else ``$SPARECYCLES_COST_MODEL``, else the shipped e
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,8 @@ ENV_VAR = "SPARECYCLES_COST_MODEL"
 SHIPPED_EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "costs.toml"
 
 Shares = Mapping[str, int]  # workload -> weight (integers; only their ratios matter)
+ALWAYS_S = float("-inf")  # the ``from`` of an undated entry
+NEVER_S = float("inf")  # the ``until`` of an entry still in effect
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +58,8 @@ class Server:
     per_month_micros: int = 0
     per_hour_micros: int = 0
     shares: Shares | None = None  # None: split by measured node-seconds per workload
+    from_s: float = ALWAYS_S  # in effect from this month (its first day, UTC) ...
+    until_s: float = NEVER_S  # ... until the month that begins here (exclusive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +71,8 @@ class Storage:
     gb: Decimal
     price_per_gb_month_micros: int
     shares: Shares | None = None
+    from_s: float = ALWAYS_S
+    until_s: float = NEVER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,8 @@ class Hardware:
     node_id: str | None = None
     power_idle_w: float | None = None  # None: the node's profile says
     shares: Shares | None = None
+    from_s: float = ALWAYS_S
+    until_s: float = NEVER_S
 
     def depreciation_per_hour_micros(self) -> Decimal:
         return Decimal(self.price_micros - self.salvage_micros) * 3600 / self.life_s
@@ -88,6 +106,8 @@ class Person:
     rate_per_hour_micros: int
     shares: Shares
     role: str = ""
+    from_s: float = ALWAYS_S
+    until_s: float = NEVER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +175,33 @@ class CostModel:
     invoice_issuer: str = "sparecycles"
     provider: str = "sparecycles"
     source: str = "(built-in defaults)"
+    # Dated versions of the single-valued rates: (from_s, value), oldest first. Empty: the
+    # field above applies since always.
+    energy_history: tuple[tuple[float, EnergyPrice], ...] = ()
+    egress_history: tuple[tuple[float, Egress], ...] = ()
+    variable_history: tuple[tuple[float, frozenset[str]], ...] = ()
+
+    def for_period(self, start_s: float) -> CostModel:
+        """The model in effect in the month that begins at ``start_s``: the entries whose
+        ``[from, until)`` holds that instant, and the single rates of their latest version
+        dated on or before it. Pure; calling it twice changes nothing."""
+
+        def live(items: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(x for x in items if x.from_s <= start_s < x.until_s)
+
+        def pick(history: tuple[tuple[float, Any], ...], default: Any) -> Any:
+            chosen = [v for f, v in history if f <= start_s]
+            return chosen[-1] if chosen else (default if not history else None)
+
+        energy = pick(self.energy_history, self.energy) or EnergyPrice(0, Decimal("1.0"))
+        egress = pick(self.egress_history, self.egress) or Egress()
+        variable = pick(self.variable_history, self.variable_ledger_categories)
+        return replace(self, servers=live(self.servers), storage=live(self.storage),
+                       hardware=live(self.hardware), people=live(self.people),
+                       energy=energy, egress=egress,
+                       variable_ledger_categories=(frozenset({"payment_fees"})
+                                                   if variable is None else variable),
+                       energy_history=(), egress_history=(), variable_history=())
 
 
 # ---- parsing -----------------------------------------------------------------------------------
@@ -242,6 +289,70 @@ def _date_s(value: Any, where: str) -> float:
     return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC).timestamp()
 
 
+def _month_start_s(value: Any, where: str) -> float:
+    """A ``from``/``until`` date: the first day of a month (rates change at month boundaries,
+    so that a month has one rate and a closed month never sees a later one)."""
+    t = _date_s(value, where)
+    day = dt.datetime.fromtimestamp(t, dt.UTC)
+    if day.day != 1:
+        raise InvalidRequest(f"{where}: rates change on the first day of a month, got "
+                             f"{day.date().isoformat()}")
+    return t
+
+
+def _effective(d: Mapping[str, Any], where: str) -> dict[str, float]:
+    from_s = _month_start_s(d["from"], f"{where}.from") if "from" in d else ALWAYS_S
+    until_s = _month_start_s(d["until"], f"{where}.until") if "until" in d else NEVER_S
+    if not from_s < until_s:
+        raise InvalidRequest(f"{where}: until is not after from")
+    return {"from_s": from_s, "until_s": until_s}
+
+
+def _versions(items: tuple[Any, ...], kind: str) -> None:
+    """Entries sharing a name are versions of one rate: their spans must not overlap."""
+    by: dict[str, list[Any]] = {}
+    for x in items:
+        by.setdefault(x.name, []).append(x)
+    for name, vs in by.items():
+        vs.sort(key=lambda x: x.from_s)
+        for a, b in itertools.pairwise(vs):
+            if a.from_s == b.from_s:
+                raise InvalidRequest(f"[[{kind}]] {name!r}: two versions from the same month "
+                                     "(names are unique; versions of a rate differ in from)")
+            if b.from_s < a.until_s:
+                if a.until_s == NEVER_S:
+                    # an open-ended version ends where the next one begins
+                    continue
+                raise InvalidRequest(f"[[{kind}]] {name!r}: two versions in effect at once")
+
+
+def _close_versions(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An open-ended version of a rate ends where its next version begins."""
+    out = []
+    for x in items:
+        later = [y.from_s for y in items if y.name == x.name and y.from_s > x.from_s]
+        out.append(replace(x, until_s=min([x.until_s, *later])))
+    return tuple(out)
+
+
+def _dated_tables(doc: Mapping[str, Any], key: str, allowed: set[str]
+                  ) -> list[tuple[float, Mapping[str, Any]]]:
+    """``[key]`` (one table) or ``[[key]]`` (dated versions): (from_s, table), oldest first."""
+    raw = doc.get(key, {})
+    tables = raw if isinstance(raw, list) else [raw]
+    if len(tables) > entries_max:
+        raise InvalidRequest(f"[[{key}]]: at most {entries_max} versions")
+    out = []
+    for i, t in enumerate(tables):
+        where = f"[{key}]" if not isinstance(raw, list) else f"{key}[{i}]"
+        t = _keys(t, allowed | {"from"}, where)
+        out.append((_month_start_s(t["from"], f"{where}.from") if "from" in t else ALWAYS_S, t))
+    out.sort(key=lambda kv: kv[0])
+    if len({f for f, _ in out}) != len(out):
+        raise InvalidRequest(f"[[{key}]]: two versions from the same month")
+    return out
+
+
 def _list(doc: Mapping[str, Any], key: str) -> list[Any]:
     items = doc.get(key, [])
     if not isinstance(items, list) or len(items) > entries_max:
@@ -251,25 +362,26 @@ def _list(doc: Mapping[str, Any], key: str) -> list[Any]:
 
 def _server(d: Any, i: int) -> Server:
     where = f"servers[{i}]"
-    d = _keys(d, {"name", "role", "per_month", "per_hour", "shares"}, where)
+    d = _keys(d, {"name", "role", "per_month", "per_hour", "shares", "from", "until"}, where)
     if ("per_month" in d) == ("per_hour" in d):
         raise InvalidRequest(f"{where}: give per_month or per_hour (one of them)")
     return Server(_name(d, where), _name(d, where, "role", "other"),
                   _money(d, "per_month", where, 0), _money(d, "per_hour", where, 0),
-                  _shares(d.get("shares"), where))
+                  _shares(d.get("shares"), where), **_effective(d, where))
 
 
 def _storage(d: Any, i: int) -> Storage:
     where = f"storage[{i}]"
-    d = _keys(d, {"name", "tier", "gb", "price_per_gb_month", "shares"}, where)
+    d = _keys(d, {"name", "tier", "gb", "price_per_gb_month", "shares", "from", "until"}, where)
     return Storage(_name(d, where), _name(d, where, "tier", "standard"), _decimal(d, "gb", where),
-                   _money(d, "price_per_gb_month", where), _shares(d.get("shares"), where))
+                   _money(d, "price_per_gb_month", where), _shares(d.get("shares"), where),
+                   **_effective(d, where))
 
 
 def _hardware(d: Any, i: int) -> Hardware:
     where = f"hardware[{i}]"
     d = _keys(d, {"name", "node_id", "price", "salvage", "purchased", "life_years", "life_hours",
-                  "power_idle_w", "shares"}, where)
+                  "power_idle_w", "shares", "from", "until"}, where)
     if ("life_years" in d) == ("life_hours" in d):
         raise InvalidRequest(f"{where}: give life_years or life_hours (one of them)")
     life_s = (_decimal(d, "life_years", where, positive=True) * seconds_per_year
@@ -284,15 +396,16 @@ def _hardware(d: Any, i: int) -> Hardware:
         raise InvalidRequest(f"{where}.node_id: a node id")
     idle = None if "power_idle_w" not in d else float(_decimal(d, "power_idle_w", where))
     return Hardware(_name(d, where), price, salvage, _date_s(d["purchased"], f"{where}.purchased"),
-                    max(1, int(life_s)), node, idle, _shares(d.get("shares"), where))
+                    max(1, int(life_s)), node, idle, _shares(d.get("shares"), where),
+                    **_effective(d, where))
 
 
 def _person(d: Any, i: int) -> Person:
     where = f"people[{i}]"
-    d = _keys(d, {"name", "role", "hours", "rate_per_hour", "shares"}, where)
+    d = _keys(d, {"name", "role", "hours", "rate_per_hour", "shares", "from", "until"}, where)
     return Person(_name(d, where), _decimal(d, "hours", where), _money(d, "rate_per_hour", where),
                   _shares(d.get("shares"), where, required=True) or {},
-                  str(d.get("role", "")))
+                  str(d.get("role", "")), **_effective(d, where))
 
 
 def _owners(d: Any) -> OwnerDefaults:
@@ -319,40 +432,49 @@ def parse_cost_model(doc: Mapping[str, Any], source: str = "(inline)") -> CostMo
         raise InvalidRequest(f"currency must be a code like USD, got {currency!r}")
     plat = _keys(doc.get("platform", {}), {"owner_ids", "invoice_issuer", "provider"},
                  "[platform]")
-    en = _keys(doc.get("energy", {}), {"price_per_kwh", "pue"}, "[energy]")
-    eg = _keys(doc.get("egress", {}), {"price_per_gb", "gb", "bytes_per_token"}, "[egress]")
-    led = _keys(doc.get("ledger", {}), {"variable_categories"}, "[ledger]")
-    pue = _decimal(en, "pue", "[energy]", Decimal("1.0"))
-    if pue < 1:
-        raise InvalidRequest("[energy] pue is at least 1.0 (facility power over IT power)")
+    energies = []
+    for from_s, en in _dated_tables(doc, "energy", {"price_per_kwh", "pue"}):
+        pue = _decimal(en, "pue", "[energy]", Decimal("1.0"))
+        if pue < 1:
+            raise InvalidRequest("[energy] pue is at least 1.0 (facility power over IT power)")
+        energies.append((from_s, EnergyPrice(_money(en, "price_per_kwh", "[energy]", 150_000),
+                                             pue)))
+    egresses = [(from_s, Egress(_money(eg, "price_per_gb", "[egress]", 0),
+                                _decimal(eg, "gb", "[egress]") if "gb" in eg else None,
+                                int(_decimal(eg, "bytes_per_token", "[egress]", Decimal(200)))))
+                for from_s, eg in _dated_tables(doc, "egress", {"price_per_gb", "gb",
+                                                                "bytes_per_token"})]
+    variables = []
+    for from_s, led in _dated_tables(doc, "ledger", {"variable_categories"}):
+        variable = led.get("variable_categories", ["payment_fees"])
+        if not isinstance(variable, list) or not all(isinstance(x, str) for x in variable):
+            raise InvalidRequest("[ledger] variable_categories must be a list of strings")
+        variables.append((from_s, frozenset(variable)))
     owner_ids = plat.get("owner_ids", [])
-    variable = led.get("variable_categories", ["payment_fees"])
-    for what, items in (("[platform] owner_ids", owner_ids),
-                        ("[ledger] variable_categories", variable)):
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise InvalidRequest(f"{what} must be a list of strings")
+    if not isinstance(owner_ids, list) or not all(isinstance(x, str) for x in owner_ids):
+        raise InvalidRequest("[platform] owner_ids must be a list of strings")
     servers = tuple(_server(d, i) for i, d in enumerate(_list(doc, "servers")))
+    storage = tuple(_storage(d, i) for i, d in enumerate(_list(doc, "storage")))
     hardware = tuple(_hardware(d, i) for i, d in enumerate(_list(doc, "hardware")))
-    for kind, items in (("servers", servers), ("hardware", hardware)):
-        names = [x.name for x in items]
-        if len(names) != len(set(names)):
-            raise InvalidRequest(f"[[{kind}]] names must be unique")
+    people = tuple(_person(d, i) for i, d in enumerate(_list(doc, "people")))
+    for kind, items in (("servers", servers), ("storage", storage), ("hardware", hardware),
+                        ("people", people)):
+        _versions(items, kind)
+    dated = any(f != ALWAYS_S for f, _ in energies + egresses + variables)
     return CostModel(
         currency=currency,
-        energy=EnergyPrice(_money(en, "price_per_kwh", "[energy]", 150_000), pue),
-        egress=Egress(_money(eg, "price_per_gb", "[egress]", 0),
-                      _decimal(eg, "gb", "[egress]") if "gb" in eg else None,
-                      int(_decimal(eg, "bytes_per_token", "[egress]", Decimal(200)))),
-        servers=servers,
-        storage=tuple(_storage(d, i) for i, d in enumerate(_list(doc, "storage"))),
-        hardware=hardware,
-        people=tuple(_person(d, i) for i, d in enumerate(_list(doc, "people"))),
+        energy=energies[-1][1], egress=egresses[-1][1],
+        servers=_close_versions(servers), storage=_close_versions(storage),
+        hardware=_close_versions(hardware), people=_close_versions(people),
         platform_owner_ids=frozenset(owner_ids),
-        variable_ledger_categories=frozenset(variable),
+        variable_ledger_categories=variables[-1][1],
         owners=_owners(doc.get("owners", {})),
         invoice_issuer=_name(plat, "[platform]", "invoice_issuer", "sparecycles"),
         provider=_name(plat, "[platform]", "provider", "sparecycles"),
         source=source,
+        energy_history=tuple(energies) if dated else (),
+        egress_history=tuple(egresses) if dated else (),
+        variable_history=tuple(variables) if dated else (),
     )
 
 

@@ -1,15 +1,23 @@
 """The FinOps FOCUS 1.2 export of what clients were billed, and a validator of its rules. Pure.
 
-sparecycles is the *provider*: each client is a billing account, each API key a sub-account. One
-``Usage`` row per (client, API key, model, workload, UTC day), whose cost is what the ledger
-charged for those requests less refunds made in the period; a refund of a request charged in an
-earlier billing period is a ``Correction`` row on the day it was made. Prices are list prices
-with no discount or commitment, so ListCost == ContractedCost == EffectiveCost == BilledCost.
+sparecycles is the *provider*: each client is a billing account, each API key a sub-account. A
+model's input tokens and output tokens are priced differently, so each is its own SKU (``SkuId`` =
+``SkuPriceId`` = ``<model>/input-tokens`` or ``<model>/output-tokens``; ``SkuMeter`` says which)
+with a list price per million tokens (``PricingUnit`` = ``1000000 Tokens``). One ``Usage`` row per
+(client, API key, model, workload, UTC day, SKU, list unit price): ``PricingQuantity`` is the
+charged requests' tokens in millions, so ``ListUnitPrice x PricingQuantity = ListCost`` holds
+exactly on every row; ``BilledCost`` is what the ledger charged for those tokens (each request's
+charge split between its input and output tokens in proportion to their list amounts, largest
+remainder), less refunds made in the period. A refund of a request charged in an earlier billing
+period is a ``Correction`` row on the day it was made. There is no negotiated pricing, so
+``ContractedUnitPrice`` is absent and ``ContractedCost`` equals ``ListCost``.
 
 Columns: every Mandatory column of FOCUS 1.2 (``MANDATORY``), the Conditional/Recommended
-columns that apply (``OPTIONAL``), and custom ``x_`` columns (``CUSTOM``) that carry the metering
-the reconciliation checks (node-seconds, energy). ``validate`` checks the rules listed in
-``RULES`` (docs/costs.md repeats them with the spec's wording).
+columns that apply to a provider that publishes unit prices, a price list and SKUs
+(``OPTIONAL``), and custom ``x_`` columns (``CUSTOM``) that carry the metering the reconciliation
+checks (requests, node-seconds, energy: on the row of the request's input tokens, or of its
+output tokens when it had no input). ``validate`` checks the rules listed in ``RULES``
+(docs/costs.md repeats them with the spec's wording).
 """
 
 from __future__ import annotations
@@ -17,15 +25,19 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import IO
 
+from sparecycles.costs.allocation import largest_remainder
 from sparecycles.costs.costmodel import CostModel
 from sparecycles.costs.reports import Names
-from sparecycles.costs.usage import PeriodUsage
+from sparecycles.costs.usage import JobUsage, PeriodUsage
+from sparecycles.ledger.pricing import ModelPrice
 
 FOCUS_VERSION = "1.2"
 MANDATORY: tuple[str, ...] = (
@@ -35,19 +47,30 @@ MANDATORY: tuple[str, ...] = (
     "EffectiveCost", "InvoiceIssuerName", "ListCost", "PricingQuantity", "PricingUnit",
     "ProviderName", "PublisherName", "ServiceCategory", "ServiceName",
 )
+# Conditional columns whose condition holds for sparecycles: it publishes unit prices exclusive
+# of discounts (ListUnitPrice), a price list (SkuPriceId, SkuPriceDetails) and SKUs (SkuId, hence
+# SkuMeter). ContractedUnitPrice's condition (negotiated pricing) does not hold: it is absent.
+CONDITIONAL_APPLICABLE: tuple[str, ...] = (
+    "ListUnitPrice", "SkuId", "SkuMeter", "SkuPriceDetails", "SkuPriceId",
+)
 OPTIONAL: tuple[str, ...] = (
     "BillingAccountType", "ChargeFrequency", "ConsumedQuantity", "ConsumedUnit",
-    "ContractedUnitPrice", "ListUnitPrice", "PricingCategory", "ServiceSubcategory", "SkuId",
-    "SubAccountId", "SubAccountName", "SubAccountType",
+    "ListUnitPrice", "PricingCategory", "ServiceSubcategory", "SkuId", "SkuMeter",
+    "SkuPriceDetails", "SkuPriceId", "SubAccountId", "SubAccountName", "SubAccountType",
 )
+FOCUS_COLUMNS = frozenset(MANDATORY) | frozenset(OPTIONAL) | {"ContractedUnitPrice"}
 CUSTOM: tuple[str, ...] = (
-    "x_Model", "x_Workload", "x_Requests", "x_PromptTokens", "x_CompletionTokens",
-    "x_NodeSeconds", "x_EnergyJoules", "x_EnergySources",
+    "x_Model", "x_Workload", "x_Requests", "x_NodeSeconds", "x_EnergyJoules", "x_EnergySources",
 )
 COLUMNS = MANDATORY + OPTIONAL + CUSTOM
 NOT_NULL = frozenset(MANDATORY) - {"ChargeClass", "PricingQuantity", "PricingUnit"}
+# Not null on Usage/Purchase rows that are not corrections, null on Tax rows (each column's
+# "nullability" paragraph in the spec says exactly this).
+PRICED = ("PricingQuantity", "PricingUnit", "ListUnitPrice", "ContractedUnitPrice", "SkuId",
+          "SkuPriceId")
 DECIMALS = ("BilledCost", "ContractedCost", "EffectiveCost", "ListCost", "PricingQuantity",
             "ConsumedQuantity", "ContractedUnitPrice", "ListUnitPrice")
+NON_NEGATIVE = ("ListUnitPrice", "ContractedUnitPrice")
 DATETIMES = ("BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd")
 ALLOWED: dict[str, frozenset[str]] = {
     "ChargeCategory": frozenset({"Usage", "Purchase", "Tax", "Credit", "Adjustment"}),
@@ -61,30 +84,48 @@ ALLOWED: dict[str, frozenset[str]] = {
         "Networking", "Security", "Storage", "Web", "Other"}),
 }
 RULES: tuple[str, ...] = (
-    "every Mandatory column is present; other columns are FOCUS columns or start with x_",
+    "every Mandatory column is present, and every Conditional column whose condition holds for "
+    "a provider that publishes unit prices, a price list and SKUs (ListUnitPrice, SkuId, "
+    "SkuMeter, SkuPriceId, SkuPriceDetails); other columns are FOCUS columns or start with x_",
     "BilledCost, EffectiveCost, ListCost, ContractedCost, the Billing*/Charge* period columns, "
     "BillingAccountId/Name, BillingCurrency, ChargeCategory, ChargeDescription, "
     "InvoiceIssuerName, ProviderName, PublisherName, ServiceCategory, ServiceName: not null",
     "decimals follow NumericFormat: digits, one optional '.', a leading '-' only for negatives; "
-    "no '+', exponent, comma, unit or currency symbol",
+    "no '+', exponent, comma, unit or currency symbol; unit prices are not negative",
     "date/times follow DateTimeFormat: UTC 'YYYY-MM-DDTHH:mm:ssZ'",
     "ChargePeriodStart < ChargePeriodEnd and BillingPeriodStart < BillingPeriodEnd; the charge "
     "period lies within the billing period",
     "ChargeCategory, ChargeClass, ChargeFrequency, PricingCategory, ServiceCategory: allowed "
     "values only; ChargeClass is null or 'Correction'",
     "BillingCurrency is an ISO 4217 code (three capital letters)",
-    "PricingQuantity and PricingUnit: not null for Usage/Purchase rows that are not "
-    "corrections; null for Tax rows",
+    "PricingQuantity, PricingUnit, ListUnitPrice, ContractedUnitPrice, SkuId, SkuPriceId: not "
+    "null on Usage/Purchase rows that are not corrections; null on Tax rows",
     "ConsumedQuantity: a positive decimal on Usage rows that are not corrections, null on rows "
     "that are not Usage; ConsumedUnit is not null when ConsumedQuantity is not",
     "ListCost = ListUnitPrice x PricingQuantity and ContractedCost = ContractedUnitPrice x "
-    "PricingQuantity when the unit price is not null and the row is not a correction",
+    "PricingQuantity, exactly, when the unit price is not null and the row is not a "
+    "correction; without a ContractedUnitPrice column (no negotiated pricing) ContractedCost "
+    "equals ListCost",
     "EffectiveCost equals BilledCost (no commitment discounts or prepaid amortisation here)",
     "SubAccountName is null exactly when SubAccountId is null",
+    "PricingUnit and ConsumedUnit follow UnitFormat: an optional positive integer quantity and "
+    "capitalised plural units ('1000000 Tokens', 'Tokens', 'GB-Hours')",
+    "SkuMeter is null when SkuId is null and not null when it is not; SkuPriceDetails is null "
+    "when SkuPriceId is, and otherwise a JSON object (KeyValueFormat) whose keys do not start "
+    "with 'F_' unless FOCUS defines them",
 )
 _decimal = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?$")
 _datetime = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 _currency = re.compile(r"^[A-Z]{3}$")
+_unit = re.compile(r"^([1-9][0-9]* )?[A-Z][A-Za-z]*([-/][A-Z0-9][A-Za-z0-9 ]*)?$")
+FOCUS_SKU_PRICE_KEYS = frozenset({
+    "F_Bandwidth", "F_CoreCount", "F_DiskSpace", "F_DiskType", "F_GpuCount", "F_InputOutput",
+    "F_InstanceType", "F_MemorySize", "F_OperatingSystem", "F_Redundancy", "F_Series",
+    "F_SizeClass", "F_StorageClass"})
+TOKENS_PER_PRICING_UNIT = 1_000_000  # prices are per million tokens (ledger/pricing.py)
+PRICING_UNIT = f"{TOKENS_PER_PRICING_UNIT} Tokens"
+INPUT, OUTPUT = "input", "output"
+METERS = {INPUT: "Input Tokens", OUTPUT: "Output Tokens"}
 
 Row = dict[str, str | None]
 
@@ -96,8 +137,20 @@ def money(micros: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
+def decimal_text(value: Decimal) -> str:
+    """An exact Decimal in NumericFormat: no exponent, no trailing zeros past the point."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def timestamp(t_s: float) -> str:
     return dt.datetime.fromtimestamp(t_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sku_id(model: str, part: str) -> str:
+    return f"{model}/{part}-tokens"
 
 
 @dataclass(slots=True)
@@ -106,29 +159,54 @@ class _Group:
     priced_tokens: int = 0
     tokens: int = 0
     requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     busy_us: int = 0
     energy_mj: int = 0
-    sources: set[str] | None = None
+    sources: set[str] = field(default_factory=set)
+
+
+def _price_of(job: JobUsage, usage: PeriodUsage) -> ModelPrice:
+    """The list price a request was admitted at (its hold), else the model's price now, else
+    zero (a request nobody priced: an internal one)."""
+    return job.price or usage.list_prices.get(job.model) or ModelPrice(0, 0)
+
+
+def split_charge(job: JobUsage, price: ModelPrice) -> dict[str, int]:
+    """The request's revenue (charge less refunds) split between its input and output tokens in
+    proportion to their list amounts, exactly (largest remainder; ties to input)."""
+    exact = [(INPUT, job.prompt_tokens * price.input_micros_per_mtok),
+             (OUTPUT, job.completion_tokens * price.output_micros_per_mtok)]
+    if sum(w for _, w in exact) == 0:
+        exact = [(INPUT, job.prompt_tokens), (OUTPUT, job.completion_tokens)]
+    if sum(w for _, w in exact) == 0:
+        return {INPUT: 0, OUTPUT: job.revenue_micros}
+    return largest_remainder(job.revenue_micros, exact)
 
 
 def focus_rows(usage: PeriodUsage, model: CostModel, names: Names | None = None) -> list[Row]:
     """The period's FOCUS rows, in a stable order."""
     names = names or Names()
     p = usage.period
-    groups: dict[tuple[str, str | None, str, str, str], _Group] = defaultdict(_Group)
+    Key = tuple[str, str, str, str, str, str, int]
+    groups: dict[Key, _Group] = defaultdict(_Group)
     for job in usage.jobs:
-        g = groups[(job.client_id, job.api_key_id, job.model, job.workload, p.day(job.at_s))]
-        g.billed_micros += job.revenue_micros
-        g.priced_tokens += job.tokens if job.billed else 0
-        g.tokens += job.tokens
-        g.requests += 1
-        g.prompt_tokens += job.prompt_tokens
-        g.completion_tokens += job.completion_tokens
-        g.busy_us += sum(round(a.busy_s * 1_000_000) for a in job.attempts)
-        g.energy_mj += sum(round(a.energy_j * 1000) for a in job.attempts)
-        g.sources = (g.sources or set()) | {a.energy_source for a in job.attempts}
+        price = _price_of(job, usage)
+        split = split_charge(job, price)
+        head = (job.client_id, job.api_key_id or "", job.model, job.workload, p.day(job.at_s))
+        parts = ((INPUT, job.prompt_tokens, price.input_micros_per_mtok),
+                 (OUTPUT, job.completion_tokens, price.output_micros_per_mtok))
+        meter_part = INPUT if job.prompt_tokens > 0 else OUTPUT
+        for part, tokens, unit in parts:
+            if tokens == 0 and split[part] == 0 and part != meter_part:
+                continue
+            g = groups[(*head, part, unit)]
+            g.billed_micros += split[part]
+            g.priced_tokens += tokens if job.billed else 0
+            g.tokens += tokens
+            if part == meter_part:
+                g.requests += 1
+                g.busy_us += sum(round(a.busy_s * 1_000_000) for a in job.attempts)
+                g.energy_mj += sum(round(a.energy_j * 1000) for a in job.attempts)
+                g.sources |= {a.energy_source for a in job.attempts}
     base: Row = {
         "BillingCurrency": usage.currency, "BillingPeriodStart": timestamp(p.start_s),
         "BillingPeriodEnd": timestamp(p.end_s), "InvoiceIssuerName": model.invoice_issuer,
@@ -138,29 +216,43 @@ def focus_rows(usage: PeriodUsage, model: CostModel, names: Names | None = None)
         "BillingAccountType": "Client",
     }
     out: list[Row] = []
-    for (client, key, mdl, workload, day), g in sorted(groups.items(),
-                                                       key=lambda kv: str(kv[0])):
-        if g.tokens == 0 and g.billed_micros == 0:
-            continue  # nothing consumed and nothing billed: no charge to report
+    for (client, key, mdl, workload, day, part, unit), g in sorted(groups.items()):
+        if g.tokens == 0 and g.billed_micros == 0:  # nothing consumed, nothing billed
+            # A request that consumed nothing: its metering still has to be reported, but a
+            # Usage row needs a positive ConsumedQuantity. It goes on the day's other part.
+            other = groups.get((client, key, mdl, workload, day,
+                                OUTPUT if part == INPUT else INPUT, unit))
+            if other is not None and (other.tokens or other.billed_micros):
+                other.requests += g.requests
+                other.busy_us += g.busy_us
+                other.energy_mj += g.energy_mj
+                other.sources |= g.sources
+            continue
         start = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC).timestamp()
+        qty = Decimal(g.priced_tokens) / TOKENS_PER_PRICING_UNIT
+        unit_price = Decimal(unit) / 1_000_000
+        list_cost = decimal_text(qty * unit_price)
         cost = money(g.billed_micros)
-        out.append({**base, **_account(client, key, names),
-                    "BilledCost": cost, "EffectiveCost": cost, "ListCost": cost,
-                    "ContractedCost": cost, "ChargeCategory": "Usage", "ChargeClass": None,
-                    "ChargeDescription": (f"{mdl} ({workload}): {g.requests} requests, "
-                                          f"{g.prompt_tokens} input + {g.completion_tokens} "
-                                          "output tokens"),
+        sku = sku_id(mdl, part)
+        out.append({**base, **_account(client, key or None, names),
+                    "BilledCost": cost, "EffectiveCost": cost, "ListCost": list_cost,
+                    "ContractedCost": list_cost, "ChargeCategory": "Usage", "ChargeClass": None,
+                    "ChargeDescription": (f"{mdl} ({workload}): {g.tokens} {part} tokens at "
+                                          f"{decimal_text(unit_price)} per million"),
                     "ChargePeriodStart": timestamp(start),
                     "ChargePeriodEnd": timestamp(min(start + 86_400, p.end_s)),
-                    "PricingQuantity": str(g.priced_tokens), "PricingUnit": "Tokens",
+                    "PricingQuantity": decimal_text(qty), "PricingUnit": PRICING_UNIT,
+                    "ListUnitPrice": decimal_text(unit_price),
                     "PricingCategory": "Standard", "ConsumedQuantity": str(g.tokens),
-                    "ConsumedUnit": "Tokens", "ContractedUnitPrice": None, "ListUnitPrice": None,
-                    "SkuId": mdl, "x_Model": mdl, "x_Workload": workload,
-                    "x_Requests": str(g.requests), "x_PromptTokens": str(g.prompt_tokens),
-                    "x_CompletionTokens": str(g.completion_tokens),
+                    "ConsumedUnit": "Tokens", "SkuId": sku, "SkuPriceId": sku,
+                    "SkuMeter": METERS[part],
+                    "SkuPriceDetails": json.dumps({"Model": mdl, "TokenType": part.title()},
+                                                  separators=(",", ":")),
+                    "x_Model": mdl, "x_Workload": workload,
+                    "x_Requests": str(g.requests),
                     "x_NodeSeconds": f"{g.busy_us // 1_000_000}.{g.busy_us % 1_000_000:06d}",
                     "x_EnergyJoules": f"{g.energy_mj // 1000}.{g.energy_mj % 1000:03d}",
-                    "x_EnergySources": ",".join(sorted(g.sources or ())) or None})
+                    "x_EnergySources": ",".join(sorted(g.sources)) or None})
     for c in sorted(usage.corrections, key=lambda c: (c.at_s, c.transfer_id)):
         start = dt.datetime.fromtimestamp(c.at_s, dt.UTC).replace(
             hour=0, minute=0, second=0, microsecond=0).timestamp()
@@ -173,7 +265,7 @@ def focus_rows(usage: PeriodUsage, model: CostModel, names: Names | None = None)
                                           "in an earlier billing period"),
                     "ChargePeriodStart": timestamp(start),
                     "ChargePeriodEnd": timestamp(min(start + 86_400, p.end_s)),
-                    "SkuId": c.model, "x_Model": c.model, "x_Workload": None})
+                    "x_Model": c.model, "x_Workload": None})
     return [{col: r.get(col) for col in COLUMNS} for r in out]
 
 
@@ -213,9 +305,11 @@ def read_csv(text: str) -> tuple[list[str], list[Row]]:
 
 
 def _micros(text: str) -> int:
-    whole, _, frac = text.lstrip("-").partition(".")
-    value = int(whole) * 1_000_000 + int((frac + "000000")[:6] or 0)
-    return -value if text.startswith("-") else value
+    """A FOCUS decimal of the currency in micro-units, exactly (refuses sub-micro digits)."""
+    value = Decimal(text) * 1_000_000
+    if value != value.to_integral_value():
+        raise ValueError(f"{text!r} has more than 6 decimal places")
+    return int(value)
 
 
 def _time(text: str) -> float:
@@ -225,20 +319,25 @@ def _time(text: str) -> float:
 def validate(header: Sequence[str], rows: Sequence[Mapping[str, str | None]]) -> list[str]:
     """Every broken rule (``RULES``), one line each; empty when the dataset conforms."""
     problems = [f"missing Mandatory column {c}" for c in MANDATORY if c not in header]
-    known = set(MANDATORY) | set(OPTIONAL)
+    problems += [f"missing Conditional column {c} (its condition holds: sparecycles publishes "
+                 "unit prices, a price list and SKUs)"
+                 for c in CONDITIONAL_APPLICABLE if c not in header]
     problems += [f"column {c} is neither a FOCUS column nor a custom x_ column"
-                 for c in header if c not in known and not c.startswith("x_")]
+                 for c in header if c not in FOCUS_COLUMNS and not c.startswith("x_")]
+    contracted_price = "ContractedUnitPrice" in header
     for i, r in enumerate(rows, start=1):
-        problems += [f"row {i}: {p}" for p in _row_problems(r)]
+        problems += [f"row {i}: {p}" for p in _row_problems(r, contracted_price)]
     return problems
 
 
-def _row_problems(r: Mapping[str, str | None]) -> list[str]:
+def _row_problems(r: Mapping[str, str | None], contracted_price: bool) -> list[str]:
     out = [f"{c} is null" for c in sorted(NOT_NULL) if r.get(c) is None]
     for c in DECIMALS:
         v = r.get(c)
         if v is not None and not _decimal.match(v):
             out.append(f"{c} {v!r} is not a FOCUS decimal")
+        elif v is not None and c in NON_NEGATIVE and v.startswith("-"):
+            out.append(f"{c} {v!r} is negative")
     for c in DATETIMES:
         v = r.get(c)
         if v is not None and not _datetime.match(v):
@@ -247,6 +346,10 @@ def _row_problems(r: Mapping[str, str | None]) -> list[str]:
         v = r.get(c)
         if v is not None and v not in allowed:
             out.append(f"{c} {v!r} is not an allowed value")
+    for c in ("PricingUnit", "ConsumedUnit"):
+        v = r.get(c)
+        if v is not None and not _unit.match(v):
+            out.append(f"{c} {v!r} does not follow UnitFormat")
     if out:
         return out  # the remaining rules read these values
     cur = r.get("BillingCurrency") or ""
@@ -261,14 +364,14 @@ def _row_problems(r: Mapping[str, str | None]) -> list[str]:
     if not (bs <= cs and ce <= be):
         out.append("the charge period is not within the billing period")
     category, correction = r.get("ChargeCategory"), r.get("ChargeClass") == "Correction"
+    priced = [c for c in PRICED if c in r and (c != "ContractedUnitPrice" or contracted_price)]
     if category in ("Usage", "Purchase") and not correction:
-        out += [f"{c} is null on a {category} row" for c in ("PricingQuantity", "PricingUnit")
-                if r.get(c) is None]
+        out += [f"{c} is null on a {category} row" for c in priced if r.get(c) is None]
     if category == "Tax":
-        out += [f"{c} is not null on a Tax row" for c in ("PricingQuantity", "PricingUnit")
-                if r.get(c) is not None]
+        out += [f"{c} is not null on a Tax row" for c in priced if r.get(c) is not None]
     consumed = r.get("ConsumedQuantity")
-    if category == "Usage" and not correction and (consumed is None or _micros(consumed) <= 0):
+    if category == "Usage" and not correction and (consumed is None
+                                                   or Decimal(consumed) <= 0):
         out.append("ConsumedQuantity is not a positive decimal on a Usage row")
     if category != "Usage" and consumed is not None:
         out.append("ConsumedQuantity is not null on a row that is not Usage")
@@ -278,15 +381,36 @@ def _row_problems(r: Mapping[str, str | None]) -> list[str]:
     for price_col, cost_col in (("ListUnitPrice", "ListCost"),
                                 ("ContractedUnitPrice", "ContractedCost")):
         price = r.get(price_col)
-        if price is not None and qty is not None and not correction:
-            exact = _micros(price) * _micros(qty)  # micros^2
-            if exact != _micros(r[cost_col] or "0") * 1_000_000:
-                out.append(f"{cost_col} is not {price_col} x PricingQuantity")
+        if (price is not None and qty is not None and not correction
+                and Decimal(price) * Decimal(qty) != Decimal(r[cost_col] or "0")):
+            out.append(f"{cost_col} is not {price_col} x PricingQuantity")
+    if (not contracted_price and not correction
+            and Decimal(r.get("ContractedCost") or "0") != Decimal(r.get("ListCost") or "0")):
+        out.append("ContractedCost differs from ListCost with no negotiated pricing "
+                   "(no ContractedUnitPrice column)")
     if r.get("EffectiveCost") != r.get("BilledCost"):
         out.append("EffectiveCost differs from BilledCost with no commitment to amortise")
     if (r.get("SubAccountId") is None) != (r.get("SubAccountName") is None):
         out.append("SubAccountName and SubAccountId are not null together")
+    if "SkuMeter" in r and (r.get("SkuId") is None) != (r.get("SkuMeter") is None):
+        out.append("SkuMeter is null exactly when SkuId is not (it follows SkuId)")
+    details = r.get("SkuPriceDetails")
+    if details is not None:
+        if r.get("SkuPriceId") is None:
+            out.append("SkuPriceDetails is not null while SkuPriceId is null")
+        out += _key_value_problems(details)
     return out
+
+
+def _key_value_problems(text: str) -> list[str]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return [f"SkuPriceDetails {text!r} is not a JSON object (KeyValueFormat)"]
+    if not isinstance(obj, dict):
+        return [f"SkuPriceDetails {text!r} is not a JSON object (KeyValueFormat)"]
+    return [f"SkuPriceDetails key {k!r} starts with F_ but is not a FOCUS-defined property"
+            for k in obj if k.startswith("F_") and k not in FOCUS_SKU_PRICE_KEYS]
 
 
 def billed_micros(rows: Iterable[Mapping[str, str | None]]) -> int:

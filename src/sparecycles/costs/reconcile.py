@@ -17,6 +17,7 @@ from typing import Any
 from sparecycles.costs import focus
 from sparecycles.costs.allocation import OWNER_PAYOUTS, Allocation
 from sparecycles.costs.reports import CostReport
+from sparecycles.costs.usage import OrphanPosting
 from sparecycles.ledger.pricing import ModelPrice, charge_micros, format_money
 
 mismatches_listed_max = 20  # jobs named in a failing line; the count covers all
@@ -92,7 +93,7 @@ class Reconciliation:
 
 
 def _sum_decimal(rows: Sequence[Mapping[str, str | None]], col: str) -> Decimal:
-    return sum((Decimal(r[col] or "0") for r in rows), Decimal(0))
+    return sum((Decimal(r.get(col) or "0") for r in rows), Decimal(0))
 
 
 def _charge_problems(charges: Sequence[ChargeFacts]) -> tuple[int, int, list[str]]:
@@ -118,9 +119,20 @@ def _charge_problems(charges: Sequence[ChargeFacts]) -> tuple[int, int, list[str
     return expected, posted, problems
 
 
+def money_exact(value: Decimal) -> str:
+    """A list amount that may hold sub-micro digits (tokens x a price per million)."""
+    return focus.decimal_text(value)
+
+
 def reconcile(alloc: Allocation, report: CostReport, focus_csv: str, metered: MeteredTotals,
-              ledger: LedgerTotals, charges: Sequence[ChargeFacts]) -> Reconciliation:
-    """Put the four sources side by side; ``ok`` only when every line agrees."""
+              ledger: LedgerTotals, charges: Sequence[ChargeFacts],
+              orphans: Sequence[OrphanPosting] = ()) -> Reconciliation:
+    """Put the four sources side by side; ``ok`` only when every line agrees.
+
+    ``focus_csv`` is the export as a file holds it (``costs reconcile --focus-file`` reads the
+    file that was sent; without it, the export made now, through its CSV text). ``orphans`` are
+    the ledger's postings of the period with no request row, read on their own path: any makes
+    the reconciliation fail, since no metering explains them."""
     cur = report.currency
     header, rows = focus.read_csv(focus_csv)
     usage_rows = [r for r in rows if r.get("ChargeClass") != "Correction"]
@@ -130,11 +142,18 @@ def reconcile(alloc: Allocation, report: CostReport, focus_csv: str, metered: Me
     def money(m: int) -> str:
         return format_money(m)  # the currency is the reconciliation's
 
+    # a header or rows that cannot be read as FOCUS make the checks below meaningless: say so
+    if not set(focus.MANDATORY) <= set(header):
+        return Reconciliation(report.period, cur, (Check(
+            "FOCUS file readable", "", "", f"{len(rows)} rows", "", False,
+            "not a FOCUS export: missing " + ", ".join(
+                c for c in focus.MANDATORY if c not in header)),))
     tokens_focus = int(_sum_decimal(usage_rows, "ConsumedQuantity"))
     checks.append(Check("tokens, all requests", f"{metered.tokens:,}", "", f"{tokens_focus:,}",
                         f"{report.totals.tokens:,}",
                         metered.tokens == tokens_focus == report.totals.tokens))
-    billed_focus = int(_sum_decimal(usage_rows, "PricingQuantity"))
+    billed_focus = int(_sum_decimal(usage_rows, "PricingQuantity")
+                       * focus.TOKENS_PER_PRICING_UNIT)
     checks.append(Check("tokens, charged requests", f"{metered.billed_tokens:,}", "",
                         f"{billed_focus:,}", "", metered.billed_tokens == billed_focus))
     expected, posted, problems = _charge_problems(charges)
@@ -144,6 +163,14 @@ def reconcile(alloc: Allocation, report: CostReport, focus_csv: str, metered: Me
         "; ".join(problems[:mismatches_listed_max])
         + (f" (+{len(problems) - mismatches_listed_max} more)"
            if len(problems) > mismatches_listed_max else "")))
+    list_focus = _sum_decimal(usage_rows, "ListCost")
+    list_expected = sum((Decimal(f.prompt_tokens * f.price.input_micros_per_mtok
+                                 + f.completion_tokens * f.price.output_micros_per_mtok)
+                         / 10**12 for f in charges
+                         if f.price is not None and f.charged_micros is not None),
+                        Decimal(0))
+    checks.append(Check("list cost = charged tokens x admission prices", money_exact(
+        list_expected), "", money_exact(list_focus), "", list_focus == list_expected))
     revenue_ledger = ledger.charged_micros - ledger.withheld_micros - ledger.corrections_micros
     revenue_focus = focus.billed_micros(rows)
     checks.append(Check("revenue (charges - refunds)", "", money(revenue_ledger),
@@ -186,6 +213,12 @@ def reconcile(alloc: Allocation, report: CostReport, focus_csv: str, metered: Me
                         f"{report.totals.requests:,}",
                         metered.jobs == report.totals.requests
                         == sum(int(r["x_Requests"] or 0) for r in usage_rows)))
+    orphan_n = sum(o.count for o in orphans)
+    checks.append(Check(
+        "ledger postings with no request row", "", f"{orphan_n:,}", "",
+        f"{sum(o.count for o in report.orphans):,}", orphan_n == 0,
+        "; ".join(f"{o.count:,} {o.kind} of {money(o.amount_micros)} (jobs "
+                  f"{', '.join(o.job_ids[:5])})" for o in orphans)))
     conserved = (alloc.allocated_micros + alloc.idle_micros + alloc.unallocated_micros
                  == alloc.total_micros == report.total_cost_micros)
     checks.append(Check("allocated + idle + unallocated = total cost", "", "", "",

@@ -32,7 +32,7 @@ from sparecycles.costs.allocation import (
 )
 from sparecycles.costs.costmodel import CostModel
 from sparecycles.costs.economics import NodeEconomics, owner_economics
-from sparecycles.costs.usage import JobUsage, PeriodUsage
+from sparecycles.costs.usage import JobUsage, OrphanPosting, PeriodUsage
 from sparecycles.errors import invariant
 
 requests_shown_default = 50  # requests listed in a report (the most costly); totals cover all
@@ -143,6 +143,15 @@ class CostReport:
     requests: tuple[Row, ...]  # the most costly, at most ``requests_shown``
     pools: tuple[Pool, ...]
     owners: tuple[NodeEconomics, ...]
+    orphans: tuple[OrphanPosting, ...] = ()  # ledger postings with no request row
+    # inference costs by category: variable (scale with volume) and fixed base (the fixed
+    # part of inference COGS with the idle capacity and unallocated inference/base costs of
+    # each category)
+    variable_by_category: Mapping[str, int] = field(default_factory=dict)
+    base_by_category: Mapping[str, int] = field(default_factory=dict)
+    opex_by_workload: Mapping[str, int] = field(default_factory=dict)  # training, rnd: all of it
+    inference_requests: int = 0
+    energy_j_by_source: Mapping[str, float] = field(default_factory=dict)  # all attempts
 
     @property
     def revenue_micros(self) -> int:
@@ -217,6 +226,15 @@ class CostReport:
             "pools": [{"name": p.name, "category": p.category, "total_micros": p.total_micros,
                        "basis": p.basis} for p in self.pools],
             "owners": [o.as_dict() for o in self.owners],
+            "inference_costs": {"variable_micros": dict(sorted(self.variable_by_category.items())),
+                                "base_micros": dict(sorted(self.base_by_category.items())),
+                                "opex_micros": dict(sorted(self.opex_by_workload.items())),
+                                "inference_requests": self.inference_requests},
+            "energy_j_by_source": {k: round(v, 3)
+                                   for k, v in sorted(self.energy_j_by_source.items())},
+            "orphan_postings": [{"kind": o.kind, "count": o.count,
+                                 "amount_micros": o.amount_micros, "job_ids": list(o.job_ids)}
+                                for o in self.orphans],
         }
 
 
@@ -266,6 +284,7 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
                  names: Names | None = None, *,
                  requests_shown: int = requests_shown_default) -> CostReport:
     """The report of ``alloc`` (made by ``allocate(usage, model)``)."""
+    model = model.for_period(usage.period.start_s)  # the rates in effect that month
     names = names or Names()
     nodes = usage.nodes
     total = Row("total", "all requests")
@@ -291,6 +310,8 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
                 r.energy_j += a.energy_j
     opex_alloc: dict[str, int] = defaultdict(int)
     variable_inference = inference_fixed = 0
+    var_by: dict[str, int] = defaultdict(int)
+    base_by: dict[str, int] = defaultdict(int)
     for unit, cats in alloc.units.items():
         job = alloc.jobs.get(unit[0])
         invariant(job is not None, f"cost allocated to an unknown request {unit[0]}")
@@ -305,12 +326,24 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
             if w == "inference":
                 variable_inference += amount if var else 0
                 inference_fixed += 0 if var else amount
+                (var_by if var else base_by)[cat] += amount
             else:
                 opex_alloc[w] += amount
     unallocated: dict[str, dict[str, int]] = defaultdict(dict)
     for (cat, w), amount in sorted(alloc.unallocated.items()):
         unallocated[w][cat] = amount
     un_by = {w: sum(c.values()) for w, c in unallocated.items()}
+    # a budget line is the category's whole month, whether a request, idle capacity or
+    # nobody carried it (the P&L of --wide keeps them apart)
+    for cat, amount in alloc.idle.items():
+        base_by[cat] += amount
+    for w in ("inference", BASE):
+        for cat, amount in unallocated.get(w, {}).items():
+            base_by[cat] += amount
+    energy_by: dict[str, float] = defaultdict(float)
+    for job in usage.jobs:
+        for a in job.attempts:
+            energy_by[a.energy_source] += a.energy_j
     fixed = {
         "training_micros": opex_alloc["training"] + un_by.get("training", 0),
         "rnd_micros": opex_alloc["rnd"] + un_by.get("rnd", 0),
@@ -341,5 +374,9 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
         by_customer=customers.sorted(by_cost), by_model=models.sorted(), by_day=days.sorted(),
         by_node=node_rows.sorted(by_cost), by_device_class=classes.sorted(),
         requests=requests.sorted(by_cost)[:max(0, requests_shown)], pools=alloc.pools,
-        owners=tuple(owner_economics(usage, model)),
+        owners=tuple(owner_economics(usage, model)), orphans=usage.orphans,
+        variable_by_category={k: v for k, v in var_by.items() if v},
+        base_by_category={k: v for k, v in base_by.items() if v},
+        opex_by_workload={"training": fixed["training_micros"], "rnd": fixed["rnd_micros"]},
+        inference_requests=len(inference_jobs), energy_j_by_source=dict(energy_by),
     )

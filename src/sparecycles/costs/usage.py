@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparecycles.errors import InvalidRequest
+from sparecycles.ledger.pricing import ModelPrice
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class JobUsage:
     attempts: tuple[AttemptUsage, ...] = ()
     api_key_id: str | None = None
     posted: bool = False  # the ledger posted a charge (also true whenever charge_micros > 0)
+    price: ModelPrice | None = None  # the list price it was admitted at (its hold); None: no hold
 
     @property
     def billed(self) -> bool:
@@ -138,6 +140,18 @@ class Correction:
 
 
 @dataclass(frozen=True, slots=True)
+class OrphanPosting:
+    """A ledger transfer of the period that speaks of a request (a post, earning, fee or
+    withhold) but has no ``jobs`` row to belong to: money nobody's metering explains. Summed by
+    kind; the report shows it and the reconciliation fails while there is any."""
+
+    kind: str
+    count: int
+    amount_micros: int
+    job_ids: tuple[str, ...] = ()  # a few of them, for the operator to look up
+
+
+@dataclass(frozen=True, slots=True)
 class PeriodUsage:
     period: Period
     currency: str = "USD"
@@ -145,5 +159,7 @@ class PeriodUsage:
     ledger_costs: tuple[LedgerCost, ...] = ()
     corrections: tuple[Correction, ...] = ()
     nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
+    list_prices: Mapping[str, ModelPrice] = field(default_factory=dict)  # model -> price now
+    orphans: tuple[OrphanPosting, ...] = ()
 
 

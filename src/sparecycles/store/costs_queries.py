@@ -11,9 +11,11 @@ of an earlier period they are corrections.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, exists, func, select
+from sqlalchemy import Engine, and_, case, exists, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from sparecycles.costs.allocation import (
@@ -28,21 +30,56 @@ from sparecycles.costs.allocation import (
 )
 from sparecycles.costs.reconcile import ChargeFacts, LedgerTotals, MeteredTotals
 from sparecycles.costs.reports import Names
+from sparecycles.costs.usage import OrphanPosting
 from sparecycles.errors import InvalidRequest
 from sparecycles.ledger.engine import holder_of
 from sparecycles.ledger.pricing import ModelPrice
 from sparecycles.store.core_tables import ApiKey, Client, JobAttempt, JobRow, Node
-from sparecycles.store.ledger_tables import LedgerHold, LedgerTransfer
+from sparecycles.store.costs_tables import CostClose
+from sparecycles.store.ledger_tables import LedgerHold, LedgerPrice, LedgerTransfer
 
 J, AT, N = JobRow.__table__, JobAttempt.__table__, Node.__table__
-TR, H = LedgerTransfer.__table__, LedgerHold.__table__
+TR, H, LP = LedgerTransfer.__table__, LedgerHold.__table__, LedgerPrice.__table__
+CC = CostClose.__table__
 period_jobs_max = 5_000_000  # a report holds a period's jobs in memory; beyond this, split it
+orphan_ids_listed_max = 20  # job ids named per kind of orphan posting
 _ended = ("done", "failed")
+_request_kinds = ("post", "earning", "fee", "withhold")  # transfers that speak of a request
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedMonth:
+    period: str
+    currency: str
+    closed_at_s: float
+    report_json: str
+    focus_csv: str
+    cost_model_source: str
+    cost_model_text: str
 
 
 class CostQueries:
     def __init__(self, sessions: sessionmaker | Engine):
         self.engine: Engine = sessions if isinstance(sessions, Engine) else sessions.kw["bind"]
+
+    def closed_month(self, period: str) -> ClosedMonth | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(CC).where(CC.c.period == period)).first()
+        return None if row is None else ClosedMonth(*row)
+
+    def close_month(self, closed: ClosedMonth) -> bool:
+        """Freeze a month; False when it was closed already (a month is closed once: the
+        primary key decides between two closes at the same time)."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(CostClose).values(
+                    period=closed.period, currency=closed.currency,
+                    closed_at_s=closed.closed_at_s, report_json=closed.report_json,
+                    focus_csv=closed.focus_csv, cost_model_source=closed.cost_model_source,
+                    cost_model_text=closed.cost_model_text))
+        except IntegrityError:
+            return False
+        return True
 
     @staticmethod
     def _in_period(period: Period) -> Any:
@@ -60,6 +97,12 @@ class CostQueries:
             if (n or 0) > period_jobs_max:
                 raise InvalidRequest(f"{n} jobs in {period.label}: more than {period_jobs_max}")
             jobs = c.execute(select(J).where(self._in_period(period)).order_by(J.c.id)).all()
+            held = dict((r[0], ModelPrice(int(r[1]), int(r[2]))) for r in c.execute(
+                select(H.c.job_id, H.c.input_micros_per_mtok, H.c.output_micros_per_mtok)
+                .where(H.c.job_id.in_(ids))).all())
+            listed = {r[0]: ModelPrice(int(r[1]), int(r[2])) for r in c.execute(
+                select(LP.c.model, LP.c.input_micros_per_mtok, LP.c.output_micros_per_mtok)
+                .where(LP.c.currency == currency)).all()}
             attempts = c.execute(select(AT).where(AT.c.job_id.in_(ids))
                                  .order_by(AT.c.job_id, AT.c.attempt)).all()
             others = c.scalars(select(TR.c.currency).distinct().where(
@@ -113,7 +156,7 @@ class CostQueries:
                 completion_tokens=int(j.completion_tokens or 0),
                 charge_micros=charged.get(j.id, 0), refund_micros=refunded.get(j.id, 0),
                 earnings=tuple(earnings.get(j.id, ())), attempts=tuple(by_job.get(j.id, ())),
-                api_key_id=j.api_key_id, posted=j.id in charged)
+                api_key_id=j.api_key_id, posted=j.id in charged, price=held.get(j.id))
             for j in jobs)
         corrections = tuple(
             Correction(t.id, t.job_id or "", t.client_id or "", t.model or "",
@@ -128,7 +171,29 @@ class CostQueries:
         infos = {n.id: NodeInfo(n.id, n.owner_id, n.name, n.device_class,
                                 n.profile if isinstance(n.profile, dict) else {})
                  for n in nodes}
-        return PeriodUsage(period, currency, out_jobs, ledger_costs, corrections, infos)
+        return PeriodUsage(period, currency, out_jobs, ledger_costs, corrections, infos,
+                           listed, tuple(self.orphan_postings(period, currency)))
+
+    def orphan_postings(self, period: Period, currency: str) -> list[OrphanPosting]:
+        """Transfers of the period that speak of a request (post, earning, fee, withhold) with
+        no ``jobs`` row: no job id, or one the jobs table does not have. Money that the
+        metering cannot explain; without this query both the report and the reconciliation,
+        which start from the jobs, would never see it."""
+        has_job = exists().where(J.c.id == TR.c.job_id)
+        where = and_(TR.c.kind.in_(_request_kinds), TR.c.currency == currency,
+                     TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s,
+                     (TR.c.job_id.is_(None)) | ~has_job)
+        with self.engine.connect() as c:
+            sums = c.execute(select(TR.c.kind, func.count(),
+                                    func.coalesce(func.sum(TR.c.amount_micros), 0))
+                             .where(where).group_by(TR.c.kind).order_by(TR.c.kind)).all()
+            out = []
+            for kind, n, amount in sums:
+                ids = c.scalars(select(TR.c.job_id).distinct().where(where, TR.c.kind == kind)
+                                .order_by(TR.c.job_id).limit(orphan_ids_listed_max)).all()
+                out.append(OrphanPosting(kind, int(n), int(amount),
+                                         tuple(i or "(none)" for i in ids)))
+        return out
 
     def names(self) -> Names:
         with self.engine.connect() as c:

@@ -174,19 +174,21 @@ def _print_money(console: Console, net: LocalNetwork, store: Any) -> None:
 
 
 def _print_costs(console: Console, store: Any) -> None:
-    """This month's cost report: what the requests cost, and the fixed costs they must carry."""
-    from sparecycles.cli.costs import print_report
+    """This month's cost view: unit economics on variable cost, the fixed costs budgeted for
+    the month against what has accrued, run-rate and break-even (``costs report``'s view)."""
+    from pathlib import Path
+
+    from sparecycles.cli.costs import print_month
     from sparecycles.costs.costmodel import load_cost_model
-    from sparecycles.costs.period import period_costs
+    from sparecycles.costs.period import month_report
 
     model = load_cost_model()
     period = time.strftime("%Y-%m", time.gmtime())
-    costs = period_costs(store.sessions, period, model, requests_shown=6)
-    console.rule(f"cost of compute, {period} (cost model: {model.source})")
-    print_report(costs.report, console)
-    console.print("[dim]A month in progress carries its whole month of fixed costs, so a "
-                  "handful of demo requests shows a large loss; `sparecycles costs report` "
-                  "recomputes this for any month.[/dim]")
+    body, _ = month_report(store.sessions, period, model, time.time(), requests_shown=0)
+    console.rule(f"cost of compute, {period} (cost model: {Path(model.source).name})")
+    print_month(body, console)
+    console.print("[dim]`sparecycles costs report --wide` shows every breakdown; the fixed "
+                  "costs come from the cost model (examples/costs.toml).[/dim]")
 
 
 def _spinner(console: Console) -> Progress:

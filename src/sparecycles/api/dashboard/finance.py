@@ -3,16 +3,56 @@ base costs and break-even, and the reconciliation, from the cost engine's report
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 from sparecycles.api.dashboard import charts as ch
 from sparecycles.api.dashboard.views import period_costs_cached
+from sparecycles.costs.month import month_view, sig
+
+
+def month_tables(m: dict[str, Any]) -> dict[str, Any]:
+    """The month view (costs/month.py) as the rows ``costs report`` prints, for the page."""
+    u, f, rr, be = m["unit"], m["fixed"], m["run_rate"], m["break_even"]
+
+    def per(label: str, x: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (label, sig(x["total_micros"]), sig(x["per_mtok_micros"]),
+                sig(x["per_request_micros"]))
+
+    unit = [per("price (revenue)", u["price"])]
+    unit += [per(x["line"] + (f" ({u['energy']['label']})" if x["line"] == "energy" else ""),
+                 x) for x in u["variable_lines"]]
+    unit += [per("variable cost", u["variable"]), per("contribution", u["contribution"])]
+    margin = u["contribution_margin_pct"]
+    loaded = m["fully_loaded_per_mtok_micros"]
+    fixed = [(x["line"], sig(x["budget_micros"]), sig(x["accrued_micros"]))
+             for x in f["base_lines"] + f["opex_lines"]]
+    fixed.append(("fixed base, total", sig(f["budget_micros"]), sig(f["accrued_micros"])))
+    run = [("revenue, month at this rate", sig(rr["revenue_micros"])),
+           ("contribution, month at this rate", sig(rr["contribution_micros"])),
+           ("result after the fixed budget", sig(rr["result_micros"])),
+           ("tokens, month at this rate", "-" if rr["tokens"] is None else f"{rr['tokens']:,}"),
+           ("break-even, tokens a month", "never" if be["tokens_per_month"] is None
+            else f"{be['tokens_per_month']:,}"),
+           ("fully loaded per million tokens, at this rate", sig(loaded["at_run_rate"])),
+           ("fully loaded per million tokens, at break-even", sig(loaded["at_break_even"]))]
+    if (a := m.get("absorbed")) is not None:
+        run += [(f"COGS per request, {a['label']}", sig(a["per_request_micros"])),
+                ("COGS per million tokens, absorbed", sig(a["per_mtok_micros"]))]
+    return {"status": m["status"], "unit": unit,
+            "margin": "n/a" if margin is None else f"{margin:.1f}%", "fixed": fixed,
+            "run": run, "energy_share": u["energy"]["share_of_variable_pct"]}
 
 
 def finance(coord: Any, period: str, now_s: float) -> dict[str, Any]:
     pc, rec = period_costs_cached(coord, period, now_s)
     r = pc.report
+    from sparecycles.store.costs_queries import CostQueries
+
+    frozen = CostQueries(coord.store.sessions).closed_month(period)
+    month = (json.loads(frozen.report_json)["month"] if frozen is not None
+             else month_view(r, pc.usage.period.start_s, pc.usage.period.end_s, now_s))
     cur = r.currency
     by_day = {row.key: row for row in r.by_day}
     xs = [d for d in pc.usage.period.days() if d <= ch.day(now_s) or d in by_day]
@@ -62,7 +102,8 @@ def finance(coord: Any, period: str, now_s: float) -> dict[str, Any]:
             for row in rows]
     fixed = [(name.removesuffix("_micros").replace("_", " "), ch.money(v, cur))
              for name, v in r.fixed_base_micros.items()]
-    return {"period": period, "stats": stats, "charts": charts, "tables": {
+    return {"period": period, "stats": stats, "charts": charts, "month": month_tables(month),
+            "tables": {
         "mtok": mtok, "fixed": fixed, "fixed_total": ch.money(r.fixed_base_total_micros, cur),
         "break_even": (f"{r.break_even_tokens_per_month:,} tokens per month"
                        if r.break_even_tokens_per_month is not None
