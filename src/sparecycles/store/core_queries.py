@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
 from sparecycles.store import costs_tables as _costs_schema  # noqa: F401  (registers tables)
+from sparecycles.store import dashboard_tables as _dashboard_schema  # noqa: F401  (registers tables)
 from sparecycles.store import ledger_tables as _ledger_schema  # noqa: F401  (registers tables)
 from sparecycles.store import trust_tables as _trust_schema  # noqa: F401  (registers tables)
 from sparecycles.store.core_tables import (
