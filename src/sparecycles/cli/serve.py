@@ -14,7 +14,7 @@ import typer
 
 from sparecycles import limits
 from sparecycles.cli.common import console, friendly, setup_logging
-from sparecycles.settings import CoordinatorSettings, NodeSettings, load_toml, parse_model_args
+from sparecycles.settings import CoordinatorSettings, NodeSettings, parse_model_args
 
 
 def coordinator(
@@ -27,7 +27,7 @@ def coordinator(
     config: Path = typer.Option(None, "--config", help="TOML file with a [coordinator] table"),
     placement_wait_s: float = typer.Option(None, help="Seconds a job may wait for a node"),
     replica_id: str = typer.Option(None, help="Name of this replica"),
-    log_level: str = typer.Option("info"),
+    log_level: str = typer.Option(None, help="debug, info, warning or error [info]"),
 ) -> None:
     """Run the coordinator: the OpenAI-compatible API and the node protocol."""
     import uvicorn
@@ -38,7 +38,7 @@ def coordinator(
         "host": host, "port": port, "database": database, "bus": bus, "models": model or None,
         "placement_wait_s": placement_wait_s, "replica_id": replica_id, "log_level": log_level,
     }.items() if v is not None}
-    settings = CoordinatorSettings(**{**load_toml(config).get("coordinator", {}), **flags})
+    settings = CoordinatorSettings.from_sources(config, **flags)
     setup_logging(settings.log_level)
     app = create_app(settings)
     tune_gc()
@@ -103,11 +103,10 @@ def node(
         "electricity_price": electricity_price, "hardware_price": hardware_price,
         "hardware_life_h": hardware_life_h,
     }.items() if v is not None}
-    file_cfg = load_toml(config).get("node", {})
-    if availability is not None:
+    if availability is not None:  # a file named by a flag: as strong as a flag
         with open(availability, "rb") as f:
-            file_cfg["availability"] = tomllib.load(f).get("availability", {})
-    settings = NodeSettings(**{**file_cfg, **flags})
+            flags["availability"] = tomllib.load(f).get("availability", {})
+    settings = NodeSettings.from_sources(config, **flags)
     setup_logging(log_level)
     with _errors():
         asyncio.run(_run_node(settings, cheat))
