@@ -16,6 +16,9 @@ from sparecycles import limits
 from sparecycles.cli.common import console, friendly, setup_logging
 from sparecycles.settings import CoordinatorSettings, NodeSettings, parse_model_args
 
+# Help texts are rich markup: a literal "[word]" is written "\[word]" or rich takes it for a style
+# and prints nothing ("[127.0.0.1]" and "[8000]" are no style names and print as they are).
+
 
 def coordinator(
     host: str = typer.Option(None, help="Address to listen on [127.0.0.1]"),
@@ -24,10 +27,10 @@ def coordinator(
     bus: str = typer.Option(
         None, help="memory (default, one replica) or nats://host:4222 (several replicas)"),
     model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE, repeatable"),
-    config: Path = typer.Option(None, "--config", help="TOML file with a [coordinator] table"),
+    config: Path = typer.Option(None, "--config", help=r"TOML file with a \[coordinator] table"),
     placement_wait_s: float = typer.Option(None, help="Seconds a job may wait for a node"),
     replica_id: str = typer.Option(None, help="Name of this replica"),
-    log_level: str = typer.Option(None, help="debug, info, warning or error [info]"),
+    log_level: str = typer.Option(None, help=r"debug, info, warning or error \[info]"),
 ) -> None:
     """Run the coordinator: the OpenAI-compatible API and the node protocol."""
     import uvicorn
@@ -84,7 +87,7 @@ def node(
     duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
     availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
-    config: Path = typer.Option(None, "--config", help="TOML file with a [node] table"),
+    config: Path = typer.Option(None, "--config", help=r"TOML file with a \[node] table"),
     reprofile: bool = typer.Option(False, help="Measure the device again"),
     electricity_price: str = typer.Option(None, help="Your tariff per kWh, e.g. 0.30"),
     hardware_price: str = typer.Option(None, help="What the device cost you, e.g. 1500.00"),
