@@ -74,6 +74,12 @@ def test_policy_and_limits_forms() -> None:
                                  "drain_grace_s": "10", "only_while_charging": "on"})
     assert policy["utc_offset_minutes"] == -300 and policy["owner_load_max"] == 0.8
     assert policy["only_while_charging"] and not policy["only_on_ac_power"]
+    assert policy["time_zone"] == ""
+    zoned = forms.parse_policy({"windows": "22:00-07:00", "time_zone": " Europe/Berlin "})
+    assert zoned["time_zone"] == "Europe/Berlin"
+    assert forms.policy_form_values(zoned)["time_zone"] == "Europe/Berlin"
+    with pytest.raises(InvalidRequest, match="time zone"):
+        forms.parse_policy({"time_zone": "Mars/Olympus_Mons"})
     with pytest.raises(InvalidRequest):
         forms.parse_policy({"owner_load_max_pct": "150"})
     with pytest.raises(InvalidRequest):

@@ -93,3 +93,14 @@ def test_node_flags_beat_environment_beat_file(
     s = _node_settings(monkeypatch, "--config", str(config), "--name", "from-flag")
     assert s.name == "from-flag" and s.jobs_max == 6 and s.duty_cycle == 0.5
     assert s.stream_interval_ms == 10.0
+
+
+def test_node_time_zone_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_config_env: None
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[availability]\nwindows = [[1320, 420]]\n")
+    s = _node_settings(monkeypatch, "--availability", str(policy), "--time-zone", "Europe/Berlin")
+    assert s.availability == {"windows": [[1320, 420]], "time_zone": "Europe/Berlin"}
+    result = CliRunner().invoke(app, ["node", "--time-zone", "Europe/Atlantis"])
+    assert result.exit_code == 1 and "unknown time zone" in result.output

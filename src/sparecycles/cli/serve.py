@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from sparecycles import limits
+from sparecycles.availability import check_time_zone
 from sparecycles.cli.common import console, friendly, setup_logging
 from sparecycles.settings import CoordinatorSettings, NodeSettings, parse_model_args
 
@@ -86,7 +87,10 @@ def node(
         None, help="Send tokens at most this often after the first (default 10; 0: each alone)"),
     duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
-    availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
+    availability: Path = typer.Option(
+        None, help=r"TOML file with an \[availability] table (the owner's policy)"),
+    time_zone: str = typer.Option(
+        None, help="IANA time zone of the availability windows, e.g. Europe/Berlin"),
     config: Path = typer.Option(None, "--config", help=r"TOML file with a \[node] table"),
     reprofile: bool = typer.Option(False, help="Measure the device again"),
     electricity_price: str = typer.Option(None, help="Your tariff per kWh, e.g. 0.30"),
@@ -110,8 +114,12 @@ def node(
         with open(availability, "rb") as f:
             flags["availability"] = tomllib.load(f).get("availability", {})
     settings = NodeSettings.from_sources(config, **flags)
+    if time_zone is not None:
+        settings.availability = {**settings.availability, "time_zone": time_zone}
     setup_logging(log_level)
     with _errors():
+        if zone := settings.availability.get("time_zone"):  # before minutes of profiling
+            check_time_zone(str(zone))
         asyncio.run(_run_node(settings, cheat))
 
 
