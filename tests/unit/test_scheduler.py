@@ -277,8 +277,8 @@ def test_a_memo_is_bounded_and_forgets_another_config() -> None:
     assert len(memo) == 8
     schedule([job(out=50)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)  # an equal config
     assert len(memo) == 8  # every score was found
-    schedule([job(out=400)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)  # 16 > 10: cleared
-    assert len(memo) == 6
+    schedule([job(out=400)], nodes, MODELS, NOW, SchedulerConfig(), memo=memo)  # 16 > 10
+    assert len(memo) == 10  # the least recently used went, one at a time; the rest stayed
     schedule([job(out=400)], nodes, MODELS, NOW, SchedulerConfig(group_candidates=2), memo=memo)
     assert len(memo) == 8  # a different config: nothing of the old one is reused
 
