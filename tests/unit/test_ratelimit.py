@@ -38,7 +38,7 @@ def test_a_clock_going_backwards_refills_nothing() -> None:
     assert wait == pytest.approx(1.0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.floats(0, 5), min_size=1, max_size=100),
        st.floats(0.1, 10), st.integers(1, 10))
 def test_a_bucket_never_admits_more_than_burst_plus_rate_times_time(

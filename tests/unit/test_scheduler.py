@@ -243,7 +243,7 @@ def test_best_node_found_within_a_large_group() -> None:
     assert placed(schedule([job()], nodes, MODELS, NOW)) == {"j1": "n13"}
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     rounds=st.integers(2, 8),
@@ -355,7 +355,7 @@ POLICY = st.sampled_from(["fastest", "cheapest-within-deadline", "random", "roun
                           "least-loaded"])  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(
     policy=POLICY,
     actives=st.lists(st.integers(0, 4), min_size=1, max_size=12),
