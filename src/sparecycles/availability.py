@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sparecycles.types import AvailabilityPolicy
 
@@ -42,9 +44,36 @@ class DeviceStatus:
 # --- now -----------------------------------------------------------------------------------
 
 
+def check_time_zone(name: str) -> str:
+    """``name`` if it is an IANA time zone this machine's tz database knows, else ValueError."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a plain zone key
+        raise ValueError(f"unknown time zone {name[:64]!r}: use an IANA name such as "
+                         "Europe/Berlin") from None
+    return name
+
+
 def local_minute(policy: AvailabilityPolicy, now_s: float) -> float:
     """Minute of the owner's local day (0 <= m < 1440) at UTC epoch second ``now_s``."""
-    return (now_s / 60.0 + policy.utc_offset_minutes) % MINUTES_PER_DAY
+    if not policy.time_zone:
+        return (now_s / 60.0 + policy.utc_offset_minutes) % MINUTES_PER_DAY
+    local = datetime.fromtimestamp(now_s, ZoneInfo(policy.time_zone))
+    return local.hour * 60 + local.minute + (local.second + local.microsecond / 1e6) / 60.0
+
+
+def _seconds_until(policy: AvailabilityPolicy, now_s: float, minute: float, target: float
+                   ) -> float:
+    """Seconds from ``now_s`` (local ``minute`` of today) until local minute ``target`` of
+    today (beyond 1440 or below 0: another day), counted on the owner's wall clock: across a
+    daylight-saving change the night is an hour shorter or longer. A wall time that the change
+    skips or repeats is read with the offset before the change (``fold=0``)."""
+    if not policy.time_zone:
+        return (target - minute) * 60.0
+    zone = ZoneInfo(policy.time_zone)
+    today = datetime.fromtimestamp(now_s, zone)
+    wall = datetime(today.year, today.month, today.day) + timedelta(minutes=target)
+    return wall.replace(tzinfo=zone).timestamp() - now_s
 
 
 def _window_segments(policy: AvailabilityPolicy) -> list[tuple[float, float]]:
@@ -78,7 +107,9 @@ def window_remaining_s(policy: AvailabilityPolicy, now_s: float) -> float:
                 extended = True
         if end - minute >= MINUTES_PER_DAY:
             return math.inf
-    return (end - minute) * 60.0
+    if end == minute:
+        return 0.0
+    return max(0.0, _seconds_until(policy, now_s, minute, end))
 
 
 def window_wait_s(policy: AvailabilityPolicy, now_s: float) -> float:
@@ -87,10 +118,13 @@ def window_wait_s(policy: AvailabilityPolicy, now_s: float) -> float:
     if not policy.windows:
         return 0.0
     minute = local_minute(policy, now_s)
-    waits = [s - minute for s, e in _window_segments(policy) if e > minute]
-    if not waits:
+    starts = [s for s, e in _window_segments(policy) if e > minute]
+    if not starts:
         return math.inf
-    return max(0.0, min(waits)) * 60.0
+    start = min(starts)
+    if start <= minute:
+        return 0.0
+    return max(0.0, _seconds_until(policy, now_s, minute, start))
 
 
 def in_window(policy: AvailabilityPolicy, now_s: float) -> bool:

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 # --- client API boundary -------------------------------------------------------------------
 request_body_bytes_max = 1_000_000
+# A body over the limit is still read (and dropped) before the 413 goes out, up to these: a client
+# that sends its whole body before it reads (Python's urllib) otherwise sees a reset, not the 413.
+# Past them the 413 goes out with the connection closed.
+request_body_drain_bytes_max = 32 * 1024 * 1024
+request_body_drain_s_max = 10.0
 messages_per_request_max = 256
 message_chars_max = 200_000
 stop_sequences_max = 4

@@ -1,19 +1,28 @@
 """One settings object per role, from flags, environment (``SPARECYCLES_*``) and a TOML file.
 
 Precedence, highest first: command-line flags, environment variables, the TOML file named by
-``--config`` or ``SPARECYCLES_CONFIG``, then the defaults below. Every field is documented here
-and in ``docs/configuration.md``.
+``--config`` or ``SPARECYCLES_CONFIG`` (its ``[coordinator]`` or ``[node]`` table), then the
+defaults below. ``from_sources`` builds a settings object in that order with pydantic-settings'
+own sources (init arguments for the flags, the environment, ``TomlConfigSettingsSource``), so the
+order is pydantic-settings' and not a merge of dicts. Every field is documented here and in
+README.md's "Configuration".
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from sparecycles import limits
 
@@ -26,8 +35,61 @@ def default_database_url() -> str:
     return os.environ.get("SPARECYCLES_DATABASE") or f"sqlite:///{default_data_dir()}/sparecycles.db"
 
 
-class CoordinatorSettings(BaseSettings):
+config_env = "SPARECYCLES_CONFIG"
+
+
+def config_path(path: Path | None = None) -> Path | None:
+    """The TOML file to read: ``path`` (the ``--config`` flag), else ``SPARECYCLES_CONFIG``."""
+    if path is not None:
+        return path
+    named = os.environ.get(config_env)
+    return Path(named) if named else None
+
+
+class _RoleSettings(BaseSettings):
+    """Settings of one role, read from flags > environment > the role's TOML table > defaults."""
+
+    toml_table: ClassVar[str]
+
+    @classmethod
+    def from_sources(cls, config: Path | None = None, **flags: Any) -> Self:
+        """The settings from ``flags`` (only those given: leave out a flag that was not set),
+        the environment, the ``[toml_table]`` table of ``config`` (or of ``SPARECYCLES_CONFIG``)
+        and the defaults, highest first."""
+        token = _toml_file.set(config_path(config))
+        try:
+            return cls(**flags)
+        finally:
+            _toml_file.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_file.get()
+        if path is not None:
+            with open(path, "rb") as f:  # a missing file is an error, not an empty config
+                has_table = cls.toml_table in tomllib.load(f)
+            if has_table:  # a file may configure only the other role
+                sources.append(TomlConfigSettingsSource(
+                    settings_cls, toml_file=path, toml_table_header=(cls.toml_table,)))
+        return tuple(sources)
+
+
+# The TOML file of the settings being built by ``from_sources`` (a plain constructor call reads
+# none: flags, environment and defaults only).
+_toml_file: ContextVar[Path | None] = ContextVar("sparecycles_toml_file", default=None)
+
+
+class CoordinatorSettings(_RoleSettings):
     model_config = SettingsConfigDict(env_prefix="SPARECYCLES_", extra="ignore")
+    toml_table: ClassVar[str] = "coordinator"
 
     database: str = Field(default_factory=default_database_url)
     """SQLAlchemy URL: ``sqlite:///path`` (default, embedded) or ``postgresql://…``."""
@@ -57,8 +119,9 @@ class CoordinatorSettings(BaseSettings):
     log_level: str = "info"
 
 
-class NodeSettings(BaseSettings):
+class NodeSettings(_RoleSettings):
     model_config = SettingsConfigDict(env_prefix="SPARECYCLES_NODE_", extra="ignore")
+    toml_table: ClassVar[str] = "node"
 
     coordinator: str = "http://127.0.0.1:8000"
     token: str = ""
@@ -90,15 +153,6 @@ class NodeSettings(BaseSettings):
     """What the device cost the owner, e.g. ``1500.00`` (for its wear per busy hour)."""
     hardware_life_h: float = 0.0
     """Busy hours the owner expects the device to last (0: the device class's default)."""
-
-
-def load_toml(path: Path | None) -> dict[str, Any]:
-    """The ``[coordinator]`` / ``[node]`` tables of a TOML config file, or {} without one."""
-    path = path or (Path(p) if (p := os.environ.get("SPARECYCLES_CONFIG")) else None)
-    if path is None:
-        return {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 def parse_model_args(entries: list[str]) -> dict[str, str]:

@@ -133,11 +133,15 @@ class AvailabilityPolicy:
     """When an owner lets the device work. All conditions must hold.
 
     ``windows`` are (start_minute, end_minute) of the owner's local day, end exclusive; a window
-    that wraps midnight has start > end. Empty means "any time".
+    that wraps midnight has start > end. Empty means "any time". The local day is that of
+    ``time_zone`` (an IANA name such as ``Europe/Berlin``, daylight saving included) when it is
+    set, else UTC shifted by ``utc_offset_minutes`` all year round (policies written before
+    time zones existed; such a window slips an hour at each daylight-saving change).
     """
 
     windows: tuple[tuple[int, int], ...] = ()
     utc_offset_minutes: int = 0
+    time_zone: str = ""  # IANA time zone of the windows; "" means utc_offset_minutes
     only_on_ac_power: bool = False
     only_while_charging: bool = False  # e.g. a parked car lends its computer only while charging
     owner_load_max: float = 1.0  # the owner's own CPU/GPU load, 0..1, above which we yield

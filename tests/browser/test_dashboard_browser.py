@@ -171,6 +171,7 @@ def test_finance_page_and_focus_export(page: Any, net: Any) -> None:
         assert _points(page, name) > 0, f"{name} shows no data"
     body = page.inner_text("main")
     assert "break-even volume" in body and "gaming-pc" in body and "laptop" in body
+    assert "(costs.toml)" in body and "/costs.toml" not in body  # a name, not a local path
     with page.expect_download() as dl:
         page.click("text=Download FOCUS export (CSV)")
     text = open(dl.value.path(), encoding="utf-8").read()  # noqa: SIM115

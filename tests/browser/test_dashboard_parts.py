@@ -74,6 +74,12 @@ def test_policy_and_limits_forms() -> None:
                                  "drain_grace_s": "10", "only_while_charging": "on"})
     assert policy["utc_offset_minutes"] == -300 and policy["owner_load_max"] == 0.8
     assert policy["only_while_charging"] and not policy["only_on_ac_power"]
+    assert policy["time_zone"] == ""
+    zoned = forms.parse_policy({"windows": "22:00-07:00", "time_zone": " Europe/Berlin "})
+    assert zoned["time_zone"] == "Europe/Berlin"
+    assert forms.policy_form_values(zoned)["time_zone"] == "Europe/Berlin"
+    with pytest.raises(InvalidRequest, match="time zone"):
+        forms.parse_policy({"time_zone": "Mars/Olympus_Mons"})
     with pytest.raises(InvalidRequest):
         forms.parse_policy({"owner_load_max_pct": "150"})
     with pytest.raises(InvalidRequest):
@@ -122,3 +128,28 @@ def test_buckets_percentiles_and_months() -> None:
     empty = ch.figure([], "time (UTC)", "nodes")
     assert empty["layout"]["xaxis"]["title"]["text"] == "time (UTC)"
     assert empty["layout"]["annotations"][0]["text"].startswith("no data")
+
+
+def test_the_finance_page_names_the_cost_model_not_its_path(tmp_path, monkeypatch) -> None:
+    """The page (and the screenshots taken of it) shows the cost model's file name, never the
+    absolute path of the machine the coordinator runs on."""
+    from sparecycles.api.dashboard.finance import finance
+    from sparecycles.costs.costmodel import SHIPPED_EXAMPLE
+    from sparecycles.ledger.pricing import PriceBook
+    from sparecycles.ledger.service import Ledger
+
+    model = tmp_path / "secret-dir" / "acme-costs.toml"
+    model.parent.mkdir()
+    model.write_text(SHIPPED_EXAMPLE.read_text())
+    monkeypatch.setenv("SPARECYCLES_COST_MODEL", str(model))
+    s = Store("sqlite://")
+    s.create_all()
+
+    class Coord:  # what the finance page reads of a coordinator
+        store = s
+        ledger = Ledger(s.sessions, prices=PriceBook.default())
+
+    now = time.time()
+    data = finance(Coord(), time.strftime("%Y-%m", time.gmtime(now)), now)
+    assert data["tables"]["cost_model"] == "acme-costs.toml"
+    assert "secret-dir" not in repr(data)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import calendar
 import math
 
 import numpy as np
 import pytest
 
 from sparecycles import availability as av
+from sparecycles.coordinator.node_conn import policy_from_dict
 from sparecycles.types import AvailabilityPolicy
 
 HOUR = 3600.0
@@ -48,6 +50,48 @@ def test_utc_offset_shifts_the_local_day() -> None:
     assert av.in_window(office, at(7))
     assert not av.in_window(office, at(16))
     assert av.local_minute(office, at(7)) == pytest.approx(9 * 60)
+
+
+def utc(*ymdhm: int) -> float:
+    return float(calendar.timegm((*ymdhm, 0)))
+
+
+def test_windows_follow_the_owners_time_zone_across_daylight_saving() -> None:
+    """Europe/Berlin is UTC+1 in winter, UTC+2 from 2026-03-29 to 2026-10-25: a window of
+    09:00-17:00 local starts an hour earlier in UTC in summer, and a night window that spans
+    the change is an hour shorter (March) or longer (October)."""
+    office = policy_from_dict({"windows": [[9 * 60, 17 * 60]], "time_zone": "Europe/Berlin"})
+    assert av.in_window(office, utc(2026, 3, 27, 8, 30))  # 09:30 CET
+    assert not av.in_window(office, utc(2026, 3, 27, 7, 30))  # 08:30 CET
+    assert av.in_window(office, utc(2026, 3, 30, 7, 30))  # 09:30 CEST
+    assert not av.in_window(office, utc(2026, 3, 30, 15, 30))  # 17:30 CEST
+    assert av.local_minute(office, utc(2026, 3, 30, 7, 30)) == pytest.approx(9 * 60 + 30)
+    assert av.window_remaining_s(office, utc(2026, 3, 30, 14, 0)) == pytest.approx(HOUR)
+    assert av.window_wait_s(office, utc(2026, 3, 30, 6, 0)) == pytest.approx(HOUR)
+    assert av.in_window(office, utc(2026, 10, 26, 8, 30))  # 09:30 CET again
+    assert not av.in_window(office, utc(2026, 10, 26, 7, 30))
+
+    nights = policy_from_dict({"windows": [[22 * 60, 7 * 60]], "time_zone": "Europe/Berlin"})
+    # 22:00 CET on 28 March to 07:00 CEST on 29 March: 8 hours, not 9
+    assert av.window_remaining_s(nights, utc(2026, 3, 28, 21, 0)) == pytest.approx(8 * HOUR)
+    assert not av.in_window(nights, utc(2026, 3, 29, 5, 0))  # 07:00 CEST
+    # 22:00 CEST on 24 October to 07:00 CET on 25 October: 10 hours
+    assert av.window_remaining_s(nights, utc(2026, 10, 24, 20, 0)) == pytest.approx(10 * HOUR)
+    assert av.in_window(nights, utc(2026, 10, 25, 5, 30))  # 06:30 CET
+    assert av.window_wait_s(nights, utc(2026, 10, 25, 6, 0)) == pytest.approx(15 * HOUR)
+
+
+def test_a_policy_with_an_offset_keeps_its_fixed_offset() -> None:
+    old = policy_from_dict({"windows": [[9 * 60, 17 * 60]], "utc_offset_minutes": 60})
+    assert av.in_window(old, utc(2026, 3, 30, 8, 30))  # 09:30 at UTC+1, all year round
+    assert not av.in_window(old, utc(2026, 3, 30, 7, 30))
+
+
+def test_an_unknown_time_zone_is_refused() -> None:
+    with pytest.raises(ValueError, match="time zone"):
+        policy_from_dict({"windows": [[0, 60]], "time_zone": "Europe/Atlantis"})
+    with pytest.raises(ValueError, match="time zone"):
+        policy_from_dict({"time_zone": "../../etc/passwd"})
 
 
 def test_every_condition_must_hold() -> None:

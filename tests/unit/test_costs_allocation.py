@@ -171,7 +171,7 @@ def _expected_non_energy_total(usage: PeriodUsage, model: CostModel) -> int:
     return total + _half_up(gb * eg.price_per_gb_micros)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(usages(), cost_models())
 def test_allocation_conserves_the_period_total_exactly(usage, model):
     alloc = allocate(usage, model)

@@ -237,6 +237,6 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=40, deadline=None,
+    stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestLedgerProperties = LedgerMachine.TestCase

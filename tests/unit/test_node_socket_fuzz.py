@@ -78,7 +78,7 @@ messages = st.one_of(
 ).map(lambda m: m if isinstance(m, str) else json.dumps(m))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
 @given(frames=st.lists(messages, min_size=1, max_size=frames_per_example_max))
 def test_a_hostile_node_cannot_crash_or_stall_the_coordinator(coordinator, frames) -> None:
     client, coord, token = coordinator

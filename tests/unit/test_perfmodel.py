@@ -123,7 +123,7 @@ def test_presets_behave_plausibly() -> None:
     assert not pm.fits(MODEL_PRESETS["llama-3-8b"], DEVICE_PRESETS["gaming-pc"], 1, 1)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(
     batch=st.integers(1, 256),
     context=st.integers(0, 8192),

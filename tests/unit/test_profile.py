@@ -53,19 +53,47 @@ def test_cache_from_other_hardware_is_ignored(tmp_path: Path) -> None:
     assert prof.load_cached(cache, {**fp, "cpu_cores": fp["cpu_cores"] + 1}) is None
 
 
-def test_real_measurement_is_plausible() -> None:
-    """A short real run: bandwidth and FLOP/s of this machine's CPU, within broad bounds."""
-    bandwidth = prof.measure_cpu_bandwidth(0.2, nbytes=32 * 1024 * 1024)
-    flops = prof.measure_cpu_flops(0.2, n=256)
-    assert 1e8 < bandwidth < 1e13
-    assert 1e8 < flops < 1e15
+def _clock(monkeypatch: pytest.MonkeyPatch, *seconds: float) -> list[int]:
+    """Replace the profiler's timer: each timed call still runs, and takes ``seconds`` in turn
+    (round and round). Unit tests assert what is computed from timings, never a speed: how fast
+    this machine is belongs in ``bench/profile_device.py``. Returns the count of timed calls."""
+    calls = [0]
+
+    def timed(fn, sync=lambda: None) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        calls[0] += 1
+        return seconds[(calls[0] - 1) % len(seconds)]
+
+    monkeypatch.setattr(prof, "_timed", timed)
+    return calls
+
+
+def test_bandwidth_and_flops_are_computed_from_the_best_try(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy machine slows some tries: the best of them counts."""
+    _clock(monkeypatch, 0.9, 0.2, 0.5)
+    nbytes = 1 << 20
+    # a copy reads and writes every byte: 2 * nbytes per try, best 0.2 s (numpy's and torch's)
+    assert prof.measure_cpu_bandwidth(60.0, nbytes=nbytes) == pytest.approx(2 * nbytes / 0.2)
+    calls = _clock(monkeypatch, 0.9, 0.25, 0.5)
+    assert prof.measure_cpu_flops(60.0, n=64) == pytest.approx(2 * 64**3 / 0.25)
+    assert calls[0] == prof.matmul_tries
     assert prof.cpu_cores() >= 1 and prof.ram_bytes() > 0
 
 
-def test_linear_layers_by_rows_are_measured() -> None:
-    rows = prof.measure_cpu_matmul_rows(0.2, rows=(1, 8), n=128, stack_bytes=1 << 20)
+def test_linear_layers_by_rows_are_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One (rows, FLOP/s) per row count, in order: the FLOPs of every layer of the stack (as
+    many n x n layers as fill ``stack_bytes``, at least 2) over the best of the tries."""
+    _clock(monkeypatch, 0.5, 0.125, 0.25)
+    n, stack_bytes = 128, 1 << 20
+    layers = stack_bytes // (n * n * 4)  # 16
+    rows = prof.measure_cpu_matmul_rows(60.0, rows=(1, 8), n=n, stack_bytes=stack_bytes)
     assert [r for r, _ in rows] == [1, 8]
-    assert all(1e7 < flops < 1e15 for _, flops in rows)
+    for r, flops in rows:
+        assert flops == pytest.approx(2.0 * r * n * n * layers / 0.125)
+    few = prof.measure_cpu_matmul_rows(60.0, rows=(2,), n=n, stack_bytes=1)  # stack of 2
+    assert few[0][1] == pytest.approx(2.0 * 2 * n * n * 2 / 0.125)
 
 
 def test_overhead_terms_are_recovered_from_step_times() -> None:
@@ -84,8 +112,7 @@ def test_overhead_terms_are_recovered_from_step_times() -> None:
 
 
 def test_engine_overhead_is_measured_on_the_real_engine() -> None:
+    """Five terms, none negative, from real passes of the engine (how large they are on this
+    machine is a measurement: bench/profile_device.py)."""
     terms = overhead.measure_engine_overhead(0.1)
-    assert min(terms) >= 0.0
-    step, layer, seq, seq_layer, ctx_layer = terms
-    per_pass_s = step + 8 * layer + seq + 8 * (seq_layer + 100 * ctx_layer)  # 8 layers, 1 seq
-    assert 1e-5 < per_pass_s < 1.0
+    assert len(terms) == 5 and min(terms) >= 0.0

@@ -66,7 +66,7 @@ def test_too_many_tokens_in_one_message() -> None:
         protocol.decode_node_message(raw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.one_of(
     st.binary(max_size=300),
     st.text(max_size=300),

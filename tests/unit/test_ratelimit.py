@@ -38,7 +38,7 @@ def test_a_clock_going_backwards_refills_nothing() -> None:
     assert wait == pytest.approx(1.0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.floats(0, 5), min_size=1, max_size=100),
        st.floats(0.1, 10), st.integers(1, 10))
 def test_a_bucket_never_admits_more_than_burst_plus_rate_times_time(
@@ -129,3 +129,28 @@ async def test_gate_reads_the_clients_own_dashboard_limits(gate) -> None:
     await g.admit(key_id, "j1", "tiny", 10, 10)
     with pytest.raises(RateLimited):
         await g.admit(key_id, "j2", "tiny", 10, 10)
+
+
+async def test_a_full_gate_forgets_one_key_not_every_keys_bucket(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``keys_tracked_max`` keys the least recently used key's state goes, one at a time:
+    the others keep their spent buckets (a cache that emptied when full gave every key a full
+    burst again)."""
+    from sparecycles.coordinator import admission
+
+    monkeypatch.setattr(admission, "keys_tracked_max", 4)
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_all()
+    db = TrustQueries(store.sessions)
+    g = KeyGate(db, Ledger(store.sessions, prices=PriceBook.default()), clock=lambda: T0)
+    keys = [store.create_api_key("acme", f"k{i}")[0] for i in range(6)]
+    for key_id in keys:
+        db.set_key_policy(key_id, KeyPolicy(requests_per_minute=1, burst=1))
+    for i, key_id in enumerate(keys[:4]):
+        await g.admit(key_id, f"j{i}", "tiny", 10, 10)
+        g.release(f"j{i}")
+    await g.admit(keys[4], "j4", "tiny", 10, 10)  # a fifth key: the bound is passed
+    for i, key_id in enumerate(keys[1:4], start=1):  # their bursts stay spent
+        with pytest.raises(RateLimited) as info:
+            await g.admit(key_id, f"again{i}", "tiny", 10, 10)
+        assert info.value.code == "rate_limit_exceeded"

@@ -65,7 +65,7 @@ def test_the_lower_bound_is_a_5pct_quantile() -> None:
     assert honesty_lower_bound(t) == pytest.approx(0.05**0.5, abs=1e-9)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.booleans(), max_size=60))
 def test_posterior_bookkeeping(outcomes: list[bool]) -> None:
     t = _run(outcomes)

@@ -60,7 +60,7 @@ def test_text_that_might_start_a_stop_string_is_held_back(tok) -> None:
     assert ts.finish().endswith("EN")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(st.text(min_size=1, max_size=60), st.integers(1, 5))
 def test_any_text_round_trips(tok, text, chunk) -> None:
     ids = tok.encode(text)

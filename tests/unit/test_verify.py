@@ -160,7 +160,7 @@ def test_tolerance_follows_the_models_precision() -> None:
     assert verify.tolerance_for(2.0) is verify.DEFAULT_TOLERANCE
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.floats(-20, 0), st.floats(0, 1e-6)), min_size=1, max_size=64),
        st.sampled_from([0.0, 0.7, 1.0]))
 def test_honest_work_always_passes(rows: list[tuple[float, float]], temperature: float) -> None:

@@ -8,6 +8,8 @@ internals.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -18,6 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sparecycles import limits
 from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
 from sparecycles.store.db import transient_store_errors
 
@@ -114,7 +117,17 @@ def install(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit_bytes`` with 413 before they are read into memory."""
+    """Refuse bodies over ``limit_bytes`` with 413 in OpenAI's error shape, never holding more
+    than the limit in memory.
+
+    The rest of an oversized body is read and dropped before the 413 goes out (up to
+    ``limits.request_body_drain_bytes_max`` and ``request_body_drain_s_max``): a client that
+    sends the whole body before it reads the answer (Python's urllib) otherwise finds the socket
+    reset under it and never sees the 413. A declared length beyond the drain bound, or a client
+    waiting for ``100 Continue``, is answered at once. A body that grows past the limit as it
+    streams (no length declared) stops the app; whatever the app makes of its cut-off body (a
+    400 "error parsing the body") is dropped and the 413 sent instead.
+    """
 
     def __init__(self, app: ASGIApp, limit_bytes: int):
         self.app, self.limit_bytes = app, limit_bytes
@@ -123,35 +136,46 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit_bytes:
-            await self._reject(send)
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
+            drained = (not waits and int(declared) <= limits.request_body_drain_bytes_max
+                       and await _drain(receive, 0))
+            await self._reject(send, close=not drained)
             return
         seen = 0
         started = False
+        too_large = False
+        drained = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large, drained
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit_bytes:
+                    too_large = True
+                    drained = not message.get("more_body") or await _drain(receive, seen)
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if too_large and not started:
+                return  # the app's answer to a body it never got whole: the 413 replaces it
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
+        with contextlib.suppress(_TooLarge):  # the app may also catch it and answer (dropped)
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
+        if too_large and not started:
+            await self._reject(send, close=not drained)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, *, close: bool = False) -> None:
         resp = JSONResponse(
             error_body(
                 f"Request body exceeds the limit of {self.limit_bytes} bytes.",
@@ -159,8 +183,29 @@ class BodySizeLimit:
                 code="request_too_large",
             ),
             status_code=413,
+            headers={"Connection": "close"} if close else None,
         )
         await resp({"type": "http"}, _empty_receive, send)
+
+
+async def _drain(receive: Receive, seen_bytes: int) -> bool:
+    """Read and drop the rest of a request's body; True once it has all been read, False when
+    the client went away or the drain bounds (``limits.request_body_drain_*``) were reached."""
+    deadline = asyncio.get_running_loop().time() + limits.request_body_drain_s_max
+    while seen_bytes <= limits.request_body_drain_bytes_max:
+        left_s = deadline - asyncio.get_running_loop().time()
+        if left_s <= 0:
+            return False
+        try:
+            message = await asyncio.wait_for(receive(), left_s)
+        except TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        seen_bytes += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return True
+    return False
 
 
 class _TooLarge(Exception):

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sparecycles.errors import SpareCyclesError
 from sparecycles.settings import default_database_url
@@ -40,10 +41,10 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except SpareCyclesError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
+        err_console.print(f"[red]error:[/red] {escape(exc.message)}")
         raise typer.Exit(1) from None
     except (OSError, ValueError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 

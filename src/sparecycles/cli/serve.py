@@ -13,8 +13,12 @@ from typing import Any
 import typer
 
 from sparecycles import limits
+from sparecycles.availability import check_time_zone
 from sparecycles.cli.common import console, friendly, setup_logging
-from sparecycles.settings import CoordinatorSettings, NodeSettings, load_toml, parse_model_args
+from sparecycles.settings import CoordinatorSettings, NodeSettings, parse_model_args
+
+# Help texts are rich markup: a literal "[word]" is written "\[word]" or rich takes it for a style
+# and prints nothing ("[127.0.0.1]" and "[8000]" are no style names and print as they are).
 
 
 def coordinator(
@@ -24,10 +28,10 @@ def coordinator(
     bus: str = typer.Option(
         None, help="memory (default, one replica) or nats://host:4222 (several replicas)"),
     model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE, repeatable"),
-    config: Path = typer.Option(None, "--config", help="TOML file with a [coordinator] table"),
+    config: Path = typer.Option(None, "--config", help=r"TOML file with a \[coordinator] table"),
     placement_wait_s: float = typer.Option(None, help="Seconds a job may wait for a node"),
     replica_id: str = typer.Option(None, help="Name of this replica"),
-    log_level: str = typer.Option("info"),
+    log_level: str = typer.Option(None, help=r"debug, info, warning or error \[info]"),
 ) -> None:
     """Run the coordinator: the OpenAI-compatible API and the node protocol."""
     import uvicorn
@@ -38,7 +42,7 @@ def coordinator(
         "host": host, "port": port, "database": database, "bus": bus, "models": model or None,
         "placement_wait_s": placement_wait_s, "replica_id": replica_id, "log_level": log_level,
     }.items() if v is not None}
-    settings = CoordinatorSettings(**{**load_toml(config).get("coordinator", {}), **flags})
+    settings = CoordinatorSettings.from_sources(config, **flags)
     setup_logging(settings.log_level)
     app = create_app(settings)
     tune_gc()
@@ -83,8 +87,11 @@ def node(
         None, help="Send tokens at most this often after the first (default 10; 0: each alone)"),
     duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
-    availability: Path = typer.Option(None, help="TOML file with the owner's availability"),
-    config: Path = typer.Option(None, "--config", help="TOML file with a [node] table"),
+    availability: Path = typer.Option(
+        None, help=r"TOML file with an \[availability] table (the owner's policy)"),
+    time_zone: str = typer.Option(
+        None, help="IANA time zone of the availability windows, e.g. Europe/Berlin"),
+    config: Path = typer.Option(None, "--config", help=r"TOML file with a \[node] table"),
     reprofile: bool = typer.Option(False, help="Measure the device again"),
     electricity_price: str = typer.Option(None, help="Your tariff per kWh, e.g. 0.30"),
     hardware_price: str = typer.Option(None, help="What the device cost you, e.g. 1500.00"),
@@ -103,13 +110,16 @@ def node(
         "electricity_price": electricity_price, "hardware_price": hardware_price,
         "hardware_life_h": hardware_life_h,
     }.items() if v is not None}
-    file_cfg = load_toml(config).get("node", {})
-    if availability is not None:
+    if availability is not None:  # a file named by a flag: as strong as a flag
         with open(availability, "rb") as f:
-            file_cfg["availability"] = tomllib.load(f).get("availability", {})
-    settings = NodeSettings(**{**file_cfg, **flags})
+            flags["availability"] = tomllib.load(f).get("availability", {})
+    settings = NodeSettings.from_sources(config, **flags)
+    if time_zone is not None:
+        settings.availability = {**settings.availability, "time_zone": time_zone}
     setup_logging(log_level)
     with _errors():
+        if zone := settings.availability.get("time_zone"):  # before minutes of profiling
+            check_time_zone(str(zone))
         asyncio.run(_run_node(settings, cheat))
 
 

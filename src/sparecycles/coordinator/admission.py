@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from sparecycles import limits
 from sparecycles.coordinator import ratelimit
 from sparecycles.coordinator.ratelimit import Bucket, KeyPolicy
@@ -29,7 +31,9 @@ from sparecycles.store.trust_queries import TrustQueries
 policy_cache_s = 5.0  # a limit an admin or a client sets applies within this
 spend_cache_s = 5.0
 prices_cache_s = 1.0  # the price book used to estimate a request's hold (as the ledger's cache)
-keys_tracked_max = 100_000  # keys with state in memory; beyond it the caches start over
+# Keys with state in memory; beyond it the least recently used key's state is forgotten (its
+# bucket refills, its policy and spending are read again), one key at a time.
+keys_tracked_max = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +48,11 @@ class KeyGate:
     def __init__(self, db: TrustQueries, ledger: Ledger, *,
                  clock: Callable[[], float] = time.time):
         self.db, self.ledger, self.clock = db, ledger, clock
-        self._policies: dict[str, tuple[float, KeyPolicy]] = {}
-        self._buckets: dict[str, Bucket] = {}
+        self._policies: LRUCache[str, tuple[float, KeyPolicy]] = LRUCache(keys_tracked_max)
+        self._buckets: LRUCache[str, Bucket] = LRUCache(keys_tracked_max)
         self._in_flight: dict[str, dict[str, int]] = {}  # key -> job -> hold
-        self._spent: dict[tuple[str, float], tuple[float, int]] = {}  # (key, period start)
+        # (key, period start) -> (read at, spent)
+        self._spent: LRUCache[tuple[str, float], tuple[float, int]] = LRUCache(keys_tracked_max)
         self._tickets: dict[str, Ticket] = {}
         self._prices: tuple[float, pricing.PriceBook] | None = None
 
@@ -55,8 +60,6 @@ class KeyGate:
         now = self.clock()
         hit = self._policies.get(key_id)
         if hit is None or now - hit[0] > policy_cache_s:
-            if len(self._policies) >= keys_tracked_max:
-                self._policies.clear()
             admin, rpm, month = await asyncio.to_thread(self.db.key_policy, key_id)
             hit = (now, ratelimit.combine(admin, rpm, month))
             self._policies[key_id] = hit
@@ -100,8 +103,6 @@ class KeyGate:
                                   "be exceeded by this request.", retry_after_s=wait_s,
                                   code="budget_exceeded")
         if bucket is not None:
-            if len(self._buckets) >= keys_tracked_max:
-                self._buckets.clear()
             self._buckets[key_id] = bucket
         self._in_flight.setdefault(key_id, {})[job_id] = hold
         ticket = Ticket(key_id, job_id, hold, policy.trusted_only)
@@ -136,8 +137,6 @@ class KeyGate:
         now = self.clock()
         hit = self._spent.get((key_id, start_s))
         if hit is None or now - hit[0] > spend_cache_s:
-            if len(self._spent) >= keys_tracked_max:
-                self._spent.clear()
             hit = (now, await asyncio.to_thread(self.db.key_spent_since, key_id, start_s))
             self._spent[(key_id, start_s)] = hit
         return hit[1]

@@ -37,6 +37,8 @@ def policy_from_dict(data: dict[str, Any]) -> AvailabilityPolicy:
     clean = {k: v for k, v in data.items() if k in known}
     if "windows" in clean:
         clean["windows"] = tuple((int(a), int(b)) for a, b in clean["windows"])
+    if clean.get("time_zone"):
+        clean["time_zone"] = availability.check_time_zone(str(clean["time_zone"]))
     return AvailabilityPolicy(**clean)
 
 

@@ -10,9 +10,12 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
+
+from cachetools import TTLCache
 
 from sparecycles import modelfiles
 from sparecycles.coordinator.admission import KeyGate
@@ -33,7 +36,7 @@ from sparecycles.types import ModelSpec
 
 log = logging.getLogger("sparecycles.coordinator.service")
 key_cache_ttl_s = 5.0  # a revoked key stops working within this
-key_cache_entries_max = 10_000
+key_cache_entries_max = 10_000  # past it the least recently used key is looked up again
 wal_checkpoint_interval_s = 1.0  # SQLite's WAL is checkpointed off the requests' path this often
 
 
@@ -56,7 +59,11 @@ class Coordinator:
         self.started_at_s = time.time()
         self._sampler: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        self._keys: dict[str, tuple[float, ApiKeyInfo | None]] = {}
+        # secret -> its key (None: no such key), for key_cache_ttl_s; written by the threads
+        # that look keys up and read on the event loop, hence the lock
+        self._keys: TTLCache[str, ApiKeyInfo | None] = TTLCache(
+            maxsize=key_cache_entries_max, ttl=key_cache_ttl_s, timer=time.monotonic)
+        self._keys_lock = threading.Lock()
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.migrate)
@@ -159,24 +166,24 @@ class Coordinator:
 
     def forget_keys(self) -> None:
         """Drop cached key lookups (a key was revoked): it stops working at once."""
-        self._keys.clear()
+        with self._keys_lock:
+            self._keys.clear()
 
     def cached_key(self, secret: str) -> tuple[bool, ApiKeyInfo | None]:
         """(whether the cache answered, its answer), without touching the database: cheap
         enough for the event loop, so a request with a known key costs no hop to a thread."""
-        hit = self._keys.get(secret)
-        if hit is not None and time.monotonic() - hit[0] < key_cache_ttl_s:
-            return True, hit[1]
-        return False, None
+        with self._keys_lock:
+            try:
+                return True, self._keys[secret]
+            except KeyError:  # never seen, expired or evicted
+                return False, None
 
     def authenticate(self, secret: str) -> ApiKeyInfo | None:
         """Look up a key, caching answers briefly so a request costs no query in the common case."""
         cached, info = self.cached_key(secret)
         if cached:
             return info
-        now = time.monotonic()
         info = self.store.authenticate_key(secret)
-        if len(self._keys) >= key_cache_entries_max:
-            self._keys.clear()
-        self._keys[secret] = (now, info)
+        with self._keys_lock:
+            self._keys[secret] = info  # when full, the least recently used entry goes
         return info

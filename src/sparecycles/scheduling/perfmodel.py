@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
+
+from cachetools import LRUCache
 
 from sparecycles.types import DeviceProfile, ModelSpec
 
@@ -298,8 +301,10 @@ def costs(
     )
 
 
-_costs_by_identity: dict[tuple[int, int, int], tuple[object, object, object, Costs]] = {}
-costs_by_identity_max = 65_536  # distinct (model, device) pairs remembered; then start afresh
+costs_by_identity_max = 65_536  # distinct (model, device) pairs remembered, least recent out
+_costs_by_identity: LRUCache[tuple[int, int, int], tuple[object, object, object, Costs]] = (
+    LRUCache(costs_by_identity_max))
+_costs_lock = threading.Lock()  # an LRU cache reorders itself on every read
 
 
 def costs_of(
@@ -309,13 +314,13 @@ def costs_of(
     dataclasses costs more than the prediction. The entry keeps the objects alive, so an id is
     never reused while it is remembered."""
     key = (id(spec), id(profile), id(calib))
-    hit = _costs_by_identity.get(key)
+    with _costs_lock:
+        hit = _costs_by_identity.get(key)
     if hit is not None:
         return hit[3]
-    if len(_costs_by_identity) >= costs_by_identity_max:
-        _costs_by_identity.clear()
     c = costs(spec, profile, calib)
-    _costs_by_identity[key] = (spec, profile, calib, c)
+    with _costs_lock:
+        _costs_by_identity[key] = (spec, profile, calib, c)
     return c
 
 

@@ -45,6 +45,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from cachetools import LRUCache
+
 from sparecycles.errors import invariant
 from sparecycles.scheduling import perfmodel
 from sparecycles.scheduling.perfmodel import DEFAULT_CALIBRATION, Calibration
@@ -358,14 +360,15 @@ class RankMemo:
     coordinator reuses a node's snapshot while its inputs are unchanged), so the rest are looked
     up here. A score depends only on the snapshot, the (quantised) typical job, the model and the
     config; the entry keeps its snapshot, so an id is never reused while it is remembered.
-    That also keeps replaced snapshots alive (~700 bytes each, measured), so the memo starts
-    afresh past ``entries_max`` entries: ~12 MB at most, and on a fleet of 10,000 nodes whose
-    snapshots are rebuilt every second, one full re-ranking every second or two.
+    That also keeps replaced snapshots alive (~700 bytes each, measured), so past
+    ``entries_max`` entries the least recently used goes (a replaced snapshot's score is never
+    read again, so those go first): ~12 MB at most, and live nodes' scores stay.
     """
 
     def __init__(self, entries_max: int = 16_384) -> None:
         self.entries_max = entries_max
-        self._scores: dict[tuple[int, str, int, int], tuple[NodeSnapshot, float]] = {}
+        self._scores: LRUCache[tuple[int, str, int, int], tuple[NodeSnapshot, float]] = (
+            LRUCache(entries_max))
         self._config: SchedulerConfig | None = None
 
     def __len__(self) -> int:
@@ -377,8 +380,6 @@ class RankMemo:
         if config is not self._config and config != self._config:
             self._scores.clear()
         self._config = config
-        if len(self._scores) >= self.entries_max:
-            self._scores.clear()
         node = load.node
         key = (id(node), spec.name, typical.prompt_tokens, typical.max_tokens)
         hit = self._scores.get(key)

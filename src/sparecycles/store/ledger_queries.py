@@ -15,12 +15,14 @@ The ledger's other modules never import SQLAlchemy; they call ``LedgerStore``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from cachetools import LRUCache, cached
 from sqlalchemy import (
     Connection,
     Engine,
@@ -180,18 +182,11 @@ def _transfer(row: Any) -> TransferRow:
                        row.memo, row.created_at_s)
 
 
-_terms_cache: dict[str, PayoutTerms] = {}
-
-
+@cached(LRUCache(terms_cache_max), lock=threading.Lock())
 def _terms(text: str) -> PayoutTerms:
     """Payout terms from their stored JSON text; few distinct terms exist (one per price book),
     so each text is parsed once."""
-    terms = _terms_cache.get(text)
-    if terms is None:
-        if len(_terms_cache) > terms_cache_max:
-            _terms_cache.clear()
-        terms = _terms_cache[text] = PayoutTerms.from_dict(json.loads(text))
-    return terms
+    return PayoutTerms.from_dict(json.loads(text))
 
 
 def _retryable(exc: Exception) -> bool:

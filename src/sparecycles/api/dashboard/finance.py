@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 from sparecycles.api.dashboard import charts as ch
@@ -110,6 +111,12 @@ def finance(coord: Any, period: str, now_s: float) -> dict[str, Any]:
                        else "not reachable: a token contributes nothing yet"),
         "contribution": ch.money(r.contribution_per_mtok_micros, cur),
         "inference_tokens": f"{r.inference_tokens:,}",
-        "reconciliation": rec, "cost_model": r.cost_model,
+        "reconciliation": rec, "cost_model": cost_model_name(r.cost_model),
         "cogs_by_category": [(c, ch.money(v, cur))
                              for c, v in sorted(r.totals.cogs_micros.items())]}}
+
+
+def cost_model_name(source: str) -> str:
+    """The cost model as the page names it: its file's name (``costs.toml``), never the
+    absolute path on the coordinator's machine; "(built-in defaults)" as it is."""
+    return PurePath(source).name or source

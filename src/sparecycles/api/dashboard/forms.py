@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 
 from fastapi import Request
 
+from sparecycles import availability
 from sparecycles.errors import InvalidRequest, PayloadTooLarge
 from sparecycles.ledger.pricing import parse_money
 
@@ -80,6 +81,7 @@ def parse_policy(form: dict[str, str]) -> dict[str, Any]:
         "utc_offset_minutes": int(_number(form.get("utc_offset_minutes", "0") or "0",
                                           "the UTC offset (minutes)", -utc_offset_minutes_max,
                                           utc_offset_minutes_max)),
+        "time_zone": _time_zone(form.get("time_zone", "")),
         "only_on_ac_power": form.get("only_on_ac_power") == "on",
         "only_while_charging": form.get("only_while_charging") == "on",
         "owner_load_max": round(_number(form.get("owner_load_max_pct", "100") or "100",
@@ -92,6 +94,17 @@ def parse_policy(form: dict[str, str]) -> dict[str, Any]:
         "set_by": "owner",
         "set_at_s": round(time.time(), 3),
     }
+
+
+def _time_zone(text: str) -> str:
+    """An IANA time zone name, or "" (the windows then use the UTC offset)."""
+    name = text.strip()
+    if not name:
+        return ""
+    try:
+        return availability.check_time_zone(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def parse_key_name(form: dict[str, str]) -> str:
@@ -126,6 +139,7 @@ def policy_form_values(policy: dict[str, Any]) -> dict[str, Any]:
     return {
         "windows": ", ".join(f"{_hhmm(int(a))}-{_hhmm(int(b))}" for a, b in windows),
         "utc_offset_minutes": int(policy.get("utc_offset_minutes", 0) or 0),
+        "time_zone": str(policy.get("time_zone", "") or ""),
         "only_on_ac_power": bool(policy.get("only_on_ac_power", False)),
         "only_while_charging": bool(policy.get("only_while_charging", False)),
         "owner_load_max_pct": round(100 * float(policy.get("owner_load_max", 1.0) or 0)),

@@ -8,10 +8,13 @@ take the signed-in principal's id and read nothing else.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections import defaultdict
 from typing import Any
+
+from cachetools import LRUCache
 
 from sparecycles.api.dashboard import charts as ch
 from sparecycles.api.dashboard import forms as forms
@@ -32,9 +35,10 @@ LATENCY = (("total p50", "total_s", 50), ("total p95", "total_s", 95),
            ("first token p95", "ttft_s", 95))
 
 
-# coordinator -> period -> (expires, costs, reconciliation)
-_costs_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[float, PeriodCosts, Reconciliation]]]
-_costs_cache = weakref.WeakKeyDictionary()
+# coordinator -> period -> (expires, costs, reconciliation); the least recent period goes first
+_CostsByPeriod = LRUCache[str, tuple[float, PeriodCosts, Reconciliation]]
+_costs_cache: weakref.WeakKeyDictionary[Any, _CostsByPeriod] = weakref.WeakKeyDictionary()
+_costs_lock = threading.Lock()  # pages are rendered on worker threads too
 
 
 def period_of(now_s: float) -> str:
@@ -44,15 +48,17 @@ def period_of(now_s: float) -> str:
 def period_costs_cached(coord: Any, period: str, now_s: float
                         ) -> tuple[PeriodCosts, Reconciliation]:
     """The period's cost report and reconciliation, shared by the owner and finance pages."""
-    cache = _costs_cache.setdefault(coord, {})
-    hit = cache.get(period)
+    with _costs_lock:
+        cache = _costs_cache.get(coord)
+        if cache is None:
+            cache = _costs_cache[coord] = LRUCache(costs_cache_entries_max)
+        hit = cache.get(period)
     if hit is not None and now_s < hit[0]:
         return hit[1], hit[2]
     pc, rec = period_reconciliation(coord.store.sessions, period, load_cost_model(),
                                     coord.ledger.currency)
-    if len(cache) >= costs_cache_entries_max:
-        cache.clear()
-    cache[period] = (now_s + costs_cache_s, pc, rec)
+    with _costs_lock:
+        cache[period] = (now_s + costs_cache_s, pc, rec)
     return pc, rec
 
 
