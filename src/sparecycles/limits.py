@@ -46,3 +46,20 @@ requests_per_minute_max = 100_000  # the most an admin may grant one key
 batch_size_max = 16
 engine_queue_max = 256
 
+
+# --- metering from nodes (trust/decisions.py check_metering_bounds) -------------------------
+# A node's report is untrusted: busy time at most the attempt's wall time as the coordinator
+# saw it (send of the assignment to receipt of the result) plus this slack for timer
+# granularity; energy at most the device class's most power times the busy time.
+metering_wall_slack_s = 0.5
+# The most a device of each class can draw (W): a generous ceiling, not an estimate (an
+# 8-GPU server under full load draws ~10 kW). A class not listed gets the default.
+device_power_w_max = {
+    "laptop": 300,
+    "car": 500,
+    "desktop": 1_000,
+    "gaming-pc": 1_500,
+    "server": 3_000,
+    "datacenter-gpu": 12_000,
+}
+device_power_w_max_default = 1_500
