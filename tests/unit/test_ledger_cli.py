@@ -59,14 +59,39 @@ def test_errors_are_one_line_and_exit_1(cli: tuple[Run, Store]) -> None:
     run, store = cli
     store.ensure_client("acme")
     for args, message in (
-        (("ledger", "deposit", "--client", "nobody", "--amount", "1"), "no client named"),
-        (("ledger", "deposit", "--client", "acme", "--amount", "1.0000001"), "6 decimal"),
-        (("ledger", "deposit", "--client", "acme", "--amount", "-3"), "non-negative"),
+        (("ledger", "deposit", "--client", "nobody", "--amount", "1", "--reference", "r"),
+         "no client named"),
+        (("ledger", "deposit", "--client", "acme", "--amount", "1.0000001", "--reference", "r"),
+         "6 decimal"),
+        (("ledger", "deposit", "--client", "acme", "--amount", "-3", "--reference", "r"),
+         "non-negative"),
         (("ledger", "statement"), "--client or --owner"),
         (("payouts", "fail", "nonsense"), "BATCH_ID/OWNER"),
     ):
         code, out = run(*args)
         assert code == 1 and message in out and "Traceback" not in out, (args, out)
+
+
+@pytest.mark.parametrize("amount", ["1_000", "\u0661\u0660", "\uff11\uff10", "1e3", "Infinity",
+                                    "0x10", "+5", "1.", ".5", "1,000"])
+def test_amounts_are_plain_ascii_decimals(cli: tuple[Run, Store], amount: str) -> None:
+    run, store = cli
+    store.ensure_client("acme")
+    code, out = run("ledger", "deposit", "--client", "acme", "--amount", amount,
+                    "--reference", "r-1")
+    assert code == 1 and "not an amount" in out and "Traceback" not in out, out
+    code, out = run("payouts", "run", "--min", amount, "--out", "x.csv")
+    assert code == 1 and "not an amount" in out, out
+
+
+def test_a_deposit_needs_a_reference_so_a_retry_never_deposits_twice(
+        cli: tuple[Run, Store]) -> None:
+    run, store = cli
+    client = store.ensure_client("acme")
+    for _ in range(2):  # the operator's retry
+        code, _out = run("ledger", "deposit", "--client", "acme", "--amount", "10.00")
+        assert code != 0
+    assert Ledger(store.sessions).client_balance(client).balance_micros == 0
 
 
 def test_check_exits_1_on_a_broken_invariant(cli: tuple[Run, Store]) -> None:

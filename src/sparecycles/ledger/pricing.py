@@ -333,10 +333,23 @@ def split_charge(
 # ---- money as text ---------------------------------------------------------------------------
 
 
+_plain_decimal = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # [0-9], not \d: ASCII digits only
+
+
 def parse_money(text: str) -> int:
-    """``"10.00"`` -> ``10_000_000`` micro-units exactly; refuses negatives and sub-micro digits."""
+    """``"10.00"`` -> ``10_000_000`` micro-units exactly; refuses negatives and sub-micro digits.
+
+    Plain ASCII decimals only (``12``, ``12.5``): ``Decimal`` alone also takes ``1_000``,
+    non-ASCII digits (``"١٠"``), exponents and ``Infinity``, none of which an operator means
+    when typing an amount."""
+    text = text.strip()
+    if text.startswith("-") and _plain_decimal.fullmatch(text[1:]):
+        raise InvalidRequest(f"an amount must be a non-negative number, got {text!r}")
+    if not _plain_decimal.fullmatch(text):
+        raise InvalidRequest(f"not an amount: {text!r} (digits 0-9 with an optional "
+                             "decimal point, like 10.00)")
     try:
-        value = Decimal(text.strip())
+        value = Decimal(text)
     except InvalidOperation:
         raise InvalidRequest(f"not an amount: {text!r}") from None
     if not value.is_finite() or value < 0:
