@@ -63,3 +63,11 @@ device_power_w_max = {
     "datacenter-gpu": 12_000,
 }
 device_power_w_max_default = 1_500
+
+# --- ledger (ledger/engine.py, store/ledger_tables.py) ---------------------------------------
+# The most any account's running total (debits or credits, posted or pending) may reach:
+# 2^62 micro-units (4.6 trillion units of the currency), half of BIGINT, so that a total plus
+# one more transfer (at most pricing.amount_micros_max) never overflows 64 bits. SQLite turned
+# an overflowing integer into a float silently; a CHECK constraint now refuses it on both
+# databases and the transaction fails with Conflict(code="ledger_total_max").
+ledger_total_micros_max = 2**62

@@ -117,6 +117,34 @@ def test_deposit_is_idempotent_by_reference(make_books: Callable[..., Books]) ->
     assert L.check() == []
 
 
+def test_a_total_past_its_limit_is_refused_with_a_clear_error(
+        make_books: Callable[..., Books]) -> None:
+    """On SQLite a running total that passed 2^63 silently became a float and ``ledger check``
+    crashed on it. Totals are bounded (limits.ledger_total_micros_max) on both databases."""
+    from sparecycles import limits
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 10 * USD, "pay-1")
+    near = limits.ledger_total_micros_max - 5 * USD
+    b.exec(f"UPDATE ledger_accounts SET credits_posted = {near} WHERE id = 'client:alice'")
+    b.exec(f"UPDATE ledger_accounts SET debits_posted = {near} WHERE id = 'world:deposits'")
+    with pytest.raises(Conflict) as err:
+        L.deposit("alice", 10 * USD, "pay-2")
+    assert err.value.code == "ledger_total_max"
+    assert L.client_balance("alice").balance_micros == near  # nothing written
+    with b.engine.connect() as c:
+        kinds = {type(v) for v in c.execute(text(
+            "SELECT debits_posted, credits_posted FROM ledger_accounts "
+            "WHERE id = 'client:alice'")).one()}
+    assert kinds == {int}
+    problems = L.check()  # runs (the tampered totals differ from their transfers; no crash)
+    assert any("client:alice" in p for p in problems)
+    with pytest.raises(IntegrityError):  # the database refuses it whoever writes
+        b.exec(f"UPDATE ledger_accounts SET credits_posted = {2**63 - 1} "
+               "WHERE id = 'client:alice'")
+
+
 def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books]) -> None:
     b = make_books()
     L = b.ledger

@@ -41,7 +41,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
-from sparecycles.errors import InvariantViolation, NotFound
+from sparecycles import limits
+from sparecycles.errors import Conflict, InvariantViolation, NotFound
 from sparecycles.ledger.engine import (
     AccountState,
     HoldTerms,
@@ -590,6 +591,11 @@ class LedgerStore:
                     return result
             except Exception as exc:
                 driver = isinstance(exc, DBAPIError) or hasattr(exc, "sqlstate")
+                if driver and "totals_bounded" in str(exc):
+                    raise Conflict(
+                        "an account's running total would pass limits.ledger_total_micros_max "
+                        f"({limits.ledger_total_micros_max} micro-units); nothing was written",
+                        code="ledger_total_max") from None
                 if attempt == tx_attempts_max or not driver or not _retryable(exc):
                     raise
                 self.retries += 1

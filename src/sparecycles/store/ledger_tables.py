@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from sparecycles import limits
 from sparecycles.store.db import Base
 
 # BIGINT on PostgreSQL; on SQLite an INTEGER PRIMARY KEY is the 64-bit rowid (autoincrements).
@@ -49,6 +50,14 @@ class LedgerAccount(Base):
             "debits_posted >= 0 AND credits_posted >= 0 "
             "AND debits_pending >= 0 AND credits_pending >= 0 AND credit_limit_micros >= 0",
             name="totals_not_negative",
+        ),
+        CheckConstraint(
+            f"debits_posted <= {limits.ledger_total_micros_max} "
+            f"AND credits_posted <= {limits.ledger_total_micros_max} "
+            f"AND debits_pending <= {limits.ledger_total_micros_max} "
+            f"AND credits_pending <= {limits.ledger_total_micros_max} "
+            f"AND credit_limit_micros <= {limits.ledger_total_micros_max}",
+            name="totals_bounded",
         ),
         CheckConstraint(
             "kind <> 'client' OR "
