@@ -408,6 +408,50 @@ def test_price_is_fixed_when_the_job_is_admitted(make_books: Callable[..., Books
 # ---- corrections -----------------------------------------------------------------------------
 
 
+def test_the_platform_s_own_usage_is_not_a_sale_to_itself(
+        make_books: Callable[..., Books]) -> None:
+    """A training job of the platform's lab: held on ``cost:opex:training`` (no balance needed,
+    the lab's client account untouched), the owner paid its share as for any job, no fee, and
+    nothing in revenue; a withhold returns the earning to the opex account."""
+    import datetime as dt
+
+    from sparecycles.costs.usage import Period
+    from sparecycles.store.costs_queries import CostQueries
+    from sparecycles.types import Workload
+
+    b = make_books()
+    L = b.ledger
+    b.add_job("lab-1", "lab", "done", finished_at_s=b.clock())
+    b.exec("UPDATE jobs SET workload = 'training' WHERE id = 'lab-1'")
+    hold = L.hold("lab-1", "lab", "m", 1000, 500, workload=Workload.TRAINING)
+    assert hold == 150 and L.client_balance("lab").held_micros == 0
+    s = L.settle("lab-1", "lab", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    assert [e.amount_micros for e in s.earnings] == [76]  # floor(96 * 0.8), as for a client
+    assert s.fee_micros == 0 and s.charge_micros == 76 and s.released_micros == 150 - 76
+    assert L.client_balance("lab").balance_micros == 0
+    assert L.balance("cost:opex:training").balance_micros == -76  # debit-normal: a cost of 76
+    assert L.balance("platform:revenue").balance_micros == 0
+    assert L.balance("platform:fees").balance_micros == 0
+    assert L.owner_balance("bob").earned_micros == 76
+    assert L.check() == []
+    month = Period.month(dt.datetime.fromtimestamp(b.clock(), dt.UTC).strftime("%Y-%m"))
+    q = CostQueries(b.engine)
+    (job,) = q.period_usage(month, "USD").jobs
+    assert job.charge_micros == 0 and not job.posted  # not revenue
+    assert [e.amount_micros for e in job.earnings] == [76]  # the owner payout, on its attempt
+    totals = q.ledger_totals(month, "USD")
+    assert (totals.posts, totals.charged_micros, totals.internal_use_micros) == (0, 0, 76)
+    assert totals.charged_micros + totals.internal_use_micros == (totals.earnings_micros
+                                                                  + totals.fees_micros)
+    assert q.charge_facts(month, "USD") == []  # no charge to recompute
+    assert L.withhold("lab-1", "spot check") == 76
+    assert L.balance("cost:opex:training").balance_micros == 0
+    assert L.client_balance("lab").balance_micros == 0 and L.check() == []
+    L.hold("lab-2", "lab", "m", 10, 10, workload=Workload.TRAINING)
+    with pytest.raises(Conflict):  # a retry that changes the workload is another request
+        L.hold("lab-2", "lab", "m", 10, 10)
+
+
 def test_withhold_refunds_the_client_from_the_cheating_node(
         make_books: Callable[..., Books]) -> None:
     L = make_books().ledger

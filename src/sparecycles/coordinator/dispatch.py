@@ -230,7 +230,7 @@ class Dispatcher:
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
         await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
-                                     sampling.max_tokens, job=row)
+                                     sampling.max_tokens, job=row, workload=workload)
         job = LiveJob(
             job_id=job_id,
             client_id=client_id,

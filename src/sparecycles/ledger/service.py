@@ -69,6 +69,7 @@ from sparecycles.ledger.pricing import (
 )
 from sparecycles.store.db import transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
+from sparecycles.types import Workload
 
 __all__ = [
     "Balance",
@@ -394,27 +395,35 @@ class Ledger:
     # ---- money -----------------------------------------------------------------------------
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-             max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+             max_tokens: int, *, job: Mapping[str, Any] | None = None,
+             workload: Workload = Workload.INFERENCE) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
         ``job``, the job's row (``store.schema.JobRow``'s columns), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
+
+        ``workload`` other than inference (the platform's own usage, decided by the client's
+        key): the hold is on ``cost:opex:<workload>`` instead of the client, and the settlement
+        pays the owners from it with no charge to the client and no fee (not revenue).
         """
         return self._submit(*self._hold_op(job_id, client_id, model, prompt_tokens, max_tokens,
-                                           job))
+                                           job, workload))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                         max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+                         max_tokens: int, *, job: Mapping[str, Any] | None = None,
+                         workload: Workload = Workload.INFERENCE) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
-                                                       max_tokens, job))
+                                                       max_tokens, job, workload))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                 max_tokens: int, job: Mapping[str, Any] | None) -> tuple[Op, After | None]:
+                 max_tokens: int, job: Mapping[str, Any] | None,
+                 workload: Workload = Workload.INFERENCE) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
-        op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens)
+        op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens,
+                    Workload(workload))
         if job is None:
             return op, None
         row = dict(job)

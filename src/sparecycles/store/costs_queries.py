@@ -36,6 +36,9 @@ from sparecycles.store.ledger_tables import LedgerHold, LedgerTransfer
 
 J, AT, N = JobRow.__table__, JobAttempt.__table__, Node.__table__
 TR, H = LedgerTransfer.__table__, LedgerHold.__table__
+# A post that is a sale: charged to a client. The platform's own usage (training, R&D) is posted
+# from ``cost:opex:<workload>`` and is neither a charge nor revenue.
+_sale = TR.c.debit_account_id.like("client:%")
 period_jobs_max = 5_000_000  # a report holds a period's jobs in memory; beyond this, split it
 _ended = ("done", "failed")
 
@@ -93,7 +96,8 @@ class CostQueries:
         earned: dict[tuple[str, str, str], int] = defaultdict(int)  # (job, node, owner)
         for t in money:
             if t.kind == "post":
-                charged[t.job_id] += t.amount_micros
+                if t.debit_account_id.startswith("client:"):  # not the platform's own usage
+                    charged[t.job_id] += t.amount_micros
             elif t.kind == "earning":
                 node = t.id.rpartition(":")[2]
                 earned[(t.job_id, node, holder_of(t.credit_account_id) or "")] += t.amount_micros
@@ -139,7 +143,7 @@ class CostQueries:
 
     def metered_totals(self, period: Period) -> MeteredTotals:
         ids = self._period_job_ids(period)
-        posted = exists().where(TR.c.job_id == J.c.id, TR.c.kind == "post")
+        posted = exists().where(TR.c.job_id == J.c.id, TR.c.kind == "post", _sale)
         tokens = J.c.prompt_tokens + J.c.completion_tokens
         with self.engine.connect() as c:
             n, t, billed = c.execute(
@@ -157,14 +161,16 @@ class CostQueries:
         ids = self._period_job_ids(period)
         in_period = and_(TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)
 
-        def total(kind: str) -> Any:
-            return func.coalesce(func.sum(case((TR.c.kind == kind, TR.c.amount_micros),
-                                               else_=0)), 0)
+        def total(kind: str, *also: Any) -> Any:
+            return func.coalesce(func.sum(case((and_(TR.c.kind == kind, *also),
+                                                TR.c.amount_micros), else_=0)), 0)
 
+        sale = and_(TR.c.kind == "post", _sale)
         with self.engine.connect() as c:
-            posts, charged, earned, fees = c.execute(
-                select(func.coalesce(func.sum(case((TR.c.kind == "post", 1), else_=0)), 0),
-                       total("post"), total("earning"), total("fee"))
+            posts, charged, earned, fees, internal = c.execute(
+                select(func.coalesce(func.sum(case((sale, 1), else_=0)), 0),
+                       total("post", _sale), total("earning"), total("fee"),
+                       total("post", TR.c.debit_account_id.like("cost:%")))
                 .where(TR.c.job_id.in_(ids), TR.c.currency == currency)).one()
             withheld = c.scalar(select(func.coalesce(func.sum(TR.c.amount_micros), 0)).where(
                 TR.c.kind == "withhold", TR.c.job_id.in_(ids), TR.c.currency == currency,
@@ -179,17 +185,17 @@ class CostQueries:
                                              TR.c.amount_micros), else_=0)), 0))
                 .where(TR.c.kind == "cost", TR.c.currency == currency, in_period)).one()
         return LedgerTotals(int(posts), int(charged), int(earned), int(fees), int(withheld or 0),
-                            int(corrections or 0), int(cogs), int(opex))
+                            int(corrections or 0), int(cogs), int(opex), int(internal))
 
     def charge_facts(self, period: Period, currency: str) -> list[ChargeFacts]:
         post = (select(func.sum(TR.c.amount_micros)).where(
-            TR.c.job_id == J.c.id, TR.c.kind == "post", TR.c.currency == currency)
+            TR.c.job_id == J.c.id, TR.c.kind == "post", _sale, TR.c.currency == currency)
             .scalar_subquery())
         q = (select(J.c.id, J.c.state, J.c.prompt_tokens, J.c.completion_tokens,
                     H.c.input_micros_per_mtok, H.c.output_micros_per_mtok, H.c.hold_micros,
                     post)
              .join(H, H.c.job_id == J.c.id, isouter=True)
-             .where(self._in_period(period)).order_by(J.c.id))
+             .where(self._in_period(period), J.c.workload == "inference").order_by(J.c.id))
         with self.engine.connect() as c:
             rows = c.execute(q).all()
         return [ChargeFacts(r[0], r[1], int(r[2] or 0), int(r[3] or 0),
