@@ -71,3 +71,12 @@ device_power_w_max_default = 1_500
 # an overflowing integer into a float silently; a CHECK constraint now refuses it on both
 # databases and the transaction fails with Conflict(code="ledger_total_max").
 ledger_total_micros_max = 2**62
+
+# --- payouts (ledger/payouts.py) -------------------------------------------------------------
+# A run's claim on a payout batch: another run takes the batch over only after this long (the
+# claimant died between claiming and paying); writing a batch's file takes seconds.
+payout_claim_s_max = 300.0
+# An owner's receivable (earned balance below zero: a withhold after the earning was paid out)
+# that no later earning netted within this long is written off at the next payout run, to
+# cost:opex:owner_receivables_written_off (the cost report shows it).
+owner_receivable_s_max = 180 * 86_400.0

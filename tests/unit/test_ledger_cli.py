@@ -116,13 +116,12 @@ def test_payouts_run_writes_the_batch_and_fail_reverses(cli: tuple[Run, Store],
     ledger.hold("j1", client, "m", 0, 50_000_000)
     ledger.settle("j1", client, "m", 0, 50_000_000,
                   [WorkShare(owner, "node1", "gaming-pc", 0, 50_000_000)])  # earns 7.20
-    out_file = tmp_path / "batch.csv"
-    code, out = run("payouts", "run", "--min", "5.00", "--out", str(out_file),
+    code, out = run("payouts", "run", "--min", "5.00", "--out", str(tmp_path),
                     "--batch-id", "b1")
     assert code == 0 and "7.20 USD" in out
-    rows = list(csv.DictReader(out_file.open()))
+    rows = list(csv.DictReader((tmp_path / "payouts-b1.csv").open()))
     assert [(r["owner_name"], r["amount"]) for r in rows] == [("olga", "7.20")]
-    code, out = run("payouts", "run", "--min", "5.00", "--out", str(out_file),
+    code, out = run("payouts", "run", "--min", "5.00", "--out", str(tmp_path),
                     "--batch-id", "b1")
     assert code == 1 and "already paid" in out
     code, out = run("payouts", "fail", "b1/olga", "--reason", "IBAN closed")

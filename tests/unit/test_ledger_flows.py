@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
+from sparecycles import limits
 from sparecycles.errors import (
     Conflict,
     InsufficientBalance,
@@ -34,6 +35,7 @@ from sparecycles.store.db import Base, make_engine
 from sparecycles.store.ledger_tables import LedgerTransfer
 
 USD = 1_000_000
+CENT = 10_000
 PRICE = ModelPrice(60_000, 180_000)  # the default price: $0.06 in / $0.18 out per million
 
 
@@ -478,10 +480,122 @@ def test_withhold_after_payout_leaves_a_debt_netted_later(
     L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
     L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
     earned = L.owner_balance("bob").earned_micros
-    assert L.run_payouts(1, tmp_path / "b1.csv").total_micros == earned
+    assert L.run_payouts(CENT, tmp_path).total_micros == earned
     L.withhold("j1", "cheat found late")
     assert L.owner_balance("bob").earned_micros == -earned
-    assert L.run_payouts(1, tmp_path / "b2.csv").batch_id is None  # nothing until repaid
+    assert L.run_payouts(CENT, tmp_path).batch_id is None  # nothing until repaid
+    assert L.check() == []
+
+
+def test_a_receivable_no_earning_nets_is_written_off_into_the_cost_report(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    """An owner paid, then caught cheating, who never earns again: the negative earned balance
+    (a receivable) is written off at the first payout run after limits.owner_receivable_s_max,
+    to an opex account the cost report reads."""
+    import datetime as dt
+
+    from sparecycles.costs.usage import Period
+    from sparecycles.store.costs_queries import CostQueries
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 100 * USD, "p")
+    L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
+    L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
+    paid = L.run_payouts(CENT, tmp_path).total_micros
+    L.withhold("j1", "cheat found late")
+    owed = -L.owner_balance("bob").earned_micros
+    assert owed > 0
+    b.clock.advance(limits.owner_receivable_s_max - 10)
+    L.run_payouts(CENT, tmp_path)
+    assert L.owner_balance("bob").earned_micros == -owed  # not yet: an earning may net it
+    b.clock.advance(20)
+    assert payouts.write_off_receivables(L) == owed
+    assert payouts.write_off_receivables(L) == 0  # once
+    assert L.owner_balance("bob").earned_micros == 0
+    assert L.owner_balance("bob").paid_micros == paid
+    assert L.balance("cost:opex:owner_receivables_written_off").balance_micros == -owed
+    assert L.check() == []
+    month = Period.month(dt.datetime.fromtimestamp(b.clock(), dt.UTC).strftime("%Y-%m"))
+    q = CostQueries(b.engine)
+    assert q.write_offs_micros(month, "USD") == owed
+    booked = [(c.category, c.cogs, c.amount_micros)
+              for c in q.period_usage(month, "USD").ledger_costs]
+    assert booked == [("owner_receivables_written_off", False, owed)]
+    totals = q.ledger_totals(month, "USD")
+    assert (totals.cogs_costs_micros, totals.opex_costs_micros) == (0, owed)
+
+
+def test_payout_lines_are_whole_cents_and_the_rest_stays_earned(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    bob = _earn(L, "j1", "bob", 50_000_123)
+    assert bob % CENT != 0
+    with pytest.raises(InvalidRequest, match="minor unit"):
+        L.run_payouts(CENT - 1, tmp_path)
+    report = L.run_payouts(CENT, tmp_path)
+    assert report.total_micros == bob - bob % CENT
+    assert L.owner_balance("bob").earned_micros == bob % CENT  # for the next run
+    with open(report.file_path) as f:
+        (row,) = csv.DictReader(f)
+    assert int(row["amount_micros"]) % CENT == 0 and row["amount"].count(".") == 1
+    assert len(row["amount"].split(".")[1]) == 2  # a bank's amount: dollars and cents
+    assert L.check() == []
+
+
+def test_a_batch_whose_every_line_failed_is_not_stored_as_paid(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    _earn(L, "j1", "bob", 50_000_000)
+    _earn(L, "j2", "carol", 50_000_000)
+    L.run_payouts(USD, tmp_path, batch_id="b1")
+    state = "SELECT state FROM payout_batches WHERE id = 'b1'"
+    L.fail_payout("b1", "bob", "account closed")
+    with b.engine.connect() as c:
+        assert c.scalar(text(state)) == "paid"  # carol's line stands
+    L.fail_payout("b1", "carol", "account closed")
+    with b.engine.connect() as c:
+        assert c.scalar(text(state)) == "returned"
+    assert L.check() == []
+
+
+def test_concurrent_payout_runs_write_one_file_for_one_batch(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    """Four ``payouts run`` at once (four Ledgers, as four processes) on one database: one
+    batch, one file, every owner paid once. (Before the claim, every run resumed the open batch
+    and wrote it to its own file: submitting them would have paid every owner four times.)"""
+    import threading
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    owners = {o: _earn(L, f"j-{o}", o, 50_000_000) for o in ("bob", "carol", "dave")}
+    runners = [b.restart() for _ in range(4)]
+    start = threading.Barrier(len(runners))
+    results: list[Any] = []
+
+    def run(ledger: Ledger, i: int) -> None:
+        start.wait()
+        try:
+            results.append(ledger.run_payouts(USD, tmp_path / f"run{i}"))
+        except Conflict as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r, i)) for i, r in enumerate(runners)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    paid = [r for r in results if not isinstance(r, Conflict) and r.batch_id is not None]
+    assert len(files) == 1 and len(paid) == 1, (files, results)
+    assert files[0].name == f"payouts-{paid[0].batch_id}.csv"
+    for o, v in owners.items():
+        assert L.owner_balance(o).paid_micros == v
     assert L.check() == []
 
 
@@ -849,9 +963,10 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)  # 9.00 USD * 0.8 = 7.20 USD
     carol = _earn(L, "j2", "carol", 10_000_000)  # 1.44 USD: below the minimum
-    report = L.run_payouts(5 * USD, tmp_path / "batch.csv", batch_id="b1")
+    report = L.run_payouts(5 * USD, tmp_path, batch_id="b1")
     assert report.batch_id == "b1" and report.total_micros == bob == 7_200_000
-    with open(tmp_path / "batch.csv") as f:
+    assert report.file_path == str(tmp_path / "payouts-b1.csv")
+    with open(tmp_path / "payouts-b1.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows == [{"batch_id": "b1", "owner_id": "bob", "owner_name": "Bob B",
                      "currency": "USD", "amount": "7.20", "amount_micros": "7200000",
@@ -859,8 +974,8 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     assert L.owner_balance("bob").paid_micros == bob and L.owner_balance("bob").earned_micros == 0
     assert L.owner_balance("carol").earned_micros == carol
     with pytest.raises(Conflict):
-        L.run_payouts(5 * USD, tmp_path / "again.csv", batch_id="b1")
-    assert L.run_payouts(5 * USD, tmp_path / "b2.csv").batch_id is None
+        L.run_payouts(5 * USD, tmp_path, batch_id="b1")
+    assert L.run_payouts(5 * USD, tmp_path).batch_id is None
     assert L.check() == []
 
 
@@ -869,12 +984,12 @@ def test_failed_payout_is_reversed_and_paid_in_a_later_batch(
     L = make_books().ledger
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)
-    L.run_payouts(USD, tmp_path / "b1.csv", batch_id="b1")
+    L.run_payouts(USD, tmp_path, batch_id="b1")
     assert L.fail_payout("b1", "bob", "account closed") == bob
     assert L.fail_payout("b1", "bob", "account closed") == bob  # harmless repeat
     assert L.owner_balance("bob").earned_micros == bob and L.owner_balance("bob").paid_micros == 0
     assert L.check() == []
-    assert L.run_payouts(USD, tmp_path / "b2.csv", batch_id="b2").total_micros == bob
+    assert L.run_payouts(USD, tmp_path, batch_id="b2").total_micros == bob
     with pytest.raises(NotFound):
         L.fail_payout("b2", "nobody", "x")
     assert L.owner_balance("bob").paid_micros == bob and L.check() == []
@@ -893,12 +1008,15 @@ def test_a_payout_run_that_crashed_is_resumed_not_paid_twice(
 
     monkeypatch.setattr(payouts, "_write_csv", crash)
     with pytest.raises(OSError):
-        L.run_payouts(USD, tmp_path / "b.csv")
+        L.run_payouts(USD, tmp_path)
     assert L.owner_balance("bob").payable_micros == bob  # in flight, books still balance
     assert L.check() == []
     monkeypatch.undo()
     _earn(b.restart(), "j2", "bob", 50_000_000)  # earned meanwhile: not in the open batch
-    report = b.restart().run_payouts(USD, tmp_path / "b.csv")
+    with pytest.raises(Conflict, match="another run"):  # the dead run's claim is fresh
+        b.restart().run_payouts(USD, tmp_path)
+    b.clock.advance(limits.payout_claim_s_max + 1)  # then it is taken over
+    report = b.restart().run_payouts(USD, tmp_path)
     assert report.resumed and report.total_micros == bob
     assert L.owner_balance("bob").paid_micros == bob
     assert L.owner_balance("bob").earned_micros == bob  # the second job waits for next batch

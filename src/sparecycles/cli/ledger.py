@@ -148,7 +148,8 @@ def prices_set(
 @friendly
 def payouts_run(
     minimum: str = typer.Option("5.00", "--min", help="Pay owners who earned at least this"),
-    out: Path = typer.Option(..., "--out", help="The batch file (CSV) to write"),
+    out: Path = typer.Option(..., "--out", help="The folder of the batch files: the batch is "
+                             "written to OUT/payouts-<batch>.csv"),
     batch_id: str = typer.Option(None, "--batch-id", help="Name the batch (default: the time)"),
     database: str | None = DatabaseOption,
 ) -> None:

@@ -267,7 +267,21 @@ class PayoutOp:
     memo: str | None = None
 
 
-Op = HoldOp | SettleOp | VoidOp | DepositOp | WithholdOp | CostOp | PayoutOp
+@dataclass(frozen=True, slots=True)
+class WriteOffOp:
+    """Write off an owner's receivable (a negative earned balance: a withhold after the earning
+    was paid out) that no later earning netted within ``limits.owner_receivable_s_max``.
+    ``as_of_s``, the time of the balance's last change, names the transfer, so two runs that
+    see the same receivable write it off once."""
+
+    owner_id: str
+    amount_micros: int
+    as_of_s: float
+
+
+WRITE_OFFS = "cost:opex:owner_receivables_written_off"
+
+Op = HoldOp | SettleOp | VoidOp | DepositOp | WithholdOp | CostOp | PayoutOp | WriteOffOp
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +326,13 @@ def transfer_ids(ops: Sequence[Op]) -> set[str]:
         elif isinstance(o, PayoutOp):
             out.update(f"payout:{o.batch_id}:{o.owner_id}:{s}"
                        for s in ("payable", "paid", "reversal"))
+        elif isinstance(o, WriteOffOp):
+            out.add(write_off_id(o))
     return out
+
+
+def write_off_id(op: WriteOffOp) -> str:
+    return f"writeoff:{op.owner_id}:{int(op.as_of_s * 1000)}"
 
 
 def accounts_of(op: Op, holds: Mapping[str, HoldTerms]) -> set[str]:
@@ -331,6 +351,8 @@ def accounts_of(op: Op, holds: Mapping[str, HoldTerms]) -> set[str]:
         return {client_account(op.client_id), DEPOSITS}
     if isinstance(op, CostOp):
         return {_cost_account(op), VENDORS}
+    if isinstance(op, WriteOffOp):
+        return {owner_account(op.owner_id), WRITE_OFFS}
     terms = holds.get(op.job_id)
     return {client_account(terms.client_id), REVENUE} if terms else set()
 
@@ -628,12 +650,27 @@ class _Machine:
         return op.amount_micros
 
 
+    def write_off(self, op: WriteOffOp) -> int:
+        earned = self.account(owner_account(op.owner_id))
+        tid = write_off_id(op)
+        fp = fingerprint("write_off", op.owner_id, op.amount_micros)
+        if (done := self.s.transfers.get(tid)) is not None:
+            self.replay(done, fp)
+            return done.amount_micros
+        if not 0 < op.amount_micros <= -earned.balance_micros:
+            raise Conflict(f"owner {op.owner_id} owes less than {format_money(op.amount_micros)}")
+        self.transfer(tid, WRITE_OFFS, earned.id, op.amount_micros, "write_off", fp,
+                      memo="receivable written off: no earning netted it in time")
+        return op.amount_micros
+
+
 def apply(snapshot: Snapshot, ops: Sequence[Op]) -> Outcome:
     """Apply ``ops`` in order; each sees the effects of those before it. An op that fails with an
     expected error changes nothing (it checks before it emits) and the others go on."""
     m = _Machine(snapshot)
     handlers = {HoldOp: m.hold, SettleOp: m.settle, VoidOp: m.void, DepositOp: m.deposit,
-                WithholdOp: m.withhold, CostOp: m.cost, PayoutOp: m.payout}
+                WithholdOp: m.withhold, CostOp: m.cost, PayoutOp: m.payout,
+                WriteOffOp: m.write_off}
     for op in ops:
         mark = len(m.out.transfers)
         try:

@@ -333,6 +333,17 @@ def split_charge(
 # ---- money as text ---------------------------------------------------------------------------
 
 
+# ISO 4217 minor units of the currencies whose minor unit is not a hundredth (cents); a bank
+# pays whole minor units, so payout lines are rounded down to them.
+currency_minor_digits = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX": 0,
+                         "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3, "IQD": 3, "LYD": 3}
+
+
+def minor_unit_micros(currency: str) -> int:
+    """Micro-units in one minor unit of ``currency``: 10,000 for USD (a cent)."""
+    return 10 ** (6 - currency_minor_digits.get(currency.upper(), 2))
+
+
 _plain_decimal = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # [0-9], not \d: ASCII digits only
 
 

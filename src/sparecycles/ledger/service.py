@@ -26,8 +26,16 @@ independently by ``Ledger.check()`` (``sparecycles ledger check``):
    failure after a settlement leaves the charge standing. (``pending_id`` is unique.)
 6. Conservation per job. ``charge == sum(earnings) + fee``, each earning credited to the owner
    of the node that did that share of the work. (``pricing.split_charge``; ``settlement_of``.)
-7. Payouts. A batch pays each owner once, never more than the owner's earned balance, and the
-   owners' paid accounts equal the payout lines marked paid. (``ledger/payouts.py``.)
+7. Payouts. A batch pays each owner once, never more than the owner's earned balance, in whole
+   minor units of the currency; it is claimed by one run before its file is written, so
+   concurrent runs write one file per batch; the owners' paid accounts equal the payout lines
+   marked paid. (``ledger/payouts.py``.)
+8. Bounded totals. No account total passes ``limits.ledger_total_micros_max``; a transaction
+   that would fails with ``Conflict`` (``ledger_total_max``) and writes nothing. (CHECK
+   ``totals_bounded``; ``LedgerStore.write``.)
+9. The platform's own usage is not revenue: a job of a ``workload:training|rnd`` key is held
+   and posted on ``cost:opex:<workload>`` through ``platform:internal``, never on a client or
+   ``platform:revenue``, and takes no fee. (``_Machine.hold``/``settle``.)
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from sparecycles.ledger.engine import (
     VoidOp,
     VoidOutcome,
     WithholdOp,
+    WriteOffOp,
     check_id,
 )
 from sparecycles.ledger.pricing import (
@@ -550,7 +559,8 @@ class Ledger:
 
         def work(tx: LedgerTx) -> list[Any]:
             jobs = eng.job_ids(ops)
-            held = [j.job_id for j in ops if not isinstance(j, HoldOp | DepositOp | CostOp)]
+            held = [j.job_id for j in ops
+                    if not isinstance(j, HoldOp | DepositOp | CostOp | WriteOffOp)]
             if late:  # read the holds, then lock their clients too
                 holds = tx.holds(held)
                 touched = named | {a for op in ops if isinstance(op, VoidOp | WithholdOp)
@@ -664,12 +674,12 @@ class Ledger:
 
     # ---- payouts and the audit ---------------------------------------------------------------
 
-    def run_payouts(self, min_micros: int, out_path: Path, batch_id: str | None = None) -> Any:
-        """Pay every owner whose earned balance is at least ``min_micros``; see
-        ledger/payouts.py."""
+    def run_payouts(self, min_micros: int, out_dir: Path, batch_id: str | None = None) -> Any:
+        """Pay every owner whose earned balance is at least ``min_micros`` into the batch's
+        file ``out_dir/payouts-<batch>.csv``; see ledger/payouts.py."""
         from sparecycles.ledger.payouts import run_payouts
 
-        return run_payouts(self, min_micros, Path(out_path), batch_id)
+        return run_payouts(self, min_micros, Path(out_dir), batch_id)
 
     def fail_payout(self, batch_id: str, owner_id: str, reason: str) -> int:
         """Reverse one owner's payout that the bank returned; see ledger/payouts.py."""

@@ -39,6 +39,9 @@ TR, H = LedgerTransfer.__table__, LedgerHold.__table__
 # A post that is a sale: charged to a client. The platform's own usage (training, R&D) is posted
 # from ``cost:opex:<workload>`` and is neither a charge nor revenue.
 _sale = TR.c.debit_account_id.like("client:%")
+# Costs booked in the ledger: ``record_cost``'s, and owners' receivables written off by a payout
+# run (``cost:opex:owner_receivables_written_off``), which the report shows as that category.
+_BOOKED = ("cost", "write_off")
 period_jobs_max = 5_000_000  # a report holds a period's jobs in memory; beyond this, split it
 _ended = ("done", "failed")
 
@@ -81,7 +84,7 @@ class CostQueries:
                        TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s,
                        TR.c.job_id.not_in(ids))).all()
             costs = c.execute(select(TR).where(
-                TR.c.kind == "cost", TR.c.currency == currency,
+                TR.c.kind.in_(_BOOKED), TR.c.currency == currency,
                 TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)).all()
             nodes = c.execute(select(N.c.id, N.c.owner_id, N.c.name, N.c.device_class,
                                      N.c.profile)).all()
@@ -183,9 +186,17 @@ class CostQueries:
                                              TR.c.amount_micros), else_=0)), 0),
                 func.coalesce(func.sum(case((TR.c.debit_account_id.like("cost:opex:%"),
                                              TR.c.amount_micros), else_=0)), 0))
-                .where(TR.c.kind == "cost", TR.c.currency == currency, in_period)).one()
+                .where(TR.c.kind.in_(_BOOKED), TR.c.currency == currency, in_period)).one()
         return LedgerTotals(int(posts), int(charged), int(earned), int(fees), int(withheld or 0),
                             int(corrections or 0), int(cogs), int(opex), int(internal))
+
+    def write_offs_micros(self, period: Period, currency: str) -> int:
+        """Owners' receivables written off in the period (ledger/payouts.write_off_receivables):
+        in the report as the ledger opex category ``owner_receivables_written_off``."""
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.coalesce(func.sum(TR.c.amount_micros), 0)).where(
+                TR.c.kind == "write_off", TR.c.currency == currency,
+                TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)) or 0)
 
     def charge_facts(self, period: Period, currency: str) -> list[ChargeFacts]:
         post = (select(func.sum(TR.c.amount_micros)).where(
@@ -195,7 +206,10 @@ class CostQueries:
                     H.c.input_micros_per_mtok, H.c.output_micros_per_mtok, H.c.hold_micros,
                     post)
              .join(H, H.c.job_id == J.c.id, isouter=True)
-             .where(self._in_period(period), J.c.workload == "inference").order_by(J.c.id))
+             .where(self._in_period(period), ~exists().where(  # not the platform's own usage
+                 TR.c.job_id == J.c.id, TR.c.kind == "hold",
+                 TR.c.credit_account_id == "platform:internal"))
+             .order_by(J.c.id))
         with self.engine.connect() as c:
             rows = c.execute(q).all()
         return [ChargeFacts(r[0], r[1], int(r[2] or 0), int(r[3] or 0),
