@@ -51,3 +51,37 @@ requests_per_minute_max = 100_000  # the most an admin may grant one key
 batch_size_max = 16
 engine_queue_max = 256
 
+
+# --- metering from nodes (trust/decisions.py check_metering_bounds) -------------------------
+# A node's report is untrusted: busy time at most the attempt's wall time as the coordinator
+# saw it (send of the assignment to receipt of the result) plus this slack for timer
+# granularity; energy at most the device class's most power times the busy time.
+metering_wall_slack_s = 0.5
+# The most a device of each class can draw (W): a generous ceiling, not an estimate (an
+# 8-GPU server under full load draws ~10 kW). A class not listed gets the default.
+device_power_w_max = {
+    "laptop": 300,
+    "car": 500,
+    "desktop": 1_000,
+    "gaming-pc": 1_500,
+    "server": 3_000,
+    "datacenter-gpu": 12_000,
+}
+device_power_w_max_default = 1_500
+
+# --- ledger (ledger/engine.py, store/ledger_tables.py) ---------------------------------------
+# The most any account's running total (debits or credits, posted or pending) may reach:
+# 2^62 micro-units (4.6 trillion units of the currency), half of BIGINT, so that a total plus
+# one more transfer (at most pricing.amount_micros_max) never overflows 64 bits. SQLite turned
+# an overflowing integer into a float silently; a CHECK constraint now refuses it on both
+# databases and the transaction fails with Conflict(code="ledger_total_max").
+ledger_total_micros_max = 2**62
+
+# --- payouts (ledger/payouts.py) -------------------------------------------------------------
+# A run's claim on a payout batch: another run takes the batch over only after this long (the
+# claimant died between claiming and paying); writing a batch's file takes seconds.
+payout_claim_s_max = 300.0
+# An owner's receivable (earned balance below zero: a withhold after the earning was paid out)
+# that no later earning netted within this long is written off at the next payout run, to
+# cost:opex:owner_receivables_written_off (the cost report shows it).
+owner_receivable_s_max = 180 * 86_400.0

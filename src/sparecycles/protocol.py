@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -25,8 +26,13 @@ PROTOCOL_VERSION = 1
 WS_PATH = "/v1/node/ws"
 
 
+# No NaN or infinity anywhere in the protocol: every model refuses them (``allow_inf_nan``) and
+# the decoder refuses the ``NaN``/``Infinity`` literals that Python's json accepts by default.
+_WIRE = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
     v: int = PROTOCOL_VERSION
 
 
@@ -34,13 +40,13 @@ class _Message(BaseModel):
 
 
 class ModelOffer(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     name: str = Field(min_length=1, max_length=200)
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     max_tokens: int = Field(ge=1, le=limits.completion_tokens_max)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -51,7 +57,7 @@ class Sampling(BaseModel):
 class Metering(BaseModel):
     """What the node measured for one attempt of a job; part of the signed report."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _WIRE
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     time_to_first_token_s: float = Field(ge=0)
@@ -221,11 +227,28 @@ _node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
 _coord_adapter: TypeAdapter[Any] = TypeAdapter(CoordinatorMessage)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the protocol accepts")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to infinity
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
+
+
+def _loads(raw: str | bytes) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, but
+    accepted by Python's decoder by default) and numbers that overflow to infinity."""
+    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
     if len(raw) > limits.ws_message_bytes_max:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {limits.ws_message_bytes_max}")
     try:
-        data = json.loads(raw)
+        data = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"message is not JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -212,7 +212,7 @@ def test_concurrent_settlements_payouts_and_withholds_never_deadlock() -> None:
         while not stop.is_set():
             n += 1
             try:
-                first.run_payouts(1, d / f"{n}.csv", batch_id=f"b{n}")
+                first.run_payouts(10_000, d, batch_id=f"b{n}")
                 first.withhold(f"r0t0j{n}", "spot check")
             except Conflict:
                 pass  # that job is not settled yet

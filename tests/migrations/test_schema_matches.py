@@ -9,6 +9,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
+import sparecycles.store.dashboard_tables
+import sparecycles.store.ledger_tables
+import sparecycles.store.trust_tables  # noqa: F401  (every table module: the whole metadata)
 from sparecycles.store import Store
 from sparecycles.store.db import Base
 

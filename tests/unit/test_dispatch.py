@@ -49,10 +49,11 @@ class FakeNode:
     def jobs(self) -> list[dict]:
         return [m for m in self.sent if m["type"] == "job"]
 
-    def done(self, job: dict, produced: list[int], reason: str = "stop") -> protocol.Done:
+    def done(self, job: dict, produced: list[int], reason: str = "stop", *,
+             busy_s: float = 0.04, energy_j: float = 0.0) -> protocol.Done:
         metering = protocol.Metering(prompt_tokens=len(job["prompt_token_ids"]),
                                      completion_tokens=len(produced), time_to_first_token_s=0.01,
-                                     total_s=0.05, busy_s=0.04)
+                                     total_s=0.05, busy_s=busy_s, energy_j=energy_j)
         out = protocol.tokens_sha256(produced)
         payload = protocol.result_payload(
             job_id=job["job_id"], attempt=job["attempt"], weights_sha256=SPEC.weights_sha256,
@@ -156,6 +157,39 @@ async def test_a_result_with_a_bad_signature_is_not_accepted(world) -> None:
     await d.on_done(n1.conn, forged)
     assert d.jobs["job_1"].state == "admitted"  # back to waiting, not settled
     assert ledger.job_money("job_1")["state"] == "held"
+    await d.stop()
+
+
+@pytest.mark.parametrize(("busy_s", "energy_j"), [(1e12, 0.0), (0.04, 1e9)])
+async def test_metering_out_of_bounds_is_refused_and_never_reaches_the_books(
+        world, busy_s: float, energy_j: float) -> None:
+    """busy_s beyond the attempt's wall time, or more energy than a laptop can draw in its
+    busy time: the signed result is refused like a forgery (resumed elsewhere), its metering
+    is not stored, and the job is settled on the honest node's report."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1, n2 = FakeNode("n1", alice), FakeNode("n2", bob)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    await d.on_done(n1.conn, n1.done(n1.jobs()[0], [1, 2], busy_s=busy_s, energy_j=energy_j))
+    assert d.jobs["job_1"].state == "admitted"  # refused: back to waiting, not settled
+    assert ledger.job_money("job_1")["state"] == "held"
+    await d.on_node_lost(n1.conn)  # (the scheduler's own avoid list is another change)
+    d.on_node_ready(n2.conn)
+    await _until(lambda: n2.jobs())
+    second = n2.jobs()[0]
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[3]))
+    await d.on_done(n2.conn, n2.done(second, [3]))
+    await _until(lambda: store.get_job("job_1").state == "done")
+    await _until(lambda: [a.outcome for a in store.attempts("job_1")] == ["bad_metering",
+                                                                           "done"])
+    bad, good = store.attempts("job_1")
+    assert not bad.busy_s and not bad.energy_j  # the refused numbers are nowhere
+    assert good.busy_s == pytest.approx(0.04)
+    assert ledger.check() == []
     await d.stop()
 
 

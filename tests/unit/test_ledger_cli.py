@@ -59,14 +59,39 @@ def test_errors_are_one_line_and_exit_1(cli: tuple[Run, Store]) -> None:
     run, store = cli
     store.ensure_client("acme")
     for args, message in (
-        (("ledger", "deposit", "--client", "nobody", "--amount", "1"), "no client named"),
-        (("ledger", "deposit", "--client", "acme", "--amount", "1.0000001"), "6 decimal"),
-        (("ledger", "deposit", "--client", "acme", "--amount", "-3"), "non-negative"),
+        (("ledger", "deposit", "--client", "nobody", "--amount", "1", "--reference", "r"),
+         "no client named"),
+        (("ledger", "deposit", "--client", "acme", "--amount", "1.0000001", "--reference", "r"),
+         "6 decimal"),
+        (("ledger", "deposit", "--client", "acme", "--amount", "-3", "--reference", "r"),
+         "non-negative"),
         (("ledger", "statement"), "--client or --owner"),
         (("payouts", "fail", "nonsense"), "BATCH_ID/OWNER"),
     ):
         code, out = run(*args)
         assert code == 1 and message in out and "Traceback" not in out, (args, out)
+
+
+@pytest.mark.parametrize("amount", ["1_000", "\u0661\u0660", "\uff11\uff10", "1e3", "Infinity",
+                                    "0x10", "+5", "1.", ".5", "1,000"])
+def test_amounts_are_plain_ascii_decimals(cli: tuple[Run, Store], amount: str) -> None:
+    run, store = cli
+    store.ensure_client("acme")
+    code, out = run("ledger", "deposit", "--client", "acme", "--amount", amount,
+                    "--reference", "r-1")
+    assert code == 1 and "not an amount" in out and "Traceback" not in out, out
+    code, out = run("payouts", "run", "--min", amount, "--out", "x.csv")
+    assert code == 1 and "not an amount" in out, out
+
+
+def test_a_deposit_needs_a_reference_so_a_retry_never_deposits_twice(
+        cli: tuple[Run, Store]) -> None:
+    run, store = cli
+    client = store.ensure_client("acme")
+    for _ in range(2):  # the operator's retry
+        code, _out = run("ledger", "deposit", "--client", "acme", "--amount", "10.00")
+        assert code != 0
+    assert Ledger(store.sessions).client_balance(client).balance_micros == 0
 
 
 def test_check_exits_1_on_a_broken_invariant(cli: tuple[Run, Store]) -> None:
@@ -91,13 +116,12 @@ def test_payouts_run_writes_the_batch_and_fail_reverses(cli: tuple[Run, Store],
     ledger.hold("j1", client, "m", 0, 50_000_000)
     ledger.settle("j1", client, "m", 0, 50_000_000,
                   [WorkShare(owner, "node1", "gaming-pc", 0, 50_000_000)])  # earns 7.20
-    out_file = tmp_path / "batch.csv"
-    code, out = run("payouts", "run", "--min", "5.00", "--out", str(out_file),
+    code, out = run("payouts", "run", "--min", "5.00", "--out", str(tmp_path),
                     "--batch-id", "b1")
     assert code == 0 and "7.20 USD" in out
-    rows = list(csv.DictReader(out_file.open()))
+    rows = list(csv.DictReader((tmp_path / "payouts-b1.csv").open()))
     assert [(r["owner_name"], r["amount"]) for r in rows] == [("olga", "7.20")]
-    code, out = run("payouts", "run", "--min", "5.00", "--out", str(out_file),
+    code, out = run("payouts", "run", "--min", "5.00", "--out", str(tmp_path),
                     "--batch-id", "b1")
     assert code == 1 and "already paid" in out
     code, out = run("payouts", "fail", "b1/olga", "--reason", "IBAN closed")

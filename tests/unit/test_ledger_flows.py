@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
+from sparecycles import limits
 from sparecycles.errors import (
     Conflict,
     InsufficientBalance,
@@ -34,6 +35,7 @@ from sparecycles.store.db import Base, make_engine
 from sparecycles.store.ledger_tables import LedgerTransfer
 
 USD = 1_000_000
+CENT = 10_000
 PRICE = ModelPrice(60_000, 180_000)  # the default price: $0.06 in / $0.18 out per million
 
 
@@ -115,6 +117,34 @@ def test_deposit_is_idempotent_by_reference(make_books: Callable[..., Books]) ->
     with pytest.raises(InvalidRequest):
         L.deposit("alice", 0, "pay-2")
     assert L.check() == []
+
+
+def test_a_total_past_its_limit_is_refused_with_a_clear_error(
+        make_books: Callable[..., Books]) -> None:
+    """On SQLite a running total that passed 2^63 silently became a float and ``ledger check``
+    crashed on it. Totals are bounded (limits.ledger_total_micros_max) on both databases."""
+    from sparecycles import limits
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 10 * USD, "pay-1")
+    near = limits.ledger_total_micros_max - 5 * USD
+    b.exec(f"UPDATE ledger_accounts SET credits_posted = {near} WHERE id = 'client:alice'")
+    b.exec(f"UPDATE ledger_accounts SET debits_posted = {near} WHERE id = 'world:deposits'")
+    with pytest.raises(Conflict) as err:
+        L.deposit("alice", 10 * USD, "pay-2")
+    assert err.value.code == "ledger_total_max"
+    assert L.client_balance("alice").balance_micros == near  # nothing written
+    with b.engine.connect() as c:
+        kinds = {type(v) for v in c.execute(text(
+            "SELECT debits_posted, credits_posted FROM ledger_accounts "
+            "WHERE id = 'client:alice'")).one()}
+    assert kinds == {int}
+    problems = L.check()  # runs (the tampered totals differ from their transfers; no crash)
+    assert any("client:alice" in p for p in problems)
+    with pytest.raises(IntegrityError):  # the database refuses it whoever writes
+        b.exec(f"UPDATE ledger_accounts SET credits_posted = {2**63 - 1} "
+               "WHERE id = 'client:alice'")
 
 
 def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books]) -> None:
@@ -380,6 +410,50 @@ def test_price_is_fixed_when_the_job_is_admitted(make_books: Callable[..., Books
 # ---- corrections -----------------------------------------------------------------------------
 
 
+def test_the_platform_s_own_usage_is_not_a_sale_to_itself(
+        make_books: Callable[..., Books]) -> None:
+    """A training job of the platform's lab: held on ``cost:opex:training`` (no balance needed,
+    the lab's client account untouched), the owner paid its share as for any job, no fee, and
+    nothing in revenue; a withhold returns the earning to the opex account."""
+    import datetime as dt
+
+    from sparecycles.costs.usage import Period
+    from sparecycles.store.costs_queries import CostQueries
+    from sparecycles.types import Workload
+
+    b = make_books()
+    L = b.ledger
+    b.add_job("lab-1", "lab", "done", finished_at_s=b.clock())
+    b.exec("UPDATE jobs SET workload = 'training' WHERE id = 'lab-1'")
+    hold = L.hold("lab-1", "lab", "m", 1000, 500, workload=Workload.TRAINING)
+    assert hold == 150 and L.client_balance("lab").held_micros == 0
+    s = L.settle("lab-1", "lab", "m", 1000, 200, [share("bob", "pc1", 1000, 200)])
+    assert [e.amount_micros for e in s.earnings] == [76]  # floor(96 * 0.8), as for a client
+    assert s.fee_micros == 0 and s.charge_micros == 76 and s.released_micros == 150 - 76
+    assert L.client_balance("lab").balance_micros == 0
+    assert L.balance("cost:opex:training").balance_micros == -76  # debit-normal: a cost of 76
+    assert L.balance("platform:revenue").balance_micros == 0
+    assert L.balance("platform:fees").balance_micros == 0
+    assert L.owner_balance("bob").earned_micros == 76
+    assert L.check() == []
+    month = Period.month(dt.datetime.fromtimestamp(b.clock(), dt.UTC).strftime("%Y-%m"))
+    q = CostQueries(b.engine)
+    (job,) = q.period_usage(month, "USD").jobs
+    assert job.charge_micros == 0 and not job.posted  # not revenue
+    assert [e.amount_micros for e in job.earnings] == [76]  # the owner payout, on its attempt
+    totals = q.ledger_totals(month, "USD")
+    assert (totals.posts, totals.charged_micros, totals.internal_use_micros) == (0, 0, 76)
+    assert totals.charged_micros + totals.internal_use_micros == (totals.earnings_micros
+                                                                  + totals.fees_micros)
+    assert q.charge_facts(month, "USD") == []  # no charge to recompute
+    assert L.withhold("lab-1", "spot check") == 76
+    assert L.balance("cost:opex:training").balance_micros == 0
+    assert L.client_balance("lab").balance_micros == 0 and L.check() == []
+    L.hold("lab-2", "lab", "m", 10, 10, workload=Workload.TRAINING)
+    with pytest.raises(Conflict):  # a retry that changes the workload is another request
+        L.hold("lab-2", "lab", "m", 10, 10)
+
+
 def test_withhold_refunds_the_client_from_the_cheating_node(
         make_books: Callable[..., Books]) -> None:
     L = make_books().ledger
@@ -406,10 +480,122 @@ def test_withhold_after_payout_leaves_a_debt_netted_later(
     L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
     L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
     earned = L.owner_balance("bob").earned_micros
-    assert L.run_payouts(1, tmp_path / "b1.csv").total_micros == earned
+    assert L.run_payouts(CENT, tmp_path).total_micros == earned
     L.withhold("j1", "cheat found late")
     assert L.owner_balance("bob").earned_micros == -earned
-    assert L.run_payouts(1, tmp_path / "b2.csv").batch_id is None  # nothing until repaid
+    assert L.run_payouts(CENT, tmp_path).batch_id is None  # nothing until repaid
+    assert L.check() == []
+
+
+def test_a_receivable_no_earning_nets_is_written_off_into_the_cost_report(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    """An owner paid, then caught cheating, who never earns again: the negative earned balance
+    (a receivable) is written off at the first payout run after limits.owner_receivable_s_max,
+    to an opex account the cost report reads."""
+    import datetime as dt
+
+    from sparecycles.costs.usage import Period
+    from sparecycles.store.costs_queries import CostQueries
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 100 * USD, "p")
+    L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
+    L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
+    paid = L.run_payouts(CENT, tmp_path).total_micros
+    L.withhold("j1", "cheat found late")
+    owed = -L.owner_balance("bob").earned_micros
+    assert owed > 0
+    b.clock.advance(limits.owner_receivable_s_max - 10)
+    L.run_payouts(CENT, tmp_path)
+    assert L.owner_balance("bob").earned_micros == -owed  # not yet: an earning may net it
+    b.clock.advance(20)
+    assert payouts.write_off_receivables(L) == owed
+    assert payouts.write_off_receivables(L) == 0  # once
+    assert L.owner_balance("bob").earned_micros == 0
+    assert L.owner_balance("bob").paid_micros == paid
+    assert L.balance("cost:opex:owner_receivables_written_off").balance_micros == -owed
+    assert L.check() == []
+    month = Period.month(dt.datetime.fromtimestamp(b.clock(), dt.UTC).strftime("%Y-%m"))
+    q = CostQueries(b.engine)
+    assert q.write_offs_micros(month, "USD") == owed
+    booked = [(c.category, c.cogs, c.amount_micros)
+              for c in q.period_usage(month, "USD").ledger_costs]
+    assert booked == [("owner_receivables_written_off", False, owed)]
+    totals = q.ledger_totals(month, "USD")
+    assert (totals.cogs_costs_micros, totals.opex_costs_micros) == (0, owed)
+
+
+def test_payout_lines_are_whole_cents_and_the_rest_stays_earned(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    bob = _earn(L, "j1", "bob", 50_000_123)
+    assert bob % CENT != 0
+    with pytest.raises(InvalidRequest, match="minor unit"):
+        L.run_payouts(CENT - 1, tmp_path)
+    report = L.run_payouts(CENT, tmp_path)
+    assert report.total_micros == bob - bob % CENT
+    assert L.owner_balance("bob").earned_micros == bob % CENT  # for the next run
+    with open(report.file_path) as f:
+        (row,) = csv.DictReader(f)
+    assert int(row["amount_micros"]) % CENT == 0 and row["amount"].count(".") == 1
+    assert len(row["amount"].split(".")[1]) == 2  # a bank's amount: dollars and cents
+    assert L.check() == []
+
+
+def test_a_batch_whose_every_line_failed_is_not_stored_as_paid(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    _earn(L, "j1", "bob", 50_000_000)
+    _earn(L, "j2", "carol", 50_000_000)
+    L.run_payouts(USD, tmp_path, batch_id="b1")
+    state = "SELECT state FROM payout_batches WHERE id = 'b1'"
+    L.fail_payout("b1", "bob", "account closed")
+    with b.engine.connect() as c:
+        assert c.scalar(text(state)) == "paid"  # carol's line stands
+    L.fail_payout("b1", "carol", "account closed")
+    with b.engine.connect() as c:
+        assert c.scalar(text(state)) == "returned"
+    assert L.check() == []
+
+
+def test_concurrent_payout_runs_write_one_file_for_one_batch(
+        make_books: Callable[..., Books], tmp_path: Path) -> None:
+    """Four ``payouts run`` at once (four Ledgers, as four processes) on one database: one
+    batch, one file, every owner paid once. (Before the claim, every run resumed the open batch
+    and wrote it to its own file: submitting them would have paid every owner four times.)"""
+    import threading
+
+    b = make_books()
+    L = b.ledger
+    L.deposit("alice", 1000 * USD, "p")
+    owners = {o: _earn(L, f"j-{o}", o, 50_000_000) for o in ("bob", "carol", "dave")}
+    runners = [b.restart() for _ in range(4)]
+    start = threading.Barrier(len(runners))
+    results: list[Any] = []
+
+    def run(ledger: Ledger, i: int) -> None:
+        start.wait()
+        try:
+            results.append(ledger.run_payouts(USD, tmp_path / f"run{i}"))
+        except Conflict as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r, i)) for i, r in enumerate(runners)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    paid = [r for r in results if not isinstance(r, Conflict) and r.batch_id is not None]
+    assert len(files) == 1 and len(paid) == 1, (files, results)
+    assert files[0].name == f"payouts-{paid[0].batch_id}.csv"
+    for o, v in owners.items():
+        assert L.owner_balance(o).paid_micros == v
     assert L.check() == []
 
 
@@ -777,9 +963,10 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)  # 9.00 USD * 0.8 = 7.20 USD
     carol = _earn(L, "j2", "carol", 10_000_000)  # 1.44 USD: below the minimum
-    report = L.run_payouts(5 * USD, tmp_path / "batch.csv", batch_id="b1")
+    report = L.run_payouts(5 * USD, tmp_path, batch_id="b1")
     assert report.batch_id == "b1" and report.total_micros == bob == 7_200_000
-    with open(tmp_path / "batch.csv") as f:
+    assert report.file_path == str(tmp_path / "payouts-b1.csv")
+    with open(tmp_path / "payouts-b1.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows == [{"batch_id": "b1", "owner_id": "bob", "owner_name": "Bob B",
                      "currency": "USD", "amount": "7.20", "amount_micros": "7200000",
@@ -787,8 +974,8 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     assert L.owner_balance("bob").paid_micros == bob and L.owner_balance("bob").earned_micros == 0
     assert L.owner_balance("carol").earned_micros == carol
     with pytest.raises(Conflict):
-        L.run_payouts(5 * USD, tmp_path / "again.csv", batch_id="b1")
-    assert L.run_payouts(5 * USD, tmp_path / "b2.csv").batch_id is None
+        L.run_payouts(5 * USD, tmp_path, batch_id="b1")
+    assert L.run_payouts(5 * USD, tmp_path).batch_id is None
     assert L.check() == []
 
 
@@ -797,12 +984,12 @@ def test_failed_payout_is_reversed_and_paid_in_a_later_batch(
     L = make_books().ledger
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)
-    L.run_payouts(USD, tmp_path / "b1.csv", batch_id="b1")
+    L.run_payouts(USD, tmp_path, batch_id="b1")
     assert L.fail_payout("b1", "bob", "account closed") == bob
     assert L.fail_payout("b1", "bob", "account closed") == bob  # harmless repeat
     assert L.owner_balance("bob").earned_micros == bob and L.owner_balance("bob").paid_micros == 0
     assert L.check() == []
-    assert L.run_payouts(USD, tmp_path / "b2.csv", batch_id="b2").total_micros == bob
+    assert L.run_payouts(USD, tmp_path, batch_id="b2").total_micros == bob
     with pytest.raises(NotFound):
         L.fail_payout("b2", "nobody", "x")
     assert L.owner_balance("bob").paid_micros == bob and L.check() == []
@@ -821,12 +1008,15 @@ def test_a_payout_run_that_crashed_is_resumed_not_paid_twice(
 
     monkeypatch.setattr(payouts, "_write_csv", crash)
     with pytest.raises(OSError):
-        L.run_payouts(USD, tmp_path / "b.csv")
+        L.run_payouts(USD, tmp_path)
     assert L.owner_balance("bob").payable_micros == bob  # in flight, books still balance
     assert L.check() == []
     monkeypatch.undo()
     _earn(b.restart(), "j2", "bob", 50_000_000)  # earned meanwhile: not in the open batch
-    report = b.restart().run_payouts(USD, tmp_path / "b.csv")
+    with pytest.raises(Conflict, match="another run"):  # the dead run's claim is fresh
+        b.restart().run_payouts(USD, tmp_path)
+    b.clock.advance(limits.payout_claim_s_max + 1)  # then it is taken over
+    report = b.restart().run_payouts(USD, tmp_path)
     assert report.resumed and report.total_micros == bob
     assert L.owner_balance("bob").paid_micros == bob
     assert L.owner_balance("bob").earned_micros == bob  # the second job waits for next batch

@@ -24,9 +24,17 @@ from hypothesis.stateful import (
 from test_ledger_flows import Books, sqlite_books
 
 from sparecycles.errors import Conflict, InsufficientBalance, InvalidRequest
-from sparecycles.ledger.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.pricing import (
+    ModelPrice,
+    PriceBook,
+    charge_micros,
+    hold_micros,
+    split_charge,
+)
 from sparecycles.ledger.service import VoidOutcome, WorkShare
 
+# 50 times the default price (and deposits): earnings reach whole cents, what payouts pay
+PRICES = PriceBook.default().with_price("m", ModelPrice(3_000_000, 9_000_000))
 CLIENTS = ("alice", "bert")
 OWNERS = ("olga", "omar", "otto")
 NODES = {"n1": "olga", "n2": "omar", "n3": "otto", "n4": "olga"}
@@ -50,7 +58,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.b = type(self).books()
+        self.b = type(self).books(prices=PRICES)
         self.L = self.b.ledger
         self.price = self.b.prices.price_of("m")
         self.terms = self.b.prices.terms
@@ -71,14 +79,14 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- rules --
 
-    @initialize(amount=st.integers(0, 50_000))
+    @initialize(amount=st.integers(0, 50 * 50_000))
     def fund(self, amount: int) -> None:
         for c in CLIENTS:
             if amount:
                 self.L.deposit(c, amount, f"init-{c}")
                 self.balance[c] += amount
 
-    @rule(c=st.sampled_from(CLIENTS), amount=st.integers(1, 50_000), ref=st.sampled_from(REFS))
+    @rule(c=st.sampled_from(CLIENTS), amount=st.integers(1, 50 * 50_000), ref=st.sampled_from(REFS))
     def deposit(self, c: str, amount: int, ref: str) -> None:
         if ref in self.deposits and self.deposits[ref] != (c, amount):
             try:
@@ -91,7 +99,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.deposits[ref] = (c, amount)
             self.balance[c] += amount
 
-    @rule(c=st.sampled_from(CLIENTS), limit=st.integers(0, 3_000))
+    @rule(c=st.sampled_from(CLIENTS), limit=st.integers(0, 50 * 3_000))
     def credit_limit(self, c: str, limit: int) -> None:
         if self.available(c) - self.limit[c] + limit < 0:
             try:
@@ -193,11 +201,12 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.earned[NODES[n]] -= j.earnings[n]
                 self.balance[j.client] += j.earnings[n]
 
-    @rule(minimum=st.integers(1, 2_000))
+    @rule(minimum=st.integers(10_000, 30_000))  # at least a cent
     def payout(self, minimum: int) -> None:
         self.batches += 1
-        report = self.L.run_payouts(minimum, self.dir / f"b{self.batches}.csv")
-        due = {o: v for o, v in self.earned.items() if v >= minimum}
+        report = self.L.run_payouts(minimum, self.dir)
+        due = {o: v - v % 10_000 for o, v in self.earned.items()  # in whole cents
+               if v - v % 10_000 >= minimum}
         assert {line.owner_id: line.amount_micros for line in report.lines} == due
         for o, v in due.items():
             self.items.append((report.batch_id or "", o, v))

@@ -25,8 +25,18 @@ import pytest
 from test_ledger_flows import Books, sqlite_books
 
 from sparecycles.errors import Conflict, InsufficientBalance
-from sparecycles.ledger.pricing import charge_micros, hold_micros, split_charge
+from sparecycles.ledger.pricing import (
+    ModelPrice,
+    PriceBook,
+    charge_micros,
+    hold_micros,
+    split_charge,
+)
 from sparecycles.ledger.service import VoidOutcome, WorkShare
+
+CENT = 10_000  # payouts are in whole cents
+# 50 times the default price (and deposits): earnings reach whole cents, what payouts pay
+PRICES = PriceBook.default().with_price("m", ModelPrice(3_000_000, 9_000_000))
 
 SEEDS = [int(os.environ["SPARECYCLES_SIM_SEED"])] if "SPARECYCLES_SIM_SEED" in os.environ \
     else list(range(6))
@@ -64,7 +74,7 @@ class World:
 
 def simulate(make: Callable[[], Books], seed: int, steps: int = 250) -> dict[str, int]:
     rng = random.Random(seed)
-    b = make()
+    b = make(prices=PRICES)
     L = b.ledger
     w = World()
     price, terms = b.prices.price_of("m"), b.prices.terms
@@ -119,7 +129,7 @@ def simulate(make: Callable[[], Books], seed: int, steps: int = 250) -> dict[str
         b.clock.advance(rng.uniform(0.01, 3.0))
         r = rng.random()
         if r < 0.12:  # a deposit, its webhook sometimes delivered again later
-            c, amount, ref = rng.choice(clients), rng.randint(1, 400_000), f"dep{step}"
+            c, amount, ref = rng.choice(clients), rng.randint(1, 50 * 400_000), f"dep{step}"
             L.deposit(c, amount, ref)
             w.balance[c] += amount
             w.deposited += amount
@@ -160,9 +170,9 @@ def simulate(make: Callable[[], Books], seed: int, steps: int = 250) -> dict[str
             L = b.restart()
             w.saw("restart")
         elif r < 0.74:  # a payout run
-            minimum = rng.randint(1, 10_000)
-            report = L.run_payouts(minimum, out_dir / f"{step}.csv", batch_id=f"b{seed}-{step}")
-            due = {o: v for o, v in w.earned.items() if v >= minimum}
+            minimum = rng.randint(CENT, 3 * CENT)
+            report = L.run_payouts(minimum, out_dir, batch_id=f"b{seed}-{step}")
+            due = {o: v - v % CENT for o, v in w.earned.items() if v - v % CENT >= minimum}
             assert {x.owner_id: x.amount_micros for x in report.lines} == due, (seed, step)
             for o, v in due.items():
                 w.saw("payout")

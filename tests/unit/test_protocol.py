@@ -130,3 +130,30 @@ def test_verification_messages_round_trip_and_refuse_non_finite_scores() -> None
                 "logprobs": [0.0] * (limits.score_tokens_max + 1)}
     with pytest.raises(ProtocolError):
         protocol.decode_node_message(json.dumps(too_many))
+
+
+_DONE = ('{"type":"done","job_id":"j","attempt":1,"finish_reason":"stop","output_sha256":"'
+         + "0" * 64 + '","signature":"' + "A" * 88 + '","metering":{"prompt_tokens":1,'
+         '"completion_tokens":1,"time_to_first_token_s":0.1,"total_s":0.2,"busy_s":0.1,'
+         '"energy_j":ENERGY}}')
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_no_nan_or_infinity_anywhere_in_the_protocol(literal: str) -> None:
+    """One ``"energy_j": Infinity`` once made every cost report of the month crash."""
+    protocol.decode_node_message(_DONE.replace("ENERGY", "1.5"))  # the honest twin decodes
+    with pytest.raises(ProtocolError):
+        protocol.decode_node_message(_DONE.replace("ENERGY", literal))
+    hello = {"type": "hello", "token": "t" * 10, "public_key": "k" * 44, "models": [],
+             "profile": {"device_class": "laptop", "power_busy_w": 1.0}}
+    raw = json.dumps(hello).replace("1.0", literal)
+    with pytest.raises(ProtocolError):  # inside a free-form dict too
+        protocol.decode_node_message(raw)
+
+
+def test_wire_models_refuse_non_finite_floats_when_built_in_python() -> None:
+    with pytest.raises(ValueError):
+        protocol.Metering(prompt_tokens=1, completion_tokens=1, time_to_first_token_s=0.0,
+                          total_s=0.0, busy_s=float("inf"))
+    with pytest.raises(ValueError):
+        protocol.Heartbeat(temperature_c=float("nan"))

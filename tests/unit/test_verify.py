@@ -169,3 +169,17 @@ def test_honest_work_always_passes(rows: list[tuple[float, float]], temperature:
     claim = Claim(tuple(range(len(rows))), tuple(lp + noise for lp, noise in rows), temperature)
     scores = _scores(lps, var=[1.0] * len(rows))
     assert verify.judge_scores(claim, scores, verify.FP32_TOLERANCE).passed
+
+
+def test_metering_bounds() -> None:
+    ok = verify.check_metering_bounds(busy_s=2.0, energy_j=2.0 * 300, wall_s=2.1,
+                                      device_class="laptop")
+    assert ok is None
+    for busy_s, energy_j, wall_s in ((1e12, 0.0, 3.0), (2.0, 2.0 * 300 + 1, 2.1),
+                                     (math.inf, 0.0, 3.0), (1.0, math.nan, 3.0), (-1.0, 0, 3)):
+        v = verify.check_metering_bounds(busy_s=busy_s, energy_j=energy_j, wall_s=wall_s,
+                                         device_class="laptop")
+        assert v is not None and v.outcome is Outcome.FAIL and v.method is Method.METERING
+    # an unknown class gets the default ceiling, not an unbounded one
+    assert verify.check_metering_bounds(busy_s=1.0, energy_j=1e6, wall_s=1.0,
+                                        device_class="toaster") is not None

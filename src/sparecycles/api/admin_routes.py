@@ -47,8 +47,8 @@ class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     client: str = Field(min_length=1, max_length=200)
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[Literal["inference", "admin"]] = Field(default=["inference"], min_length=1,
-                                                         max_length=2)
+    scopes: list[Literal["inference", "admin", "workload:training", "workload:rnd"]] = Field(
+        default=["inference"], min_length=1, max_length=3)
     limits: KeyLimits | None = None
 
 

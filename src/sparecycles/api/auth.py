@@ -2,7 +2,9 @@
 
 Scopes: ``inference`` (the OpenAI-compatible API and a client's own job records), ``admin``
 (``/v1/admin``, costs), ``owner`` (an owner's dashboard and ``/v1/owner``; such keys have no
-client and never authenticate here). A key holds one or more.
+client and never authenticate here), ``workload:training`` and ``workload:rnd`` (the platform's
+own internal accounts: what their requests are for; see ``workload_of``). A key holds one or
+more. Only an operator (``sparecycles keys create``) or an admin key grants scopes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ from fastapi import Request
 
 from sparecycles.errors import PermissionDenied, Unauthorized
 from sparecycles.store import ApiKeyInfo
+from sparecycles.types import Workload
+
+WORKLOAD_SCOPES = {f"workload:{w}": w for w in Workload if w is not Workload.INFERENCE}
+
+
+def workload_of(info: ApiKeyInfo) -> Workload:
+    """What a key's requests are for, decided by the platform, never by the request body: a key
+    of the platform's own internal accounts carries a ``workload:training`` or ``workload:rnd``
+    scope (granted by an operator or an admin); every other key's requests are inference, whose
+    cost is COGS and whose charge is revenue."""
+    internal = [w for s, w in WORKLOAD_SCOPES.items() if s in info.scopes]
+    return internal[0] if len(internal) == 1 else Workload.INFERENCE
 
 
 async def _authenticate(request: Request) -> ApiKeyInfo:

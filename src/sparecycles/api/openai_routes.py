@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sparecycles import limits, modelfiles
-from sparecycles.api.auth import require_key
+from sparecycles.api.auth import require_key, workload_of
 from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
 from sparecycles.coordinator.dispatch import JobEvent, LiveJob
@@ -160,6 +160,10 @@ async def _run(
             f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the prompt, "
             f"{asked} for the completion). Please reduce the prompt or max_tokens.",
             param="max_tokens")
+    workload = workload_of(key)
+    if body.workload is not None and body.workload != workload:
+        raise InvalidRequest(f"this key's requests are {workload}; the request body cannot make "
+                             f"them {body.workload}", param="workload")
     max_tokens = asked or min(room, default_max_tokens)
     sampling = SamplingParams(
         max_tokens=max_tokens,
@@ -182,7 +186,7 @@ async def _run(
             prompt_ids=prompt_ids,
             sampling=sampling,
             stream=body.stream,
-            workload=body.workload,
+            workload=workload,
             trusted_only=body.trusted_only or ticket.trusted_only,
             received_s=received_s,
         )

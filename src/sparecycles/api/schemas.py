@@ -59,7 +59,9 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1, le=limits.n_choices_max)
     user: str | None = Field(default=None, max_length=200)
     # sparecycles extensions (ignored by other servers, harmless to send)
-    workload: Workload = Workload.INFERENCE
+    # What the request is for is decided by the platform (the key's account: api/auth.workload_of),
+    # never by the body: a body that names another workload than its key's gets a 400.
+    workload: Workload | None = None
     trusted_only: bool = False
 
     @field_validator("stop")

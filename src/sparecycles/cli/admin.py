@@ -11,7 +11,7 @@ from sparecycles.store import Store
 keys_app = typer.Typer(help="Client API keys (stored hashed; shown once).", no_args_is_help=True)
 owners_app = typer.Typer(help="Device owners and their node tokens.", no_args_is_help=True)
 
-_scopes = ("inference", "admin", "owner")
+_scopes = ("inference", "admin", "owner", "workload:training", "workload:rnd")
 
 
 def _store(database: str | None) -> Store:
@@ -25,7 +25,10 @@ def _store(database: str | None) -> Store:
 def keys_create(
     name: str = typer.Option(..., "--name", help="A name for the key, e.g. the app using it"),
     client: str = typer.Option("", "--client", help="Client (account) name; default: --name"),
-    scope: list[str] = typer.Option(["inference"], "--scope", help="inference, admin or owner"),
+    scope: list[str] = typer.Option(
+        ["inference"], "--scope",
+        help="inference, admin, owner, or workload:training / workload:rnd for the platform's "
+             "own internal accounts (not charged; their cost is opex)"),
     database: str | None = DatabaseOption,
 ) -> None:
     """Make an API key and print it once."""

@@ -95,18 +95,15 @@ def _print_statement(st: Statement) -> None:
 def deposit(
     client: str = typer.Option(..., "--client", help="Client name or id"),
     amount: str = typer.Option(..., "--amount", help="In units of the currency, e.g. 10.00"),
-    reference: str = typer.Option(None, "--reference",
-                                  help="The payment's id; repeating it deposits only once"),
+    reference: str = typer.Option(..., "--reference",
+                                  help="The payment's id (required): repeating it deposits "
+                                  "only once, so a retried command never deposits twice"),
     database: str | None = DatabaseOption,
 ) -> None:
     """Add funds to a client's prepaid balance."""
     micros = parse_money(amount)
     ledger = _ledger(database)
     client_id = ledger.resolve("client", client)
-    if reference is None:
-        import secrets
-
-        reference = f"cli-{secrets.token_hex(8)}"
     ledger.deposit(client_id, micros, reference)
     bal = ledger.client_balance(client_id)
     console.print(f"deposited {format_money(micros, ledger.currency)} to {client} "
@@ -151,7 +148,8 @@ def prices_set(
 @friendly
 def payouts_run(
     minimum: str = typer.Option("5.00", "--min", help="Pay owners who earned at least this"),
-    out: Path = typer.Option(..., "--out", help="The batch file (CSV) to write"),
+    out: Path = typer.Option(..., "--out", help="The folder of the batch files: the batch is "
+                             "written to OUT/payouts-<batch>.csv"),
     batch_id: str = typer.Option(None, "--batch-id", help="Name the batch (default: the time)"),
     database: str | None = DatabaseOption,
 ) -> None:

@@ -35,6 +35,7 @@ from sparecycles.identity import verify
 from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
+from sparecycles.trust.decisions import check_metering_bounds
 from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
 
 if TYPE_CHECKING:
@@ -229,7 +230,7 @@ class Dispatcher:
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
         await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
-                                     sampling.max_tokens, job=row)
+                                     sampling.max_tokens, job=row, workload=workload)
         job = LiveJob(
             job_id=job_id,
             client_id=client_id,
@@ -450,6 +451,12 @@ class Dispatcher:
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
             return self._resume_soon(job, outcome="bad_signature")  # now, not in a task
+        if (bad := check_metering_bounds(busy_s=msg.metering.busy_s, energy_j=msg.metering
+                                         .energy_j, wall_s=time.monotonic() - att.started_s,
+                                         device_class=att.device_class)) is not None:
+            if self.verifier is not None:  # refused: never in the books, counted against it
+                self.verifier.on_refused(node, job, att, bad)
+            return self._resume_soon(job, outcome="bad_metering")
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
         speed = observed_decode_tokens_per_s(att, time.monotonic())

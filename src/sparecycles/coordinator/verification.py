@@ -175,8 +175,13 @@ class Verifier:
             self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))
 
     def on_bad_signature(self, node: NodeConn, job: LiveJob, att: Attempt) -> None:
-        verdict = Verdict(Outcome.FAIL, Method.SIGNATURE, "the signed result does not verify",
-                          tokens_checked=att.tokens)
+        self.on_refused(node, job, att, Verdict(
+            Outcome.FAIL, Method.SIGNATURE, "the signed result does not verify",
+            tokens_checked=att.tokens))
+
+    def on_refused(self, node: NodeConn, job: LiveJob, att: Attempt, verdict: Verdict) -> None:
+        """A result refused before it reached the books (bad signature, metering out of
+        bounds): the verdict is applied when the job has finished."""
         self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))
 
     def on_job_finished(self, job: LiveJob, state: str) -> None:

@@ -47,6 +47,8 @@ class LedgerTotals:
     corrections_micros: int  # withholds made in the period for earlier requests
     cogs_costs_micros: int
     opex_costs_micros: int
+    # the platform's own usage (training, R&D): owners paid from opex, not a charge or revenue
+    internal_use_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +191,8 @@ def reconcile(alloc: Allocation, report: CostReport, focus_csv: str, metered: Me
                         earned_ledger == payouts + alloc.internal_earnings_micros,
                         f"{money(alloc.internal_earnings_micros)} of it to the platform's own "
                         "nodes" if alloc.internal_earnings_micros else ""))
-    fee_ok = ledger.charged_micros == ledger.earnings_micros + ledger.fees_micros
+    fee_ok = (ledger.charged_micros + ledger.internal_use_micros
+              == ledger.earnings_micros + ledger.fees_micros)
     checks.append(Check("charges = earnings + fees", "", money(ledger.charged_micros), "",
                         money(ledger.earnings_micros + ledger.fees_micros), fee_ok))
     booked = ledger.cogs_costs_micros + ledger.opex_costs_micros

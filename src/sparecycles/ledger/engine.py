@@ -19,6 +19,8 @@ Chart of accounts (one currency per ledger; ``credit`` accounts grow with credit
 ``world:deposits``              where client deposits come from (its debits: all deposits)
 ``cost:cogs:<category>``        the platform's cost of goods sold (hosting, verification,
 ``cost:opex:<category>``        payment fees...) and operating costs, for the cost engine;
+                                ``cost:opex:training``/``rnd`` also pay for the platform's
+                                own usage (through ``platform:internal``, never revenue)
 ``world:vendors``               paid to the world (vendors)
 ==============================  ==========================================================
 
@@ -35,7 +37,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from sparecycles.errors import (
@@ -58,8 +60,10 @@ from sparecycles.ledger.pricing import (
     hold_micros,
     split_charge,
 )
+from sparecycles.types import Workload
 
 REVENUE = "platform:revenue"
+INTERNAL = "platform:internal"  # the clearing account of the platform's own usage
 FEES = "platform:fees"
 DEPOSITS = "world:deposits"
 VENDORS = "world:vendors"
@@ -210,6 +214,7 @@ class HoldOp:
     model: str
     prompt_tokens: int
     max_tokens: int
+    workload: Workload = Workload.INFERENCE  # decided by the platform (the client's key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +267,21 @@ class PayoutOp:
     memo: str | None = None
 
 
-Op = HoldOp | SettleOp | VoidOp | DepositOp | WithholdOp | CostOp | PayoutOp
+@dataclass(frozen=True, slots=True)
+class WriteOffOp:
+    """Write off an owner's receivable (a negative earned balance: a withhold after the earning
+    was paid out) that no later earning netted within ``limits.owner_receivable_s_max``.
+    ``as_of_s``, the time of the balance's last change, names the transfer, so two runs that
+    see the same receivable write it off once."""
+
+    owner_id: str
+    amount_micros: int
+    as_of_s: float
+
+
+WRITE_OFFS = "cost:opex:owner_receivables_written_off"
+
+Op = HoldOp | SettleOp | VoidOp | DepositOp | WithholdOp | CostOp | PayoutOp | WriteOffOp
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,12 +326,20 @@ def transfer_ids(ops: Sequence[Op]) -> set[str]:
         elif isinstance(o, PayoutOp):
             out.update(f"payout:{o.batch_id}:{o.owner_id}:{s}"
                        for s in ("payable", "paid", "reversal"))
+        elif isinstance(o, WriteOffOp):
+            out.add(write_off_id(o))
     return out
+
+
+def write_off_id(op: WriteOffOp) -> str:
+    return f"writeoff:{op.owner_id}:{int(op.as_of_s * 1000)}"
 
 
 def accounts_of(op: Op, holds: Mapping[str, HoldTerms]) -> set[str]:
     """Every account an op may touch (created beforehand; clients locked)."""
     if isinstance(op, HoldOp):
+        if op.workload is not Workload.INFERENCE:
+            return {client_account(op.client_id), internal_use_account(op.workload), INTERNAL}
         return {client_account(op.client_id), REVENUE}
     if isinstance(op, SettleOp):  # all three of an owner's accounts exist from the first
         owners = {owner_account(s.owner_id, p) for s in op.shares
@@ -324,8 +351,16 @@ def accounts_of(op: Op, holds: Mapping[str, HoldTerms]) -> set[str]:
         return {client_account(op.client_id), DEPOSITS}
     if isinstance(op, CostOp):
         return {_cost_account(op), VENDORS}
+    if isinstance(op, WriteOffOp):
+        return {owner_account(op.owner_id), WRITE_OFFS}
     terms = holds.get(op.job_id)
     return {client_account(terms.client_id), REVENUE} if terms else set()
+
+
+def internal_use_account(workload: Workload) -> str:
+    """Where the platform's own usage of a workload is paid from: an operating expense."""
+    invariant(workload is not Workload.INFERENCE, "inference is charged to its client")
+    return f"cost:opex:{workload}"
 
 
 def _cost_account(op: CostOp) -> str:
@@ -416,7 +451,9 @@ class _Machine:
     def hold(self, op: HoldOp) -> int:
         check_id(op.job_id, "job id")
         check_id(op.client_id, "client id")
-        fp = fingerprint("hold", op.client_id, op.model, op.prompt_tokens, op.max_tokens)
+        internal = op.workload is not Workload.INFERENCE
+        fp = fingerprint("hold", op.client_id, op.model, op.prompt_tokens, op.max_tokens,
+                         *((str(op.workload),) if internal else ()))
         if (done := self.job_transfer(op.job_id, "hold")) is not None:
             self.replay(done, fp)
             for end in ("post", "void"):
@@ -429,15 +466,19 @@ class _Machine:
         price = self.s.prices.get(op.model) or self.s.book.price_of(op.model)
         amount = hold_micros(price, op.prompt_tokens, op.max_tokens)
         client = self.account(client_account(op.client_id))
-        if client.available_micros < amount:
+        if internal:  # the platform's own usage: not a sale to itself, no balance to check
+            self.transfer(f"job:{op.job_id}:hold", internal_use_account(op.workload), INTERNAL,
+                          amount, "hold", fp, job_id=op.job_id)
+        elif client.available_micros < amount:
             cur = self.s.book.currency
             raise InsufficientBalance(
                 f"this request may cost up to {format_money(amount, cur)} and the balance "
                 f"available is {format_money(client.available_micros, cur)}; add funds or "
                 "lower max_tokens"
             )
-        self.transfer(f"job:{op.job_id}:hold", client.id, REVENUE, amount, "hold", fp,
-                      job_id=op.job_id)
+        else:
+            self.transfer(f"job:{op.job_id}:hold", client.id, REVENUE, amount, "hold", fp,
+                          job_id=op.job_id)
         terms = HoldTerms(op.job_id, op.client_id, op.model, self.s.book.currency,
                           op.prompt_tokens, op.max_tokens, price, self.s.book.terms, amount,
                           self.s.now_s)
@@ -472,12 +513,18 @@ class _Machine:
         charge = charge_micros(terms.price, op.prompt_tokens, op.completion_tokens,
                                hold.amount_micros)
         split = split_charge(charge, terms.price, terms.terms, op.shares)
-        client = client_account(op.client_id)
-        self.transfer(f"job:{op.job_id}:post", client, REVENUE, charge, "post", fp,
+        payer, clearing = hold.debit_account_id, hold.credit_account_id
+        if clearing == INTERNAL:
+            # The platform's own usage: the owners are paid their share of what it would have
+            # cost a client (their work is real), from the opex account the hold named; nothing
+            # is charged to a client, no fee is taken, and the revenue account is not touched.
+            charge = sum(e.amount_micros for e in split.earnings)
+            split = replace(split, charge_micros=charge, fee_micros=0)
+        self.transfer(f"job:{op.job_id}:post", payer, clearing, charge, "post", fp,
                       job_id=op.job_id, pending_id=hold.id)
         for e in split.earnings:
             if e.amount_micros:
-                self.transfer(f"job:{op.job_id}:earning:{e.node_id}", REVENUE,
+                self.transfer(f"job:{op.job_id}:earning:{e.node_id}", clearing,
                               owner_account(e.owner_id), e.amount_micros, "earning", fp,
                               job_id=op.job_id)
         if split.fee_micros:
@@ -549,7 +596,9 @@ class _Machine:
             if (done := self.s.transfers.get(tid)) is not None:
                 self.replay(done, fp)
             else:
-                self.transfer(tid, e.credit_account_id, client_account(terms.client_id),
+                post = self.job_transfer(op.job_id, "post")
+                payer = post.debit_account_id if post else client_account(terms.client_id)
+                self.transfer(tid, e.credit_account_id, payer,
                               e.amount_micros, "withhold", fp, job_id=op.job_id,
                               memo=op.reason[:500])
             total += e.amount_micros
@@ -601,12 +650,27 @@ class _Machine:
         return op.amount_micros
 
 
+    def write_off(self, op: WriteOffOp) -> int:
+        earned = self.account(owner_account(op.owner_id))
+        tid = write_off_id(op)
+        fp = fingerprint("write_off", op.owner_id, op.amount_micros)
+        if (done := self.s.transfers.get(tid)) is not None:
+            self.replay(done, fp)
+            return done.amount_micros
+        if not 0 < op.amount_micros <= -earned.balance_micros:
+            raise Conflict(f"owner {op.owner_id} owes less than {format_money(op.amount_micros)}")
+        self.transfer(tid, WRITE_OFFS, earned.id, op.amount_micros, "write_off", fp,
+                      memo="receivable written off: no earning netted it in time")
+        return op.amount_micros
+
+
 def apply(snapshot: Snapshot, ops: Sequence[Op]) -> Outcome:
     """Apply ``ops`` in order; each sees the effects of those before it. An op that fails with an
     expected error changes nothing (it checks before it emits) and the others go on."""
     m = _Machine(snapshot)
     handlers = {HoldOp: m.hold, SettleOp: m.settle, VoidOp: m.void, DepositOp: m.deposit,
-                WithholdOp: m.withhold, CostOp: m.cost, PayoutOp: m.payout}
+                WithholdOp: m.withhold, CostOp: m.cost, PayoutOp: m.payout,
+                WriteOffOp: m.write_off}
     for op in ops:
         mark = len(m.out.transfers)
         try:

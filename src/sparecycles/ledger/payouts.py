@@ -2,17 +2,28 @@
 
 A run has three steps, so that a crash at any point leaves the books right and the run resumable:
 
-1. One transaction opens the batch: every owner whose earned balance is at least the minimum is
-   locked, gets a line, and a transfer ``earned -> payable`` (``payout:<batch>:<owner>:payable``).
-2. The CSV file for the payment provider is written (to a temporary name, then renamed).
-3. One transaction moves ``payable -> paid`` for every line and marks the batch paid, with the
-   file's SHA-256.
+1. One transaction opens the batch and claims it for this run (state ``writing``, a random run
+   token, the time): every owner whose earned balance is at least the minimum is locked, gets a
+   line of that balance rounded down to whole minor units of the currency (cents for USD; the
+   rest stays earned for the next run), and a transfer ``earned -> payable``
+   (``payout:<batch>:<owner>:payable``).
+2. The run that holds the claim writes the batch's file, ``payouts-<batch>.csv`` in the output
+   folder (one name per batch; to a temporary name, then renamed).
+3. One transaction checks the claim is still this run's, moves ``payable -> paid`` for every
+   line and marks the batch paid, with the file's SHA-256.
 
-Guarantees: a batch id is used once, and a paid batch is refused (``Conflict``); an owner is paid
-at most once per batch (the transfer ids), never more than they earned (the earned account is
-locked while the line is made); a batch left open by a crash is resumed by the next run, not paid
-again. A payout the bank returns is reversed by a correcting transfer
-(``payout:<batch>:<owner>:reversal``, paid -> earned) so the owner is paid in a later batch.
+Guarantees: a batch id is used once, and a paid batch is refused (``Conflict``); a batch is
+written by one run at a time: a concurrent run finds it claimed and stops with ``Conflict``
+(one conditional UPDATE, atomic on SQLite and PostgreSQL), so four runs at once write one file
+for one batch; a claim older than ``limits.payout_claim_s_max`` (its run died) is taken over and
+the same file is written again. An owner is paid at most once per batch (the transfer ids),
+never more than they earned (the earned account is locked while the line is made), in whole
+minor units; the minimum cannot be below one minor unit. A payout the bank returns is reversed
+by a correcting transfer (``payout:<batch>:<owner>:reversal``, paid -> earned) so the owner is
+paid in a later batch; a batch whose every line was returned is ``returned``, not paid. An
+owner's receivable (earned below zero after a withhold of money already paid out) that no
+earning nets within ``limits.owner_receivable_s_max`` is written off at the next run
+(``writeoff:<owner>:<ms>``, ``cost:opex:owner_receivables_written_off -> owner:<id>:earned``).
 """
 
 from __future__ import annotations
@@ -23,14 +34,16 @@ import io
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparecycles import limits
 from sparecycles.errors import Conflict, InvalidRequest, NotFound, SpareCyclesError, invariant
 from sparecycles.ledger import engine as eng
-from sparecycles.ledger.engine import PayoutOp
-from sparecycles.ledger.pricing import format_money
+from sparecycles.ledger.engine import PayoutOp, WriteOffOp
+from sparecycles.ledger.pricing import format_money, minor_unit_micros
 from sparecycles.store.ledger_queries import LedgerTx
 
 if TYPE_CHECKING:
@@ -60,7 +73,8 @@ class PayoutReport:
     resumed: bool = False
 
 
-def _apply(ledger: Ledger, tx: LedgerTx, ops: list[PayoutOp], locked: dict[str, Any]) -> None:
+def _apply(ledger: Ledger, tx: LedgerTx, ops: Sequence[PayoutOp | WriteOffOp],
+           locked: dict[str, Any]) -> None:
     """Apply payout ops through the same state machine as every other transfer."""
     accounts = dict(locked)
     for op in ops:
@@ -75,36 +89,79 @@ def _apply(ledger: Ledger, tx: LedgerTx, ops: list[PayoutOp], locked: dict[str, 
     tx.write(out)
 
 
-def run_payouts(ledger: Ledger, min_micros: int, out_path: Path,
+def write_off_receivables(ledger: Ledger) -> int:
+    """Write off every owner's receivable older than ``limits.owner_receivable_s_max`` (see
+    ``WriteOffOp``); returns the total written off. Harmless to repeat, and safe to run at once
+    from several places: the owner's account is locked, and the transfer id is derived from the
+    receivable."""
+    now = ledger.clock()
+    ledger.store.ensure_accounts({eng.WRITE_OFFS}, ledger.currency, now)
+
+    def work(tx: LedgerTx) -> int:
+        due = [(o, -b, t) for o, b, t in tx.negative_owners(ledger.currency)
+               if t < now - limits.owner_receivable_s_max][:owners_per_batch_max]
+        if not due:
+            return 0
+        locked = tx.accounts({eng.owner_account(o) for o, _, _ in due}, lock=True)
+        due = [(o, -locked[eng.owner_account(o)].balance_micros, t) for o, _, t in due
+               if locked[eng.owner_account(o)].balance_micros < 0]  # as of the lock
+        _apply(ledger, tx, [WriteOffOp(o, v, t) for o, v, t in due], locked)
+        return sum(v for _, v, _ in due)
+
+    return ledger.store.write(work)
+
+
+def batch_file(out_dir: Path, batch_id: str) -> Path:
+    """The file of a batch: one name per batch, whichever run writes it."""
+    return out_dir / f"payouts-{batch_id}.csv"
+
+
+def run_payouts(ledger: Ledger, min_micros: int, out_dir: Path,
                 batch_id: str | None = None) -> PayoutReport:
-    """Pay every owner whose earned balance is at least ``min_micros``; see the module doc."""
-    if min_micros <= 0:
-        raise InvalidRequest("the payout minimum must be positive")
+    """Pay every owner whose earned balance is at least ``min_micros``, in whole minor units of
+    the currency, into ``batch_file(out_dir, batch)``; see the module doc."""
+    cur = ledger.currency
+    minor = minor_unit_micros(cur)
+    if min_micros < minor:
+        raise InvalidRequest(f"the payout minimum is at least one minor unit of {cur} "
+                             f"({format_money(minor, cur)}), got {format_money(min_micros)}")
     if batch_id is not None and ("/" in batch_id or not eng.id_pattern.match(batch_id)):
         raise InvalidRequest(f"a batch id is 1-80 letters, digits or ._~@+=- (no /), "
                              f"got {batch_id!r}")
-    cur, now = ledger.currency, ledger.clock()
+    write_off_receivables(ledger)
+    now, token = ledger.clock(), secrets.token_hex(16)
+
+    def claim(tx: LedgerTx, bid: str) -> bool:
+        return tx.claim_batch(bid, token, now, limits.payout_claim_s_max)
 
     def open_batch(tx: LedgerTx) -> tuple[str | None, bool]:
         if batch_id is not None and (row := tx.batch(batch_id)) is not None:
-            if row.state == "paid":
+            if row.state in ("paid", "returned"):
                 raise Conflict(f"payout batch {batch_id} was already paid")
+            if not claim(tx, batch_id):
+                raise Conflict(f"payout batch {batch_id} is being written by another run")
             return batch_id, True
         if batch_id is None and (left := tx.open_batches(cur)):
-            return left[0], True  # a run that crashed after step 1: finish it, pay nothing new
+            if claim(tx, left[0]):
+                return left[0], True  # a run that died after step 1: finish it, pay nothing new
+            raise Conflict(f"payout batch {left[0]} is being written by another run; it is "
+                           f"taken over after {limits.payout_claim_s_max:.0f} s if that run "
+                           "died")
         candidates = tx.payable_owners(cur, min_micros)[:owners_per_batch_max]
         locked = tx.accounts({eng.owner_account(o, p) for o in candidates
                               for p in ("earned", "payable", "paid")}, lock=True)
-        lines = [(o, locked[eng.owner_account(o)].balance_micros) for o in candidates]
-        lines = [(o, v) for o, v in lines if v >= min_micros]  # as of the lock
+        # as of the lock, rounded down to whole minor units: the rest stays earned
+        lines = [(o, (b := locked[eng.owner_account(o)].balance_micros) - b % minor)
+                 for o in candidates]
+        lines = [(o, v) for o, v in lines if v >= min_micros and v > 0]
         if not lines:
             return None, False
         bid = batch_id or time.strftime("batch-%Y%m%dT%H%M%SZ-", time.gmtime(now)) + \
             secrets.token_hex(3)
         tx.insert_batch(
-            {"id": bid, "currency": cur, "state": "open", "min_micros": min_micros,
+            {"id": bid, "currency": cur, "state": "writing", "min_micros": min_micros,
              "total_micros": sum(v for _, v in lines), "owners": len(lines),
-             "created_at_s": now},
+             "created_at_s": now, "run_token": token, "claimed_at_s": now},
             [{"batch_id": bid, "owner_id": o, "amount_micros": v, "state": "open"}
              for o, v in lines])
         _apply(ledger, tx, [PayoutOp(bid, o, v, "queue") for o, v in lines], locked)
@@ -120,14 +177,18 @@ def run_payouts(ledger: Ledger, min_micros: int, out_path: Path,
 
     rows, names = ledger.store.read(load)
     to_pay = [r for r in rows if r.state == "open"]
+    out_path = batch_file(out_dir, bid)
     sha = _write_csv(out_path, bid, cur, [(r.owner_id, names.get(r.owner_id, ""),
                                           r.amount_micros) for r in to_pay])
 
     def pay(tx: LedgerTx) -> None:
         row = tx.batch(bid)
         invariant(row is not None, f"batch {bid} vanished")
-        if row.state == "paid":
-            raise Conflict(f"payout batch {bid} was already paid")
+        assert row is not None  # for the type checker; the invariant above survives -O
+        if row.state != "writing" or row.run_token != token:
+            raise Conflict(f"payout batch {bid} was taken over by another run (this one took "
+                           f"longer than {limits.payout_claim_s_max:.0f} s); its file is the "
+                           "same")
         ops = [PayoutOp(bid, r.owner_id, r.amount_micros, "pay") for r in to_pay]
         locked = tx.accounts({a for op in ops for a in eng.accounts_of(op, {})}, lock=True)
         _apply(ledger, tx, ops, locked)
@@ -158,6 +219,8 @@ def fail_payout(ledger: Ledger, batch_id: str, owner_id: str, reason: str) -> in
         _apply(ledger, tx, [op], locked)
         tx.update_item(batch_id, owner_id, state="failed", failed_reason=reason,
                        failed_at_s=ledger.clock())
+        if all(i.state == "failed" or i.owner_id == owner_id for i in tx.batch_items(batch_id)):
+            tx.update_batch(batch_id, state="returned")  # nothing of it stands as paid
         return int(item.amount_micros)
 
     return ledger.store.write(work)

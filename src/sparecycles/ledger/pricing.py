@@ -333,10 +333,34 @@ def split_charge(
 # ---- money as text ---------------------------------------------------------------------------
 
 
+# ISO 4217 minor units of the currencies whose minor unit is not a hundredth (cents); a bank
+# pays whole minor units, so payout lines are rounded down to them.
+currency_minor_digits = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX": 0,
+                         "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3, "IQD": 3, "LYD": 3}
+
+
+def minor_unit_micros(currency: str) -> int:
+    """Micro-units in one minor unit of ``currency``: 10,000 for USD (a cent)."""
+    return 10 ** (6 - currency_minor_digits.get(currency.upper(), 2))
+
+
+_plain_decimal = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # [0-9], not \d: ASCII digits only
+
+
 def parse_money(text: str) -> int:
-    """``"10.00"`` -> ``10_000_000`` micro-units exactly; refuses negatives and sub-micro digits."""
+    """``"10.00"`` -> ``10_000_000`` micro-units exactly; refuses negatives and sub-micro digits.
+
+    Plain ASCII decimals only (``12``, ``12.5``): ``Decimal`` alone also takes ``1_000``,
+    non-ASCII digits (``"١٠"``), exponents and ``Infinity``, none of which an operator means
+    when typing an amount."""
+    text = text.strip()
+    if text.startswith("-") and _plain_decimal.fullmatch(text[1:]):
+        raise InvalidRequest(f"an amount must be a non-negative number, got {text!r}")
+    if not _plain_decimal.fullmatch(text):
+        raise InvalidRequest(f"not an amount: {text!r} (digits 0-9 with an optional "
+                             "decimal point, like 10.00)")
     try:
-        value = Decimal(text.strip())
+        value = Decimal(text)
     except InvalidOperation:
         raise InvalidRequest(f"not an amount: {text!r}") from None
     if not value.is_finite() or value < 0:

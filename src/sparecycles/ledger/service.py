@@ -26,8 +26,16 @@ independently by ``Ledger.check()`` (``sparecycles ledger check``):
    failure after a settlement leaves the charge standing. (``pending_id`` is unique.)
 6. Conservation per job. ``charge == sum(earnings) + fee``, each earning credited to the owner
    of the node that did that share of the work. (``pricing.split_charge``; ``settlement_of``.)
-7. Payouts. A batch pays each owner once, never more than the owner's earned balance, and the
-   owners' paid accounts equal the payout lines marked paid. (``ledger/payouts.py``.)
+7. Payouts. A batch pays each owner once, never more than the owner's earned balance, in whole
+   minor units of the currency; it is claimed by one run before its file is written, so
+   concurrent runs write one file per batch; the owners' paid accounts equal the payout lines
+   marked paid. (``ledger/payouts.py``.)
+8. Bounded totals. No account total passes ``limits.ledger_total_micros_max``; a transaction
+   that would fails with ``Conflict`` (``ledger_total_max``) and writes nothing. (CHECK
+   ``totals_bounded``; ``LedgerStore.write``.)
+9. The platform's own usage is not revenue: a job of a ``workload:training|rnd`` key is held
+   and posted on ``cost:opex:<workload>`` through ``platform:internal``, never on a client or
+   ``platform:revenue``, and takes no fee. (``_Machine.hold``/``settle``.)
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from sparecycles.ledger.engine import (
     VoidOp,
     VoidOutcome,
     WithholdOp,
+    WriteOffOp,
     check_id,
 )
 from sparecycles.ledger.pricing import (
@@ -69,6 +78,7 @@ from sparecycles.ledger.pricing import (
 )
 from sparecycles.store.db import transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
+from sparecycles.types import Workload
 
 __all__ = [
     "Balance",
@@ -394,27 +404,35 @@ class Ledger:
     # ---- money -----------------------------------------------------------------------------
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-             max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+             max_tokens: int, *, job: Mapping[str, Any] | None = None,
+             workload: Workload = Workload.INFERENCE) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
         ``job``, the job's row (``store.schema.JobRow``'s columns), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
+
+        ``workload`` other than inference (the platform's own usage, decided by the client's
+        key): the hold is on ``cost:opex:<workload>`` instead of the client, and the settlement
+        pays the owners from it with no charge to the client and no fee (not revenue).
         """
         return self._submit(*self._hold_op(job_id, client_id, model, prompt_tokens, max_tokens,
-                                           job))
+                                           job, workload))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                         max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+                         max_tokens: int, *, job: Mapping[str, Any] | None = None,
+                         workload: Workload = Workload.INFERENCE) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
-                                                       max_tokens, job))
+                                                       max_tokens, job, workload))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                 max_tokens: int, job: Mapping[str, Any] | None) -> tuple[Op, After | None]:
+                 max_tokens: int, job: Mapping[str, Any] | None,
+                 workload: Workload = Workload.INFERENCE) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
-        op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens)
+        op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens,
+                    Workload(workload))
         if job is None:
             return op, None
         row = dict(job)
@@ -541,7 +559,8 @@ class Ledger:
 
         def work(tx: LedgerTx) -> list[Any]:
             jobs = eng.job_ids(ops)
-            held = [j.job_id for j in ops if not isinstance(j, HoldOp | DepositOp | CostOp)]
+            held = [j.job_id for j in ops
+                    if not isinstance(j, HoldOp | DepositOp | CostOp | WriteOffOp)]
             if late:  # read the holds, then lock their clients too
                 holds = tx.holds(held)
                 touched = named | {a for op in ops if isinstance(op, VoidOp | WithholdOp)
@@ -655,12 +674,12 @@ class Ledger:
 
     # ---- payouts and the audit ---------------------------------------------------------------
 
-    def run_payouts(self, min_micros: int, out_path: Path, batch_id: str | None = None) -> Any:
-        """Pay every owner whose earned balance is at least ``min_micros``; see
-        ledger/payouts.py."""
+    def run_payouts(self, min_micros: int, out_dir: Path, batch_id: str | None = None) -> Any:
+        """Pay every owner whose earned balance is at least ``min_micros`` into the batch's
+        file ``out_dir/payouts-<batch>.csv``; see ledger/payouts.py."""
         from sparecycles.ledger.payouts import run_payouts
 
-        return run_payouts(self, min_micros, Path(out_path), batch_id)
+        return run_payouts(self, min_micros, Path(out_dir), batch_id)
 
     def fail_payout(self, batch_id: str, owner_id: str, reason: str) -> int:
         """Reverse one owner's payout that the bank returned; see ledger/payouts.py."""

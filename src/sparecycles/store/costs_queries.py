@@ -41,6 +41,12 @@ from sparecycles.store.ledger_tables import LedgerHold, LedgerPrice, LedgerTrans
 J, AT, N = JobRow.__table__, JobAttempt.__table__, Node.__table__
 TR, H, LP = LedgerTransfer.__table__, LedgerHold.__table__, LedgerPrice.__table__
 CC = CostClose.__table__
+# A post that is a sale: charged to a client. The platform's own usage (training, R&D) is posted
+# from ``cost:opex:<workload>`` and is neither a charge nor revenue.
+_sale = TR.c.debit_account_id.like("client:%")
+# Costs booked in the ledger: ``record_cost``'s, and owners' receivables written off by a payout
+# run (``cost:opex:owner_receivables_written_off``), which the report shows as that category.
+_BOOKED = ("cost", "write_off")
 period_jobs_max = 5_000_000  # a report holds a period's jobs in memory; beyond this, split it
 orphan_ids_listed_max = 20  # job ids named per kind of orphan posting
 _ended = ("done", "failed")
@@ -121,7 +127,7 @@ class CostQueries:
                        TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s,
                        TR.c.job_id.not_in(ids))).all()
             costs = c.execute(select(TR).where(
-                TR.c.kind == "cost", TR.c.currency == currency,
+                TR.c.kind.in_(_BOOKED), TR.c.currency == currency,
                 TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)).all()
             nodes = c.execute(select(N.c.id, N.c.owner_id, N.c.name, N.c.device_class,
                                      N.c.profile)).all()
@@ -136,7 +142,8 @@ class CostQueries:
         earned: dict[tuple[str, str, str], int] = defaultdict(int)  # (job, node, owner)
         for t in money:
             if t.kind == "post":
-                charged[t.job_id] += t.amount_micros
+                if t.debit_account_id.startswith("client:"):  # not the platform's own usage
+                    charged[t.job_id] += t.amount_micros
             elif t.kind == "earning":
                 node = t.id.rpartition(":")[2]
                 earned[(t.job_id, node, holder_of(t.credit_account_id) or "")] += t.amount_micros
@@ -204,7 +211,7 @@ class CostQueries:
 
     def metered_totals(self, period: Period) -> MeteredTotals:
         ids = self._period_job_ids(period)
-        posted = exists().where(TR.c.job_id == J.c.id, TR.c.kind == "post")
+        posted = exists().where(TR.c.job_id == J.c.id, TR.c.kind == "post", _sale)
         tokens = J.c.prompt_tokens + J.c.completion_tokens
         with self.engine.connect() as c:
             n, t, billed = c.execute(
@@ -222,14 +229,16 @@ class CostQueries:
         ids = self._period_job_ids(period)
         in_period = and_(TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)
 
-        def total(kind: str) -> Any:
-            return func.coalesce(func.sum(case((TR.c.kind == kind, TR.c.amount_micros),
-                                               else_=0)), 0)
+        def total(kind: str, *also: Any) -> Any:
+            return func.coalesce(func.sum(case((and_(TR.c.kind == kind, *also),
+                                                TR.c.amount_micros), else_=0)), 0)
 
+        sale = and_(TR.c.kind == "post", _sale)
         with self.engine.connect() as c:
-            posts, charged, earned, fees = c.execute(
-                select(func.coalesce(func.sum(case((TR.c.kind == "post", 1), else_=0)), 0),
-                       total("post"), total("earning"), total("fee"))
+            posts, charged, earned, fees, internal = c.execute(
+                select(func.coalesce(func.sum(case((sale, 1), else_=0)), 0),
+                       total("post", _sale), total("earning"), total("fee"),
+                       total("post", TR.c.debit_account_id.like("cost:%")))
                 .where(TR.c.job_id.in_(ids), TR.c.currency == currency)).one()
             withheld = c.scalar(select(func.coalesce(func.sum(TR.c.amount_micros), 0)).where(
                 TR.c.kind == "withhold", TR.c.job_id.in_(ids), TR.c.currency == currency,
@@ -242,19 +251,30 @@ class CostQueries:
                                              TR.c.amount_micros), else_=0)), 0),
                 func.coalesce(func.sum(case((TR.c.debit_account_id.like("cost:opex:%"),
                                              TR.c.amount_micros), else_=0)), 0))
-                .where(TR.c.kind == "cost", TR.c.currency == currency, in_period)).one()
+                .where(TR.c.kind.in_(_BOOKED), TR.c.currency == currency, in_period)).one()
         return LedgerTotals(int(posts), int(charged), int(earned), int(fees), int(withheld or 0),
-                            int(corrections or 0), int(cogs), int(opex))
+                            int(corrections or 0), int(cogs), int(opex), int(internal))
+
+    def write_offs_micros(self, period: Period, currency: str) -> int:
+        """Owners' receivables written off in the period (ledger/payouts.write_off_receivables):
+        in the report as the ledger opex category ``owner_receivables_written_off``."""
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.coalesce(func.sum(TR.c.amount_micros), 0)).where(
+                TR.c.kind == "write_off", TR.c.currency == currency,
+                TR.c.created_at_s >= period.start_s, TR.c.created_at_s < period.end_s)) or 0)
 
     def charge_facts(self, period: Period, currency: str) -> list[ChargeFacts]:
         post = (select(func.sum(TR.c.amount_micros)).where(
-            TR.c.job_id == J.c.id, TR.c.kind == "post", TR.c.currency == currency)
+            TR.c.job_id == J.c.id, TR.c.kind == "post", _sale, TR.c.currency == currency)
             .scalar_subquery())
         q = (select(J.c.id, J.c.state, J.c.prompt_tokens, J.c.completion_tokens,
                     H.c.input_micros_per_mtok, H.c.output_micros_per_mtok, H.c.hold_micros,
                     post)
              .join(H, H.c.job_id == J.c.id, isouter=True)
-             .where(self._in_period(period)).order_by(J.c.id))
+             .where(self._in_period(period), ~exists().where(  # not the platform's own usage
+                 TR.c.job_id == J.c.id, TR.c.kind == "hold",
+                 TR.c.credit_account_id == "platform:internal"))
+             .order_by(J.c.id))
         with self.engine.connect() as c:
             rows = c.execute(q).all()
         return [ChargeFacts(r[0], r[1], int(r[2] or 0), int(r[3] or 0),

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Engine,
     String,
     Text,
+    and_,
     any_,
     bindparam,
     case,
@@ -43,7 +44,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
-from sparecycles.errors import InvariantViolation, NotFound
+from sparecycles import limits
+from sparecycles.errors import Conflict, InvariantViolation, NotFound
 from sparecycles.ledger.engine import (
     AccountState,
     HoldTerms,
@@ -392,9 +394,32 @@ class LedgerTx:
                                  .where(PayoutBatch.__table__.c.id == batch_id)).first()
 
     def open_batches(self, currency: str) -> list[str]:
+        """Batches not finished: ``open`` or ``writing`` (claimed, maybe by a run that died)."""
         B = PayoutBatch.__table__
-        q = select(B.c.id).where(B.c.state == "open", B.c.currency == currency)
+        q = select(B.c.id).where(B.c.state.in_(("open", "writing")), B.c.currency == currency)
         return list(self.conn.scalars(q.order_by(B.c.created_at_s)))
+
+    def claim_batch(self, batch_id: str, run_token: str, now_s: float, stale_s: float) -> bool:
+        """Claim a batch for one run, atomically on both databases (one conditional UPDATE: on
+        PostgreSQL a concurrent claim waits for this row and then finds it taken): an ``open``
+        batch, or a ``writing`` one whose claim is older than ``stale_s`` (its run died)."""
+        B = PayoutBatch.__table__
+        q = (update(B).where(B.c.id == batch_id, or_(
+            B.c.state == "open",
+            and_(B.c.state == "writing", B.c.claimed_at_s < now_s - stale_s)))
+            .values(state="writing", run_token=run_token, claimed_at_s=now_s))
+        return self.conn.execute(q).rowcount == 1
+
+    def negative_owners(self, currency: str) -> list[tuple[str, int, float]]:
+        """(owner, earned balance, time of the last transfer to or from it) of every owner whose
+        earned balance is below zero: a receivable (a withhold after the earning was paid)."""
+        last = (select(func.max(TR.c.created_at_s)).where(or_(
+            TR.c.debit_account_id == A.c.id, TR.c.credit_account_id == A.c.id))
+            .scalar_subquery())
+        q = (select(A.c.holder_id, A.c.credits_posted - A.c.debits_posted, last)
+             .where(A.c.kind == "owner_earned", A.c.currency == currency,
+                    A.c.credits_posted - A.c.debits_posted < 0).order_by(A.c.id))
+        return [(h, int(b), float(t or 0.0)) for h, b, t in self.conn.execute(q)]
 
     def batch_items(self, batch_id: str) -> list[Any]:
         I = PayoutItem.__table__  # noqa: E741
@@ -585,6 +610,11 @@ class LedgerStore:
                     return result
             except Exception as exc:
                 driver = isinstance(exc, DBAPIError) or hasattr(exc, "sqlstate")
+                if driver and "totals_bounded" in str(exc):
+                    raise Conflict(
+                        "an account's running total would pass limits.ledger_total_micros_max "
+                        f"({limits.ledger_total_micros_max} micro-units); nothing was written",
+                        code="ledger_total_max") from None
                 if attempt == tx_attempts_max or not driver or not _retryable(exc):
                     raise
                 self.retries += 1

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from sparecycles import limits
 from sparecycles.store.db import Base
 
 # BIGINT on PostgreSQL; on SQLite an INTEGER PRIMARY KEY is the 64-bit rowid (autoincrements).
@@ -49,6 +50,14 @@ class LedgerAccount(Base):
             "debits_posted >= 0 AND credits_posted >= 0 "
             "AND debits_pending >= 0 AND credits_pending >= 0 AND credit_limit_micros >= 0",
             name="totals_not_negative",
+        ),
+        CheckConstraint(
+            f"debits_posted <= {limits.ledger_total_micros_max} "
+            f"AND credits_posted <= {limits.ledger_total_micros_max} "
+            f"AND debits_pending <= {limits.ledger_total_micros_max} "
+            f"AND credits_pending <= {limits.ledger_total_micros_max} "
+            f"AND credit_limit_micros <= {limits.ledger_total_micros_max}",
+            name="totals_bounded",
         ),
         CheckConstraint(
             "kind <> 'client' OR "
@@ -140,8 +149,10 @@ class LedgerPrice(Base):
 
 
 class PayoutBatch(Base):
-    """One payout run. ``state``: ``open`` (transfers to payable posted, file being written) or
-    ``paid`` (file written, payable moved to paid). A batch id is used once."""
+    """One payout run. ``state``: ``open`` (transfers to payable posted, not claimed),
+    ``writing`` (claimed by the run ``run_token`` at ``claimed_at_s``, which alone writes its
+    file), ``paid`` (file written, payable moved to paid) or ``returned`` (every line of it
+    failed and was reversed: nothing of it stands as paid). A batch id is used once."""
 
     __tablename__ = "payout_batches"
     id: Mapped[str] = mapped_column(String(80), primary_key=True)
@@ -154,6 +165,8 @@ class PayoutBatch(Base):
     file_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at_s: Mapped[float] = mapped_column(Float)
     paid_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    run_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    claimed_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class PayoutItem(Base):

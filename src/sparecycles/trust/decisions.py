@@ -37,6 +37,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from sparecycles import limits
 from sparecycles.trust.reputation import NodeTrust
 
 
@@ -294,6 +295,29 @@ def check_metering(*, claimed_prompt_tokens: int, claimed_completion_tokens: int
                    f"claimed {claimed_prompt_tokens}+{claimed_completion_tokens} tokens, the "
                    f"coordinator sent {sent_prompt_tokens} and received {received_tokens}",
                    tokens_checked=received_tokens)
+
+
+def check_metering_bounds(*, busy_s: float, energy_j: float, wall_s: float,
+                          device_class: str) -> Verdict | None:
+    """A node's metering against what is physically possible; None if within the bounds.
+
+    ``busy_s`` at most the attempt's wall time as the coordinator measured it (plus
+    ``limits.metering_wall_slack_s``); ``energy_j`` at most the device class's most power
+    (``limits.device_power_w_max``) times ``busy_s``. NaN and infinity fail (the protocol
+    refuses them already; this stays true if a caller forgets). A report outside the bounds is
+    refused: it never reaches the books, and it counts against the node."""
+    power_w = limits.device_power_w_max.get(device_class, limits.device_power_w_max_default)
+    wall_max_s = max(0.0, wall_s) + limits.metering_wall_slack_s
+    if not (math.isfinite(busy_s) and math.isfinite(energy_j)) or busy_s < 0 or energy_j < 0:
+        why = f"busy_s={busy_s!r}, energy_j={energy_j!r} are not finite non-negative numbers"
+    elif busy_s > wall_max_s:
+        why = f"busy {busy_s:.3f} s in an attempt of {wall_s:.3f} s wall time"
+    elif energy_j > power_w * busy_s:
+        why = (f"{energy_j:.1f} J in {busy_s:.3f} s busy: more than a {device_class} can draw "
+               f"({power_w} W)")
+    else:
+        return None
+    return Verdict(Outcome.FAIL, Method.METERING, f"metering out of bounds: {why}")
 
 
 def overhead_ratio(verification_busy_s: float, serving_busy_s: float) -> float:
