@@ -14,12 +14,8 @@ import pytest
 from sqlalchemy import event
 
 from sparecycles import protocol
-from sparecycles.coordinator.dispatch import (
-    Attempt,
-    Dispatcher,
-    LiveJob,
-    observed_decode_tokens_per_s,
-)
+from sparecycles.coordinator.dispatch import Dispatcher
+from sparecycles.coordinator.jobs import Attempt, LiveJob, observed_decode_tokens_per_s
 from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity

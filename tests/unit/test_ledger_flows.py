@@ -32,6 +32,7 @@ from sparecycles.ledger.service import Ledger, VoidOutcome, WorkShare
 from sparecycles.store.core_tables import Client, JobRow, Owner
 from sparecycles.store.db import Base, make_engine
 from sparecycles.store.ledger_tables import LedgerTransfer
+from sparecycles.types import JobFinal, JobRecord, JobState
 
 USD = 1_000_000
 PRICE = ModelPrice(60_000, 180_000)  # the default price: $0.06 in / $0.18 out per million
@@ -145,9 +146,10 @@ def test_a_hold_writes_its_job_row_in_the_same_transaction(make_books: Callable[
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
 
-    def row(job_id: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=500, max_tokens=0, created_at_s=b.clock())
+    def row(job_id: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=500, max_tokens=0,
+                         created_at_s=b.clock())
 
     assert L.hold("j1", "alice", "m", 500, 0, job=row("j1")) == 30
     assert len(commits) == 1
@@ -176,10 +178,12 @@ def test_settle_and_void_close_their_job_row_in_the_same_transaction(
     L.settle("j0", "alice", "m", 500, 1, [share("o", "n", 500, 1)])  # creates the accounts
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
-    L.settle("j1", "alice", "m", 500, 10, [share("o", "n", 500, 10)],
-             job={"state": "done", "completion_tokens": 10, "finish_reason": "stop"})
-    L.void("j2", job={"state": "failed", "error": "node lost"})
-    L.void("j1", job={"state": "done"})  # a no-op on the money; the row is written as given
+    done = JobFinal(state=JobState.DONE, completion_tokens=10, finish_reason="stop",
+                    finished_at_s=b.clock(), total_s=1.0)
+    L.settle("j1", "alice", "m", 500, 10, [share("o", "n", 500, 10)], job=done)
+    L.void("j2", job=JobFinal(state=JobState.FAILED, completion_tokens=0, error="node lost",
+                              finished_at_s=b.clock(), total_s=1.0))
+    L.void("j1", job=done)  # a no-op on the money; the row is written as given
     assert len(commits) == 3
     with b.engine.connect() as c:
         jobs = {r.id: r for r in c.execute(select(JobRow).where(JobRow.id.in_(["j1", "j2"])))}
@@ -201,17 +205,21 @@ def test_one_transaction_writes_its_jobs_rows_together(make_books: Callable[...,
     L.hold("j0", "alice", "m", 500, 0)  # the accounts a hold touches, created apart
     L.settle("j0", "alice", "m", 500, 0, [share("o", "n", 500, 0)])
 
-    def row(job_id: str, most: int) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=most, created_at_s=1.0)
+    def row(job_id: str, most: int) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=most,
+                         created_at_s=1.0)
 
     calls = [  # what the group commit batches when these arrive together
         L._hold_op("a", "alice", "m", 100, 10, row("a", 10)),
         L._hold_op("big", "alice", "m", 100_000, 100_000, row("big", 100_000)),
         L._hold_op("b", "alice", "m", 100, 10, row("b", 10)),
         L._settle_op("a", "alice", "m", 100, 4, [share("o", "n", 100, 4)],
-                     {"state": "done", "completion_tokens": 4, "time_to_first_token_s": 0.25}),
-        (VoidOp("b"), L._job_update("b", {"state": "failed", "error": "node lost"})),
+                     JobFinal(state=JobState.DONE, completion_tokens=4, finished_at_s=2.0,
+                              total_s=1.0, first_token_at_s=1.25, time_to_first_token_s=0.25)),
+        (VoidOp("b"), L._job_update("b", JobFinal(state=JobState.FAILED, completion_tokens=0,
+                                                  finished_at_s=2.0, total_s=1.0,
+                                                  error="node lost"))),
     ]
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
@@ -238,9 +246,10 @@ def test_an_op_that_breaks_a_shared_transaction_costs_only_itself(
     b.add_job("seed", "alice", "done")
     L.deposit("alice", 10_000, "p")
 
-    def row(job_id: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=10, created_at_s=1.0)
+    def row(job_id: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=10,
+                         created_at_s=1.0)
 
     calls = [L._hold_op("h1", "alice", "m", 100, 10, row("r1")),
              L._hold_op("h2", "alice", "m", 100, 10, row("r1")),  # the same row id again
@@ -599,9 +608,10 @@ def test_threads_and_coroutines_on_a_ledger_get_the_results_of_calls_alone(
     L.hold("seed", "c0", "m", 1, 1)
     L.settle("seed", "c0", "m", 1, 1, [share("bob", "pc1", 1, 1)])  # bob's accounts, apart
 
-    def row(job_id: str, client: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id=client, model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=100, created_at_s=b.clock())
+    def row(job_id: str, client: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id=client, model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=100,
+                         created_at_s=b.clock())
 
     def args(step: tuple[Any, ...], job_id: str, client: str) -> tuple[str, tuple[Any, ...],
                                                                          dict[str, Any]]:
@@ -611,7 +621,9 @@ def test_threads_and_coroutines_on_a_ledger_get_the_results_of_calls_alone(
             kw = {"job": row(job_id, who)} if "row" in rest else {}
             return kind, (job_id, who, "m", rest[0], rest[1]), kw
         if kind == "settle":
-            kw = {"job": {"state": "done", "completion_tokens": rest[0]}} if "row" in rest else {}
+            final = JobFinal(state=JobState.DONE, completion_tokens=rest[0],
+                             finished_at_s=b.clock(), total_s=1.0)
+            kw = {"job": final} if "row" in rest else {}
             return kind, (job_id, client, "m", 100, rest[0], [share("bob", "pc1", 100, rest[0])]
                           ), kw
         return kind, (job_id,), {}

@@ -20,7 +20,7 @@ from sparecycles import limits, modelfiles
 from sparecycles.api.auth import require_key
 from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
-from sparecycles.coordinator.dispatch import JobEvent, LiveJob
+from sparecycles.coordinator.jobs import JobEvent, LiveJob
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.coordinator.textstream import TextStream
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest, NotFound

@@ -22,10 +22,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sparecycles import limits, protocol
+from sparecycles.coordinator.jobs import Attempt, JobEvent, LiveJob, observed_decode_tokens_per_s
 from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.coordinator.replication.fleet import RemoteNode
 from sparecycles.coordinator.replication.leases import settle_abandoned
@@ -35,94 +35,13 @@ from sparecycles.identity import verify
 from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
-from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
+from sparecycles.types import JobFinal, JobRecord, JobState, ModelSpec, SamplingParams, Workload
 
 if TYPE_CHECKING:
     from sparecycles.coordinator.verification import Verifier
 
 log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
-
-
-@dataclass
-class Attempt:
-    number: int
-    node_id: str
-    owner_id: str
-    device_class: str
-    token_base: int  # len(job.generated) when the attempt started
-    started_s: float
-    first_token_s: float | None = None
-    tokens: int = 0
-    last_token_s: float = 0.0
-    logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
-
-
-@dataclass
-class JobEvent:
-    kind: str  # "tokens" | "done" | "error"
-    token_ids: tuple[int, ...] = ()
-    at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
-    finish_reason: str | None = None
-    error: SpareCyclesError | None = None
-
-
-@dataclass
-class LiveJob:
-    """A job while this coordinator holds it. ``generated`` is the authoritative output."""
-
-    job_id: str
-    client_id: str
-    model: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    workload: Workload
-    trusted_only: bool
-    admitted_s: float
-    admitted_mono_s: float = field(default_factory=time.monotonic)
-    state: JobState = JobState.ADMITTED
-    generated: list[int] = field(default_factory=list)
-    attempts: list[Attempt] = field(default_factory=list)
-    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
-    waiting_since_s: float = 0.0
-    first_token_s: float | None = None
-    excluded_nodes: set[str] = field(default_factory=set)
-    received_s: float = 0.0  # perf_counter when the API received the request
-    dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
-
-    @property
-    def current(self) -> Attempt | None:
-        return self.attempts[-1] if self.attempts else None
-
-    def as_job(self) -> Job:
-        return Job(
-            job_id=self.job_id,
-            model=self.model,
-            prompt_tokens=len(self.prompt_ids),
-            max_tokens=self.sampling.max_tokens,
-            client_id=self.client_id,
-            admitted_at_s=self.admitted_s,
-            generated_tokens=len(self.generated),
-            trusted_only=self.trusted_only,
-            workload=self.workload,
-        )
-
-
-def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
-    """The decode speed an attempt showed: tokens after the first over the time from the first
-    token to the end. Tokens that arrive in a burst (a node or network that held them back, a
-    node running late and catching up) would make that time tiny and the node look hundreds of
-    times faster than it is, and placement would then queue every job on it; so the decode time
-    is taken as at least half the decode tokens' even share of the whole attempt (assignment to
-    end): a burst can make a node look at most about twice as fast as its attempt did, and a
-    steady stream (decode at least half the attempt) is measured exactly. 0 when there is
-    nothing to measure."""
-    if att.tokens <= 1:
-        return 0.0
-    total_s = now_s - att.started_s
-    decode_s = now_s - (att.first_token_s or att.started_s)
-    decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
-    return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
 
 
 class Dispatcher:
@@ -211,14 +130,14 @@ class Dispatcher:
         next turn.
         """
         now = time.time()
-        row = dict(
+        row = JobRecord(
             id=job_id,
             client_id=client_id,
             api_key_id=api_key_id,
             model=model,
             endpoint=endpoint,
-            workload=str(workload),
-            state="admitted",
+            workload=workload,
+            state=JobState.ADMITTED,
             stream=stream,
             trusted_only=trusted_only,
             prompt_tokens=len(prompt_ids),
@@ -619,13 +538,13 @@ class Dispatcher:
         now = time.time()
         total_s = time.monotonic() - job.admitted_mono_s
 
-        final = {"state": str(job.state), "completion_tokens": delivered,
-                 "finish_reason": finish_reason if error is None else None,
-                 "error": None if error is None else error.message,
-                 "finished_at_s": now, "total_s": total_s}
-        if job.first_token_s is not None:
-            final.update(first_token_at_s=now - (time.monotonic() - job.first_token_s),
-                         time_to_first_token_s=job.first_token_s - job.admitted_mono_s)
+        first = job.first_token_s
+        final = JobFinal(
+            state=job.state, completion_tokens=delivered, finished_at_s=now, total_s=total_s,
+            finish_reason=finish_reason if error is None else None,
+            error=None if error is None else error.message,
+            first_token_at_s=None if first is None else now - (time.monotonic() - first),
+            time_to_first_token_s=None if first is None else first - job.admitted_mono_s)
 
         async def _settle() -> None:  # one transaction: the money and the job's final row
             try:

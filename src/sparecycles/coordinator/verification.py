@@ -50,7 +50,8 @@ from sparecycles.trust.reputation import (
 from sparecycles.types import SamplingParams
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import Attempt, Dispatcher, LiveJob
+    from sparecycles.coordinator.dispatch import Dispatcher
+    from sparecycles.coordinator.jobs import Attempt, LiveJob
 
 log = logging.getLogger("sparecycles.coordinator.verification")
 

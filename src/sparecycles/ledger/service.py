@@ -38,7 +38,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,6 +69,7 @@ from sparecycles.ledger.pricing import (
 )
 from sparecycles.store.db import transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
+from sparecycles.types import JobFinal, JobRecord, JobState
 
 __all__ = [
     "Balance",
@@ -394,10 +395,10 @@ class Ledger:
     # ---- money -----------------------------------------------------------------------------
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-             max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+             max_tokens: int, *, job: JobRecord | None = None) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
-        ``job``, the job's row (``store.schema.JobRow``'s columns), is inserted in the hold's own
+        ``job``, the job's row (a ``JobRecord``), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
         """
@@ -405,32 +406,31 @@ class Ledger:
                                            job))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                         max_tokens: int, *, job: Mapping[str, Any] | None = None) -> int:
+                         max_tokens: int, *, job: JobRecord | None = None) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
                                                        max_tokens, job))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                 max_tokens: int, job: Mapping[str, Any] | None) -> tuple[Op, After | None]:
+                 max_tokens: int, job: JobRecord | None) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
         op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens)
         if job is None:
             return op, None
-        row = dict(job)
 
         def record(tx: LedgerTx, result: Any) -> None:
             if isinstance(result, SpareCyclesError):
-                tx.insert_job({**row, "state": "failed", "error": result.message,
-                               "finished_at_s": self.clock()})
+                tx.insert_job(replace(job, state=JobState.FAILED, error=result.message,
+                                      finished_at_s=self.clock()).as_row())
             else:
-                tx.insert_job(row)
+                tx.insert_job(job.as_row())
 
         return op, record
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                completion_tokens: int, shares: Sequence[WorkShare], *,
-               job: Mapping[str, Any] | None = None) -> Settlement:
+               job: JobFinal | None = None) -> Settlement:
         """Post the actual charge against the hold (the rest is released), credit each owner's
         earning for their share and the fee to the platform. Idempotent by job id."""
         return self._submit(*self._settle_op(job_id, client_id, model, prompt_tokens,
@@ -438,14 +438,14 @@ class Ledger:
 
     async def settle_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                            completion_tokens: int, shares: Sequence[WorkShare], *,
-                           job: Mapping[str, Any] | None = None) -> Settlement:
+                           job: JobFinal | None = None) -> Settlement:
         """``settle`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._settle_op(job_id, client_id, model, prompt_tokens,
                                                          completion_tokens, shares, job))
 
     def _settle_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                    completion_tokens: int, shares: Sequence[WorkShare],
-                   job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
+                   job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
         _tokens(prompt_tokens, completion_tokens)
         for s in shares:
             check_id(s.owner_id, "owner id")
@@ -455,27 +455,27 @@ class Ledger:
                       model, prompt_tokens, completion_tokens, tuple(shares))
         return op, self._job_update(job_id, job)
 
-    def void(self, job_id: str, *, job: Mapping[str, Any] | None = None) -> VoidOutcome:
+    def void(self, job_id: str, *, job: JobFinal | None = None) -> VoidOutcome:
         """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
         return self._submit(*self._void_op(job_id, job))
 
     async def void_async(self, job_id: str, *,
-                         job: Mapping[str, Any] | None = None) -> VoidOutcome:  # fmt: skip
+                         job: JobFinal | None = None) -> VoidOutcome:  # fmt: skip
         """``void`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._void_op(job_id, job))
 
     def _void_op(self, job_id: str,
-                 job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
+                 job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
         return VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job)
 
     @staticmethod
-    def _job_update(job_id: str, job: Mapping[str, Any] | None) -> After | None:
+    def _job_update(job_id: str, job: JobFinal | None) -> After | None:
         """``job``, fields of the job's row (its final state), updated in the transaction of its
         settlement or void: a job is closed exactly when its money is, in one commit. Written
         whatever the op's result (a void after a settlement is a no-op, yet the job is over)."""
         if job is None:
             return None
-        fields = dict(job)
+        fields = job.as_row()
         return lambda tx, _result: tx.update_job(job_id, fields)
 
     def deposit(self, client_id: str, amount_micros: int, reference: str) -> str:
