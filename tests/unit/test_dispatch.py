@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import event
@@ -28,7 +29,7 @@ PROFILE = DeviceProfile(device_class="laptop", cpu_cores=8, ram_bytes=16 << 30,
 
 
 class FakeNode:
-    def __init__(self, name: str, owner_id: str):
+    def __init__(self, name: str, owner_id: str, profile: DeviceProfile = PROFILE):
         self.identity = NodeIdentity.generate()
         self.sent: list[dict] = []
 
@@ -37,7 +38,7 @@ class FakeNode:
 
         self.conn = NodeConn(
             node_id=self.identity.node_id, owner_id=owner_id, name=name,
-            public_key=self.identity.public_key_b64, profile=PROFILE,
+            public_key=self.identity.public_key_b64, profile=profile,
             policy=AvailabilityPolicy(), models=("m",), weights={"m": SPEC.weights_sha256},
             jobs_max=8, send_raw=send_raw)
         self.conn.start()
@@ -115,6 +116,33 @@ async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
     attempts = store.attempts("job_1")
     assert [(a.outcome, a.completion_tokens) for a in attempts] == [("node_lost", 3), ("done", 2)]
     assert ledger.check() == []
+    await d.stop()
+
+
+async def test_a_job_handed_back_by_the_favourite_goes_to_the_free_node_beside_it(world) -> None:
+    """The node that handed a job back is still the scheduler's first choice for it; the
+    scheduler is told to avoid that node for that job, so the free node beside it takes the job
+    (it used to be offered to the favourite again and again, dropped each time, until the client
+    got 503 after ``placement_wait_s``)."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1",
+                   placement_wait_s=1.0)
+    await d.start()
+    fast = FakeNode("fast", alice, replace(PROFILE, memory_bandwidth_bytes_per_s=200e9,
+                                           peak_flops=2e12))
+    slow = FakeNode("slow", bob)
+    d.on_node_ready(fast.conn)
+    d.on_node_ready(slow.conn)
+    job = await _admit(d, client)
+    await _until(lambda: fast.jobs())
+    assert not slow.jobs()
+    await d.on_job_error(fast.conn, protocol.JobError(job_id="job_1", attempt=1,
+                                                      message="out of memory"))
+    await _until(lambda: slow.jobs(), timeout_s=3.0)
+    assert slow.jobs()[0]["attempt"] == 2 and len(fast.jobs()) == 1
+    d.on_tokens(slow.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4]))
+    await d.on_done(slow.conn, slow.done(slow.jobs()[0], [4]))
+    assert [e.kind for e in _drain(job)] == ["tokens", "done"]
     await d.stop()
 
 
@@ -509,12 +537,12 @@ async def test_a_bad_result_resumes_its_own_attempt_at_once(world) -> None:
     forged = n1.done(n1.jobs()[0], [1]).model_copy(update={"signature": "A" * 88})
     d._wake.set()  # the loop is due to run (an admission or a heartbeat a moment earlier)
     assert d.done_received(n1.conn, forged) is None  # resumed now: back in the queue
-    assert "job_1" in d.waiting and n1.conn.node_id in job.excluded_nodes
+    assert "job_1" in d.waiting and n1.conn.node_id in job.avoid_nodes
     await d.on_node_lost(n1.conn)  # the next frame of the same read
     await _until(lambda: n2.jobs())
     await asyncio.sleep(0.05)
     assert [a.node_id for a in job.attempts] == [n1.conn.node_id, n2.conn.node_id]
-    assert n2.conn.node_id not in job.excluded_nodes and "job_1" in n2.conn.jobs
+    assert n2.conn.node_id not in job.avoid_nodes and "job_1" in n2.conn.jobs
     await _until(lambda: [r.outcome for r in store.attempts("job_1")] == ["bad_signature",
                                                                            "running"])
     await d.stop()

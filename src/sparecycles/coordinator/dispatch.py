@@ -210,7 +210,7 @@ class Dispatcher:
         for assignment in assignments:
             job = self.waiting.get(assignment.job_id)
             node = self.node(assignment.node_id)
-            if job is None or node is None or node.node_id in job.excluded_nodes:
+            if job is None or node is None:
                 continue
             self._assign(job, node)
 
@@ -457,7 +457,7 @@ class Dispatcher:
         node = self.node(att.node_id)
         self._end_attempt(job, att, node, outcome)
         if outcome != "replica_lost":  # not the node's fault: it may take the job up again
-            job.excluded_nodes.add(att.node_id)
+            job.avoid_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
             return self._finish_soon(job, finish_reason="length")
         if len(job.attempts) >= limits.job_attempts_max:

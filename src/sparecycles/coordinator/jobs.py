@@ -57,7 +57,7 @@ class LiveJob:
     events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
     waiting_since_s: float = 0.0
     first_token_s: float | None = None
-    excluded_nodes: set[str] = field(default_factory=set)
+    avoid_nodes: set[str] = field(default_factory=set)  # nodes that failed it: never again
     received_s: float = 0.0  # perf_counter when the API received the request
     dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
 
@@ -76,6 +76,7 @@ class LiveJob:
             generated_tokens=len(self.generated),
             trusted_only=self.trusted_only,
             workload=self.workload,
+            avoid_nodes=tuple(sorted(self.avoid_nodes)),
         )
 
 
