@@ -415,10 +415,10 @@ def test_withhold_after_payout_leaves_a_debt_netted_later(
     L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
     L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
     earned = L.owner_balance("bob").earned_micros
-    assert L.run_payouts(1, tmp_path / "b1.csv").total_micros == earned
+    assert payouts.run_payouts(L, 1, tmp_path / "b1.csv").total_micros == earned
     L.withhold("j1", "cheat found late")
     assert L.owner_balance("bob").earned_micros == -earned
-    assert L.run_payouts(1, tmp_path / "b2.csv").batch_id is None  # nothing until repaid
+    assert payouts.run_payouts(L, 1, tmp_path / "b2.csv").batch_id is None  # nothing until repaid
     assert L.check() == []
 
 
@@ -789,7 +789,7 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)  # 9.00 USD * 0.8 = 7.20 USD
     carol = _earn(L, "j2", "carol", 10_000_000)  # 1.44 USD: below the minimum
-    report = L.run_payouts(5 * USD, tmp_path / "batch.csv", batch_id="b1")
+    report = payouts.run_payouts(L, 5 * USD, tmp_path / "batch.csv", batch_id="b1")
     assert report.batch_id == "b1" and report.total_micros == bob == 7_200_000
     with open(tmp_path / "batch.csv") as f:
         rows = list(csv.DictReader(f))
@@ -799,8 +799,8 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     assert L.owner_balance("bob").paid_micros == bob and L.owner_balance("bob").earned_micros == 0
     assert L.owner_balance("carol").earned_micros == carol
     with pytest.raises(Conflict):
-        L.run_payouts(5 * USD, tmp_path / "again.csv", batch_id="b1")
-    assert L.run_payouts(5 * USD, tmp_path / "b2.csv").batch_id is None
+        payouts.run_payouts(L, 5 * USD, tmp_path / "again.csv", batch_id="b1")
+    assert payouts.run_payouts(L, 5 * USD, tmp_path / "b2.csv").batch_id is None
     assert L.check() == []
 
 
@@ -809,14 +809,14 @@ def test_failed_payout_is_reversed_and_paid_in_a_later_batch(
     L = make_books().ledger
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)
-    L.run_payouts(USD, tmp_path / "b1.csv", batch_id="b1")
-    assert L.fail_payout("b1", "bob", "account closed") == bob
-    assert L.fail_payout("b1", "bob", "account closed") == bob  # harmless repeat
+    payouts.run_payouts(L, USD, tmp_path / "b1.csv", batch_id="b1")
+    assert payouts.fail_payout(L, "b1", "bob", "account closed") == bob
+    assert payouts.fail_payout(L, "b1", "bob", "account closed") == bob  # harmless repeat
     assert L.owner_balance("bob").earned_micros == bob and L.owner_balance("bob").paid_micros == 0
     assert L.check() == []
-    assert L.run_payouts(USD, tmp_path / "b2.csv", batch_id="b2").total_micros == bob
+    assert payouts.run_payouts(L, USD, tmp_path / "b2.csv", batch_id="b2").total_micros == bob
     with pytest.raises(NotFound):
-        L.fail_payout("b2", "nobody", "x")
+        payouts.fail_payout(L, "b2", "nobody", "x")
     assert L.owner_balance("bob").paid_micros == bob and L.check() == []
 
 
@@ -833,12 +833,12 @@ def test_a_payout_run_that_crashed_is_resumed_not_paid_twice(
 
     monkeypatch.setattr(payouts, "_write_csv", crash)
     with pytest.raises(OSError):
-        L.run_payouts(USD, tmp_path / "b.csv")
+        payouts.run_payouts(L, USD, tmp_path / "b.csv")
     assert L.owner_balance("bob").payable_micros == bob  # in flight, books still balance
     assert L.check() == []
     monkeypatch.undo()
     _earn(b.restart(), "j2", "bob", 50_000_000)  # earned meanwhile: not in the open batch
-    report = b.restart().run_payouts(USD, tmp_path / "b.csv")
+    report = payouts.run_payouts(b.restart(), USD, tmp_path / "b.csv")
     assert report.resumed and report.total_micros == bob
     assert L.owner_balance("bob").paid_micros == bob
     assert L.owner_balance("bob").earned_micros == bob  # the second job waits for next batch

@@ -22,12 +22,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sparecycles import limits, protocol
-from sparecycles.coordinator.jobs import Attempt, JobEvent, LiveJob, observed_decode_tokens_per_s
+from sparecycles.coordinator.fleet_node import FleetNode
+from sparecycles.coordinator.jobs import (
+    Attempt,
+    JobEvent,
+    JobObserver,
+    LiveJob,
+    observed_decode_tokens_per_s,
+)
 from sparecycles.coordinator.node_conn import NodeConn
-from sparecycles.coordinator.replication.fleet import RemoteNode
 from sparecycles.coordinator.replication.leases import settle_abandoned
 from sparecycles.coordinator.writer import StoreWriter
 from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
@@ -36,9 +42,6 @@ from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
 from sparecycles.types import JobFinal, JobRecord, JobState, ModelSpec, SamplingParams, Workload
-
-if TYPE_CHECKING:
-    from sparecycles.coordinator.verification import Verifier
 
 log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
@@ -56,7 +59,7 @@ class Dispatcher:
         token_gap_s: float = limits.token_gap_s_max,
         policy: str = "fastest",
         on_finished: Callable[[LiveJob, str], None] | None = None,
-        verifier: Verifier | None = None,
+        verifier: JobObserver | None = None,
     ):
         self.store, self.ledger, self.models = store, ledger, models
         self.replica_id = replica_id
@@ -66,7 +69,7 @@ class Dispatcher:
         self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
         self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
         # nodes of other replicas (coordinator/replication/fleet.py)
-        self.remote: dict[str, RemoteNode] = {}
+        self.remote: dict[str, FleetNode] = {}
         self.jobs: dict[str, LiveJob] = {}
         self.waiting: dict[str, LiveJob] = {}
         self._wake = asyncio.Event()
@@ -214,11 +217,11 @@ class Dispatcher:
                 continue
             self._assign(job, node)
 
-    def node(self, node_id: str) -> NodeConn | RemoteNode | None:
+    def node(self, node_id: str) -> FleetNode | None:
         """A node of the fleet: connected here, or to another replica."""
         return self.nodes.get(node_id) or self.remote.get(node_id)
 
-    def _assign(self, job: LiveJob, node: NodeConn | RemoteNode) -> None:
+    def _assign(self, job: LiveJob, node: FleetNode) -> None:
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
@@ -296,7 +299,7 @@ class Dispatcher:
 
     # ---- node events -------------------------------------------------------------------------
 
-    def _attempt_of(self, node: NodeConn | RemoteNode, job_id: str, number: int
+    def _attempt_of(self, node: FleetNode, job_id: str, number: int
                     ) -> tuple[LiveJob, Attempt]:
         job = self.jobs.get(job_id)
         att = job.current if job else None
@@ -304,7 +307,7 @@ class Dispatcher:
             raise _StaleMessage
         return job, att
 
-    def on_tokens(self, node: NodeConn | RemoteNode, msg: protocol.Tokens) -> None:
+    def on_tokens(self, node: FleetNode, msg: protocol.Tokens) -> None:
         try:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
@@ -334,13 +337,13 @@ class Dispatcher:
             job.state = JobState.STREAMING
         job.events.put_nowait(JobEvent("tokens", tuple(new)))
 
-    async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
+    async def on_done(self, node: FleetNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
         ending = self.done_received(node, msg)
         if ending is not None:
             await ending
 
-    def done_received(self, node: NodeConn | RemoteNode,
+    def done_received(self, node: FleetNode,
                       msg: protocol.Done) -> asyncio.Future[None] | None:  # fmt: skip
         """A node's result, handled now: checked, the attempt ended, the job finished (or
         resumed when the result does not verify). Returns what completes once the settlement
@@ -378,7 +381,7 @@ class Dispatcher:
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         return self._finish_soon(job, finish_reason="stop" if reason == "cancelled" else reason)
 
-    async def on_job_error(self, node: NodeConn | RemoteNode, msg: protocol.JobError) -> None:
+    async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None:
         try:
             job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
@@ -386,12 +389,12 @@ class Dispatcher:
         log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
         await self._resume(job, outcome="drained" if node.draining else "failed")
 
-    async def on_node_lost(self, node: NodeConn | RemoteNode, *, outcome: str = "node_lost"
+    async def on_node_lost(self, node: FleetNode, *, outcome: str = "node_lost"
                            ) -> None:
         """The node's socket closed (here, or at its replica): every job it held is resumed
         elsewhere. With ``outcome="replica_lost"`` the node is not to blame (the replica holding
         its socket died, or it moved to another), so its jobs may resume on it again."""
-        fleet = self.remote if isinstance(node, RemoteNode) else self.nodes
+        fleet: dict[str, Any] = self.nodes if isinstance(node, NodeConn) else self.remote
         if fleet.get(node.node_id) is node:
             del fleet[node.node_id]
         for job_id in list(node.jobs):
@@ -400,8 +403,8 @@ class Dispatcher:
                 await self._resume(job, outcome=outcome)
         self._wake.set()
 
-    def on_node_ready(self, node: NodeConn | RemoteNode) -> None:
-        if isinstance(node, RemoteNode):
+    def on_node_ready(self, node: FleetNode) -> None:
+        if not isinstance(node, NodeConn):  # another replica's (replication/fleet.py)
             self.remote[node.node_id] = node
         else:
             self.nodes[node.node_id] = node
@@ -418,7 +421,7 @@ class Dispatcher:
         self,
         job: LiveJob,
         att: Attempt,
-        node: NodeConn | RemoteNode | None,
+        node: FleetNode | None,
         outcome: str,
         metering: protocol.Metering | None = None,
         signature: str | None = None,

@@ -10,9 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from sparecycles.errors import SpareCyclesError
 from sparecycles.types import Job, JobState, SamplingParams, Workload
+
+if TYPE_CHECKING:
+    from sparecycles import protocol
+    from sparecycles.coordinator.fleet_node import FleetNode
 
 
 @dataclass
@@ -95,3 +100,16 @@ def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
     decode_s = now_s - (att.first_token_s or att.started_s)
     decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
     return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+
+class JobObserver(Protocol):
+    """Told of every result dispatch receives (the verifier: coordinator/verification.py)."""
+
+    def on_result(self, node: FleetNode, job: LiveJob, att: Attempt,
+                  metering: protocol.Metering) -> None:
+        """A signed result verified, before the job is settled."""
+        ...
+
+    def on_bad_signature(self, node: FleetNode, job: LiveJob, att: Attempt) -> None:
+        """A result that does not verify; the attempt is resumed elsewhere."""
+        ...

@@ -31,6 +31,7 @@ from sparecycles.errors import Conflict, InvalidRequest, NotFound, SpareCyclesEr
 from sparecycles.ledger import engine as eng
 from sparecycles.ledger.engine import PayoutOp
 from sparecycles.ledger.pricing import format_money
+from sparecycles.ledger.service import memo_chars_max
 from sparecycles.store.ledger_queries import LedgerTx
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ def run_payouts(ledger: Ledger, min_micros: int, out_path: Path,
 def fail_payout(ledger: Ledger, batch_id: str, owner_id: str, reason: str) -> int:
     """Reverse one owner's payout (the bank returned it): a correcting transfer back to earned.
     Harmless to repeat. Returns the amount reversed."""
+    reason = reason[:memo_chars_max]
 
     def work(tx: LedgerTx) -> int:
         item = next((i for i in tx.batch_items(batch_id) if i.owner_id == owner_id), None)

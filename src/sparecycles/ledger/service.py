@@ -37,11 +37,11 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from sparecycles.errors import InvalidRequest, SpareCyclesError, invariant
 from sparecycles.ledger import engine as eng
+from sparecycles.ledger.audit import audit
 from sparecycles.ledger.engine import (
     CostOp,
     DepositOp,
@@ -472,25 +472,10 @@ class Ledger:
         self.store.write(lambda tx: tx.set_price(model, self.currency, price, self.clock()))
         self._prices_expire_s = float("-inf")
 
-    # ---- payouts and the audit ---------------------------------------------------------------
-
-    def run_payouts(self, min_micros: int, out_path: Path, batch_id: str | None = None) -> Any:
-        """Pay every owner whose earned balance is at least ``min_micros``; see
-        ledger/payouts.py."""
-        from sparecycles.ledger.payouts import run_payouts
-
-        return run_payouts(self, min_micros, Path(out_path), batch_id)
-
-    def fail_payout(self, batch_id: str, owner_id: str, reason: str) -> int:
-        """Reverse one owner's payout that the bank returned; see ledger/payouts.py."""
-        from sparecycles.ledger.payouts import fail_payout
-
-        return fail_payout(self, batch_id, owner_id, reason[:memo_chars_max])
+    # ---- the audit (payouts: ledger/payouts.py, called with the ledger) -----------------------
 
     def check(self, now_s: float | None = None, grace_s: float = 300.0) -> list[str]:
         """Every broken invariant, one line each; empty when the books are right."""
-        from sparecycles.ledger.audit import audit
-
         return audit(self.store, self.currency, self.clock() if now_s is None else now_s,
                      grace_s)
 

@@ -21,8 +21,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
-from sparecycles.store import ledger_tables as _ledger_schema  # noqa: F401  (registers tables)
-from sparecycles.store import trust_tables as _trust_schema  # noqa: F401  (registers tables)
 from sparecycles.store.core_tables import (
     ApiKey,
     Client,

@@ -36,7 +36,7 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import protocol
 from sparecycles.coordinator.node_conn import NodeConn, fold_speed, profile_from_dict
@@ -44,7 +44,7 @@ from sparecycles.coordinator.replication.bus import Bus, Subscription
 from sparecycles.types import DeviceProfile, NodeSnapshot
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import Dispatcher
+    from sparecycles.coordinator.fleet_node import FleetNode
 
 log = logging.getLogger("sparecycles.coordinator.replication.fleet")
 
@@ -176,10 +176,29 @@ def _describe(node: NodeConn) -> dict[str, Any]:
             "weights": node.weights, "jobs_max": node.jobs_max}
 
 
+class FleetDispatch(Protocol):
+    """What the fleet needs of dispatch (``Dispatcher`` satisfies it): the nodes of this replica
+    and of the others, told when a node comes or goes, and the messages of relayed nodes."""
+
+    nodes: dict[str, NodeConn]
+    remote: dict[str, FleetNode]
+
+    def on_node_ready(self, node: FleetNode) -> None: ...
+
+    async def on_node_lost(self, node: FleetNode, *, outcome: str = ...) -> None: ...
+
+    def on_tokens(self, node: FleetNode, msg: protocol.Tokens) -> None: ...
+
+    def done_received(self, node: FleetNode,
+                      msg: protocol.Done) -> asyncio.Future[None] | None: ...  # fmt: skip
+
+    async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None: ...
+
+
 class Fleet:
     """This replica's end of the fleet: announces its nodes, tracks the others', relays jobs."""
 
-    def __init__(self, bus: Bus, replica_id: str, dispatcher: Dispatcher) -> None:
+    def __init__(self, bus: Bus, replica_id: str, dispatcher: FleetDispatch) -> None:
         self.bus, self.replica_id, self.dispatcher = bus, replica_id, dispatcher
         self.me = subject_token(replica_id)
         self.ns = bus.namespace  # subjects: <ns>.fleet.*, <ns>.replica.<id>.*
@@ -221,6 +240,11 @@ class Fleet:
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.bus.close()
+
+    def _remote(self, node_id: str) -> RemoteNode | None:
+        """The dispatcher's node of another replica (all of them are this fleet's)."""
+        node = self.dispatcher.remote.get(node_id)
+        return node if isinstance(node, RemoteNode) else None
 
     @property
     def connected(self) -> bool:
@@ -329,7 +353,7 @@ class Fleet:
             node_id = desc["id"]
             if node_id in d.nodes:
                 continue  # its socket is here: a stale announcement from its old host
-            old = d.remote.get(node_id)
+            old = self._remote(node_id)
             if old is not None and old.host == host:
                 old.apply_state(desc["state"])
                 continue
@@ -346,7 +370,7 @@ class Fleet:
 
     async def _on_down(self, _subject: str, data: bytes) -> None:
         body = json.loads(data)
-        node = self.dispatcher.remote.get(body["id"])
+        node = self._remote(body["id"])
         if node is not None and node.host == body["r"]:
             await node.stop()
             await self.dispatcher.on_node_lost(node)
@@ -356,9 +380,8 @@ class Fleet:
         host = body["r"]
         if host == self.me:
             return
-        remote = self.dispatcher.remote
         for node_id, state in body["nodes"].items():
-            node = remote.get(node_id)
+            node = self._remote(node_id)
             if node is not None and node.host == host:
                 was_available = node.available and not node.draining
                 node.apply_state(state)
@@ -375,7 +398,7 @@ class Fleet:
 
     async def _peer_lost(self, peer: str) -> None:
         d = self.dispatcher
-        for node in [n for n in d.remote.values() if n.host == peer]:
+        for node in [n for n in d.remote.values() if isinstance(n, RemoteNode) and n.host == peer]:
             await node.stop()
             await d.on_node_lost(node, outcome="replica_lost")  # its jobs resume elsewhere
         for job_id, rel in list(self.relayed.items()):
@@ -452,7 +475,7 @@ class Fleet:
     async def _on_from_node(self, _subject: str, data: bytes) -> None:
         """Owner side: a node's message about one of this replica's jobs, via its host."""
         body = json.loads(data)
-        node = self.dispatcher.remote.get(body["node"])
+        node = self._remote(body["node"])
         if node is None or node.host != body["r"]:
             return  # we already gave up on that node; the attempt has been resumed
         if body.get("lost"):
