@@ -294,3 +294,22 @@ class JobFinal:
             row.update(first_token_at_s=self.first_token_at_s,
                        time_to_first_token_s=self.time_to_first_token_s)
         return row
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """Limits of one API key; ``None`` means no limit of that kind. Kept by the store
+    (``store/trust_queries.py``), applied by ``coordinator/ratelimit.py``."""
+
+    requests_per_minute: int | None = None
+    burst: int | None = None  # requests allowed at once before the rate applies (default: rpm)
+    budget_micros: int | None = None  # spend cap per ``budget_period`` (holds count)
+    budget_period: str = "month"
+    monthly_budget_micros: int | None = None  # the client's own cap from the dashboard
+    streams_max: int | None = None  # requests in flight at once
+    trusted_only: bool = False  # every job of this key runs on trusted nodes only
+
+    @property
+    def unlimited(self) -> bool:
+        return (self.requests_per_minute is None and self.budget_micros is None
+                and self.monthly_budget_micros is None and self.streams_max is None)

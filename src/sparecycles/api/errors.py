@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
-from sparecycles.store.db import transient_store_errors
+from sparecycles.store.errors import transient_store_errors
 
 log = logging.getLogger("sparecycles.api")
 

@@ -64,7 +64,7 @@ from sparecycles.ledger.pricing import (
     amount_micros_max,
     tokens_max,
 )
-from sparecycles.store.db import transient_store_errors
+from sparecycles.store.errors import transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
 from sparecycles.types import JobFinal, JobRecord, JobState
 
