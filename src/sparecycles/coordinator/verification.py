@@ -219,10 +219,6 @@ class Verifier:
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
 
-    def handles(self, node: NodeConn, msg: Any) -> bool:
-        """Take the answers to verification work (called by the socket handler)."""
-        return self.link.handles(node, msg)
-
     # ---- running checks -----------------------------------------------------------------------
 
     async def _work(self) -> None:

@@ -5,7 +5,7 @@ reached (the job's *owner*), whose dispatcher may place it on any node of the fl
 
     owner replica A                          bus                       host replica B
     Dispatcher ── RemoteNode.send(assign) ──> sc.replica.B.to_node ──> NodeConn.send ──> node
-    Dispatcher.on_tokens/on_done <── sc.replica.A.from_node <── relay_from_node <── node
+    Dispatcher.on_tokens/on_done <── sc.replica.A.from_node <── Fleet.take <── node
 
 So the owner runs the very same job lifecycle for a remote node as for a local one: the tokens
 carry their attempt and index, the result is signed by the node's key, silence is resumed.
@@ -438,24 +438,26 @@ class Fleet:
             self._end_relay(job_id)
         node.send(frame)
 
-    def relay_from_node(self, node: NodeConn, msg: Any, raw: str) -> bool:
-        """Host side: True if this message of a local node belongs to another replica's job
-        (and was sent there)."""
-        job_id = getattr(msg, "job_id", None)
-        rel = self.relayed.get(job_id) if job_id else None
+    def owns(self, node: NodeConn, job_id: str) -> bool:
+        """Host side: is ``job_id`` on local ``node`` another replica's job, relayed here?"""
+        rel = self.relayed.get(job_id)
+        return rel is not None and rel.node_id == node.node_id
+
+    def take(self, node: NodeConn, msg: protocol.Tokens | protocol.Done | protocol.JobError,
+             raw: str) -> None:
+        """Host side: send a local node's message about a relayed job (``owns``) to the job's
+        owner replica."""
+        rel = self.relayed.get(msg.job_id)
         if rel is None or rel.node_id != node.node_id:
-            return False
+            return
         if isinstance(msg, protocol.Tokens):
             n = len(msg.token_ids)
             rel.remaining -= n
             node.queued_tokens = max(0, node.queued_tokens - n)
-        elif isinstance(msg, (protocol.Done, protocol.JobError)):
-            self._end_relay(job_id)
         else:
-            return False
+            self._end_relay(msg.job_id)
         self._publish(f"{self.ns}.replica.{rel.owner}.from_node",
                       {"r": self.me, "node": node.node_id, "frame": raw})
-        return True
 
     def _end_relay(self, job_id: str) -> None:
         rel = self.relayed.pop(job_id, None)
