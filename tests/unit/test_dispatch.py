@@ -161,7 +161,7 @@ async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     job = await _admit(d, client)
     assert len(commits) == 1  # admit returns before the writer's attempt row can commit
     assert ledger.job_money("job_1")["state"] == "held"
-    assert job.state == "placed" and job.dispatched_s is not None and not d.waiting
+    assert job.state == "placed" and job.dispatched_perf_s is not None and not d.waiting
     assert store.get_job("job_1").state == "admitted"
     await _until(lambda: len(n1.jobs()) == 2)  # the socket's writer sends it
     await d.stop()
@@ -358,29 +358,30 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
     assert 1 <= len(calls) <= 3  # the batch's own tries only, none per write
 
 
-def _attempt(started_s: float, first_token_s: float | None, tokens: int) -> Attempt:
+def _attempt(started_mono_s: float, first_token_mono_s: float | None, tokens: int) -> Attempt:
     return Attempt(number=1, node_id="n", owner_id="o", device_class="gpu", token_base=0,
-                   started_s=started_s, first_token_s=first_token_s, tokens=tokens)  # fmt: skip
+                   started_mono_s=started_mono_s, first_token_mono_s=first_token_mono_s,
+                   tokens=tokens)
 
 
 def test_observed_speed_of_a_steady_stream_is_its_token_rate() -> None:
     # 101 tokens, the first at 0.1 s, then one every 20 ms: 50 tokens/s
-    att = _attempt(started_s=0.0, first_token_s=0.1, tokens=101)
-    assert observed_decode_tokens_per_s(att, now_s=0.1 + 100 * 0.02) == pytest.approx(50.0)
+    att = _attempt(started_mono_s=0.0, first_token_mono_s=0.1, tokens=101)
+    assert observed_decode_tokens_per_s(att, now_mono_s=0.1 + 100 * 0.02) == pytest.approx(50.0)
 
 
 def test_a_burst_does_not_make_a_node_look_faster_than_its_whole_attempt() -> None:
     """Eight tokens over 0.4 s, the last seven held back and sent 1 ms after the first: taken
     at face value that is 7,000 tokens/s; the attempt as a whole (20 tokens/s) bounds it at 40."""
-    att = _attempt(started_s=0.0, first_token_s=0.399, tokens=8)
-    speed = observed_decode_tokens_per_s(att, now_s=0.4)
+    att = _attempt(started_mono_s=0.0, first_token_mono_s=0.399, tokens=8)
+    speed = observed_decode_tokens_per_s(att, now_mono_s=0.4)
     assert speed == pytest.approx(7 / (0.4 * 7 / 16))
     assert speed <= 2 * 8 / 0.4
 
 
 def test_nothing_to_measure_in_one_token() -> None:
-    assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_s=0.2) == 0.0
-    assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_s=5.0) == 0.0
+    assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_mono_s=0.2) == 0.0
+    assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_mono_s=5.0) == 0.0
 
 
 async def test_a_round_of_settlements_lands_together_each_waiter_told_its_own(world) -> None:

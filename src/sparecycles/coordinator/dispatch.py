@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from sparecycles import limits, protocol
@@ -47,6 +48,21 @@ log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
 
 
+@dataclass(frozen=True, slots=True)
+class Now:
+    """One reading of the three clocks dispatch uses, taken once where an event enters and
+    passed down: epoch seconds (what is stored and shown), monotonic seconds (every wait,
+    timeout and duration) and perf-counter seconds (the API's overhead metrics)."""
+
+    epoch_s: float
+    mono_s: float
+    perf_s: float
+
+    @staticmethod
+    def read() -> Now:
+        return Now(time.time(), time.monotonic(), time.perf_counter())
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -60,6 +76,7 @@ class Dispatcher:
         policy: str = "fastest",
         on_finished: Callable[[LiveJob, str], None] | None = None,
         verifier: JobObserver | None = None,
+        clock: Callable[[], Now] = Now.read,
     ):
         self.store, self.ledger, self.models = store, ledger, models
         self.replica_id = replica_id
@@ -77,6 +94,7 @@ class Dispatcher:
         self.writer = StoreWriter(store)  # store writes after admission, in order
         self._on_finished = on_finished
         self.verifier = verifier  # told of every result, to check claims and spot-check jobs
+        self.clock = clock  # read where an event enters; everything below takes ``now``
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -91,7 +109,8 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for job in list(self.jobs.values()):
-            await self._finish(job, error=JobFailed("the coordinator is shutting down"))
+            await self._finish(job, self.clock(),
+                               error=JobFailed("the coordinator is shutting down"))
         await self.writer.drain()
         if self._ending:  # settled by now: their clients are told
             await asyncio.gather(*self._ending, return_exceptions=True)
@@ -123,7 +142,7 @@ class Dispatcher:
         stream: bool,
         workload: Workload = Workload.INFERENCE,
         trusted_only: bool = False,
-        received_s: float | None = None,
+        received_perf_s: float | None = None,
     ) -> LiveJob:
         """Record the job and hold its most possible cost; raises InsufficientBalance (402).
 
@@ -132,7 +151,7 @@ class Dispatcher:
         no other job waits, the job is placed here and now rather than on the dispatch loop's
         next turn.
         """
-        now = time.time()
+        now = self.clock()
         row = JobRecord(
             id=job_id,
             client_id=client_id,
@@ -146,7 +165,7 @@ class Dispatcher:
             prompt_tokens=len(prompt_ids),
             max_tokens=sampling.max_tokens,
             replica_id=self.replica_id,
-            created_at_s=now,
+            created_at_s=now.epoch_s,
         )
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
@@ -160,23 +179,24 @@ class Dispatcher:
             sampling=sampling,
             workload=workload,
             trusted_only=trusted_only,
-            admitted_s=now,
-            waiting_since_s=time.monotonic(),
-            received_s=received_s or time.perf_counter(),
+            admitted_epoch_s=now.epoch_s,
+            admitted_mono_s=now.mono_s,
+            waiting_since_mono_s=now.mono_s,
+            received_perf_s=received_perf_s or now.perf_s,
         )
         self.jobs[job_id] = job
         self.waiting[job_id] = job
         if len(self.waiting) == 1 and self._task is not None:
-            self._place_on_admission()
+            self._place_on_admission(self.clock())  # after the hold's commit: a new reading
         if self.waiting:
             self._wake.set()
         return job
 
-    def _place_on_admission(self) -> None:
+    def _place_on_admission(self, now: Now) -> None:
         """Place the one waiting job at once. Only when nothing else waits: then this costs one
         job's scheduling, and a queue (all nodes busy) is left to the loop, which batches it."""
         try:
-            self._place_waiting()
+            self._place_waiting(now)
         except Exception:  # the loop retries on its next turn; a bug here is logged loudly
             log.exception("placement on admission failed")
 
@@ -191,37 +211,36 @@ class Dispatcher:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                self._place_waiting()
-                await self._watchdog()
+                self._place_waiting(self.clock())
+                await self._watchdog(self.clock())
             except Exception:  # a bug here must not stop all placement; it is logged loudly
                 log.exception("dispatch loop iteration failed")
 
-    def _place_waiting(self) -> None:
+    def _place_waiting(self, now: Now) -> None:
         if not self.waiting:
             return
-        now = time.time()
         snapshots = [
-            n.snapshot(now) for n in (*self.nodes.values(), *self.remote.values())
+            n.snapshot(now.epoch_s) for n in (*self.nodes.values(), *self.remote.values())
             if not n.closed and not n.draining
         ]
         if not snapshots:
             return
         jobs = [j.as_job() for j in self.waiting.values()]
         assignments = scheduler.schedule(
-            jobs, snapshots, self.models, now, self.config, memo=self._rank_memo
+            jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
         )
         for assignment in assignments:
             job = self.waiting.get(assignment.job_id)
             node = self.node(assignment.node_id)
             if job is None or node is None:
                 continue
-            self._assign(job, node)
+            self._assign(job, node, now)
 
     def node(self, node_id: str) -> FleetNode | None:
         """A node of the fleet: connected here, or to another replica."""
         return self.nodes.get(node_id) or self.remote.get(node_id)
 
-    def _assign(self, job: LiveJob, node: FleetNode) -> None:
+    def _assign(self, job: LiveJob, node: FleetNode, now: Now) -> None:
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
@@ -242,7 +261,6 @@ class Dispatcher:
         )
         if not node.send(protocol.encode(msg)):
             return  # the node's socket is gone; its reader will clean up
-        now = time.monotonic()
         job.attempts.append(
             Attempt(
                 number=number,
@@ -250,13 +268,13 @@ class Dispatcher:
                 owner_id=node.owner_id,
                 device_class=node.profile.device_class,
                 token_base=len(job.generated),
-                started_s=now,
-                last_token_s=now,
+                started_mono_s=now.mono_s,
+                last_token_mono_s=now.mono_s,
             )
         )
         job.state = JobState.PLACED
-        if job.dispatched_s is None:
-            job.dispatched_s = time.perf_counter()
+        if job.dispatched_perf_s is None:
+            job.dispatched_perf_s = now.perf_s
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         self.waiting.pop(job.job_id, None)
@@ -268,10 +286,9 @@ class Dispatcher:
             prompt_tokens=len(prompt),
         )
 
-    async def _watchdog(self) -> None:
-        now = time.monotonic()
+    async def _watchdog(self, now: Now) -> None:
         for job in list(self.waiting.values()):
-            if now - job.waiting_since_s > self.placement_wait_s:
+            if now.mono_s - job.waiting_since_mono_s > self.placement_wait_s:
                 has_nodes = any(job.model in n.models
                                 for n in (*self.nodes.values(), *self.remote.values()))
                 why = (
@@ -280,7 +297,7 @@ class Dispatcher:
                     else "no node serving this model is online"
                 )
                 await self._finish(
-                    job,
+                    job, now,
                     error=NoNodeAvailable(
                         f"no node could take the request for model '{job.model}' within "
                         f"{self.placement_wait_s:g} s: {why}"
@@ -289,13 +306,13 @@ class Dispatcher:
         for job in list(self.jobs.values()):
             att = job.current
             if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
-                    and now - att.last_token_s > self.token_gap_s):
+                    and now.mono_s - att.last_token_mono_s > self.token_gap_s):
                 log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
                 node = self.node(att.node_id)
                 if node is not None:
                     node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
                                                               attempt=att.number)))
-                await self._resume(job, outcome="node_silent")
+                await self._resume(job, now, outcome="node_silent")
 
     # ---- node events -------------------------------------------------------------------------
 
@@ -312,11 +329,11 @@ class Dispatcher:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return  # a late message for an attempt that already ended: harmless, dropped
-        now = time.monotonic()
+        now = self.clock()
         skip = att.tokens - msg.index  # tokens of this message we already have
         if skip < 0:
             log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
-            self._resume_soon(job, outcome="protocol_gap")  # now: a task could end a later one
+            self._resume_soon(job, now, outcome="protocol_gap")  # now: a task could end a later one
             return
         new = msg.token_ids[skip:]
         room = job.sampling.max_tokens - len(job.generated)
@@ -328,14 +345,14 @@ class Dispatcher:
         lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
         att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
         att.tokens += len(new)
-        att.last_token_s = now
+        att.last_token_mono_s = now.mono_s
         node.queued_tokens = max(0, node.queued_tokens - len(new))
-        if att.first_token_s is None:
-            att.first_token_s = now
-        if job.first_token_s is None:  # recorded with the job's final row (one write a job)
-            job.first_token_s = now
+        if att.first_token_mono_s is None:
+            att.first_token_mono_s = now.mono_s
+        if job.first_token_mono_s is None:  # recorded with the job's final row (one write a job)
+            job.first_token_mono_s = now.mono_s
             job.state = JobState.STREAMING
-        job.events.put_nowait(JobEvent("tokens", tuple(new)))
+        job.events.put_nowait(JobEvent("tokens", tuple(new), at_perf_s=now.perf_s))
 
     async def on_done(self, node: FleetNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
@@ -354,6 +371,7 @@ class Dispatcher:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return None
+        now = self.clock()
         produced = job.generated[att.token_base : att.token_base + att.tokens]
         payload = protocol.result_payload(
             job_id=msg.job_id,
@@ -371,15 +389,17 @@ class Dispatcher:
                         node.node_id)
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
-            return self._resume_soon(job, outcome="bad_signature")  # now, not in a task
+            return self._resume_soon(job, now, outcome="bad_signature")  # now, not in a task
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
-        speed = observed_decode_tokens_per_s(att, time.monotonic())
+        speed = observed_decode_tokens_per_s(att, now.mono_s)
         if speed > 0:
             node.observe_speed(job.model, speed)
-        self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
+        self._end_attempt(job, att, node, "done", now, metering=msg.metering,
+                          signature=msg.signature)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
-        return self._finish_soon(job, finish_reason="stop" if reason == "cancelled" else reason)
+        return self._finish_soon(job, now,
+                                 finish_reason="stop" if reason == "cancelled" else reason)
 
     async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None:
         try:
@@ -387,7 +407,7 @@ class Dispatcher:
         except _StaleMessage:
             return
         log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
-        await self._resume(job, outcome="drained" if node.draining else "failed")
+        await self._resume(job, self.clock(), outcome="drained" if node.draining else "failed")
 
     async def on_node_lost(self, node: FleetNode, *, outcome: str = "node_lost"
                            ) -> None:
@@ -400,7 +420,7 @@ class Dispatcher:
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)
             if job is not None and job.current and job.current.node_id == node.node_id:
-                await self._resume(job, outcome=outcome)
+                await self._resume(job, self.clock(), outcome=outcome)
         self._wake.set()
 
     def on_node_ready(self, node: FleetNode) -> None:
@@ -423,19 +443,19 @@ class Dispatcher:
         att: Attempt,
         node: FleetNode | None,
         outcome: str,
+        now: Now,
         metering: protocol.Metering | None = None,
         signature: str | None = None,
     ) -> None:
         if node is not None:
             node.jobs.discard(job.job_id)
-        now = time.monotonic()
         fields: dict[str, Any] = {
             "outcome": outcome,
             "completion_tokens": att.tokens,
-            "time_to_first_token_s": (att.first_token_s - att.started_s)
-            if att.first_token_s
+            "time_to_first_token_s": (att.first_token_mono_s - att.started_mono_s)
+            if att.first_token_mono_s
             else None,
-            "total_s": now - att.started_s,
+            "total_s": now.mono_s - att.started_mono_s,
         }
         if metering is not None:
             fields.update(
@@ -446,28 +466,29 @@ class Dispatcher:
             )
         self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
 
-    async def _resume(self, job: LiveJob, *, outcome: str) -> None:
+    async def _resume(self, job: LiveJob, now: Now, *, outcome: str) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
-        ending = self._resume_soon(job, outcome=outcome)
+        ending = self._resume_soon(job, now, outcome=outcome)
         if ending is not None:
             await ending
 
-    def _resume_soon(self, job: LiveJob, *, outcome: str) -> asyncio.Future[None] | None:
+    def _resume_soon(self, job: LiveJob, now: Now, *, outcome: str
+                     ) -> asyncio.Future[None] | None:
         """``_resume``, done now; if that ends the job, what completes once it is settled."""
         att = job.current
         if att is None or job.state.is_final:
             return None
         node = self.node(att.node_id)
-        self._end_attempt(job, att, node, outcome)
+        self._end_attempt(job, att, node, outcome, now)
         if outcome != "replica_lost":  # not the node's fault: it may take the job up again
             job.avoid_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
-            return self._finish_soon(job, finish_reason="length")
+            return self._finish_soon(job, now, finish_reason="length")
         if len(job.attempts) >= limits.job_attempts_max:
-            return self._finish_soon(job, error=JobFailed(
+            return self._finish_soon(job, now, error=JobFailed(
                 f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
         job.state = JobState.ADMITTED
-        job.waiting_since_s = time.monotonic()
+        job.waiting_since_mono_s = now.mono_s
         self.waiting[job.job_id] = job
         self._wake.set()
         return None
@@ -487,23 +508,25 @@ class Dispatcher:
             del job.generated[keep_tokens:]
             for a in job.attempts:
                 a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
+        now = self.clock()
         att = job.current
         if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
             node = self.node(att.node_id)
             if node is not None:
                 node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
-            self._end_attempt(job, att, node, "cancelled")
-        await self._finish(job, finish_reason="stop", cancelled_by=reason)
+            self._end_attempt(job, att, node, "cancelled", now)
+        await self._finish(job, now, finish_reason="stop", cancelled_by=reason)
 
     async def _finish(
         self,
         job: LiveJob,
+        now: Now,
         *,
         finish_reason: str | None = None,
         error: SpareCyclesError | None = None,
         cancelled_by: str | None = None,
     ) -> None:
-        ending = self._finish_soon(job, finish_reason=finish_reason, error=error,
+        ending = self._finish_soon(job, now, finish_reason=finish_reason, error=error,
                                    cancelled_by=cancelled_by)
         if ending is not None:
             await ending
@@ -511,6 +534,7 @@ class Dispatcher:
     def _finish_soon(
         self,
         job: LiveJob,
+        now: Now,
         *,
         finish_reason: str | None = None,
         error: SpareCyclesError | None = None,
@@ -538,15 +562,13 @@ class Dispatcher:
             for a in job.attempts
             if a.tokens > 0
         ]
-        now = time.time()
-        total_s = time.monotonic() - job.admitted_mono_s
-
-        first = job.first_token_s
+        first = job.first_token_mono_s
         final = JobFinal(
-            state=job.state, completion_tokens=delivered, finished_at_s=now, total_s=total_s,
+            state=job.state, completion_tokens=delivered, finished_at_s=now.epoch_s,
+            total_s=now.mono_s - job.admitted_mono_s,
             finish_reason=finish_reason if error is None else None,
             error=None if error is None else error.message,
-            first_token_at_s=None if first is None else now - (time.monotonic() - first),
+            first_token_at_s=None if first is None else now.epoch_s - (now.mono_s - first),
             time_to_first_token_s=None if first is None else first - job.admitted_mono_s)
 
         async def _settle() -> None:  # one transaction: the money and the job's final row

@@ -27,10 +27,10 @@ class Attempt:
     owner_id: str
     device_class: str
     token_base: int  # len(job.generated) when the attempt started
-    started_s: float
-    first_token_s: float | None = None
+    started_mono_s: float
+    first_token_mono_s: float | None = None
     tokens: int = 0
-    last_token_s: float = 0.0
+    last_token_mono_s: float = 0.0
     logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
 
 
@@ -38,7 +38,7 @@ class Attempt:
 class JobEvent:
     kind: str  # "tokens" | "done" | "error"
     token_ids: tuple[int, ...] = ()
-    at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
+    at_perf_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
     finish_reason: str | None = None
     error: SpareCyclesError | None = None
 
@@ -54,17 +54,17 @@ class LiveJob:
     sampling: SamplingParams
     workload: Workload
     trusted_only: bool
-    admitted_s: float
+    admitted_epoch_s: float
     admitted_mono_s: float = field(default_factory=time.monotonic)
     state: JobState = JobState.ADMITTED
     generated: list[int] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
-    waiting_since_s: float = 0.0
-    first_token_s: float | None = None
+    waiting_since_mono_s: float = 0.0
+    first_token_mono_s: float | None = None
     avoid_nodes: set[str] = field(default_factory=set)  # nodes that failed it: never again
-    received_s: float = 0.0  # perf_counter when the API received the request
-    dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
+    received_perf_s: float = 0.0  # perf_counter when the API received the request
+    dispatched_perf_s: float | None = None  # perf_counter when the first attempt was sent to a node
 
     @property
     def current(self) -> Attempt | None:
@@ -77,7 +77,7 @@ class LiveJob:
             prompt_tokens=len(self.prompt_ids),
             max_tokens=self.sampling.max_tokens,
             client_id=self.client_id,
-            admitted_at_s=self.admitted_s,
+            admitted_at_s=self.admitted_epoch_s,
             generated_tokens=len(self.generated),
             trusted_only=self.trusted_only,
             workload=self.workload,
@@ -85,7 +85,7 @@ class LiveJob:
         )
 
 
-def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
+def observed_decode_tokens_per_s(att: Attempt, now_mono_s: float) -> float:
     """The decode speed an attempt showed: tokens after the first over the time from the first
     token to the end. Tokens that arrive in a burst (a node or network that held them back, a
     node running late and catching up) would make that time tiny and the node look hundreds of
@@ -96,8 +96,8 @@ def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
     nothing to measure."""
     if att.tokens <= 1:
         return 0.0
-    total_s = now_s - att.started_s
-    decode_s = now_s - (att.first_token_s or att.started_s)
+    total_s = now_mono_s - att.started_mono_s
+    decode_s = now_mono_s - (att.first_token_mono_s or att.started_mono_s)
     decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
     return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
 

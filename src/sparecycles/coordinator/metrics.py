@@ -67,8 +67,8 @@ class Metrics:
         self.jobs.labels(job.model, state).inc()
         self.tokens.labels(job.model, "prompt").inc(len(job.prompt_ids))
         self.tokens.labels(job.model, "completion").inc(len(job.generated))
-        if job.first_token_s is not None:
-            self.ttft.labels(job.model).observe(job.first_token_s - job.admitted_mono_s)
+        if job.first_token_mono_s is not None:
+            self.ttft.labels(job.model).observe(job.first_token_mono_s - job.admitted_mono_s)
         self.latency.labels(job.model).observe(time.monotonic() - job.admitted_mono_s)
         self.resumptions.inc(max(0, len(job.attempts) - 1))
 
