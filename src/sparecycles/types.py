@@ -44,6 +44,21 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.FAILED)
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt of a job ended (the ``outcome`` of its row in ``job_attempts``)."""
+
+    RUNNING = "running"  # not ended yet
+    DONE = "done"  # a signed result that verified
+    CANCELLED = "cancelled"  # the client went away, or its text reached a stop string
+    FAILED = "failed"  # the node handed the job back
+    DRAINED = "drained"  # handed back because its owner took the device back
+    NODE_LOST = "node_lost"  # the node's socket closed
+    NODE_SILENT = "node_silent"  # no token for token_gap_s
+    PROTOCOL_GAP = "protocol_gap"  # the node skipped tokens
+    BAD_SIGNATURE = "bad_signature"  # the result does not verify
+    REPLICA_LOST = "replica_lost"  # the replica holding its socket died: not the node's fault
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached, or the model's context is full

@@ -30,6 +30,7 @@ from sparecycles.coordinator.fleet_node import FleetNode
 from sparecycles.coordinator.jobs import (
     Attempt,
     JobEvent,
+    JobEventKind,
     JobObserver,
     LiveJob,
     observed_decode_tokens_per_s,
@@ -42,7 +43,15 @@ from sparecycles.identity import verify
 from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
-from sparecycles.types import JobFinal, JobRecord, JobState, ModelSpec, SamplingParams, Workload
+from sparecycles.types import (
+    AttemptOutcome,
+    JobFinal,
+    JobRecord,
+    JobState,
+    ModelSpec,
+    SamplingParams,
+    Workload,
+)
 
 log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
@@ -312,7 +321,7 @@ class Dispatcher:
                 if node is not None:
                     node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
                                                               attempt=att.number)))
-                await self._resume(job, now, outcome="node_silent")
+                await self._resume(job, now, outcome=AttemptOutcome.NODE_SILENT)
 
     # ---- node events -------------------------------------------------------------------------
 
@@ -333,7 +342,8 @@ class Dispatcher:
         skip = att.tokens - msg.index  # tokens of this message we already have
         if skip < 0:
             log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
-            self._resume_soon(job, now, outcome="protocol_gap")  # now: a task could end a later one
+            # now, not in a task: a task could end a later attempt
+            self._resume_soon(job, now, outcome=AttemptOutcome.PROTOCOL_GAP)
             return
         new = msg.token_ids[skip:]
         room = job.sampling.max_tokens - len(job.generated)
@@ -352,7 +362,7 @@ class Dispatcher:
         if job.first_token_mono_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_mono_s = now.mono_s
             job.state = JobState.STREAMING
-        job.events.put_nowait(JobEvent("tokens", tuple(new), at_perf_s=now.perf_s))
+        job.events.put_nowait(JobEvent(JobEventKind.TOKENS, tuple(new), at_perf_s=now.perf_s))
 
     async def on_done(self, node: FleetNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
@@ -389,13 +399,14 @@ class Dispatcher:
                         node.node_id)
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
-            return self._resume_soon(job, now, outcome="bad_signature")  # now, not in a task
+            # now, not in a task
+            return self._resume_soon(job, now, outcome=AttemptOutcome.BAD_SIGNATURE)
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
         speed = observed_decode_tokens_per_s(att, now.mono_s)
         if speed > 0:
             node.observe_speed(job.model, speed)
-        self._end_attempt(job, att, node, "done", now, metering=msg.metering,
+        self._end_attempt(job, att, node, AttemptOutcome.DONE, now, metering=msg.metering,
                           signature=msg.signature)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         return self._finish_soon(job, now,
@@ -407,10 +418,11 @@ class Dispatcher:
         except _StaleMessage:
             return
         log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
-        await self._resume(job, self.clock(), outcome="drained" if node.draining else "failed")
+        await self._resume(job, self.clock(), outcome=AttemptOutcome.DRAINED if node.draining
+                           else AttemptOutcome.FAILED)
 
-    async def on_node_lost(self, node: FleetNode, *, outcome: str = "node_lost"
-                           ) -> None:
+    async def on_node_lost(self, node: FleetNode, *,
+                           outcome: AttemptOutcome = AttemptOutcome.NODE_LOST) -> None:
         """The node's socket closed (here, or at its replica): every job it held is resumed
         elsewhere. With ``outcome="replica_lost"`` the node is not to blame (the replica holding
         its socket died, or it moved to another), so its jobs may resume on it again."""
@@ -432,7 +444,7 @@ class Dispatcher:
             if moved is not None:  # it left its replica for this one: its jobs there are gone
                 moved.closed = True
                 asyncio.get_running_loop().create_task(
-                    self.on_node_lost(moved, outcome="replica_lost"))
+                    self.on_node_lost(moved, outcome=AttemptOutcome.REPLICA_LOST))
         self._wake.set()
 
     # ---- ending ------------------------------------------------------------------------------
@@ -442,7 +454,7 @@ class Dispatcher:
         job: LiveJob,
         att: Attempt,
         node: FleetNode | None,
-        outcome: str,
+        outcome: AttemptOutcome,
         now: Now,
         metering: protocol.Metering | None = None,
         signature: str | None = None,
@@ -450,7 +462,7 @@ class Dispatcher:
         if node is not None:
             node.jobs.discard(job.job_id)
         fields: dict[str, Any] = {
-            "outcome": outcome,
+            "outcome": str(outcome),
             "completion_tokens": att.tokens,
             "time_to_first_token_s": (att.first_token_mono_s - att.started_mono_s)
             if att.first_token_mono_s
@@ -466,13 +478,13 @@ class Dispatcher:
             )
         self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
 
-    async def _resume(self, job: LiveJob, now: Now, *, outcome: str) -> None:
+    async def _resume(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
         ending = self._resume_soon(job, now, outcome=outcome)
         if ending is not None:
             await ending
 
-    def _resume_soon(self, job: LiveJob, now: Now, *, outcome: str
+    def _resume_soon(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome
                      ) -> asyncio.Future[None] | None:
         """``_resume``, done now; if that ends the job, what completes once it is settled."""
         att = job.current
@@ -480,7 +492,7 @@ class Dispatcher:
             return None
         node = self.node(att.node_id)
         self._end_attempt(job, att, node, outcome, now)
-        if outcome != "replica_lost":  # not the node's fault: it may take the job up again
+        if outcome != AttemptOutcome.REPLICA_LOST:  # not the node's fault: it may take it again
             job.avoid_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
             return self._finish_soon(job, now, finish_reason="length")
@@ -514,7 +526,7 @@ class Dispatcher:
             node = self.node(att.node_id)
             if node is not None:
                 node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
-            self._end_attempt(job, att, node, "cancelled", now)
+            self._end_attempt(job, att, node, AttemptOutcome.CANCELLED, now)
         await self._finish(job, now, finish_reason="stop", cancelled_by=reason)
 
     async def _finish(
@@ -589,9 +601,9 @@ class Dispatcher:
                 await settled
             finally:
                 if error is not None:
-                    job.events.put_nowait(JobEvent("error", error=error))
+                    job.events.put_nowait(JobEvent(JobEventKind.ERROR, error=error))
                 else:
-                    job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
+                    job.events.put_nowait(JobEvent(JobEventKind.DONE, finish_reason=finish_reason))
                 if self._on_finished:
                     self._on_finished(job, str(job.state))
 

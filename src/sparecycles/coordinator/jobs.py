@@ -8,6 +8,7 @@ node's part of it; ``JobEvent`` is what the API's request handler receives on th
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -34,9 +35,17 @@ class Attempt:
     logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
 
 
+class JobEventKind(enum.StrEnum):
+    """What the API's request handler hears on a job's queue."""
+
+    TOKENS = "tokens"  # more tokens, in order
+    DONE = "done"  # the job is settled; ``finish_reason`` says why it ended
+    ERROR = "error"  # the job failed; ``error`` says why
+
+
 @dataclass
 class JobEvent:
-    kind: str  # "tokens" | "done" | "error"
+    kind: JobEventKind
     token_ids: tuple[int, ...] = ()
     at_perf_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
     finish_reason: str | None = None

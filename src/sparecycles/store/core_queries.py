@@ -42,6 +42,7 @@ from sparecycles.store.db import (
     wal_backstop_pages,
     writer_lock,
 )
+from sparecycles.types import AttemptOutcome
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 migrate_lock_key = 0x5C_0DB_0001  # PostgreSQL advisory lock held while migrating
@@ -453,7 +454,7 @@ class Store:
     ) -> None:
         queued = getattr(self._joined, "attempts", None) or _AttemptWrites()
         queued.starts.append(dict(job_id=job_id, attempt=attempt, node_id=node_id,
-                                  outcome="running", prompt_tokens=prompt_tokens,
+                                  outcome=str(AttemptOutcome.RUNNING), prompt_tokens=prompt_tokens,
                                   started_at_s=time.time()))
         queued.jobs.append(dict(id=job_id, state="placed", attempts=attempt, node_id=node_id))
         self._write_attempts(queued)

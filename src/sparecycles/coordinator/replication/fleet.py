@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sparecycles import protocol
 from sparecycles.coordinator.node_conn import NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
-from sparecycles.types import DeviceProfile, NodeSnapshot
+from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
 if TYPE_CHECKING:
     from sparecycles.coordinator.fleet_node import FleetNode
@@ -185,7 +185,8 @@ class FleetDispatch(Protocol):
 
     def on_node_ready(self, node: FleetNode) -> None: ...
 
-    async def on_node_lost(self, node: FleetNode, *, outcome: str = ...) -> None: ...
+    async def on_node_lost(self, node: FleetNode, *,
+                           outcome: AttemptOutcome = ...) -> None: ...
 
     def on_tokens(self, node: FleetNode, msg: protocol.Tokens) -> None: ...
 
@@ -359,7 +360,7 @@ class Fleet:
                 continue
             if old is not None:  # it moved to another replica: its jobs there are gone
                 await old.stop()
-                await d.on_node_lost(old, outcome="replica_lost")
+                await d.on_node_lost(old, outcome=AttemptOutcome.REPLICA_LOST)
             remote = RemoteNode(
                 node_id=node_id, owner_id=desc["owner"], name=desc["name"],
                 public_key=desc["key"], profile=profile_from_dict(desc["profile"]),
@@ -400,7 +401,8 @@ class Fleet:
         d = self.dispatcher
         for node in [n for n in d.remote.values() if isinstance(n, RemoteNode) and n.host == peer]:
             await node.stop()
-            await d.on_node_lost(node, outcome="replica_lost")  # its jobs resume elsewhere
+            # its jobs resume elsewhere
+            await d.on_node_lost(node, outcome=AttemptOutcome.REPLICA_LOST)
         for job_id, rel in list(self.relayed.items()):
             if rel.owner == peer:  # the client was there; nobody will read these tokens
                 self._cancel_relayed(job_id, rel)
