@@ -44,6 +44,22 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.FAILED)
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt of a job ended (the ``outcome`` of its row in ``job_attempts``)."""
+
+    RUNNING = "running"  # not ended yet
+    DONE = "done"  # a signed result that verified
+    CANCELLED = "cancelled"  # the client went away, or its text reached a stop string
+    FAILED = "failed"  # the node handed the job back
+    DRAINED = "drained"  # handed back because its owner took the device back
+    NODE_LOST = "node_lost"  # the node's socket closed
+    NODE_SILENT = "node_silent"  # no token for token_gap_s
+    PROTOCOL_GAP = "protocol_gap"  # the node skipped tokens
+    BAD_SIGNATURE = "bad_signature"  # the result does not verify
+    BAD_METERING = "bad_metering"  # its metering is out of bounds (trust.decisions)
+    REPLICA_LOST = "replica_lost"  # the replica holding its socket died: not the node's fault
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached, or the model's context is full
@@ -236,3 +252,84 @@ class Transfer:
     kind: str
     job_id: str | None = None
     pending_id: str | None = None  # for post/void: the hold this settles
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job's row as admission writes it (the store's ``jobs`` table), in the transaction of
+    its hold (``Ledger.hold(job=...)``). A refused hold writes it ``failed`` with the reason."""
+
+    id: str
+    client_id: str
+    model: str
+    endpoint: str  # "chat.completions" | "completions"
+    prompt_tokens: int
+    max_tokens: int
+    created_at_s: float  # epoch
+    api_key_id: str | None = None
+    workload: Workload = Workload.INFERENCE
+    state: JobState = JobState.ADMITTED
+    stream: bool = False
+    trusted_only: bool = False
+    replica_id: str | None = None
+    error: str | None = None
+    finished_at_s: float | None = None  # epoch
+
+    def as_row(self) -> dict[str, object]:
+        """The columns, enums as their plain string values (what the database holds)."""
+        row: dict[str, object] = {
+            "id": self.id, "client_id": self.client_id, "api_key_id": self.api_key_id,
+            "model": self.model, "endpoint": self.endpoint, "workload": str(self.workload),
+            "state": str(self.state), "stream": self.stream, "trusted_only": self.trusted_only,
+            "prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens,
+            "replica_id": self.replica_id, "created_at_s": self.created_at_s,
+        }
+        if self.error is not None or self.finished_at_s is not None:
+            row.update(error=self.error, finished_at_s=self.finished_at_s)
+        return row
+
+
+@dataclass(frozen=True, slots=True)
+class JobFinal:
+    """A job's final fields, written in the transaction of its settlement or void
+    (``Ledger.settle(job=...)``, ``Ledger.void(job=...)``): a job closes exactly when its money
+    does. Times are epoch seconds (``*_at_s``) or durations (``*_s``)."""
+
+    state: JobState
+    completion_tokens: int
+    finished_at_s: float
+    total_s: float
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_at_s: float | None = None  # with time_to_first_token_s: only once a token came
+    time_to_first_token_s: float | None = None
+
+    def as_row(self) -> dict[str, object]:
+        row: dict[str, object] = {
+            "state": str(self.state), "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason, "error": self.error,
+            "finished_at_s": self.finished_at_s, "total_s": self.total_s,
+        }
+        if self.first_token_at_s is not None:
+            row.update(first_token_at_s=self.first_token_at_s,
+                       time_to_first_token_s=self.time_to_first_token_s)
+        return row
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """Limits of one API key; ``None`` means no limit of that kind. Kept by the store
+    (``store/trust_queries.py``), applied by ``coordinator/ratelimit.py``."""
+
+    requests_per_minute: int | None = None
+    burst: int | None = None  # requests allowed at once before the rate applies (default: rpm)
+    budget_micros: int | None = None  # spend cap per ``budget_period`` (holds count)
+    budget_period: str = "month"
+    monthly_budget_micros: int | None = None  # the client's own cap from the dashboard
+    streams_max: int | None = None  # requests in flight at once
+    trusted_only: bool = False  # every job of this key runs on trusted nodes only
+
+    @property
+    def unlimited(self) -> bool:
+        return (self.requests_per_minute is None and self.budget_micros is None
+                and self.monthly_budget_micros is None and self.streams_max is None)

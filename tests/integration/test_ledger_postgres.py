@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import Engine, create_engine, text
 
 from sparecycles.errors import Conflict, InsufficientBalance
+from sparecycles.ledger import payouts
 from sparecycles.ledger.pricing import charge_micros
 from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.store.db import Base, make_engine
@@ -212,7 +213,7 @@ def test_concurrent_settlements_payouts_and_withholds_never_deadlock() -> None:
         while not stop.is_set():
             n += 1
             try:
-                first.run_payouts(10_000, d, batch_id=f"b{n}")
+                payouts.run_payouts(first, 10_000, d, batch_id=f"b{n}")
                 first.withhold(f"r0t0j{n}", "spot check")
             except Conflict:
                 pass  # that job is not settled yet

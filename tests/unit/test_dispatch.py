@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import event
 
 from sparecycles import protocol
-from sparecycles.coordinator.dispatch import (
-    Attempt,
-    Dispatcher,
-    LiveJob,
-    observed_decode_tokens_per_s,
-)
+from sparecycles.coordinator.dispatch import Dispatcher
+from sparecycles.coordinator.jobs import Attempt, LiveJob, observed_decode_tokens_per_s
 from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity
@@ -32,7 +29,7 @@ PROFILE = DeviceProfile(device_class="laptop", cpu_cores=8, ram_bytes=16 << 30,
 
 
 class FakeNode:
-    def __init__(self, name: str, owner_id: str):
+    def __init__(self, name: str, owner_id: str, profile: DeviceProfile = PROFILE):
         self.identity = NodeIdentity.generate()
         self.sent: list[dict] = []
 
@@ -41,7 +38,7 @@ class FakeNode:
 
         self.conn = NodeConn(
             node_id=self.identity.node_id, owner_id=owner_id, name=name,
-            public_key=self.identity.public_key_b64, profile=PROFILE,
+            public_key=self.identity.public_key_b64, profile=profile,
             policy=AvailabilityPolicy(), models=("m",), weights={"m": SPEC.weights_sha256},
             jobs_max=8, send_raw=send_raw)
         self.conn.start()
@@ -123,6 +120,33 @@ async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
     await d.stop()
 
 
+async def test_a_job_handed_back_by_the_favourite_goes_to_the_free_node_beside_it(world) -> None:
+    """The node that handed a job back is still the scheduler's first choice for it; the
+    scheduler is told to avoid that node for that job, so the free node beside it takes the job
+    (it used to be offered to the favourite again and again, dropped each time, until the client
+    got 503 after ``placement_wait_s``)."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1",
+                   placement_wait_s=1.0)
+    await d.start()
+    fast = FakeNode("fast", alice, replace(PROFILE, memory_bandwidth_bytes_per_s=200e9,
+                                           peak_flops=2e12))
+    slow = FakeNode("slow", bob)
+    d.on_node_ready(fast.conn)
+    d.on_node_ready(slow.conn)
+    job = await _admit(d, client)
+    await _until(lambda: fast.jobs())
+    assert not slow.jobs()
+    await d.on_job_error(fast.conn, protocol.JobError(job_id="job_1", attempt=1,
+                                                      message="out of memory"))
+    await _until(lambda: slow.jobs(), timeout_s=3.0)
+    assert slow.jobs()[0]["attempt"] == 2 and len(fast.jobs()) == 1
+    d.on_tokens(slow.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4]))
+    await d.on_done(slow.conn, slow.done(slow.jobs()[0], [4]))
+    assert [e.kind for e in _drain(job)] == ["tokens", "done"]
+    await d.stop()
+
+
 async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     """The job row and the hold are one transaction, durable before the node is sent the job;
     with nothing else waiting the job goes to the node within ``admit``, not a loop turn later."""
@@ -138,7 +162,7 @@ async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     job = await _admit(d, client)
     assert len(commits) == 1  # admit returns before the writer's attempt row can commit
     assert ledger.job_money("job_1")["state"] == "held"
-    assert job.state == "placed" and job.dispatched_s is not None and not d.waiting
+    assert job.state == "placed" and job.dispatched_perf_s is not None and not d.waiting
     assert store.get_job("job_1").state == "admitted"
     await _until(lambda: len(n1.jobs()) == 2)  # the socket's writer sends it
     await d.stop()
@@ -368,29 +392,30 @@ async def test_a_batch_lost_to_a_long_outage_is_not_replayed_write_by_write(worl
     assert 1 <= len(calls) <= 3  # the batch's own tries only, none per write
 
 
-def _attempt(started_s: float, first_token_s: float | None, tokens: int) -> Attempt:
+def _attempt(started_mono_s: float, first_token_mono_s: float | None, tokens: int) -> Attempt:
     return Attempt(number=1, node_id="n", owner_id="o", device_class="gpu", token_base=0,
-                   started_s=started_s, first_token_s=first_token_s, tokens=tokens)  # fmt: skip
+                   started_mono_s=started_mono_s, first_token_mono_s=first_token_mono_s,
+                   tokens=tokens)
 
 
 def test_observed_speed_of_a_steady_stream_is_its_token_rate() -> None:
     # 101 tokens, the first at 0.1 s, then one every 20 ms: 50 tokens/s
-    att = _attempt(started_s=0.0, first_token_s=0.1, tokens=101)
-    assert observed_decode_tokens_per_s(att, now_s=0.1 + 100 * 0.02) == pytest.approx(50.0)
+    att = _attempt(started_mono_s=0.0, first_token_mono_s=0.1, tokens=101)
+    assert observed_decode_tokens_per_s(att, now_mono_s=0.1 + 100 * 0.02) == pytest.approx(50.0)
 
 
 def test_a_burst_does_not_make_a_node_look_faster_than_its_whole_attempt() -> None:
     """Eight tokens over 0.4 s, the last seven held back and sent 1 ms after the first: taken
     at face value that is 7,000 tokens/s; the attempt as a whole (20 tokens/s) bounds it at 40."""
-    att = _attempt(started_s=0.0, first_token_s=0.399, tokens=8)
-    speed = observed_decode_tokens_per_s(att, now_s=0.4)
+    att = _attempt(started_mono_s=0.0, first_token_mono_s=0.399, tokens=8)
+    speed = observed_decode_tokens_per_s(att, now_mono_s=0.4)
     assert speed == pytest.approx(7 / (0.4 * 7 / 16))
     assert speed <= 2 * 8 / 0.4
 
 
 def test_nothing_to_measure_in_one_token() -> None:
-    assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_s=0.2) == 0.0
-    assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_s=5.0) == 0.0
+    assert observed_decode_tokens_per_s(_attempt(0.0, 0.1, 1), now_mono_s=0.2) == 0.0
+    assert observed_decode_tokens_per_s(_attempt(5.0, None, 3), now_mono_s=5.0) == 0.0
 
 
 async def test_a_round_of_settlements_lands_together_each_waiter_told_its_own(world) -> None:
@@ -547,12 +572,12 @@ async def test_a_bad_result_resumes_its_own_attempt_at_once(world) -> None:
     forged = n1.done(n1.jobs()[0], [1]).model_copy(update={"signature": "A" * 88})
     d._wake.set()  # the loop is due to run (an admission or a heartbeat a moment earlier)
     assert d.done_received(n1.conn, forged) is None  # resumed now: back in the queue
-    assert "job_1" in d.waiting and n1.conn.node_id in job.excluded_nodes
+    assert "job_1" in d.waiting and n1.conn.node_id in job.avoid_nodes
     await d.on_node_lost(n1.conn)  # the next frame of the same read
     await _until(lambda: n2.jobs())
     await asyncio.sleep(0.05)
     assert [a.node_id for a in job.attempts] == [n1.conn.node_id, n2.conn.node_id]
-    assert n2.conn.node_id not in job.excluded_nodes and "job_1" in n2.conn.jobs
+    assert n2.conn.node_id not in job.avoid_nodes and "job_1" in n2.conn.jobs
     await _until(lambda: [r.outcome for r in store.attempts("job_1")] == ["bad_signature",
                                                                            "running"])
     await d.stop()

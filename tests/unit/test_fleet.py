@@ -1,6 +1,6 @@
 """Two replicas in one process: their dispatchers share a store and ledger, their fleets one
 in-process bus. The test plays each node (and each host's socket reader, which passes the node's
-messages to ``Fleet.relay_from_node`` as api/node_ws.py does)."""
+messages to ``Fleet.take`` as coordinator/router.py does)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ async def _host(d: Dispatcher, f: Fleet, peer: Dispatcher, node: FakeNode) -> No
 
 def _relay(f: Fleet, node: FakeNode, msg) -> None:
     """The host's socket reader: a node's message, relayed if another replica owns the job."""
-    assert f.relay_from_node(node.conn, msg, protocol.encode(msg))
+    assert f.owns(node.conn, msg.job_id)
+    f.take(node.conn, msg, protocol.encode(msg))
 
 
 def test_subject_matching() -> None:

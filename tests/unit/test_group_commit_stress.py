@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sparecycles.ledger.service import _GroupCommit
+from sparecycles.ledger.group_commit import GroupCommit
 
 
 class Refused(Exception):
@@ -118,7 +118,7 @@ def _check(db: FakeDb, outcomes: dict[FakeOp, Any], submitted: list[FakeOp]) -> 
             assert got == position[op], (op, got)
 
 
-def _thread_caller(lane: _GroupCommit, name: str, rng: random.Random, rounds: int,
+def _thread_caller(lane: GroupCommit, name: str, rng: random.Random, rounds: int,
                    outcomes: dict[FakeOp, Any], submitted: list[FakeOp]) -> None:
     n = 0
     for _ in range(rounds):
@@ -134,7 +134,7 @@ def _thread_caller(lane: _GroupCommit, name: str, rng: random.Random, rounds: in
             time.sleep(rng.random() * 0.0005)
 
 
-def _loop_thread(lane: _GroupCommit, name: str, seed: int, coroutines: int, rounds: int,
+def _loop_thread(lane: GroupCommit, name: str, seed: int, coroutines: int, rounds: int,
                  outcomes: dict[FakeOp, Any], submitted: list[FakeOp],
                  loop_errors: list[Any]) -> None:
     """An event loop of its own, with coroutines queueing ops one after another; a few give
@@ -178,7 +178,7 @@ CANCELLED = object()
 @pytest.mark.parametrize("seed", range(6))
 def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int) -> None:
     db = FakeDb(ops_max=[1, 3, 64][seed % 3], seed=seed)
-    lane = _GroupCommit(db.run, db.ops_max)
+    lane = GroupCommit(db.run, db.ops_max)
     outcomes: dict[FakeOp, Any] = {}
     submitted: list[FakeOp] = []
     loop_errors: list[Any] = []
@@ -211,7 +211,7 @@ def _expected(db: FakeDb, op: FakeOp) -> Any:
     return Refused(op) if op.kind == "refused" else db.applied.index(op)
 
 
-def _wait_idle(lane: _GroupCommit, timeout_s: float = 10) -> None:
+def _wait_idle(lane: GroupCommit, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while lane.load() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -229,7 +229,7 @@ def test_a_closed_loop_does_not_stop_the_lane() -> None:
         seen.append(list(ops))
         return [f"r{op}" for op in ops]
 
-    lane = _GroupCommit(run, 8)
+    lane = GroupCommit(run, 8)
 
     async def queue_and_leave() -> None:
         lane.submit_async("a")
@@ -255,7 +255,7 @@ def test_coroutines_of_one_loop_are_woken_once_per_transaction() -> None:
         gate.wait(5)
         return list(ops)
 
-    lane = _GroupCommit(run, 100)
+    lane = GroupCommit(run, 100)
 
     async def main() -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ def test_the_lead_goes_from_the_worker_to_a_thread_and_back() -> None:
             gate.wait(5)
         return [f"r{op}" for op in ops]
 
-    lane = _GroupCommit(run, 1)
+    lane = GroupCommit(run, 1)
     told: list[Any] = []
 
     async def main() -> list[Any]:
@@ -325,10 +325,10 @@ def test_without_a_worker_thread_the_lane_is_led_where_it_stands(monkeypatch) ->
     """No thread to be had for the lane's worker: the op is not left queued with the lane
     marked busy and nobody leading (which would stop every later call on the lane); the
     caller at hand leads instead."""
-    from sparecycles.ledger import service as ledger_module
+    from sparecycles.ledger import group_commit as ledger_module
 
     monkeypatch.setattr(ledger_module, "ThreadPoolExecutor", _NoThreads)
-    lane = _GroupCommit(lambda ops, _afters: [f"r{op}" for op in ops], 8)
+    lane = GroupCommit(lambda ops, _afters: [f"r{op}" for op in ops], 8)
 
     async def one(op: str) -> Any:
         return await lane.submit_async(op)
@@ -346,7 +346,7 @@ def test_a_thread_that_cannot_hand_on_to_the_worker_leads_on(monkeypatch) -> Non
     """A thread leads; a coroutine's op queues behind; no worker thread can be started: the
     thread runs that op too, rather than raise (its own op did commit) and leave the
     coroutine waiting for ever."""
-    from sparecycles.ledger import service as ledger_module
+    from sparecycles.ledger import group_commit as ledger_module
 
     started, gate = threading.Event(), threading.Event()
 
@@ -356,7 +356,7 @@ def test_a_thread_that_cannot_hand_on_to_the_worker_leads_on(monkeypatch) -> Non
             gate.wait(5)
         return [f"r{op}" for op in ops]
 
-    lane = _GroupCommit(run, 8)
+    lane = GroupCommit(run, 8)
     monkeypatch.setattr(ledger_module, "ThreadPoolExecutor", _NoThreads)
     told: list[Any] = []
 

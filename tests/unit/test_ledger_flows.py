@@ -33,6 +33,7 @@ from sparecycles.ledger.service import Ledger, VoidOutcome, WorkShare
 from sparecycles.store.core_tables import Client, JobRow, Owner
 from sparecycles.store.db import Base, make_engine
 from sparecycles.store.ledger_tables import LedgerTransfer
+from sparecycles.types import JobFinal, JobRecord, JobState
 
 USD = 1_000_000
 CENT = 10_000
@@ -175,9 +176,10 @@ def test_a_hold_writes_its_job_row_in_the_same_transaction(make_books: Callable[
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
 
-    def row(job_id: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=500, max_tokens=0, created_at_s=b.clock())
+    def row(job_id: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=500, max_tokens=0,
+                         created_at_s=b.clock())
 
     assert L.hold("j1", "alice", "m", 500, 0, job=row("j1")) == 30
     assert len(commits) == 1
@@ -206,10 +208,12 @@ def test_settle_and_void_close_their_job_row_in_the_same_transaction(
     L.settle("j0", "alice", "m", 500, 1, [share("o", "n", 500, 1)])  # creates the accounts
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
-    L.settle("j1", "alice", "m", 500, 10, [share("o", "n", 500, 10)],
-             job={"state": "done", "completion_tokens": 10, "finish_reason": "stop"})
-    L.void("j2", job={"state": "failed", "error": "node lost"})
-    L.void("j1", job={"state": "done"})  # a no-op on the money; the row is written as given
+    done = JobFinal(state=JobState.DONE, completion_tokens=10, finish_reason="stop",
+                    finished_at_s=b.clock(), total_s=1.0)
+    L.settle("j1", "alice", "m", 500, 10, [share("o", "n", 500, 10)], job=done)
+    L.void("j2", job=JobFinal(state=JobState.FAILED, completion_tokens=0, error="node lost",
+                              finished_at_s=b.clock(), total_s=1.0))
+    L.void("j1", job=done)  # a no-op on the money; the row is written as given
     assert len(commits) == 3
     with b.engine.connect() as c:
         jobs = {r.id: r for r in c.execute(select(JobRow).where(JobRow.id.in_(["j1", "j2"])))}
@@ -231,17 +235,21 @@ def test_one_transaction_writes_its_jobs_rows_together(make_books: Callable[...,
     L.hold("j0", "alice", "m", 500, 0)  # the accounts a hold touches, created apart
     L.settle("j0", "alice", "m", 500, 0, [share("o", "n", 500, 0)])
 
-    def row(job_id: str, most: int) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=most, created_at_s=1.0)
+    def row(job_id: str, most: int) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=most,
+                         created_at_s=1.0)
 
     calls = [  # what the group commit batches when these arrive together
         L._hold_op("a", "alice", "m", 100, 10, row("a", 10)),
         L._hold_op("big", "alice", "m", 100_000, 100_000, row("big", 100_000)),
         L._hold_op("b", "alice", "m", 100, 10, row("b", 10)),
         L._settle_op("a", "alice", "m", 100, 4, [share("o", "n", 100, 4)],
-                     {"state": "done", "completion_tokens": 4, "time_to_first_token_s": 0.25}),
-        (VoidOp("b"), L._job_update("b", {"state": "failed", "error": "node lost"})),
+                     JobFinal(state=JobState.DONE, completion_tokens=4, finished_at_s=2.0,
+                              total_s=1.0, first_token_at_s=1.25, time_to_first_token_s=0.25)),
+        (VoidOp("b"), L._job_update("b", JobFinal(state=JobState.FAILED, completion_tokens=0,
+                                                  finished_at_s=2.0, total_s=1.0,
+                                                  error="node lost"))),
     ]
     commits: list[int] = []
     event.listen(b.engine, "commit", lambda _conn: commits.append(1))
@@ -268,9 +276,10 @@ def test_an_op_that_breaks_a_shared_transaction_costs_only_itself(
     b.add_job("seed", "alice", "done")
     L.deposit("alice", 10_000, "p")
 
-    def row(job_id: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=10, created_at_s=1.0)
+    def row(job_id: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id="alice", model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=10,
+                         created_at_s=1.0)
 
     calls = [L._hold_op("h1", "alice", "m", 100, 10, row("r1")),
              L._hold_op("h2", "alice", "m", 100, 10, row("r1")),  # the same row id again
@@ -480,10 +489,10 @@ def test_withhold_after_payout_leaves_a_debt_netted_later(
     L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
     L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
     earned = L.owner_balance("bob").earned_micros
-    assert L.run_payouts(CENT, tmp_path).total_micros == earned
+    assert payouts.run_payouts(L, CENT, tmp_path).total_micros == earned
     L.withhold("j1", "cheat found late")
     assert L.owner_balance("bob").earned_micros == -earned
-    assert L.run_payouts(CENT, tmp_path).batch_id is None  # nothing until repaid
+    assert payouts.run_payouts(L, CENT, tmp_path).batch_id is None  # nothing until repaid
     assert L.check() == []
 
 
@@ -502,12 +511,12 @@ def test_a_receivable_no_earning_nets_is_written_off_into_the_cost_report(
     L.deposit("alice", 100 * USD, "p")
     L.hold("j1", "alice", "m", 10_000_000, 10_000_000)
     L.settle("j1", "alice", "m", 10_000_000, 10_000_000, [share("bob", "pc1", 10**7, 10**7)])
-    paid = L.run_payouts(CENT, tmp_path).total_micros
+    paid = payouts.run_payouts(L, CENT, tmp_path).total_micros
     L.withhold("j1", "cheat found late")
     owed = -L.owner_balance("bob").earned_micros
     assert owed > 0
     b.clock.advance(limits.owner_receivable_s_max - 10)
-    L.run_payouts(CENT, tmp_path)
+    payouts.run_payouts(L, CENT, tmp_path)
     assert L.owner_balance("bob").earned_micros == -owed  # not yet: an earning may net it
     b.clock.advance(20)
     assert payouts.write_off_receivables(L) == owed
@@ -534,8 +543,8 @@ def test_payout_lines_are_whole_cents_and_the_rest_stays_earned(
     bob = _earn(L, "j1", "bob", 50_000_123)
     assert bob % CENT != 0
     with pytest.raises(InvalidRequest, match="minor unit"):
-        L.run_payouts(CENT - 1, tmp_path)
-    report = L.run_payouts(CENT, tmp_path)
+        payouts.run_payouts(L, CENT - 1, tmp_path)
+    report = payouts.run_payouts(L, CENT, tmp_path)
     assert report.total_micros == bob - bob % CENT
     assert L.owner_balance("bob").earned_micros == bob % CENT  # for the next run
     with open(report.file_path) as f:
@@ -552,12 +561,12 @@ def test_a_batch_whose_every_line_failed_is_not_stored_as_paid(
     L.deposit("alice", 1000 * USD, "p")
     _earn(L, "j1", "bob", 50_000_000)
     _earn(L, "j2", "carol", 50_000_000)
-    L.run_payouts(USD, tmp_path, batch_id="b1")
+    payouts.run_payouts(L, USD, tmp_path, batch_id="b1")
     state = "SELECT state FROM payout_batches WHERE id = 'b1'"
-    L.fail_payout("b1", "bob", "account closed")
+    payouts.fail_payout(L, "b1", "bob", "account closed")
     with b.engine.connect() as c:
         assert c.scalar(text(state)) == "paid"  # carol's line stands
-    L.fail_payout("b1", "carol", "account closed")
+    payouts.fail_payout(L, "b1", "carol", "account closed")
     with b.engine.connect() as c:
         assert c.scalar(text(state)) == "returned"
     assert L.check() == []
@@ -581,7 +590,7 @@ def test_concurrent_payout_runs_write_one_file_for_one_batch(
     def run(ledger: Ledger, i: int) -> None:
         start.wait()
         try:
-            results.append(ledger.run_payouts(USD, tmp_path / f"run{i}"))
+            results.append(payouts.run_payouts(ledger, USD, tmp_path / f"run{i}"))
         except Conflict as exc:
             results.append(exc)
 
@@ -785,9 +794,10 @@ def test_threads_and_coroutines_on_a_ledger_get_the_results_of_calls_alone(
     L.hold("seed", "c0", "m", 1, 1)
     L.settle("seed", "c0", "m", 1, 1, [share("bob", "pc1", 1, 1)])  # bob's accounts, apart
 
-    def row(job_id: str, client: str) -> dict[str, Any]:
-        return dict(id=job_id, client_id=client, model="m", endpoint="chat.completions",
-                    state="admitted", prompt_tokens=100, max_tokens=100, created_at_s=b.clock())
+    def row(job_id: str, client: str) -> JobRecord:
+        return JobRecord(id=job_id, client_id=client, model="m", endpoint="chat.completions",
+                         state=JobState.ADMITTED, prompt_tokens=100, max_tokens=100,
+                         created_at_s=b.clock())
 
     def args(step: tuple[Any, ...], job_id: str, client: str) -> tuple[str, tuple[Any, ...],
                                                                          dict[str, Any]]:
@@ -797,7 +807,9 @@ def test_threads_and_coroutines_on_a_ledger_get_the_results_of_calls_alone(
             kw = {"job": row(job_id, who)} if "row" in rest else {}
             return kind, (job_id, who, "m", rest[0], rest[1]), kw
         if kind == "settle":
-            kw = {"job": {"state": "done", "completion_tokens": rest[0]}} if "row" in rest else {}
+            final = JobFinal(state=JobState.DONE, completion_tokens=rest[0],
+                             finished_at_s=b.clock(), total_s=1.0)
+            kw = {"job": final} if "row" in rest else {}
             return kind, (job_id, client, "m", 100, rest[0], [share("bob", "pc1", 100, rest[0])]
                           ), kw
         return kind, (job_id,), {}
@@ -963,7 +975,7 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)  # 9.00 USD * 0.8 = 7.20 USD
     carol = _earn(L, "j2", "carol", 10_000_000)  # 1.44 USD: below the minimum
-    report = L.run_payouts(5 * USD, tmp_path, batch_id="b1")
+    report = payouts.run_payouts(L, 5 * USD, tmp_path, batch_id="b1")
     assert report.batch_id == "b1" and report.total_micros == bob == 7_200_000
     assert report.file_path == str(tmp_path / "payouts-b1.csv")
     with open(tmp_path / "payouts-b1.csv") as f:
@@ -974,8 +986,8 @@ def test_payout_run_pays_owners_above_minimum_once(make_books: Callable[..., Boo
     assert L.owner_balance("bob").paid_micros == bob and L.owner_balance("bob").earned_micros == 0
     assert L.owner_balance("carol").earned_micros == carol
     with pytest.raises(Conflict):
-        L.run_payouts(5 * USD, tmp_path, batch_id="b1")
-    assert L.run_payouts(5 * USD, tmp_path).batch_id is None
+        payouts.run_payouts(L, 5 * USD, tmp_path, batch_id="b1")
+    assert payouts.run_payouts(L, 5 * USD, tmp_path).batch_id is None
     assert L.check() == []
 
 
@@ -984,14 +996,14 @@ def test_failed_payout_is_reversed_and_paid_in_a_later_batch(
     L = make_books().ledger
     L.deposit("alice", 1000 * USD, "p")
     bob = _earn(L, "j1", "bob", 50_000_000)
-    L.run_payouts(USD, tmp_path, batch_id="b1")
-    assert L.fail_payout("b1", "bob", "account closed") == bob
-    assert L.fail_payout("b1", "bob", "account closed") == bob  # harmless repeat
+    payouts.run_payouts(L, USD, tmp_path, batch_id="b1")
+    assert payouts.fail_payout(L, "b1", "bob", "account closed") == bob
+    assert payouts.fail_payout(L, "b1", "bob", "account closed") == bob  # harmless repeat
     assert L.owner_balance("bob").earned_micros == bob and L.owner_balance("bob").paid_micros == 0
     assert L.check() == []
-    assert L.run_payouts(USD, tmp_path, batch_id="b2").total_micros == bob
+    assert payouts.run_payouts(L, USD, tmp_path, batch_id="b2").total_micros == bob
     with pytest.raises(NotFound):
-        L.fail_payout("b2", "nobody", "x")
+        payouts.fail_payout(L, "b2", "nobody", "x")
     assert L.owner_balance("bob").paid_micros == bob and L.check() == []
 
 
@@ -1008,15 +1020,15 @@ def test_a_payout_run_that_crashed_is_resumed_not_paid_twice(
 
     monkeypatch.setattr(payouts, "_write_csv", crash)
     with pytest.raises(OSError):
-        L.run_payouts(USD, tmp_path)
+        payouts.run_payouts(L, USD, tmp_path)
     assert L.owner_balance("bob").payable_micros == bob  # in flight, books still balance
     assert L.check() == []
     monkeypatch.undo()
     _earn(b.restart(), "j2", "bob", 50_000_000)  # earned meanwhile: not in the open batch
     with pytest.raises(Conflict, match="another run"):  # the dead run's claim is fresh
-        b.restart().run_payouts(USD, tmp_path)
+        payouts.run_payouts(b.restart(), USD, tmp_path)
     b.clock.advance(limits.payout_claim_s_max + 1)  # then it is taken over
-    report = b.restart().run_payouts(USD, tmp_path)
+    report = payouts.run_payouts(b.restart(), USD, tmp_path)
     assert report.resumed and report.total_micros == bob
     assert L.owner_balance("bob").paid_micros == bob
     assert L.owner_balance("bob").earned_micros == bob  # the second job waits for next batch

@@ -25,6 +25,7 @@ import pytest
 from test_ledger_flows import Books, sqlite_books
 
 from sparecycles.errors import Conflict, InsufficientBalance
+from sparecycles.ledger import payouts
 from sparecycles.ledger.pricing import (
     ModelPrice,
     PriceBook,
@@ -171,7 +172,7 @@ def simulate(make: Callable[[], Books], seed: int, steps: int = 250) -> dict[str
             w.saw("restart")
         elif r < 0.74:  # a payout run
             minimum = rng.randint(CENT, 3 * CENT)
-            report = L.run_payouts(minimum, out_dir, batch_id=f"b{seed}-{step}")
+            report = payouts.run_payouts(L, minimum, out_dir, batch_id=f"b{seed}-{step}")
             due = {o: v - v % CENT for o, v in w.earned.items() if v - v % CENT >= minimum}
             assert {x.owner_id: x.amount_micros for x in report.lines} == due, (seed, step)
             for o, v in due.items():
@@ -181,7 +182,7 @@ def simulate(make: Callable[[], Books], seed: int, steps: int = 250) -> dict[str
                 w.paid[o] += v
         elif r < 0.77 and w.payouts:  # the bank returns a payout (maybe twice)
             batch, o, v = rng.choice(w.payouts)
-            assert L.fail_payout(batch, o, "returned") == v
+            assert payouts.fail_payout(L, batch, o, "returned") == v
             w.saw("payout failed")
             if (batch, o) not in w.failed:
                 w.failed.add((batch, o))

@@ -18,6 +18,7 @@ import torch
 from sparecycles import protocol
 from sparecycles.coordinator.dispatch import Dispatcher
 from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.router import NodeRouter
 from sparecycles.coordinator.verification import Verifier
 from sparecycles.errors import ProtocolError
 from sparecycles.identity import NodeIdentity
@@ -79,7 +80,8 @@ class FakeNode:
                                busy_s=0.01)
 
     def respond(self, d: Dispatcher, v: Verifier) -> None:
-        """Answer every new message as the node's agent would, through node_ws's routing."""
+        """Answer every new message as the node's agent would, through the node router."""
+        router = NodeRouter(d, verification=v.link, scores=v.link)
         for msg in self.sent:
             key = msg.get("job_id", "") + str(msg.get("attempt", "")) + msg.get("score_id", "")
             if msg["type"] not in ("job", "score") or key in self.seen:
@@ -87,12 +89,7 @@ class FakeNode:
             self.seen.add(key)
             replies = [self.scored(msg)] if msg["type"] == "score" else self.run_job(msg)
             for reply in replies:
-                if v.handles(self.conn, reply):
-                    continue
-                if isinstance(reply, protocol.Tokens):
-                    d.on_tokens(self.conn, reply)
-                else:
-                    asyncio.get_running_loop().create_task(d.on_done(self.conn, reply))
+                assert router.route(self.conn, reply, protocol.encode(reply)) is None
 
     def run_job(self, job: dict) -> list:
         out, lps = self.generate(job["prompt_token_ids"], job["sampling"]["max_tokens"])

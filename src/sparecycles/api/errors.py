@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparecycles import limits
 from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
-from sparecycles.store.db import transient_store_errors
+from sparecycles.store.errors import transient_store_errors
 
 log = logging.getLogger("sparecycles.api")
 

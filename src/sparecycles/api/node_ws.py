@@ -18,7 +18,7 @@ import time
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from sparecycles import availability, limits, protocol
+from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import NodeConn, policy_from_dict, profile_from_dict
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.errors import Conflict, ProtocolError
@@ -153,36 +153,13 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
 
 
 async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
-    dispatcher = coord.dispatcher
-    assert dispatcher is not None
+    router = coord.router
+    assert router is not None
     timeout_s = coord.settings.heartbeat_timeout_s
     while not node.closed:
         raw = await _receive(ws, timeout_s)
         msg = protocol.decode_node_message(raw)
         node.last_seen_s = time.monotonic()
-        if coord.verifier is not None and coord.verifier.handles(node, msg):
-            continue  # the answer to verification work
-        if coord.fleet is not None and coord.fleet.relay_from_node(node, msg, raw):
-            continue  # a job another replica owns: its tokens went there over the bus
-        if isinstance(msg, protocol.Tokens):
-            dispatcher.on_tokens(node, msg)
-        elif isinstance(msg, protocol.Done):
-            dispatcher.done_received(node, msg)  # the settlement is not waited for here
-        elif isinstance(msg, protocol.Heartbeat):
-            node.status = availability.DeviceStatus(
-                on_ac_power=msg.on_ac_power,
-                charging=msg.charging,
-                owner_load=msg.owner_load,
-                temperature_c=msg.temperature_c,
-            )
-            if node.draining and msg.available:  # the owner's window opened again
-                node.draining = False
-                dispatcher.on_node_ready(node)
-            node.draining = not msg.available
-        elif isinstance(msg, protocol.JobError):
-            await dispatcher.on_job_error(node, msg)
-        elif isinstance(msg, protocol.Draining):
-            node.draining = True
-            await asyncio.to_thread(coord.store.set_node_status, node.node_id, "draining")
-        elif isinstance(msg, protocol.Hello):
-            raise ProtocolError("hello sent twice")
+        pending = router.route(node, msg, raw)  # coordinator/router.py: where each one goes
+        if pending is not None:
+            await pending

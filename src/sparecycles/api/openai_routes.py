@@ -20,7 +20,7 @@ from sparecycles import limits, modelfiles
 from sparecycles.api.auth import require_key, workload_of
 from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
-from sparecycles.coordinator.dispatch import JobEvent, LiveJob
+from sparecycles.coordinator.jobs import JobEvent, LiveJob
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.coordinator.textstream import TextStream
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest, NotFound
@@ -62,20 +62,20 @@ async def list_models(request: Request, _: ApiKeyInfo = Depends(require_key)) ->
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | StreamingResponse:
-    received_s = time.perf_counter()
+    received_perf_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     chars = sum(len(m["content"]) for m in messages)
     prompt_ids = await _tokenize(modelfiles.render_chat, tokenizer, messages, chars)
-    return await _run(coord, key, body, prompt_ids, "chat.completions", received_s)
+    return await _run(coord, key, body, prompt_ids, "chat.completions", received_perf_s)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | StreamingResponse:
-    received_s = time.perf_counter()
+    received_perf_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
@@ -87,7 +87,7 @@ async def completions(
     else:
         text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         prompt_ids = await _tokenize(modelfiles.render_completion, tokenizer, text, len(text))
-    return await _run(coord, key, body, prompt_ids, "completions", received_s)
+    return await _run(coord, key, body, prompt_ids, "completions", received_perf_s)
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -145,7 +145,7 @@ async def _run(
     body: ChatCompletionRequest | CompletionRequest,
     prompt_ids: list[int],
     endpoint: str,
-    received_s: float,
+    received_perf_s: float,
 ) -> JSONResponse | StreamingResponse:
     spec, tokenizer = coord.model(body.model)
     room = spec.context_length - len(prompt_ids)
@@ -188,7 +188,7 @@ async def _run(
             stream=body.stream,
             workload=workload,
             trusted_only=body.trusted_only or ticket.trusted_only,
-            received_s=received_s,
+            received_perf_s=received_perf_s,
         )
     except BaseException:
         coord.gate.release(job_id)
@@ -204,8 +204,8 @@ async def _run(
         await _cancel(coord, job)
         raise
     coord.metrics.requests.labels(endpoint, "error" if first.kind == "error" else "ok").inc()
-    if job.dispatched_s is not None:
-        coord.metrics.overhead.labels("admission").observe(job.dispatched_s - received_s)
+    if job.dispatched_perf_s is not None:
+        coord.metrics.overhead.labels("admission").observe(job.dispatched_perf_s - received_perf_s)
     if first.kind == "error":
         assert first.error is not None
         raise first.error
@@ -261,7 +261,8 @@ async def _stream(
                 delta = text.push(event.token_ids)
                 if delta:
                     yield _sse(reply.chunk_text(delta))
-                coord.metrics.overhead.labels("relay").observe(time.perf_counter() - event.at_s)
+                coord.metrics.overhead.labels("relay").observe(
+                    time.perf_counter() - event.at_perf_s)
                 if text.stopped:
                     await coord.dispatcher.cancel(
                     job.job_id, reason="stop", keep_tokens=text.tokens_used)

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from sparecycles.cli.common import DatabaseOption, console, database_url, err_console, friendly
 from sparecycles.errors import InvalidRequest
+from sparecycles.ledger import payouts
 from sparecycles.ledger.pricing import ModelPrice, format_money, parse_money
 from sparecycles.ledger.service import Ledger, Statement
 
@@ -155,7 +156,7 @@ def payouts_run(
 ) -> None:
     """Pay every owner above the minimum: write the batch file and post the transfers."""
     ledger = _ledger(database)
-    report = ledger.run_payouts(parse_money(minimum), out, batch_id)
+    report = payouts.run_payouts(ledger, parse_money(minimum), out, batch_id)
     if report.batch_id is None:
         console.print(f"no owner has earned {minimum} {ledger.currency}; nothing to pay")
         return
@@ -178,7 +179,7 @@ def payouts_fail(
     if not sep or not batch_id or not owner:
         raise InvalidRequest("give BATCH_ID/OWNER, e.g. batch-20250101T000000Z-abc123/alice")
     ledger = _ledger(database)
-    amount = ledger.fail_payout(batch_id, ledger.resolve("owner", owner), reason)
+    amount = payouts.fail_payout(ledger, batch_id, ledger.resolve("owner", owner), reason)
     console.print(f"reversed {format_money(amount, ledger.currency)} of batch {batch_id} to "
                   f"{owner}'s earned balance")
 

@@ -22,12 +22,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from sparecycles import limits, protocol
+from sparecycles.coordinator.fleet_node import FleetNode
+from sparecycles.coordinator.jobs import (
+    Attempt,
+    JobEvent,
+    JobEventKind,
+    JobObserver,
+    LiveJob,
+    observed_decode_tokens_per_s,
+)
 from sparecycles.coordinator.node_conn import NodeConn
-from sparecycles.coordinator.replication.fleet import RemoteNode
 from sparecycles.coordinator.replication.leases import settle_abandoned
 from sparecycles.coordinator.writer import StoreWriter
 from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
@@ -36,94 +44,33 @@ from sparecycles.ledger.service import Ledger, WorkShare
 from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
 from sparecycles.trust.decisions import check_metering_bounds
-from sparecycles.types import Job, JobState, ModelSpec, SamplingParams, Workload
-
-if TYPE_CHECKING:
-    from sparecycles.coordinator.verification import Verifier
+from sparecycles.types import (
+    AttemptOutcome,
+    JobFinal,
+    JobRecord,
+    JobState,
+    ModelSpec,
+    SamplingParams,
+    Workload,
+)
 
 log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
 
 
-@dataclass
-class Attempt:
-    number: int
-    node_id: str
-    owner_id: str
-    device_class: str
-    token_base: int  # len(job.generated) when the attempt started
-    started_s: float
-    first_token_s: float | None = None
-    tokens: int = 0
-    last_token_s: float = 0.0
-    logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
+@dataclass(frozen=True, slots=True)
+class Now:
+    """One reading of the three clocks dispatch uses, taken once where an event enters and
+    passed down: epoch seconds (what is stored and shown), monotonic seconds (every wait,
+    timeout and duration) and perf-counter seconds (the API's overhead metrics)."""
 
+    epoch_s: float
+    mono_s: float
+    perf_s: float
 
-@dataclass
-class JobEvent:
-    kind: str  # "tokens" | "done" | "error"
-    token_ids: tuple[int, ...] = ()
-    at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
-    finish_reason: str | None = None
-    error: SpareCyclesError | None = None
-
-
-@dataclass
-class LiveJob:
-    """A job while this coordinator holds it. ``generated`` is the authoritative output."""
-
-    job_id: str
-    client_id: str
-    model: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    workload: Workload
-    trusted_only: bool
-    admitted_s: float
-    admitted_mono_s: float = field(default_factory=time.monotonic)
-    state: JobState = JobState.ADMITTED
-    generated: list[int] = field(default_factory=list)
-    attempts: list[Attempt] = field(default_factory=list)
-    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
-    waiting_since_s: float = 0.0
-    first_token_s: float | None = None
-    excluded_nodes: set[str] = field(default_factory=set)
-    received_s: float = 0.0  # perf_counter when the API received the request
-    dispatched_s: float | None = None  # perf_counter when the first attempt was sent to a node
-
-    @property
-    def current(self) -> Attempt | None:
-        return self.attempts[-1] if self.attempts else None
-
-    def as_job(self) -> Job:
-        return Job(
-            job_id=self.job_id,
-            model=self.model,
-            prompt_tokens=len(self.prompt_ids),
-            max_tokens=self.sampling.max_tokens,
-            client_id=self.client_id,
-            admitted_at_s=self.admitted_s,
-            generated_tokens=len(self.generated),
-            trusted_only=self.trusted_only,
-            workload=self.workload,
-        )
-
-
-def observed_decode_tokens_per_s(att: Attempt, now_s: float) -> float:
-    """The decode speed an attempt showed: tokens after the first over the time from the first
-    token to the end. Tokens that arrive in a burst (a node or network that held them back, a
-    node running late and catching up) would make that time tiny and the node look hundreds of
-    times faster than it is, and placement would then queue every job on it; so the decode time
-    is taken as at least half the decode tokens' even share of the whole attempt (assignment to
-    end): a burst can make a node look at most about twice as fast as its attempt did, and a
-    steady stream (decode at least half the attempt) is measured exactly. 0 when there is
-    nothing to measure."""
-    if att.tokens <= 1:
-        return 0.0
-    total_s = now_s - att.started_s
-    decode_s = now_s - (att.first_token_s or att.started_s)
-    decode_s = max(decode_s, total_s * (att.tokens - 1) / (2 * att.tokens))
-    return (att.tokens - 1) / decode_s if decode_s > 0 else 0.0
+    @staticmethod
+    def read() -> Now:
+        return Now(time.time(), time.monotonic(), time.perf_counter())
 
 
 class Dispatcher:
@@ -138,7 +85,8 @@ class Dispatcher:
         token_gap_s: float = limits.token_gap_s_max,
         policy: str = "fastest",
         on_finished: Callable[[LiveJob, str], None] | None = None,
-        verifier: Verifier | None = None,
+        verifier: JobObserver | None = None,
+        clock: Callable[[], Now] = Now.read,
     ):
         self.store, self.ledger, self.models = store, ledger, models
         self.replica_id = replica_id
@@ -148,7 +96,7 @@ class Dispatcher:
         self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
         self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
         # nodes of other replicas (coordinator/replication/fleet.py)
-        self.remote: dict[str, RemoteNode] = {}
+        self.remote: dict[str, FleetNode] = {}
         self.jobs: dict[str, LiveJob] = {}
         self.waiting: dict[str, LiveJob] = {}
         self._wake = asyncio.Event()
@@ -156,6 +104,7 @@ class Dispatcher:
         self.writer = StoreWriter(store)  # store writes after admission, in order
         self._on_finished = on_finished
         self.verifier = verifier  # told of every result, to check claims and spot-check jobs
+        self.clock = clock  # read where an event enters; everything below takes ``now``
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -170,7 +119,8 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for job in list(self.jobs.values()):
-            await self._finish(job, error=JobFailed("the coordinator is shutting down"))
+            await self._finish(job, self.clock(),
+                               error=JobFailed("the coordinator is shutting down"))
         await self.writer.drain()
         if self._ending:  # settled by now: their clients are told
             await asyncio.gather(*self._ending, return_exceptions=True)
@@ -202,7 +152,7 @@ class Dispatcher:
         stream: bool,
         workload: Workload = Workload.INFERENCE,
         trusted_only: bool = False,
-        received_s: float | None = None,
+        received_perf_s: float | None = None,
     ) -> LiveJob:
         """Record the job and hold its most possible cost; raises InsufficientBalance (402).
 
@@ -211,21 +161,21 @@ class Dispatcher:
         no other job waits, the job is placed here and now rather than on the dispatch loop's
         next turn.
         """
-        now = time.time()
-        row = dict(
+        now = self.clock()
+        row = JobRecord(
             id=job_id,
             client_id=client_id,
             api_key_id=api_key_id,
             model=model,
             endpoint=endpoint,
-            workload=str(workload),
-            state="admitted",
+            workload=workload,
+            state=JobState.ADMITTED,
             stream=stream,
             trusted_only=trusted_only,
             prompt_tokens=len(prompt_ids),
             max_tokens=sampling.max_tokens,
             replica_id=self.replica_id,
-            created_at_s=now,
+            created_at_s=now.epoch_s,
         )
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
@@ -239,23 +189,24 @@ class Dispatcher:
             sampling=sampling,
             workload=workload,
             trusted_only=trusted_only,
-            admitted_s=now,
-            waiting_since_s=time.monotonic(),
-            received_s=received_s or time.perf_counter(),
+            admitted_epoch_s=now.epoch_s,
+            admitted_mono_s=now.mono_s,
+            waiting_since_mono_s=now.mono_s,
+            received_perf_s=received_perf_s or now.perf_s,
         )
         self.jobs[job_id] = job
         self.waiting[job_id] = job
         if len(self.waiting) == 1 and self._task is not None:
-            self._place_on_admission()
+            self._place_on_admission(self.clock())  # after the hold's commit: a new reading
         if self.waiting:
             self._wake.set()
         return job
 
-    def _place_on_admission(self) -> None:
+    def _place_on_admission(self, now: Now) -> None:
         """Place the one waiting job at once. Only when nothing else waits: then this costs one
         job's scheduling, and a queue (all nodes busy) is left to the loop, which batches it."""
         try:
-            self._place_waiting()
+            self._place_waiting(now)
         except Exception:  # the loop retries on its next turn; a bug here is logged loudly
             log.exception("placement on admission failed")
 
@@ -270,37 +221,36 @@ class Dispatcher:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                self._place_waiting()
-                await self._watchdog()
+                self._place_waiting(self.clock())
+                await self._watchdog(self.clock())
             except Exception:  # a bug here must not stop all placement; it is logged loudly
                 log.exception("dispatch loop iteration failed")
 
-    def _place_waiting(self) -> None:
+    def _place_waiting(self, now: Now) -> None:
         if not self.waiting:
             return
-        now = time.time()
         snapshots = [
-            n.snapshot(now) for n in (*self.nodes.values(), *self.remote.values())
+            n.snapshot(now.epoch_s) for n in (*self.nodes.values(), *self.remote.values())
             if not n.closed and not n.draining
         ]
         if not snapshots:
             return
         jobs = [j.as_job() for j in self.waiting.values()]
         assignments = scheduler.schedule(
-            jobs, snapshots, self.models, now, self.config, memo=self._rank_memo
+            jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
         )
         for assignment in assignments:
             job = self.waiting.get(assignment.job_id)
             node = self.node(assignment.node_id)
-            if job is None or node is None or node.node_id in job.excluded_nodes:
+            if job is None or node is None:
                 continue
-            self._assign(job, node)
+            self._assign(job, node, now)
 
-    def node(self, node_id: str) -> NodeConn | RemoteNode | None:
+    def node(self, node_id: str) -> FleetNode | None:
         """A node of the fleet: connected here, or to another replica."""
         return self.nodes.get(node_id) or self.remote.get(node_id)
 
-    def _assign(self, job: LiveJob, node: NodeConn | RemoteNode) -> None:
+    def _assign(self, job: LiveJob, node: FleetNode, now: Now) -> None:
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
@@ -321,7 +271,6 @@ class Dispatcher:
         )
         if not node.send(protocol.encode(msg)):
             return  # the node's socket is gone; its reader will clean up
-        now = time.monotonic()
         job.attempts.append(
             Attempt(
                 number=number,
@@ -329,13 +278,13 @@ class Dispatcher:
                 owner_id=node.owner_id,
                 device_class=node.profile.device_class,
                 token_base=len(job.generated),
-                started_s=now,
-                last_token_s=now,
+                started_mono_s=now.mono_s,
+                last_token_mono_s=now.mono_s,
             )
         )
         job.state = JobState.PLACED
-        if job.dispatched_s is None:
-            job.dispatched_s = time.perf_counter()
+        if job.dispatched_perf_s is None:
+            job.dispatched_perf_s = now.perf_s
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         self.waiting.pop(job.job_id, None)
@@ -347,10 +296,9 @@ class Dispatcher:
             prompt_tokens=len(prompt),
         )
 
-    async def _watchdog(self) -> None:
-        now = time.monotonic()
+    async def _watchdog(self, now: Now) -> None:
         for job in list(self.waiting.values()):
-            if now - job.waiting_since_s > self.placement_wait_s:
+            if now.mono_s - job.waiting_since_mono_s > self.placement_wait_s:
                 has_nodes = any(job.model in n.models
                                 for n in (*self.nodes.values(), *self.remote.values()))
                 why = (
@@ -359,7 +307,7 @@ class Dispatcher:
                     else "no node serving this model is online"
                 )
                 await self._finish(
-                    job,
+                    job, now,
                     error=NoNodeAvailable(
                         f"no node could take the request for model '{job.model}' within "
                         f"{self.placement_wait_s:g} s: {why}"
@@ -368,17 +316,17 @@ class Dispatcher:
         for job in list(self.jobs.values()):
             att = job.current
             if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
-                    and now - att.last_token_s > self.token_gap_s):
+                    and now.mono_s - att.last_token_mono_s > self.token_gap_s):
                 log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
                 node = self.node(att.node_id)
                 if node is not None:
                     node.send(protocol.encode(protocol.Cancel(job_id=job.job_id,
                                                               attempt=att.number)))
-                await self._resume(job, outcome="node_silent")
+                await self._resume(job, now, outcome=AttemptOutcome.NODE_SILENT)
 
     # ---- node events -------------------------------------------------------------------------
 
-    def _attempt_of(self, node: NodeConn | RemoteNode, job_id: str, number: int
+    def _attempt_of(self, node: FleetNode, job_id: str, number: int
                     ) -> tuple[LiveJob, Attempt]:
         job = self.jobs.get(job_id)
         att = job.current if job else None
@@ -386,16 +334,17 @@ class Dispatcher:
             raise _StaleMessage
         return job, att
 
-    def on_tokens(self, node: NodeConn | RemoteNode, msg: protocol.Tokens) -> None:
+    def on_tokens(self, node: FleetNode, msg: protocol.Tokens) -> None:
         try:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return  # a late message for an attempt that already ended: harmless, dropped
-        now = time.monotonic()
+        now = self.clock()
         skip = att.tokens - msg.index  # tokens of this message we already have
         if skip < 0:
             log.warning("job %s: node %s skipped tokens; resuming", job.job_id, node.node_id)
-            self._resume_soon(job, outcome="protocol_gap")  # now: a task could end a later one
+            # now, not in a task: a task could end a later attempt
+            self._resume_soon(job, now, outcome=AttemptOutcome.PROTOCOL_GAP)
             return
         new = msg.token_ids[skip:]
         room = job.sampling.max_tokens - len(job.generated)
@@ -407,22 +356,22 @@ class Dispatcher:
         lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
         att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
         att.tokens += len(new)
-        att.last_token_s = now
+        att.last_token_mono_s = now.mono_s
         node.queued_tokens = max(0, node.queued_tokens - len(new))
-        if att.first_token_s is None:
-            att.first_token_s = now
-        if job.first_token_s is None:  # recorded with the job's final row (one write a job)
-            job.first_token_s = now
+        if att.first_token_mono_s is None:
+            att.first_token_mono_s = now.mono_s
+        if job.first_token_mono_s is None:  # recorded with the job's final row (one write a job)
+            job.first_token_mono_s = now.mono_s
             job.state = JobState.STREAMING
-        job.events.put_nowait(JobEvent("tokens", tuple(new)))
+        job.events.put_nowait(JobEvent(JobEventKind.TOKENS, tuple(new), at_perf_s=now.perf_s))
 
-    async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
+    async def on_done(self, node: FleetNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
         ending = self.done_received(node, msg)
         if ending is not None:
             await ending
 
-    def done_received(self, node: NodeConn | RemoteNode,
+    def done_received(self, node: FleetNode,
                       msg: protocol.Done) -> asyncio.Future[None] | None:  # fmt: skip
         """A node's result, handled now: checked, the attempt ended, the job finished (or
         resumed when the result does not verify). Returns what completes once the settlement
@@ -433,6 +382,7 @@ class Dispatcher:
             job, att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return None
+        now = self.clock()
         produced = job.generated[att.token_base : att.token_base + att.tokens]
         payload = protocol.result_payload(
             job_id=msg.job_id,
@@ -450,46 +400,51 @@ class Dispatcher:
                         node.node_id)
             if self.verifier is not None:
                 self.verifier.on_bad_signature(node, job, att)
-            return self._resume_soon(job, outcome="bad_signature")  # now, not in a task
-        if (bad := check_metering_bounds(busy_s=msg.metering.busy_s, energy_j=msg.metering
-                                         .energy_j, wall_s=time.monotonic() - att.started_s,
+            # now, not in a task
+            return self._resume_soon(job, now, outcome=AttemptOutcome.BAD_SIGNATURE)
+        if (bad := check_metering_bounds(busy_s=msg.metering.busy_s,
+                                         energy_j=msg.metering.energy_j,
+                                         wall_s=now.mono_s - att.started_mono_s,
                                          device_class=att.device_class)) is not None:
             if self.verifier is not None:  # refused: never in the books, counted against it
                 self.verifier.on_refused(node, job, att, bad)
-            return self._resume_soon(job, outcome="bad_metering")
+            return self._resume_soon(job, now, outcome=AttemptOutcome.BAD_METERING)
         if self.verifier is not None:
             self.verifier.on_result(node, job, att, msg.metering)
-        speed = observed_decode_tokens_per_s(att, time.monotonic())
+        speed = observed_decode_tokens_per_s(att, now.mono_s)
         if speed > 0:
             node.observe_speed(job.model, speed)
-        self._end_attempt(job, att, node, "done", metering=msg.metering, signature=msg.signature)
+        self._end_attempt(job, att, node, AttemptOutcome.DONE, now, metering=msg.metering,
+                          signature=msg.signature)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
-        return self._finish_soon(job, finish_reason="stop" if reason == "cancelled" else reason)
+        return self._finish_soon(job, now,
+                                 finish_reason="stop" if reason == "cancelled" else reason)
 
-    async def on_job_error(self, node: NodeConn | RemoteNode, msg: protocol.JobError) -> None:
+    async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None:
         try:
             job, _att = self._attempt_of(node, msg.job_id, msg.attempt)
         except _StaleMessage:
             return
         log.warning("job %s handed back by node %s: %s", job.job_id, node.node_id, msg.message)
-        await self._resume(job, outcome="drained" if node.draining else "failed")
+        await self._resume(job, self.clock(), outcome=AttemptOutcome.DRAINED if node.draining
+                           else AttemptOutcome.FAILED)
 
-    async def on_node_lost(self, node: NodeConn | RemoteNode, *, outcome: str = "node_lost"
-                           ) -> None:
+    async def on_node_lost(self, node: FleetNode, *,
+                           outcome: AttemptOutcome = AttemptOutcome.NODE_LOST) -> None:
         """The node's socket closed (here, or at its replica): every job it held is resumed
         elsewhere. With ``outcome="replica_lost"`` the node is not to blame (the replica holding
         its socket died, or it moved to another), so its jobs may resume on it again."""
-        fleet = self.remote if isinstance(node, RemoteNode) else self.nodes
+        fleet: dict[str, Any] = self.nodes if isinstance(node, NodeConn) else self.remote
         if fleet.get(node.node_id) is node:
             del fleet[node.node_id]
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)
             if job is not None and job.current and job.current.node_id == node.node_id:
-                await self._resume(job, outcome=outcome)
+                await self._resume(job, self.clock(), outcome=outcome)
         self._wake.set()
 
-    def on_node_ready(self, node: NodeConn | RemoteNode) -> None:
-        if isinstance(node, RemoteNode):
+    def on_node_ready(self, node: FleetNode) -> None:
+        if not isinstance(node, NodeConn):  # another replica's (replication/fleet.py)
             self.remote[node.node_id] = node
         else:
             self.nodes[node.node_id] = node
@@ -497,7 +452,7 @@ class Dispatcher:
             if moved is not None:  # it left its replica for this one: its jobs there are gone
                 moved.closed = True
                 asyncio.get_running_loop().create_task(
-                    self.on_node_lost(moved, outcome="replica_lost"))
+                    self.on_node_lost(moved, outcome=AttemptOutcome.REPLICA_LOST))
         self._wake.set()
 
     # ---- ending ------------------------------------------------------------------------------
@@ -506,21 +461,21 @@ class Dispatcher:
         self,
         job: LiveJob,
         att: Attempt,
-        node: NodeConn | RemoteNode | None,
-        outcome: str,
+        node: FleetNode | None,
+        outcome: AttemptOutcome,
+        now: Now,
         metering: protocol.Metering | None = None,
         signature: str | None = None,
     ) -> None:
         if node is not None:
             node.jobs.discard(job.job_id)
-        now = time.monotonic()
         fields: dict[str, Any] = {
-            "outcome": outcome,
+            "outcome": str(outcome),
             "completion_tokens": att.tokens,
-            "time_to_first_token_s": (att.first_token_s - att.started_s)
-            if att.first_token_s
+            "time_to_first_token_s": (att.first_token_mono_s - att.started_mono_s)
+            if att.first_token_mono_s
             else None,
-            "total_s": now - att.started_s,
+            "total_s": now.mono_s - att.started_mono_s,
         }
         if metering is not None:
             fields.update(
@@ -531,28 +486,29 @@ class Dispatcher:
             )
         self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
 
-    async def _resume(self, job: LiveJob, *, outcome: str) -> None:
+    async def _resume(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
-        ending = self._resume_soon(job, outcome=outcome)
+        ending = self._resume_soon(job, now, outcome=outcome)
         if ending is not None:
             await ending
 
-    def _resume_soon(self, job: LiveJob, *, outcome: str) -> asyncio.Future[None] | None:
+    def _resume_soon(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome
+                     ) -> asyncio.Future[None] | None:
         """``_resume``, done now; if that ends the job, what completes once it is settled."""
         att = job.current
         if att is None or job.state.is_final:
             return None
         node = self.node(att.node_id)
-        self._end_attempt(job, att, node, outcome)
-        if outcome != "replica_lost":  # not the node's fault: it may take the job up again
-            job.excluded_nodes.add(att.node_id)
+        self._end_attempt(job, att, node, outcome, now)
+        if outcome != AttemptOutcome.REPLICA_LOST:  # not the node's fault: it may take it again
+            job.avoid_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
-            return self._finish_soon(job, finish_reason="length")
+            return self._finish_soon(job, now, finish_reason="length")
         if len(job.attempts) >= limits.job_attempts_max:
-            return self._finish_soon(job, error=JobFailed(
+            return self._finish_soon(job, now, error=JobFailed(
                 f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
         job.state = JobState.ADMITTED
-        job.waiting_since_s = time.monotonic()
+        job.waiting_since_mono_s = now.mono_s
         self.waiting[job.job_id] = job
         self._wake.set()
         return None
@@ -572,23 +528,25 @@ class Dispatcher:
             del job.generated[keep_tokens:]
             for a in job.attempts:
                 a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
+        now = self.clock()
         att = job.current
         if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
             node = self.node(att.node_id)
             if node is not None:
                 node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
-            self._end_attempt(job, att, node, "cancelled")
-        await self._finish(job, finish_reason="stop", cancelled_by=reason)
+            self._end_attempt(job, att, node, AttemptOutcome.CANCELLED, now)
+        await self._finish(job, now, finish_reason="stop", cancelled_by=reason)
 
     async def _finish(
         self,
         job: LiveJob,
+        now: Now,
         *,
         finish_reason: str | None = None,
         error: SpareCyclesError | None = None,
         cancelled_by: str | None = None,
     ) -> None:
-        ending = self._finish_soon(job, finish_reason=finish_reason, error=error,
+        ending = self._finish_soon(job, now, finish_reason=finish_reason, error=error,
                                    cancelled_by=cancelled_by)
         if ending is not None:
             await ending
@@ -596,6 +554,7 @@ class Dispatcher:
     def _finish_soon(
         self,
         job: LiveJob,
+        now: Now,
         *,
         finish_reason: str | None = None,
         error: SpareCyclesError | None = None,
@@ -623,16 +582,14 @@ class Dispatcher:
             for a in job.attempts
             if a.tokens > 0
         ]
-        now = time.time()
-        total_s = time.monotonic() - job.admitted_mono_s
-
-        final = {"state": str(job.state), "completion_tokens": delivered,
-                 "finish_reason": finish_reason if error is None else None,
-                 "error": None if error is None else error.message,
-                 "finished_at_s": now, "total_s": total_s}
-        if job.first_token_s is not None:
-            final.update(first_token_at_s=now - (time.monotonic() - job.first_token_s),
-                         time_to_first_token_s=job.first_token_s - job.admitted_mono_s)
+        first = job.first_token_mono_s
+        final = JobFinal(
+            state=job.state, completion_tokens=delivered, finished_at_s=now.epoch_s,
+            total_s=now.mono_s - job.admitted_mono_s,
+            finish_reason=finish_reason if error is None else None,
+            error=None if error is None else error.message,
+            first_token_at_s=None if first is None else now.epoch_s - (now.mono_s - first),
+            time_to_first_token_s=None if first is None else first - job.admitted_mono_s)
 
         async def _settle() -> None:  # one transaction: the money and the job's final row
             try:
@@ -652,9 +609,9 @@ class Dispatcher:
                 await settled
             finally:
                 if error is not None:
-                    job.events.put_nowait(JobEvent("error", error=error))
+                    job.events.put_nowait(JobEvent(JobEventKind.ERROR, error=error))
                 else:
-                    job.events.put_nowait(JobEvent("done", finish_reason=finish_reason))
+                    job.events.put_nowait(JobEvent(JobEventKind.DONE, finish_reason=finish_reason))
                 if self._on_finished:
                     self._on_finished(job, str(job.state))
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import LiveJob
+    from sparecycles.coordinator.jobs import LiveJob
 
 _latency_buckets_s = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -67,8 +67,8 @@ class Metrics:
         self.jobs.labels(job.model, state).inc()
         self.tokens.labels(job.model, "prompt").inc(len(job.prompt_ids))
         self.tokens.labels(job.model, "completion").inc(len(job.generated))
-        if job.first_token_s is not None:
-            self.ttft.labels(job.model).observe(job.first_token_s - job.admitted_mono_s)
+        if job.first_token_mono_s is not None:
+            self.ttft.labels(job.model).observe(job.first_token_mono_s - job.admitted_mono_s)
         self.latency.labels(job.model).observe(time.monotonic() - job.admitted_mono_s)
         self.resumptions.inc(max(0, len(job.attempts) - 1))
 

@@ -13,26 +13,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from sparecycles.types import KeyPolicy as KeyPolicy  # the store's record, kept in types.py
+
 PERIODS = ("day", "month")
 retry_after_s_min = 1.0  # HTTP's Retry-After counts whole seconds
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    """Limits of one API key; ``None`` means no limit of that kind."""
-
-    requests_per_minute: int | None = None
-    burst: int | None = None  # requests allowed at once before the rate applies (default: rpm)
-    budget_micros: int | None = None  # spend cap per ``budget_period`` (holds count)
-    budget_period: str = "month"
-    monthly_budget_micros: int | None = None  # the client's own cap from the dashboard
-    streams_max: int | None = None  # requests in flight at once
-    trusted_only: bool = False  # every job of this key runs on trusted nodes only
-
-    @property
-    def unlimited(self) -> bool:
-        return (self.requests_per_minute is None and self.budget_micros is None
-                and self.monthly_budget_micros is None and self.streams_max is None)
 
 
 def combine(admin: KeyPolicy, client_rpm: int | None, client_budget_month_micros: int | None

@@ -24,6 +24,7 @@ from sparecycles.coordinator.metrics import Metrics
 from sparecycles.coordinator.replication.bus import open_bus
 from sparecycles.coordinator.replication.fleet import Fleet
 from sparecycles.coordinator.replication.leases import ReplicaLease
+from sparecycles.coordinator.router import NodeRouter
 from sparecycles.coordinator.verification import Verifier
 from sparecycles.errors import ModelNotFound
 from sparecycles.ledger.pricing import PriceBook
@@ -52,6 +53,7 @@ class Coordinator:
         self.metrics = Metrics()
         self.dispatcher: Dispatcher | None = None
         self.fleet: Fleet | None = None  # the other replicas' nodes, over the bus
+        self.router: NodeRouter | None = None  # where each local node's message goes
         self.lease: ReplicaLease | None = None  # this replica's lease; settles dead ones' jobs
         self.verifier = (Verifier(store=self.store, ledger=self.ledger)
                          if settings.verification else None)
@@ -83,6 +85,9 @@ class Coordinator:
         self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,
                            self.dispatcher)
         await self.fleet.start()
+        link = self.verifier.link if self.verifier is not None else None
+        self.router = NodeRouter(self.dispatcher, verification=link, scores=link,
+                                 relay=self.fleet)
         self.lease = ReplicaLease(self.store, self.ledger, self.replica_id,
                                   alive_on_bus=self.fleet.peer_ids,
                                   lease_s=self.settings.replica_lease_s)

@@ -28,7 +28,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import NodeConn
@@ -50,7 +50,10 @@ from sparecycles.trust.reputation import (
 from sparecycles.types import SamplingParams
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import Attempt, Dispatcher, LiveJob
+    from sparecycles.coordinator.fleet_node import FleetNode
+    from sparecycles.coordinator.jobs import Attempt, LiveJob
+    from sparecycles.scheduling.scheduler import SchedulerConfig
+    from sparecycles.types import ModelSpec
 
 log = logging.getLogger("sparecycles.coordinator.verification")
 
@@ -78,6 +81,15 @@ class CheckTask:
     method: Method
 
 
+class DispatchView(Protocol):
+    """What the verifier reads of dispatch (``Dispatcher`` satisfies it): this replica's nodes,
+    the model registry and placement's config."""
+
+    nodes: dict[str, NodeConn]
+    models: dict[str, ModelSpec]
+    config: SchedulerConfig
+
+
 class Verifier:
     def __init__(self, *, store: Store, ledger: Ledger, rng: random.Random | None = None,
                  spot_checks: verify.SpotCheckConfig = verify.DEFAULT_SPOT_CHECKS,
@@ -91,7 +103,7 @@ class Verifier:
         self.reputation_config, self.trusted_min = reputation_config, trusted_min
         self.trust: dict[str, NodeTrust] = {}
         self.trusted_owners: set[str] = set()
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher: DispatchView | None = None
         self.serving_busy_s = 0.0
         self.verification_busy_s = 0.0
         self.counts: Counter[str] = Counter()
@@ -105,7 +117,7 @@ class Verifier:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, dispatcher: Dispatcher) -> None:
+    async def start(self, dispatcher: DispatchView) -> None:
         self.dispatcher = dispatcher
         self.trusted_min = dispatcher.config.trusted_reputation_min
         self.trusted_owners = await asyncio.to_thread(self.db.trusted_owner_ids)
@@ -163,7 +175,7 @@ class Verifier:
 
     # ---- what dispatch tells us ---------------------------------------------------------------
 
-    def on_result(self, node: NodeConn, job: LiveJob, att: Attempt,
+    def on_result(self, node: FleetNode, job: LiveJob, att: Attempt,
                   metering: protocol.Metering) -> None:
         """A signed result verified: count its compute, and check its metering claim."""
         self.serving_busy_s += metering.busy_s
@@ -174,12 +186,12 @@ class Verifier:
         if verdict is not None:
             self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))
 
-    def on_bad_signature(self, node: NodeConn, job: LiveJob, att: Attempt) -> None:
+    def on_bad_signature(self, node: FleetNode, job: LiveJob, att: Attempt) -> None:
         self.on_refused(node, job, att, Verdict(
             Outcome.FAIL, Method.SIGNATURE, "the signed result does not verify",
             tokens_checked=att.tokens))
 
-    def on_refused(self, node: NodeConn, job: LiveJob, att: Attempt, verdict: Verdict) -> None:
+    def on_refused(self, node: FleetNode, job: LiveJob, att: Attempt, verdict: Verdict) -> None:
         """A result refused before it reached the books (bad signature, metering out of
         bounds): the verdict is applied when the job has finished."""
         self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))
@@ -211,10 +223,6 @@ class Verifier:
             self.counts["selected"] += 1
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
-
-    def handles(self, node: NodeConn, msg: Any) -> bool:
-        """Take the answers to verification work (called by the socket handler)."""
-        return self.link.handles(node, msg)
 
     # ---- running checks -----------------------------------------------------------------------
 

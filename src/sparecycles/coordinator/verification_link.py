@@ -6,15 +6,14 @@ Two kinds, both bounded by ``limits.verification_timeout_s``:
   the verifier answers with ``tokens`` and ``done`` like for any client job.
 - ``score``: a ``score`` message (teacher forcing), answered with ``scored``.
 
-``handles`` is called by the socket handler for every frame and takes the answers to this work,
-so that dispatch never sees them.
+The node router (coordinator/router.py) hands this link the answers to its work (``owns`` a
+replay's job id; ``on_scored``), so that dispatch never sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import NodeConn
@@ -40,16 +39,23 @@ class VerifierLink:
     def idle(self) -> bool:
         return not self._scores and not self._replays
 
-    def handles(self, node: NodeConn, msg: Any) -> bool:
-        """Take the messages that answer verification work; False for everything else."""
-        if isinstance(msg, protocol.Scored):
-            owner, fut = self._scores.get(msg.score_id, (None, None))
-            if fut is not None and owner == node.node_id and not fut.done():
-                fut.set_result(msg)
-            return True
-        replay = self._replays.get(getattr(msg, "job_id", ""))
+    def on_scored(self, node: NodeConn, msg: protocol.Scored) -> None:
+        """A teacher-forced pass's answer (a late or unknown one is dropped)."""
+        owner, fut = self._scores.get(msg.score_id, (None, None))
+        if fut is not None and owner == node.node_id and not fut.done():
+            fut.set_result(msg)
+
+    def owns(self, node: NodeConn, job_id: str) -> bool:
+        """Is ``job_id`` a replay running on ``node``?"""
+        replay = self._replays.get(job_id)
+        return replay is not None and replay.node_id == node.node_id
+
+    def take(self, node: NodeConn, msg: protocol.Tokens | protocol.Done | protocol.JobError,
+             raw: str = "") -> None:
+        """A message of a replay this link owns (``owns``)."""
+        replay = self._replays.get(msg.job_id)
         if replay is None or replay.node_id != node.node_id:
-            return False
+            return
         if isinstance(msg, protocol.Tokens):
             skip = len(replay.tokens) - msg.index
             if skip < 0 and not replay.done.done():
@@ -60,11 +66,10 @@ class VerifierLink:
                 lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) \
                     else [None] * len(msg.token_ids)
                 replay.logprobs.extend(lps[skip:])
-        elif isinstance(msg, protocol.Done | protocol.JobError) and not replay.done.done():
+        elif not replay.done.done():
             if isinstance(msg, protocol.Done):
                 replay.busy_s = msg.metering.busy_s
             replay.done.set_result(isinstance(msg, protocol.Done))
-        return True
 
     async def replay(self, node: NodeConn, model: str, prompt: list[int],
                      sampling: SamplingParams, max_tokens: int) -> Replay | None:

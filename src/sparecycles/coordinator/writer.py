@@ -19,11 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exc as sa_exc
-
 from sparecycles.errors import InvariantViolation
 from sparecycles.store import Store
-from sparecycles.store.db import transient_store_errors
+from sparecycles.store.errors import DuplicateKey, transient_store_errors
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +105,7 @@ class StoreWriter:
         while True:
             try:
                 return await call(fn)
-            except sa_exc.IntegrityError:
+            except DuplicateKey:
                 if retried and landed_if_duplicate:
                     return None  # the earlier try committed before its connection dropped
                 raise

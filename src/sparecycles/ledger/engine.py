@@ -157,6 +157,30 @@ class AccountState:
         return self.balance_micros - self.debits_pending + self.credit_limit_micros
 
 
+class TransferKind(enum.StrEnum):
+    """What a transfer does (the ``kind`` column of ``ledger_transfers``)."""
+
+    HOLD = "hold"  # client -> revenue, pending: the most a job can cost
+    POST = "post"  # resolves a hold: the actual charge
+    VOID = "void"  # resolves a hold: nothing charged
+    EARNING = "earning"  # revenue -> an owner's earned account, a node's share of a job
+    FEE = "fee"  # revenue -> the platform's fees
+    DEPOSIT = "deposit"  # a client's prepayment
+    WITHHOLD = "withhold"  # an earning taken back to its client (verification failed)
+    COST = "cost"  # a platform cost booked to a vendor
+    PAYOUT = "payout"  # an owner's earned -> payable -> paid
+    PAYOUT_REVERSAL = "payout_reversal"  # a returned payout, back to earned
+    WRITE_OFF = "write_off"  # an owner's receivable written off (cost:opex) after a stated period
+
+
+class PayoutStep(enum.StrEnum):
+    """The steps of one owner's line of a payout batch (``PayoutOp.step``)."""
+
+    QUEUE = "queue"  # earned -> payable
+    PAY = "pay"  # payable -> paid
+    REVERSE = "reverse"  # back to earned, from wherever the money is
+
+
 class TransferRow(NamedTuple):
     """A transfer as stored (``types.Transfer`` plus what makes it auditable). Immutable; a
     tuple in the order of the table's columns, so the store writes it as it is (a frozen
@@ -263,7 +287,7 @@ class PayoutOp:
     batch_id: str
     owner_id: str
     amount_micros: int
-    step: str
+    step: PayoutStep
     memo: str | None = None
 
 
@@ -379,7 +403,7 @@ class _Machine:
             if t.job_id is not None:
                 self.by_job.setdefault(t.job_id, []).append(t)
 
-    def of_job(self, job_id: str, kind: str) -> list[TransferRow]:
+    def of_job(self, job_id: str, kind: TransferKind) -> list[TransferRow]:
         return sorted((t for t in self.by_job.get(job_id, ()) if t.kind == kind),
                       key=lambda t: t.id)
 
@@ -431,10 +455,10 @@ class _Machine:
             self.by_job.setdefault(t.job_id, []).append(t)
         self.out.transfers.append(t)
 
-    def transfer(self, tid: str, dr: str, cr: str, amount: int, kind: str, fp: str, *,
+    def transfer(self, tid: str, dr: str, cr: str, amount: int, kind: TransferKind, fp: str, *,
                  job_id: str | None = None, pending_id: str | None = None,
                  memo: str | None = None) -> None:
-        self.emit(TransferRow(tid, dr, cr, amount, self.s.book.currency, kind, job_id,
+        self.emit(TransferRow(tid, dr, cr, amount, self.s.book.currency, str(kind), job_id,
                               pending_id, fp, memo, self.s.now_s))
 
     @staticmethod
@@ -468,7 +492,7 @@ class _Machine:
         client = self.account(client_account(op.client_id))
         if internal:  # the platform's own usage: not a sale to itself, no balance to check
             self.transfer(f"job:{op.job_id}:hold", internal_use_account(op.workload), INTERNAL,
-                          amount, "hold", fp, job_id=op.job_id)
+                          amount, TransferKind.HOLD, fp, job_id=op.job_id)
         elif client.available_micros < amount:
             cur = self.s.book.currency
             raise InsufficientBalance(
@@ -477,8 +501,8 @@ class _Machine:
                 "lower max_tokens"
             )
         else:
-            self.transfer(f"job:{op.job_id}:hold", client.id, REVENUE, amount, "hold", fp,
-                          job_id=op.job_id)
+            self.transfer(f"job:{op.job_id}:hold", client.id, REVENUE, amount,
+                          TransferKind.HOLD, fp, job_id=op.job_id)
         terms = HoldTerms(op.job_id, op.client_id, op.model, self.s.book.currency,
                           op.prompt_tokens, op.max_tokens, price, self.s.book.terms, amount,
                           self.s.now_s)
@@ -520,16 +544,16 @@ class _Machine:
             # is charged to a client, no fee is taken, and the revenue account is not touched.
             charge = sum(e.amount_micros for e in split.earnings)
             split = replace(split, charge_micros=charge, fee_micros=0)
-        self.transfer(f"job:{op.job_id}:post", payer, clearing, charge, "post", fp,
+        self.transfer(f"job:{op.job_id}:post", payer, clearing, charge, TransferKind.POST, fp,
                       job_id=op.job_id, pending_id=hold.id)
         for e in split.earnings:
             if e.amount_micros:
                 self.transfer(f"job:{op.job_id}:earning:{e.node_id}", clearing,
-                              owner_account(e.owner_id), e.amount_micros, "earning", fp,
+                              owner_account(e.owner_id), e.amount_micros, TransferKind.EARNING, fp,
                               job_id=op.job_id)
         if split.fee_micros:
-            self.transfer(f"job:{op.job_id}:fee", REVENUE, FEES, split.fee_micros, "fee", fp,
-                          job_id=op.job_id)
+            self.transfer(f"job:{op.job_id}:fee", REVENUE, FEES, split.fee_micros,
+                          TransferKind.FEE, fp, job_id=op.job_id)
         result = self.settlement_of(op.job_id, replayed=False)
         if result.charge_micros != charge or result.fee_micros != split.fee_micros:
             raise InvariantViolation(f"job {op.job_id}: settlement does not read back")
@@ -544,7 +568,7 @@ class _Machine:
         earnings = tuple(
             Earning(holder_of(t.credit_account_id) or "", t.id.removeprefix(prefix),
                     t.amount_micros)
-            for t in self.of_job(job_id, "earning")
+            for t in self.of_job(job_id, TransferKind.EARNING)
         )
         fee_micros = fee.amount_micros if fee else 0
         if sum(e.amount_micros for e in earnings) + fee_micros != post.amount_micros:
@@ -561,7 +585,7 @@ class _Machine:
         if self.job_transfer(op.job_id, "post") is not None:
             return VoidOutcome.SETTLED
         self.transfer(f"job:{op.job_id}:void", hold.debit_account_id, hold.credit_account_id,
-                      hold.amount_micros, "void", fingerprint("void", op.job_id),
+                      hold.amount_micros, TransferKind.VOID, fingerprint("void", op.job_id),
                       job_id=op.job_id, pending_id=hold.id)
         return VoidOutcome.VOIDED
 
@@ -576,7 +600,7 @@ class _Machine:
             self.replay(done, fp)
             return tid
         self.transfer(tid, DEPOSITS, client_account(op.client_id), op.amount_micros,
-                      "deposit", fp)
+                      TransferKind.DEPOSIT, fp)
         return tid
 
     def withhold(self, op: WithholdOp) -> int:
@@ -585,7 +609,7 @@ class _Machine:
         if terms is None or self.job_transfer(op.job_id, "post") is None:
             raise Conflict(f"job {op.job_id} is not settled; there is nothing to withhold")
         earnings = [
-            t for t in self.of_job(op.job_id, "earning")
+            t for t in self.of_job(op.job_id, TransferKind.EARNING)
             if op.node_id is None or t.id.endswith(f":earning:{op.node_id}")
         ]
         total = 0
@@ -599,7 +623,7 @@ class _Machine:
                 post = self.job_transfer(op.job_id, "post")
                 payer = post.debit_account_id if post else client_account(terms.client_id)
                 self.transfer(tid, e.credit_account_id, payer,
-                              e.amount_micros, "withhold", fp, job_id=op.job_id,
+                              e.amount_micros, TransferKind.WITHHOLD, fp, job_id=op.job_id,
                               memo=op.reason[:500])
             total += e.amount_micros
         return total
@@ -615,7 +639,7 @@ class _Machine:
         if (done := self.s.transfers.get(tid)) is not None:
             self.replay(done, fp)
             return tid
-        self.transfer(tid, _cost_account(op), VENDORS, op.amount_micros, "cost", fp,
+        self.transfer(tid, _cost_account(op), VENDORS, op.amount_micros, TransferKind.COST, fp,
                       memo=op.memo)
         return tid
 
@@ -627,8 +651,9 @@ class _Machine:
         fp = fingerprint("payout", op.batch_id, op.owner_id, op.amount_micros)
         if not 0 < op.amount_micros <= amount_micros_max:
             raise InvalidRequest(f"a payout must be positive, got {op.amount_micros}")
-        step = {"queue": ("payable", earned, payable), "pay": ("paid", payable, paid),
-                "reverse": ("reversal", "", earned)}.get(op.step)
+        step = {PayoutStep.QUEUE: ("payable", earned, payable),
+                PayoutStep.PAY: ("paid", payable, paid),
+                PayoutStep.REVERSE: ("reversal", "", earned)}.get(op.step)
         invariant(step is not None, f"no payout step {op.step!r}")
         assert step is not None
         suffix, src, dst = step
@@ -637,15 +662,17 @@ class _Machine:
             return done.amount_micros
         has_payable = f"{base}:payable" in self.s.transfers
         has_paid = f"{base}:paid" in self.s.transfers
-        if op.step == "queue" and self.account(earned).balance_micros < op.amount_micros:
+        if op.step == PayoutStep.QUEUE and self.account(earned).balance_micros < op.amount_micros:
             raise Conflict(f"owner {op.owner_id} has not earned {format_money(op.amount_micros)}")
-        if op.step == "pay" and (not has_payable or f"{base}:reversal" in self.s.transfers):
+        reversed_ = f"{base}:reversal" in self.s.transfers
+        if op.step == PayoutStep.PAY and (not has_payable or reversed_):
             raise Conflict(f"{base} was never queued, or was reversed")
-        if op.step == "reverse":
+        if op.step == PayoutStep.REVERSE:
             if not has_payable:
                 raise Conflict(f"{base} was never paid; there is nothing to reverse")
             src = paid if has_paid else payable
-        kind = "payout_reversal" if op.step == "reverse" else "payout"
+        kind = (TransferKind.PAYOUT_REVERSAL if op.step == PayoutStep.REVERSE
+                else TransferKind.PAYOUT)
         self.transfer(f"{base}:{suffix}", src, dst, op.amount_micros, kind, fp, memo=op.memo)
         return op.amount_micros
 
@@ -659,7 +686,7 @@ class _Machine:
             return done.amount_micros
         if not 0 < op.amount_micros <= -earned.balance_micros:
             raise Conflict(f"owner {op.owner_id} owes less than {format_money(op.amount_micros)}")
-        self.transfer(tid, WRITE_OFFS, earned.id, op.amount_micros, "write_off", fp,
+        self.transfer(tid, WRITE_OFFS, earned.id, op.amount_micros, TransferKind.WRITE_OFF, fp,
                       memo="receivable written off: no earning netted it in time")
         return op.amount_micros
 

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 from sparecycles import limits
 from sparecycles.errors import Conflict, InvalidRequest, NotFound, SpareCyclesError, invariant
 from sparecycles.ledger import engine as eng
-from sparecycles.ledger.engine import PayoutOp, WriteOffOp
+from sparecycles.ledger.engine import PayoutOp, PayoutStep, WriteOffOp
 from sparecycles.ledger.pricing import format_money, minor_unit_micros
+from sparecycles.ledger.service import memo_chars_max
 from sparecycles.store.ledger_queries import LedgerTx
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def run_payouts(ledger: Ledger, min_micros: int, out_dir: Path,
              "created_at_s": now, "run_token": token, "claimed_at_s": now},
             [{"batch_id": bid, "owner_id": o, "amount_micros": v, "state": "open"}
              for o, v in lines])
-        _apply(ledger, tx, [PayoutOp(bid, o, v, "queue") for o, v in lines], locked)
+        _apply(ledger, tx, [PayoutOp(bid, o, v, PayoutStep.QUEUE) for o, v in lines], locked)
         return bid, False
 
     bid, resumed = ledger.store.write(open_batch)
@@ -189,7 +190,7 @@ def run_payouts(ledger: Ledger, min_micros: int, out_dir: Path,
             raise Conflict(f"payout batch {bid} was taken over by another run (this one took "
                            f"longer than {limits.payout_claim_s_max:.0f} s); its file is the "
                            "same")
-        ops = [PayoutOp(bid, r.owner_id, r.amount_micros, "pay") for r in to_pay]
+        ops = [PayoutOp(bid, r.owner_id, r.amount_micros, PayoutStep.PAY) for r in to_pay]
         locked = tx.accounts({a for op in ops for a in eng.accounts_of(op, {})}, lock=True)
         _apply(ledger, tx, ops, locked)
         for r in to_pay:
@@ -207,6 +208,7 @@ def run_payouts(ledger: Ledger, min_micros: int, out_dir: Path,
 def fail_payout(ledger: Ledger, batch_id: str, owner_id: str, reason: str) -> int:
     """Reverse one owner's payout (the bank returned it): a correcting transfer back to earned.
     Harmless to repeat. Returns the amount reversed."""
+    reason = reason[:memo_chars_max]
 
     def work(tx: LedgerTx) -> int:
         item = next((i for i in tx.batch_items(batch_id) if i.owner_id == owner_id), None)
@@ -214,7 +216,8 @@ def fail_payout(ledger: Ledger, batch_id: str, owner_id: str, reason: str) -> in
             raise NotFound(f"batch {batch_id} has no payout to owner {owner_id}")
         if item.state == "failed":
             return int(item.amount_micros)
-        op = PayoutOp(batch_id, owner_id, item.amount_micros, "reverse", memo=reason or None)
+        op = PayoutOp(batch_id, owner_id, item.amount_micros, PayoutStep.REVERSE,
+                      memo=reason or None)
         locked = tx.accounts(eng.accounts_of(op, {}), lock=True)
         _apply(ledger, tx, [op], locked)
         tx.update_item(batch_id, owner_id, state="failed", failed_reason=reason,

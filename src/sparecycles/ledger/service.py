@@ -1,9 +1,10 @@
 """The ledger service: every unit of money moves through one double-entry ledger.
 
 The coordinator calls this synchronously from a worker thread; each call is one database
-transaction (or a share of one: concurrent calls are committed together, see ``_GroupCommit``).
-The logic lives in ``ledger_engine.apply`` (pure), the SQL in ``store/ledger_store.py``, the
-payout runs in ``ledger/payouts.py`` and the independent auditor in ``ledger/audit.py``.
+transaction (or a share of one: concurrent calls are committed together, see
+``ledger/group_commit.py``). The logic lives in ``ledger/engine.apply`` (pure), the SQL in
+``store/ledger_queries.py``, the payout runs in ``ledger/payouts.py`` and the independent
+auditor in ``ledger/audit.py``.
 
 Guarantees. Each is stated here and in docs/ledger.md, enforced where named, and verified
 independently by ``Ledger.check()`` (``sparecycles ledger check``):
@@ -40,20 +41,15 @@ independently by ``Ledger.check()`` (``sparecycles ledger check``):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from sparecycles.errors import InvalidRequest, SpareCyclesError, invariant
 from sparecycles.ledger import engine as eng
+from sparecycles.ledger.audit import audit
 from sparecycles.ledger.engine import (
     CostOp,
     DepositOp,
@@ -68,6 +64,7 @@ from sparecycles.ledger.engine import (
     WriteOffOp,
     check_id,
 )
+from sparecycles.ledger.group_commit import After, GroupCommit
 from sparecycles.ledger.pricing import (
     Earning,
     ModelPrice,
@@ -76,9 +73,9 @@ from sparecycles.ledger.pricing import (
     amount_micros_max,
     tokens_max,
 )
-from sparecycles.store.db import transient_store_errors
+from sparecycles.store.errors import transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
-from sparecycles.types import Workload
+from sparecycles.types import JobFinal, JobRecord, JobState, Workload
 
 __all__ = [
     "Balance",
@@ -162,185 +159,6 @@ class Statement:
         }
 
 
-# Work done inside an op's own transaction once its result is known (the result: its value, or
-# the SpareCyclesError it raised): how an admission writes its job row with its hold.
-After = Callable[[LedgerTx, Any], None]
-
-
-class _Caller:
-    """One caller waiting on its ops: woken when all of them are done, or to lead."""
-
-    __slots__ = ("event", "left", "promoted")
-
-    def __init__(self, ops: int):
-        self.event, self.left, self.promoted = threading.Event(), ops, False
-
-
-class _Pending:
-    """One queued op: of a thread waiting (``caller``) or of a coroutine (``future``)."""
-
-    __slots__ = ("after", "caller", "error", "future", "op", "result")
-
-    def __init__(self, op: Op, after: After | None, caller: _Caller | None,
-                 future: asyncio.Future[Any] | None = None):  # fmt: skip
-        self.op, self.after, self.caller, self.future = op, after, caller, future
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-def _resolve(done: list[_Pending]) -> None:
-    """On the event loop: hand each coroutine its op's result (or the error)."""
-    for p in done:
-        fut = p.future
-        if fut is None or fut.done():
-            continue
-        if p.error is not None:
-            fut.set_exception(p.error)
-        elif isinstance(p.result, BaseException):
-            fut.set_exception(p.result)
-        else:
-            fut.set_result(p.result)
-
-
-class _GroupCommit:
-    """Commit concurrent calls together: the first caller leads and runs every queued op in one
-    transaction, then hands the lead to the next waiter. A single caller pays no wait; under load
-    one commit (the expensive part) serves up to ``batch_ops_max`` operations. Safe because
-    ``apply`` gives each op in a batch the same result it would have alone, in queue order.
-    A caller may queue many ops at once (``Ledger.submit``): they stay in order, and are run in
-    as few transactions as fit them, shared with other callers' ops.
-
-    Coroutines queue ops too (``submit_async``) without holding a thread each while they wait:
-    when the op at the head of the queue is a coroutine's, the lane's own worker thread leads
-    (and hands the lead back to a waiting thread when one is at the head again)."""
-
-    def __init__(self, run: Callable[[list[Op], list[After | None]], list[Any]], ops_max: int):
-        self._run, self._ops_max = run, ops_max
-        self._lock = threading.Lock()
-        self._queue: deque[_Pending] = deque()
-        self._busy = False
-        self._worker: ThreadPoolExecutor | None = None
-
-    def load(self) -> int:
-        """Ops queued or running (a hint for choosing a lane; read without the lock)."""
-        return len(self._queue) + self._busy
-
-    def submit(self, op: Op, after: After | None = None) -> Any:
-        p = self.submit_many([op], [after])[0]
-        if isinstance(p, BaseException):
-            raise p
-        return p
-
-    def submit_many(self, ops: Sequence[Op], afters: Sequence[After | None]) -> list[Any]:
-        """Each op's result (its value or the SpareCyclesError it raised), in order; raises
-        what made the transaction of one of them fail (a transaction that fails for one op's
-        sake is run again op by op, so the others of the list may have committed)."""
-        me = _Caller(len(ops))
-        mine = [_Pending(op, after, me) for op, after in zip(ops, afters, strict=True)]
-        with self._lock:
-            self._queue.extend(mine)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            me.event.wait()
-            if not me.promoted:
-                return self._results(mine)
-        while me.left:
-            self._run_one_batch(me)
-        self._hand_on()
-        return self._results(mine)
-
-    def submit_async(self, op: Op, after: After | None = None) -> asyncio.Future[Any]:
-        """Queue ``op`` from a coroutine; the future is done when its transaction is."""
-        loop = asyncio.get_running_loop()
-        p = _Pending(op, after, None, loop.create_future())
-        with self._lock:
-            self._queue.append(p)
-            lead = not self._busy
-            self._busy = True
-        if lead:
-            self._start_worker()
-        return p.future  # type: ignore[return-value]
-
-    def _start_worker(self) -> None:
-        """Give the lead to the lane's worker thread. When no thread can be had (the process
-        is out of threads, or the interpreter is shutting down) the caller at hand leads: the
-        lane is busy, so left without a leader it would stop every later call on it."""
-        try:
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-lane")
-            self._worker.submit(self._lead_for_coroutines)
-        except RuntimeError:
-            # A failed thread start leaves the task queued in that executor: never use it again
-            # (were its thread to start later, the task would lead beside whoever leads then).
-            self._worker = None
-            self._lead_for_coroutines()
-
-    def _lead_for_coroutines(self) -> None:
-        """The worker's turn as leader: run batches while a coroutine's op is at the head."""
-        while True:
-            with self._lock:
-                head = self._queue[0] if self._queue else None
-            if head is None or head.caller is not None:
-                break
-            self._run_one_batch(None)
-        self._hand_on()
-
-    def _run_one_batch(self, me: _Caller | None) -> None:
-        with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(self._ops_max, len(self._queue)))]
-        try:
-            results = self._run([p.op for p in batch], [p.after for p in batch])
-            for p, r in zip(batch, results, strict=True):
-                p.result = r
-        except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, transient_store_errors):
-                for p in batch:  # the database is away (its retries are spent): all learn why
-                    p.error = exc
-            else:  # one op broke the transaction: run each alone, so it costs only itself
-                for p in batch:
-                    try:
-                        p.result = self._run([p.op], [p.after])[0]
-                    except Exception as alone:
-                        p.error = alone
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: every op learns why
-            for p in batch:
-                p.error = exc
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        for p in batch:
-            if p.caller is None:
-                fut = p.future
-                if fut is not None:
-                    by_loop.setdefault(fut.get_loop(), []).append(p)
-                continue
-            p.caller.left -= 1
-            if not p.caller.left and p.caller is not me:
-                p.caller.event.set()
-        for loop, done in by_loop.items():  # one wake-up of each loop per transaction
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_resolve, done)
-
-    def _hand_on(self) -> None:
-        """The leader is done: the lead goes to the op at the head of the queue, if any."""
-        with self._lock:
-            if not self._queue:
-                self._busy = False
-                return
-            head = self._queue[0]
-            if head.caller is not None:
-                head.caller.promoted = True
-                head.caller.event.set()
-                return
-        self._start_worker()
-
-    @staticmethod
-    def _results(mine: list[_Pending]) -> list[Any]:
-        for p in mine:
-            if p.error is not None:
-                raise p.error
-        return [p.result for p in mine]
-
-
 class Ledger:
     """Accounts, holds, settlements, deposits, corrections, payouts and statements.
 
@@ -371,7 +189,8 @@ class Ledger:
         self._prices: dict[str, ModelPrice] = {}
         self._prices_expire_s = float("-inf")
         self._batching = batching
-        self._lanes = [_GroupCommit(self._apply_batch, batch_ops_max if batching else 1)
+        self._lanes = [GroupCommit(self._apply_batch, batch_ops_max if batching else 1,
+                                   transient_store_errors)
                        for _ in range(n)]
 
     # ---- accounts ------------------------------------------------------------------------------
@@ -404,11 +223,11 @@ class Ledger:
     # ---- money -----------------------------------------------------------------------------
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-             max_tokens: int, *, job: Mapping[str, Any] | None = None,
+             max_tokens: int, *, job: JobRecord | None = None,
              workload: Workload = Workload.INFERENCE) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
-        ``job``, the job's row (``store.schema.JobRow``'s columns), is inserted in the hold's own
+        ``job``, the job's row (a ``JobRecord``), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
 
@@ -420,14 +239,14 @@ class Ledger:
                                            job, workload))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                         max_tokens: int, *, job: Mapping[str, Any] | None = None,
+                         max_tokens: int, *, job: JobRecord | None = None,
                          workload: Workload = Workload.INFERENCE) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
                                                        max_tokens, job, workload))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
-                 max_tokens: int, job: Mapping[str, Any] | None,
+                 max_tokens: int, job: JobRecord | None,
                  workload: Workload = Workload.INFERENCE) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
@@ -435,20 +254,19 @@ class Ledger:
                     Workload(workload))
         if job is None:
             return op, None
-        row = dict(job)
 
         def record(tx: LedgerTx, result: Any) -> None:
             if isinstance(result, SpareCyclesError):
-                tx.insert_job({**row, "state": "failed", "error": result.message,
-                               "finished_at_s": self.clock()})
+                tx.insert_job(replace(job, state=JobState.FAILED, error=result.message,
+                                      finished_at_s=self.clock()).as_row())
             else:
-                tx.insert_job(row)
+                tx.insert_job(job.as_row())
 
         return op, record
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                completion_tokens: int, shares: Sequence[WorkShare], *,
-               job: Mapping[str, Any] | None = None) -> Settlement:
+               job: JobFinal | None = None) -> Settlement:
         """Post the actual charge against the hold (the rest is released), credit each owner's
         earning for their share and the fee to the platform. Idempotent by job id."""
         return self._submit(*self._settle_op(job_id, client_id, model, prompt_tokens,
@@ -456,14 +274,14 @@ class Ledger:
 
     async def settle_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                            completion_tokens: int, shares: Sequence[WorkShare], *,
-                           job: Mapping[str, Any] | None = None) -> Settlement:
+                           job: JobFinal | None = None) -> Settlement:
         """``settle`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._settle_op(job_id, client_id, model, prompt_tokens,
                                                          completion_tokens, shares, job))
 
     def _settle_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                    completion_tokens: int, shares: Sequence[WorkShare],
-                   job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
+                   job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
         _tokens(prompt_tokens, completion_tokens)
         for s in shares:
             check_id(s.owner_id, "owner id")
@@ -473,27 +291,27 @@ class Ledger:
                       model, prompt_tokens, completion_tokens, tuple(shares))
         return op, self._job_update(job_id, job)
 
-    def void(self, job_id: str, *, job: Mapping[str, Any] | None = None) -> VoidOutcome:
+    def void(self, job_id: str, *, job: JobFinal | None = None) -> VoidOutcome:
         """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
         return self._submit(*self._void_op(job_id, job))
 
     async def void_async(self, job_id: str, *,
-                         job: Mapping[str, Any] | None = None) -> VoidOutcome:  # fmt: skip
+                         job: JobFinal | None = None) -> VoidOutcome:  # fmt: skip
         """``void`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._void_op(job_id, job))
 
     def _void_op(self, job_id: str,
-                 job: Mapping[str, Any] | None) -> tuple[Op, After | None]:  # fmt: skip
+                 job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
         return VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job)
 
     @staticmethod
-    def _job_update(job_id: str, job: Mapping[str, Any] | None) -> After | None:
+    def _job_update(job_id: str, job: JobFinal | None) -> After | None:
         """``job``, fields of the job's row (its final state), updated in the transaction of its
         settlement or void: a job is closed exactly when its money is, in one commit. Written
         whatever the op's result (a void after a settlement is a no-op, yet the job is over)."""
         if job is None:
             return None
-        fields = dict(job)
+        fields = job.as_row()
         return lambda tx, _result: tx.update_job(job_id, fields)
 
     def deposit(self, client_id: str, amount_micros: int, reference: str) -> str:
@@ -531,10 +349,10 @@ class Ledger:
                     for r in self._apply_batch(list(ops[i : i + batch_ops_max]))]
         if not ops:
             return []
-        lane = min(self._lanes, key=_GroupCommit.load)
+        lane = min(self._lanes, key=GroupCommit.load)
         return lane.submit_many(ops, [None] * len(ops))
 
-    def _lane(self, op: Op) -> _GroupCommit:
+    def _lane(self, op: Op) -> GroupCommit:
         key = (getattr(op, "job_id", None) or getattr(op, "reference", None)
                or getattr(op, "cost_id", ""))
         return self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
@@ -672,25 +490,10 @@ class Ledger:
         self.store.write(lambda tx: tx.set_price(model, self.currency, price, self.clock()))
         self._prices_expire_s = float("-inf")
 
-    # ---- payouts and the audit ---------------------------------------------------------------
-
-    def run_payouts(self, min_micros: int, out_dir: Path, batch_id: str | None = None) -> Any:
-        """Pay every owner whose earned balance is at least ``min_micros`` into the batch's
-        file ``out_dir/payouts-<batch>.csv``; see ledger/payouts.py."""
-        from sparecycles.ledger.payouts import run_payouts
-
-        return run_payouts(self, min_micros, Path(out_dir), batch_id)
-
-    def fail_payout(self, batch_id: str, owner_id: str, reason: str) -> int:
-        """Reverse one owner's payout that the bank returned; see ledger/payouts.py."""
-        from sparecycles.ledger.payouts import fail_payout
-
-        return fail_payout(self, batch_id, owner_id, reason[:memo_chars_max])
+    # ---- the audit (payouts: ledger/payouts.py, called with the ledger) -----------------------
 
     def check(self, now_s: float | None = None, grace_s: float = 300.0) -> list[str]:
         """Every broken invariant, one line each; empty when the books are right."""
-        from sparecycles.ledger.audit import audit
-
         return audit(self.store, self.currency, self.clock() if now_s is None else now_s,
                      grace_s)
 

@@ -21,10 +21,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
-from sparecycles.store import costs_tables as _costs_schema  # noqa: F401  (registers tables)
-from sparecycles.store import dashboard_tables as _dashboard_schema  # noqa: F401  (registers tables)
-from sparecycles.store import ledger_tables as _ledger_schema  # noqa: F401  (registers tables)
-from sparecycles.store import trust_tables as _trust_schema  # noqa: F401  (registers tables)
 from sparecycles.store.core_tables import (
     ApiKey,
     Client,
@@ -46,6 +42,7 @@ from sparecycles.store.db import (
     wal_backstop_pages,
     writer_lock,
 )
+from sparecycles.types import AttemptOutcome
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 migrate_lock_key = 0x5C_0DB_0001  # PostgreSQL advisory lock held while migrating
@@ -457,7 +454,7 @@ class Store:
     ) -> None:
         queued = getattr(self._joined, "attempts", None) or _AttemptWrites()
         queued.starts.append(dict(job_id=job_id, attempt=attempt, node_id=node_id,
-                                  outcome="running", prompt_tokens=prompt_tokens,
+                                  outcome=str(AttemptOutcome.RUNNING), prompt_tokens=prompt_tokens,
                                   started_at_s=time.time()))
         queued.jobs.append(dict(id=job_id, state="placed", attempts=attempt, node_id=node_id))
         self._write_attempts(queued)

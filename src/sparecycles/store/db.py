@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, create_engine, event, insert
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import update as sa_update
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -119,19 +118,3 @@ def update_rows(conn: Connection, table: Table, keys: Sequence[str],
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
-
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
-        sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
-    try:  # psycopg is installed with PostgreSQL support only
-        import psycopg
-    except ImportError:
-        return errors
-    return (*errors, psycopg.OperationalError, psycopg.InterfaceError)
-
-
-# Errors that mean "the database is away for now" (restarting, connections cut, a deadlock that
-# outlasted the store's own retries): SQLAlchemy's, and psycopg's own from the ledger's raw COPY
-# and pipelines. Writes after admission wait them out; a request meeting one gets a 503.
-transient_store_errors = _transient_errors()

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import sessionmaker
 
-from sparecycles.coordinator.ratelimit import KeyPolicy
 from sparecycles.errors import NotFound
 from sparecycles.store.core_tables import ApiKey, JobRow, Node, Owner
 from sparecycles.store.dashboard_tables import KeyLimit
@@ -23,6 +22,7 @@ from sparecycles.store.trust_tables import (
     VerificationRow,
 )
 from sparecycles.trust.reputation import NodeTrust
+from sparecycles.types import KeyPolicy
 
 verifications_listed_max = 200
 

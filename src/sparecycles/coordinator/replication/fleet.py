@@ -5,7 +5,7 @@ reached (the job's *owner*), whose dispatcher may place it on any node of the fl
 
     owner replica A                          bus                       host replica B
     Dispatcher ── RemoteNode.send(assign) ──> sc.replica.B.to_node ──> NodeConn.send ──> node
-    Dispatcher.on_tokens/on_done <── sc.replica.A.from_node <── relay_from_node <── node
+    Dispatcher.on_tokens/on_done <── sc.replica.A.from_node <── Fleet.take <── node
 
 So the owner runs the very same job lifecycle for a remote node as for a local one: the tokens
 carry their attempt and index, the result is signed by the node's key, silence is resumed.
@@ -36,15 +36,15 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import protocol
 from sparecycles.coordinator.node_conn import NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
-from sparecycles.types import DeviceProfile, NodeSnapshot
+from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import Dispatcher
+    from sparecycles.coordinator.fleet_node import FleetNode
 
 log = logging.getLogger("sparecycles.coordinator.replication.fleet")
 
@@ -176,10 +176,30 @@ def _describe(node: NodeConn) -> dict[str, Any]:
             "weights": node.weights, "jobs_max": node.jobs_max}
 
 
+class FleetDispatch(Protocol):
+    """What the fleet needs of dispatch (``Dispatcher`` satisfies it): the nodes of this replica
+    and of the others, told when a node comes or goes, and the messages of relayed nodes."""
+
+    nodes: dict[str, NodeConn]
+    remote: dict[str, FleetNode]
+
+    def on_node_ready(self, node: FleetNode) -> None: ...
+
+    async def on_node_lost(self, node: FleetNode, *,
+                           outcome: AttemptOutcome = ...) -> None: ...
+
+    def on_tokens(self, node: FleetNode, msg: protocol.Tokens) -> None: ...
+
+    def done_received(self, node: FleetNode,
+                      msg: protocol.Done) -> asyncio.Future[None] | None: ...  # fmt: skip
+
+    async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None: ...
+
+
 class Fleet:
     """This replica's end of the fleet: announces its nodes, tracks the others', relays jobs."""
 
-    def __init__(self, bus: Bus, replica_id: str, dispatcher: Dispatcher) -> None:
+    def __init__(self, bus: Bus, replica_id: str, dispatcher: FleetDispatch) -> None:
         self.bus, self.replica_id, self.dispatcher = bus, replica_id, dispatcher
         self.me = subject_token(replica_id)
         self.ns = bus.namespace  # subjects: <ns>.fleet.*, <ns>.replica.<id>.*
@@ -221,6 +241,11 @@ class Fleet:
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await self.bus.close()
+
+    def _remote(self, node_id: str) -> RemoteNode | None:
+        """The dispatcher's node of another replica (all of them are this fleet's)."""
+        node = self.dispatcher.remote.get(node_id)
+        return node if isinstance(node, RemoteNode) else None
 
     @property
     def connected(self) -> bool:
@@ -329,13 +354,13 @@ class Fleet:
             node_id = desc["id"]
             if node_id in d.nodes:
                 continue  # its socket is here: a stale announcement from its old host
-            old = d.remote.get(node_id)
+            old = self._remote(node_id)
             if old is not None and old.host == host:
                 old.apply_state(desc["state"])
                 continue
             if old is not None:  # it moved to another replica: its jobs there are gone
                 await old.stop()
-                await d.on_node_lost(old, outcome="replica_lost")
+                await d.on_node_lost(old, outcome=AttemptOutcome.REPLICA_LOST)
             remote = RemoteNode(
                 node_id=node_id, owner_id=desc["owner"], name=desc["name"],
                 public_key=desc["key"], profile=profile_from_dict(desc["profile"]),
@@ -346,7 +371,7 @@ class Fleet:
 
     async def _on_down(self, _subject: str, data: bytes) -> None:
         body = json.loads(data)
-        node = self.dispatcher.remote.get(body["id"])
+        node = self._remote(body["id"])
         if node is not None and node.host == body["r"]:
             await node.stop()
             await self.dispatcher.on_node_lost(node)
@@ -356,9 +381,8 @@ class Fleet:
         host = body["r"]
         if host == self.me:
             return
-        remote = self.dispatcher.remote
         for node_id, state in body["nodes"].items():
-            node = remote.get(node_id)
+            node = self._remote(node_id)
             if node is not None and node.host == host:
                 was_available = node.available and not node.draining
                 node.apply_state(state)
@@ -375,9 +399,10 @@ class Fleet:
 
     async def _peer_lost(self, peer: str) -> None:
         d = self.dispatcher
-        for node in [n for n in d.remote.values() if n.host == peer]:
+        for node in [n for n in d.remote.values() if isinstance(n, RemoteNode) and n.host == peer]:
             await node.stop()
-            await d.on_node_lost(node, outcome="replica_lost")  # its jobs resume elsewhere
+            # its jobs resume elsewhere
+            await d.on_node_lost(node, outcome=AttemptOutcome.REPLICA_LOST)
         for job_id, rel in list(self.relayed.items()):
             if rel.owner == peer:  # the client was there; nobody will read these tokens
                 self._cancel_relayed(job_id, rel)
@@ -415,24 +440,26 @@ class Fleet:
             self._end_relay(job_id)
         node.send(frame)
 
-    def relay_from_node(self, node: NodeConn, msg: Any, raw: str) -> bool:
-        """Host side: True if this message of a local node belongs to another replica's job
-        (and was sent there)."""
-        job_id = getattr(msg, "job_id", None)
-        rel = self.relayed.get(job_id) if job_id else None
+    def owns(self, node: NodeConn, job_id: str) -> bool:
+        """Host side: is ``job_id`` on local ``node`` another replica's job, relayed here?"""
+        rel = self.relayed.get(job_id)
+        return rel is not None and rel.node_id == node.node_id
+
+    def take(self, node: NodeConn, msg: protocol.Tokens | protocol.Done | protocol.JobError,
+             raw: str) -> None:
+        """Host side: send a local node's message about a relayed job (``owns``) to the job's
+        owner replica."""
+        rel = self.relayed.get(msg.job_id)
         if rel is None or rel.node_id != node.node_id:
-            return False
+            return
         if isinstance(msg, protocol.Tokens):
             n = len(msg.token_ids)
             rel.remaining -= n
             node.queued_tokens = max(0, node.queued_tokens - n)
-        elif isinstance(msg, (protocol.Done, protocol.JobError)):
-            self._end_relay(job_id)
         else:
-            return False
+            self._end_relay(msg.job_id)
         self._publish(f"{self.ns}.replica.{rel.owner}.from_node",
                       {"r": self.me, "node": node.node_id, "frame": raw})
-        return True
 
     def _end_relay(self, job_id: str) -> None:
         rel = self.relayed.pop(job_id, None)
@@ -452,7 +479,7 @@ class Fleet:
     async def _on_from_node(self, _subject: str, data: bytes) -> None:
         """Owner side: a node's message about one of this replica's jobs, via its host."""
         body = json.loads(data)
-        node = self.dispatcher.remote.get(body["node"])
+        node = self._remote(body["node"])
         if node is None or node.host != body["r"]:
             return  # we already gave up on that node; the attempt has been resumed
         if body.get("lost"):
