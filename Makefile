@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYS_PYTHON ?= python3
 
-.PHONY: setup demo test test-fast lint bench-gateway bench-ledger bench-perfmodel bench-sim \
+.PHONY: setup demo test test-fast lint check bench-gateway bench-ledger bench-perfmodel bench-sim \
 	bench-control-plane bench-third-party clean
 
 setup: $(VENV)/.installed
@@ -28,6 +28,11 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
+
+# static checks: lint and types (mypy's settings are in pyproject.toml)
+check: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 bench-gateway: setup
 	$(PY) bench/gateway_overhead.py
