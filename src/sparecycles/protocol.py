@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -217,11 +217,14 @@ CoordinatorMessage = Annotated[
     Challenge | Welcome | JobAssign | Score | Cancel | Reject, Field(discriminator="type")
 ]
 
-_node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
-_coord_adapter: TypeAdapter[Any] = TypeAdapter(CoordinatorMessage)
+_node_adapter: TypeAdapter[Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored] = (
+    TypeAdapter(NodeMessage))
+_coord_adapter: TypeAdapter[Challenge | Welcome | JobAssign | Score | Cancel | Reject] = (
+    TypeAdapter(CoordinatorMessage))
+_Decoded = TypeVar("_Decoded")
 
 
-def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
+def _decode(adapter: TypeAdapter[_Decoded], raw: str | bytes) -> _Decoded:
     if len(raw) > limits.ws_message_bytes_max:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {limits.ws_message_bytes_max}")
     try:
