@@ -126,6 +126,7 @@ def run_payouts(ledger: Ledger, min_micros: int, out_path: Path,
     def pay(tx: LedgerTx) -> None:
         row = tx.batch(bid)
         invariant(row is not None, f"batch {bid} vanished")
+        assert row is not None
         if row.state == "paid":
             raise Conflict(f"payout batch {bid} was already paid")
         ops = [PayoutOp(bid, r.owner_id, r.amount_micros, "pay") for r in to_pay]
