@@ -279,7 +279,7 @@ class Dispatcher:
             return
         now = time.time()
         snapshots = [
-            n.snapshot(now) for n in (*self.nodes.values(), *self.remote.values())
+            n.snapshot(now) for n in self.all_nodes()
             if not n.closed and not n.draining
         ]
         if not snapshots:
@@ -294,6 +294,10 @@ class Dispatcher:
             if job is None or node is None or node.node_id in job.excluded_nodes:
                 continue
             self._assign(job, node)
+
+    def all_nodes(self) -> list[NodeConn | RemoteNode]:
+        """Every node this replica can place work on: its own, and its peers' (relayed)."""
+        return [*self.nodes.values(), *self.remote.values()]
 
     def node(self, node_id: str) -> NodeConn | RemoteNode | None:
         """A node of the fleet: connected here, or to another replica."""
@@ -350,8 +354,7 @@ class Dispatcher:
         now = time.monotonic()
         for job in list(self.waiting.values()):
             if now - job.waiting_since_s > self.placement_wait_s:
-                has_nodes = any(job.model in n.models
-                                for n in (*self.nodes.values(), *self.remote.values()))
+                has_nodes = any(job.model in n.models for n in self.all_nodes())
                 why = (
                     "every node serving this model is busy or unavailable"
                     if has_nodes

@@ -51,6 +51,7 @@ from sparecycles.types import SamplingParams
 
 if TYPE_CHECKING:
     from sparecycles.coordinator.dispatch import Attempt, Dispatcher, LiveJob
+    from sparecycles.coordinator.replication.fleet import RemoteNode
 
 log = logging.getLogger("sparecycles.coordinator.verification")
 
@@ -163,7 +164,7 @@ class Verifier:
 
     # ---- what dispatch tells us ---------------------------------------------------------------
 
-    def on_result(self, node: NodeConn, job: LiveJob, att: Attempt,
+    def on_result(self, node: NodeConn | RemoteNode, job: LiveJob, att: Attempt,
                   metering: protocol.Metering) -> None:
         """A signed result verified: count its compute, and check its metering claim."""
         self.serving_busy_s += metering.busy_s
@@ -174,7 +175,7 @@ class Verifier:
         if verdict is not None:
             self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))
 
-    def on_bad_signature(self, node: NodeConn, job: LiveJob, att: Attempt) -> None:
+    def on_bad_signature(self, node: NodeConn | RemoteNode, job: LiveJob, att: Attempt) -> None:
         verdict = Verdict(Outcome.FAIL, Method.SIGNATURE, "the signed result does not verify",
                           tokens_checked=att.tokens)
         self._penalties.setdefault(job.job_id, []).append((att.number, node.node_id, verdict))

@@ -420,7 +420,7 @@ class Fleet:
         (and was sent there)."""
         job_id = getattr(msg, "job_id", None)
         rel = self.relayed.get(job_id) if job_id else None
-        if rel is None or rel.node_id != node.node_id:
+        if job_id is None or rel is None or rel.node_id != node.node_id:
             return False
         if isinstance(msg, protocol.Tokens):
             n = len(msg.token_ids)
