@@ -124,8 +124,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
+def _transient_errors() -> tuple[type[Exception], ...]:
+    errors: tuple[type[Exception], ...] = (
         sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
     try:  # psycopg is installed with PostgreSQL support only
         import psycopg
