@@ -32,6 +32,9 @@ class _Message(BaseModel):
 
 # ---- shared pieces --------------------------------------------------------------------------
 
+EnergySource = Literal["rapl", "nvml", "estimated"]  # how a node measured a job's energy
+FinishReasonName = Literal["stop", "length", "cancelled"]  # why a job's attempt ended
+
 
 class ModelOffer(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -58,7 +61,7 @@ class Metering(BaseModel):
     total_s: float = Field(ge=0)
     busy_s: float = Field(ge=0)
     energy_j: float = Field(default=0.0, ge=0)
-    energy_source: Literal["rapl", "nvml", "estimated"] = "estimated"
+    energy_source: EnergySource = "estimated"
 
 
 # ---- node -> coordinator --------------------------------------------------------------------
@@ -107,7 +110,7 @@ class Done(_Message):
     type: Literal["done"] = "done"
     job_id: str = Field(max_length=40)
     attempt: int = Field(ge=1)
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReasonName
     metering: Metering
     output_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(min_length=40, max_length=120)
