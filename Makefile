@@ -29,10 +29,12 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
-# ruff, and the layering contracts of pyproject.toml ([tool.importlinter]; docs/architecture.md)
+# static checks: lint, the layering contracts of pyproject.toml ([tool.importlinter];
+# docs/architecture.md) and types (mypy's settings are in pyproject.toml)
 check: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench-gateway: setup
 	$(PY) bench/gateway_overhead.py

@@ -194,6 +194,7 @@ def _upper_gamma_scaled(s: float, x: float) -> float:
     (Numerical Recipes §6.2: series below s + 1, Lentz's continued fraction above)."""
     if x <= 0.0:
         return math.gamma(s)
+    x_s: float = x**s  # float ** float is typed Any (a negative base would give a complex)
     if x < s + 1.0:
         term = total = 1.0 / s
         a = s
@@ -204,7 +205,7 @@ def _upper_gamma_scaled(s: float, x: float) -> float:
             if abs(term) < abs(total) * _GAMMA_EPSILON:
                 break
         # Γ(s, x) = Γ(s) - γ(s, x), γ(s, x) = e^-x x^s Σ
-        return math.gamma(s) * math.exp(x) - x**s * total
+        return math.gamma(s) * math.exp(x) - x_s * total
     b = x + 1.0 - s
     c = 1.0 / 1e-300
     d = 1.0 / b
@@ -221,7 +222,7 @@ def _upper_gamma_scaled(s: float, x: float) -> float:
         h *= delta
         if abs(delta - 1.0) < _GAMMA_EPSILON:
             break
-    return x**s * h
+    return x_s * h
 
 
 def residual_stay_s(model: StayModel, age_s: float, horizon_s: float = math.inf) -> float:

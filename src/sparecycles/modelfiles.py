@@ -118,7 +118,9 @@ def weights_sha256(source: str | Path, *, cache_dir: Path | None = None) -> str:
     shared_cache = (cache_dir or _default_cache_dir()) / "weights-sha256.json"
     local_cache = directory / hash_cache_name
     for cached in (_read_json(local_cache), _read_json(shared_cache).get(str(directory))):
-        sha = cached.get("sha256") if isinstance(cached, dict) else None
+        if not isinstance(cached, dict):
+            continue
+        sha = cached.get("sha256")
         if isinstance(sha, str) and cached.get("files") == key:
             return sha
 

@@ -15,7 +15,7 @@ import base64
 import hashlib
 import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -37,6 +37,9 @@ class _Message(BaseModel):
 
 
 # ---- shared pieces --------------------------------------------------------------------------
+
+EnergySource = Literal["rapl", "nvml", "estimated"]  # how a node measured a job's energy
+FinishReasonName = Literal["stop", "length", "cancelled"]  # why a job's attempt ended
 
 
 class ModelOffer(BaseModel):
@@ -64,7 +67,7 @@ class Metering(BaseModel):
     total_s: float = Field(ge=0)
     busy_s: float = Field(ge=0)
     energy_j: float = Field(default=0.0, ge=0)
-    energy_source: Literal["rapl", "nvml", "estimated"] = "estimated"
+    energy_source: EnergySource = "estimated"
 
 
 # ---- node -> coordinator --------------------------------------------------------------------
@@ -113,7 +116,7 @@ class Done(_Message):
     type: Literal["done"] = "done"
     job_id: str = Field(max_length=40)
     attempt: int = Field(ge=1)
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReasonName
     metering: Metering
     output_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(min_length=40, max_length=120)
@@ -223,8 +226,11 @@ CoordinatorMessage = Annotated[
     Challenge | Welcome | JobAssign | Score | Cancel | Reject, Field(discriminator="type")
 ]
 
-_node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
-_coord_adapter: TypeAdapter[Any] = TypeAdapter(CoordinatorMessage)
+_node_adapter: TypeAdapter[Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored] = (
+    TypeAdapter(NodeMessage))
+_coord_adapter: TypeAdapter[Challenge | Welcome | JobAssign | Score | Cancel | Reject] = (
+    TypeAdapter(CoordinatorMessage))
+_Decoded = TypeVar("_Decoded")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -244,7 +250,7 @@ def _loads(raw: str | bytes) -> Any:
     return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
-def _decode(adapter: TypeAdapter[Any], raw: str | bytes) -> Any:
+def _decode(adapter: TypeAdapter[_Decoded], raw: str | bytes) -> _Decoded:
     if len(raw) > limits.ws_message_bytes_max:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {limits.ws_message_bytes_max}")
     try:

@@ -74,8 +74,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
                 "nodes_available": sum(not n.draining for n in d.nodes.values()) if d else 0,
                 # the whole fleet this replica can place work on (its nodes and its peers')
                 "fleet_nodes_available": sum(
-                    not n.draining and not n.closed
-                    for n in (*d.nodes.values(), *d.remote.values())) if d else 0,
+                    not n.draining and not n.closed for n in d.all_nodes()) if d else 0,
                 "peers": sorted(coord.fleet.peer_ids()) if coord.fleet else [],
                 "bus": ("connected" if coord.fleet and coord.fleet.connected
                         else "disconnected"),

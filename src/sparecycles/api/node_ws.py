@@ -61,8 +61,14 @@ async def _receive(ws: WebSocket, timeout_s: float) -> str:
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     data = message.get("text")
-    if data is None:
-        data = message.get("bytes") or b""
+    if data is None:  # a binary frame: read as text too, since a relay publishes it in JSON
+        frame: bytes = message.get("bytes") or b""
+        if len(frame) > limits.ws_message_bytes_max:
+            raise ProtocolError("message too large")
+        try:
+            return frame.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("message is not UTF-8 text") from None
     if len(data) > limits.ws_message_bytes_max:
         raise ProtocolError("message too large")
     return data

@@ -23,7 +23,7 @@ from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
 from sparecycles.coordinator.jobs import JobEvent, LiveJob
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.coordinator.textstream import TextStream
-from sparecycles.errors import ContextLengthExceeded, InvalidRequest, NotFound
+from sparecycles.errors import ContextLengthExceeded, InvalidRequest, NotFound, PermissionDenied
 from sparecycles.secrets_util import new_id
 from sparecycles.store import ApiKeyInfo
 from sparecycles.types import SamplingParams
@@ -85,7 +85,7 @@ async def completions(
                                  param="prompt")
         prompt_ids = list(body.prompt)  # type: ignore[arg-type]
     else:
-        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        text = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
         prompt_ids = await _tokenize(modelfiles.render_completion, tokenizer, text, len(text))
     return await _run(coord, key, body, prompt_ids, "completions", received_perf_s)
 
@@ -173,6 +173,8 @@ async def _run(
         stop=body.stop_tuple(),
     )
     assert coord.dispatcher is not None
+    if key.client_id is None:  # only a client's keys hold the inference scope (auth.py)
+        raise PermissionDenied("This endpoint needs a client's API key.")
     job_id = new_id("job")
     # the key's limits (429 with Retry-After): in flight, rate, budget; released when it ends
     ticket = await coord.gate.admit(key.key_id, job_id, body.model, len(prompt_ids), max_tokens)

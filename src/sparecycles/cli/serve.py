@@ -133,6 +133,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     from sparecycles.coordinator.node_conn import policy_from_dict
     from sparecycles.identity import NodeIdentity
     from sparecycles.node.agent import NodeAgent
+    from sparecycles.node.backends.base import Engine
     from sparecycles.node.backends.transformers import TransformersEngine
     from sparecycles.node.profile import profile_device
     from sparecycles.node.status import StatusProbe
@@ -153,7 +154,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     )
     console.print(f"node {identity.node_id}: {profile.device_class}, "
                   f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")
-    engines = {}
+    engines: dict[str, Engine] = {}
     for model_name, source in models.items():
         engines[model_name] = await asyncio.to_thread(
             TransformersEngine.load, model_name, source, device=settings.device,

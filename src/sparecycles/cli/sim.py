@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from sparecycles.cli.common import console, friendly
 from sparecycles.sim import SimConfig, load_fleet, load_trace, scaled, simulate, summarize
@@ -47,7 +54,7 @@ def run_policies(
         for policy in policies:
             task = progress.add_task(policy, total=len(trace))
 
-            def report(done: int, total: int, task: int = task) -> None:
+            def report(done: int, total: int, task: TaskID = task) -> None:
                 progress.update(task, completed=done, total=total)
 
             config = SimConfig(policy=policy, seed=seed, schedule_interval_s=tick_s)

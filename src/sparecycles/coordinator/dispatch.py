@@ -230,7 +230,7 @@ class Dispatcher:
         if not self.waiting:
             return
         snapshots = [
-            n.snapshot(now.epoch_s) for n in (*self.nodes.values(), *self.remote.values())
+            n.snapshot(now.epoch_s) for n in self.all_nodes()
             if not n.closed and not n.draining
         ]
         if not snapshots:
@@ -245,6 +245,10 @@ class Dispatcher:
             if job is None or node is None:
                 continue
             self._assign(job, node, now)
+
+    def all_nodes(self) -> list[FleetNode]:
+        """Every node this replica can place work on: its own, and its peers' (relayed)."""
+        return [*self.nodes.values(), *self.remote.values()]
 
     def node(self, node_id: str) -> FleetNode | None:
         """A node of the fleet: connected here, or to another replica."""
@@ -299,8 +303,7 @@ class Dispatcher:
     async def _watchdog(self, now: Now) -> None:
         for job in list(self.waiting.values()):
             if now.mono_s - job.waiting_since_mono_s > self.placement_wait_s:
-                has_nodes = any(job.model in n.models
-                                for n in (*self.nodes.values(), *self.remote.values()))
+                has_nodes = any(job.model in n.models for n in self.all_nodes())
                 why = (
                     "every node serving this model is busy or unavailable"
                     if has_nodes

@@ -203,7 +203,7 @@ class _Books:
         if total == 0:
             return
         if shares is None:
-            by_workload = defaultdict(int)
+            by_workload: dict[str, int] = defaultdict(int)
             for u in self.order:
                 by_workload[self.workload[u]] += self.busy_us[u]
             weights = [(w, by_workload[w]) for w in WORKLOADS if by_workload[w] > 0]
@@ -253,7 +253,8 @@ class _Books:
             units = self.by_node[h.node_id]
             idle_us = max(0, in_service_s * 1_000_000 - sum(self.busy_us[u] for u in units))
             self.pool(f"hardware:{h.name}", DEPRECIATION, dep, "busy seconds on its node")
-            weights = [(u, self.busy_us[u]) for u in units if self.busy_us[u] > 0]
+            weights: list[tuple[Unit | str, int]] = [
+                (u, self.busy_us[u]) for u in units if self.busy_us[u] > 0]
             weights += [(IDLE, idle_us)] if idle_us else []
             if weights:
                 self.put(DEPRECIATION, largest_remainder(dep, weights))
@@ -263,7 +264,8 @@ class _Books:
             idle_w = h.power_idle_w if h.power_idle_w is not None else float(
                 (node.profile if node else {}).get("power_idle_w", 0.0) or 0.0)
             idle_mj = round(idle_w * idle_us / 1000)
-            energy = [(u, self.energy_mj[u]) for u in units if self.energy_mj[u] > 0]
+            energy: list[tuple[Unit | str, int]] = [
+                (u, self.energy_mj[u]) for u in units if self.energy_mj[u] > 0]
             energy += [(IDLE, idle_mj)] if idle_mj else []
             total_mj = sum(w for _, w in energy)
             cost = to_micros(Decimal(total_mj) / 1000 * m.energy.pue

@@ -313,16 +313,17 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
     var_by: dict[str, int] = defaultdict(int)
     base_by: dict[str, int] = defaultdict(int)
     for unit, cats in alloc.units.items():
-        job = alloc.jobs.get(unit[0])
-        invariant(job is not None, f"cost allocated to an unknown request {unit[0]}")
-        assert job is not None
-        w = alloc.unit_workload.get(unit, job.workload)
+        unit_job = alloc.jobs.get(unit[0])
+        invariant(unit_job is not None, f"cost allocated to an unknown request {unit[0]}")
+        assert unit_job is not None
+        w = alloc.unit_workload.get(unit, unit_job.workload)
         cls = nodes[unit[2]].device_class if unit[2] in nodes else "unknown"
-        rows = (total, customers[job.client_id], models[job.model], days[period.day(job.at_s)],
-                requests[job.job_id], node_rows[unit[2]], classes[cls])
+        unit_rows = (total, customers[unit_job.client_id], models[unit_job.model],
+                     days[period.day(unit_job.at_s)], requests[unit_job.job_id],
+                     node_rows[unit[2]], classes[cls])
         for cat, amount in cats.items():
             var = _variable(cat, model)
-            _add_cost(rows, cat, amount, w, var)
+            _add_cost(unit_rows, cat, amount, w, var)
             if w == "inference":
                 variable_inference += amount if var else 0
                 inference_fixed += 0 if var else amount

@@ -341,7 +341,8 @@ currency_minor_digits = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX"
 
 def minor_unit_micros(currency: str) -> int:
     """Micro-units in one minor unit of ``currency``: 10,000 for USD (a cent)."""
-    return 10 ** (6 - currency_minor_digits.get(currency.upper(), 2))
+    digits: int = currency_minor_digits.get(currency.upper(), 2)
+    return int(10 ** (6 - digits))
 
 
 _plain_decimal = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # [0-9], not \d: ASCII digits only

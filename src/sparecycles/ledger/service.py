@@ -61,7 +61,6 @@ from sparecycles.ledger.engine import (
     VoidOp,
     VoidOutcome,
     WithholdOp,
-    WriteOffOp,
     check_id,
 )
 from sparecycles.ledger.group_commit import After, GroupCommit
@@ -353,8 +352,8 @@ class Ledger:
         return lane.submit_many(ops, [None] * len(ops))
 
     def _lane(self, op: Op) -> GroupCommit:
-        key = (getattr(op, "job_id", None) or getattr(op, "reference", None)
-               or getattr(op, "cost_id", ""))
+        key: str = (getattr(op, "job_id", None) or getattr(op, "reference", None)
+                    or getattr(op, "cost_id", None) or "")
         return self._lanes[zlib.crc32(key.encode()) % len(self._lanes)]
 
     def _submit(self, op: Op, after: After | None = None) -> Any:
@@ -377,8 +376,7 @@ class Ledger:
 
         def work(tx: LedgerTx) -> list[Any]:
             jobs = eng.job_ids(ops)
-            held = [j.job_id for j in ops
-                    if not isinstance(j, HoldOp | DepositOp | CostOp | WriteOffOp)]
+            held = [j.job_id for j in ops if isinstance(j, SettleOp | VoidOp | WithholdOp)]
             if late:  # read the holds, then lock their clients too
                 holds = tx.holds(held)
                 touched = named | {a for op in ops if isinstance(op, VoidOp | WithholdOp)

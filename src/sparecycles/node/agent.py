@@ -25,7 +25,7 @@ from sparecycles import __version__, availability, limits, protocol
 from sparecycles.identity import NodeIdentity
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
 from sparecycles.node.energy import EnergyMeter, EnergyReading
-from sparecycles.types import AvailabilityPolicy, DeviceProfile, SamplingParams
+from sparecycles.types import AvailabilityPolicy, DeviceProfile, FinishReason, SamplingParams
 
 log = logging.getLogger("sparecycles.node")
 policy_check_interval_s = 1.0
@@ -307,7 +307,7 @@ class NodeAgent:
             energy_j=energy_j,
             energy_source=energy_source,
         )
-        reason = "cancelled" if last.finish_reason is None else str(last.finish_reason)
+        reason = _wire_reason(last.finish_reason)
         output_sha = protocol.tokens_sha256(produced)
         payload = protocol.result_payload(
             job_id=job.job_id, attempt=job.attempt,
@@ -431,3 +431,14 @@ def _joined_logprobs(a: GenerationUpdate, b: GenerationUpdate) -> tuple[float, .
     if not a.token_ids:
         return b.logprobs
     return a.logprobs + b.logprobs if a.logprobs is not None and b.logprobs is not None else None
+
+
+def _wire_reason(reason: FinishReason | None) -> protocol.FinishReasonName:
+    """An engine's finish reason as ``done`` says it; none means the job was cancelled."""
+    match reason:
+        case None:
+            return "cancelled"
+        case FinishReason.STOP:
+            return "stop"
+        case FinishReason.LENGTH:
+            return "length"

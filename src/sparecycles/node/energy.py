@@ -21,6 +21,7 @@ attribution its busy seconds get. Use::
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparecycles.protocol import EnergySource
 from sparecycles.types import DeviceProfile
 
 log = logging.getLogger("sparecycles.node.energy")
@@ -50,7 +52,7 @@ class EnergyMeter:
     """Reads energy counters (or nothing, when estimating). Cheap: a few file reads or NVML calls
     per reading; safe to call from the agent's event loop."""
 
-    def __init__(self, profile: DeviceProfile, source: str = "estimated",
+    def __init__(self, profile: DeviceProfile, source: EnergySource = "estimated",
                  counters: Sequence[Callable[[], float]] = (),
                  ranges_j: Sequence[float | None] = (),
                  clock: Callable[[], float] = time.monotonic):
@@ -92,7 +94,7 @@ class EnergyMeter:
         return max(0.0, busy_s) * max(0.0, self.profile.power_busy_w)
 
     def joules_between(self, r0: EnergyReading, r1: EnergyReading, busy_s: float
-                       ) -> tuple[float, str]:
+                       ) -> tuple[float, EnergySource]:
         """(joules, source) for work that kept the device busy ``busy_s`` seconds between two
         readings; ``source`` is ``rapl``, ``nvml`` or ``estimated``."""
         busy_s = max(0.0, busy_s)
@@ -140,14 +142,14 @@ def _rapl_counters(root: Path) -> list[tuple[Callable[[], float], float | None]]
         readable.append((name, d / "energy_uj", wrap))
     psys = [r for r in readable if r[0] == "psys"]
     chosen = psys[:1] if psys else [r for r in readable if r[0].startswith("package")]
-    return [(lambda p=path: _read_uj(p), wrap) for _, path, wrap in chosen]
+    return [(functools.partial(_read_uj, path), wrap) for _, path, wrap in chosen]
 
 
 def _nvml_counters(nvml: Any = None) -> list[Callable[[], float]]:
     """One energy counter per NVIDIA GPU (joules), or none without pynvml or its support."""
     if nvml is None:
         try:
-            import pynvml as nvml  # type: ignore[import-not-found, no-redef]
+            import pynvml as nvml  # type: ignore[no-redef]
         except ImportError:
             return []
     try:
@@ -159,4 +161,8 @@ def _nvml_counters(nvml: Any = None) -> list[Callable[[], float]]:
     except Exception as exc:  # any NVML error means: estimate
         log.info("NVML energy counters unavailable (%s); estimating energy", exc)
         return []
-    return [lambda h=h: nvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0 for h in handles]
+
+    def read_j(handle: Any) -> float:
+        return float(nvml.nvmlDeviceGetTotalEnergyConsumption(handle)) / 1000.0
+
+    return [functools.partial(read_j, h) for h in handles]

@@ -21,6 +21,7 @@ again on every start unless asked to (or unless its hardware changed).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -119,13 +120,15 @@ def measure_cpu_bandwidth(budget_s: float, nbytes: int = copy_bytes) -> float:
     for copy in copies:
         copy()
         deadline = time.perf_counter() + budget_s / len(copies)
-        best_s = min(best_s, _best_of(lambda c=copy: _timed(c), copy_tries, deadline))
+        best_s = min(best_s, _best_of(functools.partial(_timed, copy), copy_tries, deadline))
     return 2.0 * nbytes / best_s
 
 
 def measure_cpu_flops(budget_s: float, n: int = cpu_matmul_n) -> float:
     """FLOP/s of an fp32 n x n matrix multiply (2 n^3 FLOPs) on all cores, through torch (the
     library the engine computes with) if present, else numpy's BLAS; best of a few."""
+    a: Any  # a torch tensor, or without torch a numpy array
+    b: Any
     try:
         import torch
 
@@ -166,7 +169,8 @@ def measure_cpu_matmul_rows(
     for r in rows:
         x = torch.randn(r, n, dtype=torch.float32)
         deadline = time.perf_counter() + budget_s / len(rows)
-        seconds = _best_of(lambda x=x: _timed(lambda: run(x)), matmul_tries, deadline)
+        seconds = _best_of(functools.partial(_timed, functools.partial(run, x)), matmul_tries,
+                           deadline)
         out.append((r, 2.0 * r * n * n * count / seconds))
     return tuple(out)
 

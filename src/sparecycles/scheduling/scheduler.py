@@ -403,7 +403,8 @@ def _quantised(tokens: float) -> int:
     rankings for nearby sizes are then the same one (``RankMemo``)."""
     if tokens <= 8:
         return max(1, round(tokens))
-    return round(2.0 ** (round(4.0 * math.log2(tokens)) / 4.0))
+    step: float = 2.0 ** (round(4.0 * math.log2(tokens)) / 4.0)
+    return round(step)
 
 
 def _typical_job(jobs: Sequence[Job]) -> Job:

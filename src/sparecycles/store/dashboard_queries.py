@@ -13,10 +13,12 @@ from __future__ import annotations
 import calendar
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ColumnClause,
     Engine,
     Integer,
     and_,
@@ -75,7 +77,7 @@ class DashboardQueries:
         self.sqlite = self.engine.dialect.name == "sqlite"
 
     def _bucket(self, col: Any, bucket_s: int) -> Any:
-        size = literal_column(str(int(bucket_s)))
+        size: ColumnClause[Any] = literal_column(str(int(bucket_s)))
         if self.sqlite:  # epoch seconds are positive: truncation is the floor
             return cast(col / size, Integer) * size
         return func.floor(col / size) * size
@@ -145,7 +147,7 @@ class DashboardQueries:
             c.execute(delete(S).where(S.c.at_s < now_s - node_samples_keep_s))
         return len(rows)
 
-    def fleet_series(self, since_s: float, until_s: float, bucket_s: int) -> list[Any]:
+    def fleet_series(self, since_s: float, until_s: float, bucket_s: int) -> Sequence[Any]:
         """(bucket, class, mean online, busy total, online total, max queue) per bucket."""
         b = self._bucket(S.c.at_s, bucket_s)
         q = (select(b, S.c.device_class, func.avg(S.c.online), func.sum(S.c.busy),
@@ -155,7 +157,7 @@ class DashboardQueries:
         with self.engine.connect() as c:
             return c.execute(q).all()
 
-    def job_series(self, since_s: float, until_s: float, bucket_s: int) -> list[Any]:
+    def job_series(self, since_s: float, until_s: float, bucket_s: int) -> Sequence[Any]:
         """(bucket, requests, failed, prompt tokens, completion tokens) per bucket."""
         b = self._bucket(J.c.created_at_s, bucket_s)
         q = (select(b, func.count(), func.sum(case((J.c.state == "failed", 1), else_=0)),
@@ -165,7 +167,7 @@ class DashboardQueries:
         with self.engine.connect() as c:
             return c.execute(q).all()
 
-    def latency_rows(self, since_s: float, until_s: float) -> list[Any]:
+    def latency_rows(self, since_s: float, until_s: float) -> Sequence[Any]:
         """(admitted at, time to first token, total) of the newest finished jobs of a range."""
         q = (select(J.c.created_at_s, J.c.time_to_first_token_s, J.c.total_s)
              .where(J.c.state == "done", J.c.created_at_s >= since_s,
@@ -174,7 +176,7 @@ class DashboardQueries:
         with self.engine.connect() as c:
             return c.execute(q).all()
 
-    def busy_series(self, since_s: float, until_s: float, bucket_s: int) -> list[Any]:
+    def busy_series(self, since_s: float, until_s: float, bucket_s: int) -> Sequence[Any]:
         """(bucket, busy node-seconds the nodes reported) by the start of each attempt."""
         b = self._bucket(AT.c.started_at_s, bucket_s)
         q = (select(b, func.sum(AT.c.busy_s))
@@ -183,7 +185,7 @@ class DashboardQueries:
         with self.engine.connect() as c:
             return c.execute(q).all()
 
-    def departures(self, since_s: float, until_s: float, bucket_s: int) -> list[Any]:
+    def departures(self, since_s: float, until_s: float, bucket_s: int) -> Sequence[Any]:
         """(bucket, device class, attempts interrupted because their node left) per bucket."""
         at = func.coalesce(AT.c.ended_at_s, AT.c.started_at_s)
         b = self._bucket(at, bucket_s)
@@ -226,7 +228,7 @@ class DashboardQueries:
 
     # ---- an owner ----------------------------------------------------------------------------
 
-    def owner_earnings_by_day(self, owner_id: str, since_s: float) -> list[Any]:
+    def owner_earnings_by_day(self, owner_id: str, since_s: float) -> Sequence[Any]:
         """(day start, earned, withheld) of one owner's earned account since ``since_s``."""
         acc = f"owner:{owner_id}:earned"
         b = self._bucket(TR.c.created_at_s, 86_400)
@@ -267,7 +269,7 @@ class DashboardQueries:
     # ---- a client ----------------------------------------------------------------------------
 
     def client_series(self, client_id: str, since_s: float, until_s: float, bucket_s: int
-                      ) -> list[Any]:
+                      ) -> Sequence[Any]:
         """(bucket, key id, model, requests, tokens, charged) of one client's jobs."""
         b = self._bucket(J.c.created_at_s, bucket_s)
         q = (select(b, J.c.api_key_id, J.c.model, func.count(J.c.id),

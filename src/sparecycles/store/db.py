@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, create_engine, event, insert
 from sqlalchemy import update as sa_update
@@ -56,6 +56,9 @@ def writer_lock(engine: Engine) -> Any:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+    # every mapped class here declares a table (none maps a join or a select): typed so that
+    # insert(), update() and the helpers below accept ``Model.__table__``
+    __table__: ClassVar[Table]
 
 
 def make_engine(url: str, *, autocheckpoint_pages: int = wal_autocheckpoint_pages) -> Engine:
@@ -74,7 +77,7 @@ def make_engine(url: str, *, autocheckpoint_pages: int = wal_autocheckpoint_page
             )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")

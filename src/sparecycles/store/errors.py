@@ -12,8 +12,8 @@ __all__ = ["DuplicateKey", "transient_store_errors"]
 DuplicateKey = sa_exc.IntegrityError
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
+def _transient_errors() -> tuple[type[Exception], ...]:
+    errors: tuple[type[Exception], ...] = (
         sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
     try:  # psycopg is installed with PostgreSQL support only
         import psycopg

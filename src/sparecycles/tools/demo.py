@@ -123,6 +123,8 @@ def _send(client: Any, net: LocalNetwork, key: str, n: int) -> list[Outcome]:
                 model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=i)
             answer, usage, job_id = resp.choices[0].message.content or "", resp.usage, resp.id
         latency = time.perf_counter() - t0
+        if usage is None:  # asked for (include_usage), and the coordinator always reports it
+            raise RuntimeError(f"request {job_id}: the coordinator reported no token usage")
         job = httpx.get(f"{net.url}/v1/jobs/{job_id}",
                         headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
         return Outcome(prompt, answer, usage.prompt_tokens, usage.completion_tokens, latency,

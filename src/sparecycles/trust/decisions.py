@@ -36,6 +36,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sparecycles import limits
 from sparecycles.trust.reputation import NodeTrust
@@ -92,7 +93,7 @@ def check_probability(trust: NodeTrust, overhead_ratio: float,
     """The chance that a settled job of this node is checked."""
     if trust.designated_trusted or trust.quarantined:
         return 0.0
-    rate = config.rate_new * 0.5 ** (trust.consecutive_clean / config.clean_halving)
+    rate: float = config.rate_new * 0.5 ** (trust.consecutive_clean / config.clean_halving)
     if (trust.consecutive_clean >= config.established_clean_min
             and overhead_ratio > config.overhead_budget):
         rate *= config.overhead_budget / overhead_ratio
@@ -207,7 +208,7 @@ def judge_scores(claim: Claim, scores: Scores,
         return Verdict(Outcome.PASS, tf, "nothing to check")
     if not all(math.isfinite(x) for x in scores.logprobs + scores.top_logprobs):
         return Verdict(Outcome.INCONCLUSIVE, tf, "the verifier's scores are not finite")
-    fields: dict = {"tokens_checked": n}
+    fields: dict[str, Any] = {"tokens_checked": n}
     if claim.temperature == 0:
         gaps = [top - lp for top, lp in zip(scores.top_logprobs, scores.logprobs, strict=True)]
         worst = max(range(n), key=gaps.__getitem__)

@@ -63,8 +63,10 @@ def finance(coord: Any, period: str, now_s: float) -> dict[str, Any]:
         return [None if row is None else value(row) for row in days]
 
     cats = sorted({c for row in r.by_day for c in row.cogs_micros})
-    cogs = [ch.trace(c, xs, daily(lambda row, c=c: ch.units(row.cogs_micros.get(c, 0))),
-                     kind="bar", i=i) for i, c in enumerate(cats)]
+    def cogs_of(c: str) -> Callable[[Any], Any]:
+        return lambda row: ch.units(row.cogs_micros.get(c, 0))
+
+    cogs = [ch.trace(c, xs, daily(cogs_of(c)), kind="bar", i=i) for i, c in enumerate(cats)]
     if r.by_day:
         cogs.append(ch.trace("revenue", xs, daily(lambda row: ch.units(row.revenue_micros)), i=9,
                              line={"color": "#111827", "width": 3}))

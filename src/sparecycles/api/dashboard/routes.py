@@ -136,7 +136,7 @@ async def _build(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any
 
 
 def _json(data: dict[str, Any]) -> Response:
-    body = {k: data[k] for k in ("stats", "charts") if k in data}
+    body: dict[str, Any] = {k: data[k] for k in ("stats", "charts") if k in data}
     body["updated"] = when(time.time())
     return sess.secure_headers(JSONResponse(body))
 

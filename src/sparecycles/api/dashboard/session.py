@@ -23,6 +23,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Request, Response
@@ -38,6 +39,7 @@ SECRET_FILE = "session-secret"
 session_max_age_s = 12 * 3600
 login_form_max_age_s = 15 * 60
 cookie_chars_max = 512  # a longer cookie is not ours
+_R = TypeVar("_R", bound=Response)
 secret_bytes_min = 32
 
 SECURITY_HEADERS = {
@@ -213,6 +215,6 @@ def clear_cookie(response: Response, request: Request, name: str) -> None:
                            secure=request.url.scheme == "https")
 
 
-def secure_headers(response: Response) -> Response:
+def secure_headers(response: _R) -> _R:
     response.headers.update(SECURITY_HEADERS)
     return response

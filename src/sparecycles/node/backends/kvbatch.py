@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sparecycles.errors import InvalidRequest
+from sparecycles.errors import InvalidRequest, InvariantViolation
 
 
 @dataclass(slots=True)
@@ -34,18 +34,18 @@ class KVBatch:
         if bool(self.mask.all()):
             return
         padding = (self.mask == 0)[:, None, :, None]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.masked_fill(padding, 0.0)
-            layer.values = layer.values.masked_fill(padding, 0.0)
+        for layer, keys, values in _filled(self.cache):
+            layer.keys = keys.masked_fill(padding, 0.0)
+            layer.values = values.masked_fill(padding, 0.0)
 
     def merge(self, other: KVBatch) -> None:
         """Append ``other``'s rows after this batch's, left-padding the shorter to one width."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
-            )
+        for (mine, keys, values), (_, their_keys, their_values) in zip(
+            _filled(self.cache), _filled(other.cache), strict=True
+        ):
+            mine.keys = torch.cat([_pad_left(keys, width), _pad_left(their_keys, width)])
+            mine.values = torch.cat([_pad_left(values, width), _pad_left(their_values, width)])
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
 
     def keep(self, rows: list[int]) -> None:
@@ -55,9 +55,9 @@ class KVBatch:
         mask = self.mask.index_select(0, index)
         first = int(mask.any(dim=0).nonzero()[0, 0])
         self.mask = mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        for layer, keys, values in _filled(self.cache):
+            layer.keys = keys.index_select(0, index)[:, :, first:, :]
+            layer.values = values.index_select(0, index)[:, :, first:, :]
 
 
 def left_padded(
@@ -84,6 +84,17 @@ def check_full_attention(config: Any, name: str) -> None:
             f"{name}: cache layers {sorted(kinds)} are not supported by the transformers engine,"
             " which batches full-attention models only"
         )
+
+
+def _filled(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+    """Each layer of a batch's cache with its keys and values: full-attention layers only
+    (``check_full_attention``), filled by the prefill that made the batch."""
+    out = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise InvariantViolation(f"a batch's cache holds an unfilled {type(layer).__name__}")
+        out.append((layer, layer.keys, layer.values))
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

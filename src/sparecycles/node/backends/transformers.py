@@ -157,7 +157,10 @@ class TransformersEngine(Engine):
             dtype = getattr(torch, dtype.removeprefix("torch."))
         if dtype is None:
             dtype = torch.float32 if device == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # PreTrainedModel.to is functools.wraps(nn.Module.to), and typeshed's _Wrapped has no
+        # __get__: mypy does not bind self, and takes the device for it
+        model = model.to(device).eval()  # type: ignore[arg-type]
         tokenizer = modelfiles.load_tokenizer(path)
         spec = modelfiles.model_spec(name, path, dtype=model.dtype)
         return cls(name, model, tokenizer, spec, batch_size_max=batch_size_max, queue_max=queue_max,
@@ -376,7 +379,8 @@ class TransformersEngine(Engine):
         busy_s = time.perf_counter() - started
         if self._duty_cycle < 1.0:
             time.sleep(busy_s * (1.0 / self._duty_cycle - 1.0))
-        job.future.set_result(ScoreResult(*result, busy_s=busy_s))
+        logprobs, top, above, expected, variances = result
+        job.future.set_result(ScoreResult(logprobs, top, above, expected, variances, busy_s=busy_s))
 
     def _score(self, job: _ScoreJob) -> tuple[tuple[float, ...], ...]:
         """One forward pass over prompt + output; statistics of each output position."""

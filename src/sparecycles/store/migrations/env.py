@@ -7,7 +7,7 @@ Run through ``Store.migrate()`` (which hands over a connection) or the ``alembic
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from sparecycles.store.db import Base
 
@@ -23,12 +23,14 @@ def run_migrations() -> None:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
         "sqlalchemy.url"
     )
+    if not url:
+        raise RuntimeError("no database: pass -x url=... or set sqlalchemy.url")
     engine = create_engine(url)
     with engine.begin() as conn:
         _run(conn)
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -303,7 +303,7 @@ class FakeNode:
         ids = token_ids_for(cfg.model, job.job_id, job.attempt, count)
         sent = 0
         first_sent: float | None = None
-        reason = "length"
+        reason: protocol.FinishReasonName = "length"
         try:
             while sent < count:
                 n = min(cfg.tokens_per_message, limits.tokens_per_message_max, count - sent)
