@@ -56,6 +56,7 @@ class Attempt:
     tokens: int = 0
     last_token_s: float = 0.0
     logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # the client's
 
 
 @dataclass
@@ -65,6 +66,9 @@ class JobEvent:
     at_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
     finish_reason: str | None = None
     error: SpareCyclesError | None = None
+    # the tokens' log-probabilities and alternatives, when the client asked for them
+    logprobs: tuple[float | None, ...] | None = None
+    top_logprobs: tuple[list[tuple[int, float]], ...] | None = None
 
 
 @dataclass
@@ -105,6 +109,7 @@ class LiveJob:
             generated_tokens=len(self.generated),
             trusted_only=self.trusted_only,
             workload=self.workload,
+            needs=protocol.features_needed(self.sampling),
         )
 
 
@@ -308,15 +313,10 @@ class Dispatcher:
             attempt=number,
             model=job.model,
             prompt_token_ids=prompt,
-            sampling=protocol.Sampling(
-                max_tokens=remaining,
-                temperature=job.sampling.temperature,
-                top_p=job.sampling.top_p,
-                seed=job.sampling.seed,
-                stop=list(job.sampling.stop),
-            ),
+            sampling=protocol.Sampling.of(job.sampling, max_tokens=remaining),
             prompt_sha256=protocol.tokens_sha256(prompt),
-            want_logprobs=self.verifier is not None,
+            want_logprobs=self.verifier is not None or _client_logprobs(job.sampling),
+            resumed_tokens=len(job.generated),
         )
         if not node.send(protocol.encode(msg)):
             return  # the node's socket is gone; its reader will clean up
@@ -405,6 +405,11 @@ class Dispatcher:
         job.generated.extend(new)
         lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
         att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
+        tops = None
+        if _client_logprobs(job.sampling):
+            ok = msg.top_logprobs and len(msg.top_logprobs) == len(msg.token_ids)
+            tops = tuple(msg.top_logprobs[skip : skip + len(new)]) if ok else ((),) * len(new)
+            att.top_logprobs.extend(list(t) for t in tops)
         att.tokens += len(new)
         att.last_token_s = now
         node.queued_tokens = max(0, node.queued_tokens - len(new))
@@ -413,7 +418,10 @@ class Dispatcher:
         if job.first_token_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_s = now
             job.state = JobState.STREAMING
-        job.events.put_nowait(JobEvent("tokens", tuple(new)))
+        client = _client_logprobs(job.sampling)
+        job.events.put_nowait(JobEvent(
+            "tokens", tuple(new), logprobs=tuple(att.logprobs[-len(new):]) if client else None,
+            top_logprobs=tops))
 
     async def on_done(self, node: NodeConn | RemoteNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
@@ -441,8 +449,14 @@ class Dispatcher:
             output_sha256=protocol.tokens_sha256(produced),
             finish_reason=msg.finish_reason,
             metering=msg.metering,
+            logprobs_sha256=msg.logprobs_sha256,
         )
-        if msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
+        lps_ok = True
+        if _client_logprobs(job.sampling):  # what the client was shown is what the node signed
+            got = att.logprobs[: att.tokens]
+            lps_ok = None not in got and msg.logprobs_sha256 == protocol.logprobs_sha256(
+                [x for x in got if x is not None], att.top_logprobs[: att.tokens])
+        if not lps_ok or msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
             node.public_key, payload, msg.signature
         ):
             log.warning("job %s: node %s sent a result that does not verify", job.job_id,
@@ -671,3 +685,8 @@ class Dispatcher:
 
 class _StaleMessage(Exception):
     pass
+
+
+def _client_logprobs(sampling: SamplingParams) -> bool:
+    """The client asked for log-probabilities (the node sends and signs them)."""
+    return sampling.logprobs or sampling.top_logprobs > 0
