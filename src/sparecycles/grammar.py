@@ -54,7 +54,7 @@ def parser_limits() -> Any:
     return llguidance.LLParserLimits(**_parser_limits)
 
 
-def json_schema_grammar(schema: dict[str, Any] | None) -> str:
+def json_schema_grammar(schema: dict[str, Any] | None, param: str = "response_format") -> str:
     """The llguidance grammar of JSON text matching ``schema`` (None: any JSON object)."""
     import llguidance
 
@@ -63,7 +63,7 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_json_options)
     except ValueError as exc:
-        raise InvalidRequest(f"invalid JSON schema: {exc}", param="response_format") from None
+        raise InvalidRequest(f"invalid JSON schema: {exc}", param=param) from None
 
 
 def schema_depth(value: Any, depth: int = 0) -> int:

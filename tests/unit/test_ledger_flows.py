@@ -117,14 +117,14 @@ def test_deposit_is_idempotent_by_reference(make_books: Callable[..., Books]) ->
     assert L.check() == []
 
 
-def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books]) -> None:
+def test_hold_refused_with_insufficient_quota_before_any_work(make_books: Callable[..., Books]) -> None:
     b = make_books()
     L = b.ledger
     L.deposit("alice", 100, "p")
     before = b.transfers()
     with pytest.raises(InsufficientBalance) as err:
         L.hold("j1", "alice", "m", 1000, 1000)  # costs 240 micros at most
-    assert err.value.status_code == 402
+    assert err.value.status_code == 429 and err.value.code == "insufficient_quota"
     assert b.transfers() == before  # nothing was written
     assert L.hold("j2", "alice", "m", 500, 0) == 30
     assert L.client_balance("alice").available_micros == 70
