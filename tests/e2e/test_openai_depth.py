@@ -90,7 +90,7 @@ def _user(text: str = "Tell me about the garden.") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-# ---- everything else gets a clear 400 -----------------------------------------------------------
+# ---- everything else gets a clear 400 ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -259,7 +259,7 @@ def test_streamed_n_choices_each_end(net) -> None:
     assert set(finishes) == {0, 1}
 
 
-# ---- log-probabilities ----------------------------------------------------------------------------
+# ---- log-probabilities ---------------------------------------------------------------------------
 
 
 def test_chat_logprobs_and_top_logprobs(net, tok) -> None:
@@ -292,7 +292,7 @@ def test_completions_logprobs_shape(net) -> None:
     assert "".join(lp.tokens) == resp.choices[0].text
 
 
-# ---- structured outputs ---------------------------------------------------------------------------
+# ---- structured outputs --------------------------------------------------------------------------
 
 
 def test_json_schema_output_always_parses_and_validates(net) -> None:
@@ -352,7 +352,7 @@ def test_schema_limits_are_a_400_naming_the_limit(net) -> None:
     assert info.value.body["param"] == "response_format"
 
 
-# ---- tool calling ---------------------------------------------------------------------------------
+# ---- tool calling --------------------------------------------------------------------------------
 
 
 def _validate_call(call) -> dict:

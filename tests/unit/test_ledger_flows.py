@@ -117,7 +117,8 @@ def test_deposit_is_idempotent_by_reference(make_books: Callable[..., Books]) ->
     assert L.check() == []
 
 
-def test_hold_refused_with_insufficient_quota_before_any_work(make_books: Callable[..., Books]) -> None:
+def test_hold_refused_as_insufficient_quota_before_any_work(
+        make_books: Callable[..., Books]) -> None:
     b = make_books()
     L = b.ledger
     L.deposit("alice", 100, "p")

@@ -1,9 +1,9 @@
 """OpenAI's error shape for every failure, and the request-size guard.
 
 ``{"error": {"message", "type", "param", "code"}}`` with the right status: 400 for bad input
-(FastAPI's 422 is mapped to 400, as OpenAI does), 401, 404, 413, 429 (with Retry-After; or insufficient_quota),
-503. Anything unexpected is logged with its traceback and answered 500 in the same shape, without
-internals.
+(FastAPI's 422 is mapped to 400, as OpenAI does), 401, 404, 413, 429 (with Retry-After; or
+insufficient_quota), 503. Anything unexpected is logged with its traceback and answered 500 in
+the same shape, without internals.
 """
 
 from __future__ import annotations

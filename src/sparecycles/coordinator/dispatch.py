@@ -208,7 +208,7 @@ class Dispatcher:
         trusted_only: bool = False,
         received_s: float | None = None,
     ) -> LiveJob:
-        """Record the job and hold its most possible cost; raises InsufficientBalance (429, insufficient_quota).
+        """Record the job and hold its most possible cost; raises InsufficientBalance (429).
 
         The job row and the hold are one transaction (one commit, shared by the admissions of
         the moment: the ledger's group commit), durable before any node is sent the job. When
