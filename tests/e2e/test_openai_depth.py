@@ -436,3 +436,24 @@ def test_agent_loop_with_tool_results_in_the_history(net, tok) -> None:
         tools=[WEATHER], add_generation_prompt=True, tokenize=False)
     assert "<tool_response>" in rendered
     assert final.usage.prompt_tokens == len(tok.encode(rendered, add_special_tokens=False))
+
+
+# ---- LiteLLM as a library client -----------------------------------------------------------------
+
+
+def test_litellm_forced_tool_call_and_json_schema(net) -> None:
+    litellm = pytest.importorskip("litellm")
+    kw = dict(model="openai/tiny", api_base=net.url + "/v1", api_key=net.key, max_tokens=80,
+              temperature=0)
+    resp = litellm.completion(messages=_user("Weather in Lima?"), tools=[WEATHER],
+                              tool_choice={"type": "function",
+                                           "function": {"name": "get_weather"}}, **kw)
+    (call,) = resp.choices[0].message.tool_calls
+    _validate_call(call)
+    assert resp.choices[0].finish_reason == "tool_calls"
+    resp = litellm.completion(messages=_user("A person, please."), response_format={
+        "type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}},
+        **{**kw, "max_tokens": 120})
+    jsonschema_rs.validator_for(PERSON).validate(json.loads(resp.choices[0].message.content))
+    with pytest.raises(litellm.BadRequestError):
+        litellm.completion(messages=_user(), extra_body={"frobnicate": 1}, **kw)
