@@ -28,7 +28,7 @@ from sparecycles.errors import InvalidRequest
 # (initial: ~50k per ms, so ~20 ms to build the lexer; each token's step ~14k per ms, so ~14 ms
 # at most), which bounds compile time and every token's mask whatever the schema. Its defaults,
 # with the grammar's size and lexer states halved.
-_parser_limits = {
+_parser_limits: dict[str, Any] = {
     "max_grammar_size": 250_000,
     "initial_lexer_fuel": 1_000_000,
     "step_lexer_fuel": 200_000,
@@ -37,7 +37,7 @@ _parser_limits = {
     "step_max_items": 50_000,
 }
 # Output JSON without optional whitespace: a model cannot pad forever between two tokens.
-_json_options = {"whitespace_flexible": False, "coerce_one_of": True}
+_json_options: Any = {"whitespace_flexible": False, "coerce_one_of": True}
 
 
 def available() -> bool:

@@ -334,6 +334,13 @@ def test_sdk_parse_with_a_pydantic_model(net) -> None:
     assert isinstance(person, Person)
 
 
+def test_grammar_compile_time_is_measured(net) -> None:
+    metrics = httpx.get(net.url + "/metrics").text
+    count = [line for line in metrics.splitlines() if line.startswith(
+        'sparecycles_coordinator_overhead_seconds_count{stage="grammar_compile"}')]
+    assert count and float(count[0].split()[-1]) >= 1
+
+
 def test_schema_limits_are_a_400_naming_the_limit(net) -> None:
     deep: dict = {"type": "string"}
     for _ in range(40):

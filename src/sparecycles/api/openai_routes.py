@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,6 @@ from sparecycles.secrets_util import new_id
 from sparecycles.store import ApiKeyInfo
 from sparecycles.types import SamplingParams
 
-log = logging.getLogger("sparecycles.api.openai")
 router = APIRouter(responses=ERROR_RESPONSES)
 default_max_tokens = 512  # when a request names none; bounded by the model's context
 # A prompt this short is rendered and tokenized on the event loop (a fraction of a millisecond),
@@ -259,7 +257,8 @@ async def _grammar(coord: Coordinator, model: str, tokenizer: Any, param: str, s
         raise InvalidRequest(f"the schema did not compile within grammar_compile_s_max "
                              f"({limits.grammar_compile_s_max} s)", param=param,
                              code="grammar_too_complex") from None
-    log.debug("grammar for %s compiled in %.1f ms", model, compiled.compile_s * 1e3)
+    # measured per request: sparecycles_coordinator_overhead_seconds{stage="grammar_compile"}
+    coord.metrics.overhead.labels("grammar_compile").observe(compiled.compile_s)
     return text
 
 

@@ -148,7 +148,7 @@ class FunctionDef(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
-    def schema(self) -> dict[str, Any]:
+    def parameters_schema(self) -> dict[str, Any]:
         return self.parameters or {"type": "object", "properties": {}}
 
 

@@ -51,11 +51,11 @@ class ToolPlan:
         """The JSON schema the output must match, for named and required choices."""
         if self.mode is ToolMode.NAMED:
             tool = next(t for t in self.tools if t.function.name == self.named)
-            return tool.function.schema()
+            return tool.function.parameters_schema()
         if self.mode is ToolMode.REQUIRED:
             items = [{"type": "object",
                       "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                     "parameters": t.function.schema()},
+                                     "parameters": t.function.parameters_schema()},
                       "required": ["name", "parameters"], "additionalProperties": False}
                      for t in self.tools]
             array: dict[str, Any] = {"type": "array", "minItems": 1,
