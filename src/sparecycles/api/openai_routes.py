@@ -224,7 +224,8 @@ def _constraint(fmt: ResponseFormat | None, plan: toolcalls.ToolPlan | None
 
 
 _FREE = object()
-_compilers: dict[int, grammar.GrammarCompiler] = {}  # by id of the model's tokenizer
+# by id of the model's tokenizer (kept with it, so a reused id is never a stale compiler)
+_compilers: dict[int, tuple[Any, grammar.GrammarCompiler]] = {}
 
 
 async def _grammar(coord: Coordinator, model: str, tokenizer: Any, param: str, schema: Any
@@ -243,13 +244,14 @@ async def _grammar(coord: Coordinator, model: str, tokenizer: Any, param: str, s
         raise InvalidRequest(f"the compiled grammar has {len(text)} bytes; the limit "
                              f"(grammar_bytes_max) is {limits.grammar_bytes_max}", param=param,
                              code="grammar_too_large")
-    compiler = _compilers.get(id(tokenizer))
+    entry = _compilers.get(id(tokenizer))
+    compiler = entry[1] if entry is not None and entry[0] is tokenizer else None
     if compiler is None:
         spec, _ = coord.model(model)
         compiler = grammar.GrammarCompiler(grammar.from_hf_tokenizer(
             tokenizer, max(len(tokenizer), getattr(spec, "vocab_size", 0) or 0),
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-        _compilers[id(tokenizer)] = compiler
+        _compilers[id(tokenizer)] = (tokenizer, compiler)
     try:
         async with asyncio.timeout(limits.grammar_compile_s_max):
             compiled = await asyncio.to_thread(compiler.matcher, text, param)
