@@ -113,7 +113,7 @@ def main() -> None:
     print(f"decode step, constrained jobs (row step):    {step_constrained * 1e3:8.3f} ms")
     print(f"grammar work per token (mask + consume):     {per_token * 1e3:8.3f} ms over "
           f"{tokens} tokens")
-    print(f"grammar step / plain decode step:            {per_token / step_plain:8.3f}")
+    print(f"grammar step / plain decode step:            {per_token / step_plain:8.2e}")
     print(f"constrained step / plain decode step:        {step_constrained / step_plain:8.3f}")
 
 

@@ -464,3 +464,41 @@ def test_litellm_forced_tool_call_and_json_schema(net) -> None:
     jsonschema_rs.validator_for(PERSON).validate(json.loads(resp.choices[0].message.content))
     with pytest.raises(litellm.BadRequestError):
         litellm.completion(messages=_user(), extra_body={"frobnicate": 1}, **kw)
+
+
+# ---- the Responses API (stateless) -------------------------------------------------------------
+
+
+def test_responses_api_text_tools_and_streaming(net) -> None:
+    r = net.client.responses.create(model="tiny", input="Tell me about the garden.",
+                                    instructions="Be brief.", max_output_tokens=12,
+                                    temperature=0)
+    assert r.object == "response" and r.status in ("completed", "incomplete")
+    assert r.output_text and r.usage.output_tokens >= 1
+    first = r
+    tools = [{"type": "function", "name": WEATHER["function"]["name"],
+              "parameters": WEATHER["function"]["parameters"]}]
+    r = net.client.responses.create(model="tiny", input="Weather in Oslo?", tools=tools,
+                                    tool_choice={"type": "function", "name": "get_weather"},
+                                    max_output_tokens=80, temperature=0)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    jsonschema_rs.validator_for(WEATHER["function"]["parameters"]).validate(
+        json.loads(call.arguments))
+    # the agent loop: the call and its output go back as input items
+    r2 = net.client.responses.create(model="tiny", max_output_tokens=10, temperature=0, input=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name,
+         "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=tools)
+    assert r2.status in ("completed", "incomplete")
+    events = list(net.client.responses.create(model="tiny", input="Tell me about the garden.",
+                                              max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == first.output_text
+    with pytest.raises(openai.BadRequestError) as info:
+        net.client.responses.create(model="tiny", input="hi", previous_response_id="resp_x")
+    assert info.value.body["param"] == "previous_response_id"
