@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sparecycles import limits
 from sparecycles.api import openai_routes
@@ -81,13 +81,8 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     for i, item in enumerate(body.input):
         kind = item.get("type", "message")
         if kind == "message":
-            content = item.get("content", "")
-            if isinstance(content, list):
-                if any(p.get("type") not in ("input_text", "output_text", "text")
-                       for p in content):
-                    raise InvalidRequest("only text content is supported", param=f"input.{i}")
-                content = "".join(p.get("text", "") for p in content)
-            out.append({"role": item.get("role", "user"), "content": content})
+            out.append({"role": item.get("role", "user"),
+                        "content": _text_of(item.get("content", ""), f"input.{i}.content")})
         elif kind == "function_call":
             call = {"id": item.get("call_id", ""), "type": "function",
                     "function": {"name": item.get("name", ""),
@@ -106,8 +101,20 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
+def _text_of(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text")
+            and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise InvalidRequest("content must be text, or a list of text parts", param=param)
+
+
 def _chat_body(body: ResponsesRequest) -> dict[str, Any]:
-    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in _RESPONSES_NO_EFFECT}
+    # what is left of the extras is what changes nothing (user, metadata, ...): passed along
+    extra = {k: v for k, v in (body.model_extra or {}).items()
+             if k not in _RESPONSES_NO_EFFECT and v is not None}
     chat: dict[str, Any] = {"model": body.model, "messages": _messages(body), **extra}
     if body.max_output_tokens is not None:
         chat["max_completion_tokens"] = body.max_output_tokens
@@ -184,9 +191,16 @@ async def create_response(body: ResponsesRequest, request: Request,
             raise InvalidRequest(f"Unsupported parameter: '{name}'", param=name,
                                  code="unsupported_parameter")
     refuse_unsupported(body, _RESPONSES_NO_EFFECT)  # previous_response_id, reasoning, ...
-    chat = ChatCompletionRequest.model_validate({**_chat_body(body), "stream": body.stream,
-                                                 **({"stream_options": {"include_usage": True}}
-                                                    if body.stream else {})})
+    try:
+        chat = ChatCompletionRequest.model_validate({
+            **_chat_body(body), "stream": body.stream,
+            **({"stream_options": {"include_usage": True}} if body.stream else {})})
+    except ValidationError as exc:  # the items did not make a valid conversation: a 400
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        param = "input" if where.startswith("messages") else where or None
+        raise InvalidRequest(f"Invalid value for '{param}': {first.get('msg')} (at {where})",
+                             param=param) from None
     answer = await openai_routes.chat_completions(chat, request, key)
     job_id = answer.headers["X-Sparecycles-Job-Id"]
     shape = _Shape(body, job_id)
