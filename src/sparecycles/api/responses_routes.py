@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -220,7 +220,7 @@ async def create_response(body: ResponsesRequest, request: Request,
                              headers={"Cache-Control": "no-cache", "X-Sparecycles-Job-Id": job_id})
 
 
-async def _events(shape: _Shape, chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def _events(shape: _Shape, chunks: AsyncIterable[Any]) -> AsyncIterator[str]:
     """The chat stream's chunks, re-told as the Responses API's typed events."""
     seq = 0
 

@@ -405,10 +405,13 @@ class Dispatcher:
         job.generated.extend(new)
         lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
         att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
-        tops = None
+        tops: tuple[list[tuple[int, float]], ...] | None = None
         if _client_logprobs(job.sampling):
-            ok = msg.top_logprobs and len(msg.top_logprobs) == len(msg.token_ids)
-            tops = tuple(msg.top_logprobs[skip : skip + len(new)]) if ok else ((),) * len(new)
+            sent = msg.top_logprobs
+            if sent is not None and len(sent) == len(msg.token_ids):
+                tops = tuple(sent[skip : skip + len(new)])
+            else:
+                tops = tuple([] for _ in new)
             att.top_logprobs.extend(list(t) for t in tops)
         att.tokens += len(new)
         att.last_token_s = now
