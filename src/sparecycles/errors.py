@@ -45,7 +45,10 @@ class PermissionDenied(SpareCyclesError):
 
 
 class InsufficientBalance(SpareCyclesError):
-    status_code = 402
+    """OpenAI's own shape for it (429, ``insufficient_quota``), so code written for OpenAI
+    handles it; answered with ``x-should-retry: false`` so that SDKs do not retry it."""
+
+    status_code = 429
     error_type = "insufficient_quota"
     code = "insufficient_quota"
 

@@ -18,7 +18,20 @@ message_chars_max = 200_000
 stop_sequences_max = 4
 stop_sequence_chars_max = 256
 completion_tokens_max = 8192  # whatever the model's context allows, never more than this
-n_choices_max = 1
+n_choices_max = 8  # choices of one request (n, or best_of), each its own job
+prompts_per_request_max = 16  # prompts of one /v1/completions request
+choices_per_request_max = 16  # prompts x best_of (or n): the jobs one request may start
+top_logprobs_max = 20  # alternatives per token (OpenAI: 20; completions' logprobs too)
+logit_bias_entries_max = 300  # OpenAI's limit
+repetition_penalty_max = 10.0
+top_k_max = 100_000
+# Structured outputs and tools (coordinator checks, node compiles; llguidance)
+json_schema_bytes_max = 64_000  # a response_format schema, as compact JSON
+json_schema_depth_max = 32  # nesting of objects and arrays in a schema
+tools_per_request_max = 64
+tool_schema_bytes_max = 64_000  # all tool definitions together, as compact JSON
+grammar_bytes_max = 256_000  # the compiled-to-llguidance grammar carried in a job
+grammar_compile_s_max = 2.0  # a grammar the coordinator cannot compile in this is refused
 
 # --- waiting and placement -----------------------------------------------------------------
 jobs_waiting_max = 10_000

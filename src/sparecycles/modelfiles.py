@@ -282,11 +282,13 @@ def load_tokenizer(source: str | Path):  # -> transformers.PreTrainedTokenizerBa
     return AutoTokenizer.from_pretrained(str(resolve_source(source)))
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of ``messages`` through the model's chat template, opening the assistant's turn.
 
     The template is rendered to text and then tokenized without adding special tokens: templates
-    write their own BOS where the model wants one, and adding another would double it.
+    write their own BOS where the model wants one, and adding another would double it. ``tools``
+    (OpenAI's tool definitions) go to the template, which renders them in the model's own format.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest(
@@ -296,7 +298,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     import jinja2
 
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools or None,
+                                             add_generation_prompt=True, tokenize=False)
     except (jinja2.TemplateError, KeyError, TypeError, ValueError) as exc:
         message = f"the chat template rejected these messages: {exc}"
         raise InvalidRequest(message, param="messages") from exc

@@ -21,9 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from sparecycles import limits
 from sparecycles.errors import ProtocolError
+from sparecycles.types import SamplingParams
 
 PROTOCOL_VERSION = 1
 WS_PATH = "/v1/node/ws"
+
+# What a node can do beyond version 1's sampling (temperature, top_p, seed, stop), said in its
+# ``Hello.features``. A job that needs one is placed only on nodes that said it, so an older node
+# (which would ignore the new ``Sampling`` fields it does not know) never gets such a job.
+FEATURE_SAMPLING_CONTROLS = "sampling-controls"  # penalties, logit_bias, top_k, min_p,
+#                                                  min_tokens, ignore_eos, top log-probabilities
+FEATURE_GRAMMAR = "grammar"  # Sampling.grammar: llguidance grammars (JSON schemas, tool calls)
 
 
 # No NaN or infinity anywhere in the protocol: every model refuses them (``allow_inf_nan``) and
@@ -49,12 +57,51 @@ class ModelOffer(BaseModel):
 
 
 class Sampling(BaseModel):
+    """``types.SamplingParams`` on the wire. Fields after ``stop`` need a node feature
+    (``features_needed``); their defaults change nothing, so version-1 nodes read plain jobs."""
+
     model_config = _WIRE
     max_tokens: int = Field(ge=1, le=limits.completion_tokens_max)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=limits.stop_sequences_max)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=limits.repetition_penalty_max)
+    logit_bias: list[tuple[int, float]] = Field(default_factory=list,
+                                                max_length=limits.logit_bias_entries_max)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0, le=limits.completion_tokens_max)
+    ignore_eos: bool = False
+    grammar: str | None = Field(default=None, max_length=limits.grammar_bytes_max)
+    top_logprobs: int = Field(default=0, ge=0, le=limits.top_logprobs_max)
+    logprobs: bool = False
+
+    @classmethod
+    def of(cls, params: SamplingParams, max_tokens: int | None = None) -> Sampling:
+        fields = {f: getattr(params, f) for f in cls.model_fields if f not in ("stop",
+                                                                                "logit_bias")}
+        fields["max_tokens"] = params.max_tokens if max_tokens is None else max_tokens
+        return cls(stop=list(params.stop), logit_bias=list(params.logit_bias), **fields)
+
+    def params(self) -> SamplingParams:
+        fields = {f: getattr(self, f) for f in type(self).model_fields
+                  if f not in ("stop", "logit_bias")}
+        return SamplingParams(stop=tuple(self.stop),
+                              logit_bias=tuple((int(t), float(b)) for t, b in self.logit_bias),
+                              **fields)
+
+
+def features_needed(params: SamplingParams) -> frozenset[str]:
+    """The node features (``Hello.features``) a job with these parameters needs."""
+    needs = set()
+    if params.grammar is not None:
+        needs.add(FEATURE_GRAMMAR)
+    if not params.is_plain or params.top_logprobs:
+        needs.add(FEATURE_SAMPLING_CONTROLS)
+    return frozenset(needs)
 
 
 class Metering(BaseModel):
@@ -86,6 +133,7 @@ class Hello(_Message):
     models: list[ModelOffer] = Field(max_length=limits.models_per_node_max)
     jobs_max: int = Field(default=8, ge=1, le=limits.jobs_per_node_max)
     nonce_signature: str = ""  # signature over the coordinator's challenge; see Challenge
+    features: list[str] = Field(default_factory=list, max_length=16)  # FEATURE_* it serves
 
 
 class Heartbeat(_Message):
@@ -108,6 +156,9 @@ class Tokens(_Message):
     token_ids: list[int] = Field(min_length=1, max_length=limits.tokens_per_message_max)
     # log p of each token under the model (no temperature), when the job asked want_logprobs
     logprobs: list[float] | None = Field(default=None, max_length=limits.tokens_per_message_max)
+    # the Sampling.top_logprobs likeliest tokens at each position: [[token id, log p], ...]
+    top_logprobs: list[list[tuple[int, float]]] | None = Field(
+        default=None, max_length=limits.tokens_per_message_max)
 
 
 class Done(_Message):
@@ -120,6 +171,8 @@ class Done(_Message):
     metering: Metering
     output_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature: str = Field(min_length=40, max_length=120)
+    # logprobs_sha256 of the attempt's log-probabilities, when the client asked for them (signed)
+    logprobs_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class JobError(_Message):
@@ -194,6 +247,9 @@ class JobAssign(_Message):
     sampling: Sampling
     prompt_sha256: str
     want_logprobs: bool = False  # send ``Tokens.logprobs`` (spot checks compare them)
+    # the last ``resumed_tokens`` of the prompt are this job's output from earlier attempts: the
+    # grammar, penalties and min_tokens count them as output
+    resumed_tokens: int = Field(default=0, ge=0)
 
 
 class Score(_Message):
@@ -207,6 +263,10 @@ class Score(_Message):
     output_token_ids: list[int] = Field(min_length=1, max_length=limits.score_tokens_max)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # the job's whole sampling, when it used more than temperature and top_p: the verifier
+    # processes each position's logits as the node did (grammar, penalties, bias, cuts)
+    sampling: Sampling | None = None
+    resumed_tokens: int = Field(default=0, ge=0)  # the prompt's last tokens that are output
 
 
 class Cancel(_Message):
@@ -308,9 +368,11 @@ def result_payload(
     output_sha256: str,
     finish_reason: str,
     metering: Metering,
+    logprobs_sha256: str | None = None,
 ) -> bytes:
-    """The exact bytes a node signs for a result: canonical JSON (sorted keys, no spaces)."""
-    body = {
+    """The exact bytes a node signs for a result: canonical JSON (sorted keys, no spaces).
+    ``logprobs_sha256`` is part of it only when set (older nodes never set it)."""
+    body: dict[str, Any] = {
         "job_id": job_id,
         "attempt": attempt,
         "weights_sha256": weights_sha256,
@@ -319,7 +381,18 @@ def result_payload(
         "finish_reason": finish_reason,
         "metering": metering.model_dump(mode="json"),
     }
+    if logprobs_sha256 is not None:
+        body["logprobs_sha256"] = logprobs_sha256
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def logprobs_sha256(logprobs: list[float], top_logprobs: list[list[tuple[int, float]]] | None
+                    ) -> str:
+    """Hash of an attempt's log-probabilities as sent in its ``tokens`` messages: canonical JSON
+    (no spaces) of ``[logprobs, top_logprobs]``, floats in Python's shortest round-trip form."""
+    top = [[[int(t), float(lp)] for t, lp in row] for row in top_logprobs or []]
+    body = [[float(x) for x in logprobs], top]
+    return sha256_hex(json.dumps(body, separators=(",", ":")).encode())
 
 
 def b64(data: bytes) -> str:

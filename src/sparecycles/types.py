@@ -67,13 +67,39 @@ class FinishReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to draw tokens. ``temperature == 0`` means greedy decoding."""
+    """How to draw tokens. ``temperature == 0`` means greedy decoding.
+
+    The controls after ``stop`` change the logits before the draw, in the order vLLM applies
+    them (``node/backends/sampling.py``): ``logit_bias``, the grammar's mask, ``min_tokens`` (no
+    end of sequence before it) and ``ignore_eos``, the repetition, frequency and presence
+    penalties; then temperature and the ``top_k``, ``top_p`` and ``min_p`` cuts. Their defaults
+    change nothing, and ``is_plain`` says a request uses none of them.
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # logits of prompt or output tokens divided (or x) by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), id order
+    top_k: int = 0  # 0: no cut
+    min_p: float = 0.0  # drop tokens less likely than min_p x the best one
+    min_tokens: int = 0  # end of sequence forbidden before this many tokens
+    ignore_eos: bool = False  # end of sequence forbidden: the job runs to max_tokens
+    grammar: str | None = None  # llguidance grammar (JSON) the output must match
+    top_logprobs: int = 0  # the client asked for log-probabilities: the N best at each token
+    logprobs: bool = False  # the client asked for the chosen tokens' log-probabilities
+
+    @property
+    def is_plain(self) -> bool:
+        """Temperature, top_p, seed and stop only: the batched fast path samples it."""
+        return (self.presence_penalty == 0 and self.frequency_penalty == 0
+                and self.repetition_penalty == 1 and not self.logit_bias and self.top_k == 0
+                and self.min_p == 0 and self.min_tokens == 0 and not self.ignore_eos
+                and self.grammar is None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +206,7 @@ class Job:
     trusted_only: bool = False
     workload: Workload = Workload.INFERENCE
     avoid_nodes: tuple[str, ...] = ()  # never place here: a hedge's first node, one that failed it
+    needs: frozenset[str] = frozenset()  # node features (protocol.FEATURE_*) the job needs
 
     @property
     def remaining_tokens(self) -> int:
@@ -211,6 +238,7 @@ class NodeSnapshot:
     price_micros_per_mtok: int = 0  # the owner's asking price per million tokens (prompt + output)
     last_assigned_s: float = float("-inf")  # when a job was last placed here (round-robin order)
     relayed: bool = False  # connected to another coordinator replica: its tokens cross the bus
+    features: frozenset[str] = frozenset()  # protocol.FEATURE_* the node said it serves
 
 
 @dataclass(frozen=True, slots=True)

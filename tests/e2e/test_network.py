@@ -172,7 +172,7 @@ def test_concurrent_requests_all_complete(net) -> None:
         (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                      "max_tokens": 10**6}).encode(), 400, "context length"),
         (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                     "n": 3}).encode(), 400, "n"),
+                     "n": 9}).encode(), 400, "n"),
         (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(),
          404, "does not exist"),
         (b"{" + b" " * 1_100_000 + b"}", 413, "exceeds"),
@@ -208,13 +208,20 @@ def test_no_node_for_the_model_is_503_after_a_bounded_wait(net) -> None:
     assert 2.5 < time.monotonic() - t0 < 15
 
 
-def test_client_without_balance_gets_402_before_any_work(net) -> None:
+def test_client_without_balance_gets_insufficient_quota_before_any_work(net) -> None:
+    """OpenAI's own shape for it, so code written for OpenAI handles it: 429, type and code
+    insufficient_quota, and an SDK with retries on does not retry it (x-should-retry)."""
     _id, key = net.store().create_api_key("broke-client", "broke")
-    poor = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as info:
+    poor = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as info:
         poor.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                      max_tokens=5)
-    assert info.value.status_code == 402
+    assert info.value.status_code == 429
+    assert info.value.code == "insufficient_quota"
+    assert info.value.body["type"] == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert time.monotonic() - t0 < 0.5  # not retried (the SDK backs off 0.5 s or more)
 
 
 def test_garbage_on_the_node_socket_is_disconnected_and_others_are_served(net) -> None:

@@ -148,14 +148,15 @@ def test_a_total_past_its_limit_is_refused_with_a_clear_error(
                "WHERE id = 'client:alice'")
 
 
-def test_hold_refused_with_402_before_any_work(make_books: Callable[..., Books]) -> None:
+def test_hold_refused_as_insufficient_quota_before_any_work(
+        make_books: Callable[..., Books]) -> None:
     b = make_books()
     L = b.ledger
     L.deposit("alice", 100, "p")
     before = b.transfers()
     with pytest.raises(InsufficientBalance) as err:
         L.hold("j1", "alice", "m", 1000, 1000)  # costs 240 micros at most
-    assert err.value.status_code == 402
+    assert err.value.status_code == 429 and err.value.code == "insufficient_quota"
     assert b.transfers() == before  # nothing was written
     assert L.hold("j2", "alice", "m", 500, 0) == 30
     assert L.client_balance("alice").available_micros == 70

@@ -385,3 +385,13 @@ def test_never_oversubscribes_and_places_each_job_once(
     if policy in ("random", "round-robin", "least-loaded"):
         free = sum(n.jobs_max - n.active_jobs for n in nodes)
         assert len(out) == min(free, n_jobs)  # baselines fill every free slot they can
+
+
+def test_a_job_that_needs_a_feature_goes_only_to_nodes_that_said_it() -> None:
+    """A grammar-constrained job never reaches a node too old to apply the grammar (it would
+    ignore the unknown field and answer unconstrained)."""
+    needs = frozenset({"grammar"})
+    old, new = node("old", GPU), node("new", CPU, features=frozenset({"grammar"}))
+    assert placed(schedule([job(needs=needs)], [old, new], MODELS, NOW)) == {"j1": "new"}
+    assert schedule([job(needs=needs)], [old], MODELS, NOW) == []
+    assert placed(schedule([job()], [old, new], MODELS, NOW)) == {"j1": "old"}  # the faster

@@ -19,6 +19,7 @@ from sparecycles.api import (
     node_ws,
     openai_routes,
     owner_routes,
+    responses_routes,
 )
 from sparecycles.api.dashboard import routes as dashboard
 from sparecycles.coordinator.service import Coordinator
@@ -46,6 +47,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     errors.install(app)
     app.add_middleware(errors.BodySizeLimit, limit_bytes=settings.request_body_bytes_max)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(node_ws.router)
     app.include_router(costs_routes.router)
     app.include_router(ledger_routes.router)

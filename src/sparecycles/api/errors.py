@@ -1,9 +1,9 @@
 """OpenAI's error shape for every failure, and the request-size guard.
 
 ``{"error": {"message", "type", "param", "code"}}`` with the right status: 400 for bad input
-(FastAPI's 422 is mapped to 400, as OpenAI does), 401, 402, 404, 413, 429 (with Retry-After),
-503. Anything unexpected is logged with its traceback and answered 500 in the same shape, without
-internals.
+(FastAPI's 422 is mapped to 400, as OpenAI does), 401, 404, 413, 429 (with Retry-After; or
+insufficient_quota), 503. Anything unexpected is logged with its traceback and answered 500 in
+the same shape, without internals.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparecycles import limits
-from sparecycles.errors import RateLimited, SpareCyclesError, StoreUnavailable
+from sparecycles.errors import (
+    InsufficientBalance,
+    RateLimited,
+    SpareCyclesError,
+    StoreUnavailable,
+)
 from sparecycles.store.errors import transient_store_errors
 
 log = logging.getLogger("sparecycles.api")
@@ -45,9 +50,10 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": why}
     for status, why in ((400, "Invalid request"), (401, "No or unknown API key"),
-                        (402, "Insufficient balance"), (403, "The key lacks the scope"),
+                        (403, "The key lacks the scope"),
                         (404, "Not found"), (413, "Request body too large"),
-                        (429, "A limit of the key was reached; see Retry-After"),
+                        (429, "A limit of the key was reached (see Retry-After), or the balance "
+                              "is insufficient (insufficient_quota)"),
                         (503, "No node could serve the request"))
 }
 
@@ -63,6 +69,8 @@ def error_response(exc: SpareCyclesError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     elif isinstance(exc, StoreUnavailable):
         headers["Retry-After"] = "1"
+    elif isinstance(exc, InsufficientBalance):  # as OpenAI: no use retrying until topped up
+        headers["x-should-retry"] = "false"
     return JSONResponse(
         error_body(exc.message, exc.error_type, exc.param, exc.code),
         status_code=exc.status_code,

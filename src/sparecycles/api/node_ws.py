@@ -138,6 +138,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         jobs_max=hello.jobs_max,
         send_raw=ws.send_text,
         reputation=reputation,
+        features=frozenset(hello.features),
     )
     await ws.send_text(
         protocol.encode(

@@ -1,34 +1,85 @@
 """Request bodies of the client API, validated at the boundary (OpenAI's field names and ranges).
 
-Unknown fields are accepted and ignored (clients and SDKs send more than we use); known fields of
-the wrong type or out of range are a 400 in OpenAI's error shape.
+Every field of OpenAI's chat and completions APIs, and of vLLM's extensions to them, is either
+honoured (a field below), accepted because it does not change the answer (``no_effect_fields``),
+or refused with a 400 naming it (``refuse_unsupported``): a client never gets a silent 200 for a
+parameter that did nothing. Known fields of the wrong type or out of range are a 400 too.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparecycles import limits
+from sparecycles.errors import InvalidRequest
 from sparecycles.types import Workload
 
+# Fields that change nothing about the answer: accepted and ignored (OpenAI's bookkeeping,
+# caching and routing hints; vLLM's request id and priority).
+no_effect_fields = frozenset({
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+    "request_id", "priority", "cache_salt", "prompt_cache_retention",
+})
+# Fields accepted at the one value that is what this server does anyway; any other is a 400.
+_only_value: dict[str, Any] = {
+    "modalities": ["text"], "skip_special_tokens": True, "add_generation_prompt": True,
+    "include_stop_str_in_output": False, "continue_final_message": False,
+    "spaces_between_special_tokens": True, "use_beam_search": False, "add_special_tokens": False,
+}
 
-class TextPart(BaseModel):
+
+def refuse_unsupported(body: BaseModel, honoured_elsewhere: frozenset[str] = frozenset()) -> None:
+    """A 400 naming the first field of ``body`` this server does not honour (None values pass:
+    some clients send every field, unset ones as null)."""
+    for name, value in (body.model_extra or {}).items():
+        if name in no_effect_fields or value is None or name in honoured_elsewhere:
+            continue
+        if name in _only_value and value == _only_value[name]:
+            continue
+        raise InvalidRequest(f"Unsupported parameter: '{name}' is not supported by this server.",
+                             param=name, code="unsupported_parameter")
+
+
+class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str = Field(max_length=limits.message_chars_max)
+    type: str
+    text: str | None = Field(default=None, max_length=limits.message_chars_max)
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type not in ("text", "input_text") or self.text is None:
+            raise ValueError(f"content parts of type '{self.type}' are not supported "
+                             "(text only)")
+        return self
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(max_length=64)
+    arguments: str = Field(default="{}", max_length=limits.message_chars_max)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(default="", max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(default=None)
+    content: str | list[ContentPart] | None = Field(default=None)
     name: str | None = Field(default=None, max_length=200)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=limits.tools_per_request_max)
+    tool_call_id: str | None = Field(default=None, max_length=200)
 
     @field_validator("content")
     @classmethod
-    def _content_size(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+    def _content_size(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
         if isinstance(v, str) and len(v) > limits.message_chars_max:
             raise ValueError(f"message content exceeds {limits.message_chars_max} characters")
         return v
@@ -38,12 +89,83 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text or "" for p in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it: tool calls with their arguments
+        as a dict (JSON text where it does not parse), a tool result with its call's id."""
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(
+                     c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = Field(default=None, max_length=limits.message_chars_max)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object", "properties": {}}
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Common(BaseModel):
@@ -57,12 +179,31 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=limits.n_choices_max)
-    user: str | None = Field(default=None, max_length=200)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None,
+                                                max_length=limits.logit_bias_entries_max)
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling extensions
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=limits.repetition_penalty_max)
+    top_k: int = Field(default=0, ge=-1, le=limits.top_k_max)  # 0 or -1: no cut
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0, le=limits.completion_tokens_max)
+    ignore_eos: bool = False
     # sparecycles extensions (ignored by other servers, harmless to send)
     # What the request is for is decided by the platform (the key's account: api/auth.workload_of),
     # never by the body: a body that names another workload than its key's gets a 400.
     workload: Workload | None = None
     trusted_only: bool = False
+
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "min_p", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: Any) -> Any:
+        # clients (LiteLLM, some SDKs) send null for unset fields: the default, as OpenAI does
+        if v is None:
+            return cls.model_fields[info.field_name].default
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -74,10 +215,23 @@ class _Common(BaseModel):
             raise ValueError(f"stop sequences are at most {limits.stop_sequence_chars_max} chars")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"keys are token ids; '{key}' is not one")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
+        return v
+
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def bias_tuple(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
     @property
     def include_usage(self) -> bool:
@@ -87,10 +241,15 @@ class _Common(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=limits.messages_per_request_max)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=limits.top_logprobs_max)
+    tools: list[Tool] | None = Field(default=None, max_length=limits.tools_per_request_max)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _not_empty(self) -> ChatCompletionRequest:
-        if not any(m.text().strip() for m in self.messages):
+        if not any(m.text().strip() or m.tool_calls for m in self.messages):
             raise ValueError("messages must contain some text")
         return self
 
@@ -99,20 +258,33 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=limits.top_logprobs_max)
+    best_of: int | None = Field(default=None, ge=1, le=limits.n_choices_max)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(v, str):
-            if len(v) > limits.message_chars_max:
-                raise ValueError(f"prompt exceeds {limits.message_chars_max} characters")
-            if not v.strip():
-                raise ValueError("prompt must not be empty")
-        elif all(isinstance(x, str) for x in v) and len(v) != 1:
-            raise ValueError("exactly one prompt per request is supported")
+    def _prompts(cls, v: Any) -> Any:
+        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if len(prompts) > limits.prompts_per_request_max:
+            raise ValueError(f"at most {limits.prompts_per_request_max} prompts per request")
+        for p in prompts:
+            if isinstance(p, str):
+                if len(p) > limits.message_chars_max:
+                    raise ValueError(f"prompt exceeds {limits.message_chars_max} characters")
+                if not p.strip():
+                    raise ValueError("prompt must not be empty")
+            elif not p:
+                raise ValueError("a prompt of token ids must not be empty")
         return v
+
+    def prompt_list(self) -> list[str | list[int]]:
+        v = self.prompt
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]  # type: ignore[list-item]
+        return list(v)  # type: ignore[arg-type]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

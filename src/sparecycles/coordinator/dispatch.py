@@ -154,7 +154,7 @@ class Dispatcher:
         trusted_only: bool = False,
         received_perf_s: float | None = None,
     ) -> LiveJob:
-        """Record the job and hold its most possible cost; raises InsufficientBalance (402).
+        """Record the job and hold its most possible cost; raises InsufficientBalance (429).
 
         The job row and the hold are one transaction (one commit, shared by the admissions of
         the moment: the ledger's group commit), durable before any node is sent the job. When
@@ -263,15 +263,10 @@ class Dispatcher:
             attempt=number,
             model=job.model,
             prompt_token_ids=prompt,
-            sampling=protocol.Sampling(
-                max_tokens=remaining,
-                temperature=job.sampling.temperature,
-                top_p=job.sampling.top_p,
-                seed=job.sampling.seed,
-                stop=list(job.sampling.stop),
-            ),
+            sampling=protocol.Sampling.of(job.sampling, max_tokens=remaining),
             prompt_sha256=protocol.tokens_sha256(prompt),
-            want_logprobs=self.verifier is not None,
+            want_logprobs=self.verifier is not None or _client_logprobs(job.sampling),
+            resumed_tokens=len(job.generated),
         )
         if not node.send(protocol.encode(msg)):
             return  # the node's socket is gone; its reader will clean up
@@ -358,6 +353,14 @@ class Dispatcher:
         job.generated.extend(new)
         lps = msg.logprobs if msg.logprobs and len(msg.logprobs) == len(msg.token_ids) else None
         att.logprobs.extend(lps[skip : skip + len(new)] if lps else [None] * len(new))
+        tops: tuple[list[tuple[int, float]], ...] | None = None
+        if _client_logprobs(job.sampling):
+            sent = msg.top_logprobs
+            if sent is not None and len(sent) == len(msg.token_ids):
+                tops = tuple(sent[skip : skip + len(new)])
+            else:
+                tops = tuple([] for _ in new)
+            att.top_logprobs.extend(list(t) for t in tops)
         att.tokens += len(new)
         att.last_token_mono_s = now.mono_s
         node.queued_tokens = max(0, node.queued_tokens - len(new))
@@ -366,7 +369,11 @@ class Dispatcher:
         if job.first_token_mono_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_mono_s = now.mono_s
             job.state = JobState.STREAMING
-        job.events.put_nowait(JobEvent(JobEventKind.TOKENS, tuple(new), at_perf_s=now.perf_s))
+        client = _client_logprobs(job.sampling)
+        job.events.put_nowait(JobEvent(
+            JobEventKind.TOKENS, tuple(new), at_perf_s=now.perf_s,
+            logprobs=tuple(att.logprobs[-len(new):]) if client else None,
+            top_logprobs=tops))
 
     async def on_done(self, node: FleetNode, msg: protocol.Done) -> None:
         """A node's result: returns once the job is settled and its client told."""
@@ -395,8 +402,14 @@ class Dispatcher:
             output_sha256=protocol.tokens_sha256(produced),
             finish_reason=msg.finish_reason,
             metering=msg.metering,
+            logprobs_sha256=msg.logprobs_sha256,
         )
-        if msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
+        lps_ok = True
+        if _client_logprobs(job.sampling):  # what the client was shown is what the node signed
+            got = att.logprobs[: att.tokens]
+            lps_ok = None not in got and msg.logprobs_sha256 == protocol.logprobs_sha256(
+                [x for x in got if x is not None], att.top_logprobs[: att.tokens])
+        if not lps_ok or msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
             node.public_key, payload, msg.signature
         ):
             log.warning("job %s: node %s sent a result that does not verify", job.job_id,
@@ -638,3 +651,8 @@ class Dispatcher:
 
 class _StaleMessage(Exception):
     pass
+
+
+def _client_logprobs(sampling: SamplingParams) -> bool:
+    """The client asked for log-probabilities (the node sends and signs them)."""
+    return sampling.logprobs or sampling.top_logprobs > 0

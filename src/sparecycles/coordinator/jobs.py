@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from sparecycles import protocol
 from sparecycles.errors import SpareCyclesError
 from sparecycles.types import Job, JobState, SamplingParams, Workload
 
 if TYPE_CHECKING:
-    from sparecycles import protocol
     from sparecycles.coordinator.fleet_node import FleetNode
     from sparecycles.trust.decisions import Verdict
 
@@ -34,6 +34,7 @@ class Attempt:
     tokens: int = 0
     last_token_mono_s: float = 0.0
     logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # the client's
 
 
 class JobEventKind(enum.StrEnum):
@@ -51,6 +52,9 @@ class JobEvent:
     at_perf_s: float = field(default_factory=time.perf_counter)  # when dispatch produced it
     finish_reason: str | None = None
     error: SpareCyclesError | None = None
+    # the tokens' log-probabilities and alternatives, when the client asked for them
+    logprobs: tuple[float | None, ...] | None = None
+    top_logprobs: tuple[list[tuple[int, float]], ...] | None = None
 
 
 @dataclass
@@ -92,6 +96,7 @@ class LiveJob:
             trusted_only=self.trusted_only,
             workload=self.workload,
             avoid_nodes=tuple(sorted(self.avoid_nodes)),
+            needs=protocol.features_needed(self.sampling),
         )
 
 

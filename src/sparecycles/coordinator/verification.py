@@ -238,7 +238,7 @@ class Verifier:
 
     async def _check(self, task: CheckTask) -> None:
         owners = {a.owner_id for a in task.attempts}
-        pick = self._pick_verifier(task.model, owners)
+        pick = self._pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
         if pick is None:
             self.counts["no_verifier"] += 1
             for a in task.attempts:
@@ -260,7 +260,7 @@ class Verifier:
         """An untrusted verifier's failure counts only if a second verifier, of a third owner,
         agrees; if the second passes the work, the first verifier is the one that failed."""
         owners = {a.owner_id for a in task.attempts} | {first.owner_id}
-        pick = self._pick_verifier(task.model, owners)
+        pick = self._pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
         again = (await self._judge(task, pick[0], Method.TEACHER_FORCED))[0] if pick else {}
         for a in failed:
             v2 = again.get(a.number)
@@ -284,14 +284,15 @@ class Verifier:
     def _nodes(self) -> dict[str, NodeConn]:
         return self.dispatcher.nodes if self.dispatcher is not None else {}
 
-    def _pick_verifier(self, model: str, exclude_owners: set[str]
-                       ) -> tuple[NodeConn, bool] | None:
+    def _pick_verifier(self, model: str, exclude_owners: set[str],
+                       needs: frozenset[str] = frozenset()) -> tuple[NodeConn, bool] | None:
         nodes = self._nodes()
         candidates = [
             verify.Candidate(n.node_id, n.owner_id, n.reputation,
                              self.trust_of(n.node_id).designated_trusted)
             for n in nodes.values()
             if not n.closed and not n.draining and model in n.models and len(n.jobs) < n.jobs_max
+            and needs <= n.features  # it can process the job's logits as the job asked
         ]
         pick = verify.choose_verifier(candidates, exclude_owners, self.rng, self.trusted_min)
         return None if pick is None else (nodes[pick[0].node_id], pick[1])
@@ -304,7 +305,7 @@ class Verifier:
             att = task.attempts[0]
             replay = await self.link.replay(
                 node, task.model, list(task.prompt_ids + task.generated[: att.token_base]),
-                task.sampling, len(att.token_ids))
+                task.sampling, len(att.token_ids), resumed_tokens=att.token_base)
             if replay is not None:
                 busy_s += replay.busy_s
                 self.verification_busy_s += replay.busy_s
@@ -329,7 +330,8 @@ class Verifier:
         n = min(len(task.generated), limits.score_tokens_max)
         scored = await self.link.score(node, task.model, list(task.prompt_ids),
                                        list(task.generated[:n]), task.sampling.temperature,
-                                       task.sampling.top_p)
+                                       task.sampling.top_p,
+                                       None if task.sampling.is_plain else task.sampling)
         self.verification_busy_s += scored.busy_s
         out: dict[int, Verdict] = {}
         for a in task.attempts:

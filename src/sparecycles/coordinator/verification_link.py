@@ -13,7 +13,7 @@ replay's job id; ``on_scored``), so that dispatch never sees them.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import NodeConn
@@ -72,15 +72,18 @@ class VerifierLink:
             replay.done.set_result(isinstance(msg, protocol.Done))
 
     async def replay(self, node: NodeConn, model: str, prompt: list[int],
-                     sampling: SamplingParams, max_tokens: int) -> Replay | None:
-        """Decode ``prompt`` on ``node`` as an ordinary-looking job; None if it failed."""
+                     sampling: SamplingParams, max_tokens: int, resumed_tokens: int = 0
+                     ) -> Replay | None:
+        """Decode ``prompt`` on ``node`` as an ordinary-looking job; None if it failed. The last
+        ``resumed_tokens`` of the prompt are the job's earlier output."""
         job_id = new_id("job")
         msg = protocol.JobAssign(
             job_id=job_id, attempt=1, model=model, prompt_token_ids=prompt,
-            sampling=protocol.Sampling(max_tokens=max_tokens, temperature=sampling.temperature,
-                                       top_p=sampling.top_p, seed=sampling.seed,
-                                       stop=list(sampling.stop)),
-            prompt_sha256=protocol.tokens_sha256(prompt), want_logprobs=True)
+            # the same sampling, constraint, penalties and bias; no client log-probabilities
+            sampling=protocol.Sampling.of(replace(sampling, logprobs=False, top_logprobs=0),
+                                          max_tokens=max_tokens),
+            prompt_sha256=protocol.tokens_sha256(prompt), want_logprobs=True,
+            resumed_tokens=resumed_tokens)
         replay = Replay(node.node_id, asyncio.get_running_loop().create_future())
         self._replays[job_id] = replay
         node.jobs.add(job_id)  # it takes a slot there, as the scheduler should see
@@ -98,11 +101,19 @@ class VerifierLink:
             node.jobs.discard(job_id)
 
     async def score(self, node: NodeConn, model: str, prompt: list[int], output: list[int],
-                    temperature: float, top_p: float) -> protocol.Scored:
-        """One teacher-forced pass on ``node``; a ``Scored`` with ``error`` if it failed."""
+                    temperature: float, top_p: float, sampling: SamplingParams | None = None
+                    ) -> protocol.Scored:
+        """One teacher-forced pass on ``node``; a ``Scored`` with ``error`` if it failed. With
+        ``sampling`` (a job that was not plain) each position is processed as the job was."""
         score_id = new_id("scr")
+        wire = None
+        if sampling is not None:
+            wire = protocol.Sampling.of(replace(sampling, logprobs=False, top_logprobs=0),
+                                        max_tokens=max(1, min(sampling.max_tokens,
+                                                              limits.completion_tokens_max)))
         msg = protocol.Score(score_id=score_id, model=model, prompt_token_ids=prompt,
-                             output_token_ids=output, temperature=temperature, top_p=top_p)
+                             output_token_ids=output, temperature=temperature, top_p=top_p,
+                             sampling=wire)
         fut: asyncio.Future[protocol.Scored] = asyncio.get_running_loop().create_future()
         self._scores[score_id] = (node.node_id, fut)
         try:

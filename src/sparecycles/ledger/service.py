@@ -18,7 +18,7 @@ independently by ``Ledger.check()`` (``sparecycles ledger check``):
 3. Idempotency. Every transfer id is derived from the job and its event and stored forever: a
    retried or replayed call returns the first result and moves no money; the same id with other
    content raises ``Conflict``. (``_Machine.replay``; unique ``id`` and ``pending_id``.)
-4. No overdraft. A hold is refused with ``InsufficientBalance`` (HTTP 402) before any node works
+4. No overdraft. A hold is refused with ``InsufficientBalance`` (HTTP 429) before any node works
    unless the client's available balance (balance - open holds + credit limit) covers the most
    the job can cost; no client account ever falls below minus its credit limit. (``_Machine
    .hold``; ``invariant`` in ``emit``; CHECK ``client_within_limit`` in the database.)

@@ -25,7 +25,7 @@ from sparecycles import __version__, availability, limits, protocol
 from sparecycles.identity import NodeIdentity
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
 from sparecycles.node.energy import EnergyMeter, EnergyReading
-from sparecycles.types import AvailabilityPolicy, DeviceProfile, FinishReason, SamplingParams
+from sparecycles.types import AvailabilityPolicy, DeviceProfile, FinishReason
 
 log = logging.getLogger("sparecycles.node")
 policy_check_interval_s = 1.0
@@ -143,6 +143,7 @@ class NodeAgent:
             ],
             jobs_max=self.jobs_max,
             nonce_signature=self.identity.sign(challenge.nonce.encode()),
+            features=sorted(_common_features(self.engines.values())),
         )
         await ws.send(protocol.encode(hello))
         welcome = protocol.decode_coordinator_message(await ws.recv())
@@ -228,9 +229,11 @@ class NodeAgent:
         try:
             if engine is None or self.draining:
                 raise RuntimeError("draining" if self.draining else f"no model {msg.model}")
+            params = msg.sampling.params() if msg.sampling is not None else None
             r = await asyncio.to_thread(engine.score, tuple(msg.prompt_token_ids),
                                         tuple(msg.output_token_ids),
-                                        temperature=msg.temperature, top_p=msg.top_p)
+                                        temperature=msg.temperature, top_p=msg.top_p,
+                                        params=params, resumed_tokens=msg.resumed_tokens)
         except Exception as exc:
             await send(protocol.Scored(score_id=msg.score_id, error=f"{exc}"[:2000] or "failed"))
             return
@@ -241,14 +244,13 @@ class NodeAgent:
 
     @staticmethod
     def _submit(engine: Engine, job: protocol.JobAssign, on_update: Any) -> None:
-        s = job.sampling
         engine.submit(
             GenerationRequest(
                 request_id=f"{job.job_id}:{job.attempt}",
                 prompt_token_ids=tuple(job.prompt_token_ids),
-                params=SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
-                                      top_p=s.top_p, seed=s.seed, stop=tuple(s.stop)),
+                params=job.sampling.params(),
                 want_logprobs=job.want_logprobs,
+                resumed_tokens=job.resumed_tokens,
             ),
             on_update,
         )
@@ -256,6 +258,9 @@ class NodeAgent:
     async def _forward(self, engine: Engine, run: _Running, send: Any) -> None:
         job = run.job
         produced: list[int] = []
+        client_lps = job.sampling.logprobs or job.sampling.top_logprobs > 0
+        sent_lps: list[float] = []  # the client's log-probabilities, hashed into the signed Done
+        sent_top: list[list[tuple[int, float]]] = []
         carry: GenerationUpdate | None = None
         try:
             while True:
@@ -270,25 +275,32 @@ class NodeAgent:
                         run.first_token_s = time.monotonic()
                     ids = list(update.token_ids)
                     lps = list(update.logprobs) if update.logprobs is not None else None
+                    tops = ([list(t) for t in update.top_logprobs]
+                            if client_lps and update.top_logprobs is not None else None)
                     for i in range(0, len(ids), limits.tokens_per_message_max):
                         part = ids[i : i + limits.tokens_per_message_max]
                         lp = lps[i : i + len(part)] if lps is not None else None
+                        top = tops[i : i + len(part)] if tops is not None else None
                         await send(protocol.Tokens(job_id=job.job_id, attempt=job.attempt,
                                                    index=len(produced), token_ids=part,
-                                                   logprobs=lp))
+                                                   logprobs=lp, top_logprobs=top))
                         produced.extend(part)
+                        if client_lps:
+                            sent_lps.extend(lp or [])
+                            sent_top.extend(top or [])
                     run.last_sent_s = time.monotonic()
                 if update.finished:
                     break
             if run.handed_back:
                 return
-            await send(self._report(engine, run, produced, update))
+            lps_sha = protocol.logprobs_sha256(sent_lps, sent_top) if client_lps else None
+            await send(self._report(engine, run, produced, update, lps_sha))
         finally:
             if self.running.get(job.job_id) is run:  # not a newer attempt of the same job
                 del self.running[job.job_id]
 
     def _report(self, engine: Engine, run: _Running, produced: list[int],
-                last: GenerationUpdate) -> protocol.Done:
+                last: GenerationUpdate, logprobs_sha256: str | None = None) -> protocol.Done:
         job = run.job
         now = time.monotonic()
         stats = engine.stats()
@@ -313,10 +325,12 @@ class NodeAgent:
             job_id=job.job_id, attempt=job.attempt,
             weights_sha256=engine.spec.weights_sha256, prompt_sha256=job.prompt_sha256,
             output_sha256=output_sha, finish_reason=reason, metering=metering,
+            logprobs_sha256=logprobs_sha256,
         )
         return protocol.Done(job_id=job.job_id, attempt=job.attempt, finish_reason=reason,
                              metering=metering, output_sha256=output_sha,
-                             signature=self.identity.sign(payload))
+                             signature=self.identity.sign(payload),
+                             logprobs_sha256=logprobs_sha256)
 
     def _meter(self) -> EnergyMeter:
         if self.meter is None:
@@ -418,7 +432,8 @@ async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: Generation
         if nxt.error:
             return update, nxt
         update = replace(update, token_ids=update.token_ids + nxt.token_ids,
-                         logprobs=_joined_logprobs(update, nxt), finished=nxt.finished,
+                         logprobs=_joined_logprobs(update, nxt),
+                         top_logprobs=_joined_top(update, nxt), finished=nxt.finished,
                          finish_reason=nxt.finish_reason)
     return update, None
 
@@ -442,3 +457,21 @@ def _wire_reason(reason: FinishReason | None) -> protocol.FinishReasonName:
             return "stop"
         case FinishReason.LENGTH:
             return "length"
+
+
+def _joined_top(a: GenerationUpdate, b: GenerationUpdate
+                ) -> tuple[tuple[tuple[int, float], ...], ...] | None:
+    """As ``_joined_logprobs``, for the alternatives at each position."""
+    if not b.token_ids:
+        return a.top_logprobs
+    if not a.token_ids:
+        return b.top_logprobs
+    if a.top_logprobs is None or b.top_logprobs is None:
+        return None
+    return a.top_logprobs + b.top_logprobs
+
+
+def _common_features(engines: Any) -> set[str]:
+    """The features every loaded engine honours (a job may go to any of the node's models)."""
+    sets = [set(getattr(e, "features", frozenset())) for e in engines]
+    return set.intersection(*sets) if sets else set()

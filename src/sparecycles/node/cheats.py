@@ -17,6 +17,7 @@ start. Every mode wraps the honest engine or agent; none changes what the node r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -34,7 +35,7 @@ from sparecycles.node.backends.base import (
     ScoreResult,
     UpdateCallback,
 )
-from sparecycles.types import FinishReason
+from sparecycles.types import FinishReason, SamplingParams
 
 ALLOW_ENV = "SPARECYCLES_ALLOW_CHEATS"
 MODES = ("random-tokens", "different-model", "bf16", "int8", "replay", "forged-signature",
@@ -98,9 +99,10 @@ class _Wrapped(Engine):
         self.inner.close()
 
     def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
-              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+              temperature: float = 1.0, top_p: float = 1.0, params: SamplingParams | None = None,
+              resumed_tokens: int = 0) -> ScoreResult:
         return self.inner.score(prompt_token_ids, output_token_ids, temperature=temperature,
-                                top_p=top_p)
+                                top_p=top_p, params=params, resumed_tokens=resumed_tokens)
 
 
 class RandomTokens(_Wrapped):
@@ -115,8 +117,8 @@ class RandomTokens(_Wrapped):
         def fake(u: GenerationUpdate) -> None:
             ids = tuple(self._rng.randrange(self._vocab) for _ in u.token_ids)
             lps = tuple(-self._rng.uniform(0.1, 5.0) for _ in ids) if u.logprobs else u.logprobs
-            on_update(GenerationUpdate(u.request_id, ids, lps, u.finished, u.finish_reason,
-                                       u.error))
+            # the alternatives no longer match the tokens sent: a cheat drops them
+            on_update(dataclasses.replace(u, token_ids=ids, logprobs=lps, top_logprobs=None))
 
         self.inner.submit(request, fake)
 

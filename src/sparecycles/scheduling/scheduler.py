@@ -264,6 +264,8 @@ def _job_fits(job: Job, load: _Load, spec: ModelSpec, config: SchedulerConfig) -
         return False
     if node.node_id in job.avoid_nodes:
         return False
+    if not job.needs <= node.features:  # e.g. a grammar, on a node too old to apply it
+        return False
     batch = min(load.active + 1, node.jobs_max)
     context = job.prompt_tokens + job.max_tokens
     return load.costs_of(spec, config.calibration).fits(batch, context)

@@ -160,6 +160,9 @@ class Tolerance:
     nucleus_slack: float = 0.02  # probability mass a top-p token may sit outside the nucleus
     z_min: float = -6.0  # log-likelihood z-score below which sampled tokens are implausible
     z_tokens_min: int = 16  # the z-test needs this many tokens
+    # a token trailing the best by this many nats had probability < e^-1000 (a constrained
+    # job's verifier scores a token its grammar forbids at score_floor, 1e4 nats down)
+    impossible_gap: float = 1000.0
 
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -209,6 +212,11 @@ def judge_scores(claim: Claim, scores: Scores,
     if not all(math.isfinite(x) for x in scores.logprobs + scores.top_logprobs):
         return Verdict(Outcome.INCONCLUSIVE, tf, "the verifier's scores are not finite")
     fields: dict[str, Any] = {"tokens_checked": n}
+    trail = [top - lp for top, lp in zip(scores.top_logprobs, scores.logprobs, strict=True)]
+    impossible = [i for i, g in enumerate(trail) if g >= tol.impossible_gap]
+    if impossible:  # e.g. a token the job's grammar forbids, or one the model never gives
+        return Verdict(Outcome.FAIL, tf, f"{len(impossible)} tokens the job's sampling could "
+                       f"never draw, first at {impossible[0]}", **fields)
     if claim.temperature == 0:
         gaps = [top - lp for top, lp in zip(scores.top_logprobs, scores.logprobs, strict=True)]
         worst = max(range(n), key=gaps.__getitem__)

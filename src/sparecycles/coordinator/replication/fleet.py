@@ -88,6 +88,7 @@ class RemoteNode:
     host_active: int = 0  # all replicas' jobs on it, as its host last said
     host_queued: int = 0
     sent_since_report: int = 0  # jobs this replica placed on it since that report
+    features: frozenset[str] = frozenset()  # protocol.FEATURE_* from its hello
     _snap: tuple[tuple[Any, ...], NodeSnapshot] | None = None  # (inputs, snapshot)
     is_local = False
 
@@ -148,6 +149,7 @@ class RemoteNode:
             reputation=self.reputation,
             draining=self.draining,
             relayed=True,
+            features=self.features,
         )
 
 
@@ -173,7 +175,8 @@ def _state_of(node: NodeConn, now_epoch_s: float) -> list[Any]:
 def _describe(node: NodeConn) -> dict[str, Any]:
     return {"id": node.node_id, "owner": node.owner_id, "name": node.name,
             "key": node.public_key, "profile": asdict(node.profile), "models": list(node.models),
-            "weights": node.weights, "jobs_max": node.jobs_max}
+            "weights": node.weights, "jobs_max": node.jobs_max,
+            "features": sorted(node.features)}
 
 
 class FleetDispatch(Protocol):
@@ -365,7 +368,8 @@ class Fleet:
                 node_id=node_id, owner_id=desc["owner"], name=desc["name"],
                 public_key=desc["key"], profile=profile_from_dict(desc["profile"]),
                 models=tuple(desc["models"]), weights=dict(desc["weights"]),
-                jobs_max=int(desc["jobs_max"]), host=host, fleet=self)
+                jobs_max=int(desc["jobs_max"]), host=host, fleet=self,
+                features=frozenset(desc.get("features", ())))
             remote.apply_state(desc["state"])
             d.on_node_ready(remote)
 

@@ -27,6 +27,9 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     want_logprobs: bool = False
+    # the last ``resumed_tokens`` of the prompt are this request's output from an earlier
+    # attempt (the grammar, penalties and min_tokens count them as output)
+    resumed_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,8 @@ class GenerationUpdate:
     request_id: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] | None = None  # log-probability of each token in token_ids
+    # the params.top_logprobs likeliest (token, log p) at each token's position
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
@@ -77,6 +82,8 @@ class Engine(abc.ABC):
     name: str
     spec: ModelSpec  # includes weights_sha256 of the loaded files
     device: str  # "cpu", "cuda:0", ...
+    # protocol.FEATURE_* this engine honours beyond plain sampling (the agent says them in hello)
+    features: frozenset[str] = frozenset()
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
@@ -92,10 +99,14 @@ class Engine(abc.ABC):
     def stats(self) -> EngineStats: ...
 
     def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
-              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+              temperature: float = 1.0, top_p: float = 1.0,
+              params: SamplingParams | None = None, resumed_tokens: int = 0) -> ScoreResult:
         """Score ``output_token_ids`` after the prompt in one forward pass (teacher forcing), for
         verification. Blocks until done; callable from any thread; runs between decode steps.
-        Raises ``InvalidRequest`` for tokens outside the vocabulary or the context."""
+        With ``params`` that are not plain, each position is processed as the job's sampling
+        processed it (``sampling.score_row``; the last ``resumed_tokens`` of the prompt are
+        earlier output). Raises ``InvalidRequest`` for tokens outside the vocabulary or the
+        context."""
         raise NotImplementedError(f"{type(self).__name__} cannot score")
 
     @abc.abstractmethod

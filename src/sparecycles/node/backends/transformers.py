@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from sparecycles import limits, modelfiles
+from sparecycles import grammar, limits, modelfiles, protocol
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest
 from sparecycles.node.backends import sampling
 from sparecycles.node.backends.base import (
@@ -46,7 +46,7 @@ from sparecycles.node.backends.base import (
     UpdateCallback,
 )
 from sparecycles.node.backends.kvbatch import KVBatch, check_full_attention, left_padded
-from sparecycles.types import FinishReason, ModelSpec
+from sparecycles.types import FinishReason, ModelSpec, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class _ScoreJob:
     temperature: float
     top_p: float
     future: concurrent.futures.Future[ScoreResult]
+    row: sampling.RowState | None = None  # the job's processing, when not plain
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +80,7 @@ class _Sequence:
     pending: int = -1  # the last token chosen, fed to the model at the next decode step
     generated: list[int] = field(default_factory=list)
     finished: bool = False  # set once, under the engine's lock, when the final update goes out
+    row: sampling.RowState | None = None  # the row step's state, for a request that is not plain
 
 
 class TransformersEngine(Engine):
@@ -113,6 +115,9 @@ class TransformersEngine(Engine):
         self._duty_cycle = duty_cycle
         self._eos_ids = _eos_ids(model, tokenizer)
         self._vocab_size = model.get_input_embeddings().num_embeddings
+        self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS}
+                                  | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set()))
+        self._grammars: grammar.GrammarCompiler | None = None  # built at the first grammar
         self._keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
         self._lock = threading.Lock()
@@ -181,8 +186,12 @@ class TransformersEngine(Engine):
             raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
         if not all(0 <= t < self._vocab_size for t in request.prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {self._vocab_size})")
-        generator = sampling.make_generator(request.params, self.device)
-        sequence = _Sequence(request, on_update, generator)
+        if not 0 <= request.resumed_tokens < n_prompt:
+            raise InvalidRequest("resumed_tokens must be shorter than the prompt")
+        row = self._row(request.params, request.prompt_token_ids, request.resumed_tokens)
+        generator = None if row is not None else sampling.make_generator(request.params,
+                                                                         self.device)
+        sequence = _Sequence(request, on_update, generator, row=row)
         with self._lock:
             if self._closing:
                 raise EngineClosed(f"engine {self.name} is closed")
@@ -201,8 +210,27 @@ class TransformersEngine(Engine):
                 self._cancelled.add(sequence)
                 self._wakeup.notify()
 
+    def _row(self, params: SamplingParams, prompt: tuple[int, ...], resumed: int
+             ) -> sampling.RowState | None:
+        """The row step's state for a request that is not plain (compiles its grammar here, on
+        the caller's thread, so the batch never waits for it); None for the batched path."""
+        if params.is_plain:
+            return None
+        matcher = None
+        if params.grammar is not None:
+            if self._grammars is None:
+                self._grammars = grammar.GrammarCompiler(grammar.from_hf_tokenizer(
+                    self.tokenizer, self._vocab_size, self._eos_ids))
+            matcher = self._grammars.matcher(params.grammar).matcher
+        row = sampling.start_row(params, prompt, sorted(self._eos_ids), resumed_tokens=resumed,
+                                 matcher=matcher)
+        if error := sampling.row_error(row):
+            raise InvalidRequest(f"the resumed output breaks the grammar: {error}")
+        return row
+
     def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
-              temperature: float = 1.0, top_p: float = 1.0) -> ScoreResult:
+              temperature: float = 1.0, top_p: float = 1.0,
+              params: SamplingParams | None = None, resumed_tokens: int = 0) -> ScoreResult:
         n = len(prompt_token_ids) + len(output_token_ids)
         if not prompt_token_ids or not output_token_ids:
             raise InvalidRequest("scoring needs a prompt and at least one output token")
@@ -210,8 +238,11 @@ class TransformersEngine(Engine):
             raise ContextLengthExceeded(f"{n} tokens exceed {self.name}'s context")
         if not all(0 <= t < self._vocab_size for t in (*prompt_token_ids, *output_token_ids)):
             raise InvalidRequest(f"token ids must lie in [0, {self._vocab_size})")
+        row = None
+        if params is not None:
+            row = self._row(params, tuple(prompt_token_ids), resumed_tokens)
         job = _ScoreJob(tuple(prompt_token_ids), tuple(output_token_ids), temperature, top_p,
-                        concurrent.futures.Future())
+                        concurrent.futures.Future(), row)
         with self._lock:
             if self._closing:
                 raise EngineClosed(f"engine {self.name} is closed")
@@ -390,30 +421,68 @@ class TransformersEngine(Engine):
         logits = self._model(input_ids=ids, use_cache=False, **extra).logits[0]
         # position p predicts token p + 1: the rows before each output token
         logits = logits[-(n_out + 1) : -1].float()
+        if job.row is not None:
+            rows = [sampling.score_row(logits[i].cpu().numpy(), token, job.row)
+                    for i, token in enumerate(job.output)]
+            return tuple(tuple(r[k] for r in rows) for k in range(5))
         return sampling.score_positions(
             logits, torch.tensor(job.output, device=self.device), job.temperature, job.top_p)
 
     def _choose(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         """Pick each sequence's next token, tell its caller, and finish it where it ends."""
         logits = logits.float()
-        params = [s.request.params for s in batch]
-        chosen = sampling.next_tokens(logits, params, [s.generator for s in batch])
+        chosen = self._draw(batch, logits)
         want = any(s.request.want_logprobs for s in batch)
-        logprobs = sampling.token_logprobs(logits, chosen).tolist() if want else None
-        for row, (s, token) in enumerate(zip(batch, chosen.tolist(), strict=True)):
+        logprobs = None
+        if want:
+            index = torch.tensor(chosen, device=logits.device)
+            logprobs = sampling.token_logprobs(logits, index).tolist()
+        for row, (s, token) in enumerate(zip(batch, chosen, strict=True)):
+            p = s.request.params
             lp = (logprobs[row],) if logprobs is not None and s.request.want_logprobs else None
+            top = None
+            if p.logprobs or p.top_logprobs:  # the client's: from the raw row, on the CPU
+                one, best = sampling.logprobs_of(logits[row].cpu().numpy(), token,
+                                                 p.top_logprobs)
+                lp, top = (one,), (best,)
             if token in self._eos_ids:
-                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None)
+                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None,
+                             top_logprobs=() if top is not None else None)
                 continue
             s.generated.append(token)
             s.pending = token
             reason = self._finish_reason(s)
+            if s.row is not None:
+                sampling.accept(s.row, token)
+                if error := sampling.row_error(s.row):
+                    self._finish(s, None, error=f"grammar: {error}")
+                    continue
+                if reason is None and sampling.row_done(s.row):
+                    reason = FinishReason.STOP
             if reason is None:
-                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp))
+                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp,
+                                                  top_logprobs=top))
             else:
-                self._finish(s, reason, token_ids=(token,), logprobs=lp)
+                self._finish(s, reason, token_ids=(token,), logprobs=lp, top_logprobs=top)
         with self._lock:
             self._stats.tokens_generated += len(batch)
+
+    def _draw(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token: the batched fast path for plain requests, the row step
+        (``sampling.process_logits`` and ``draw``, on the CPU) for the others."""
+        plain = [i for i, s in enumerate(batch) if s.row is None]
+        chosen = [0] * len(batch)
+        if plain:
+            sub = logits if len(plain) == len(batch) else logits[plain]
+            drawn = sampling.next_tokens(sub, [batch[i].request.params for i in plain],
+                                         [batch[i].generator for i in plain]).tolist()
+            for i, token in zip(plain, drawn, strict=True):
+                chosen[i] = token
+        for i, s in enumerate(batch):
+            if s.row is not None:
+                processed = sampling.process_logits(logits[i].cpu().numpy(), s.row)
+                chosen[i] = sampling.draw(processed, s.row)
+        return chosen
 
     def _finish_reason(self, s: _Sequence) -> FinishReason | None:
         params = s.request.params
@@ -453,6 +522,7 @@ class TransformersEngine(Engine):
         *,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[float, ...] | None = None,
+        top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None,
         error: str | None = None,
     ) -> None:
         with self._lock:
@@ -465,6 +535,7 @@ class TransformersEngine(Engine):
             request_id=s.request.request_id,
             token_ids=token_ids,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             finished=True,
             finish_reason=reason if error is None else None,
             error=error,
