@@ -167,15 +167,16 @@ class ForgingIdentity:
 def _overclaim(agent: Any) -> None:
     honest_report = agent._report
 
-    def report(engine: Engine, run: Any, produced: list[int], last: Any) -> protocol.Done:
-        done = honest_report(engine, run, produced, last)
+    def report(engine: Engine, run: Any, produced: list[int], last: Any,
+               logprobs_sha256: str | None = None) -> protocol.Done:
+        done = honest_report(engine, run, produced, last, logprobs_sha256)
         m = done.metering.model_copy(update={
             "completion_tokens": done.metering.completion_tokens * 2 + 5,
             "busy_s": done.metering.busy_s * 2})
         payload = protocol.result_payload(
             job_id=done.job_id, attempt=done.attempt, weights_sha256=engine.spec.weights_sha256,
             prompt_sha256=run.job.prompt_sha256, output_sha256=done.output_sha256,
-            finish_reason=done.finish_reason, metering=m)
+            finish_reason=done.finish_reason, metering=m, logprobs_sha256=done.logprobs_sha256)
         return done.model_copy(update={"metering": m, "signature": agent.identity.sign(payload)})
 
     agent._report = report
