@@ -182,6 +182,49 @@ def test_candidate_index_offers_least_loaded_per_class() -> None:
     assert sorted(picked) == [0, 1, 2, 3]  # the two least loaded of each class
     index.update(0, "m", 0, 0, 8, accepting=False)
     assert 0 not in index.candidates("m", 1, "least-loaded", random.Random(0))
-    assert len(index.candidates("m", 1, "random", random.Random(0))) == 8
+    assert len(index.candidates("m", 1, "random", random.Random(0))) == 9
     assert index.candidates("other", 1, "fastest", random.Random(0)) == []
-    assert math.isfinite(len(index.candidates("m", 3, "round-robin", random.Random(0))))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_baselines_see_every_node_they_could_pick(seed: int) -> None:
+    """On random fleet states, a baseline given the index's candidates places every job exactly
+    as it does given every node of the fleet (the full scan)."""
+    from sparecycles.scheduling.presets import DEVICE_PRESETS, MODEL_PRESETS
+    from sparecycles.scheduling.scheduler import SchedulerConfig, schedule
+    from sparecycles.types import Job, NodeSnapshot
+
+    rng = random.Random(seed)
+    spec = MODEL_PRESETS["llama-3-8b-q4"]
+    profiles = [DEVICE_PRESETS[d] for d in ("gaming-pc", "laptop", "a100")]
+    index = CandidateIndex(all_max=8)
+    state: dict[int, tuple[int, int, bool, float]] = {}  # node -> cls, active, accepting, last
+    for step in range(400):
+        n = rng.randrange(120)
+        cls = n % 3
+        active = rng.choice([0, 0, 1, 2, 4, 4, 4])  # many full nodes (jobs_max 4)
+        accepting = rng.random() < 0.8
+        state[n] = (cls, active, accepting, float(step))
+        index.update(n, spec.name, cls, active, 4, accepting)
+        if accepting and rng.random() < 0.5:
+            index.assigned(n)
+    snaps = {
+        n: NodeSnapshot(f"n{n}", "o", profiles[cls], (spec.name,), active_jobs=active,
+                        jobs_max=4, queued_tokens=100 * active, available=accepting,
+                        last_assigned_s=last)
+        for n, (cls, active, accepting, last) in state.items()
+    }  # fmt: skip
+    full_scan = {n for n, (_, active, accepting, _) in state.items() if accepting and active < 4}
+    jobs = [Job(f"j{i}", spec.name, rng.randrange(50, 3000), 256, "c", float(i))
+            for i in range(rng.randrange(1, 30))]  # fmt: skip
+    for policy in ("random", "round-robin", "least-loaded"):
+        offered = index.candidates(spec.name, len(jobs), policy, random.Random(seed))
+        assert set(offered) == full_scan, policy
+        if policy == "random":
+            continue  # same candidates; the draw itself depends on the list's order
+        config = SchedulerConfig(policy=policy)
+        everything = schedule(jobs, list(snaps.values()), {spec.name: spec}, 1e6, config,
+                              random.Random(seed))  # fmt: skip
+        indexed = schedule(jobs, [snaps[n] for n in offered], {spec.name: spec}, 1e6, config,
+                           random.Random(seed))  # fmt: skip
+        assert indexed == everything, policy

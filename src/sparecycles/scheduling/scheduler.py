@@ -37,6 +37,7 @@ came out ahead. docs/scheduling.md has the formulas.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import math
 import random
@@ -558,10 +559,17 @@ def _pick_random(job: Job, serving: list[_Load], spec: ModelSpec, config: Schedu
     return rng.choice(free) if free else None
 
 
-def _baseline_key(load: _Load, policy: str, rng: random.Random) -> tuple[float, object]:
+def _tie_break(node_id: str, salt: bytes) -> bytes:
+    """A random order of nodes that does not depend on which other nodes are in the list (so
+    offering only the nodes a baseline could pick gives the answer of the whole fleet)."""
+    return hashlib.blake2b(node_id.encode(), key=salt, digest_size=8).digest()
+
+
+def _baseline_key(load: _Load, policy: str, salt: bytes) -> tuple[float, object]:
     if policy == "round-robin":
         return (load.last_assigned_s, load.node.node_id)
-    return (load.active / max(1, load.node.jobs_max), rng.random())  # least-loaded, random ties
+    # least-loaded, random ties
+    return (load.active / max(1, load.node.jobs_max), _tie_break(load.node.node_id, salt))
 
 
 def _pick_ordered(job: Job, heap: list[tuple[tuple[float, object], int, _Load, int]],
@@ -594,6 +602,7 @@ def _schedule_baseline(
     out: list[Assignment] = []
     serving: dict[str, list[_Load]] = {}
     heaps: dict[str, list[tuple[tuple[float, object], int, _Load, int]]] = {}
+    salt = rng.getrandbits(64).to_bytes(8, "big") if config.policy == "least-loaded" else b""
     for job in jobs:
         spec = models[job.model]
         if job.model not in serving:
@@ -601,7 +610,7 @@ def _schedule_baseline(
             heaps[job.model] = []
             if config.policy != "random":
                 heaps[job.model] = [
-                    (_baseline_key(ld, config.policy, rng), i, ld, ld.version)
+                    (_baseline_key(ld, config.policy, salt), i, ld, ld.version)
                     for i, ld in enumerate(serving[job.model])
                 ]
                 heapq.heapify(heaps[job.model])
@@ -620,7 +629,7 @@ def _schedule_baseline(
         load.last_assigned_s = now_s + len(out) * 1e-9  # later in this call: later in the cycle
         load.version += 1
         if config.policy != "random":
-            key = _baseline_key(load, config.policy, rng)
+            key = _baseline_key(load, config.policy, salt)
             heapq.heappush(heaps[job.model], (key, len(out) + len(loads), load, load.version))
         if len(out) >= config.assignments_per_call_max:
             break
