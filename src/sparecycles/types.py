@@ -177,6 +177,11 @@ class NodeSnapshot:
     active_jobs: int = 0
     jobs_max: int = 8
     queued_tokens: int = 0  # tokens still to generate for the jobs already on it
+    # Prompt tokens of jobs placed here whose prefill has not finished (the prefill backlog: a
+    # new job's first token comes after them), and their predicted prefill seconds (0: not
+    # predicted by the caller; the scheduler then predicts the prefill of that many tokens)
+    prefill_backlog_tokens: int = 0
+    prefill_backlog_s: float = 0.0
     measured_decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per job
     # the batch (jobs running on the node) those per-job speeds were measured at, averaged the
     # same way: a job's speed at batch 8 is compared with the prediction at batch 8

@@ -385,3 +385,21 @@ def test_never_oversubscribes_and_places_each_job_once(
     if policy in ("random", "round-robin", "least-loaded"):
         free = sum(n.jobs_max - n.active_jobs for n in nodes)
         assert len(out) == min(free, n_jobs)  # baselines fill every free slot they can
+
+
+def test_a_queued_prefill_backlog_delays_the_first_token() -> None:
+    """Twins, one with 60k prompt tokens queued for prefill (and otherwise a little less
+    loaded): ours sends a short prompt to the other, whose first token comes far sooner."""
+    backlog = node("backlog", active_jobs=1, queued_tokens=100, prefill_backlog_tokens=60_000)
+    decoding = node("decoding", active_jobs=1, queued_tokens=200)
+    out = schedule([job(prompt=200, out=64)], [backlog, decoding], MODELS, NOW)
+    assert placed(out) == {"j1": "decoding"}
+    config = SchedulerConfig()
+    slow = predict(job(prompt=200, out=64), backlog, MODEL, NOW, config)
+    fast = predict(job(prompt=200, out=64), decoding, MODEL, NOW, config)
+    costs = perfmodel.costs(MODEL, GPU)
+    assert slow.ttft_s - fast.ttft_s == pytest.approx(costs.prefill_s(60_000), rel=0.05)
+    # a predicted backlog in seconds, when the caller gives one, is taken as it is
+    stated = replace(backlog, prefill_backlog_s=1.5)
+    assert predict(job(prompt=200, out=64), stated, MODEL, NOW, config).ttft_s == pytest.approx(
+        fast.ttft_s + 1.5, rel=0.05)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import tomllib
 from pathlib import Path
@@ -228,3 +227,27 @@ def test_baselines_see_every_node_they_could_pick(seed: int) -> None:
         indexed = schedule(jobs, [snaps[n] for n in offered], {spec.name: spec}, 1e6, config,
                            random.Random(seed))  # fmt: skip
         assert indexed == everything, policy
+
+
+def test_a_simulated_node_reports_its_prefill_backlog() -> None:
+    """The snapshot the simulator hands the scheduler counts the prompts queued on the node."""
+    from sparecycles.sim.loop import Simulation, Waiting
+    from sparecycles.types import Job
+
+    fleet = parse_fleet({"class": [{"name": "pc", "device": "gaming-pc", "count": 1,
+                                    "models": ["llama-3-8b-q4"]}]})  # fmt: skip
+    n = 3
+    trace = Trace("t", EPOCH, np.zeros(n), np.full(n, 4000), np.full(n, 10))
+    sim = Simulation(trace, fleet, SimConfig(seed=1))
+    sim._start_nodes()
+    node = sim.nodes[0]
+    for req in range(n):
+        w = Waiting(req, Job(str(req), "llama-3-8b-q4", 4000, 64, "c", 0.0), 0.0)
+        sim.start(w, node, 0.0, 1.0)
+    snap = sim.snapshot(node, 0.0)
+    assert snap.prefill_backlog_tokens == 3 * 4000  # one being prefilled, two queued
+    assert snap.prefill_backlog_s == pytest.approx(3 * node.costs.prefill_s(4000))
+    half = node.prefill_end / 2
+    assert sim.snapshot(node, half) is snap  # unchanged within the refresh...
+    node.snapshot = None
+    assert sim.snapshot(node, half).prefill_backlog_tokens == 2 * 4000 + 2000  # ... half done

@@ -337,6 +337,7 @@ class Dispatcher:
             job.dispatched_s = time.perf_counter()
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
+        node.backlog.sent(job.job_id, len(prompt), remaining)
         self.waiting.pop(job.job_id, None)
         self.writer.background(
             self.store.start_attempt,
@@ -410,6 +411,7 @@ class Dispatcher:
         node.queued_tokens = max(0, node.queued_tokens - len(new))
         if att.first_token_s is None:
             att.first_token_s = now
+            node.backlog.streaming(job.job_id)
         if job.first_token_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_s = now
             job.state = JobState.STREAMING

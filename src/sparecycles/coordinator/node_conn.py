@@ -57,6 +57,33 @@ def fold_speed(speeds: dict[str, float], batches: dict[str, float], model: str,
 
 
 @dataclass
+class Backlog:
+    """What this coordinator sent a node that the node has not worked through yet: each job's
+    prompt tokens until its first token streams back (the node's prefill backlog: a new job's
+    first token comes after those prompts), and the KV-cache tokens each job may fill (its
+    prompt plus the tokens it may still generate) until it ends. Dispatch records a job when it
+    sends it (``sent``) and when its first token arrives (``streaming``); a job that has left the
+    node's job set is forgotten when the totals are read."""
+
+    prefill: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, int] = field(default_factory=dict)
+
+    def sent(self, job_id: str, prompt_tokens: int, new_tokens_max: int) -> None:
+        self.prefill[job_id] = prompt_tokens
+        self.kv[job_id] = prompt_tokens + new_tokens_max
+
+    def streaming(self, job_id: str) -> None:
+        self.prefill.pop(job_id, None)
+
+    def totals(self, running: set[str]) -> tuple[int, int]:
+        """(prefill backlog tokens, KV tokens reserved) of the jobs still in ``running``."""
+        for book in (self.prefill, self.kv):
+            for job_id in [j for j in book if j not in running]:
+                del book[job_id]
+        return sum(self.prefill.values()), sum(self.kv.values())
+
+
+@dataclass
 class NodeConn:
     node_id: str
     owner_id: str
@@ -71,6 +98,7 @@ class NodeConn:
     status: availability.DeviceStatus = field(default_factory=availability.DeviceStatus)
     jobs: set[str] = field(default_factory=set)  # job ids running here
     queued_tokens: int = 0
+    backlog: Backlog = field(default_factory=Backlog)
     draining: bool = False
     last_seen_s: float = field(default_factory=time.monotonic)
     measured_tps: dict[str, float] = field(default_factory=dict)
@@ -126,7 +154,8 @@ class NodeConn:
         """The scheduler's view of this node now (reused while its inputs are unchanged, for at
         most ``snapshot_reuse_s_max``)."""
         inputs = (len(self.jobs), self.queued_tokens, self.draining, self.reputation,
-                  self.status, self.policy, self.models, self.jobs_max, self.profile)
+                  self.status, self.policy, self.models, self.jobs_max, self.profile,
+                  self.backlog.totals(self.jobs))
         cached = self._snap
         if (cached is not None and cached[0] == inputs
                 and abs(now_epoch_s - cached[1]) < snapshot_reuse_s_max
@@ -137,6 +166,7 @@ class NodeConn:
         return snap
 
     def _build_snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        prefill_tokens, _kv = self.backlog.totals(self.jobs)
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -145,6 +175,7 @@ class NodeConn:
             active_jobs=len(self.jobs),
             jobs_max=self.jobs_max,
             queued_tokens=self.queued_tokens,
+            prefill_backlog_tokens=prefill_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
             measured_decode_batch=dict(self.measured_batch),
             available=not self.draining

@@ -21,9 +21,9 @@ Policies (``SchedulerConfig.policy``):
   and ignore speed and departures.
 
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
-available, draining, expected_stay_s, reputation, decode_speed_factor (else
-measured_decode_tokens_per_s at measured_decode_batch), price_micros_per_mtok, last_assigned_s
-(round-robin only). Job
+prefill_backlog_tokens, prefill_backlog_s, available, draining, expected_stay_s, reputation,
+decode_speed_factor (else measured_decode_tokens_per_s at measured_decode_batch),
+price_micros_per_mtok, last_assigned_s (round-robin only). Job
 fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
 deadline_s, trusted_only, avoid_nodes.
 
@@ -231,7 +231,10 @@ def _predict(
     step = costs.decode_step_s(batch, context + remaining // 2) / factor
     prefill = costs.prefill_s(context) / factor
     wait = _queue_wait_s(load, step) if load.active >= node.jobs_max else 0.0
-    ttft = node.profile.network_rtt_s + wait + load.prefill_backlog_s + prefill + step
+    backlog = node.prefill_backlog_s  # prompts already queued on the node are prefilled first
+    if backlog <= 0.0 and node.prefill_backlog_tokens > 0:
+        backlog = costs.prefill_s(node.prefill_backlog_tokens) / factor
+    ttft = node.profile.network_rtt_s + wait + backlog + load.prefill_backlog_s + prefill + step
     total = ttft + (remaining - 1) * step
     stay = node.expected_stay_s
     p_leave = 0.0 if stay == math.inf else 1.0 - math.exp(-total / (stay if stay > 1e-9 else 1e-9))

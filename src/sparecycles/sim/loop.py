@@ -191,7 +191,7 @@ class Simulation:
             if end <= t or start >= self.end_t:
                 continue
             if first and start <= 0.0:
-                node.accepting, node.up_since = True, start
+                node.accepting, node.up_since, node.stay_t = True, start, -math.inf
                 self._index(node)
                 if end < self.end_t:
                     self.push(end, EV_LEAVE, node)
@@ -313,11 +313,15 @@ class Simulation:
         """What the coordinator would report for this node now (cached while unchanged)."""
         if node.snapshot is not None and t - node.snapshot_t <= self.config.stay_refresh_s:
             return node.snapshot
-        epoch = self.trace.epoch0_s
-        stay = availability.expected_stay_s(
-            node.policy, STATUS_AT_WORK, epoch + t,
-            up_since_s=epoch + node.up_since, model=node.stay_model,
-        ) if node.accepting else 0.0  # fmt: skip
+        if t - node.stay_t > self.config.stay_refresh_s or node.stay_t > t:
+            epoch = self.trace.epoch0_s
+            node.stay = availability.expected_stay_s(
+                node.policy, STATUS_AT_WORK, epoch + t,
+                up_since_s=epoch + node.up_since, model=node.stay_model,
+            ) if node.accepting else 0.0  # fmt: skip
+            node.stay_t = t
+        stay = node.stay
+        backlog_tokens, backlog_s = node.prefill_backlog(t) if node.active else (0, 0.0)
         node.snapshot = NodeSnapshot(
             node_id=node.node_id,
             owner_id="owner-" + node.node_id,
@@ -326,6 +330,8 @@ class Simulation:
             active_jobs=node.active,
             jobs_max=node.jobs_max,
             queued_tokens=node.queued_tokens(),
+            prefill_backlog_tokens=backlog_tokens,
+            prefill_backlog_s=backlog_s,
             available=node.accepting,
             expected_stay_s=stay,
             reputation=node.reputation,
@@ -391,6 +397,7 @@ class Simulation:
             else:
                 node.decoding.append(a)
             node.start_prefill(t)
+            node.snapshot = None  # its prefill backlog changed
         else:
             finished = node.finished()
         for a in finished:
@@ -466,7 +473,7 @@ class Simulation:
         if node.draining:  # back before its grace ran out: it keeps what it holds
             node.draining = False
             node.drains += 1  # the pending end of that drain no longer applies
-        node.accepting, node.up_since = True, t
+        node.accepting, node.up_since, node.stay_t = True, t, -math.inf
         self._index(node)
         end = next((e for s, e in node.intervals if s <= t < e), t)
         if end < self.end_t:
@@ -477,7 +484,7 @@ class Simulation:
     def on_leave(self, obj: object, _version: int, t: float) -> None:
         node = obj
         assert isinstance(node, SimNode)
-        node.accepting, node.draining = False, True
+        node.accepting, node.draining, node.stay_t = False, True, -math.inf
         node.drains += 1
         self._index(node)
         self.push(t + node.policy.drain_grace_s, EV_DRAIN_END, node, node.drains)

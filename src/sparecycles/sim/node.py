@@ -74,6 +74,8 @@ class SimNode:
     last_assigned_t: float = float("-inf")
     snapshot: NodeSnapshot | None = None
     snapshot_t: float = float("-inf")
+    stay: float = 0.0  # expected stay, recomputed at most every SimConfig.stay_refresh_s
+    stay_t: float = float("-inf")
     earned_micros: int = 0
     tokens_out: int = 0
 
@@ -140,3 +142,21 @@ class SimNode:
 
     def queued_tokens(self) -> int:
         return int(sum(a.target - a.done for a in self.attempts()))
+
+    def prefill_backlog(self, t: float) -> tuple[int, float]:
+        """Prompt tokens placed here and not yet prefilled, and the prefill seconds the
+        coordinator predicts for them (its speed factor, not the node's true speed; the prompt
+        being prefilled counts for the share of its predicted time not yet elapsed)."""
+        factor = self.factor.get(self.spec.name, 1.0)
+        tokens, seconds = 0, 0.0
+        for a in self.queue:
+            tokens += a.context0
+            seconds += self.costs.prefill_s(a.context0) / factor
+        a = self.prefilling
+        if a is not None:
+            predicted = self.costs.prefill_s(a.context0) / factor
+            true = self.prefill_s(a)
+            left = max(0.0, self.prefill_end - t) / true if true > 0 else 0.0
+            tokens += int(a.context0 * left)
+            seconds += predicted * left
+        return tokens, seconds
