@@ -182,6 +182,10 @@ class NodeSnapshot:
     # predicted by the caller; the scheduler then predicts the prefill of that many tokens)
     prefill_backlog_tokens: int = 0
     prefill_backlog_s: float = 0.0
+    # KV-cache tokens the jobs already on the node may fill: each its prompt (with what earlier
+    # attempts generated) plus the tokens it may still generate. 0 with active_jobs > 0: not
+    # reported; the scheduler then counts each running job at the new job's full context.
+    kv_reserved_tokens: int = 0
     measured_decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per job
     # the batch (jobs running on the node) those per-job speeds were measured at, averaged the
     # same way: a job's speed at batch 8 is compared with the prediction at batch 8

@@ -536,6 +536,7 @@ async def test_the_prefill_backlog_counts_prompts_sent_and_not_yet_streaming(wor
     await _until(lambda: n1.jobs())
     snap = n1.conn.snapshot(1e9)
     assert snap.prefill_backlog_tokens == 3  # the prompt [5, 6, 7], not prefilled yet
+    assert snap.kv_reserved_tokens == 3 + 10  # ... and the 10 tokens it may generate
     d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
     assert n1.conn.snapshot(1e9).prefill_backlog_tokens == 0  # streaming: prefilled
     job = n1.jobs()[0]

@@ -403,3 +403,19 @@ def test_a_queued_prefill_backlog_delays_the_first_token() -> None:
     stated = replace(backlog, prefill_backlog_s=1.5)
     assert predict(job(prompt=200, out=64), stated, MODEL, NOW, config).ttft_s == pytest.approx(
         fast.ttft_s + 1.5, rel=0.05)
+
+
+def test_never_over_commits_a_node_s_kv_cache() -> None:
+    """Every running job's KV reservation counts, not only the new job's context: a node whose
+    cache is all but reserved by one long job takes no job that does not fit beside it."""
+    capacity = perfmodel.costs(MODEL, GPU).kv_capacity_tokens
+    full = node("full", active_jobs=1, queued_tokens=100, kv_reserved_tokens=capacity - 1000)
+    small, big = job("small", prompt=500, out=200), job("big", prompt=3000, out=1000)
+    assert placed(schedule([small], [full], MODELS, NOW)) == {"small": "full"}
+    assert schedule([big], [full], MODELS, NOW) == []  # would need 4,000 of 1,000 left
+    for policy in ("random", "round-robin", "least-loaded", "cheapest-within-deadline"):
+        assert schedule([big], [full], MODELS, NOW, SchedulerConfig(policy=policy)) == [], policy
+    # jobs of one call reserve too: two that fit one at a time do not both go to one node
+    room = node("room", kv_reserved_tokens=capacity - 5000)
+    two = [job("a", prompt=3000, out=1000), job("b", prompt=3000, out=1000)]
+    assert len(schedule(two, [room], MODELS, NOW)) == 1

@@ -251,3 +251,32 @@ def test_a_simulated_node_reports_its_prefill_backlog() -> None:
     assert sim.snapshot(node, half) is snap  # unchanged within the refresh...
     node.snapshot = None
     assert sim.snapshot(node, half).prefill_backlog_tokens == 2 * 4000 + 2000  # ... half done
+
+
+def test_a_simulated_engine_admits_only_what_fits_its_kv_cache() -> None:
+    """Placed past its KV capacity (which the scheduler never does), a simulated node queues the
+    sequence until running ones free their cache, and the placement is counted."""
+    from sparecycles.sim.loop import Simulation, Waiting
+    from sparecycles.types import Job
+
+    fleet = parse_fleet({"class": [{"name": "pc", "device": "gaming-pc", "count": 1,
+                                    "models": ["llama-3-8b-q4"]}]})  # fmt: skip
+    trace = Trace("t", EPOCH, np.zeros(2), np.full(2, 100), np.full(2, 10))
+    sim = Simulation(trace, fleet, SimConfig(seed=1))
+    sim._start_nodes()
+    node = sim.nodes[0]
+    capacity = node.costs.kv_capacity_tokens
+    half = capacity // 2 + 100  # two of these do not fit together
+    for req in range(2):
+        w = Waiting(req, Job(str(req), "llama-3-8b-q4", half - 64, 64, "c", 0.0), 0.0)
+        sim.start(w, node, 0.0, 1.0)
+    assert node.kv_over_capacity_placements == 1
+    sim.on_node(node, node.version, node.prefill_end)  # the first prefilled: now decoding
+    assert node.prefilling is None and len(node.queue) == 1  # the second waits for KV
+    assert sim.snapshot(node, node.last_t).kv_reserved_tokens == 2 * half
+
+
+def test_ours_makes_no_kv_over_capacity_placement(trace: Trace) -> None:
+    fleet = churny_consumer_fleet()
+    result = simulate(head(trace, 300), fleet, SimConfig(policy="fastest", seed=3))
+    assert summarize(result).kv_over_capacity_placements == 0

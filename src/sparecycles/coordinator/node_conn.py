@@ -166,7 +166,7 @@ class NodeConn:
         return snap
 
     def _build_snapshot(self, now_epoch_s: float) -> NodeSnapshot:
-        prefill_tokens, _kv = self.backlog.totals(self.jobs)
+        prefill_tokens, kv_tokens = self.backlog.totals(self.jobs)
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -176,6 +176,7 @@ class NodeConn:
             jobs_max=self.jobs_max,
             queued_tokens=self.queued_tokens,
             prefill_backlog_tokens=prefill_tokens,
+            kv_reserved_tokens=kv_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
             measured_decode_batch=dict(self.measured_batch),
             available=not self.draining

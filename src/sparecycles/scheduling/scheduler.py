@@ -21,10 +21,10 @@ Policies (``SchedulerConfig.policy``):
   and ignore speed and departures.
 
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
-prefill_backlog_tokens, prefill_backlog_s, available, draining, expected_stay_s, reputation,
-decode_speed_factor (else measured_decode_tokens_per_s at measured_decode_batch),
-price_micros_per_mtok, last_assigned_s (round-robin only). Job
-fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
+prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
+expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
+measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only). Job fields
+read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
 deadline_s, trusted_only, avoid_nodes.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
@@ -154,8 +154,8 @@ class _Load:
     """A node's load as this call has changed it (the snapshot itself stays untouched). A plain
     slotted class: one is made per node per call, so it allocates nothing more until used."""
 
-    __slots__ = ("_costs", "_factors", "active", "last_assigned_s", "node", "prefill_backlog_s",
-                 "queued_tokens", "version", "waiting")
+    __slots__ = ("_costs", "_factors", "active", "kv_placed", "last_assigned_s", "node",
+                 "prefill_backlog_s", "queued_tokens", "version", "waiting")
 
     def __init__(self, node: NodeSnapshot, active: int, queued_tokens: int,
                  last_assigned_s: float = -math.inf) -> None:  # fmt: skip
@@ -163,6 +163,7 @@ class _Load:
         self.active = active
         self.queued_tokens = queued_tokens
         self.prefill_backlog_s = 0.0  # prefills of jobs placed here in this call, run before ours
+        self.kv_placed = 0  # KV tokens reserved by the jobs placed here in this call
         self.waiting = 0  # jobs of this call waiting for a slot here (late binding)
         self.version = 0
         self.last_assigned_s = last_assigned_s
@@ -258,17 +259,37 @@ def node_can_serve(node: NodeSnapshot, model: str, config: SchedulerConfig) -> b
     )
 
 
+def kv_need_tokens(job: Job) -> int:
+    """The KV-cache tokens a job may fill on a node: its prompt, what earlier attempts generated
+    (prefilled again) and what it may still generate."""
+    return job.prompt_tokens + max(job.max_tokens, job.generated_tokens)
+
+
+def _kv_reserved(load: _Load, need: int) -> int:
+    """KV tokens already reserved on the node: as reported, plus this call's placements; a
+    snapshot that reports none while jobs run counts each at ``need`` (the old assumption)."""
+    node = load.node
+    reported = node.kv_reserved_tokens
+    if reported <= 0 and node.active_jobs > 0:
+        reported = node.active_jobs * need
+    return reported + load.kv_placed
+
+
 def _job_fits(job: Job, load: _Load, spec: ModelSpec, config: SchedulerConfig) -> bool:
-    """Constraints that depend on the job: trust, avoided nodes, memory at the new batch (every
-    running sequence counted at this job's full context, as the scheduler does not know theirs)."""
+    """Constraints that depend on the job: trust, avoided nodes, memory. Memory: the job's whole
+    KV need (``kv_need_tokens``) beside every running job's reservation fits the node's KV
+    capacity, so the scheduler never over-commits it (an engine past it must preempt and
+    recompute, or refuse)."""
     node = load.node
     if job.trusted_only and node.reputation < config.trusted_reputation_min:
         return False
     if node.node_id in job.avoid_nodes:
         return False
-    batch = min(load.active + 1, node.jobs_max)
-    context = job.prompt_tokens + job.max_tokens
-    return load.costs_of(spec, config.calibration).fits(batch, context)
+    costs = load.costs_of(spec, config.calibration)
+    need = kv_need_tokens(job)
+    return need <= costs.context_length and _kv_reserved(load, need) + need <= (
+        costs.kv_capacity_tokens
+    )
 
 
 # --- ours: fastest and cheapest-within-deadline --------------------------------------------
@@ -538,6 +559,7 @@ def _schedule_ours(
             load.active += 1
             load.queued_tokens += job.remaining_tokens
             load.prefill_backlog_s += prediction.prefill_s
+            load.kv_placed += kv_need_tokens(job)
         load.version += 1
         ranking.push(ranking.groups[job.model][_group_key(load.node)], load, spec, now_s, config)
         if len(out) >= config.assignments_per_call_max:
@@ -629,6 +651,7 @@ def _schedule_baseline(
         out.append(Assignment(job.job_id, load.node.node_id, now_s + prediction.total_s))
         load.active += 1
         load.queued_tokens += job.remaining_tokens
+        load.kv_placed += kv_need_tokens(job)
         load.last_assigned_s = now_s + len(out) * 1e-9  # later in this call: later in the cycle
         load.version += 1
         if config.policy != "random":

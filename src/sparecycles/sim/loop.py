@@ -26,7 +26,7 @@ import numpy as np
 
 from sparecycles import availability, limits
 from sparecycles.ledger import pricing
-from sparecycles.scheduling import perfmodel
+from sparecycles.scheduling import perfmodel, scheduler
 from sparecycles.scheduling.presets import model_preset
 from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, update_speed_factor
 from sparecycles.sim.churn import realise
@@ -89,6 +89,7 @@ class SimResult:
     node_busy_s: np.ndarray
     node_available_s: np.ndarray
     node_earned_micros: np.ndarray
+    kv_over_capacity_placements: int = 0
     charges_micros: int = 0
     hedge_waste_tokens: int = 0
     busy_cost_micros: int = 0
@@ -332,6 +333,7 @@ class Simulation:
             queued_tokens=node.queued_tokens(),
             prefill_backlog_tokens=backlog_tokens,
             prefill_backlog_s=backlog_s,
+            kv_reserved_tokens=node.kv_reserved(),
             available=node.accepting,
             expected_stay_s=stay,
             reputation=node.reputation,
@@ -353,9 +355,11 @@ class Simulation:
         att = Attempt(
             req=req, job=w.job, node=node, assigned_t=t, predicted_finish_t=predicted_finish_t,
             target=max(1, self.output[req] - gen), context0=self.prompt[req] + gen,
-            is_hedge=w.is_hedge,
+            is_hedge=w.is_hedge, kv_need=scheduler.kv_need_tokens(w.job),
         )  # fmt: skip
         node.advance(t)
+        if node.kv_reserved() + att.kv_need > node.costs.kv_capacity_tokens:
+            node.kv_over_capacity_placements += 1
         node.queue.append(att)
         node.start_prefill(t)
         self.replan(node, t)
@@ -402,6 +406,8 @@ class Simulation:
             finished = node.finished()
         for a in finished:
             self.complete(a, t)
+        if finished and node.prefilling is None:
+            node.start_prefill(t)  # freed KV cache may admit the head of the queue
         self.replan(node, t)
         if finished:
             self._index(node)
@@ -576,6 +582,7 @@ class Simulation:
             node_busy_s=np.asarray([n.busy_s for n in self.nodes]),
             node_available_s=available,
             node_earned_micros=np.asarray([n.earned_micros for n in self.nodes], dtype=np.int64),
+            kv_over_capacity_placements=sum(n.kv_over_capacity_placements for n in self.nodes),
             charges_micros=c["charges"],
             hedge_waste_tokens=c["hedge_waste"],
             busy_cost_micros=busy_cost,

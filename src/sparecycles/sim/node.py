@@ -7,6 +7,15 @@ step, and a step takes the performance model's time at the current batch and mea
 divided by the node's true speed (which the scheduler does not know; it learns it). The prefill
 produces the first token.
 
+KV-cache memory: a sequence is admitted (its prefill started) only when its whole KV need (the
+context it prefills plus every token it may still generate, its ``max_tokens``) fits the node's
+KV capacity beside the sequences already admitted; until then it waits in the node's queue. That
+is what Hugging Face TGI's router does (it admits a request only while the batch's input plus
+max_new_tokens stays within ``max_batch_total_tokens``); an engine that admits on the prompt
+alone (vLLM) preempts and recomputes later instead, which costs at least as much. A placement
+that leaves the node's reservations above its capacity is counted
+(``SimNode.kv_over_capacity_placements``): the scheduler never makes one.
+
 Between two events the batch is constant, so progress is linear and each node needs one pending
 event: the end of the current prefill, or the first sequence to finish decoding.
 """
@@ -38,6 +47,7 @@ class Attempt:
     decode_batch: int = 1  # batch when it started decoding (to compare with the prediction)
     is_hedge: bool = False
     live: bool = True
+    kv_need: int = 0  # KV tokens it may fill: context0 + the tokens the job may still generate
 
 
 @dataclass(slots=True, eq=False)
@@ -78,6 +88,7 @@ class SimNode:
     stay_t: float = float("-inf")
     earned_micros: int = 0
     tokens_out: int = 0
+    kv_over_capacity_placements: int = 0
 
     @property
     def active(self) -> int:
@@ -101,6 +112,14 @@ class SimNode:
                 self.busy_s += dt
         self.last_t = t
 
+    def kv_reserved(self) -> int:
+        """KV tokens the admitted and queued sequences may fill (see the module's doc)."""
+        return sum(a.kv_need for a in self.attempts())
+
+    def kv_admitted(self) -> int:
+        total = sum(a.kv_need for a in self.decoding)
+        return total + (self.prefilling.kv_need if self.prefilling is not None else 0)
+
     def prefill_s(self, attempt: Attempt) -> float:
         return self.costs.prefill_s(attempt.context0) / self.speed
 
@@ -110,7 +129,11 @@ class SimNode:
         return self.costs.decode_step_s(b, int(context)) / self.speed
 
     def start_prefill(self, t: float) -> None:
+        """Admit the head of the queue if nothing is being prefilled and its KV need fits."""
         if self.prefilling is None and self.queue:
+            head = self.queue[0]
+            if self.decoding and self.kv_admitted() + head.kv_need > self.costs.kv_capacity_tokens:
+                return  # waits for running sequences to free their KV cache
             self.prefilling = self.queue.popleft()
             self.prefill_end = t + self.prefill_s(self.prefilling)
 
@@ -152,11 +175,11 @@ class SimNode:
         for a in self.queue:
             tokens += a.context0
             seconds += self.costs.prefill_s(a.context0) / factor
-        a = self.prefilling
-        if a is not None:
-            predicted = self.costs.prefill_s(a.context0) / factor
-            true = self.prefill_s(a)
+        p = self.prefilling
+        if p is not None:
+            predicted = self.costs.prefill_s(p.context0) / factor
+            true = self.prefill_s(p)
             left = max(0.0, self.prefill_end - t) / true if true > 0 else 0.0
-            tokens += int(a.context0 * left)
+            tokens += int(p.context0 * left)
             seconds += predicted * left
         return tokens, seconds

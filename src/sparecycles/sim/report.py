@@ -9,6 +9,8 @@ Definitions (also in docs/scheduling.md):
 - **TTFT** and **end-to-end** percentiles are over completed requests, in client time (one
   network round trip to the node included).
 - **Utilization** of a device class: busy node-seconds over available node-seconds.
+- **KV over**: placements that left a node's KV-cache reservations (every admitted or queued
+  sequence's context plus the tokens it may still generate) above its KV capacity.
 - **Interrupted**: requests that lost at least one attempt to a departure; **recovered**: those of
   them that still completed (resumed elsewhere).
 - **Earnings**: each owner's share of the charges (ledger/pricing.py's rules), per hour the device
@@ -61,6 +63,7 @@ class Summary:
     wall_s: float
     scheduler_calls: int
     events: int
+    kv_over_capacity_placements: int = 0  # placements that left a node's KV reservations > capacity
 
     @property
     def slo_attainment(self) -> float:
@@ -151,6 +154,7 @@ def summarize(result: SimResult) -> Summary:
         wall_s=result.wall_s,
         scheduler_calls=result.scheduler_calls,
         events=result.events,
+        kv_over_capacity_placements=result.kv_over_capacity_placements,
     )
 
 
@@ -158,7 +162,8 @@ def summarize(result: SimResult) -> Summary:
 
 COMPARISON_COLUMNS = (
     "policy", "SLO met", "goodput req/s", "goodput tok/s", "TTFT p50/p90/p99 s",
-    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "hedged", "$/M tok", "busy $/M tok",
+    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "KV over", "hedged", "$/M tok",
+    "busy $/M tok",
 )  # fmt: skip
 
 
@@ -172,6 +177,7 @@ def _row(s: Summary) -> list[str]:
         "/".join(f"{v:.1f}" for v in s.e2e_p),
         f"{s.failed:,}",
         f"{s.interrupted:,} ({s.recovered:,})",
+        f"{s.kv_over_capacity_placements:,}",
         f"{s.hedged:,}" + (f" (+{s.hedge_waste_tokens:,} tok)" if s.hedged else ""),
         f"{s.cost_per_mtok_micros / 1e6:.3f}",
         f"{s.busy_cost_per_mtok_micros / 1e6:.3f}",

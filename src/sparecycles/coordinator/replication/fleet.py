@@ -134,7 +134,7 @@ class RemoteNode:
         return snap
 
     def _build_snapshot(self) -> NodeSnapshot:
-        prefill_tokens, _kv = self.backlog.totals(self.jobs)
+        prefill_tokens, kv_tokens = self.backlog.totals(self.jobs)
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -144,6 +144,7 @@ class RemoteNode:
             jobs_max=self.jobs_max,
             queued_tokens=max(self.host_queued, self.queued_tokens),
             prefill_backlog_tokens=prefill_tokens,
+            kv_reserved_tokens=kv_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
             measured_decode_batch=dict(self.measured_batch),
             available=self.available and not self.draining,
