@@ -46,6 +46,7 @@ async def node_socket(ws: WebSocket) -> None:
         pass
     finally:
         if node is not None:
+            node.set_draining(True, time.time())  # the session is over (learned stays)
             await node.stop()
             if coord.dispatcher is not None and coord.dispatcher.nodes.get(node.node_id) is node:
                 await coord.dispatcher.on_node_lost(node)
@@ -132,6 +133,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         jobs_max=hello.jobs_max,
         send_raw=ws.send_text,
         reputation=reputation,
+        stays=coord.stays,
     )
     await ws.send_text(
         protocol.encode(
@@ -176,13 +178,13 @@ async def _serve(coord: Coordinator, ws: WebSocket, node: NodeConn) -> None:
                 temperature_c=msg.temperature_c,
             )
             if node.draining and msg.available:  # the owner's window opened again
-                node.draining = False
+                node.set_draining(False, time.time())
                 dispatcher.on_node_ready(node)
-            node.draining = not msg.available
+            node.set_draining(not msg.available, time.time())
         elif isinstance(msg, protocol.JobError):
             await dispatcher.on_job_error(node, msg)
         elif isinstance(msg, protocol.Draining):
-            node.draining = True
+            node.set_draining(True, time.time())
             await asyncio.to_thread(coord.store.set_node_status, node.node_id, "draining")
         elif isinstance(msg, protocol.Hello):
             raise ProtocolError("hello sent twice")

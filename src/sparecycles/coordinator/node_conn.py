@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparecycles import availability
+from sparecycles.scheduling.stays import StayLearner, ended_by_window, learned_stay_s
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
 
 outbound_queue_max = 1024  # messages waiting for a node's socket before it is dropped
@@ -104,6 +105,8 @@ class NodeConn:
     measured_tps: dict[str, float] = field(default_factory=dict)
     measured_batch: dict[str, float] = field(default_factory=dict)  # the batch each was taken at
     reputation: float = 1.0
+    stays: StayLearner | None = None  # the coordinator's learned stays (scheduling/stays.py)
+    up_since_s: float = field(default_factory=time.time)  # epoch: this session's start
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(outbound_queue_max)
     )
@@ -142,6 +145,19 @@ class NodeConn:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
 
+    def set_draining(self, draining: bool, now_epoch_s: float) -> None:
+        """The node stopped taking work (its owner took it back, its window closed, its socket
+        closed) or started again: the end of a session is one observation of how long nodes of
+        its class stay (censored when the owner's window closed it), the start of one resets
+        its age."""
+        if draining and not self.draining and self.stays is not None:
+            length = now_epoch_s - self.up_since_s
+            ended = not ended_by_window(self.policy, now_epoch_s)
+            self.stays.observe(self.profile.device_class, self.node_id, length, ended)
+        elif not draining and self.draining:
+            self.up_since_s = now_epoch_s
+        self.draining = draining
+
     def observe_speed(self, model: str, tokens_per_s: float, batch: int | None = None) -> None:
         """Fold a job's measured decode speed into the node's running estimate (EWMA), with the
         batch it ran in: by default the jobs on the node now, the finishing one included (the
@@ -165,6 +181,14 @@ class NodeConn:
         self._snap = (inputs, now_epoch_s, snap)
         return snap
 
+    def _expected_stay_s(self, now_epoch_s: float) -> float:
+        """Learned from the sessions seen (per class, and per node as its history grows) when
+        the coordinator keeps a learner; else bounded by the owner's window alone."""
+        if self.stays is None:
+            return availability.expected_stay_s(self.policy, self.status, now_epoch_s)
+        return learned_stay_s(self.stays, self.profile.device_class, self.node_id, self.policy,
+                              self.status, now_epoch_s, self.up_since_s)  # fmt: skip
+
     def _build_snapshot(self, now_epoch_s: float) -> NodeSnapshot:
         prefill_tokens, kv_tokens = self.backlog.totals(self.jobs)
         return NodeSnapshot(
@@ -181,7 +205,7 @@ class NodeConn:
             measured_decode_batch=dict(self.measured_batch),
             available=not self.draining
             and availability.is_available(self.policy, self.status, now_epoch_s),
-            expected_stay_s=availability.expected_stay_s(self.policy, self.status, now_epoch_s),
+            expected_stay_s=self._expected_stay_s(now_epoch_s),
             reputation=self.reputation,
             draining=self.draining,
         )

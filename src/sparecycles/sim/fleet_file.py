@@ -140,6 +140,9 @@ def parse_availability(table: dict[str, Any]) -> AvailabilitySpec:
         only_while_charging=bool(table.get("only_while_charging", False)),
         drain_grace_s=float(table.get("drain_grace_s", 30.0)),
         car=_car(table.get("car")) if kind == "parked-car" else None,
+        diurnal_amplitude=float(table.get("diurnal_amplitude", 0.0)),
+        correlated_events_per_day=float(table.get("correlated_events_per_day", 0.0)),
+        correlated_leave_fraction=float(table.get("correlated_leave_fraction", 0.0)),
     )
 
 

@@ -26,10 +26,10 @@ import numpy as np
 
 from sparecycles import availability, limits
 from sparecycles.ledger import pricing
-from sparecycles.scheduling import perfmodel, scheduler
+from sparecycles.scheduling import perfmodel, scheduler, stays
 from sparecycles.scheduling.presets import model_preset
 from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, update_speed_factor
-from sparecycles.sim.churn import realise
+from sparecycles.sim.churn import realise, shared_moments
 from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
 from sparecycles.sim.node import Attempt, SimNode
 from sparecycles.sim.policies import CandidateIndex, policy_config
@@ -50,6 +50,11 @@ class SimConfig:
     stay_refresh_s: float = 5.0  # a node's expected stay is recomputed at most this often
     drain_horizon_s: float = 1800.0  # simulate this long past the last arrival, then stop
     candidates_all_max: int = 64  # see sim/policies.py
+    # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
+    # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
+    # Weibull law the simulator draws from: an upper bound no coordinator has).
+    stays: str = "learned"
+    stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
 
 
@@ -100,14 +105,23 @@ class SimResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def build_nodes(fleet: FleetSpec, epoch0_s: float, horizon_s: float, seed: int) -> list[SimNode]:
-    """Realise every node of the fleet: profile, model, true speed, policy and intervals."""
+def build_nodes(
+    fleet: FleetSpec, epoch0_s: float, horizon_s: float, seed: int, history_s: float = 0.0
+) -> list[SimNode]:
+    """Realise every node of the fleet: profile, model, true speed, policy and intervals, the
+    intervals from ``history_s`` before the trace starts (what the coordinator saw before)."""
     rng = random.Random(f"{seed}:fleet")
     nodes: list[SimNode] = []
     for ci, c in enumerate(fleet.classes):
+        span = horizon_s + history_s
+        moments = shared_moments(random.Random(f"{seed}:class:{ci}"),
+                                 c.availability.correlated_events_per_day, span)  # fmt: skip
         for i in range(c.count):
             offset = c.utc_offsets_minutes[i % len(c.utc_offsets_minutes)]
-            real = realise(rng, c.availability, epoch0_s, horizon_s, offset)
+            real = realise(rng, c.availability, epoch0_s - history_s, span, offset, moments)
+            if history_s > 0.0:
+                real = replace(real, intervals=tuple(
+                    (a - history_s, b - history_s) for a, b in real.intervals))  # fmt: skip
             spec = model_preset(c.models[i % len(c.models)])
             nodes.append(
                 SimNode(
@@ -142,7 +156,12 @@ class Simulation:
         self.rng = random.Random(f"{config.seed}:scheduler")
         self.models = {m: model_preset(m) for c in fleet.classes for m in c.models}
         self.end_t = trace.duration_s + config.drain_horizon_s
-        self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed)
+        history = config.stay_history_s if config.stays == "learned" else 0.0
+        self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed, history)
+        self.learner = stays.StayLearner()
+        self.stays_seeded: set[int] = set()  # nodes whose current session was seen as censored
+        if config.stays == "learned":
+            self._learn_history(history)
         self.by_id = {n.node_id: n for n in self.nodes}
         self.index = CandidateIndex(all_max=config.candidates_all_max)
         self.prices = pricing.PriceBook.default().with_specs(self.models.values())
@@ -177,6 +196,36 @@ class Simulation:
         rng = np.random.default_rng(self.config.seed)
         picks = rng.choice(len(names), size=n, p=weights / weights.sum())
         return [names[i] for i in picks]
+
+    def _learn_history(self, history_s: float) -> None:
+        """The sessions the coordinator saw before the trace: those that ended (an event, or
+        censored if the owner's window closed them) and those still going (censored at their
+        age so far; when such a session ends during the run it is not counted again)."""
+        epoch = self.trace.epoch0_s
+        for node in self.nodes:
+            cls = self.fleet.classes[node.cls].name
+            for a, b in node.intervals:
+                if a >= 0.0:
+                    break
+                if b <= 0.0:
+                    if a < -history_s + 1.0:
+                        continue  # begun before the coordinator looked: length unknown
+                    ended = not stays.ended_by_window(node.policy, epoch + b)
+                    self.learner.observe(cls, node.node_id, b - a, ended)
+                else:  # up now, for -a so far (the node says since when)
+                    self.learner.observe(cls, node.node_id, -a, False)
+                    self.stays_seeded.add(node.idx)
+
+    def _learn_session(self, node: SimNode, t: float) -> None:
+        """A node's session ended at ``t``: one more observation (scheduling/stays.py)."""
+        if self.config.stays != "learned":
+            return
+        if node.idx in self.stays_seeded:
+            self.stays_seeded.discard(node.idx)
+            return
+        ended = not stays.ended_by_window(node.policy, self.trace.epoch0_s + t)
+        cls = self.fleet.classes[node.cls].name
+        self.learner.observe(cls, node.node_id, t - node.up_since, ended)
 
     def push(self, t: float, kind: int, obj: object, version: int = 0) -> None:
         self.seq += 1
@@ -316,10 +365,18 @@ class Simulation:
             return node.snapshot
         if t - node.stay_t > self.config.stay_refresh_s or node.stay_t > t:
             epoch = self.trace.epoch0_s
-            node.stay = availability.expected_stay_s(
-                node.policy, STATUS_AT_WORK, epoch + t,
-                up_since_s=epoch + node.up_since, model=node.stay_model,
-            ) if node.accepting else 0.0  # fmt: skip
+            if not node.accepting:
+                node.stay = 0.0
+            elif self.config.stays == "learned":
+                node.stay = stays.learned_stay_s(
+                    self.learner, self.fleet.classes[node.cls].name, node.node_id, node.policy,
+                    STATUS_AT_WORK, epoch + t, epoch + node.up_since,
+                )
+            else:
+                node.stay = availability.expected_stay_s(
+                    node.policy, STATUS_AT_WORK, epoch + t,
+                    up_since_s=epoch + node.up_since, model=node.stay_model,
+                )  # fmt: skip
             node.stay_t = t
         stay = node.stay
         backlog_tokens, backlog_s = node.prefill_backlog(t) if node.active else (0, 0.0)
@@ -491,6 +548,7 @@ class Simulation:
         node = obj
         assert isinstance(node, SimNode)
         node.accepting, node.draining, node.stay_t = False, True, -math.inf
+        self._learn_session(node, t)
         node.drains += 1
         self._index(node)
         self.push(t + node.policy.drain_grace_s, EV_DRAIN_END, node, node.drains)
