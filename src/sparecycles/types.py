@@ -12,6 +12,7 @@ seconds) is float.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MICROS_PER_UNIT = 1_000_000
@@ -160,6 +161,10 @@ class Job:
     trusted_only: bool = False
     workload: Workload = Workload.INFERENCE
     avoid_nodes: tuple[str, ...] = ()  # never place here: a hedge's first node, one that failed it
+    # multi-turn conversations: the key of the KV-cache prefix this job shares with an earlier
+    # one (its conversation) and how many of its prompt tokens that prefix covers
+    prefix_key: str = ""
+    prefix_tokens: int = 0
 
     @property
     def remaining_tokens(self) -> int:
@@ -200,6 +205,9 @@ class NodeSnapshot:
     price_micros_per_mtok: int = 0  # the owner's asking price per million tokens (prompt + output)
     last_assigned_s: float = float("-inf")  # when a job was last placed here (round-robin order)
     relayed: bool = False  # connected to another coordinator replica: its tokens cross the bus
+    # prefix cache: tokens of KV cache the node holds per prefix key (Job.prefix_key); a job
+    # whose prefix is held here prefills only the rest of its prompt
+    cached_prefixes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

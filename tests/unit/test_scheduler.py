@@ -419,3 +419,22 @@ def test_never_over_commits_a_node_s_kv_cache() -> None:
     room = node("room", kv_reserved_tokens=capacity - 5000)
     two = [job("a", prompt=3000, out=1000), job("b", prompt=3000, out=1000)]
     assert len(schedule(two, [room], MODELS, NOW)) == 1
+
+
+def test_a_conversation_s_next_turn_goes_where_its_prefix_is_cached() -> None:
+    """Twins, one holding the conversation's 20k-token prefix and a little busier: ours sends
+    the next turn there; once that node's queue outweighs the saved prefill, to the other."""
+    long = MODEL_PRESETS["llama-3.1-8b-q4"]  # 128k context
+    models = {long.name: long}
+    turn = Job("t2", long.name, 20_300, 200, "c", NOW, prefix_key="conv", prefix_tokens=20_000)
+    holder = node("holder", models=(long.name,), active_jobs=2, queued_tokens=400,
+                  kv_reserved_tokens=3000, cached_prefixes={"conv": 20_000})  # fmt: skip
+    other = node("other", models=(long.name,), active_jobs=1, queued_tokens=200,
+                 kv_reserved_tokens=1500)  # fmt: skip
+    assert placed(schedule([turn], [holder, other], models, NOW)) == {"t2": "holder"}
+    config = SchedulerConfig()
+    cached = predict(turn, holder, long, NOW, config)
+    cold = predict(turn, replace(holder, cached_prefixes={}), long, NOW, config)
+    assert cached.prefill_s < 0.1 * cold.prefill_s
+    swamped = replace(holder, prefill_backlog_tokens=40_000)
+    assert placed(schedule([turn], [swamped, other], models, NOW)) == {"t2": "other"}

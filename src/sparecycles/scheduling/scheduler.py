@@ -23,9 +23,9 @@ Policies (``SchedulerConfig.policy``):
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
 prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
 expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
-measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only). Job fields
-read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
-deadline_s, trusted_only, avoid_nodes.
+measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only),
+cached_prefixes. Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
+admitted_at_s, deadline_s, trusted_only, avoid_nodes, prefix_key, prefix_tokens.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
 price); a group of at most ``group_candidates`` nodes is weighed whole (so small states get the
@@ -230,7 +230,10 @@ def _predict(
     remaining = max(1, job.max_tokens - job.generated_tokens)
     batch = load.active + 1 if load.active < node.jobs_max else node.jobs_max
     step = costs.decode_step_s(batch, context + remaining // 2) / factor
-    prefill = costs.prefill_s(context) / factor
+    hit = 0  # prompt tokens the node's prefix cache holds for this job (multi-turn)
+    if job.prefix_key and node.cached_prefixes:
+        hit = min(node.cached_prefixes.get(job.prefix_key, 0), job.prefix_tokens, context - 1)
+    prefill = costs.prefill_s(context - hit, hit) / factor
     wait = _queue_wait_s(load, step) if load.active >= node.jobs_max else 0.0
     backlog = node.prefill_backlog_s  # prompts already queued on the node are prefilled first
     if backlog <= 0.0 and node.prefill_backlog_tokens > 0:
@@ -434,7 +437,8 @@ def _typical_job(jobs: Sequence[Job]) -> Job:
     """A job of (quantised) median prompt and median remaining length, to rank nodes by."""
     prompt = _quantised(statistics.median(j.prompt_tokens + j.generated_tokens for j in jobs))
     remaining = _quantised(statistics.median(max(1, j.remaining_tokens) for j in jobs))
-    return replace(jobs[0], prompt_tokens=prompt, generated_tokens=0, max_tokens=remaining)
+    return replace(jobs[0], prompt_tokens=prompt, generated_tokens=0, max_tokens=remaining,
+                   prefix_key="", prefix_tokens=0)
 
 
 def _build_ranking(

@@ -89,7 +89,8 @@ def shared_moments(rng: random.Random, per_day: float, horizon_s: float) -> tupl
     """A class's correlated departure moments over [0, horizon_s]: a Poisson process."""
     if per_day <= 0.0:
         return ()
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(per_day / DAY_S)
         if t >= horizon_s:

@@ -32,7 +32,7 @@ from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, 
 from sparecycles.sim.churn import realise, shared_moments
 from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
 from sparecycles.sim.node import Attempt, SimNode
-from sparecycles.sim.policies import CandidateIndex, policy_config
+from sparecycles.sim.policies import BASELINES, CandidateIndex, policy_config
 from sparecycles.sim.trace import Trace
 from sparecycles.types import Job, NodeSnapshot
 
@@ -53,6 +53,9 @@ class SimConfig:
     # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
     # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
     # Weibull law the simulator draws from: an upper bound no coordinator has).
+    prefill_chunk_tokens: int = 512  # the nodes' engines: chunked prefill (0: prefill first)
+    # ours is also offered the node that served a conversation's last turn (its prefix cache)
+    prefix_aware: bool = True
     stays: str = "learned"
     stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
@@ -95,6 +98,8 @@ class SimResult:
     node_available_s: np.ndarray
     node_earned_micros: np.ndarray
     kv_over_capacity_placements: int = 0
+    prompt_tokens_admitted: int = 0  # prompt tokens of every admitted attempt (prefills)
+    prompt_tokens_cached: int = 0  # ... of which nodes' prefix caches held
     charges_micros: int = 0
     hedge_waste_tokens: int = 0
     busy_cost_micros: int = 0
@@ -158,6 +163,8 @@ class Simulation:
         self.end_t = trace.duration_s + config.drain_horizon_s
         history = config.stay_history_s if config.stays == "learned" else 0.0
         self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed, history)
+        for node in self.nodes:
+            node.chunk = config.prefill_chunk_tokens
         self.learner = stays.StayLearner()
         self.stays_seeded: set[int] = set()  # nodes whose current session was seen as censored
         if config.stays == "learned":
@@ -169,6 +176,14 @@ class Simulation:
         self.prompt = trace.prompt_tokens.tolist()
         self.output = trace.output_tokens.tolist()
         self.req_model = self._model_of_requests(n)
+        # multi-turn traces: the prefix cache's key of each request and the tokens it shares
+        # with its conversation's previous turn; the node that served a conversation last
+        self.conversation = (
+            [f"c{c}" for c in trace.conversation.tolist()] if trace.conversation is not None
+            else [""] * n
+        )  # fmt: skip
+        self.prefix = trace.prefix_tokens.tolist() if trace.prefix_tokens is not None else [0] * n
+        self.prefix_home: dict[str, int] = {}
         self.first = [math.nan] * n
         self.end = [math.nan] * n
         self.status = bytearray(n)
@@ -296,7 +311,9 @@ class Simulation:
             max_tokens=max_tokens,
             client_id="client",
             admitted_at_s=t,
-            deadline_s=t + slo.ttft_s + slo.tpot_s * (max_tokens - 1),
+            deadline_s=t + slo.ttft_target_s(self.prompt[req]) + slo.tpot_s * (max_tokens - 1),
+            prefix_key=self.conversation[req],
+            prefix_tokens=self.prefix[req],
         )
         self._enqueue(Waiting(req, job, t), t)
 
@@ -348,11 +365,19 @@ class Simulation:
         per_model: dict[str, int] = {}
         for j in jobs:
             per_model[j.model] = per_model.get(j.model, 0) + 1
-        snapshots = [
-            self.snapshot(self.nodes[idx], t)
+        offered = [
+            idx
             for model, count in per_model.items()
             for idx in self.index.candidates(model, count, self.sched.policy, self.rng)
         ]
+        if self.config.prefix_aware and self.sched.policy not in BASELINES and self.prefix_home:
+            seen = set(offered)
+            for j in jobs:  # the node holding a job's prefix, if it takes work
+                home = self.prefix_home.get(j.prefix_key) if j.prefix_key else None
+                if home is not None and home not in seen and self.nodes[home].accepting:
+                    seen.add(home)
+                    offered.append(home)
+        snapshots = [self.snapshot(self.nodes[idx], t) for idx in offered]
         self.result_counters["calls"] += 1
         for a in schedule(jobs, snapshots, self.models, t, self.sched, self.rng):
             w = self._unwait(a.job_id)
@@ -391,6 +416,7 @@ class Simulation:
             prefill_backlog_tokens=backlog_tokens,
             prefill_backlog_s=backlog_s,
             kv_reserved_tokens=node.kv_reserved(),
+            cached_prefixes=node.cache,
             available=node.accepting,
             expected_stay_s=stay,
             reputation=node.reputation,
@@ -413,6 +439,7 @@ class Simulation:
             req=req, job=w.job, node=node, assigned_t=t, predicted_finish_t=predicted_finish_t,
             target=max(1, self.output[req] - gen), context0=self.prompt[req] + gen,
             is_hedge=w.is_hedge, kv_need=scheduler.kv_need_tokens(w.job),
+            conversation=w.job.prefix_key, prefix=w.job.prefix_tokens,
         )  # fmt: skip
         node.advance(t)
         if node.kv_reserved() + att.kv_need > node.costs.kv_capacity_tokens:
@@ -443,12 +470,11 @@ class Simulation:
         if version != node.version:
             return
         node.advance(t)
-        finished: list[Attempt] = []
-        if node.prefilling is not None:
-            if t < node.prefill_end - 1e-9:
-                self.replan(node, t)
-                return
-            a, node.prefilling = node.prefilling, None
+        finished = node.finished()
+        if node.prefill_done():
+            a = node.prefilling
+            assert a is not None
+            node.prefilling = None
             a.first_token_t, a.done, a.decode_batch = t, 1.0, len(node.decoding) + 1
             req = a.req
             if math.isnan(self.first[req]):
@@ -457,14 +483,10 @@ class Simulation:
                 finished.append(a)
             else:
                 node.decoding.append(a)
-            node.start_prefill(t)
             node.snapshot = None  # its prefill backlog changed
-        else:
-            finished = node.finished()
         for a in finished:
             self.complete(a, t)
-        if finished and node.prefilling is None:
-            node.start_prefill(t)  # freed KV cache may admit the head of the queue
+        node.start_prefill(t)  # the next prompt, if its KV need fits
         self.replan(node, t)
         if finished:
             self._index(node)
@@ -488,6 +510,9 @@ class Simulation:
         pending = self.waiting_by_req.get(req)
         if pending is not None:
             self._unwait(pending)
+        node.remember(a.conversation, a.context0 + a.target)  # for the next turn
+        if a.conversation:
+            self.prefix_home[a.conversation] = node.idx
         shares = self.shares.pop(req, [])
         shares.append((node, a.context0, a.target))
         self.settle(req, shares)
@@ -564,6 +589,7 @@ class Simulation:
             self.interrupt(a, t)
         node.queue.clear()
         node.prefilling, node.decoding, node.draining = None, [], False
+        node.forget_cache()  # the owner took the machine back: its KV cache is gone
         self.replan(node, t)
         self._index(node)
 
@@ -641,6 +667,8 @@ class Simulation:
             node_available_s=available,
             node_earned_micros=np.asarray([n.earned_micros for n in self.nodes], dtype=np.int64),
             kv_over_capacity_placements=sum(n.kv_over_capacity_placements for n in self.nodes),
+            prompt_tokens_admitted=sum(n.prompt_tokens_admitted for n in self.nodes),
+            prompt_tokens_cached=sum(n.prompt_tokens_cached for n in self.nodes),
             charges_micros=c["charges"],
             hedge_waste_tokens=c["hedge_waste"],
             busy_cost_micros=busy_cost,
