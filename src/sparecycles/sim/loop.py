@@ -50,12 +50,12 @@ class SimConfig:
     stay_refresh_s: float = 5.0  # a node's expected stay is recomputed at most this often
     drain_horizon_s: float = 1800.0  # simulate this long past the last arrival, then stop
     candidates_all_max: int = 64  # see sim/policies.py
-    # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
-    # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
-    # Weibull law the simulator draws from: an upper bound no coordinator has).
     prefill_chunk_tokens: int = 512  # the nodes' engines: chunked prefill (0: prefill first)
     # ours is also offered the node that served a conversation's last turn (its prefix cache)
     prefix_aware: bool = True
+    # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
+    # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
+    # Weibull law the simulator draws from: an oracle no coordinator has).
     stays: str = "learned"
     stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
