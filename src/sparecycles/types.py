@@ -12,6 +12,7 @@ seconds) is float.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MICROS_PER_UNIT = 1_000_000
@@ -207,6 +208,10 @@ class Job:
     workload: Workload = Workload.INFERENCE
     avoid_nodes: tuple[str, ...] = ()  # never place here: a hedge's first node, one that failed it
     needs: frozenset[str] = frozenset()  # node features (protocol.FEATURE_*) the job needs
+    # multi-turn conversations: the key of the KV-cache prefix this job shares with an earlier
+    # one (its conversation) and how many of its prompt tokens that prefix covers
+    prefix_key: str = ""
+    prefix_tokens: int = 0
 
     @property
     def remaining_tokens(self) -> int:
@@ -224,6 +229,15 @@ class NodeSnapshot:
     active_jobs: int = 0
     jobs_max: int = 8
     queued_tokens: int = 0  # tokens still to generate for the jobs already on it
+    # Prompt tokens of jobs placed here whose prefill has not finished (the prefill backlog: a
+    # new job's first token comes after them), and their predicted prefill seconds (0: not
+    # predicted by the caller; the scheduler then predicts the prefill of that many tokens)
+    prefill_backlog_tokens: int = 0
+    prefill_backlog_s: float = 0.0
+    # KV-cache tokens the jobs already on the node may fill: each its prompt (with what earlier
+    # attempts generated) plus the tokens it may still generate. 0 with active_jobs > 0: not
+    # reported; the scheduler then counts each running job at the new job's full context.
+    kv_reserved_tokens: int = 0
     measured_decode_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per job
     # the batch (jobs running on the node) those per-job speeds were measured at, averaged the
     # same way: a job's speed at batch 8 is compared with the prediction at batch 8
@@ -239,6 +253,9 @@ class NodeSnapshot:
     last_assigned_s: float = float("-inf")  # when a job was last placed here (round-robin order)
     relayed: bool = False  # connected to another coordinator replica: its tokens cross the bus
     features: frozenset[str] = frozenset()  # protocol.FEATURE_* the node said it serves
+    # prefix cache: tokens of KV cache the node holds per prefix key (Job.prefix_key); a job
+    # whose prefix is held here prefills only the rest of its prompt
+    cached_prefixes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

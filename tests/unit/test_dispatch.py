@@ -581,3 +581,24 @@ async def test_a_bad_result_resumes_its_own_attempt_at_once(world) -> None:
     await _until(lambda: [r.outcome for r in store.attempts("job_1")] == ["bad_signature",
                                                                            "running"])
     await d.stop()
+
+
+async def test_the_prefill_backlog_counts_prompts_sent_and_not_yet_streaming(world) -> None:
+    """The scheduler's view of a live node counts the prompt tokens of the jobs dispatch sent it
+    until their first token comes back, and the KV tokens they may fill until they end."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client, job_id="job_1", max_tokens=10)
+    await _until(lambda: n1.jobs())
+    snap = n1.conn.snapshot(1e9)
+    assert snap.prefill_backlog_tokens == 3  # the prompt [5, 6, 7], not prefilled yet
+    assert snap.kv_reserved_tokens == 3 + 10  # ... and the 10 tokens it may generate
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    assert n1.conn.snapshot(1e9).prefill_backlog_tokens == 0  # streaming: prefilled
+    job = n1.jobs()[0]
+    await d.on_done(n1.conn, n1.done(job, [1]))
+    assert n1.conn.backlog.totals(n1.conn.jobs) == (0, 0)  # forgotten once the job ends
+    await d.stop()

@@ -395,3 +395,56 @@ def test_a_job_that_needs_a_feature_goes_only_to_nodes_that_said_it() -> None:
     assert placed(schedule([job(needs=needs)], [old, new], MODELS, NOW)) == {"j1": "new"}
     assert schedule([job(needs=needs)], [old], MODELS, NOW) == []
     assert placed(schedule([job()], [old, new], MODELS, NOW)) == {"j1": "old"}  # the faster
+
+
+def test_a_queued_prefill_backlog_delays_the_first_token() -> None:
+    """Twins, one with 60k prompt tokens queued for prefill (and otherwise a little less
+    loaded): ours sends a short prompt to the other, whose first token comes far sooner."""
+    backlog = node("backlog", active_jobs=1, queued_tokens=100, prefill_backlog_tokens=60_000)
+    decoding = node("decoding", active_jobs=1, queued_tokens=200)
+    out = schedule([job(prompt=200, out=64)], [backlog, decoding], MODELS, NOW)
+    assert placed(out) == {"j1": "decoding"}
+    config = SchedulerConfig()
+    slow = predict(job(prompt=200, out=64), backlog, MODEL, NOW, config)
+    fast = predict(job(prompt=200, out=64), decoding, MODEL, NOW, config)
+    costs = perfmodel.costs(MODEL, GPU)
+    assert slow.ttft_s - fast.ttft_s == pytest.approx(costs.prefill_s(60_000), rel=0.05)
+    # a predicted backlog in seconds, when the caller gives one, is taken as it is
+    stated = replace(backlog, prefill_backlog_s=1.5)
+    assert predict(job(prompt=200, out=64), stated, MODEL, NOW, config).ttft_s == pytest.approx(
+        fast.ttft_s + 1.5, rel=0.05)
+
+
+def test_never_over_commits_a_node_s_kv_cache() -> None:
+    """Every running job's KV reservation counts, not only the new job's context: a node whose
+    cache is all but reserved by one long job takes no job that does not fit beside it."""
+    capacity = perfmodel.costs(MODEL, GPU).kv_capacity_tokens
+    full = node("full", active_jobs=1, queued_tokens=100, kv_reserved_tokens=capacity - 1000)
+    small, big = job("small", prompt=500, out=200), job("big", prompt=3000, out=1000)
+    assert placed(schedule([small], [full], MODELS, NOW)) == {"small": "full"}
+    assert schedule([big], [full], MODELS, NOW) == []  # would need 4,000 of 1,000 left
+    for policy in ("random", "round-robin", "least-loaded", "cheapest-within-deadline"):
+        assert schedule([big], [full], MODELS, NOW, SchedulerConfig(policy=policy)) == [], policy
+    # jobs of one call reserve too: two that fit one at a time do not both go to one node
+    room = node("room", kv_reserved_tokens=capacity - 5000)
+    two = [job("a", prompt=3000, out=1000), job("b", prompt=3000, out=1000)]
+    assert len(schedule(two, [room], MODELS, NOW)) == 1
+
+
+def test_a_conversation_s_next_turn_goes_where_its_prefix_is_cached() -> None:
+    """Twins, one holding the conversation's 20k-token prefix and a little busier: ours sends
+    the next turn there; once that node's queue outweighs the saved prefill, to the other."""
+    long = MODEL_PRESETS["llama-3.1-8b-q4"]  # 128k context
+    models = {long.name: long}
+    turn = Job("t2", long.name, 20_300, 200, "c", NOW, prefix_key="conv", prefix_tokens=20_000)
+    holder = node("holder", models=(long.name,), active_jobs=2, queued_tokens=400,
+                  kv_reserved_tokens=3000, cached_prefixes={"conv": 20_000})  # fmt: skip
+    other = node("other", models=(long.name,), active_jobs=1, queued_tokens=200,
+                 kv_reserved_tokens=1500)  # fmt: skip
+    assert placed(schedule([turn], [holder, other], models, NOW)) == {"t2": "holder"}
+    config = SchedulerConfig()
+    cached = predict(turn, holder, long, NOW, config)
+    cold = predict(turn, replace(holder, cached_prefixes={}), long, NOW, config)
+    assert cached.prefill_s < 0.1 * cold.prefill_s
+    swamped = replace(holder, prefill_backlog_tokens=40_000)
+    assert placed(schedule([turn], [swamped, other], models, NOW)) == {"t2": "other"}

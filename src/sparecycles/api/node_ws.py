@@ -46,6 +46,7 @@ async def node_socket(ws: WebSocket) -> None:
         pass
     finally:
         if node is not None:
+            node.set_draining(True, time.time())  # the session is over (learned stays)
             await node.stop()
             if coord.dispatcher is not None and coord.dispatcher.nodes.get(node.node_id) is node:
                 await coord.dispatcher.on_node_lost(node)
@@ -139,6 +140,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         send_raw=ws.send_text,
         reputation=reputation,
         features=frozenset(hello.features),
+        stays=coord.stays,
     )
     await ws.send_text(
         protocol.encode(

@@ -65,7 +65,9 @@ def run_policies(
 @friendly
 def sim(
     fleet: Path = typer.Option(..., "--fleet", "-f", help="Fleet file (TOML), see examples/"),
-    trace: str = typer.Option("conv", "--trace", "-t", help="conv, code, or a CSV path"),
+    trace: str = typer.Option(
+        "conv", "--trace", "-t", help="conv, code, long (synthetic long-context), or a CSV path"
+    ),
     policies: str = typer.Option(DEFAULT_POLICIES, help="Comma-separated policies to compare"),
     seed: int = typer.Option(1, help="Same seed, same run"),
     requests: int = typer.Option(0, help="Scale the trace to this many requests (0: as is)"),

@@ -286,6 +286,7 @@ class Dispatcher:
             job.dispatched_perf_s = now.perf_s
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
+        node.backlog.sent(job.job_id, len(prompt), remaining)
         self.waiting.pop(job.job_id, None)
         self.writer.background(
             self.store.start_attempt,
@@ -366,6 +367,7 @@ class Dispatcher:
         node.queued_tokens = max(0, node.queued_tokens - len(new))
         if att.first_token_mono_s is None:
             att.first_token_mono_s = now.mono_s
+            node.backlog.streaming(job.job_id)
         if job.first_token_mono_s is None:  # recorded with the job's final row (one write a job)
             job.first_token_mono_s = now.mono_s
             job.state = JobState.STREAMING

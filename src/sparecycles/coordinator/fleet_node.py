@@ -7,9 +7,12 @@ Dispatch speaks only this protocol, so it imports neither the bus nor the fleet.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sparecycles.types import DeviceProfile, NodeSnapshot
+
+if TYPE_CHECKING:
+    from sparecycles.coordinator.node_conn import Backlog
 
 
 class FleetNode(Protocol):
@@ -21,6 +24,7 @@ class FleetNode(Protocol):
     weights: dict[str, str]  # model -> weights_sha256 the node reported
     jobs: set[str]  # this replica's jobs running on it
     queued_tokens: int  # tokens still to come for those jobs
+    backlog: Backlog  # this replica's jobs' prompt tokens not yet prefilled, and KV reserved
     draining: bool
     closed: bool
 

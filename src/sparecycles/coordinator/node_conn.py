@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparecycles import availability
+from sparecycles.scheduling.stays import StayLearner, ended_by_window, learned_stay_s
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
 
 outbound_queue_max = 1024  # messages waiting for a node's socket before it is dropped
@@ -59,6 +60,33 @@ def fold_speed(speeds: dict[str, float], batches: dict[str, float], model: str,
 
 
 @dataclass
+class Backlog:
+    """What this coordinator sent a node that the node has not worked through yet: each job's
+    prompt tokens until its first token streams back (the node's prefill backlog: a new job's
+    first token comes after those prompts), and the KV-cache tokens each job may fill (its
+    prompt plus the tokens it may still generate) until it ends. Dispatch records a job when it
+    sends it (``sent``) and when its first token arrives (``streaming``); a job that has left the
+    node's job set is forgotten when the totals are read."""
+
+    prefill: dict[str, int] = field(default_factory=dict)
+    kv: dict[str, int] = field(default_factory=dict)
+
+    def sent(self, job_id: str, prompt_tokens: int, new_tokens_max: int) -> None:
+        self.prefill[job_id] = prompt_tokens
+        self.kv[job_id] = prompt_tokens + new_tokens_max
+
+    def streaming(self, job_id: str) -> None:
+        self.prefill.pop(job_id, None)
+
+    def totals(self, running: set[str]) -> tuple[int, int]:
+        """(prefill backlog tokens, KV tokens reserved) of the jobs still in ``running``."""
+        for book in (self.prefill, self.kv):
+            for job_id in [j for j in book if j not in running]:
+                del book[job_id]
+        return sum(self.prefill.values()), sum(self.kv.values())
+
+
+@dataclass
 class NodeConn:
     node_id: str
     owner_id: str
@@ -73,12 +101,15 @@ class NodeConn:
     status: availability.DeviceStatus = field(default_factory=availability.DeviceStatus)
     jobs: set[str] = field(default_factory=set)  # job ids running here
     queued_tokens: int = 0
+    backlog: Backlog = field(default_factory=Backlog)
     draining: bool = False
     last_seen_s: float = field(default_factory=time.monotonic)
     measured_tps: dict[str, float] = field(default_factory=dict)
     measured_batch: dict[str, float] = field(default_factory=dict)  # the batch each was taken at
     reputation: float = 1.0
     features: frozenset[str] = frozenset()  # protocol.FEATURE_* from its hello
+    stays: StayLearner | None = None  # the coordinator's learned stays (scheduling/stays.py)
+    up_since_s: float = field(default_factory=time.time)  # epoch: this session's start
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(outbound_queue_max)
     )
@@ -117,6 +148,19 @@ class NodeConn:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
 
+    def set_draining(self, draining: bool, now_epoch_s: float) -> None:
+        """The node stopped taking work (its owner took it back, its window closed, its socket
+        closed) or started again: the end of a session is one observation of how long nodes of
+        its class stay (censored when the owner's window closed it), the start of one resets
+        its age."""
+        if draining and not self.draining and self.stays is not None:
+            length = now_epoch_s - self.up_since_s
+            ended = not ended_by_window(self.policy, now_epoch_s)
+            self.stays.observe(self.profile.device_class, self.node_id, length, ended)
+        elif not draining and self.draining:
+            self.up_since_s = now_epoch_s
+        self.draining = draining
+
     def observe_speed(self, model: str, tokens_per_s: float, batch: int | None = None) -> None:
         """Fold a job's measured decode speed into the node's running estimate (EWMA), with the
         batch it ran in: by default the jobs on the node now, the finishing one included (the
@@ -129,7 +173,8 @@ class NodeConn:
         """The scheduler's view of this node now (reused while its inputs are unchanged, for at
         most ``snapshot_reuse_s_max``)."""
         inputs = (len(self.jobs), self.queued_tokens, self.draining, self.reputation,
-                  self.status, self.policy, self.models, self.jobs_max, self.profile)
+                  self.status, self.policy, self.models, self.jobs_max, self.profile,
+                  self.backlog.totals(self.jobs))
         cached = self._snap
         if (cached is not None and cached[0] == inputs
                 and abs(now_epoch_s - cached[1]) < snapshot_reuse_s_max
@@ -139,7 +184,16 @@ class NodeConn:
         self._snap = (inputs, now_epoch_s, snap)
         return snap
 
+    def _expected_stay_s(self, now_epoch_s: float) -> float:
+        """Learned from the sessions seen (per class, and per node as its history grows) when
+        the coordinator keeps a learner; else bounded by the owner's window alone."""
+        if self.stays is None:
+            return availability.expected_stay_s(self.policy, self.status, now_epoch_s)
+        return learned_stay_s(self.stays, self.profile.device_class, self.node_id, self.policy,
+                              self.status, now_epoch_s, self.up_since_s)  # fmt: skip
+
     def _build_snapshot(self, now_epoch_s: float) -> NodeSnapshot:
+        prefill_tokens, kv_tokens = self.backlog.totals(self.jobs)
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -148,11 +202,13 @@ class NodeConn:
             active_jobs=len(self.jobs),
             jobs_max=self.jobs_max,
             queued_tokens=self.queued_tokens,
+            prefill_backlog_tokens=prefill_tokens,
+            kv_reserved_tokens=kv_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
             measured_decode_batch=dict(self.measured_batch),
             available=not self.draining
             and availability.is_available(self.policy, self.status, now_epoch_s),
-            expected_stay_s=availability.expected_stay_s(self.policy, self.status, now_epoch_s),
+            expected_stay_s=self._expected_stay_s(now_epoch_s),
             reputation=self.reputation,
             draining=self.draining,
             features=self.features,

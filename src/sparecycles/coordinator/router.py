@@ -17,6 +17,7 @@ messages that are not. ``route`` handles what it can at once and returns what is
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
@@ -79,11 +80,11 @@ class NodeRouter:
                 temperature_c=msg.temperature_c,
             )
             if node.draining and msg.available:  # the owner's window opened again
-                node.draining = False
+                node.set_draining(False, time.time())
                 d.on_node_ready(node)
-            node.draining = not msg.available
+            node.set_draining(not msg.available, time.time())  # a session's end: learned stays
         elif isinstance(msg, protocol.Draining):
-            node.draining = True
+            node.set_draining(True, time.time())
             return asyncio.to_thread(d.store.set_node_status, node.node_id, "draining")
         elif isinstance(msg, protocol.Hello):
             raise ProtocolError("hello sent twice")

@@ -29,6 +29,7 @@ from sparecycles.coordinator.verification import Verifier
 from sparecycles.errors import ModelNotFound
 from sparecycles.ledger.pricing import PriceBook
 from sparecycles.ledger.service import Ledger
+from sparecycles.scheduling.stays import StayLearner
 from sparecycles.settings import CoordinatorSettings, parse_model_args
 from sparecycles.store import ApiKeyInfo, Store
 from sparecycles.store.dashboard_queries import DashboardQueries, node_sample_interval_s
@@ -59,6 +60,7 @@ class Coordinator:
                          if settings.verification else None)
         self.gate = KeyGate(TrustQueries(self.store.sessions), self.ledger)  # per-key limits
         self.started_at_s = time.time()
+        self.stays = StayLearner()  # sessions seen -> nodes' expected stays (scheduling/stays.py)
         self._sampler: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         # secret -> its key (None: no such key), for key_cache_ttl_s; written by the threads

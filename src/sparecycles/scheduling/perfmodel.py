@@ -261,6 +261,30 @@ class Costs:
             + context * self.overhead_s_per_sequence_token
         )
 
+    def chunked_step_s(
+        self, batch: int, context_tokens: int, chunk_tokens: int, chunk_context_tokens: float
+    ) -> float:
+        """One pass of chunked prefill: ``batch`` decoding sequences (contexts averaging
+        ``context_tokens``) and ``chunk_tokens`` prompt tokens, each attending to
+        ``chunk_context_tokens`` earlier tokens of its prompt on average. The weights are read
+        once for both; the matmuls run over ``batch + chunk_tokens`` rows."""
+        b, c = max(0, batch), max(0, chunk_tokens)
+        rows = b + c
+        table = self.linear_s_by_batch
+        linear_s = table[rows - 1] if 0 < rows <= len(table) else self.linear_s(max(1, rows))
+        pairs = b * context_tokens + c * chunk_context_tokens
+        memory_s = self.weight_read_s + (b * context_tokens + chunk_context_tokens) * (
+            self.kv_s_per_token
+        )
+        compute_s = linear_s + self.attention_s_per_pair * pairs
+        sequences = b + (1 if c else 0)
+        per_sequence_s = self.overhead_s_per_sequence
+        per_sequence_s += (context_tokens if b else chunk_context_tokens) * (
+            self.overhead_s_per_sequence_token
+        )
+        worse_s = memory_s if memory_s >= compute_s else compute_s
+        return worse_s + self.overhead_s + sequences * per_sequence_s
+
     def fits(self, batch: int, context_tokens: int) -> bool:
         return context_tokens <= self.context_length and (
             batch * context_tokens <= self.kv_capacity_tokens

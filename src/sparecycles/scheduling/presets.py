@@ -151,6 +151,21 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "llama-3-70b-q4": ModelSpec(
         "llama-3-70b-q4", 70_553_706_496, Q4_0_BYTES_PER_PARAM, 80, 8192, 8, 128, 8192
     ),
+    # 128k-context models (issue 17's long-context scenarios). meta-llama/Llama-3.1-8B: the
+    # architecture of Llama 3 8B with max_position_embeddings 131,072 (RoPE scaling "llama3");
+    # Llama-3.1-70B likewise. The KV cache grows with the context: 131,072 tokens of the 8B
+    # model at 16 bits is 16 GiB (2 * 32 layers * 8 heads * 128 * 2 bytes = 128 KiB a token).
+    "llama-3.1-8b": ModelSpec("llama-3.1-8b", 8_030_261_248, 2.0, 32, 4096, 8, 128, 131_072),
+    "llama-3.1-8b-q4": ModelSpec(
+        "llama-3.1-8b-q4", 8_030_261_248, Q4_0_BYTES_PER_PARAM, 32, 4096, 8, 128, 131_072
+    ),
+    "llama-3.1-70b-q4": ModelSpec(
+        "llama-3.1-70b-q4", 70_553_706_496, Q4_0_BYTES_PER_PARAM, 80, 8192, 8, 128, 131_072
+    ),
+    # Qwen/Qwen2.5-7B-Instruct with YaRN to 131,072 tokens (its model card's long-context setup).
+    "qwen2.5-7b-128k": ModelSpec(
+        "qwen2.5-7b-128k", 7_615_616_512, 2.0, 28, 3584, 4, 128, 131_072
+    ),
     # The llama.cpp calibration reference: LLaMA 7B (6.74 B params, 32 layers, 32 heads of 128)
     # in Q4_0 is 3.79 GB, the "about 3.8 GB" of shared/data/README.md.
     "llama-7b-q4": ModelSpec(

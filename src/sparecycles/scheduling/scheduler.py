@@ -21,11 +21,11 @@ Policies (``SchedulerConfig.policy``):
   and ignore speed and departures.
 
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
-available, draining, expected_stay_s, reputation, decode_speed_factor (else
-measured_decode_tokens_per_s at measured_decode_batch), price_micros_per_mtok, last_assigned_s
-(round-robin only). Job
-fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s,
-deadline_s, trusted_only, avoid_nodes.
+prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
+expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
+measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only),
+cached_prefixes. Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
+admitted_at_s, deadline_s, trusted_only, avoid_nodes, prefix_key, prefix_tokens.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
 price); a group of at most ``group_candidates`` nodes is weighed whole (so small states get the
@@ -37,6 +37,7 @@ came out ahead. docs/scheduling.md has the formulas.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import math
 import random
@@ -155,8 +156,8 @@ class _Load:
     """A node's load as this call has changed it (the snapshot itself stays untouched). A plain
     slotted class: one is made per node per call, so it allocates nothing more until used."""
 
-    __slots__ = ("_costs", "_factors", "active", "last_assigned_s", "node", "prefill_backlog_s",
-                 "queued_tokens", "version", "waiting")
+    __slots__ = ("_costs", "_factors", "active", "kv_placed", "last_assigned_s", "node",
+                 "prefill_backlog_s", "queued_tokens", "version", "waiting")
 
     def __init__(self, node: NodeSnapshot, active: int, queued_tokens: int,
                  last_assigned_s: float = -math.inf) -> None:  # fmt: skip
@@ -164,6 +165,7 @@ class _Load:
         self.active = active
         self.queued_tokens = queued_tokens
         self.prefill_backlog_s = 0.0  # prefills of jobs placed here in this call, run before ours
+        self.kv_placed = 0  # KV tokens reserved by the jobs placed here in this call
         self.waiting = 0  # jobs of this call waiting for a slot here (late binding)
         self.version = 0
         self.last_assigned_s = last_assigned_s
@@ -230,9 +232,15 @@ def _predict(
     remaining = max(1, job.max_tokens - job.generated_tokens)
     batch = load.active + 1 if load.active < node.jobs_max else node.jobs_max
     step = costs.decode_step_s(batch, context + remaining // 2) / factor
-    prefill = costs.prefill_s(context) / factor
+    hit = 0  # prompt tokens the node's prefix cache holds for this job (multi-turn)
+    if job.prefix_key and node.cached_prefixes:
+        hit = min(node.cached_prefixes.get(job.prefix_key, 0), job.prefix_tokens, context - 1)
+    prefill = costs.prefill_s(context - hit, hit) / factor
     wait = _queue_wait_s(load, step) if load.active >= node.jobs_max else 0.0
-    ttft = node.profile.network_rtt_s + wait + load.prefill_backlog_s + prefill + step
+    backlog = node.prefill_backlog_s  # prompts already queued on the node are prefilled first
+    if backlog <= 0.0 and node.prefill_backlog_tokens > 0:
+        backlog = costs.prefill_s(node.prefill_backlog_tokens) / factor
+    ttft = node.profile.network_rtt_s + wait + backlog + load.prefill_backlog_s + prefill + step
     total = ttft + (remaining - 1) * step
     stay = node.expected_stay_s
     p_leave = 0.0 if stay == math.inf else 1.0 - math.exp(-total / (stay if stay > 1e-9 else 1e-9))
@@ -256,9 +264,27 @@ def node_can_serve(node: NodeSnapshot, model: str, config: SchedulerConfig) -> b
     )
 
 
+def kv_need_tokens(job: Job) -> int:
+    """The KV-cache tokens a job may fill on a node: its prompt, what earlier attempts generated
+    (prefilled again) and what it may still generate."""
+    return job.prompt_tokens + max(job.max_tokens, job.generated_tokens)
+
+
+def _kv_reserved(load: _Load, need: int) -> int:
+    """KV tokens already reserved on the node: as reported, plus this call's placements; a
+    snapshot that reports none while jobs run counts each at ``need`` (the old assumption)."""
+    node = load.node
+    reported = node.kv_reserved_tokens
+    if reported <= 0 and node.active_jobs > 0:
+        reported = node.active_jobs * need
+    return reported + load.kv_placed
+
+
 def _job_fits(job: Job, load: _Load, spec: ModelSpec, config: SchedulerConfig) -> bool:
-    """Constraints that depend on the job: trust, avoided nodes, memory at the new batch (every
-    running sequence counted at this job's full context, as the scheduler does not know theirs)."""
+    """Constraints that depend on the job: trust, avoided nodes, memory. Memory: the job's whole
+    KV need (``kv_need_tokens``) beside every running job's reservation fits the node's KV
+    capacity, so the scheduler never over-commits it (an engine past it must preempt and
+    recompute, or refuse)."""
     node = load.node
     if job.trusted_only and node.reputation < config.trusted_reputation_min:
         return False
@@ -266,9 +292,11 @@ def _job_fits(job: Job, load: _Load, spec: ModelSpec, config: SchedulerConfig) -
         return False
     if not job.needs <= node.features:  # e.g. a grammar, on a node too old to apply it
         return False
-    batch = min(load.active + 1, node.jobs_max)
-    context = job.prompt_tokens + job.max_tokens
-    return load.costs_of(spec, config.calibration).fits(batch, context)
+    costs = load.costs_of(spec, config.calibration)
+    need = kv_need_tokens(job)
+    return need <= costs.context_length and _kv_reserved(load, need) + need <= (
+        costs.kv_capacity_tokens
+    )
 
 
 # --- ours: fastest and cheapest-within-deadline --------------------------------------------
@@ -413,7 +441,8 @@ def _typical_job(jobs: Sequence[Job]) -> Job:
     """A job of (quantised) median prompt and median remaining length, to rank nodes by."""
     prompt = _quantised(statistics.median(j.prompt_tokens + j.generated_tokens for j in jobs))
     remaining = _quantised(statistics.median(max(1, j.remaining_tokens) for j in jobs))
-    return replace(jobs[0], prompt_tokens=prompt, generated_tokens=0, max_tokens=remaining)
+    return replace(jobs[0], prompt_tokens=prompt, generated_tokens=0, max_tokens=remaining,
+                   prefix_key="", prefix_tokens=0)
 
 
 def _build_ranking(
@@ -538,6 +567,7 @@ def _schedule_ours(
             load.active += 1
             load.queued_tokens += job.remaining_tokens
             load.prefill_backlog_s += prediction.prefill_s
+            load.kv_placed += kv_need_tokens(job)
         load.version += 1
         ranking.push(ranking.groups[job.model][_group_key(load.node)], load, spec, now_s, config)
         if len(out) >= config.assignments_per_call_max:
@@ -562,10 +592,17 @@ def _pick_random(job: Job, serving: list[_Load], spec: ModelSpec, config: Schedu
     return rng.choice(free) if free else None
 
 
-def _baseline_key(load: _Load, policy: str, rng: random.Random) -> tuple[float, object]:
+def _tie_break(node_id: str, salt: bytes) -> bytes:
+    """A random order of nodes that does not depend on which other nodes are in the list (so
+    offering only the nodes a baseline could pick gives the answer of the whole fleet)."""
+    return hashlib.blake2b(node_id.encode(), key=salt, digest_size=8).digest()
+
+
+def _baseline_key(load: _Load, policy: str, salt: bytes) -> tuple[float, object]:
     if policy == "round-robin":
         return (load.last_assigned_s, load.node.node_id)
-    return (load.active / max(1, load.node.jobs_max), rng.random())  # least-loaded, random ties
+    # least-loaded, random ties
+    return (load.active / max(1, load.node.jobs_max), _tie_break(load.node.node_id, salt))
 
 
 def _pick_ordered(job: Job, heap: list[tuple[tuple[float, object], int, _Load, int]],
@@ -598,6 +635,7 @@ def _schedule_baseline(
     out: list[Assignment] = []
     serving: dict[str, list[_Load]] = {}
     heaps: dict[str, list[tuple[tuple[float, object], int, _Load, int]]] = {}
+    salt = rng.getrandbits(64).to_bytes(8, "big") if config.policy == "least-loaded" else b""
     for job in jobs:
         spec = models[job.model]
         if job.model not in serving:
@@ -605,7 +643,7 @@ def _schedule_baseline(
             heaps[job.model] = []
             if config.policy != "random":
                 heaps[job.model] = [
-                    (_baseline_key(ld, config.policy, rng), i, ld, ld.version)
+                    (_baseline_key(ld, config.policy, salt), i, ld, ld.version)
                     for i, ld in enumerate(serving[job.model])
                 ]
                 heapq.heapify(heaps[job.model])
@@ -621,10 +659,11 @@ def _schedule_baseline(
         out.append(Assignment(job.job_id, load.node.node_id, now_s + prediction.total_s))
         load.active += 1
         load.queued_tokens += job.remaining_tokens
+        load.kv_placed += kv_need_tokens(job)
         load.last_assigned_s = now_s + len(out) * 1e-9  # later in this call: later in the cycle
         load.version += 1
         if config.policy != "random":
-            key = _baseline_key(load, config.policy, rng)
+            key = _baseline_key(load, config.policy, salt)
             heapq.heappush(heaps[job.model], (key, len(out) + len(loads), load, load.version))
         if len(out) >= config.assignments_per_call_max:
             break

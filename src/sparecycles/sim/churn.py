@@ -11,6 +11,15 @@ Three kinds of availability (a fleet file picks one per device class):
   windows. The run starts in the renewal process's steady state: a node found up is in an up
   period drawn length-biased, at a uniform point of it (so long periods are found more often,
   as an observer arriving at a random time would find them).
+  Two options make it no longer a renewal process (fleet file: ``diurnal_amplitude``,
+  ``correlated_events_per_day``, ``correlated_leave_fraction``):
+  *diurnal*: an up period that starts at local hour ``h`` has its Weibull scale multiplied by
+  ``1 + A·cos(2π (h - 3) / 24)`` (sessions begun at night last longest, those begun mid-afternoon
+  shortest); *correlated*: at moments shared by the whole class (a Poisson process of
+  ``correlated_events_per_day``, from the class's own stream: an outage, an evening when owners
+  reclaim their machines together) every node then up leaves with probability
+  ``correlated_leave_fraction``. The scheduler is never told either; it learns stays from the
+  sessions it sees (scheduling/stays.py).
 - ``parked-car``: a private car's computer, on only while the car is parked and plugged in. The
   assumptions (stated again in each fleet file): a car commutes twice a day (about 95% of the day
   parked), leaving home around 07:30 and work around 17:15 local time, each car with its own
@@ -22,6 +31,7 @@ Three kinds of availability (a fleet file picks one per device class):
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass
@@ -56,6 +66,9 @@ class AvailabilitySpec:
     only_while_charging: bool = False
     drain_grace_s: float = 30.0
     car: CarHabits | None = None
+    diurnal_amplitude: float = 0.0  # 0..1; weibull only (see the module's doc)
+    correlated_events_per_day: float = 0.0
+    correlated_leave_fraction: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +85,56 @@ def _length_biased(rng: random.Random, model: StayModel) -> float:
     return model.scale_s * rng.gammavariate(1.0 + 1.0 / k, 1.0) ** (1.0 / k)
 
 
-def weibull_intervals(
-    rng: random.Random, up: StayModel, down: StayModel, horizon_s: float
-) -> list[Interval]:
-    """Alternating up/down periods over [0, horizon_s], starting in the steady state."""
+def shared_moments(rng: random.Random, per_day: float, horizon_s: float) -> tuple[float, ...]:
+    """A class's correlated departure moments over [0, horizon_s]: a Poisson process."""
+    if per_day <= 0.0:
+        return ()
+    out: list[float] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(per_day / DAY_S)
+        if t >= horizon_s:
+            return tuple(out)
+        out.append(t)
+
+
+def _diurnal_scale(start_s: float, epoch0_s: float, offset_min: int, amplitude: float) -> float:
+    hour = ((epoch0_s + start_s + offset_min * 60) % DAY_S) / 3600.0
+    return 1.0 + amplitude * math.cos(2.0 * math.pi * (hour - 3.0) / 24.0)
+
+
+def churned_intervals(
+    rng: random.Random, spec: AvailabilitySpec, epoch0_s: float, horizon_s: float,
+    offset_min: int, moments: tuple[float, ...],
+) -> list[Interval]:  # fmt: skip
+    """Weibull up/down periods with the diurnal and correlated options (see the module's doc)."""
+    assert spec.up is not None and spec.down is not None
+    up, down = spec.up, spec.down
+    out, t = _steady_start(rng, up, down)
+    amplitude = spec.diurnal_amplitude
+    while t < horizon_s:
+        scale = up.scale_s * _diurnal_scale(t, epoch0_s, offset_min, amplitude)
+        out.append((t, t + rng.weibullvariate(scale, up.shape)))
+        t = out[-1][1] + rng.weibullvariate(down.scale_s, down.shape)
+    if not moments or spec.correlated_leave_fraction <= 0.0:
+        return out
+    cut: list[Interval] = []
+    for a, b in out:
+        i = bisect.bisect_right(moments, a)
+        while i < len(moments) and moments[i] < b:
+            if rng.random() < spec.correlated_leave_fraction:
+                b = moments[i]
+                break
+            i += 1
+        cut.append((a, b))
+    return cut
+
+
+def _steady_start(
+    rng: random.Random, up: StayModel, down: StayModel
+) -> tuple[list[Interval], float]:
+    """The renewal process found in its steady state at time 0: the up period it is in (if up)
+    and when the next up period starts."""
     out: list[Interval] = []
     p_up = up.mean_s / (up.mean_s + down.mean_s)
     if rng.random() < p_up:
@@ -86,6 +145,14 @@ def weibull_intervals(
     else:
         length = _length_biased(rng, down)
         t = length * rng.random()  # the rest of the current down period
+    return out, t
+
+
+def weibull_intervals(
+    rng: random.Random, up: StayModel, down: StayModel, horizon_s: float
+) -> list[Interval]:
+    """Alternating up/down periods over [0, horizon_s], starting in the steady state."""
+    out, t = _steady_start(rng, up, down)
     while t < horizon_s:
         end = t + rng.weibullvariate(up.scale_s, up.shape)
         out.append((t, end))
@@ -189,8 +256,10 @@ def realise(
     epoch0_s: float,
     horizon_s: float,
     utc_offset_minutes: int = 0,
+    moments: tuple[float, ...] = (),
 ) -> Realised:
-    """One node's policy and availability intervals over [0, horizon_s]."""
+    """One node's policy and availability intervals over [0, horizon_s]; ``moments``: the
+    class's correlated departure moments (``shared_moments``)."""
     if spec.kind == "parked-car":
         policy, intervals = car_realisation(rng, spec, epoch0_s, horizon_s, utc_offset_minutes)
         return Realised(policy, tuple(intervals), None)
@@ -206,7 +275,10 @@ def realise(
     elif spec.kind == "weibull":
         if spec.up is None or spec.down is None:
             raise ValueError("weibull availability needs up and down fits")
-        up = weibull_intervals(rng, spec.up, spec.down, horizon_s)
+        if spec.diurnal_amplitude or spec.correlated_leave_fraction:
+            up = churned_intervals(rng, spec, epoch0_s, horizon_s, utc_offset_minutes, moments)
+        else:
+            up = weibull_intervals(rng, spec.up, spec.down, horizon_s)
     else:
         raise ValueError(f"unknown availability kind {spec.kind!r}")
     start = min([-DAY_S, *(a for a, _ in up[:1])])

@@ -6,7 +6,8 @@ The format is documented in docs/scheduling.md, with examples in examples/fleets
     name = "mixed"
 
     [slo]                       # optional; what a request must meet to count as goodput
-    ttft_s = 5.0
+    ttft_s = 5.0                # first token within ttft_s + ttft_s_per_ktok per 1,000 prompt
+    ttft_s_per_ktok = 1.0       # tokens (fleet_file.SLO says why it scales)
     tpot_s = 0.2
 
     [[class]]
@@ -69,8 +70,22 @@ class ClassSpec:
 
 @dataclass(frozen=True, slots=True)
 class SLO:
-    ttft_s: float = 5.0  # first token within 5 s: a chat user still waiting
+    """What a request must meet to count as goodput. The time to first token allowed grows with
+    the prompt: ``ttft_s + ttft_s_per_ktok * prompt_tokens / 1000``. Published SLO studies
+    scale the target with the work of the request: Splitwise (Patel et al., ISCA 2024, the
+    source of the Azure traces) sets each request's SLO as a slowdown over its own latency on
+    an unloaded machine, so a 100k-token prompt is allowed what its prefill needs. Ours is the
+    linear form of that, with the fleet's common consumer GPU as the reference: 1 s per 1,000
+    prompt tokens is about what an RTX 3060 (the gaming-pc preset) needs to prefill an 8B model
+    alone (1.3 s per 1,000 at 1k tokens, 1.5 at 12k), five times an RTX 4090's, on top of the
+    fixed 5 s: a long prompt meets it only where prefill is fast."""
+
+    ttft_s: float = 5.0  # first token within 5 s (plus the prompt's share): a chat user waiting
     tpot_s: float = 0.2  # then 5 tokens/s or better: faster than people read
+    ttft_s_per_ktok: float = 1.0  # ... plus this per 1,000 prompt tokens (0: a fixed target)
+
+    def ttft_target_s(self, prompt_tokens: Any) -> Any:  # a float, or numpy arrays of them
+        return self.ttft_s + self.ttft_s_per_ktok * prompt_tokens / 1000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +155,9 @@ def parse_availability(table: dict[str, Any]) -> AvailabilitySpec:
         only_while_charging=bool(table.get("only_while_charging", False)),
         drain_grace_s=float(table.get("drain_grace_s", 30.0)),
         car=_car(table.get("car")) if kind == "parked-car" else None,
+        diurnal_amplitude=float(table.get("diurnal_amplitude", 0.0)),
+        correlated_events_per_day=float(table.get("correlated_events_per_day", 0.0)),
+        correlated_leave_fraction=float(table.get("correlated_leave_fraction", 0.0)),
     )
 
 
@@ -188,6 +206,7 @@ def parse_fleet(data: dict[str, Any]) -> FleetSpec:
     slo = SLO(
         ttft_s=float(slo_table.get("ttft_s", default.ttft_s)),
         tpot_s=float(slo_table.get("tpot_s", default.tpot_s)),
+        ttft_s_per_ktok=float(slo_table.get("ttft_s_per_ktok", default.ttft_s_per_ktok)),
     )
     name = str(data.get("fleet", {}).get("name", "fleet"))
     return FleetSpec(name=name, classes=classes, slo=slo)

@@ -26,13 +26,13 @@ import numpy as np
 
 from sparecycles import availability, limits
 from sparecycles.ledger import pricing
-from sparecycles.scheduling import perfmodel
+from sparecycles.scheduling import perfmodel, scheduler, stays
 from sparecycles.scheduling.presets import model_preset
 from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, update_speed_factor
-from sparecycles.sim.churn import realise
+from sparecycles.sim.churn import realise, shared_moments
 from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
 from sparecycles.sim.node import Attempt, SimNode
-from sparecycles.sim.policies import CandidateIndex, policy_config
+from sparecycles.sim.policies import BASELINES, CandidateIndex, policy_config
 from sparecycles.sim.trace import Trace
 from sparecycles.types import Job, NodeSnapshot
 
@@ -50,6 +50,14 @@ class SimConfig:
     stay_refresh_s: float = 5.0  # a node's expected stay is recomputed at most this often
     drain_horizon_s: float = 1800.0  # simulate this long past the last arrival, then stop
     candidates_all_max: int = 64  # see sim/policies.py
+    prefill_chunk_tokens: int = 512  # the nodes' engines: chunked prefill (0: prefill first)
+    # ours is also offered the node that served a conversation's last turn (its prefix cache)
+    prefix_aware: bool = True
+    # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
+    # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
+    # Weibull law the simulator draws from: an oracle no coordinator has).
+    stays: str = "learned"
+    stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
 
 
@@ -89,6 +97,9 @@ class SimResult:
     node_busy_s: np.ndarray
     node_available_s: np.ndarray
     node_earned_micros: np.ndarray
+    kv_over_capacity_placements: int = 0
+    prompt_tokens_admitted: int = 0  # prompt tokens of every admitted attempt (prefills)
+    prompt_tokens_cached: int = 0  # ... of which nodes' prefix caches held
     charges_micros: int = 0
     hedge_waste_tokens: int = 0
     busy_cost_micros: int = 0
@@ -99,14 +110,23 @@ class SimResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def build_nodes(fleet: FleetSpec, epoch0_s: float, horizon_s: float, seed: int) -> list[SimNode]:
-    """Realise every node of the fleet: profile, model, true speed, policy and intervals."""
+def build_nodes(
+    fleet: FleetSpec, epoch0_s: float, horizon_s: float, seed: int, history_s: float = 0.0
+) -> list[SimNode]:
+    """Realise every node of the fleet: profile, model, true speed, policy and intervals, the
+    intervals from ``history_s`` before the trace starts (what the coordinator saw before)."""
     rng = random.Random(f"{seed}:fleet")
     nodes: list[SimNode] = []
     for ci, c in enumerate(fleet.classes):
+        span = horizon_s + history_s
+        moments = shared_moments(random.Random(f"{seed}:class:{ci}"),
+                                 c.availability.correlated_events_per_day, span)  # fmt: skip
         for i in range(c.count):
             offset = c.utc_offsets_minutes[i % len(c.utc_offsets_minutes)]
-            real = realise(rng, c.availability, epoch0_s, horizon_s, offset)
+            real = realise(rng, c.availability, epoch0_s - history_s, span, offset, moments)
+            if history_s > 0.0:
+                real = replace(real, intervals=tuple(
+                    (a - history_s, b - history_s) for a, b in real.intervals))  # fmt: skip
             spec = model_preset(c.models[i % len(c.models)])
             nodes.append(
                 SimNode(
@@ -141,7 +161,14 @@ class Simulation:
         self.rng = random.Random(f"{config.seed}:scheduler")
         self.models = {m: model_preset(m) for c in fleet.classes for m in c.models}
         self.end_t = trace.duration_s + config.drain_horizon_s
-        self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed)
+        history = config.stay_history_s if config.stays == "learned" else 0.0
+        self.nodes = build_nodes(fleet, trace.epoch0_s, self.end_t, config.seed, history)
+        for node in self.nodes:
+            node.chunk = config.prefill_chunk_tokens
+        self.learner = stays.StayLearner()
+        self.stays_seeded: set[int] = set()  # nodes whose current session was seen as censored
+        if config.stays == "learned":
+            self._learn_history(history)
         self.by_id = {n.node_id: n for n in self.nodes}
         self.index = CandidateIndex(all_max=config.candidates_all_max)
         self.prices = pricing.PriceBook.default().with_specs(self.models.values())
@@ -149,6 +176,14 @@ class Simulation:
         self.prompt = trace.prompt_tokens.tolist()
         self.output = trace.output_tokens.tolist()
         self.req_model = self._model_of_requests(n)
+        # multi-turn traces: the prefix cache's key of each request and the tokens it shares
+        # with its conversation's previous turn; the node that served a conversation last
+        self.conversation = (
+            [f"c{c}" for c in trace.conversation.tolist()] if trace.conversation is not None
+            else [""] * n
+        )  # fmt: skip
+        self.prefix = trace.prefix_tokens.tolist() if trace.prefix_tokens is not None else [0] * n
+        self.prefix_home: dict[str, int] = {}
         self.first = [math.nan] * n
         self.end = [math.nan] * n
         self.status = bytearray(n)
@@ -177,6 +212,36 @@ class Simulation:
         picks = rng.choice(len(names), size=n, p=weights / weights.sum())
         return [names[i] for i in picks]
 
+    def _learn_history(self, history_s: float) -> None:
+        """The sessions the coordinator saw before the trace: those that ended (an event, or
+        censored if the owner's window closed them) and those still going (censored at their
+        age so far; when such a session ends during the run it is not counted again)."""
+        epoch = self.trace.epoch0_s
+        for node in self.nodes:
+            cls = self.fleet.classes[node.cls].name
+            for a, b in node.intervals:
+                if a >= 0.0:
+                    break
+                if b <= 0.0:
+                    if a < -history_s + 1.0:
+                        continue  # begun before the coordinator looked: length unknown
+                    ended = not stays.ended_by_window(node.policy, epoch + b)
+                    self.learner.observe(cls, node.node_id, b - a, ended)
+                else:  # up now, for -a so far (the node says since when)
+                    self.learner.observe(cls, node.node_id, -a, False)
+                    self.stays_seeded.add(node.idx)
+
+    def _learn_session(self, node: SimNode, t: float) -> None:
+        """A node's session ended at ``t``: one more observation (scheduling/stays.py)."""
+        if self.config.stays != "learned":
+            return
+        if node.idx in self.stays_seeded:
+            self.stays_seeded.discard(node.idx)
+            return
+        ended = not stays.ended_by_window(node.policy, self.trace.epoch0_s + t)
+        cls = self.fleet.classes[node.cls].name
+        self.learner.observe(cls, node.node_id, t - node.up_since, ended)
+
     def push(self, t: float, kind: int, obj: object, version: int = 0) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, kind, obj, version))
@@ -191,7 +256,7 @@ class Simulation:
             if end <= t or start >= self.end_t:
                 continue
             if first and start <= 0.0:
-                node.accepting, node.up_since = True, start
+                node.accepting, node.up_since, node.stay_t = True, start, -math.inf
                 self._index(node)
                 if end < self.end_t:
                     self.push(end, EV_LEAVE, node)
@@ -246,7 +311,9 @@ class Simulation:
             max_tokens=max_tokens,
             client_id="client",
             admitted_at_s=t,
-            deadline_s=t + slo.ttft_s + slo.tpot_s * (max_tokens - 1),
+            deadline_s=t + slo.ttft_target_s(self.prompt[req]) + slo.tpot_s * (max_tokens - 1),
+            prefix_key=self.conversation[req],
+            prefix_tokens=self.prefix[req],
         )
         self._enqueue(Waiting(req, job, t), t)
 
@@ -298,11 +365,19 @@ class Simulation:
         per_model: dict[str, int] = {}
         for j in jobs:
             per_model[j.model] = per_model.get(j.model, 0) + 1
-        snapshots = [
-            self.snapshot(self.nodes[idx], t)
+        offered = [
+            idx
             for model, count in per_model.items()
             for idx in self.index.candidates(model, count, self.sched.policy, self.rng)
         ]
+        if self.config.prefix_aware and self.sched.policy not in BASELINES and self.prefix_home:
+            seen = set(offered)
+            for j in jobs:  # the node holding a job's prefix, if it takes work
+                home = self.prefix_home.get(j.prefix_key) if j.prefix_key else None
+                if home is not None and home not in seen and self.nodes[home].accepting:
+                    seen.add(home)
+                    offered.append(home)
+        snapshots = [self.snapshot(self.nodes[idx], t) for idx in offered]
         self.result_counters["calls"] += 1
         for a in schedule(jobs, snapshots, self.models, t, self.sched, self.rng):
             w = self._unwait(a.job_id)
@@ -313,11 +388,23 @@ class Simulation:
         """What the coordinator would report for this node now (cached while unchanged)."""
         if node.snapshot is not None and t - node.snapshot_t <= self.config.stay_refresh_s:
             return node.snapshot
-        epoch = self.trace.epoch0_s
-        stay = availability.expected_stay_s(
-            node.policy, STATUS_AT_WORK, epoch + t,
-            up_since_s=epoch + node.up_since, model=node.stay_model,
-        ) if node.accepting else 0.0  # fmt: skip
+        if t - node.stay_t > self.config.stay_refresh_s or node.stay_t > t:
+            epoch = self.trace.epoch0_s
+            if not node.accepting:
+                node.stay = 0.0
+            elif self.config.stays == "learned":
+                node.stay = stays.learned_stay_s(
+                    self.learner, self.fleet.classes[node.cls].name, node.node_id, node.policy,
+                    STATUS_AT_WORK, epoch + t, epoch + node.up_since,
+                )
+            else:
+                node.stay = availability.expected_stay_s(
+                    node.policy, STATUS_AT_WORK, epoch + t,
+                    up_since_s=epoch + node.up_since, model=node.stay_model,
+                )  # fmt: skip
+            node.stay_t = t
+        stay = node.stay
+        backlog_tokens, backlog_s = node.prefill_backlog(t) if node.active else (0, 0.0)
         node.snapshot = NodeSnapshot(
             node_id=node.node_id,
             owner_id="owner-" + node.node_id,
@@ -326,6 +413,10 @@ class Simulation:
             active_jobs=node.active,
             jobs_max=node.jobs_max,
             queued_tokens=node.queued_tokens(),
+            prefill_backlog_tokens=backlog_tokens,
+            prefill_backlog_s=backlog_s,
+            kv_reserved_tokens=node.kv_reserved(),
+            cached_prefixes=node.cache,
             available=node.accepting,
             expected_stay_s=stay,
             reputation=node.reputation,
@@ -347,9 +438,12 @@ class Simulation:
         att = Attempt(
             req=req, job=w.job, node=node, assigned_t=t, predicted_finish_t=predicted_finish_t,
             target=max(1, self.output[req] - gen), context0=self.prompt[req] + gen,
-            is_hedge=w.is_hedge,
+            is_hedge=w.is_hedge, kv_need=scheduler.kv_need_tokens(w.job),
+            conversation=w.job.prefix_key, prefix=w.job.prefix_tokens,
         )  # fmt: skip
         node.advance(t)
+        if node.kv_reserved() + att.kv_need > node.costs.kv_capacity_tokens:
+            node.kv_over_capacity_placements += 1
         node.queue.append(att)
         node.start_prefill(t)
         self.replan(node, t)
@@ -376,12 +470,11 @@ class Simulation:
         if version != node.version:
             return
         node.advance(t)
-        finished: list[Attempt] = []
-        if node.prefilling is not None:
-            if t < node.prefill_end - 1e-9:
-                self.replan(node, t)
-                return
-            a, node.prefilling = node.prefilling, None
+        finished = node.finished()
+        if node.prefill_done():
+            a = node.prefilling
+            assert a is not None
+            node.prefilling = None
             a.first_token_t, a.done, a.decode_batch = t, 1.0, len(node.decoding) + 1
             req = a.req
             if math.isnan(self.first[req]):
@@ -390,11 +483,10 @@ class Simulation:
                 finished.append(a)
             else:
                 node.decoding.append(a)
-            node.start_prefill(t)
-        else:
-            finished = node.finished()
+            node.snapshot = None  # its prefill backlog changed
         for a in finished:
             self.complete(a, t)
+        node.start_prefill(t)  # the next prompt, if its KV need fits
         self.replan(node, t)
         if finished:
             self._index(node)
@@ -418,6 +510,9 @@ class Simulation:
         pending = self.waiting_by_req.get(req)
         if pending is not None:
             self._unwait(pending)
+        node.remember(a.conversation, a.context0 + a.target)  # for the next turn
+        if a.conversation:
+            self.prefix_home[a.conversation] = node.idx
         shares = self.shares.pop(req, [])
         shares.append((node, a.context0, a.target))
         self.settle(req, shares)
@@ -466,7 +561,7 @@ class Simulation:
         if node.draining:  # back before its grace ran out: it keeps what it holds
             node.draining = False
             node.drains += 1  # the pending end of that drain no longer applies
-        node.accepting, node.up_since = True, t
+        node.accepting, node.up_since, node.stay_t = True, t, -math.inf
         self._index(node)
         end = next((e for s, e in node.intervals if s <= t < e), t)
         if end < self.end_t:
@@ -477,7 +572,8 @@ class Simulation:
     def on_leave(self, obj: object, _version: int, t: float) -> None:
         node = obj
         assert isinstance(node, SimNode)
-        node.accepting, node.draining = False, True
+        node.accepting, node.draining, node.stay_t = False, True, -math.inf
+        self._learn_session(node, t)
         node.drains += 1
         self._index(node)
         self.push(t + node.policy.drain_grace_s, EV_DRAIN_END, node, node.drains)
@@ -493,6 +589,7 @@ class Simulation:
             self.interrupt(a, t)
         node.queue.clear()
         node.prefilling, node.decoding, node.draining = None, [], False
+        node.forget_cache()  # the owner took the machine back: its KV cache is gone
         self.replan(node, t)
         self._index(node)
 
@@ -569,6 +666,9 @@ class Simulation:
             node_busy_s=np.asarray([n.busy_s for n in self.nodes]),
             node_available_s=available,
             node_earned_micros=np.asarray([n.earned_micros for n in self.nodes], dtype=np.int64),
+            kv_over_capacity_placements=sum(n.kv_over_capacity_placements for n in self.nodes),
+            prompt_tokens_admitted=sum(n.prompt_tokens_admitted for n in self.nodes),
+            prompt_tokens_cached=sum(n.prompt_tokens_cached for n in self.nodes),
             charges_micros=c["charges"],
             hedge_waste_tokens=c["hedge_waste"],
             busy_cost_micros=busy_cost,

@@ -1,11 +1,35 @@
 """A simulated node: how its engine works through the jobs placed on it.
 
-The engine model is continuous batching with prefill first, as llama.cpp and vLLM (without
-chunked prefill) do it: prompts are prefilled one at a time, in order, and while a prompt is being
-prefilled the running sequences wait; otherwise every running sequence gets one token per decode
-step, and a step takes the performance model's time at the current batch and mean context,
-divided by the node's true speed (which the scheduler does not know; it learns it). The prefill
-produces the first token.
+The engine is continuous batching, in one of two ways (``SimConfig.prefill_chunk_tokens``):
+
+- **chunked prefill** (the default, 512 tokens: llama.cpp's ``n_ubatch``, vLLM's chunked
+  prefill): every step decodes one token of each running sequence *and* processes up to a chunk
+  of the prompt at the head of the queue, so a long prompt slows the running sequences' steps
+  instead of stopping them. A step's time is the roofline of that mixed pass
+  (``perfmodel.Costs.chunked_step_s``): the weights read once, the decodes' KV caches and the
+  prompt's processed part read, the matmuls over ``batch + chunk`` rows, attention of each chunk
+  token over the prompt so far (taken at its mean over the rest of the prompt, so that the step
+  is constant between events);
+- **prefill first** (0): prompts are prefilled one at a time while the running sequences wait
+  (llama.cpp and vLLM without chunking).
+
+Either way a step's time is divided by the node's true speed (which the scheduler does not know;
+it learns it). The end of a prompt's prefill produces its first token.
+
+**Prefix cache**: when a request of a multi-turn conversation completes, the node keeps its KV
+cache (prompt and answer) for the conversation's next turn, least recently used first out,
+within the KV capacity that admitted sequences leave free. A next turn admitted here reuses the
+cached tokens it shares with it (``min(cached, prefix)``) and prefills only the rest, attending
+to the cached part. A node that leaves loses its cache.
+
+KV-cache memory: a sequence is admitted (its prefill started) only when its whole KV need (the
+context it prefills plus every token it may still generate, its ``max_tokens``) fits the node's
+KV capacity beside the sequences already admitted; until then it waits in the node's queue. That
+is what Hugging Face TGI's router does (it admits a request only while the batch's input plus
+max_new_tokens stays within ``max_batch_total_tokens``); an engine that admits on the prompt
+alone (vLLM) preempts and recomputes later instead, which costs at least as much. A placement
+that leaves the node's reservations above its capacity is counted
+(``SimNode.kv_over_capacity_placements``): the scheduler never makes one.
 
 Between two events the batch is constant, so progress is linear and each node needs one pending
 event: the end of the current prefill, or the first sequence to finish decoding.
@@ -38,6 +62,10 @@ class Attempt:
     decode_batch: int = 1  # batch when it started decoding (to compare with the prediction)
     is_hedge: bool = False
     live: bool = True
+    kv_need: int = 0  # KV tokens it may fill: context0 + the tokens the job may still generate
+    conversation: str = ""  # multi-turn traces: the prefix cache's key
+    prefix: int = 0  # tokens of its prompt shared with the conversation's previous turn
+    cached: int = 0  # of which the node's prefix cache held (known once admitted)
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +83,7 @@ class SimNode:
     policy: AvailabilityPolicy
     stay_model: StayModel | None
     intervals: tuple[Interval, ...]
+    chunk: int = 512  # prefill chunk, tokens per step (0: prefill first)
     # availability
     accepting: bool = False
     draining: bool = False
@@ -63,19 +92,28 @@ class SimNode:
     # the engine
     queue: deque[Attempt] = field(default_factory=deque)
     prefilling: Attempt | None = None
-    prefill_end: float = 0.0
+    prefill_left: float = 0.0  # tokens of its prompt still to process
+    prefill_total_s: float = 0.0  # prefill-first: its whole prefill's time
+    prefill_rate: float = 0.0  # prompt tokens/s, as the batch stands
     decoding: list[Attempt] = field(default_factory=list)
-    rate: float = 0.0  # tokens/s of each decoding sequence, when not prefilling
+    rate: float = 0.0  # tokens/s of each decoding sequence, as the batch stands
     last_t: float = 0.0
     version: int = 0
     busy_s: float = 0.0
+    cache: dict[str, int] = field(default_factory=dict)  # conversation -> tokens, LRU first
+    cached_tokens: int = 0
+    prompt_tokens_admitted: int = 0
+    prompt_tokens_cached: int = 0
     # what the coordinator keeps about it
     factor: dict[str, float] = field(default_factory=dict)
     last_assigned_t: float = float("-inf")
     snapshot: NodeSnapshot | None = None
     snapshot_t: float = float("-inf")
+    stay: float = 0.0  # expected stay, recomputed at most every SimConfig.stay_refresh_s
+    stay_t: float = float("-inf")
     earned_micros: int = 0
     tokens_out: int = 0
+    kv_over_capacity_placements: int = 0
 
     @property
     def active(self) -> int:
@@ -91,7 +129,9 @@ class SimNode:
         """Bring progress and busy time up to ``t`` (nothing changes shape in between)."""
         dt = t - self.last_t
         if dt > 0.0:
-            if self.prefilling is None and self.decoding:
+            if self.prefilling is not None:
+                self.prefill_left = max(0.0, self.prefill_left - self.prefill_rate * dt)
+            if self.decoding and self.rate > 0.0:
                 gained = self.rate * dt
                 for a in self.decoding:
                     a.done += gained
@@ -99,29 +139,95 @@ class SimNode:
                 self.busy_s += dt
         self.last_t = t
 
-    def prefill_s(self, attempt: Attempt) -> float:
-        return self.costs.prefill_s(attempt.context0) / self.speed
+    # --- memory ------------------------------------------------------------------------------
 
-    def step_s(self) -> float:
-        b = len(self.decoding)
-        context = sum(a.context0 + a.done for a in self.decoding) / b
-        return self.costs.decode_step_s(b, int(context)) / self.speed
+    def kv_reserved(self) -> int:
+        """KV tokens the admitted and queued sequences may fill (see the module's doc)."""
+        return sum(a.kv_need for a in self.attempts())
+
+    def kv_admitted(self) -> int:
+        total = sum(a.kv_need for a in self.decoding)
+        return total + (self.prefilling.kv_need if self.prefilling is not None else 0)
+
+    def _evict(self, room: int) -> None:
+        """Drop least recently used prefixes until the cache fits in ``room`` tokens."""
+        while self.cache and self.cached_tokens > room:
+            key = next(iter(self.cache))
+            self.cached_tokens -= self.cache.pop(key)
+
+    def remember(self, conversation: str, tokens: int) -> None:
+        """A conversation's turn finished here: keep its KV cache for the next turn."""
+        if not conversation:
+            return
+        self.cached_tokens -= self.cache.pop(conversation, 0)
+        room = self.costs.kv_capacity_tokens - self.kv_admitted()
+        if tokens > room:
+            return
+        self.cache[conversation] = tokens
+        self.cached_tokens += tokens
+        self._evict(room)
+
+    def forget_cache(self) -> None:
+        self.cache.clear()
+        self.cached_tokens = 0
+
+    def cached_for(self, a: Attempt) -> int:
+        return min(self.cache.get(a.conversation, 0), a.prefix) if a.conversation else 0
+
+    # --- the engine --------------------------------------------------------------------------
 
     def start_prefill(self, t: float) -> None:
-        if self.prefilling is None and self.queue:
-            self.prefilling = self.queue.popleft()
-            self.prefill_end = t + self.prefill_s(self.prefilling)
+        """Admit the head of the queue if nothing is being prefilled and its KV need fits."""
+        if self.prefilling is not None or not self.queue:
+            return
+        head = self.queue[0]
+        if self.decoding and self.kv_admitted() + head.kv_need > self.costs.kv_capacity_tokens:
+            return  # waits for running sequences to free their KV cache
+        self.queue.popleft()
+        hit = self.cached_for(head)
+        if head.conversation in self.cache:  # the sequence owns those KV blocks now
+            self.cached_tokens -= self.cache.pop(head.conversation)
+        head.cached = hit
+        self._evict(self.costs.kv_capacity_tokens - self.kv_admitted() - head.kv_need)
+        self.prefilling = head
+        self.prefill_left = float(max(1, head.context0 - hit))
+        self.prefill_total_s = self.costs.prefill_s(int(self.prefill_left), hit) / self.speed
+        self.prompt_tokens_admitted += head.context0
+        self.prompt_tokens_cached += hit
+
+    def prefill_done(self) -> bool:
+        return self.prefilling is not None and self.prefill_left <= 1e-6
 
     def next_event_t(self, t: float) -> float | None:
-        """When this node next changes shape (and recompute the decode rate); None if idle."""
-        if self.prefilling is not None:
-            return self.prefill_end
-        if not self.decoding:
+        """When this node next changes shape (and recompute the rates); None if idle."""
+        head, b = self.prefilling, len(self.decoding)
+        if head is None and not b:
             return None
-        step = self.step_s()
-        self.rate = 1.0 / step
-        left = min(a.target - a.done for a in self.decoding)
-        return t + max(0.0, left) * step
+        at = float("inf")
+        if head is not None and self.chunk <= 0:  # prefill first: the batch waits
+            self.rate = 0.0
+            self.prefill_rate = max(1.0, head.context0 - head.cached) / max(
+                1e-12, self.prefill_total_s)
+            return t + self.prefill_left / self.prefill_rate
+        context = sum(a.context0 + a.done for a in self.decoding) / b if b else 0.0
+        if head is not None:
+            chunk = min(float(self.chunk), self.prefill_left)
+            total = head.context0
+            position = total - self.prefill_left  # cached and processed tokens of its prompt
+            step = self.costs.chunked_step_s(b, int(context), int(max(1.0, chunk)),
+                                             (position + total) / 2.0) / self.speed  # fmt: skip
+            self.prefill_rate = chunk / step
+            at = t + self.prefill_left / self.prefill_rate
+        else:
+            step = self.costs.decode_step_s(b, int(context)) / self.speed
+            self.prefill_rate = 0.0
+        if b:
+            self.rate = 1.0 / step
+            left = min(a.target - a.done for a in self.decoding)
+            at = min(at, t + max(0.0, left) * step)
+        else:
+            self.rate = 0.0
+        return at
 
     def finished(self) -> list[Attempt]:
         """Decoding sequences that reached their target (taken out of the batch)."""
@@ -140,3 +246,22 @@ class SimNode:
 
     def queued_tokens(self) -> int:
         return int(sum(a.target - a.done for a in self.attempts()))
+
+    def prefill_backlog(self, t: float) -> tuple[int, float]:
+        """Prompt tokens placed here and not yet prefilled, and the prefill seconds the
+        coordinator predicts for them (its speed factor, not the node's true speed; the prompt
+        being prefilled counts for what is left of it)."""
+        factor = self.factor.get(self.spec.name, 1.0)
+        tokens, seconds = 0, 0.0
+        for a in self.queue:
+            hit = self.cached_for(a)
+            tokens += a.context0 - hit
+            seconds += self.costs.prefill_s(a.context0 - hit, hit) / factor
+        p = self.prefilling
+        if p is not None:
+            left = self.prefill_left
+            if t > self.last_t:  # not yet advanced to t: what the rate says is left
+                left = max(0.0, left - self.prefill_rate * (t - self.last_t))
+            tokens += int(left)
+            seconds += self.costs.prefill_s(int(left), p.context0 - int(left)) / factor
+        return tokens, seconds

@@ -6,11 +6,19 @@ nodes, all that accept work (the scheduler filters the rest itself); with 100,00
 and scanning every snapshot per call would dominate, so it passes a bounded set that contains what
 the policy would pick from the whole fleet:
 
-- ``fastest``, ``cheapest-within-deadline``, ``least-loaded``: per device class, the least-loaded
-  nodes (enough for every waiting job plus ``extra_per_class``); within a class of one profile,
-  the least-loaded nodes are the fastest ones, up to the measured speed and the stay;
-- ``random``: a uniform sample of all accepting nodes;
-- ``round-robin``: the least recently assigned accepting nodes.
+- ``fastest``, ``cheapest-within-deadline`` (ours): per device class, the least-loaded nodes
+  (enough for every waiting job plus ``extra_per_class``); within a class of one profile, the
+  least-loaded nodes are the fastest ones, up to the measured speed and the stay. This bounds
+  only our own policy's view (it can only make ours worse);
+- the baselines (``random``, ``round-robin``, ``least-loaded``): every accepting node with a free
+  slot, i.e. every node the policy could pick: a baseline never places on a full node, so the
+  answer is the one it gives on the whole fleet (tests/unit/test_sim.py compares the two on
+  random states). This costs O(free nodes) snapshots per call; the scale benchmark runs ours.
+
+An earlier version offered round-robin only the first ``2·(jobs+3)`` nodes in
+least-recently-assigned order, without checking that they had a free slot, and least-loaded only
+the few least-loaded of each class: round-robin then often found every offered node full, and
+least-loaded was steered toward the rare fast classes. A win against those was not a win.
 
 A coordinator with a fleet that large would keep the same indexes (they are O(1) per change).
 """
@@ -45,12 +53,15 @@ class _ModelPool:
     """Accepting nodes of one model, kept three ways."""
 
     lra: dict[int, None] = field(default_factory=dict)  # least recently assigned first
+    free: dict[int, None] = field(default_factory=dict)  # accepting with a free slot
     order: list[int] = field(default_factory=list)  # for uniform sampling (swap-remove)
     pos: dict[int, int] = field(default_factory=dict)
     buckets: dict[int, list[dict[int, None]]] = field(default_factory=dict)  # class -> by load
 
     def add(self, node: int, cls: int, active: int, jobs_max: int) -> None:
         self.lra[node] = None
+        if active < jobs_max:
+            self.free[node] = None
         self.pos[node] = len(self.order)
         self.order.append(node)
         by_load = self.buckets.setdefault(cls, [])
@@ -60,6 +71,7 @@ class _ModelPool:
 
     def remove(self, node: int, cls: int, active: int) -> None:
         del self.lra[node]
+        self.free.pop(node, None)
         i = self.pos.pop(node)
         last = self.order.pop()
         if last != node:
@@ -74,7 +86,8 @@ class CandidateIndex:
     extra_per_class: int = 3  # with one job waiting: 4 per class, weighed whole (no ranking)
     jobs_per_class_max: int = 5  # ... and at most 8 per class however many jobs wait
     pools: dict[str, _ModelPool] = field(default_factory=dict)
-    where: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # node -> model, cls, load
+    where: dict[int, tuple[str, int, int, int]] = field(default_factory=dict)
+    # node -> (model, class, load, jobs_max)
 
     def update(
         self, node: int, model: str, cls: int, active: int, jobs_max: int, accepting: bool
@@ -82,13 +95,13 @@ class CandidateIndex:
         """Record a node's state after any change (load, joining, leaving, draining)."""
         old = self.where.get(node)
         if old is not None:
-            if accepting and old == (model, cls, active):
+            if accepting and old == (model, cls, active, jobs_max):
                 return
             self.pools[old[0]].remove(node, old[1], old[2])
             del self.where[node]
         if accepting:
             self.pools.setdefault(model, _ModelPool()).add(node, cls, active, jobs_max)
-            self.where[node] = (model, cls, active)
+            self.where[node] = (model, cls, active, jobs_max)
 
     def assigned(self, node: int) -> None:
         """A job was just placed on ``node``: it goes to the back of the round-robin order."""
@@ -104,11 +117,8 @@ class CandidateIndex:
             return []
         if len(pool.order) <= self.all_max:
             return list(pool.lra)
-        want = n_jobs + self.extra_per_class
-        if policy == "random":
-            return rng.sample(pool.order, min(len(pool.order), 4 * want))
-        if policy == "round-robin":
-            return self._first_free(pool, 2 * want)
+        if policy in BASELINES:
+            return list(pool.free)  # every node the policy could pick (see the module's doc)
         # a node keeps its place after taking a job (it has jobs_max slots), so a class needs
         # only a few more candidates than the scheduler weighs per group
         want = min(n_jobs, self.jobs_per_class_max) + self.extra_per_class
@@ -123,14 +133,4 @@ class CandidateIndex:
                         break
                 if taken >= want:
                     break
-        return out
-
-    @staticmethod
-    def _first_free(pool: _ModelPool, want: int) -> list[int]:
-        # the most recently assigned (often full) nodes sit at the back; scan a bounded prefix
-        out = []
-        for node in pool.lra:
-            out.append(node)
-            if len(out) >= want:
-                break
         return out

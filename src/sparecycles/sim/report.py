@@ -3,12 +3,17 @@
 Definitions (also in docs/scheduling.md):
 
 - A request **meets its SLO** when it completes, its first token reaches the client within
-  ``slo.ttft_s`` of arrival, and the rest follow at ``slo.tpot_s`` per token or better
+  ``slo.ttft_target_s(prompt)`` of arrival (``ttft_s`` plus ``ttft_s_per_ktok`` per 1,000
+  prompt tokens; fleet_file.SLO says why), and the rest follow at ``slo.tpot_s`` per token or better
   (end - first token <= tpot_s * (output - 1)). Failed requests miss it.
 - **Goodput**: requests (and their output tokens) that met the SLO, per second of the trace.
 - **TTFT** and **end-to-end** percentiles are over completed requests, in client time (one
   network round trip to the node included).
 - **Utilization** of a device class: busy node-seconds over available node-seconds.
+- **KV over**: placements that left a node's KV-cache reservations (every admitted or queued
+  sequence's context plus the tokens it may still generate) above its KV capacity.
+- **Prefix hit**: the share of prompt tokens admitted by nodes' engines (every attempt's, a
+  resumed one's included) that a node's prefix cache held, so that they were not prefilled.
 - **Interrupted**: requests that lost at least one attempt to a departure; **recovered**: those of
   them that still completed (resumed elsewhere).
 - **Earnings**: each owner's share of the charges (ledger/pricing.py's rules), per hour the device
@@ -61,6 +66,8 @@ class Summary:
     wall_s: float
     scheduler_calls: int
     events: int
+    kv_over_capacity_placements: int = 0  # placements that left a node's KV reservations > capacity
+    prefix_hit_rate: float = 0.0  # prompt tokens admitted that a node's prefix cache held
 
     @property
     def slo_attainment(self) -> float:
@@ -94,7 +101,7 @@ def slo_met(result: SimResult) -> np.ndarray:
     slo = result.fleet.slo
     done = result.status == DONE
     with np.errstate(invalid="ignore"):
-        ttft_ok = (result.first_token - result.arrival) <= slo.ttft_s
+        ttft_ok = (result.first_token - result.arrival) <= slo.ttft_target_s(result.prompt)
         tpot_ok = (result.end - result.first_token) <= slo.tpot_s * np.maximum(
             0, result.output - 1
         ) + 1e-9
@@ -151,6 +158,8 @@ def summarize(result: SimResult) -> Summary:
         wall_s=result.wall_s,
         scheduler_calls=result.scheduler_calls,
         events=result.events,
+        kv_over_capacity_placements=result.kv_over_capacity_placements,
+        prefix_hit_rate=result.prompt_tokens_cached / max(1, result.prompt_tokens_admitted),
     )
 
 
@@ -158,7 +167,8 @@ def summarize(result: SimResult) -> Summary:
 
 COMPARISON_COLUMNS = (
     "policy", "SLO met", "goodput req/s", "goodput tok/s", "TTFT p50/p90/p99 s",
-    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "hedged", "$/M tok", "busy $/M tok",
+    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "KV over", "prefix hit", "hedged",
+    "$/M tok", "busy $/M tok",
 )  # fmt: skip
 
 
@@ -172,6 +182,8 @@ def _row(s: Summary) -> list[str]:
         "/".join(f"{v:.1f}" for v in s.e2e_p),
         f"{s.failed:,}",
         f"{s.interrupted:,} ({s.recovered:,})",
+        f"{s.kv_over_capacity_placements:,}",
+        f"{s.prefix_hit_rate:.0%}",
         f"{s.hedged:,}" + (f" (+{s.hedge_waste_tokens:,} tok)" if s.hedged else ""),
         f"{s.cost_per_mtok_micros / 1e6:.3f}",
         f"{s.busy_cost_per_mtok_micros / 1e6:.3f}",

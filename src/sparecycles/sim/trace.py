@@ -19,6 +19,8 @@ import numpy as np
 from sparecycles.errors import NotFound
 
 TRACE_FILES = {"conv": "azure_llm_conv_2023.csv", "code": "azure_llm_code_2023.csv"}
+# generated traces kept in the package (sparecycles/data/traces), with their generators
+PACKAGED_TRACES = {"long": "synthetic_long_context.csv"}  # sim/synthetic.py
 trace_requests_max = 50_000_000  # a sanity bound on one replay
 
 
@@ -29,6 +31,10 @@ class Trace:
     arrival_s: np.ndarray  # float64, sorted, from 0
     prompt_tokens: np.ndarray  # int64
     output_tokens: np.ndarray  # int64
+    # multi-turn traces only (sim/synthetic.py): the conversation of each request, and the
+    # tokens its prompt shares with the conversation's previous turn (prompt and answer)
+    conversation: np.ndarray | None = None  # int64
+    prefix_tokens: np.ndarray | None = None  # int64
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -65,30 +71,44 @@ def load_trace(name_or_path: str) -> Trace:
     path = Path(name_or_path)
     if name_or_path in TRACE_FILES:
         path = data_dir() / TRACE_FILES[name_or_path]
+    elif name_or_path in PACKAGED_TRACES:
+        path = Path(__file__).resolve().parents[1] / "data" / "traces"
+        path = path / PACKAGED_TRACES[name_or_path]
     if not path.is_file():
         raise NotFound(f"no trace {name_or_path!r} (looked at {path})")
-    times, prompts, outputs = [], [], []
+    times, prompts, outputs, convs, prefixes = [], [], [], [], []
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             times.append(_epoch(row["TIMESTAMP"]))
             prompts.append(max(1, int(row["ContextTokens"])))
             outputs.append(max(1, int(row["GeneratedTokens"])))
+            if "ConversationId" in row:
+                convs.append(int(row["ConversationId"]))
+                prefixes.append(int(row.get("PrefixTokens") or 0))
     order = np.argsort(np.asarray(times), kind="stable")
     t = np.asarray(times)[order]
+    multi = len(convs) == len(times)
     return Trace(
-        name=path.stem if name_or_path not in TRACE_FILES else name_or_path,
+        name=name_or_path if name_or_path in TRACE_FILES or name_or_path in PACKAGED_TRACES
+        else path.stem,
         epoch0_s=float(t[0]),
         arrival_s=t - t[0],
         prompt_tokens=np.asarray(prompts, dtype=np.int64)[order],
         output_tokens=np.asarray(outputs, dtype=np.int64)[order],
+        conversation=np.asarray(convs, dtype=np.int64)[order] if multi else None,
+        prefix_tokens=np.asarray(prefixes, dtype=np.int64)[order] if multi else None,
     )
 
 
 def head(trace: Trace, n_requests: int) -> Trace:
     """The first ``n_requests`` requests."""
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[:n_requests]
+
     return Trace(
         trace.name, trace.epoch0_s, trace.arrival_s[:n_requests],
         trace.prompt_tokens[:n_requests], trace.output_tokens[:n_requests],
+        cut(trace.conversation), cut(trace.prefix_tokens),
     )  # fmt: skip
 
 
@@ -107,6 +127,15 @@ def scaled(trace: Trace, n_requests: int, seed: int) -> Trace:
     prompts = np.tile(trace.prompt_tokens, copies)[:n_requests]
     outputs = np.tile(trace.output_tokens, copies)[:n_requests]
     order = np.argsort(arrivals, kind="stable")
+    conv = prefix = None
+    if trace.conversation is not None and trace.prefix_tokens is not None:
+        # each copy's conversations are its own; a copy shifted past the trace's end wraps, and
+        # a turn that lands before its predecessor finds no cache (a miss, as it should)
+        span = int(trace.conversation.max()) + 1
+        conv = np.concatenate([trace.conversation + k * span for k in range(copies)])
+        conv = conv[:n_requests][order]
+        prefix = np.tile(trace.prefix_tokens, copies)[:n_requests][order]
     return Trace(
-        f"{trace.name}x{copies}", trace.epoch0_s, arrivals[order], prompts[order], outputs[order]
-    )
+        f"{trace.name}x{copies}", trace.epoch0_s, arrivals[order], prompts[order], outputs[order],
+        conv, prefix,
+    )  # fmt: skip

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import protocol
-from sparecycles.coordinator.node_conn import NodeConn, fold_speed, profile_from_dict
+from sparecycles.coordinator.node_conn import Backlog, NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
 from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
@@ -78,6 +78,7 @@ class RemoteNode:
     fleet: Fleet
     jobs: set[str] = field(default_factory=set)  # this replica's jobs on it
     queued_tokens: int = 0
+    backlog: Backlog = field(default_factory=Backlog)  # this replica's jobs' (node_conn.Backlog)
     draining: bool = False
     closed: bool = False
     available: bool = True
@@ -123,7 +124,7 @@ class RemoteNode:
         reports carry no clock), so placement's memo of scores finds it again."""
         inputs = (self.host_active, self.sent_since_report, len(self.jobs), self.host_queued,
                   self.queued_tokens, self.available, self.draining, self.expected_stay_s,
-                  self.reputation)
+                  self.reputation, self.backlog.totals(self.jobs))
         cached = self._snap
         if (cached is not None and cached[0] == inputs
                 and cached[1].measured_decode_tokens_per_s == self.measured_tps
@@ -134,6 +135,7 @@ class RemoteNode:
         return snap
 
     def _build_snapshot(self) -> NodeSnapshot:
+        prefill_tokens, kv_tokens = self.backlog.totals(self.jobs)
         return NodeSnapshot(
             node_id=self.node_id,
             owner_id=self.owner_id,
@@ -142,6 +144,8 @@ class RemoteNode:
             active_jobs=max(self.host_active + self.sent_since_report, len(self.jobs)),
             jobs_max=self.jobs_max,
             queued_tokens=max(self.host_queued, self.queued_tokens),
+            prefill_backlog_tokens=prefill_tokens,
+            kv_reserved_tokens=kv_tokens,
             measured_decode_tokens_per_s=dict(self.measured_tps),
             measured_decode_batch=dict(self.measured_batch),
             available=self.available and not self.draining,
