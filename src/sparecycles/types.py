@@ -211,6 +211,9 @@ class NodeSnapshot:
     price_micros_per_mtok: int = 0  # the owner's asking price per million tokens (prompt + output)
     last_assigned_s: float = float("-inf")  # when a job was last placed here (round-robin order)
     relayed: bool = False  # connected to another coordinator replica: its tokens cross the bus
+    # model -> (first, end): the layers of a model it holds as a stage of chains (hash checked);
+    # such a model is not in ``models`` (it cannot take a whole job)
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

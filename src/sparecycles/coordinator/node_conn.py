@@ -78,6 +78,7 @@ class NodeConn:
     measured_tps: dict[str, float] = field(default_factory=dict)
     measured_batch: dict[str, float] = field(default_factory=dict)  # the batch each was taken at
     reputation: float = 1.0
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # stages it holds
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(outbound_queue_max)
     )
@@ -154,4 +155,5 @@ class NodeConn:
             expected_stay_s=availability.expected_stay_s(self.policy, self.status, now_epoch_s),
             reputation=self.reputation,
             draining=self.draining,
+            layer_ranges=dict(self.layer_ranges),
         )
