@@ -27,20 +27,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import limits, protocol
 from sparecycles.coordinator.fleet_node import FleetNode
 from sparecycles.coordinator.jobs import Attempt, JobEvent, JobEventKind, LiveJob
-from sparecycles.errors import JobFailed
+from sparecycles.errors import JobFailed, SpareCyclesError
 from sparecycles.scheduling import chains as planner
-from sparecycles.types import AttemptOutcome, JobState, ModelSpec
+from sparecycles.types import AttemptOutcome, JobState, ModelSpec, NodeSnapshot
 
 if TYPE_CHECKING:
-    from sparecycles.coordinator.dispatch import Dispatcher, Now
+    from sparecycles.coordinator.writer import StoreWriter
+    from sparecycles.store import Store
+
+
+class Now(Protocol):
+    """One reading of dispatch's clocks (``dispatch.Now``)."""
+
+    @property
+    def epoch_s(self) -> float: ...
+
+    @property
+    def mono_s(self) -> float: ...
+
+    @property
+    def perf_s(self) -> float: ...
+
+
+class ChainHost(Protocol):
+    """What a chain needs of dispatch (which satisfies it; dispatch imports this module)."""
+
+    models: dict[str, ModelSpec]
+    placement_wait_s: float
+    writer: StoreWriter
+    store: Store
+
+    @property
+    def clock(self) -> Callable[[], Now]: ...
+
+    def node(self, node_id: str) -> FleetNode | None: ...
+
+    def all_nodes(self) -> list[FleetNode]: ...
+
+    def _finish_soon(self, job: LiveJob, now: Any, *, finish_reason: str | None = None,
+                     error: SpareCyclesError | None = None, cancelled_by: str | None = None
+                     ) -> asyncio.Future[None] | None: ...
 
 log = logging.getLogger("sparecycles.coordinator.chains")
 repair_poll_s = 0.1  # how often a repair looks again for a node to replace a stage with
@@ -108,7 +144,7 @@ class ChainRun:
         self.repair_started_mono_s: float | None = None
 
     @property
-    def d(self) -> Dispatcher:
+    def d(self) -> ChainHost:
         return self.registry.dispatcher
 
     # ---- stages --------------------------------------------------------------------------------
@@ -388,7 +424,7 @@ class ChainRun:
 class ChainRegistry:
     """Every chain this coordinator drives, and the answers its stages send."""
 
-    def __init__(self, dispatcher: Dispatcher, *,
+    def __init__(self, dispatcher: ChainHost, *,
                  step_timeout_s: float = limits.stage_step_s_max) -> None:
         self.dispatcher = dispatcher
         self.step_timeout_s = step_timeout_s
@@ -403,7 +439,7 @@ class ChainRegistry:
     def vocab_of(self, model: str) -> int:
         return self.vocab_sizes.get(model, 1 << 31)
 
-    def place(self, jobs: list[LiveJob], snapshots: list, now: Now) -> list[str]:
+    def place(self, jobs: list[LiveJob], snapshots: list[NodeSnapshot], now: Now) -> list[str]:
         """Chains for waiting jobs whose model no whole-model node serves; returns the job ids
         placed."""
         placed = []
@@ -420,14 +456,15 @@ class ChainRegistry:
             job.chain = run
             self.runs[job.job_id] = run
             run.start(plan, now)
-            run.task.add_done_callback(lambda _t, j=job.job_id: self._done(j))  # type: ignore[union-attr]
+            assert run.task is not None
+            run.task.add_done_callback(functools.partial(self._forget, job.job_id))
             placed.append(job.job_id)
             busy = {sp.node_id for sp in plan.stages}
             snapshots = [s for s in snapshots if s.node_id not in busy or
                          s.active_jobs + 1 < s.jobs_max]
         return placed
 
-    def _done(self, job_id: str) -> None:
+    def _forget(self, job_id: str, _task: object) -> None:
         run = self.runs.pop(job_id, None)
         if run is not None:
             self.repair_s.extend(run.repair_s)
