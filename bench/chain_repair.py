@@ -24,13 +24,12 @@ from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fixtures_models import cached_model  # noqa: E402
-
-from sparecycles import modelfiles  # noqa: E402
-from sparecycles.identity import NodeIdentity  # noqa: E402
-from sparecycles.ledger.pricing import PriceBook  # noqa: E402
-from sparecycles.ledger.service import Ledger  # noqa: E402
-from sparecycles.tools.localnet import LocalNetwork  # noqa: E402
+from fixtures_models import cached_model
+from sparecycles import modelfiles
+from sparecycles.identity import NodeIdentity
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import LocalNetwork
 
 CONTEXT_TOKENS = 1000
 
