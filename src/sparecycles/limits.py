@@ -50,6 +50,17 @@ tokens_per_message_max = 256
 models_per_node_max = 32
 node_reconnect_backoff_s_max = 30.0
 
+# --- chains: a model split over several nodes (coordinator/chains.py) -----------------------
+# One activation message's tensor, raw bytes: its base64 (4/3 of it) plus the JSON around it
+# stays under ws_message_bytes_max; a longer prompt is prefilled in chunks of this size.
+activation_bytes_max = 512 * 1024
+activation_positions_max = 4096  # rows of one activation tensor, whatever their width
+activation_hidden_max = 65_536  # columns (the model's hidden size)
+chain_stages_max = 16  # stages of one chain
+stage_step_s_max = 30.0  # a stage silent this long on one step is replaced like one that left
+stage_repairs_max = 4  # stage replacements of one job before it fails
+stage_idle_s_max = 600.0  # a node drops a sequence's cache unused for this long
+
 # --- verification (trust/decisions.py, coordinator/verification.py) -------------------------------
 score_tokens_max = 2048  # claimed tokens scored in one teacher-forced pass (the first ones)
 verifications_running_max = 4  # checks in flight at once on one coordinator

@@ -309,3 +309,74 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
 def render_completion(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a plain prompt, with the special tokens the tokenizer adds (Llama's BOS)."""
     return list(tokenizer.encode(prompt, add_special_tokens=True))
+
+
+# ---- a contiguous range of a model's layers (chains: docs/architecture.md) ------------------
+
+_layer_name = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_embed_suffixes = ("embed_tokens.weight", "wte.weight")
+_head_names = ("lm_head.weight",)
+_final_norm_suffixes = ("model.norm.weight", "model.norm.bias")
+
+
+def _tied(directory: Path) -> bool:
+    config = _read_json(directory / "config.json")
+    text = config.get("text_config") or config
+    return bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+
+
+def stage_tensors(source: str | Path, first: int, end: int, n_layers: int
+                  ) -> list[tuple[Path, str, dict[str, Any]]]:
+    """(file, tensor name, safetensors header entry) of every tensor a stage holding layers
+    ``[first, end)`` of an ``n_layers`` model needs, sorted by name: its layers; the embeddings
+    with the first stage; the final norm and the LM head with the last (the embeddings too when
+    the head is tied to them). Safetensors files only; no tensor is read."""
+    if not 0 <= first < end <= n_layers:
+        raise InvalidRequest(f"layers {first}:{end} are not a range of the model's {n_layers}")
+    directory = resolve_source(source)
+    tied = _tied(directory)
+    out = []
+    for path in weight_files(directory):
+        if path.suffix != ".safetensors":
+            raise InvalidRequest(f"{path.name}: layer ranges need safetensors weights")
+        for name, entry in safetensors_header(path).items():
+            m = _layer_name.search(name)
+            if m is not None:
+                keep = first <= int(m.group(1)) < end
+            elif name.endswith(_embed_suffixes):
+                keep = first == 0 or (tied and end == n_layers)
+            elif name in _head_names or name in _final_norm_suffixes:
+                keep = end == n_layers
+            else:  # a tensor of no layer (e.g. rotary buffers saved by old exporters)
+                keep = False
+            if keep:
+                out.append((path, name, entry))
+    return sorted(out, key=lambda t: t[1])
+
+
+def stage_weight_bytes(source: str | Path, first: int, end: int, n_layers: int) -> int:
+    """Bytes of the tensors a stage of layers ``[first, end)`` holds, as stored."""
+    return sum(e["data_offsets"][1] - e["data_offsets"][0]
+               for _, _, e in stage_tensors(source, first, end, n_layers))
+
+
+def layers_sha256(source: str | Path, first: int, end: int, n_layers: int) -> str:
+    """SHA-256 over what a stage of layers ``[first, end)`` holds: for each of its tensors in
+    name order, the name, dtype and shape as one line of JSON, then the tensor's bytes. The node
+    declares it at hello and the coordinator computes it from the registry's copy; a whole-model
+    range hashes to the same value on both sides only if every one of those bytes is equal."""
+    h = hashlib.sha256()
+    for path, name, entry in stage_tensors(source, first, end, n_layers):
+        h.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode() + b"\n")
+        start, stop = entry["data_offsets"]
+        with path.open("rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + header_size + start)
+            left = stop - start
+            while left > 0:
+                chunk = f.read(min(hash_chunk_bytes, left))
+                if not chunk:
+                    raise InvalidRequest(f"{path.name}: truncated tensor {name}")
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()

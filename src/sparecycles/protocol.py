@@ -17,7 +17,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from sparecycles import limits
 from sparecycles.errors import ProtocolError
@@ -51,9 +51,54 @@ FinishReasonName = Literal["stop", "length", "cancelled"]  # why a job's attempt
 
 
 class ModelOffer(BaseModel):
+    """A model a node serves: the whole of it, or (``layers``) the contiguous range of its layers
+    ``[first, end)``, whose ``weights_sha256`` is then ``modelfiles.layers_sha256`` of that range.
+    A coordinator that predates ranges ignores ``layers`` and refuses the offer (the hash is not
+    the whole model's), so an old coordinator never places a whole job on a stage."""
+
     model_config = _WIRE
     name: str = Field(min_length=1, max_length=200)
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    layers: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> ModelOffer:
+        if self.layers is not None and not 0 <= self.layers[0] < self.layers[1] <= 100_000:
+            raise ValueError("layers must be [first, end) with 0 <= first < end")
+        return self
+
+
+ActivationDType = Literal["float32", "float16", "bfloat16"]
+activation_itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class Activation(BaseModel):
+    """Hidden states between two stages of a chain: ``shape`` = (positions, hidden size) of
+    ``dtype``, little-endian, row-major, base64 in ``data``. Bounded and checked on decode: the
+    bytes must be exactly what the shape and dtype say, and at most ``activation_bytes_max``.
+    (Base64 in JSON rather than binary frames: docs/protocol.md, "Activations", says why.)"""
+
+    model_config = _WIRE
+    dtype: ActivationDType
+    shape: tuple[int, int]
+    data: str = Field(max_length=(limits.activation_bytes_max + 2) // 3 * 4)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Activation:
+        rows, cols = self.shape
+        if not (1 <= rows <= limits.activation_positions_max
+                and 1 <= cols <= limits.activation_hidden_max):
+            raise ValueError(f"activation shape {self.shape} out of bounds")
+        want = rows * cols * activation_itemsize[self.dtype]
+        if want > limits.activation_bytes_max:
+            raise ValueError(f"activation of {want} bytes exceeds {limits.activation_bytes_max}")
+        if len(self.data) != (want + 2) // 3 * 4:
+            raise ValueError(f"activation data is not {want} bytes of base64")
+        return self
+
+    def raw(self) -> bytes:
+        """The tensor's bytes (checked base64)."""
+        return unb64(self.data)
 
 
 class Sampling(BaseModel):
@@ -213,8 +258,24 @@ class Scored(_Message):
     error: str | None = Field(default=None, max_length=2000)
 
 
+class StageOutput(_Message):
+    """A stage's answer to one ``stage_forward``: the hidden states of the positions it ran (a
+    stage that is not the last), or the next token (the last stage, when asked to choose one),
+    or ``error``. ``busy_s`` is the node's compute time for the step (metering, not trusted)."""
+
+    type: Literal["stage_output"] = "stage_output"
+    sequence_id: str = Field(max_length=80)
+    step: int = Field(ge=0)
+    hidden: Activation | None = None
+    token: int | None = Field(default=None, ge=0)
+    eos: bool = False
+    busy_s: float = Field(default=0.0, ge=0, le=limits.stage_step_s_max * 10)
+    error: str | None = Field(default=None, max_length=2000)
+
+
 NodeMessage = Annotated[
-    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored, Field(discriminator="type")
+    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput,
+    Field(discriminator="type"),
 ]
 
 # ---- coordinator -> node --------------------------------------------------------------------
@@ -282,14 +343,42 @@ class Reject(_Message):
     reason: str
 
 
+class StageForward(_Message):
+    """Chain work for a stage: run positions ``start ..`` of sequence ``sequence_id`` through the
+    node's layers of ``model``, keeping their keys and values, and answer ``stage_output``.
+    The first stage gets ``token_ids``, the others the previous stage's ``hidden``; ``start`` 0
+    opens the sequence (a replacement stage rebuilds its cache that way, from every input the
+    stage it replaces had received). ``choose`` (last stage only) asks for the next token."""
+
+    type: Literal["stage_forward"] = "stage_forward"
+    sequence_id: str = Field(max_length=80)
+    model: str = Field(max_length=200)
+    step: int = Field(ge=0)
+    start: int = Field(ge=0)
+    token_ids: list[int] | None = Field(default=None, max_length=limits.activation_positions_max)
+    hidden: Activation | None = None
+    choose: Sampling | None = None
+
+
+class StageRelease(_Message):
+    """The chain of ``sequence_id`` is over (or moved on): drop that sequence's cache."""
+
+    type: Literal["stage_release"] = "stage_release"
+    sequence_id: str = Field(max_length=80)
+    model: str = Field(max_length=200)
+
+
 CoordinatorMessage = Annotated[
-    Challenge | Welcome | JobAssign | Score | Cancel | Reject, Field(discriminator="type")
+    Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease,
+    Field(discriminator="type"),
 ]
 
-_node_adapter: TypeAdapter[Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored] = (
-    TypeAdapter(NodeMessage))
-_coord_adapter: TypeAdapter[Challenge | Welcome | JobAssign | Score | Cancel | Reject] = (
-    TypeAdapter(CoordinatorMessage))
+_node_adapter: TypeAdapter[
+    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput
+] = TypeAdapter(NodeMessage)
+_coord_adapter: TypeAdapter[
+    Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease
+] = TypeAdapter(CoordinatorMessage)
 _Decoded = TypeVar("_Decoded")
 
 
@@ -332,14 +421,14 @@ def _decode(adapter: TypeAdapter[_Decoded], raw: str | bytes) -> _Decoded:
 
 def decode_node_message(
     raw: str | bytes,
-) -> Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored:
+) -> Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput:
     """Parse a frame from a node; raises ``ProtocolError`` for anything not in the protocol."""
     return _decode(_node_adapter, raw)
 
 
 def decode_coordinator_message(
     raw: str | bytes,
-) -> Challenge | Welcome | JobAssign | Score | Cancel | Reject:
+) -> Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease:
     return _decode(_coord_adapter, raw)
 
 

@@ -11,6 +11,7 @@ README.md's "Configuration".
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -144,6 +145,10 @@ class NodeSettings(_RoleSettings):
     message): a fast device otherwise spends its CPU on one message per token. 0: each alone."""
     duty_cycle: float = 1.0
     """Share of time (0-1] the device may compute for the network; it rests the remainder."""
+    layers: str = ""
+    """``FIRST:END``: serve only layers [FIRST, END) of each model, as one stage of a chain."""
+    memory_max: str = ""
+    """The most memory the network's weights may take on this device, e.g. ``6GB``."""
     availability: dict[str, Any] = Field(default_factory=dict)
     """AvailabilityPolicy fields, e.g. windows = [[1320, 420]] for 22:00-07:00."""
     reprofile: bool = False
@@ -153,6 +158,27 @@ class NodeSettings(_RoleSettings):
     """What the device cost the owner, e.g. ``1500.00`` (for its wear per busy hour)."""
     hardware_life_h: float = 0.0
     """Busy hours the owner expects the device to last (0: the device class's default)."""
+
+
+_size_units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"6GB"`` -> 6_000_000_000 bytes; ``GiB`` and friends are powers of two."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _size_units:
+        raise ValueError(f"not a size: {text!r} (e.g. 6GB, 512MiB)")
+    return int(float(m.group(1)) * _size_units[unit])
+
+
+def parse_layers(text: str) -> tuple[int, int | None]:
+    """``"0:12"`` -> (0, 12); ``"12:"`` -> (12, None), to the last layer."""
+    first, sep, end = text.partition(":")
+    if not sep or not first.strip().isdigit() or not (end.strip().isdigit() or not end.strip()):
+        raise ValueError(f"--layers takes FIRST:END, e.g. 0:12, got {text!r}")
+    return int(first), int(end) if end.strip() else None
 
 
 def parse_model_args(entries: list[str]) -> dict[str, str]:

@@ -256,6 +256,9 @@ class NodeSnapshot:
     # prefix cache: tokens of KV cache the node holds per prefix key (Job.prefix_key); a job
     # whose prefix is held here prefills only the rest of its prompt
     cached_prefixes: Mapping[str, int] = field(default_factory=dict)
+    # model -> (first, end): the layers of a model it holds as a stage of chains (hash checked);
+    # such a model is not in ``models`` (it cannot take a whole job)
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

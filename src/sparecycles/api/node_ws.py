@@ -95,10 +95,22 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
     reputation = 1.0 if coord.verifier is None else await coord.verifier.admit_node(
         node_id, owner_id)  # a quarantined node is refused here
     accepted, rejected, weights = [], {}, {}
+    ranges: dict[str, tuple[int, int]] = {}
     for offer in hello.models:
         spec = coord.models.get(offer.name)
         if spec is None:
             rejected[offer.name] = "not in this network's model registry"
+        elif offer.layers is not None:  # a stage of chains: the hash of that range must match
+            first, end = offer.layers
+            want = await asyncio.to_thread(coord.layers_sha256, offer.name, first, end)
+            if want is None:
+                rejected[offer.name] = f"layers {first}:{end} are not a range of this model"
+            elif offer.weights_sha256 != want:
+                rejected[offer.name] = (f"the hash of layers {first}:{end} differs from the "
+                                        "registry's")
+            else:
+                ranges[offer.name] = (first, end)
+                weights[offer.name] = offer.weights_sha256
         elif offer.weights_sha256 != spec.weights_sha256:
             rejected[offer.name] = "weights hash differs from the registry's"
         else:
@@ -141,6 +153,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
         reputation=reputation,
         features=frozenset(hello.features),
         stays=coord.stays,
+        layer_ranges=ranges,
     )
     await ws.send_text(
         protocol.encode(
@@ -148,7 +161,7 @@ async def _handshake(coord: Coordinator, ws: WebSocket) -> NodeConn:
                 node_id=node_id,
                 owner_id=owner_id,
                 heartbeat_interval_s=limits.heartbeat_interval_s,
-                accepted_models=accepted,
+                accepted_models=accepted + [f"{m}[{a}:{b}]" for m, (a, b) in ranges.items()],
                 rejected_models=rejected,
             )
         )

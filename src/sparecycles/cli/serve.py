@@ -15,7 +15,13 @@ import typer
 from sparecycles import limits
 from sparecycles.availability import check_time_zone
 from sparecycles.cli.common import console, friendly, setup_logging
-from sparecycles.settings import CoordinatorSettings, NodeSettings, parse_model_args
+from sparecycles.settings import (
+    CoordinatorSettings,
+    NodeSettings,
+    parse_layers,
+    parse_model_args,
+    parse_size,
+)
 
 # Help texts are rich markup: a literal "[word]" is written "\[word]" or rich takes it for a style
 # and prints nothing ("[127.0.0.1]" and "[8000]" are no style names and print as they are).
@@ -86,6 +92,10 @@ def node(
     stream_interval_ms: float = typer.Option(
         None, help="Send tokens at most this often after the first (default 10; 0: each alone)"),
     duty_cycle: float = typer.Option(None, help="Share of time (0-1] to compute for the network"),
+    layers: str = typer.Option(
+        None, help="FIRST:END: hold only these layers of each model (a stage of a chain)"),
+    memory_max: str = typer.Option(
+        None, help="Most memory the network's weights may take here, e.g. 6GB"),
     config_dir: Path = typer.Option(None, help="Where the node key and profile are kept"),
     availability: Path = typer.Option(
         None, help=r"TOML file with an \[availability] table (the owner's policy)"),
@@ -105,7 +115,7 @@ def node(
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
         "device": device, "device_class": device_class, "jobs_max": jobs_max,
         "stream_interval_ms": stream_interval_ms,
-        "duty_cycle": duty_cycle,
+        "duty_cycle": duty_cycle, "layers": layers, "memory_max": memory_max,
         "config_dir": config_dir, "reprofile": reprofile or None,
         "electricity_price": electricity_price, "hardware_price": hardware_price,
         "hardware_life_h": hardware_life_h,
@@ -155,7 +165,10 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     console.print(f"node {identity.node_id}: {profile.device_class}, "
                   f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")
     engines: dict[str, Engine] = {}
-    for model_name, source in models.items():
+    stages = await _load_stages(settings, models)
+    for model_name, source in models.items() if stages is None else ():
+        if settings.memory_max:
+            _check_memory_max(model_name, source, parse_size(settings.memory_max))
         engines[model_name] = await asyncio.to_thread(
             TransformersEngine.load, model_name, source, device=settings.device,
             duty_cycle=settings.duty_cycle,
@@ -173,6 +186,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         owner_costs=_owner_costs(settings),
     )
     agent.status_probe = StatusProbe()
+    agent.stages = stages
     if cheat is not None:
         from sparecycles.node import cheats  # test-only behaviours; see node/cheats.py
 
@@ -190,6 +204,42 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         pid_file.unlink(missing_ok=True)
         for engine in engines.values():
             engine.close()
+        if stages is not None:
+            stages.close()
+
+
+async def _load_stages(settings: NodeSettings, models: dict[str, str]) -> Any:
+    """With ``--layers``: a StageWorker holding that range of each model, else None."""
+    if not settings.layers:
+        return None
+    from sparecycles.node.backends.transformers_stage import StageEngine
+    from sparecycles.node.stage_worker import StageWorker
+
+    first, end = parse_layers(settings.layers)
+    cap = parse_size(settings.memory_max) if settings.memory_max else None
+    stages = {}
+    for model_name, source in models.items():
+        stages[model_name] = await asyncio.to_thread(
+            StageEngine.load, model_name, source, first=first, end=end, device=settings.device,
+            memory_max_bytes=cap, duty_cycle=settings.duty_cycle)
+        s = stages[model_name]
+        console.print(f"{model_name}: layers {s.first}:{s.end} of {s.spec.n_layers} "
+                      f"({s.weight_bytes / 1e9:.2f} GB)")
+    return StageWorker(stages)
+
+
+def _check_memory_max(name: str, source: str, cap_bytes: int) -> None:
+    """Refuse a whole model whose weights exceed the owner's cap, naming a range that fits."""
+    from sparecycles import modelfiles
+
+    spec = modelfiles.model_spec(name, source, hash_weights=False)
+    if spec.weight_bytes <= cap_bytes:
+        return
+    per_layer = spec.weight_bytes / max(1, spec.n_layers)
+    fit = max(0, int(cap_bytes // per_layer) - 1)
+    raise ValueError(f"{name} takes {spec.weight_bytes / 1e9:.2f} GB, over --memory-max "
+                     f"{cap_bytes / 1e9:.2f} GB; serve part of it, e.g. --layers 0:{fit}"
+                     if fit else f"{name} does not fit in --memory-max")
 
 
 def _signal_node(config_dir: Path | None, sig: signal.Signals) -> int:

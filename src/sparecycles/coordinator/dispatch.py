@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparecycles import limits, protocol
+from sparecycles.coordinator.chains import ChainRegistry
 from sparecycles.coordinator.fleet_node import FleetNode
 from sparecycles.coordinator.jobs import (
     Attempt,
@@ -105,6 +106,7 @@ class Dispatcher:
         self._on_finished = on_finished
         self.verifier = verifier  # told of every result, to check claims and spot-check jobs
         self.clock = clock  # read where an event enters; everything below takes ``now``
+        self.chains = ChainRegistry(self)  # jobs served by chains of stages (chains.py)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Dispatcher:
         self.writer.start()
 
     async def stop(self) -> None:
+        await self.chains.stop()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -245,6 +248,11 @@ class Dispatcher:
             if job is None or node is None:
                 continue
             self._assign(job, node, now)
+        if self.waiting:  # models no whole-model node serves: chains of stages, if any cover them
+            for job_id in self.chains.place(list(self.waiting.values()), snapshots, now):
+                job = self.waiting.pop(job_id)
+                if job.dispatched_perf_s is None:
+                    job.dispatched_perf_s = now.perf_s
 
     def all_nodes(self) -> list[FleetNode]:
         """Every node this replica can place work on: its own, and its peers' (relayed)."""
@@ -315,6 +323,7 @@ class Dispatcher:
         for job in list(self.jobs.values()):
             att = job.current
             if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
+                    and job.chain is None  # a chain times out its stages itself
                     and now.mono_s - att.last_token_mono_s > self.token_gap_s):
                 log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
                 node = self.node(att.node_id)
@@ -455,9 +464,11 @@ class Dispatcher:
         fleet: dict[str, Any] = self.nodes if isinstance(node, NodeConn) else self.remote
         if fleet.get(node.node_id) is node:
             del fleet[node.node_id]
+        self.chains.on_node_lost(node)  # its chains repair themselves
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)
-            if job is not None and job.current and job.current.node_id == node.node_id:
+            if (job is not None and job.chain is None and job.current
+                    and job.current.node_id == node.node_id):
                 await self._resume(job, self.clock(), outcome=outcome)
         self._wake.set()
 
@@ -548,7 +559,9 @@ class Dispatcher:
                 a.tokens = max(0, min(a.tokens, keep_tokens - a.token_base))
         now = self.clock()
         att = job.current
-        if att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
+        if job.chain is not None:
+            job.chain.cancel()  # ends its stages' attempts
+        elif att is not None and job.state in (JobState.PLACED, JobState.STREAMING):
             node = self.node(att.node_id)
             if node is not None:
                 node.send(protocol.encode(protocol.Cancel(job_id=job_id, attempt=att.number)))
@@ -595,7 +608,8 @@ class Dispatcher:
                 device_class=a.device_class,
                 prompt_tokens=len(job.prompt_ids) + a.token_base,
                 completion_tokens=a.tokens,
-                busy_s=0.0,
+                busy_s=a.busy_s,
+                work_ppm=a.work_ppm,
             )
             for a in job.attempts
             if a.tokens > 0

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import protocol
 from sparecycles.errors import SpareCyclesError
@@ -35,6 +35,10 @@ class Attempt:
     last_token_mono_s: float = 0.0
     logprobs: list[float | None] = field(default_factory=list)  # reported, one per token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # the client's
+    # a stage of a chain (coordinator/chains.py): its layers, and its part of each token's work
+    layers: tuple[int, int] | None = None
+    work_ppm: int = 1_000_000
+    busy_s: float = 0.0
 
 
 class JobEventKind(enum.StrEnum):
@@ -79,6 +83,7 @@ class LiveJob:
     avoid_nodes: set[str] = field(default_factory=set)  # nodes that failed it: never again
     received_perf_s: float = 0.0  # perf_counter when the API received the request
     dispatched_perf_s: float | None = None  # perf_counter when the first attempt was sent to a node
+    chain: Any = None  # the coordinator/chains.ChainRun driving it, when served by a chain
 
     @property
     def current(self) -> Attempt | None:

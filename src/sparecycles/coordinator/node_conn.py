@@ -110,6 +110,7 @@ class NodeConn:
     features: frozenset[str] = frozenset()  # protocol.FEATURE_* from its hello
     stays: StayLearner | None = None  # the coordinator's learned stays (scheduling/stays.py)
     up_since_s: float = field(default_factory=time.time)  # epoch: this session's start
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # stages it holds
     _outbox: asyncio.Queue[str | None] = field(
         default_factory=lambda: asyncio.Queue(outbound_queue_max)
     )
@@ -212,4 +213,5 @@ class NodeConn:
             reputation=self.reputation,
             draining=self.draining,
             features=self.features,
+            layer_ranges=dict(self.layer_ranges),
         )

@@ -69,6 +69,8 @@ class NodeRouter:
                 d.done_received(node, msg)  # the settlement is not waited for here
             else:
                 return d.on_job_error(node, msg)
+        elif isinstance(msg, protocol.StageOutput):  # a stage of a chain (chains.py)
+            d.chains.on_output(node, msg)
         elif isinstance(msg, protocol.Scored):
             if self.scores is not None:
                 self.scores.on_scored(node, msg)

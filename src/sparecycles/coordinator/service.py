@@ -39,6 +39,7 @@ from sparecycles.types import ModelSpec
 log = logging.getLogger("sparecycles.coordinator.service")
 key_cache_ttl_s = 5.0  # a revoked key stops working within this
 key_cache_entries_max = 10_000  # past it the least recently used key is looked up again
+range_hashes_max = 4096  # layer-range hashes remembered (a model of L layers has L(L+1)/2)
 wal_checkpoint_interval_s = 1.0  # SQLite's WAL is checkpointed off the requests' path this often
 
 
@@ -51,6 +52,8 @@ class Coordinator:
         self.ledger = Ledger(self.store.sessions, currency=settings.currency, prices=self.prices)
         self.models: dict[str, ModelSpec] = {}
         self.tokenizers: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}  # model -> where its files are (range hashes)
+        self._range_hashes: dict[tuple[str, int, int], str] = {}
         self.metrics = Metrics()
         self.dispatcher: Dispatcher | None = None
         self.fleet: Fleet | None = None  # the other replicas' nodes, over the bus
@@ -83,6 +86,7 @@ class Coordinator:
             on_finished=self._job_finished,
             verifier=self.verifier,
         )
+        self.dispatcher.chains.vocab_sizes = {n: len(t) for n, t in self.tokenizers.items()}
         await self.dispatcher.start()
         self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,
                            self.dispatcher)
@@ -106,7 +110,7 @@ class Coordinator:
         """After a job's settlement: metrics, then (off the client's path) a spot check."""
         self.metrics.job_finished(job, state)
         self.gate.release(job.job_id)
-        if self.verifier is not None:
+        if self.verifier is not None and job.chain is None:  # chains: not spot-checked yet
             self.verifier.on_job_finished(job, state)
 
     async def _sample_fleet(self) -> None:
@@ -158,9 +162,24 @@ class Coordinator:
                 log.error("model %s from %s cannot be loaded: %s", row.name, row.source, exc)
                 continue
             self.models[row.name] = ModelSpec(**row.spec)
+            self.sources[row.name] = row.source
         # each model is priced by its size unless the platform set its price (admin API)
         self.prices = self.prices.with_specs(self.models.values())
         self.ledger.book = self.prices
+
+    def layers_sha256(self, name: str, first: int, end: int) -> str | None:
+        """The hash a stage holding layers ``[first, end)`` of ``name`` must declare (computed
+        from the registry's copy once per range; blocking: call it off the event loop); None
+        when the range is not one of the model's."""
+        spec, source = self.models.get(name), self.sources.get(name)
+        if spec is None or source is None or not 0 <= first < end <= spec.n_layers:
+            return None
+        key = (name, first, end)
+        if key not in self._range_hashes:
+            if len(self._range_hashes) >= range_hashes_max:
+                self._range_hashes.clear()
+            self._range_hashes[key] = modelfiles.layers_sha256(source, first, end, spec.n_layers)
+        return self._range_hashes[key]
 
     def model(self, name: str) -> tuple[ModelSpec, Any]:
         spec = self.models.get(name)

@@ -513,7 +513,7 @@ class _Machine:
     def settle(self, op: SettleOp) -> Settlement:
         shares = sorted(
             (s.owner_id, s.node_id, s.device_class, s.prompt_tokens, s.completion_tokens,
-             s.busy_s) for s in op.shares
+             s.busy_s, s.work_ppm) for s in op.shares
         )
         fp = fingerprint("settle", op.client_id, op.model, op.prompt_tokens,
                          op.completion_tokens, shares)

@@ -107,6 +107,9 @@ class WorkShare:
 
     ``prompt_tokens`` counts what that node prefilled (a resumed attempt prefills the prompt plus
     the tokens already delivered); ``completion_tokens`` what it generated and delivered.
+    ``work_ppm`` is the part of each token's work the node did, in parts per million: the whole
+    (``PPM``) for a node that held the whole model; for a stage of a chain, the bytes its layers
+    read per token over the bytes the whole model reads (docs/ledger.md, "Chains").
     """
 
     owner_id: str
@@ -115,6 +118,7 @@ class WorkShare:
     prompt_tokens: int
     completion_tokens: int
     busy_s: float = 0.0
+    work_ppm: int = PPM
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +285,8 @@ def _merge(shares: Iterable[WorkShare]) -> list[WorkShare]:
     merged: dict[tuple[str, str], WorkShare] = {}
     for s in shares:
         _check_tokens(s.prompt_tokens, s.completion_tokens)
+        if not (isinstance(s.work_ppm, int) and 0 <= s.work_ppm <= PPM):
+            raise InvalidRequest(f"work_ppm must be an integer in 0..{PPM}, got {s.work_ppm!r}")
         if not s.busy_s >= 0.0:
             raise InvalidRequest(f"busy_s must be >= 0, got {s.busy_s!r}")
         key = (s.node_id, s.owner_id)
@@ -301,14 +307,20 @@ def split_charge(
 ) -> Split:
     """Rules 4 and 5: each owner's earning for their share of the work, the rest is the fee."""
     invariant(0 <= charge <= amount_micros_max, "charge out of range")
+    shares = list(shares)
     work = _merge(shares)
     pool = charge * terms.owner_share_ppm // PPM
     if terms.mode is PayoutMode.TOKENS:
-        weights = [
-            s.prompt_tokens * price.input_micros_per_mtok
-            + s.completion_tokens * price.output_micros_per_mtok
-            for s in work
-        ]
+        # each share's token value times the part of each token's work it did, summed per node
+        # before the merge (a node's shares may differ in part); all-whole shares scale every
+        # weight by PPM alike, which leaves every floor below unchanged
+        value: dict[tuple[str, str], int] = {}
+        for s in shares:
+            key = (s.node_id, s.owner_id)
+            value[key] = value.get(key, 0) + s.work_ppm * (
+                s.prompt_tokens * price.input_micros_per_mtok
+                + s.completion_tokens * price.output_micros_per_mtok)
+        weights = [value[(s.node_id, s.owner_id)] for s in work]
         if work and sum(weights) == 0:
             weights = [1] * len(work)  # no token value to go by: equal parts
         total = sum(weights)

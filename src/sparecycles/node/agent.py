@@ -62,6 +62,7 @@ class NodeAgent:
     stream_interval_s: float = 0.01
     owner_costs: dict[str, Any] = field(default_factory=dict)  # tariff, hardware price, life
     status_probe: Any = None  # callable returning availability.DeviceStatus; None: always fine
+    stages: Any = None  # node/stage_worker.StageWorker: the layer ranges this node holds
     running: dict[str, _Running] = field(default_factory=dict)
     owner_paused: bool = False  # the owner took the device back (``sparecycles pause``)
     meter: EnergyMeter | None = None  # RAPL or NVML where the hardware tells, else an estimate
@@ -140,7 +141,7 @@ class NodeAgent:
             models=[
                 protocol.ModelOffer(name=n, weights_sha256=e.spec.weights_sha256)
                 for n, e in self.engines.items()
-            ],
+            ] + (self.stages.offers() if self.stages is not None else []),
             jobs_max=self.jobs_max,
             nonce_signature=self.identity.sign(challenge.nonce.encode()),
             features=sorted(_common_features(self.engines.values())),
@@ -181,6 +182,9 @@ class NodeAgent:
                     self._cancel_job(msg.job_id, msg.attempt)
                 elif isinstance(msg, protocol.Score):
                     self._spawn(self._score(msg, send))
+                elif isinstance(msg, protocol.StageForward | protocol.StageRelease):
+                    if self.stages is not None:  # a draining node's chains move elsewhere
+                        self._spawn(self.stages.handle(msg, send, refuse=self.draining))
                 elif isinstance(msg, protocol.Reject):
                     raise _Rejected(msg.reason)
         finally:

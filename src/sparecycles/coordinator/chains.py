@@ -1,0 +1,498 @@
+"""Chains, driven from here: one request served by several nodes, each holding some layers.
+
+Nodes dial out, so they cannot reach each other; the coordinator drives every chain over the
+sockets it has. For each step (a chunk of the prompt, then one token at a time) it sends the
+first stage the token ids, each later stage the hidden states the stage before it returned, and
+the last stage chooses the next token, which goes to the client exactly as a whole-model node's
+would (``job.events``). Each stage keeps the KV cache of its own layers for the sequence.
+
+Repair. The coordinator keeps every input each stage has received (token ids, or activations as
+they came over the wire), as Petals' client does. When a stage's node leaves, goes silent for
+``stage_step_s_max``, answers an error or a malformed activation, the chain is repaired: a new
+segment of nodes covering that stage's layers is planned (``scheduling/chains.plan_segment``,
+without the nodes that failed the job), its caches are rebuilt by sending it those inputs again
+(merged into as few messages as the size bound allows), and the step that failed is retried on
+it. The stages before and after keep their caches, so the client's stream continues with no
+token repeated or lost. A chain that cannot be repaired within ``stage_repairs_max`` or the
+placement wait ends the job as a whole-model job that lost its node for good does: charged for
+the tokens delivered, its hold voided when there were none.
+
+Money. Each stage is an attempt of the job (``jobs.Attempt`` with ``layers`` and ``work_ppm``),
+written to the job's attempts like a whole-model node's; the settlement splits the owners' part
+of the charge over them by tokens processed times the bytes their layers read per token, in the
+job's one settlement transaction (``ledger/pricing.split_charge``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sparecycles import limits, protocol
+from sparecycles.coordinator.fleet_node import FleetNode
+from sparecycles.coordinator.jobs import Attempt, JobEvent, JobEventKind, LiveJob
+from sparecycles.errors import JobFailed, SpareCyclesError
+from sparecycles.scheduling import chains as planner
+from sparecycles.types import AttemptOutcome, JobState, ModelSpec, NodeSnapshot
+
+if TYPE_CHECKING:
+    from sparecycles.coordinator.writer import StoreWriter
+    from sparecycles.store import Store
+
+
+class Now(Protocol):
+    """One reading of dispatch's clocks (``dispatch.Now``)."""
+
+    @property
+    def epoch_s(self) -> float: ...
+
+    @property
+    def mono_s(self) -> float: ...
+
+    @property
+    def perf_s(self) -> float: ...
+
+
+class ChainHost(Protocol):
+    """What a chain needs of dispatch (which satisfies it; dispatch imports this module)."""
+
+    models: dict[str, ModelSpec]
+    placement_wait_s: float
+    writer: StoreWriter
+    store: Store
+
+    @property
+    def clock(self) -> Callable[[], Now]: ...
+
+    def node(self, node_id: str) -> FleetNode | None: ...
+
+    def all_nodes(self) -> list[FleetNode]: ...
+
+    def _finish_soon(self, job: LiveJob, now: Any, *, finish_reason: str | None = None,
+                     error: SpareCyclesError | None = None, cancelled_by: str | None = None
+                     ) -> asyncio.Future[None] | None: ...
+
+log = logging.getLogger("sparecycles.coordinator.chains")
+repair_poll_s = 0.1  # how often a repair looks again for a node to replace a stage with
+
+
+class StageFailed(Exception):
+    """One stage's step did not complete: the node left, went silent or answered badly."""
+
+    def __init__(self, message: str, outcome: AttemptOutcome = AttemptOutcome.FAILED) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.stage: _Stage | None = None  # set where a repair's rebuild failed
+
+
+StageInput = list[int] | protocol.Activation  # token ids (first stage) or hidden states
+
+
+@dataclass
+class _Stage:
+    first: int
+    end: int
+    node: FleetNode
+    attempt: Attempt
+    sequence_id: str
+    inputs: list[StageInput] = field(default_factory=list)  # every input it has completed
+    positions: int = 0  # positions in its cache (the sum of its inputs' lengths)
+
+
+def _length(inp: StageInput) -> int:
+    return len(inp) if isinstance(inp, list) else inp.shape[0]
+
+
+def merged_inputs(inputs: list[StageInput]) -> list[StageInput]:
+    """``inputs`` joined into as few messages as ``activation_bytes_max`` allows, in order:
+    the inputs a replacement stage rebuilds its cache from."""
+    out: list[StageInput] = []
+    for inp in inputs:
+        last = out[-1] if out else None
+        if isinstance(inp, list) and isinstance(last, list):
+            if len(last) + len(inp) <= limits.activation_positions_max:
+                out[-1] = last + inp
+                continue
+        elif (isinstance(inp, protocol.Activation) and isinstance(last, protocol.Activation)
+              and inp.dtype == last.dtype and inp.shape[1] == last.shape[1]):
+            rows = last.shape[0] + inp.shape[0]
+            size = rows * inp.shape[1] * protocol.activation_itemsize[inp.dtype]
+            if rows <= limits.activation_positions_max and size <= limits.activation_bytes_max:
+                out[-1] = protocol.Activation(dtype=inp.dtype, shape=(rows, inp.shape[1]),
+                                              data=protocol.b64(last.raw() + inp.raw()))
+                continue
+        out.append(inp)
+    return out
+
+
+class ChainRun:
+    """One job driven through a chain of stages."""
+
+    def __init__(self, registry: ChainRegistry, job: LiveJob, spec: ModelSpec) -> None:
+        self.registry, self.job, self.spec = registry, job, spec
+        self.stages: list[_Stage] = []
+        self.step = 0
+        self.repairs = 0
+        self.task: asyncio.Task[None] | None = None
+        self.repair_s: list[float] = []  # loss to the next completed step, per repair
+        self.repair_started_mono_s: float | None = None
+
+    @property
+    def d(self) -> ChainHost:
+        return self.registry.dispatcher
+
+    # ---- stages --------------------------------------------------------------------------------
+
+    def _open(self, node: FleetNode, first: int, end: int, now: Now) -> _Stage:
+        job = self.job
+        number = len(job.attempts) + 1
+        att = Attempt(number=number, node_id=node.node_id, owner_id=node.owner_id,
+                      device_class=node.profile.device_class, token_base=len(job.generated),
+                      started_mono_s=now.mono_s, last_token_mono_s=now.mono_s,
+                      layers=(first, end), work_ppm=planner.stage_work_ppm(self.spec, first, end))
+        job.attempts.append(att)
+        node.jobs.add(job.job_id)
+        stage = _Stage(first, end, node, att, f"{job.job_id}.{number}")
+        self.registry.sequences[stage.sequence_id] = stage
+        self.d.writer.background(self.d.store.start_attempt, job_id=job.job_id, attempt=number,
+                                 node_id=node.node_id,
+                                 prompt_tokens=len(job.prompt_ids) + att.token_base)
+        return stage
+
+    def _close(self, stage: _Stage, outcome: AttemptOutcome, now: Now) -> None:
+        node, att = stage.node, stage.attempt
+        node.jobs.discard(self.job.job_id)
+        self.registry.sequences.pop(stage.sequence_id, None)
+        self.registry.waiters.pop(stage.sequence_id, None)
+        if not node.closed:
+            node.send(protocol.encode(protocol.StageRelease(sequence_id=stage.sequence_id,
+                                                            model=self.job.model)))
+        self.d.writer.background(
+            self.d.store.end_attempt, self.job.job_id, att.number, outcome=str(outcome),
+            completion_tokens=att.tokens, busy_s=att.busy_s,
+            time_to_first_token_s=(att.first_token_mono_s - att.started_mono_s)
+            if att.first_token_mono_s else None,
+            total_s=now.mono_s - att.started_mono_s)
+
+    def start(self, plan: planner.ChainPlan, now: Now) -> None:
+        for sp in plan.stages:
+            node = self.d.node(sp.node_id)
+            assert node is not None
+            self.stages.append(self._open(node, sp.first, sp.end, now))
+        self.job.state = JobState.PLACED
+        self.task = asyncio.get_running_loop().create_task(
+            self._drive(), name=f"chain-{self.job.job_id}")
+
+    # ---- the drive -----------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        job = self.job
+        try:
+            finish = await self._generate()
+        except asyncio.CancelledError:
+            raise
+        except JobFailed as exc:
+            self._end_all(AttemptOutcome.FAILED)
+            await self._finish(error=exc)
+            return
+        except Exception as exc:  # a bug: the job fails cleanly, the coordinator goes on
+            log.exception("chain of job %s failed", job.job_id)
+            self._end_all(AttemptOutcome.FAILED)
+            await self._finish(error=JobFailed(f"the chain failed: {exc}"))
+            return
+        if finish is None:  # the job ended elsewhere (cancelled by its client)
+            return
+        self._end_all(AttemptOutcome.DONE)
+        await self._finish(finish_reason=finish)
+
+    async def _finish(self, **kw: object) -> None:
+        if self.job.state.is_final:
+            return
+        ending = self.d._finish_soon(self.job, self.d.clock(), **kw)  # type: ignore[arg-type]
+        if ending is not None:
+            await ending
+
+    def _end_all(self, outcome: AttemptOutcome) -> None:
+        now = self.d.clock()
+        for stage in self.stages:
+            self._close(stage, outcome, now)
+        self.stages = []
+
+    async def _generate(self) -> str | None:
+        """Prefill, then decode until a stop; the finish reason (None: ended from outside)."""
+        job, spec = self.job, self.spec
+        context = job.prompt_ids + job.generated
+        chunk = max(1, limits.activation_bytes_max // (spec.hidden_size * 4))
+        pieces = [context[i : i + chunk] for i in range(0, len(context), chunk)]
+        token, eos = -1, False
+        for k, piece in enumerate(pieces):
+            token, eos = await self._through(list(piece), choose=k == len(pieces) - 1)
+        while True:
+            if job.state.is_final:
+                return None
+            if eos:
+                return "stop"
+            self._deliver(token)
+            if len(job.generated) >= job.sampling.max_tokens:
+                return "length"
+            if len(job.prompt_ids) + len(job.generated) >= spec.context_length:
+                return "length"
+            token, eos = await self._through([token], choose=True)
+
+    def _deliver(self, token: int) -> None:
+        job, now = self.job, self.d.clock()
+        job.generated.append(token)
+        for stage in self.stages:
+            att = stage.attempt
+            att.tokens += 1
+            att.logprobs.append(None)
+            att.last_token_mono_s = now.mono_s
+            if att.first_token_mono_s is None:
+                att.first_token_mono_s = now.mono_s
+        if job.first_token_mono_s is None:
+            job.first_token_mono_s = now.mono_s
+            job.state = JobState.STREAMING
+        job.events.put_nowait(JobEvent(JobEventKind.TOKENS, (token,), at_perf_s=now.perf_s))
+
+    async def _through(self, token_ids: list[int], *, choose: bool) -> tuple[int, bool]:
+        """One step through every stage: (the token chosen, whether it ends the sequence)."""
+        inp: StageInput = token_ids
+        out: protocol.StageOutput | None = None
+        i = 0
+        while i < len(self.stages):
+            if self.job.state.is_final:
+                raise asyncio.CancelledError
+            stage = self.stages[i]
+            last = i == len(self.stages) - 1
+            try:
+                out = await self._step(stage, inp, choose=choose and last, last=last)
+            except StageFailed as exc:
+                await self._repair(i, exc)  # replaces stage i (by one or more); retry there
+                continue
+            stage.inputs.append(inp)
+            stage.positions += _length(inp)
+            stage.attempt.busy_s += out.busy_s
+            if not last:
+                assert out.hidden is not None
+                inp = out.hidden
+            i += 1
+        self.step += 1
+        if self.repair_started_mono_s is not None:
+            self.repair_s.append(self.d.clock().mono_s - self.repair_started_mono_s)
+            self.repair_started_mono_s = None
+        assert out is not None
+        if not choose:
+            return -1, False
+        assert out.token is not None
+        return out.token, out.eos
+
+    async def _step(self, stage: _Stage, inp: StageInput, *, choose: bool, last: bool
+                    ) -> protocol.StageOutput:
+        """Send one input to one stage and wait for its checked answer."""
+        job = self.job
+        if stage.node.closed:
+            raise StageFailed("its node left", AttemptOutcome.NODE_LOST)
+        step = next(self.registry.steps)
+        msg = protocol.StageForward(
+            sequence_id=stage.sequence_id, model=job.model, step=step, start=stage.positions,
+            token_ids=inp if isinstance(inp, list) else None,
+            hidden=inp if isinstance(inp, protocol.Activation) else None,
+            choose=protocol.Sampling(max_tokens=max(1, job.sampling.max_tokens),
+                                     temperature=job.sampling.temperature,
+                                     top_p=job.sampling.top_p, seed=job.sampling.seed)
+            if choose else None)
+        waiter: asyncio.Future[protocol.StageOutput] = asyncio.get_running_loop().create_future()
+        self.registry.waiters[stage.sequence_id] = (step, waiter)
+        if not stage.node.send(protocol.encode(msg)):
+            raise StageFailed("its socket is gone", AttemptOutcome.NODE_LOST)
+        try:
+            async with asyncio.timeout(self.registry.step_timeout_s):
+                out = await waiter
+        except TimeoutError:
+            raise StageFailed(f"silent for {self.registry.step_timeout_s:g} s",
+                              AttemptOutcome.NODE_SILENT) from None
+        finally:
+            if self.registry.waiters.get(stage.sequence_id, (None,))[0] == step:
+                del self.registry.waiters[stage.sequence_id]
+        if out.error is not None:
+            raise StageFailed(f"it answered: {out.error[:200]}")
+        n = _length(inp)
+        if last:
+            if choose and (out.token is None or out.token >= self.registry.vocab_of(job.model)):
+                raise StageFailed("it answered no valid token", AttemptOutcome.PROTOCOL_GAP)
+        elif out.hidden is None or out.hidden.shape != (n, self.spec.hidden_size):
+            raise StageFailed(f"its activation is not {n} x {self.spec.hidden_size}",
+                              AttemptOutcome.PROTOCOL_GAP)
+        return out
+
+    # ---- repair --------------------------------------------------------------------------------
+
+    async def _repair(self, i: int, why: StageFailed) -> None:
+        """Replace stage ``i`` by a segment of other nodes holding its layers, rebuilt from the
+        inputs it had completed; raises JobFailed when that cannot be done in time."""
+        job = self.job
+        old = self.stages.pop(i)
+        now = self.d.clock()
+        if self.repair_started_mono_s is None:
+            self.repair_started_mono_s = now.mono_s
+        log.warning("job %s: stage %d:%d on node %s failed (%s); repairing", job.job_id,
+                    old.first, old.end, old.node.node_id, why)
+        self._close(old, why.outcome, now)
+        failed: _Stage | None = old
+        while True:
+            if failed is not None:
+                job.avoid_nodes.add(failed.node.node_id)
+                self.repairs += 1
+                self.registry.repairs += 1
+                if self.repairs > limits.stage_repairs_max:
+                    raise JobFailed(f"the chain lost a stage {self.repairs} times; giving up")
+            plan = await self._plan_replacement(old)
+            now = self.d.clock()
+            fresh = []
+            for sp in plan.stages:
+                node = self.d.node(sp.node_id)
+                assert node is not None
+                fresh.append(self._open(node, sp.first, sp.end, now))
+            try:
+                await self._rebuild(fresh, old.inputs)
+            except StageFailed as exc:
+                failed = exc.stage
+                for stage in fresh:
+                    self._close(stage, exc.outcome if stage is failed else
+                                AttemptOutcome.CANCELLED, self.d.clock())
+                continue
+            self.stages[i:i] = fresh
+            return
+
+    async def _plan_replacement(self, old: _Stage) -> planner.ChainPlan:
+        job = self.job
+        deadline = self.d.clock().mono_s + self.d.placement_wait_s
+        while True:
+            if job.state.is_final:
+                raise asyncio.CancelledError
+            in_chain = {s.node.node_id for s in self.stages}
+            snapshots = [n.snapshot(self.d.clock().epoch_s) for n in self.d.all_nodes()
+                         if not n.closed and not n.draining]
+            plan = planner.plan_segment(
+                self.spec, snapshots, old.first, old.end,
+                context_tokens=len(job.prompt_ids) + len(job.generated),
+                avoid=job.avoid_nodes | in_chain)
+            if plan is not None:
+                return plan
+            if self.d.clock().mono_s > deadline:
+                log.warning("job %s: no replacement for %d:%d among %s (avoiding %s)",
+                            job.job_id, old.first, old.end,
+                            [(n.node_id, n.layer_ranges, n.available, n.active_jobs)
+                             for n in snapshots], sorted(job.avoid_nodes | in_chain))
+                raise JobFailed(f"no node holds layers {old.first}:{old.end} to replace the "
+                                "stage that left")
+            await asyncio.sleep(repair_poll_s)
+
+    async def _rebuild(self, fresh: list[_Stage], inputs: list[StageInput]) -> None:
+        """Fill the new stages' caches: the old stage's inputs through them, stage by stage,
+        merged into as few messages as the size bound allows."""
+        xs = merged_inputs(inputs)
+        for stage in fresh:
+            last = stage.end == self.spec.n_layers
+            outs: list[StageInput] = []
+            for x in xs:
+                try:
+                    out = await self._step(stage, x, choose=False, last=last)
+                except StageFailed as exc:
+                    exc.stage = stage
+                    raise
+                stage.inputs.append(x)
+                stage.positions += _length(x)
+                stage.attempt.busy_s += out.busy_s
+                if out.hidden is not None:
+                    outs.append(out.hidden)
+            xs = merged_inputs(outs)
+
+    def cancel(self) -> None:
+        """The job ended from outside (its client left, the coordinator stops)."""
+        if self.task is not None:
+            self.task.cancel()
+        self._end_all(AttemptOutcome.CANCELLED)
+
+
+class ChainRegistry:
+    """Every chain this coordinator drives, and the answers its stages send."""
+
+    def __init__(self, dispatcher: ChainHost, *,
+                 step_timeout_s: float = limits.stage_step_s_max) -> None:
+        self.dispatcher = dispatcher
+        self.step_timeout_s = step_timeout_s
+        self.runs: dict[str, ChainRun] = {}  # by job id
+        self.sequences: dict[str, _Stage] = {}  # every open stage, by its sequence id
+        self.waiters: dict[str, tuple[int, asyncio.Future[protocol.StageOutput]]] = {}
+        self.steps = itertools.count()
+        self.vocab_sizes: dict[str, int] = {}  # model -> tokenizer vocabulary (tokens checked)
+        self.repairs = 0
+        self.repair_s: list[float] = []  # the last repairs' times, loss to the next step
+
+    def vocab_of(self, model: str) -> int:
+        return self.vocab_sizes.get(model, 1 << 31)
+
+    def place(self, jobs: list[LiveJob], snapshots: list[NodeSnapshot], now: Now) -> list[str]:
+        """Chains for waiting jobs whose model no whole-model node serves; returns the job ids
+        placed."""
+        placed = []
+        for job in jobs:
+            spec = self.dispatcher.models.get(job.model)
+            if spec is None or any(job.model in s.models for s in snapshots):
+                continue
+            plan = planner.plan_chain(spec, snapshots,
+                                      context_tokens=len(job.prompt_ids) + len(job.generated),
+                                      avoid=job.avoid_nodes)
+            if plan is None:
+                continue
+            run = ChainRun(self, job, spec)
+            job.chain = run
+            self.runs[job.job_id] = run
+            run.start(plan, now)
+            assert run.task is not None
+            run.task.add_done_callback(functools.partial(self._forget, job.job_id))
+            placed.append(job.job_id)
+            busy = {sp.node_id for sp in plan.stages}
+            snapshots = [s for s in snapshots if s.node_id not in busy or
+                         s.active_jobs + 1 < s.jobs_max]
+        return placed
+
+    def _forget(self, job_id: str, _task: object) -> None:
+        run = self.runs.pop(job_id, None)
+        if run is not None:
+            self.repair_s.extend(run.repair_s)
+            del self.repair_s[: -100]
+
+    def on_output(self, node: FleetNode, msg: protocol.StageOutput) -> None:
+        """A stage's answer: handed to the step waiting for it; a stale one is dropped."""
+        waiting = self.waiters.get(msg.sequence_id)
+        stage = self.sequences.get(msg.sequence_id)
+        if waiting is None or stage is None or waiting[0] != msg.step:
+            return
+        if stage.node.node_id != node.node_id:
+            return  # only the node that holds the stage may answer for it
+        if not waiting[1].done():
+            waiting[1].set_result(msg)
+
+    def on_node_lost(self, node: FleetNode) -> None:
+        """A node left: every step waiting on it fails now (its chains repair)."""
+        for sequence_id, stage in list(self.sequences.items()):
+            if stage.node is node:
+                waiting = self.waiters.get(sequence_id)
+                if waiting is not None and not waiting[1].done():
+                    waiting[1].set_exception(StageFailed("its node left",
+                                                         AttemptOutcome.NODE_LOST))
+
+    async def stop(self) -> None:
+        for run in list(self.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run.task

@@ -1,0 +1,184 @@
+"""A model split over several node processes (chains), end to end on loopback.
+
+No node holds the whole tiny model: each holds a range of its layers (``sparecycles node
+--layers``). The coordinator drives each request through a chain of them, and greedy output must
+equal the unsplit model's token for token (fp32). Killing the middle stage mid-stream, a spare
+node with the same layers takes over, its cache rebuilt from the inputs the lost stage had
+received, and the answer still equals the unsplit one. The charge is split among the stages'
+owners by the layers each ran.
+
+The processes start once for this module; the first tests use a chain of two stages, then those
+two nodes stop and four others (a chain of three, plus a spare middle) take over.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+from transformers import AutoModelForCausalLM
+
+from sparecycles import modelfiles
+from sparecycles.coordinator.textstream import TextStream
+from sparecycles.identity import NodeIdentity
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import LocalNetwork
+
+pytestmark = pytest.mark.timeout(900)
+
+PROMPTS = ("The garden", "Where does the river go? It", "Once upon a time there was",
+           "The old man said that")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    """The unsplit model's greedy tokens and text for each prompt (fp32, no cache)."""
+    tok = modelfiles.load_tokenizer(str(tiny_model_path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    out = {}
+    for prompt in PROMPTS:
+        ids = modelfiles.render_completion(tok, prompt)
+        gen: list[int] = []
+        with torch.inference_mode():
+            for _ in range(60):
+                t = int(model(torch.tensor([ids + gen])).logits[0, -1].argmax())
+                if t in eos_ids:
+                    break
+                gen.append(t)
+        stream = TextStream(tok, ())
+        text = "".join(stream.push((t,)) for t in gen) + stream.finish()
+        out[prompt] = (gen, text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory, tiny_model_path):
+    root = tmp_path_factory.mktemp("chains")
+    network = LocalNetwork(root=root, models={"tiny": tiny_model_path},
+                           coordinator_args=["--placement-wait-s", "5"],
+                           env={"SPARECYCLES_VERIFICATION": "false"})
+    with network:
+        store = network.store()
+        network.start_coordinator()
+        network.start_node("first-half", "alice", extra_args=["--layers", "0:2"])
+        network.start_node("second-half", "bob", extra_args=["--layers", "2:4"])
+        network.wait_ready(2)
+        _key_id, key = store.create_api_key("acme", "e2e")
+        ledger = Ledger(store.sessions, prices=PriceBook.default())
+        ledger.deposit(store.ensure_client("acme"), 50_000_000, reference="e2e-topup")
+        ledger.set_price("tiny", ModelPrice(10_000_000, 30_000_000))  # whole micros per token
+        network.client = OpenAI(  # type: ignore[attr-defined]
+            base_url=network.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        network.key = key  # type: ignore[attr-defined]
+        yield network
+        problems = Ledger(store.sessions, prices=PriceBook.default()).check()
+        assert problems == [], problems
+
+
+def _complete(net, prompt: str, **kw):
+    return net.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                         temperature=0, **kw)
+
+
+def _node_id(net, name: str) -> str:
+    return NodeIdentity.load_or_create(net.root / "nodes" / name / "node_key.pem").node_id
+
+
+def _job_id(reply_id: str) -> str:
+    return reply_id.split("-", 1)[1]  # cmpl-<job id>
+
+
+def _stages(net, reply_id: str) -> list:
+    return net.store().attempts(_job_id(reply_id))
+
+
+def test_two_stages_equal_the_unsplit_model(net, reference) -> None:
+    for prompt in PROMPTS:
+        resp = _complete(net, prompt)
+        gen, text = reference[prompt]
+        assert resp.choices[0].text == text, prompt
+        assert resp.usage.completion_tokens == len(gen)
+        stages = _stages(net, resp.id)
+        assert sorted(a.node_id for a in stages) == sorted(
+            [_node_id(net, "first-half"), _node_id(net, "second-half")])
+        assert all(a.outcome == "done" for a in stages)
+
+
+def test_the_charge_is_split_by_the_layers_each_stage_ran(net, reference) -> None:
+    resp = _complete(net, PROMPTS[0])
+    money = Ledger(net.store().sessions, prices=PriceBook.default()).job_money(_job_id(resp.id))
+    earnings = money["earnings"]
+    a, b = earnings[_node_id(net, "first-half")], earnings[_node_id(net, "second-half")]
+    assert a > 0 and abs(a - b) <= 1, earnings  # two layers each: equal shares
+    assert money["owner_earned_micros"] + money["fee_micros"] == money["charged_micros"]
+
+
+@pytest.fixture(scope="module")
+def three(net):
+    """Four nodes: layers 0:1, 1:3 twice (the middle and its spare), 3:4; the halves stop."""
+    slow = ["--duty-cycle", "0.05"]  # middle stages slow enough to be killed mid-stream
+    net.start_node("s0", "carol", extra_args=["--layers", "0:1"])
+    net.start_node("m1", "dave", extra_args=["--layers", "1:3", *slow])
+    net.start_node("m2", "erin", extra_args=["--layers", "1:3", *slow])
+    net.start_node("s2", "frank", extra_args=["--layers", "3:4"])
+    net.wait_ready(6)
+    net.kill_node("first-half")
+    net.kill_node("second-half")
+    deadline = time.monotonic() + 30
+    while httpx.get(net.url + "/readyz").json().get("nodes_online") != 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return net
+
+
+def test_three_stages_equal_the_unsplit_model(three, reference) -> None:
+    for prompt in PROMPTS:
+        resp = _complete(three, prompt)
+        assert resp.choices[0].text == reference[prompt][1], prompt
+        stages = _stages(three, resp.id)
+        assert len(stages) == 3, [(a.node_id, a.outcome) for a in stages]
+    earned = Ledger(three.store().sessions, prices=PriceBook.default()).job_money(
+        _job_id(resp.id))["earnings"]
+    first, last = earned[_node_id(three, "s0")], earned[_node_id(three, "s2")]
+    middle = next(v for k, v in earned.items() if k in (_node_id(three, "m1"),
+                                                         _node_id(three, "m2")))
+    assert abs(middle - 2 * first) <= 2 and abs(first - last) <= 1, earned
+
+
+def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(three, reference
+                                                                        ) -> None:
+    prompt = max(PROMPTS, key=lambda p: len(reference[p][0]))
+    gen, text = reference[prompt]
+    assert len(gen) >= 12, "the longest reference answer is too short to cut"
+    middles = {_node_id(three, "m1"): "m1", _node_id(three, "m2"): "m2"}
+    parts, job_id, killed = [], None, None
+    stream = three.client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                             temperature=0, stream=True)
+    for chunk in stream:
+        job_id = chunk.id
+        if chunk.choices and chunk.choices[0].text:
+            parts.append(chunk.choices[0].text)
+        if killed is None and len(parts) >= 4:
+            middle = next(a.node_id for a in _stages(three, job_id) if a.node_id in middles)
+            killed = middles[middle]
+            three.kill_node(killed)
+    assert killed is not None, "the answer ended before the middle stage could be killed"
+    assert "".join(parts) == text
+    stages = _stages(three, job_id)
+    outcomes = {three_name(three, a.node_id): a.outcome for a in stages}
+    assert outcomes[killed] == "node_lost", outcomes
+    assert len(stages) == 4 and sum(o == "done" for o in outcomes.values()) == 3, outcomes
+    three.restart_node(killed)
+
+
+def three_name(net, node_id: str) -> str:
+    for name in net.nodes:
+        if _node_id(net, name) == node_id:
+            return name
+    return node_id
