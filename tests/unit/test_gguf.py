@@ -152,3 +152,11 @@ def test_tokenizer_equals_llama_cpps_own(smol: Path) -> None:
     rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert modelfiles.render_chat(tok, messages) == reference.tokenize(
         rendered.encode(), add_bos=False, special=True)
+
+
+def test_plan_reads_a_gguf(smol: Path) -> None:
+    from sparecycles.cli.plan import resolve_model
+
+    spec = resolve_model(str(smol))
+    assert spec.bytes_per_param == pytest.approx(gguffile.read_gguf(smol).bytes_per_param)
+    assert spec.bytes_per_param < 1  # Q4_1 weights, not a 16- or 32-bit preset
