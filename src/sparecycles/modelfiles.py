@@ -2,9 +2,11 @@
 
 Shared by the coordinator and the node so that both read a model the same way: the coordinator's
 registry records the weights hash and model spec, and a node proves it holds the same weights by
-computing the same hash over its own copy. Everything here works on a local directory in the
-Hugging Face layout; a hub id (``Qwen/Qwen2.5-0.5B-Instruct``) is fetched into the local hub cache
-first, which needs a network that can reach the hub.
+computing the same hash over its own copy. A source is a local directory in the Hugging Face
+layout, a GGUF file (llama.cpp's one-file format: weights, hyperparameters, tokenizer and chat
+template; ``gguffile.py``), or a directory holding exactly one GGUF file and no config.json; a hub
+id (``Qwen/Qwen2.5-0.5B-Instruct``) is fetched into the local hub cache first, which needs a
+network that can reach the hub.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sparecycles import gguffile
 from sparecycles.errors import InvalidRequest, ModelNotFound
 from sparecycles.types import ModelSpec
 
@@ -48,14 +51,27 @@ _dtype_bytes = {
 
 
 def resolve_source(source: str | Path) -> Path:
-    """The local directory holding ``source``: the directory itself if it exists, else a hub id.
+    """The local model ``source`` names: a GGUF file, else a directory, else a hub id.
 
-    A hub id is downloaded (config, tokenizer and weights only) into the Hugging Face cache, or
-    found there when ``HF_HUB_OFFLINE=1``. Without a network that reaches the hub, only models
-    already in that cache resolve; anything else raises ``ModelNotFound``.
+    A directory with no config.json and exactly one ``*.gguf`` resolves to that file (several:
+    ``InvalidRequest``, as the choice is the owner's). A hub id is downloaded (config, tokenizer
+    and weights only) into the Hugging Face cache, or found there when ``HF_HUB_OFFLINE=1``.
+    Without a network that reaches the hub, only models already in that cache resolve; anything
+    else raises ``ModelNotFound``.
     """
     path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf" and not gguffile.is_gguf(path):
+            raise InvalidRequest(f"{path}: a model file must be a GGUF file (.gguf)")
+        return path
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            found = sorted(path.glob("*.gguf"))
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise InvalidRequest(f"{path} holds several GGUF files ({names}): name one")
         return path
     name = str(source)
     if not _hub_id.match(name):
@@ -78,13 +94,21 @@ def _download_from_hub(repo_id: str) -> Path:
     return local
 
 
+def gguf_source(source: str | Path) -> Path | None:
+    """The GGUF file ``source`` resolves to, or None for a Hugging Face directory."""
+    path = resolve_source(source)
+    return path if path.is_file() else None
+
+
 def weight_files(directory: Path, *, missing_ok: bool = False) -> list[Path]:
-    """The files that hold the weights, sorted by name.
+    """The files that hold the weights, sorted by name (a GGUF file: itself).
 
     The shard index (``model.safetensors.index.json``) decides when there is one, so that extra
     copies some repos carry (``consolidated.safetensors``) count neither in the hash nor in the
     parameter count. Without an index: every ``*.safetensors``, else every PyTorch ``*.bin``.
     """
+    if directory.is_file():
+        return [directory]
     for index_name, pattern in (
         ("model.safetensors.index.json", "*.safetensors"),
         ("pytorch_model.bin.index.json", "*.bin"),
@@ -107,7 +131,8 @@ def weight_files(directory: Path, *, missing_ok: bool = False) -> list[Path]:
 def weights_sha256(source: str | Path, *, cache_dir: Path | None = None) -> str:
     """SHA-256 of the weight files' bytes concatenated in name order, as lowercase hex.
 
-    The same as ``LC_ALL=C cat $(weight files) | sha256sum``. A gigabyte takes seconds to hash,
+    The same as ``LC_ALL=C cat $(weight files) | sha256sum``; for a GGUF, ``sha256sum FILE``
+    (the whole file: weights, tokenizer and template). A gigabyte takes seconds to hash,
     so the result is remembered in a small JSON file next to the weights (or, where that
     directory is read-only, in ``cache_dir``, by default ``~/.cache/sparecycles``), keyed by each
     file's name, size, mtime and inode: replacing or rewriting a file invalidates it.
@@ -117,6 +142,8 @@ def weights_sha256(source: str | Path, *, cache_dir: Path | None = None) -> str:
     key = _files_key(files)
     shared_cache = (cache_dir or _default_cache_dir()) / "weights-sha256.json"
     local_cache = directory / hash_cache_name
+    if directory.is_file():  # one cache file per GGUF, as a folder may hold several
+        local_cache = directory.parent / f".{directory.name}.sparecycles-sha256.json"
     for cached in (_read_json(local_cache), _read_json(shared_cache).get(str(directory))):
         if not isinstance(cached, dict):
             continue
@@ -238,8 +265,11 @@ def model_spec(
     ``dtype`` is the precision the weights are (or will be) held in when loaded; without it, the
     config's ``torch_dtype``/``dtype``, else the dtype most parameters are stored in. The
     weights are not loaded; with ``hash_weights`` they are hashed (see ``weights_sha256``).
+    A GGUF's spec comes from its header, its bytes per parameter from its tensors' own types.
     """
     directory = resolve_source(source)
+    if directory.is_file():
+        return _gguf_spec(name, directory, dtype, hash_weights)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelNotFound(f"no config.json in {directory}")
@@ -274,12 +304,88 @@ def model_spec(
     )
 
 
+def _gguf_spec(name: str, path: Path, dtype: object | None, hash_weights: bool) -> ModelSpec:
+    info = gguffile.read_gguf(path, arrays=False)
+    n_layers = info.arch_value("block_count")
+    hidden_size = info.arch_value("embedding_length")
+    n_heads = info.arch_value("attention.head_count")
+    context_length = info.arch_value("context_length")
+    if None in (n_layers, hidden_size, n_heads, context_length):
+        raise gguffile.GGUFError(
+            f"{path.name}: the header lacks {info.architecture}.block_count, embedding_length,"
+            " attention.head_count or context_length")
+    n_kv_heads = info.arch_value("attention.head_count_kv") or n_heads
+    if isinstance(n_kv_heads, list):  # per layer in some architectures: the most any layer holds
+        n_kv_heads = max(n_kv_heads)
+    if isinstance(n_heads, list):
+        n_heads = max(n_heads)
+    head_dim = info.arch_value("attention.key_length") or hidden_size // n_heads
+    dtype = dtype if dtype not in (None, "auto") else None
+    return ModelSpec(
+        name=name,
+        n_params=info.n_params,
+        # as stored (llama.cpp computes on the quantized blocks), unless loaded into another dtype
+        bytes_per_param=bytes_per_param(dtype) if dtype else info.bytes_per_param,
+        n_layers=int(n_layers),
+        hidden_size=int(hidden_size),
+        n_kv_heads=int(n_kv_heads),
+        head_dim=int(head_dim),
+        context_length=int(context_length),
+        weights_sha256=weights_sha256(path) if hash_weights else "",
+    )
+
+
 def load_tokenizer(source: str | Path):  # -> transformers.PreTrainedTokenizerBase
-    """The model's tokenizer (AutoTokenizer). A hub id works only where the hub is reachable or
-    the model is already in the local hub cache (see ``resolve_source``)."""
+    """The model's tokenizer (AutoTokenizer; for a GGUF, built from the file's own vocabulary,
+    merges and chat template). A hub id works only where the hub is reachable or the model is
+    already in the local hub cache (see ``resolve_source``)."""
+    path = resolve_source(source)
+    if path.is_file():
+        return gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_source(source)))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def gguf_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast
+    """A fast tokenizer from a GGUF's metadata, through transformers' own GGUF converter.
+
+    Not ``AutoTokenizer.from_pretrained(gguf_file=...)``: that path reads the file with a reader
+    that imports torch and took 29 s here; this reads the header with ``gguffile`` and hands the
+    same fields to the same converter, so the coordinator needs no torch. Its token ids equal
+    llama.cpp's own tokenizer's on the test prompts (tests/unit/test_gguf.py).
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    info = gguffile.read_gguf(path)
+    meta = info.metadata
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    fields, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in fields:
+        raise gguffile.GGUFError(f"{path.name}: no tokenizer in the file (tokenizer.ggml.tokens)")
+    if fields.get("tokenizer_type") == "llama":  # as transformers' own GGUF loading does
+        config.setdefault("add_bos_token", True)
+    for special, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[special] = fields["tokens"][token_id] if token_id is not None else None
+    try:
+        backend, extra = convert_gguf_tokenizer(info.architecture, fields)
+    except Exception as exc:  # the converter has no builder for this tokenizer
+        raise gguffile.GGUFError(
+            f"{path.name}: its tokenizer ({fields.get('tokenizer_type')}) cannot be built here:"
+            f" {type(exc).__name__}: {exc}") from exc
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+    tokenizer.name_or_path = path.name
+    return tokenizer
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
@@ -291,8 +397,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
     (OpenAI's tool definitions) go to the template, which renders them in the model's own format.
     """
     if not getattr(tokenizer, "chat_template", None):
+        source = getattr(tokenizer, "name_or_path", "") or "this model"
         raise InvalidRequest(
-            "this model has no chat template; use /v1/completions with a plain prompt instead",
+            f"{Path(str(source)).name} has no chat template (a GGUF keeps it in"
+            " tokenizer.chat_template); use /v1/completions with a plain prompt instead",
             param="messages",
         )
     import jinja2

@@ -138,6 +138,10 @@ class NodeSettings(_RoleSettings):
     """Where the node's Ed25519 key and device profile are kept (mode 0600)."""
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda:N``."""
+    backend: str = "auto"
+    """``auto`` (llamacpp for a GGUF file, else transformers), ``transformers``, ``llamacpp``."""
+    threads: int = 0
+    """Threads the llamacpp backend computes on (0: every core)."""
     device_class: str = ""
     jobs_max: int = 8
     stream_interval_ms: float = Field(default=10.0, ge=0.0, le=1_000.0)

@@ -158,6 +158,8 @@ def test_metering_claims_are_checked_against_what_was_received() -> None:
 def test_tolerance_follows_the_models_precision() -> None:
     assert verify.tolerance_for(4.0) is verify.FP32_TOLERANCE
     assert verify.tolerance_for(2.0) is verify.DEFAULT_TOLERANCE
+    # a quantized GGUF (Q4_1: 0.72 bytes a weight) checked across backends
+    assert verify.tolerance_for(0.72) is verify.QUANTIZED_TOLERANCE
 
 
 @settings(deadline=None)

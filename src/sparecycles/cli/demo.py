@@ -13,12 +13,13 @@ from sparecycles.cli.common import console, friendly
 def demo(
     root: Path = typer.Option(Path(".sparecycles/demo"), help="Folder for the run's files"),
     requests: int = typer.Option(6, min=1, max=64, help="How many chat requests to send"),
-    model_dir: Path = typer.Option(None, help="Use this model instead of building the tiny one"),
+    model: str = typer.Option("smollm2", help="smollm2 (a real 135M instruct model, GGUF) or tiny"),
+    model_dir: Path = typer.Option(None, help="Serve this model directory or GGUF file instead"),
 ) -> None:
-    """Build a tiny model, start a coordinator and two nodes, send real requests, show the money."""
+    """Start a coordinator and two nodes serving SmolLM2, send real requests, show the money."""
     from sparecycles.tools.demo import run_demo
 
-    run_demo(root, model_dir=model_dir, requests=requests, console=console)
+    run_demo(root, model=model, model_dir=model_dir, requests=requests, console=console)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,11 +26,12 @@ prompts_shown = (128, 512, 2048, 8192, 32768)
 
 
 def resolve_model(model: str) -> ModelSpec:
-    """A preset name, or a model directory (config.json + safetensors) read by modelfiles."""
+    """A preset name, a model directory (config.json + safetensors) or a GGUF file read by
+    modelfiles (a GGUF's bytes per weight from its tensors' own types: Q4_1, Q8_0, ...)."""
     if model in MODEL_PRESETS:
         return MODEL_PRESETS[model]
     path = Path(model)
-    if not path.is_dir():
+    if not (path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file())):
         model_preset(model)  # raises NotFound listing the presets
     from sparecycles.modelfiles import model_spec
 
@@ -108,7 +109,8 @@ def _prefill_table(spec: ModelSpec, profile: DeviceProfile) -> Table:
 
 @friendly
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="A preset or a model directory"),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="A preset, a model directory or a GGUF file"),
     device: str = typer.Option("this", "--device", "-d", help="this, a preset, or profile JSON"),
     prompt_tokens: int = typer.Option(1000, help="The example request's prompt"),
     output_tokens: int = typer.Option(200, help="The example request's output"),

@@ -87,6 +87,9 @@ def node(
     model: list[str] = typer.Option(None, "--model", help="NAME=SOURCE the owner allows"),
     name: str = typer.Option(None, help="A name for this device"),
     device: str = typer.Option(None, help="auto, cpu or cuda:N"),
+    backend: str = typer.Option(
+        None, help="auto (llamacpp for a .gguf, else transformers), transformers or llamacpp"),
+    threads: int = typer.Option(None, help="Threads for the llamacpp backend (default: all)"),
     device_class: str = typer.Option(None, help="gaming-pc, laptop, car, server, …"),
     jobs_max: int = typer.Option(None, help="Jobs this node runs at once"),
     stream_interval_ms: float = typer.Option(
@@ -113,7 +116,8 @@ def node(
     """Run a node agent: profile the device, load the models, serve jobs."""
     flags = {k: v for k, v in {
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
-        "device": device, "device_class": device_class, "jobs_max": jobs_max,
+        "device": device, "backend": backend, "threads": threads,
+        "device_class": device_class, "jobs_max": jobs_max,
         "stream_interval_ms": stream_interval_ms,
         "duty_cycle": duty_cycle, "layers": layers, "memory_max": memory_max,
         "config_dir": config_dir, "reprofile": reprofile or None,
@@ -143,8 +147,8 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     from sparecycles.coordinator.node_conn import policy_from_dict
     from sparecycles.identity import NodeIdentity
     from sparecycles.node.agent import NodeAgent
+    from sparecycles.node.backends import load_engine
     from sparecycles.node.backends.base import Engine
-    from sparecycles.node.backends.transformers import TransformersEngine
     from sparecycles.node.profile import profile_device
     from sparecycles.node.status import StatusProbe
 
@@ -170,8 +174,8 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         if settings.memory_max:
             _check_memory_max(model_name, source, parse_size(settings.memory_max))
         engines[model_name] = await asyncio.to_thread(
-            TransformersEngine.load, model_name, source, device=settings.device,
-            duty_cycle=settings.duty_cycle,
+            load_engine, model_name, source, settings.backend, device=settings.device,
+            duty_cycle=settings.duty_cycle, threads=settings.threads or None,
         )
     agent = NodeAgent(
         coordinator_url=settings.coordinator,

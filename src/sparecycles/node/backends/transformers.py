@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from sparecycles import grammar, limits, modelfiles, protocol
+from sparecycles import gguffile, grammar, limits, modelfiles, protocol
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest
 from sparecycles.node.backends import sampling
 from sparecycles.node.backends.base import (
@@ -150,7 +150,8 @@ class TransformersEngine(Engine):
         queue_max: int = limits.engine_queue_max,
         duty_cycle: float = 1.0,
     ) -> TransformersEngine:
-        """Load ``source`` (a local directory, or a hub id where the hub is reachable).
+        """Load ``source`` (a local directory, a GGUF file, or a hub id where the hub is
+        reachable).
 
         ``device="auto"`` picks CUDA when available, else the CPU. Without ``dtype`` the CPU gets
         float32 (half precision is slow or unsupported in CPU kernels) and CUDA the config's dtype.
@@ -162,10 +163,19 @@ class TransformersEngine(Engine):
             dtype = getattr(torch, dtype.removeprefix("torch."))
         if dtype is None:
             dtype = torch.float32 if device == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        # PreTrainedModel.to is functools.wraps(nn.Module.to), and typeshed's _Wrapped has no
-        # __get__: mypy does not bind self, and takes the device for it
-        model = model.to(device).eval()  # type: ignore[arg-type]
+        if path.is_file():  # a GGUF: transformers dequantizes it (needs gguf and accelerate)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=dtype)
+            except (ValueError, NotImplementedError, KeyError) as exc:
+                raise gguffile.GGUFError(f"{path.name}: transformers cannot load it: {exc}"
+                                         ) from exc
+            model = model.to(device).eval()  # type: ignore[arg-type]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            # PreTrainedModel.to is functools.wraps(nn.Module.to), and typeshed's _Wrapped has
+            # no __get__: mypy does not bind self, and takes the device for it
+            model = model.to(device).eval()  # type: ignore[arg-type]
         tokenizer = modelfiles.load_tokenizer(path)
         spec = modelfiles.model_spec(name, path, dtype=model.dtype)
         return cls(name, model, tokenizer, spec, batch_size_max=batch_size_max, queue_max=queue_max,

@@ -1,0 +1,594 @@
+"""The llama.cpp backend: one GGUF model, one thread, continuous batching; no torch.
+
+Built on llama-cpp-python's low-level binding (the C API one to one), as llama.cpp's own server
+works: one context whose KV cache holds every running request, each request a sequence of its
+own (``seq_id`` = its slot) with its own cells. Each step builds one ``llama_batch`` with, for
+every running request, its last chosen token (position = tokens it has in the cache), and then
+the prompts that wait, cut to the batch's token budget (a long prompt is fed over several steps,
+so it never stalls the others' decoding for long). One ``llama_decode`` computes them all;
+the logits of each row that wants one go through ``npsampling`` (numpy). A request that ends
+has its cells removed (``llama_memory_seq_rm``) and its slot freed for the next.
+
+The KV cache is one buffer shared by all sequences (``kv_unified``) of ``kv_tokens`` cells. A
+request is admitted only when the cells it may need (prompt + max_tokens, up to the context)
+fit beside those the running requests reserved, so a decode never runs out of cells mid-way;
+the model's context as this node serves it is therefore ``min(trained context, kv_tokens)``.
+
+Teacher-forced scoring (verification) runs between steps on a slot of its own: prompt + claimed
+output in as many batches as needed, with the logits of every position before a claimed token.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparecycles import gguffile, limits, modelfiles
+from sparecycles.errors import ContextLengthExceeded, InvalidRequest
+from sparecycles.node.backends import npsampling
+from sparecycles.node.backends.base import (
+    Engine,
+    EngineClosed,
+    EngineFull,
+    EngineStats,
+    GenerationRequest,
+    GenerationUpdate,
+    ScoreResult,
+    UpdateCallback,
+)
+from sparecycles.types import FinishReason, ModelSpec, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# KV cells shared by all of one model's requests (the most tokens it holds at once, and the
+# longest context it serves): 8,192 cost SmolLM2-135M 190 MB in f16 (30 layers x 3 KV heads
+# x 64 dims x 2 x 2 bytes = 23 KB a token); a bigger model costs more per cell.
+kv_tokens_default = 8192
+# Tokens per llama_decode call (decode tokens first, then prompt chunks): llama.cpp's default
+# physical batch; a prompt longer than this is fed over several steps.
+batch_tokens_default = 512
+idle_wait_s = 1.0  # the engine thread re-checks for work at least this often when idle
+close_join_s = 30.0  # how long close() waits for a step in progress to end
+load_errors_kept = 20  # llama.cpp log lines kept to explain a failed load
+# ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's _logger.py still
+# maps the older numbering, so its own names are not used)
+ggml_log_level_error = 4
+
+
+def _llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise InvalidRequest(
+            "the llamacpp backend needs llama-cpp-python: pip install 'sparecycles[llamacpp]'"
+        ) from exc
+    _install_log_callback(llama_cpp)
+    return llama_cpp
+
+
+_log_lines: collections.deque[str] = collections.deque(maxlen=load_errors_kept)
+_log_callback: Any = None  # kept referenced: llama.cpp holds a pointer to it
+
+
+def _install_log_callback(llama_cpp: Any) -> None:
+    """Route llama.cpp's own log into Python logging (debug), keeping the last errors, which
+    say why a load failed (unknown architecture, tensor type, ...)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user: Any) -> None:
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if level == ggml_log_level_error and line:
+            _log_lines.append(line)
+        if line:
+            log.debug("llama.cpp: %s", line)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+@dataclass(slots=True, eq=False)
+class _ScoreJob:
+    prompt: tuple[int, ...]
+    output: tuple[int, ...]
+    temperature: float
+    top_p: float
+    future: concurrent.futures.Future[ScoreResult]
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    on_update: UpdateCallback
+    rng: np.random.Generator | None
+    cells: int  # KV cells reserved: prompt + max_tokens, up to the context
+    slot: int = -1  # the llama.cpp seq_id while admitted
+    reserved: bool = False  # its cells count in the engine's reservation
+    n_past: int = 0  # tokens of this request in the KV cache (also the next position)
+    pending: int = -1  # the last token chosen, fed to the model at the next step
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False  # set once, under the engine's lock, when the final update goes out
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.request.prompt_token_ids)
+
+
+class LlamaCppEngine(Engine):
+    """One GGUF model in llama.cpp, serving concurrent requests in batches."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        spec: ModelSpec,
+        *,
+        threads: int | None = None,
+        batch_size_max: int = limits.batch_size_max,
+        queue_max: int = limits.engine_queue_max,
+        duty_cycle: float = 1.0,
+        kv_tokens: int = kv_tokens_default,
+        batch_tokens: int = batch_tokens_default,
+    ) -> None:
+        if batch_size_max < 1 or queue_max < 1 or kv_tokens < 2 or batch_tokens < 1:
+            raise InvalidRequest("batch_size_max, queue_max, kv_tokens, batch_tokens must be >= 1")
+        if not 0.0 < duty_cycle <= 1.0:
+            raise InvalidRequest("duty_cycle must be in (0, 1]")
+        lib = _llama()
+        self._lib = lib
+        self.name = name
+        self.device = "cpu"
+        self.path = path
+        threads = threads or os.cpu_count() or 1
+
+        _log_lines.clear()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise gguffile.GGUFError(f"{path.name}: llama.cpp cannot load it: {_why()}")
+        self._model = model
+        self._vocab = lib.llama_model_get_vocab(model)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        context = min(spec.context_length, kv_tokens)
+        self.spec = dataclasses.replace(spec, context_length=context)
+        self._kv_tokens = kv_tokens
+        self._batch_tokens = batch_tokens
+
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = kv_tokens
+        cparams.n_batch = batch_tokens
+        cparams.n_ubatch = batch_tokens
+        cparams.n_seq_max = batch_size_max + 1  # the last slot is verification's
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise InvalidRequest(f"{path.name}: llama.cpp could not make a context: {_why()}")
+        self._ctx = ctx
+        self._memory = lib.llama_get_memory(ctx)
+        self._batch = lib.llama_batch_init(batch_tokens, 0, 1)
+        self._score_slot = batch_size_max
+        self._pieces: dict[int, bytes] = {}
+
+        self._batch_size_max = batch_size_max
+        self._queue_max = queue_max
+        self._duty_cycle = duty_cycle
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: dict[str, _Sequence] = {}  # waiting or running, by request id
+        self._cancelled: set[_Sequence] = set()
+        self._scores: collections.deque[_ScoreJob] = collections.deque()
+        self._closing = False
+        self._stats = EngineStats()
+        # Touched by the engine thread only.
+        self._running: list[_Sequence] = []
+        self._free_slots = list(range(batch_size_max - 1, -1, -1))
+        self._cells_reserved = 0
+
+        self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        source: str | Path,
+        *,
+        threads: int | None = None,
+        batch_size_max: int = limits.batch_size_max,
+        queue_max: int = limits.engine_queue_max,
+        duty_cycle: float = 1.0,
+        kv_tokens: int = kv_tokens_default,
+    ) -> LlamaCppEngine:
+        """Load a GGUF file (or a directory holding one). A truncated or corrupt file, or one
+        llama.cpp cannot run (architecture, tensor type), raises ``GGUFError`` naming the file."""
+        path = modelfiles.gguf_source(source)
+        if path is None:
+            raise InvalidRequest(f"{source}: the llamacpp backend serves GGUF files only")
+        gguffile.read_gguf(path, arrays=False)  # a clear error for a truncated or bad header
+        spec = modelfiles.model_spec(name, path)
+        return cls(name, path, spec, threads=threads, batch_size_max=batch_size_max,
+                   queue_max=queue_max, duty_cycle=duty_cycle, kv_tokens=kv_tokens)
+
+    # --- the interface, called from any thread ------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt has no tokens")
+        if n_prompt >= self.spec.context_length:
+            raise ContextLengthExceeded(
+                f"the prompt has {n_prompt} tokens; {self.name} holds {self.spec.context_length}"
+                " here, including at least one generated token"
+            )
+        if request.params.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
+        if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
+        cells = min(n_prompt + request.params.max_tokens, self.spec.context_length)
+        sequence = _Sequence(request, on_update, npsampling.make_rng(request.params), cells)
+        with self._lock:
+            if self._closing:
+                raise EngineClosed(f"engine {self.name} is closed")
+            if len(self._waiting) >= self._queue_max:
+                raise EngineFull(f"{len(self._waiting)} requests already wait for {self.name}")
+            if request.request_id in self._active:
+                raise InvalidRequest(f"request {request.request_id!r} is already running")
+            self._active[request.request_id] = sequence
+            self._waiting.append(sequence)
+            self._wakeup.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            sequence = self._active.get(request_id)
+            if sequence is not None:
+                self._cancelled.add(sequence)
+                self._wakeup.notify()
+
+    def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
+              temperature: float = 1.0, top_p: float = 1.0, params: SamplingParams | None = None,
+              resumed_tokens: int = 0) -> ScoreResult:
+        if params is not None and not params.is_plain:
+            # the verifier sends such a replay only to nodes with the features (self.features)
+            raise InvalidRequest("this engine does not apply sampling controls or grammars yet")
+        n = len(prompt_token_ids) + len(output_token_ids)
+        if not prompt_token_ids or not output_token_ids:
+            raise InvalidRequest("scoring needs a prompt and at least one output token")
+        if n > self.spec.context_length:
+            raise ContextLengthExceeded(f"{n} tokens exceed {self.name}'s context here")
+        if not all(0 <= t < self.vocab_size for t in (*prompt_token_ids, *output_token_ids)):
+            raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})")
+        job = _ScoreJob(tuple(prompt_token_ids), tuple(output_token_ids), temperature, top_p,
+                        concurrent.futures.Future())
+        with self._lock:
+            if self._closing:
+                raise EngineClosed(f"engine {self.name} is closed")
+            if len(self._scores) >= self._queue_max:
+                raise EngineFull(f"{len(self._scores)} scoring passes already wait")
+            self._scores.append(job)
+            self._wakeup.notify()
+        return job.future.result(timeout=limits.verification_timeout_s)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._stats
+            return EngineStats(
+                requests_active=len(self._active) - len(self._waiting),
+                requests_waiting=len(self._waiting),
+                tokens_generated=s.tokens_generated,
+                decode_steps=s.decode_steps,
+                busy_s=s.busy_s,
+                batch_size_hist=dict(s.batch_size_hist),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(close_join_s)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens left out), as llama.cpp spells it."""
+        return b"".join(self._piece(t) for t in token_ids).decode("utf-8", errors="ignore")
+
+    # --- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        error = "engine closed"
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop itself broke: say so, and refuse new work
+            log.exception("engine %s: thread stopped", self.name)
+            error = f"engine stopped: {exc}"
+        with self._lock:
+            self._closing = True
+            leftovers = self._running + list(self._waiting)
+            self._waiting.clear()
+            scores, self._scores = list(self._scores), collections.deque()
+        self._fail(leftovers, error)
+        for job in scores:
+            job.future.set_exception(EngineClosed(error))
+        self._running = []
+        lib = self._lib
+        lib.llama_batch_free(self._batch)
+        lib.llama_free(self._ctx)
+        lib.llama_model_free(self._model)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closing or self._waiting or self._running or self._cancelled
+                           or self._scores):
+                    self._wakeup.wait(idle_wait_s)
+                if self._closing:
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+                for s in self._waiting.copy():
+                    if s in cancelled:
+                        self._waiting.remove(s)
+                score = self._take_score()
+                admitted = self._take_admissible() if not self._scores else []
+            for s in cancelled:  # waiting or running; finishing twice is a no-op
+                self._finish(s, FinishReason.STOP)
+            self._release([s for s in self._running if s.finished])
+            if score is not None:
+                self._run_score(score)
+            for s in admitted:
+                s.slot = self._free_slots.pop()
+            self._running.extend(admitted)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # a bug or llama.cpp refusing: fail what runs, go on
+                    log.exception("engine %s: step failed", self.name)
+                    self._fail(self._running, f"engine error: {exc}")
+                    self._release(list(self._running))
+
+    def _take_admissible(self) -> list[_Sequence]:
+        """Waiting requests, in order, for which a slot and their KV cells are free (lock held)."""
+        taken: list[_Sequence] = []
+        free = self._kv_tokens - self._cells_reserved
+        while self._waiting and len(self._running) + len(taken) < self._batch_size_max:
+            s = self._waiting[0]
+            if s.cells > free:
+                break
+            free -= s.cells
+            s.reserved = True
+            taken.append(self._waiting.popleft())
+        self._cells_reserved = self._kv_tokens - free
+        return taken
+
+    def _take_score(self) -> _ScoreJob | None:
+        """The next scoring pass if its cells are free now (lock held); else it waits, and no
+        new request is admitted before it."""
+        if not self._scores:
+            return None
+        job = self._scores[0]
+        if len(job.prompt) + len(job.output) > self._kv_tokens - self._cells_reserved:
+            return None
+        return self._scores.popleft()
+
+    def _step(self) -> None:
+        """One llama_decode over every running request: decode tokens, then prompt chunks."""
+        lib, batch = self._lib, self._batch
+        rows: list[tuple[int, _Sequence]] = []  # (batch index with logits, its sequence)
+        n = 0
+        decoding = [s for s in self._running if not s.prefilling]
+        for s in decoding:
+            self._put(n, s.pending, s.n_past, s.slot, True)
+            rows.append((n, s))
+            n += 1
+        fed: list[tuple[_Sequence, int]] = []
+        for s in self._running:
+            if not s.prefilling or n >= self._batch_tokens:
+                continue
+            prompt = s.request.prompt_token_ids
+            chunk = prompt[s.n_past : s.n_past + self._batch_tokens - n]
+            for k, token in enumerate(chunk):
+                last = s.n_past + k == len(prompt) - 1
+                self._put(n, token, s.n_past + k, s.slot, last)
+                if last:
+                    rows.append((n, s))
+                n += 1
+            fed.append((s, len(chunk)))
+        batch.n_tokens = n
+        started = time.perf_counter()
+        code = lib.llama_decode(self._ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        for s in decoding:
+            s.n_past += 1
+        for s, k in fed:
+            s.n_past += k
+        self._choose(rows)
+        self._add_busy(time.perf_counter() - started, len(decoding), 1 if decoding else 0)
+        self._release([s for s in self._running if s.finished])
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+
+    def _choose(self, rows: list[tuple[int, _Sequence]]) -> None:
+        """Pick each row's next token, tell its caller, and finish it where it ends."""
+        lib = self._lib
+        for i, s in rows:
+            logits = self._logits(i)
+            token = npsampling.next_token(logits, s.request.params, s.rng)
+            lp = (npsampling.token_logprob(logits, token),) if s.request.want_logprobs else None
+            if lib.llama_vocab_is_eog(self._vocab, token):
+                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None)
+                continue
+            s.generated.append(token)
+            s.pending = token
+            reason = self._finish_reason(s)
+            if reason is None:
+                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp))
+            else:
+                self._finish(s, reason, token_ids=(token,), logprobs=lp)
+        with self._lock:
+            self._stats.tokens_generated += len(rows)
+
+    def _finish_reason(self, s: _Sequence) -> FinishReason | None:
+        params = s.request.params
+        if params.stop:
+            window = s.generated[-npsampling.stop_window_tokens(params.stop) :]
+            if npsampling.hits_stop(self.detokenize(window), params.stop):
+                return FinishReason.STOP
+        if len(s.generated) >= params.max_tokens:
+            return FinishReason.LENGTH
+        if len(s.request.prompt_token_ids) + len(s.generated) >= self.spec.context_length:
+            return FinishReason.LENGTH
+        return None
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def _release(self, leaving: list[_Sequence]) -> None:
+        """Take requests out of the running batch, freeing their KV cells and slots."""
+        if not leaving:
+            return
+        gone = {id(s) for s in leaving}
+        for s in leaving:
+            self._free(s)
+        self._running = [s for s in self._running if id(s) not in gone]
+
+    def _free(self, s: _Sequence) -> None:
+        """Remove a request's cells from the KV cache and give back its slot and reservation
+        (engine thread; once, however often called)."""
+        if s.slot >= 0:
+            self._lib.llama_memory_seq_rm(self._memory, s.slot, -1, -1)
+            self._free_slots.append(s.slot)
+            s.slot = -1
+        if s.reserved:
+            s.reserved = False
+            with self._lock:
+                self._cells_reserved -= s.cells
+
+    # --- verification ---------------------------------------------------------------------------
+
+    def _run_score(self, job: _ScoreJob) -> None:
+        started = time.perf_counter()
+        try:
+            result = self._score(job)
+        except Exception as exc:
+            log.exception("engine %s: scoring failed", self.name)
+            job.future.set_exception(exc)
+            return
+        finally:
+            self._lib.llama_memory_seq_rm(self._memory, self._score_slot, -1, -1)
+        busy_s = time.perf_counter() - started
+        if self._duty_cycle < 1.0:
+            time.sleep(busy_s * (1.0 / self._duty_cycle - 1.0))
+        chosen, top, above, mean, var = result
+        job.future.set_result(ScoreResult(chosen, top, above, mean, var, busy_s=busy_s))
+
+    def _score(self, job: _ScoreJob) -> tuple[tuple[float, ...], ...]:
+        """Prompt + output through the model on the scoring slot; the logits before each
+        output token give the statistics of that position."""
+        tokens = job.prompt + job.output
+        first = len(job.prompt) - 1  # the position whose logits predict the first output token
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self._batch_tokens):
+            chunk = tokens[start : start + self._batch_tokens]
+            wanted = []
+            for k, token in enumerate(chunk):
+                pos = start + k
+                want = first <= pos < len(tokens) - 1
+                self._put(k, token, pos, self._score_slot, want)
+                if want:
+                    wanted.append(k)
+            self._batch.n_tokens = len(chunk)
+            code = self._lib.llama_decode(self._ctx, self._batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+            rows.extend(self._logits(k).copy() for k in wanted)
+        return npsampling.score_positions(np.stack(rows), job.output, job.temperature, job.top_p)
+
+    # --- telling callers ------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        s: _Sequence,
+        reason: FinishReason | None,
+        *,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[float, ...] | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._lock:
+            if s.finished:
+                return  # already finished (a cancel that raced its natural end)
+            s.finished = True
+            if self._active.get(s.request.request_id) is s:
+                del self._active[s.request.request_id]
+        if threading.current_thread() is self._thread:
+            self._free(s)  # before the caller hears it ended: its cells are free by then
+        update = GenerationUpdate(
+            request_id=s.request.request_id,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finished=True,
+            finish_reason=reason if error is None else None,
+            error=error,
+        )
+        self._deliver(s, update)
+
+    def _fail(self, sequences: list[_Sequence], error: str) -> None:
+        for s in sequences:
+            self._finish(s, None, error=error)
+
+    def _deliver(self, s: _Sequence, update: GenerationUpdate) -> None:
+        try:
+            s.on_update(update)
+        except Exception:  # the caller's bug must not stop everyone else's requests
+            log.exception("engine %s: on_update raised for %s", self.name, update.request_id)
+
+    def _add_busy(self, seconds: float, batch_size: int, steps: int) -> None:
+        if self._duty_cycle < 1.0:
+            time.sleep(seconds * (1.0 / self._duty_cycle - 1.0))
+        with self._lock:
+            self._stats.busy_s += seconds
+            if steps:
+                self._stats.decode_steps += steps
+                hist = self._stats.batch_size_hist
+                hist[batch_size] = hist.get(batch_size, 0) + 1
+
+
+def _why() -> str:
+    lines = [line.split(": ", 1)[-1] for line in _log_lines if line]
+    return "; ".join(lines[-2:]) if lines else "no reason given (see the log at debug level)"
