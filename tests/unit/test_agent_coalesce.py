@@ -95,3 +95,43 @@ def test_the_end_of_a_job_keeps_the_logprobs_of_the_tokens_before_it() -> None:
         assert update.finished
 
     asyncio.run(run())
+
+
+def test_a_failure_while_forwarding_hands_the_job_back_at_once() -> None:
+    """An exception in the agent's own forwarding (here: building the signed report) ends the
+    attempt with a job_error, so the coordinator resumes the job now rather than waiting for
+    the node to be silent for token_gap_s (the task used to die unseen)."""
+    from sparecycles import protocol
+    from sparecycles.node.agent import NodeAgent, _Running
+
+    class _Engine:
+        cancelled: list[str] = []
+
+        def cancel(self, request_id: str) -> None:
+            self.cancelled.append(request_id)
+
+    def broken_report(*_args: object) -> protocol.Done:
+        raise TypeError("a bug")
+
+    async def run() -> None:
+        agent = object.__new__(NodeAgent)
+        agent.running = {}
+        agent.stream_interval_s = 0.0
+        agent._report = broken_report  # type: ignore[method-assign]
+        job = protocol.JobAssign(job_id="j1", attempt=1, model="m", prompt_token_ids=[1, 2],
+                                 sampling=protocol.Sampling(max_tokens=4), prompt_sha256="x")
+        run_ = _Running(job, _queue(GenerationUpdate("j1:1", (5,), finished=True,
+                                                     finish_reason=FinishReason.LENGTH)),
+                        started_s=time.monotonic(), busy_start_s=0.0, tokens_start=0)
+        agent.running["j1"] = run_
+        sent: list[object] = []
+
+        async def send(msg: object) -> None:
+            sent.append(msg)
+
+        engine = _Engine()
+        await agent._forward(engine, run_, send)  # type: ignore[arg-type]
+        assert [type(m).__name__ for m in sent] == ["Tokens", "JobError"]
+        assert engine.cancelled == ["j1:1"] and "j1" not in agent.running
+
+    asyncio.run(run())

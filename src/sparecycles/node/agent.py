@@ -299,6 +299,13 @@ class NodeAgent:
                 return
             lps_sha = protocol.logprobs_sha256(sent_lps, sent_top) if client_lps else None
             await send(self._report(engine, run, produced, update, lps_sha))
+        except Exception as exc:  # a bug of ours, not the job's: hand it back rather than go silent
+            log.exception("job %s: forwarding its updates failed", job.job_id)
+            with contextlib.suppress(Exception):
+                engine.cancel(f"{job.job_id}:{job.attempt}")
+            with contextlib.suppress(Exception):  # the socket may be what failed
+                await send(protocol.JobError(job_id=job.job_id, attempt=job.attempt,
+                                             message=f"node error: {type(exc).__name__}"))
         finally:
             if self.running.get(job.job_id) is run:  # not a newer attempt of the same job
                 del self.running[job.job_id]
