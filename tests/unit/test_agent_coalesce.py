@@ -105,7 +105,8 @@ def test_a_failure_while_forwarding_hands_the_job_back_at_once() -> None:
     from sparecycles.node.agent import NodeAgent, _Running
 
     class _Engine:
-        cancelled: list[str] = []
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
 
         def cancel(self, request_id: str) -> None:
             self.cancelled.append(request_id)
