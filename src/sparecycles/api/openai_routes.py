@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from sparecycles import limits, modelfiles
 from sparecycles.api.auth import require_key, workload_of
 from sparecycles.api.errors import ERROR_RESPONSES, error_body
 from sparecycles.api.schemas import ChatCompletionRequest, CompletionRequest
+from sparecycles.api.sse import FLUSH, EventStreamResponse
 from sparecycles.coordinator.jobs import JobEvent, LiveJob
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.coordinator.textstream import TextStream
@@ -61,7 +62,7 @@ async def list_models(request: Request, _: ApiKeyInfo = Depends(require_key)) ->
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     received_perf_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
@@ -74,7 +75,7 @@ async def chat_completions(
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     received_perf_s = time.perf_counter()
     coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
@@ -146,7 +147,7 @@ async def _run(
     prompt_ids: list[int],
     endpoint: str,
     received_perf_s: float,
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     spec, tokenizer = coord.model(body.model)
     room = spec.context_length - len(prompt_ids)
     if room < 1:
@@ -212,7 +213,7 @@ async def _run(
         assert first.error is not None
         raise first.error
     if body.stream:
-        return StreamingResponse(
+        return EventStreamResponse(
             _stream(coord, job, first, text, reply, body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Sparecycles-Job-Id": job.job_id},
@@ -282,6 +283,8 @@ async def _stream(
                 yield _sse(error_body(err.message, err.error_type, err.param, err.code))
                 finished = True
                 break
+            if job.events.empty():
+                yield FLUSH  # about to wait for the node: what the client has not got goes out
             event = await job.events.get()
         if include_usage:
             yield _sse(reply.chunk_usage(reply.usage(len(job.generated))))
