@@ -8,11 +8,11 @@ so usage and text come from one tokenizer whatever node served the job.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -300,7 +300,7 @@ async def _cancel(coord: Coordinator, job: LiveJob) -> None:
 
 
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {orjson.dumps(obj).decode()}\n\n"  # compact, UTF-8: ~15x json.dumps
 
 
 class _Reply:
