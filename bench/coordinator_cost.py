@@ -15,7 +15,10 @@ chat requests at each concurrency. What it reports per run:
 - with ``--relay-probe`` (fake nodes), the coordinator's **CPU per token message**: the same
   requests again with each answer sent as one message instead of one per token, and the
   difference in CPU per request divided by the difference in messages;
-- the load average before and after, since this machine is shared.
+- the load average before and after, since this machine is shared; and, in the summary, the
+  coordinator's CPU per request as a multiple of the clients' (the clients run the same code
+  for every tree, so their cost moves only with the machine's load: on a busy shared machine
+  the ratio is steadier than either figure).
 
 Trees alternate round by round (base, new, base, new, ...), so that load from other work falls
 on both. Nodes are fake (``--nodes fake``: ``sparecycles loadtest nodes``, a test tool answering
@@ -323,7 +326,11 @@ def main() -> None:
             cpu = statistics.median(r["coordinator_cpu_ms"] for r in one)
             adm = [r["admission_p50_ms"] for r in one if r["admission_p50_ms"] is not None]
             adm99 = [r["admission_p99_ms"] for r in one if r["admission_p99_ms"] is not None]
-            line = (f"  {label:>6} c={c:<4} coordinator {cpu:.2f} ms/request, admission "
+            # the clients run the same code for every tree: their CPU per request moves with
+            # the machine's load alone, so this ratio is the figure least moved by other work
+            ratio = statistics.median(r["coordinator_cpu_ms"] / r["clients_cpu_ms"] for r in one)
+            line = (f"  {label:>6} c={c:<4} coordinator {cpu:.2f} ms/request "
+                    f"({ratio:.2f}x the clients'), admission "
                     f"{fmt(statistics.median(adm) if adm else None)} / "
                     f"{fmt(statistics.median(adm99) if adm99 else None)} ms")
             batched = [r for r in rows if r["tree"] == label and r["concurrency"] == c
