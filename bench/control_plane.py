@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import tempfile
 import time
@@ -64,6 +65,7 @@ class Run:
     nodes_started: int = 0
     creds: Path | None = None
     compression: bool = True  # fake nodes offer permessage-deflate, as the real agent does
+    coordinator_pids: list[int] = field(default_factory=list)  # replicas started elsewhere
 
     def readyz(self) -> list[dict[str, Any]]:
         out = []
@@ -77,11 +79,46 @@ class Run:
     def nodes_online(self) -> int:
         return sum(r.get("nodes_online", 0) for r in self.readyz())
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of the coordinators (this script's own, or ``--coordinator-pids``),
+        the fake nodes, and PostgreSQL's backends of this run's database (clients: below)."""
+        coords = [self.coordinator.pid] if self.coordinator else self.coordinator_pids
+        out = {"coordinators": _cpu_s(coords),
+               "fake_nodes": _cpu_s([p.pid for p in self.node_procs])}
+        if self.database.startswith("postgresql"):
+            out["postgres"] = _cpu_s(_pg_backends(self.database))
+        return out
+
     def coord_sample(self) -> dict[str, float]:
         if self.coordinator is None:
             return {}
         s = proc_sample(self.coordinator.pid)
         return {} if s is None else {"cpu_s": s.cpu_s, "rss_mib": s.rss_bytes / 2**20}
+
+
+def _cpu_s(pids: list[int]) -> float:
+    return sum(s.cpu_s for p in pids if (s := proc_sample(p)) is not None)
+
+
+def _pg_backends(database: str) -> list[int]:
+    """PIDs of the PostgreSQL server processes serving ``database`` (same host: /proc)."""
+    import psycopg
+
+    name = database.rsplit("/", 1)[-1].split("?")[0]
+    admin = database.rsplit("/", 1)[0] + "/postgres"
+    try:
+        with psycopg.connect(admin.replace("+psycopg", ""), autocommit=True) as conn:
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                (name,)).fetchall()
+    except psycopg.Error:
+        return []
+    return [r[0] for r in rows]
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this script's finished (waited-for) children: the client processes."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def url_args(urls: list[str]) -> list[str]:
@@ -179,6 +216,7 @@ def client_load(run: Run, concurrency: int, duration_s: float, processes: int,
     procs, outs = [], []
     processes = max(1, min(processes, concurrency))
     a = run.coord_sample()
+    cpu0, children0 = run.cpu_by_process(), _children_cpu_s()
     t0 = time.monotonic()
     for i in range(processes):
         out = run.root / f"clients-{label}-{i}.json"
@@ -199,7 +237,10 @@ def client_load(run: Run, concurrency: int, duration_s: float, processes: int,
         if time.monotonic() - t0 > duration_s + 300:
             stop(procs)
     wall = time.monotonic() - t0
+    for p in procs:
+        p.wait()  # reaped, so that their CPU counts in RUSAGE_CHILDREN
     b = run.coord_sample()
+    cpu1, children1 = run.cpu_by_process(), _children_cpu_s()
     progress.remove_task(task)
     samples, walls = [], []
     for out in outs:
@@ -210,6 +251,11 @@ def client_load(run: Run, concurrency: int, duration_s: float, processes: int,
         walls.append(data["summary"]["wall_s"])
     summary = summarize(samples, max(walls), run.speed)
     summary["concurrency"] = concurrency
+    # CPU ms per request of each kind of process, over the whole level (its start-up included)
+    n = max(1, summary["requests"])
+    cpu_ms = {k: round((cpu1[k] - cpu0[k]) * 1000 / n, 2) for k in cpu1}
+    cpu_ms["clients"] = round((children1 - children0) * 1000 / n, 2)
+    summary["cpu_ms_per_request"] = cpu_ms
     if a and b:
         summary["coordinator_cpu_pct"] = round(100 * (b["cpu_s"] - a["cpu_s"]) / wall, 1)
         summary["coordinator_rss_mib"] = round(b["rss_mib"], 1)
@@ -230,6 +276,12 @@ def fake_node_lag(run: Run) -> dict[str, float]:
             "node_lag_p99_ms": round(_quantile(lags, 0.99) * 1000, 2)}
 
 
+def _cpu_cell(row: dict[str, Any]) -> str:
+    c = row.get("cpu_ms_per_request", {})
+    return " / ".join(str(c.get(k, "-")) for k in ("coordinators", "fake_nodes", "clients",
+                                                    "postgres"))
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Database: {results['database_kind']}; replicas: {len(results['urls'])}; "
              f"fake node speed: {results['speed']}; node compression: "
@@ -248,14 +300,15 @@ def markdown(results: dict[str, Any]) -> str:
     if results["throughput"]:
         lines += [f"Fleet of {results['fleet']:,} fake nodes.", "",
                   "| streams | req/s | tokens/s | added TTFT p50 ms | added TTFT p99 ms | "
-                  "added total p50 ms | added total p99 ms | failed | coordinator CPU % |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "added total p50 ms | added total p99 ms | failed | coordinator CPU % | "
+                  "CPU ms per request: coordinators / fake nodes / clients / PostgreSQL |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["throughput"]:
             lines.append(
                 f"| {r['concurrency']} | {r['requests_per_s']} | {r['tokens_per_s']} | "
                 f"{r.get('added_ttft_p50_ms', '')} | {r.get('added_ttft_p99_ms', '')} | "
                 f"{r.get('added_total_p50_ms', '')} | {r.get('added_total_p99_ms', '')} | "
-                f"{r['failed']} | {r.get('coordinator_cpu_pct', '')} |")
+                f"{r['failed']} | {r.get('coordinator_cpu_pct', '')} | {_cpu_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +317,8 @@ def main() -> None:
     ap.add_argument("--database", default="sqlite",
                     help="sqlite (a fresh file), postgres (a fresh database), or a URL")
     ap.add_argument("--urls", default="", help="Coordinators already running (comma-separated)")
+    ap.add_argument("--coordinator-pids", default="",
+                    help="their process ids (comma-separated), for CPU per request")
     ap.add_argument("--model-dir", default=os.environ.get("SPARECYCLES_TINY_MODEL", "/tmp/tiny2"))
     ap.add_argument("--scale", default="1000,5000,10000", help="Node counts (0: skip)")
     ap.add_argument("--probe-concurrency", type=int, default=8)
@@ -301,7 +356,8 @@ def main() -> None:
     creds_path.write_text(json.dumps({"node_token": creds.node_token, "keys": list(creds.keys)}))
     run = Run(root=root, database=database, urls=[u for u in args.urls.split(",") if u],
               model_dir=Path(args.model_dir), speed=SpeedModel.parse(args.speed),
-              creds=creds_path, compression=not args.no_compression)
+              creds=creds_path, compression=not args.no_compression,
+              coordinator_pids=[int(p) for p in args.coordinator_pids.split(",") if p])
     results: dict[str, Any] = {
         "database_kind": kind if kind in ("sqlite", "postgres") else database.split(":")[0],
         "speed": run.speed.describe(), "compression": run.compression,

@@ -154,3 +154,17 @@ async def test_a_full_gate_forgets_one_key_not_every_keys_bucket(
         with pytest.raises(RateLimited) as info:
             await g.admit(key_id, f"again{i}", "tiny", 10, 10)
         assert info.value.code == "rate_limit_exceeded"
+
+
+async def test_a_finished_requests_hold_counts_as_spent_for_its_own_key_only(gate) -> None:
+    """``release`` adds the hold to what the key's budget periods spent (until the next reload),
+    touching only the periods that request was checked against."""
+    g, db, key_id, _clock = gate
+    db.set_key_policy(key_id, KeyPolicy(budget_micros=10**9, budget_period="day"))
+    ticket = await g.admit(key_id, "j1", "tiny", 10, 10)
+    assert ticket.hold_micros > 0 and len(ticket.periods) == 1
+    g._spent[("someone-else", ticket.periods[0])] = (T0, 7)
+    before = g._spent[(key_id, ticket.periods[0])][1]
+    g.release("j1")
+    assert g._spent[(key_id, ticket.periods[0])][1] == before + ticket.hold_micros
+    assert g._spent[("someone-else", ticket.periods[0])] == (T0, 7)

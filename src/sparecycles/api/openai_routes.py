@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from sparecycles import grammar, limits, modelfiles
 from sparecycles.api import toolcalls
@@ -27,6 +28,7 @@ from sparecycles.api.schemas import (
     ResponseFormat,
     refuse_unsupported,
 )
+from sparecycles.api.sse import FLUSH, EventStreamResponse
 from sparecycles.coordinator.jobs import JobEvent, LiveJob
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.coordinator.textstream import TextStream
@@ -77,7 +79,7 @@ async def get_model(model_id: str, request: Request, _: ApiKeyInfo = Depends(req
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     received_perf_s = time.perf_counter()
     refuse_unsupported(body)
     if body.top_logprobs and not body.logprobs:
@@ -108,7 +110,7 @@ async def chat_completions(
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     received_perf_s = time.perf_counter()
     refuse_unsupported(body)
     if body.suffix:
@@ -365,7 +367,7 @@ async def _run(
     plan: toolcalls.ToolPlan | None = None,
     echo: bool = False,
     want_logprobs: bool = False,
-) -> JSONResponse | StreamingResponse:
+) -> JSONResponse | EventStreamResponse:
     workload = workload_of(key)
     if body.workload is not None and body.workload != workload:
         raise InvalidRequest(f"this key's requests are {workload}; the request body cannot make "
@@ -412,7 +414,7 @@ async def _run(
     if len(choices) > 1:
         headers["X-Sparecycles-Job-Ids"] = ",".join(_job(c).job_id for c in choices)
     if body.stream:
-        return StreamingResponse(
+        return EventStreamResponse(
             _stream(coord, choices, firsts, reply, body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **headers},
@@ -526,6 +528,8 @@ async def _stream(
             for c in choices:
                 yield _sse(reply.chunk(c.index, {"role": "assistant", "content": ""}, None))
         while open_choices:
+            if merged.empty():
+                yield FLUSH  # about to wait for a node: what the client has not got goes out
             c, event = await merged.get()
             if c.ended:
                 continue
@@ -573,7 +577,7 @@ async def _cancel(coord: Coordinator, job: LiveJob) -> None:
 
 
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {orjson.dumps(obj).decode()}\n\n"  # compact, UTF-8: ~15x json.dumps
 
 
 class _Reply:

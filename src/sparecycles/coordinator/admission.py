@@ -42,6 +42,7 @@ class Ticket:
     job_id: str
     hold_micros: int
     trusted_only: bool
+    periods: tuple[float, ...] = ()  # starts of the budget periods whose spending was read
 
 
 class KeyGate:
@@ -85,6 +86,7 @@ class KeyGate:
             raise RateLimited(f"This key is limited to {policy.requests_per_minute} requests per "
                               "minute.", retry_after_s=wait_s, code="rate_limit_exceeded")
         hold = 0
+        periods: list[float] = []
         budgets = [(policy.budget_micros, policy.budget_period),
                    (policy.monthly_budget_micros, "month")]
         if any(b is not None for b, _ in budgets):
@@ -94,6 +96,7 @@ class KeyGate:
             if budget is None:
                 continue
             start_s, end_s = ratelimit.period_bounds(period, now)
+            periods.append(start_s)
             spent = await self._spent_since(key_id, start_s)
             wait_s = ratelimit.budget_decision(
                 budget_micros=budget, spent_micros=spent, in_flight_micros=sum(flying.values()),
@@ -105,7 +108,7 @@ class KeyGate:
         if bucket is not None:
             self._buckets[key_id] = bucket
         self._in_flight.setdefault(key_id, {})[job_id] = hold
-        ticket = Ticket(key_id, job_id, hold, policy.trusted_only)
+        ticket = Ticket(key_id, job_id, hold, policy.trusted_only, tuple(periods))
         self._tickets[job_id] = ticket
         return ticket
 
@@ -119,9 +122,12 @@ class KeyGate:
         flying.pop(job_id, None)
         if not flying:
             self._in_flight.pop(ticket.key_id, None)
-        for (key, start), (at, spent) in list(self._spent.items()):
-            if key == ticket.key_id:
-                self._spent[(key, start)] = (at, spent + ticket.hold_micros)
+        # the periods this request was checked against; not a pass over every key's entries
+        # (up to keys_tracked_max of them, on every request's end)
+        for start in ticket.periods:
+            hit = self._spent.get((ticket.key_id, start))
+            if hit is not None:
+                self._spent[(ticket.key_id, start)] = (hit[0], hit[1] + ticket.hold_micros)
 
     async def _price_book(self) -> pricing.PriceBook:
         """The ledger's prices, re-read at most every ``prices_cache_s`` (not once a request)."""
