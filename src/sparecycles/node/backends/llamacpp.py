@@ -6,8 +6,11 @@ own (``seq_id`` = its slot) with its own cells. Each step builds one ``llama_bat
 every running request, its last chosen token (position = tokens it has in the cache), and then
 the prompts that wait, cut to the batch's token budget (a long prompt is fed over several steps,
 so it never stalls the others' decoding for long). One ``llama_decode`` computes them all;
-the logits of each row that wants one go through ``npsampling`` (numpy). A request that ends
-has its cells removed (``llama_memory_seq_rm``) and its slot freed for the next.
+the logits of each row that wants one go through ``npsampling`` (numpy) for a plain request,
+or through the row step of ``sampling`` (penalties, logit_bias, top_k, min_p, min_tokens,
+ignore_eos, and an llguidance grammar built on llama.cpp's own vocabulary) for one that is not
+(``SamplingParams.is_plain``). A request that ends has its cells removed
+(``llama_memory_seq_rm``) and its slot freed for the next.
 
 The KV cache is one buffer shared by all sequences (``kv_unified``) of ``kv_tokens`` cells. A
 request is admitted only when the cells it may need (prompt + max_tokens, up to the context)
@@ -15,7 +18,8 @@ fit beside those the running requests reserved, so a decode never runs out of ce
 the model's context as this node serves it is therefore ``min(trained context, kv_tokens)``.
 
 Teacher-forced scoring (verification) runs between steps on a slot of its own: prompt + claimed
-output in as many batches as needed, with the logits of every position before a claimed token.
+output in as many batches as needed, with the logits of every position before a claimed token;
+a job that was not plain is scored with its own processing (``sampling.score_row``).
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sparecycles import gguffile, limits, modelfiles
+from sparecycles import gguffile, grammar, limits, modelfiles, protocol
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest
-from sparecycles.node.backends import npsampling
+from sparecycles.node.backends import npsampling, sampling
 from sparecycles.node.backends.base import (
     Engine,
     EngineClosed,
@@ -107,6 +112,7 @@ class _ScoreJob:
     temperature: float
     top_p: float
     future: concurrent.futures.Future[ScoreResult]
+    row: sampling.RowState | None = None  # the job's processing, when not plain
 
 
 @dataclass(slots=True, eq=False)
@@ -123,6 +129,7 @@ class _Sequence:
     pending: int = -1  # the last token chosen, fed to the model at the next step
     generated: list[int] = field(default_factory=list)
     finished: bool = False  # set once, under the engine's lock, when the final update goes out
+    row: sampling.RowState | None = None  # the row step's state, for a request that is not plain
 
     @property
     def prefilling(self) -> bool:
@@ -165,6 +172,13 @@ class LlamaCppEngine(Engine):
         self._model = model
         self._vocab = lib.llama_model_get_vocab(model)
         self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        # every end-of-generation token (eos, eot, ...): min_tokens/ignore_eos forbid them all
+        self._eos_ids = tuple(t for t in range(self.vocab_size)
+                              if lib.llama_vocab_is_eog(self._vocab, t))
+        self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS}
+                                  | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set()))
+        self._grammars: grammar.GrammarCompiler | None = None  # built at the first grammar
+        self._grammars_lock = threading.Lock()
         context = min(spec.context_length, kv_tokens)
         self.spec = dataclasses.replace(spec, context_length=context)
         self._kv_tokens = kv_tokens
@@ -245,8 +259,12 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
         if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if not 0 <= request.resumed_tokens < n_prompt:
+            raise InvalidRequest("resumed_tokens must be shorter than the prompt")
         cells = min(n_prompt + request.params.max_tokens, self.spec.context_length)
-        sequence = _Sequence(request, on_update, npsampling.make_rng(request.params), cells)
+        row = self._row(request.params, request.prompt_token_ids, request.resumed_tokens)
+        rng = None if row is not None else npsampling.make_rng(request.params)
+        sequence = _Sequence(request, on_update, rng, cells, row=row)
         with self._lock:
             if self._closing:
                 raise EngineClosed(f"engine {self.name} is closed")
@@ -265,12 +283,38 @@ class LlamaCppEngine(Engine):
                 self._cancelled.add(sequence)
                 self._wakeup.notify()
 
+    def _row(self, params: SamplingParams, prompt: tuple[int, ...], resumed: int
+             ) -> sampling.RowState | None:
+        """The row step's state for a request that is not plain (its grammar compiled here, on
+        the caller's thread, so the batch never waits for it); None for the plain path."""
+        if params.is_plain:
+            return None
+        matcher = None
+        if params.grammar is not None:
+            matcher = self._grammar_compiler().matcher(params.grammar).matcher
+        row = sampling.start_row(params, prompt, self._eos_ids, resumed_tokens=resumed,
+                                 matcher=matcher)
+        if error := sampling.row_error(row):
+            raise InvalidRequest(f"the resumed output breaks the grammar: {error}")
+        return row
+
+    def _grammar_compiler(self) -> grammar.GrammarCompiler:
+        """llguidance's tokenizer over llama.cpp's vocabulary (about a second), built once."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                import llguidance.llamacpp
+
+                with warnings.catch_warnings():  # it calls a deprecated binding once a token
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    ll = llguidance.llamacpp.lltokenizer_from_vocab(
+                        self._vocab, n_vocab=self.vocab_size,
+                        eos_token=list(self._eos_ids) or None)
+                self._grammars = grammar.GrammarCompiler(ll)
+            return self._grammars
+
     def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
               temperature: float = 1.0, top_p: float = 1.0, params: SamplingParams | None = None,
               resumed_tokens: int = 0) -> ScoreResult:
-        if params is not None and not params.is_plain:
-            # the verifier sends such a replay only to nodes with the features (self.features)
-            raise InvalidRequest("this engine does not apply sampling controls or grammars yet")
         n = len(prompt_token_ids) + len(output_token_ids)
         if not prompt_token_ids or not output_token_ids:
             raise InvalidRequest("scoring needs a prompt and at least one output token")
@@ -278,8 +322,13 @@ class LlamaCppEngine(Engine):
             raise ContextLengthExceeded(f"{n} tokens exceed {self.name}'s context here")
         if not all(0 <= t < self.vocab_size for t in (*prompt_token_ids, *output_token_ids)):
             raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})")
+        if not 0 <= resumed_tokens < len(prompt_token_ids):
+            raise InvalidRequest("resumed_tokens must be shorter than the prompt")
+        row = None
+        if params is not None:
+            row = self._row(params, tuple(prompt_token_ids), resumed_tokens)
         job = _ScoreJob(tuple(prompt_token_ids), tuple(output_token_ids), temperature, top_p,
-                        concurrent.futures.Future())
+                        concurrent.futures.Future(), row)
         with self._lock:
             if self._closing:
                 raise EngineClosed(f"engine {self.name} is closed")
@@ -442,18 +491,35 @@ class LlamaCppEngine(Engine):
         lib = self._lib
         for i, s in rows:
             logits = self._logits(i)
-            token = npsampling.next_token(logits, s.request.params, s.rng)
+            p = s.request.params
+            if s.row is None:
+                token = npsampling.next_token(logits, p, s.rng)
+            else:
+                token = sampling.draw(sampling.process_logits(logits, s.row), s.row)
             lp = (npsampling.token_logprob(logits, token),) if s.request.want_logprobs else None
+            top = None
+            if p.logprobs or p.top_logprobs:  # the client's: from the raw row
+                one, best = sampling.logprobs_of(logits, token, p.top_logprobs)
+                lp, top = (one,), (best,)
             if lib.llama_vocab_is_eog(self._vocab, token):
-                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None)
+                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None,
+                             top_logprobs=() if top is not None else None)
                 continue
             s.generated.append(token)
             s.pending = token
             reason = self._finish_reason(s)
+            if s.row is not None:
+                sampling.accept(s.row, token)
+                if error := sampling.row_error(s.row):
+                    self._finish(s, None, error=f"grammar: {error}")
+                    continue
+                if reason is None and sampling.row_done(s.row):
+                    reason = FinishReason.STOP
             if reason is None:
-                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp))
+                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp,
+                                                  top_logprobs=top))
             else:
-                self._finish(s, reason, token_ids=(token,), logprobs=lp)
+                self._finish(s, reason, token_ids=(token,), logprobs=lp, top_logprobs=top)
         with self._lock:
             self._stats.tokens_generated += len(rows)
 
@@ -537,6 +603,10 @@ class LlamaCppEngine(Engine):
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
             rows.extend(self._logits(k).copy() for k in wanted)
+        if job.row is not None:
+            scored = [sampling.score_row(logits, token, job.row)
+                      for logits, token in zip(rows, job.output, strict=True)]
+            return tuple(tuple(r[k] for r in scored) for k in range(5))
         return npsampling.score_positions(np.stack(rows), job.output, job.temperature, job.top_p)
 
     # --- telling callers ------------------------------------------------------------------------
@@ -548,6 +618,7 @@ class LlamaCppEngine(Engine):
         *,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[float, ...] | None = None,
+        top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None,
         error: str | None = None,
     ) -> None:
         with self._lock:
@@ -562,6 +633,7 @@ class LlamaCppEngine(Engine):
             request_id=s.request.request_id,
             token_ids=token_ids,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             finished=True,
             finish_reason=reason if error is None else None,
             error=error,
