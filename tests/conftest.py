@@ -16,6 +16,11 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# LiteLLM (a client in tests/e2e/test_openai_depth.py) fetches its model price map from GitHub on
+# import and retries with sleeps when it cannot: tests reach nothing outside the machine, so it
+# reads the copy inside the package.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 pytest_plugins = ["fixtures_models"]
 
 ci_examples = 20
