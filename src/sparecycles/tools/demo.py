@@ -164,7 +164,7 @@ def _send(client: Any, net: LocalNetwork, key: str, model: str, n: int,
                        ttft, streamed, job)
 
     # the first two one after another (shown as they come), the rest at once (batched)
-    first = min(2, n)
+    first = min(shown_as_they_come, n)
     outcomes = [one(i, p, s, show=True) for i, (p, s) in enumerate(questions[:first])]
     rest = list(enumerate(questions))[first:]
     if rest:
@@ -174,28 +174,41 @@ def _send(client: Any, net: LocalNetwork, key: str, model: str, n: int,
     return outcomes
 
 
+shown_as_they_come = 2  # the demo's first requests, printed as they arrive (the second streamed)
+
+
 def _print_outcomes(console: Console, outcomes: list[Outcome], store: Any) -> None:
+    """The answers not shown as they came, as text (numbered), then one row of figures per
+    request: a table whose cells hold whole answers is unreadable at 80 columns."""
     nodes = {n.id: n for n in store.list_nodes()}
-    table = Table(title="Requests through sparecycles", show_lines=True)
-    for col in ("prompt → answer", "tokens in/out", "latency", "served by", "client charged",
-                "owner earned"):
-        table.add_column(col)
-    for o in outcomes:
+    for i, o in enumerate(outcomes, 1):
+        if i <= shown_as_they_come:
+            continue
+        console.print(f"[bold]{i}. {o.prompt}[/bold]")
+        console.print(f"   {o.answer.strip()}", markup=False)
+    table = Table(title="Requests through sparecycles")
+    for col in ("#", "tokens in/out", "latency", "first token", "served by", "charged",
+                "earned"):
+        table.add_column(col, justify="left" if col == "served by" else "right")
+    currency = "USD"
+    for i, o in enumerate(outcomes, 1):
         money = o.job.get("money", {})
+        currency = money.get("currency") or currency
         served = ", ".join(
             f"{nodes[a['node_id']].name if a['node_id'] in nodes else a['node_id']}"
             for a in o.job.get("attempts", [])
         )
-        latency = f"{o.latency_s * 1000:.0f} ms" + (
-            f"\n(first token {o.ttft_s * 1000:.0f} ms, streamed)" if o.ttft_s else "")
         table.add_row(
-            f"[bold]{o.prompt}[/bold]\n{o.answer.strip()[:160]}",
+            str(i),
             f"{o.prompt_tokens} / {o.completion_tokens}",
-            latency,
+            f"{o.latency_s * 1000:.0f} ms",
+            f"{o.ttft_s * 1000:.0f} ms" if o.ttft_s else "-",
             served,
-            format_money(money.get("charged_micros", 0), money.get("currency")),
-            format_money(money.get("owner_earned_micros", 0), money.get("currency")),
+            format_money(money.get("charged_micros", 0), None),
+            format_money(money.get("owner_earned_micros", 0), None),
         )
+    table.caption = (f"charged: what the client paid; earned: what the node's owner earned "
+                     f"({currency}); first token: streamed requests")
     console.print(table)
 
 
