@@ -9,7 +9,9 @@ callbacks run on the engine's own thread and must not block (the agent hands the
 loop with ``call_soon_threadsafe``).
 
 Backends: ``transformers`` (Hugging Face on PyTorch, CPU or CUDA) and ``llamacpp`` (GGUF on
-llama.cpp), each an optional extra; vLLM could be added implementing the same interface.
+llama.cpp), each an optional extra, both built on ``batching.BatchingEngine`` (the queues, the
+engine thread's frame and the per-token endings they share); vLLM could be added implementing
+the same interface.
 """
 
 from __future__ import annotations
