@@ -72,6 +72,8 @@ class EngineStats:
     tokens_generated: int = 0
     decode_steps: int = 0
     busy_s: float = 0.0  # wall time the engine spent computing (prefill + decode)
+    prompt_tokens: int = 0  # prompt tokens of the requests admitted so far
+    prompt_tokens_cached: int = 0  # of those, tokens found in the prefix cache (not prefilled)
     batch_size_hist: dict[int, int] = field(default_factory=dict)
 
 

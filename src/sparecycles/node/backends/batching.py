@@ -230,6 +230,8 @@ class BatchingEngine(Engine, Generic[S]):
                 tokens_generated=s.tokens_generated,
                 decode_steps=s.decode_steps,
                 busy_s=s.busy_s,
+                prompt_tokens=s.prompt_tokens,
+                prompt_tokens_cached=s.prompt_tokens_cached,
                 batch_size_hist=dict(s.batch_size_hist),
             )
 

@@ -9,8 +9,14 @@ so it never stalls the others' decoding for long). One ``llama_decode`` computes
 the logits of each row that wants one go through ``npsampling`` (numpy) for a plain request,
 or through the row step of ``sampling`` (penalties, logit_bias, top_k, min_p, min_tokens,
 ignore_eos, and an llguidance grammar built on llama.cpp's own vocabulary) for one that is not
-(``SamplingParams.is_plain``). A request that ends has its cells removed
-(``llama_memory_seq_rm``) and its slot freed for the next.
+(``SamplingParams.is_plain``). A request that ends frees its slot for the next.
+
+The prefix cache, as llama.cpp's server does it: a slot whose request ended keeps that request's
+cells (prompt and answer), and a new request takes the free slot whose kept tokens share the
+longest prefix with its prompt, cuts the rest (``llama_memory_seq_rm`` from the first differing
+position) and prefills only what follows. The next turn of a conversation resends the whole
+history, so it prefills only the new message. Kept cells are evicted, least recently used
+first, whenever a request or a scoring pass needs their room; they never hold up admission.
 
 The KV cache is one buffer shared by all sequences (``kv_unified``) of ``kv_tokens`` cells. A
 request is admitted only when the cells it may need (prompt + max_tokens, up to the context)
@@ -123,6 +129,7 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         duty_cycle: float = 1.0,
         kv_tokens: int = kv_tokens_default,
         batch_tokens: int = batch_tokens_default,
+        prefix_cache: bool = True,
     ) -> None:
         self.check_limits(batch_size_max, queue_max, duty_cycle)
         if kv_tokens < 2 or batch_tokens < 1:
@@ -176,6 +183,11 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         self._batch: list[_Sequence] = []  # the running requests
         self._free_slots = list(range(batch_size_max - 1, -1, -1))
         self._cells_reserved = 0
+        # The prefix cache: an idle slot keeps the cells of the request it served last (tokens
+        # by position), oldest first; counted apart from the reservations of running requests.
+        self._prefix_cache = prefix_cache
+        self._kept: dict[int, tuple[int, ...]] = {}
+        self._cells_kept = 0
         self._start_engine(batch_size_max=batch_size_max, queue_max=queue_max,
                            duty_cycle=duty_cycle)
 
@@ -190,6 +202,7 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         queue_max: int = limits.engine_queue_max,
         duty_cycle: float = 1.0,
         kv_tokens: int = kv_tokens_default,
+        prefix_cache: bool = True,
     ) -> LlamaCppEngine:
         """Load a GGUF file (or a directory holding one). A truncated or corrupt file, or one
         llama.cpp cannot run (architecture, tensor type), raises ``GGUFError`` naming the file."""
@@ -199,7 +212,8 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         gguffile.read_gguf(path, arrays=False)  # a clear error for a truncated or bad header
         spec = modelfiles.model_spec(name, path)
         return cls(name, path, spec, threads=threads, batch_size_max=batch_size_max,
-                   queue_max=queue_max, duty_cycle=duty_cycle, kv_tokens=kv_tokens)
+                   queue_max=queue_max, duty_cycle=duty_cycle, kv_tokens=kv_tokens,
+                   prefix_cache=prefix_cache)
 
     # --- what the shared frame asks of a backend --------------------------------------------
 
@@ -252,8 +266,6 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
             self._release([s for s in self._batch if s.finished])
             if score is not None:
                 self._run_score(score)
-            for s in admitted:
-                s.slot = self._free_slots.pop()
             self._batch.extend(admitted)
             if self._batch:
                 try:
@@ -262,20 +274,73 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
                     log.exception("engine %s: step failed", self.name)
                     self._fail(self._batch, f"engine error: {exc}")
                     self._release(list(self._batch))
+                    with self._lock:  # what the failed step left in the cache is not trusted
+                        self._evict(self._kv_tokens)
 
     def _take_admissible(self) -> list[_Sequence]:
-        """Waiting requests, in order, for which a slot and their KV cells are free (lock held)."""
+        """Waiting requests, in order, for which a slot and their KV cells are free (lock held;
+        engine thread). Each takes the free slot whose kept cells share the longest prefix with
+        its prompt, keeps that prefix and skips prefilling it; kept cells of other idle slots
+        are evicted, least recently used first, when the request needs their room."""
         taken: list[_Sequence] = []
-        free = self._kv_tokens - self._cells_reserved
         while self._waiting and len(self._batch) + len(taken) < self._batch_size_max:
             s = self._waiting[0]
-            if s.cells > free:
-                break
-            free -= s.cells
-            s.reserved = True
-            taken.append(self._waiting.popleft())
-        self._cells_reserved = self._kv_tokens - free
+            prompt = s.request.prompt_token_ids
+            slot, common = self._best_slot(prompt)
+            # taking the slot moves all its kept cells out of the kept pool: the shared prefix
+            # into this request's reservation, the rest freed below
+            need = s.cells - len(self._kept.get(slot, ()))
+            if need > self._cells_free():
+                self._evict(need, spare=slot)
+                if need > self._cells_free():
+                    break
+            self._waiting.popleft()
+            self._free_slots.remove(slot)
+            kept = self._kept.pop(slot, ())
+            self._cells_kept -= len(kept)
+            if len(kept) > common and not self._lib.llama_memory_seq_rm(
+                    self._memory, slot, common, -1):  # a cache that cannot cut a sequence
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                common = 0
+            s.slot, s.n_past, s.reserved = slot, common, True
+            self._cells_reserved += s.cells
+            self._stats.prompt_tokens += len(prompt)
+            self._stats.prompt_tokens_cached += common
+            taken.append(s)
         return taken
+
+    def _cells_free(self) -> int:
+        return self._kv_tokens - self._cells_reserved - self._cells_kept
+
+    def _best_slot(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """The free slot to serve ``prompt`` and how many of its first tokens that slot's kept
+        cells already hold (at most all but the last: its logits are needed). Without a shared
+        prefix: an empty slot, else the least recently kept."""
+        best, best_common = -1, 0
+        for slot in self._free_slots:
+            kept = self._kept.get(slot)
+            if not kept:
+                continue
+            common = _common_prefix(kept, prompt, len(prompt) - 1)
+            if common > best_common:
+                best, best_common = slot, common
+        if best >= 0:
+            return best, best_common
+        empty = [slot for slot in self._free_slots if slot not in self._kept]
+        if empty:
+            return empty[-1], 0
+        return next(iter(self._kept)), 0  # every free slot keeps cells: the oldest goes
+
+    def _evict(self, need: int, spare: int = -1) -> None:
+        """Drop kept cells of idle slots, least recently used first, until ``need`` cells are
+        free or none is left but ``spare``'s (lock held; engine thread)."""
+        for slot in list(self._kept):
+            if self._cells_free() >= need:
+                return
+            if slot == spare:
+                continue
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._cells_kept -= len(self._kept.pop(slot))
 
     def _take_score(self) -> ScoreJob | None:
         """The next scoring pass if its cells are free now (lock held); else it waits, and no
@@ -283,8 +348,11 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         if not self._scores:
             return None
         job = self._scores[0]
-        if len(job.prompt) + len(job.output) > self._kv_tokens - self._cells_reserved:
-            return None
+        need = len(job.prompt) + len(job.output)
+        if need > self._cells_free():
+            self._evict(need)
+            if need > self._cells_free():
+                return None
         return self._scores.popleft()
 
     def _step(self) -> None:
@@ -371,12 +439,19 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         self._batch = [s for s in self._batch if id(s) not in gone]
 
     def _free(self, s: _Sequence) -> None:
-        """Remove a request's cells from the KV cache and give back its slot and reservation
-        (engine thread; once, however often called)."""
+        """Give back a request's slot and reservation (engine thread; once, however often
+        called). With the prefix cache on, its cells stay as the slot's kept cells, for a later
+        request that starts the same way (the next turn of a conversation); else they go."""
         if s.slot >= 0:
-            self._lib.llama_memory_seq_rm(self._memory, s.slot, -1, -1)
-            self._free_slots.append(s.slot)
-            s.slot = -1
+            held = (s.request.prompt_token_ids + tuple(s.generated))[: s.n_past]
+            with self._lock:
+                if self._prefix_cache and held:
+                    self._kept[s.slot] = held  # the most recently kept last
+                    self._cells_kept += len(held)
+                else:
+                    self._lib.llama_memory_seq_rm(self._memory, s.slot, -1, -1)
+                self._free_slots.append(s.slot)
+                s.slot = -1
         if s.reserved:
             s.reserved = False
             with self._lock:
@@ -415,6 +490,21 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
                       for logits, token in zip(rows, job.output, strict=True)]
             return tuple(tuple(r[k] for r in scored) for k in range(5))
         return npsampling.score_positions(np.stack(rows), job.output, job.temperature, job.top_p)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], most: int) -> int:
+    """How many first tokens ``a`` and ``b`` share, at most ``most``."""
+    n = min(len(a), len(b), most)
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect on slice equality (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _why() -> str:

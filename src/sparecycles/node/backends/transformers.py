@@ -181,6 +181,7 @@ class TransformersEngine(BatchingEngine[_Sequence]):
                 break
             longest = max(longest, n)
             taken.append(self._waiting.popleft())
+            self._stats.prompt_tokens += n
         return taken
 
     def _step(self, cancelled: set[_Sequence], admitted: list[_Sequence]) -> None:
