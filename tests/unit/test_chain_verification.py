@@ -368,10 +368,11 @@ async def test_an_honest_chain_passes_end_to_end_on_another_chain(chain_world) -
     assert w.ledger.check() == []
 
 
+@pytest.mark.parametrize("mode", ["stage-noise", "stage-skip"])
 async def test_a_cheating_stage_is_blamed_not_paid_and_the_honest_stage_is_paid(
-        chain_world) -> None:
+        chain_world, mode) -> None:
     w = chain_world
-    cheat = await w.add("c", "mallory", layers=(0, 2), cheat="stage-noise")
+    cheat = await w.add("c", "mallory", layers=(0, 2), cheat=mode)
     b = await w.add("b", "bob", layers=(2, 4))
     await w.add("v0", "ops", layers=(0, 2))
     await w.add("v1", "ops", layers=(2, 4))
