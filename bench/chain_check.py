@@ -8,24 +8,28 @@ re-run of the same inputs in one message on another engine (what a spot check do
 same inputs through a bfloat16 copy of the stage, and the two stage cheats. Also the time of the
 first stage's serving steps against its re-check's one pass. Run:
 
-    PYTHONPATH=src:. python bench/chain_check.py [--models tiny,medium]
+    PYTHONPATH=src python bench/chain_check.py [--models tiny,medium]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from fixtures_models import cached_model
 from sparecycles.coordinator.verification_chains import activation_diff
 from sparecycles.node.backends.transformers_stage import StageEngine
 from sparecycles.node.cheats import CheatingStage
 from sparecycles.node.stage_worker import to_activation
 from sparecycles.trust.chains import FP32_STAGE_TOLERANCE
 from sparecycles.types import SamplingParams
-from tests.fixtures_models import cached_model
 
 
 def measure(name: str, prompt_n: int, tokens_n: int) -> None:
