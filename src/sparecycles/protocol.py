@@ -32,6 +32,9 @@ WS_PATH = "/v1/node/ws"
 FEATURE_SAMPLING_CONTROLS = "sampling-controls"  # penalties, logit_bias, top_k, min_p,
 #                                                  min_tokens, ignore_eos, top log-probabilities
 FEATURE_GRAMMAR = "grammar"  # Sampling.grammar: llguidance grammars (JSON schemas, tool calls)
+# the engine keeps the KV cells of its last requests and prefills only what a new prompt adds to
+# one of them (coordinator/prefixes.py places a conversation's next turn there)
+FEATURE_PREFIX_CACHE = "prefix-cache"
 
 
 # No NaN or infinity anywhere in the protocol: every model refuses them (``allow_inf_nan``) and

@@ -114,6 +114,9 @@ class CoordinatorSettings(_RoleSettings):
     """A node silent this long on a job it holds is treated as gone and the job resumed."""
     request_body_bytes_max: int = limits.request_body_bytes_max
     scheduler_policy: str = "fastest"
+    prefix_aware: bool = True
+    """Offer a conversation's next turn to the node whose prefix cache holds its history (that
+    node prefills only the new message), weighed by the scheduler against its load."""
     verification: bool = True
     """Spot-check nodes' work after settlement (teacher-forced scoring, re-execution), keep each
     node's reputation and withhold the earnings of work that fails (docs/security.md)."""
@@ -142,6 +145,9 @@ class NodeSettings(_RoleSettings):
     """``auto`` (llamacpp for a GGUF file, else transformers), ``transformers``, ``llamacpp``."""
     threads: int = 0
     """Threads the llamacpp backend computes on (0: every core)."""
+    prefix_cache: bool = True
+    """The llamacpp backend keeps its last requests' KV cells for prompts that start the same
+    way (a conversation's next turn prefills only its new message)."""
     device_class: str = ""
     jobs_max: int = 8
     stream_interval_ms: float = Field(default=10.0, ge=0.0, le=1_000.0)

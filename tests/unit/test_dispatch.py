@@ -602,3 +602,67 @@ async def test_the_prefill_backlog_counts_prompts_sent_and_not_yet_streaming(wor
     await d.on_done(n1.conn, n1.done(job, [1]))
     assert n1.conn.backlog.totals(n1.conn.jobs) == (0, 0)  # forgotten once the job ends
     await d.stop()
+
+
+# ---- prefix-aware placement (coordinator/prefixes.py) ---------------------------------------
+
+
+async def test_the_next_turn_goes_to_the_node_holding_the_conversation(world) -> None:
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    features = frozenset({protocol.FEATURE_PREFIX_CACHE})
+    n1 = FakeNode("n1", alice)
+    n1.conn.features = features
+    d.on_node_ready(n1.conn)
+    history = [(7 * i) % 300 + 1 for i in range(1000)]
+    params = SamplingParams(max_tokens=10, temperature=0)
+
+    async def ask(job_id: str, prompt: list[int]) -> None:
+        await d.admit(job_id=job_id, client_id=client, api_key_id=None, model="m",
+                      endpoint="chat.completions", prompt_ids=prompt, sampling=params,
+                      stream=True)
+
+    await ask("turn1", history)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="turn1", attempt=1, index=0,
+                                         token_ids=[11, 12, 13]))
+    await d.on_done(n1.conn, n1.done(n1.jobs()[0], [11, 12, 13]))
+    # a faster node joins: without the prefix cache it would win the next turn
+    n2 = FakeNode("n2", bob, replace(PROFILE, memory_bandwidth_bytes_per_s=24e9))
+    n2.conn.features = features
+    d.on_node_ready(n2.conn)
+    await ask("turn2", [*history, 11, 12, 13, 40, 41, 42])
+    await _until(lambda: len(n1.jobs()) + len(n2.jobs()) == 2)
+    assert [j["job_id"] for j in n1.jobs()] == ["turn1", "turn2"]
+    # a new conversation has no home: the faster node takes it
+    await ask("other", [3] * 1000)
+    await _until(lambda: n2.jobs())
+    assert n2.jobs()[0]["job_id"] == "other"
+    await d.stop()
+
+
+async def test_without_prefix_awareness_the_faster_node_takes_the_next_turn(world) -> None:
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    d.prefix_aware = False
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    n1.conn.features = frozenset({protocol.FEATURE_PREFIX_CACHE})
+    d.on_node_ready(n1.conn)
+    history = [(7 * i) % 300 + 1 for i in range(1000)]
+    params = SamplingParams(max_tokens=10, temperature=0)
+    await d.admit(job_id="turn1", client_id=client, api_key_id=None, model="m",
+                  endpoint="chat.completions", prompt_ids=history, sampling=params, stream=True)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="turn1", attempt=1, index=0,
+                                         token_ids=[11, 12, 13]))
+    await d.on_done(n1.conn, n1.done(n1.jobs()[0], [11, 12, 13]))
+    n2 = FakeNode("n2", bob, replace(PROFILE, memory_bandwidth_bytes_per_s=24e9))
+    d.on_node_ready(n2.conn)
+    await d.admit(job_id="turn2", client_id=client, api_key_id=None, model="m",
+                  endpoint="chat.completions", prompt_ids=[*history, 11, 12, 13, 40],
+                  sampling=params, stream=True)
+    await _until(lambda: n2.jobs())
+    assert n2.jobs()[0]["job_id"] == "turn2"
+    await d.stop()

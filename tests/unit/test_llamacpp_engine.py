@@ -225,8 +225,10 @@ def _constrained(**kw) -> SamplingParams:
     return SamplingParams(max_tokens=60, grammar=grammar.json_schema_grammar(SCHEMA), **kw)
 
 
-def test_it_declares_the_features_it_honours(engine) -> None:
-    assert engine.features == {protocol.FEATURE_SAMPLING_CONTROLS, protocol.FEATURE_GRAMMAR}
+def test_it_declares_the_features_it_honours(engine, cold_engine) -> None:
+    assert engine.features == {protocol.FEATURE_SAMPLING_CONTROLS, protocol.FEATURE_GRAMMAR,
+                               protocol.FEATURE_PREFIX_CACHE}
+    assert protocol.FEATURE_PREFIX_CACHE not in cold_engine.features
     assert 0 in engine._eos_ids  # SmolLM2's <|endoftext|>
 
 

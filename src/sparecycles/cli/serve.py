@@ -90,6 +90,9 @@ def node(
     backend: str = typer.Option(
         None, help="auto (llamacpp for a .gguf, else transformers), transformers or llamacpp"),
     threads: int = typer.Option(None, help="Threads for the llamacpp backend (default: all)"),
+    prefix_cache: bool = typer.Option(
+        None, "--prefix-cache/--no-prefix-cache",
+        help="llamacpp: keep recent requests' KV cells for prompts that start the same way"),
     device_class: str = typer.Option(None, help="gaming-pc, laptop, car, server, …"),
     jobs_max: int = typer.Option(None, help="Jobs this node runs at once"),
     stream_interval_ms: float = typer.Option(
@@ -117,6 +120,7 @@ def node(
     flags = {k: v for k, v in {
         "coordinator": coordinator_url, "token": token, "models": model or None, "name": name,
         "device": device, "backend": backend, "threads": threads,
+        "prefix_cache": prefix_cache,
         "device_class": device_class, "jobs_max": jobs_max,
         "stream_interval_ms": stream_interval_ms,
         "duty_cycle": duty_cycle, "layers": layers, "memory_max": memory_max,
@@ -176,6 +180,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         engines[model_name] = await asyncio.to_thread(
             load_engine, model_name, source, settings.backend, device=settings.device,
             duty_cycle=settings.duty_cycle, threads=settings.threads or None,
+            prefix_cache=settings.prefix_cache,
         )
     agent = NodeAgent(
         coordinator_url=settings.coordinator,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,7 @@ from sparecycles.coordinator.jobs import (
     observed_decode_tokens_per_s,
 )
 from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.prefixes import PrefixIndex, block_keys
 from sparecycles.coordinator.replication.leases import settle_abandoned
 from sparecycles.coordinator.writer import StoreWriter
 from sparecycles.errors import Conflict, JobFailed, NoNodeAvailable, SpareCyclesError
@@ -47,16 +49,19 @@ from sparecycles.store import Store
 from sparecycles.trust.decisions import check_metering_bounds
 from sparecycles.types import (
     AttemptOutcome,
+    Job,
     JobFinal,
     JobRecord,
     JobState,
     ModelSpec,
+    NodeSnapshot,
     SamplingParams,
     Workload,
 )
 
 log = logging.getLogger("sparecycles.coordinator.dispatch")
 watchdog_interval_s = 0.25
+prefix_tokens_min = 32  # shorter prompts gain too little from a node's prefix cache to look
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,9 @@ class Dispatcher:
         self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
         self.config = scheduler.SchedulerConfig(policy=policy)
         self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
+        # which node's prefix cache holds which conversation: its next turn is offered there
+        self.prefixes = PrefixIndex()
+        self.prefix_aware = True
         self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
         self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
         # nodes of other replicas (coordinator/replication/fleet.py)
@@ -239,6 +247,8 @@ class Dispatcher:
         if not snapshots:
             return
         jobs = [j.as_job() for j in self.waiting.values()]
+        if self.prefix_aware and len(self.prefixes):
+            jobs, snapshots = self._with_prefix_hits(jobs, snapshots)
         assignments = scheduler.schedule(
             jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
         )
@@ -253,6 +263,30 @@ class Dispatcher:
                 job = self.waiting.pop(job_id)
                 if job.dispatched_perf_s is None:
                     job.dispatched_perf_s = now.perf_s
+
+    def _with_prefix_hits(self, jobs: list[Job], snapshots: list[NodeSnapshot]
+                          ) -> tuple[list[Job], list[NodeSnapshot]]:
+        """The jobs whose prompt starts with what a node's prefix cache holds (at least half the
+        prompt: the next turn of a conversation, not a shared system prompt alone), and those
+        nodes' snapshots telling the scheduler so: it predicts their prefill of the rest only."""
+        held: dict[str, dict[str, int]] = {}  # node -> job -> tokens it holds
+        marked: list[Job] = []
+        for job in jobs:
+            live = self.waiting[job.job_id]
+            prompt = live.prompt_ids + live.generated
+            if len(prompt) < 2 * prefix_tokens_min:
+                marked.append(job)
+                continue
+            hits = self.prefixes.hits(block_keys(prompt), most_tokens=len(prompt) - 1,
+                                      least_tokens=len(prompt) // 2)
+            for node_id, tokens in hits.items():
+                held.setdefault(node_id, {})[job.job_id] = tokens
+            marked.append(dataclasses.replace(job, prefix_key=job.job_id,
+                                              prefix_tokens=len(prompt)) if hits else job)
+        if not held:
+            return jobs, snapshots
+        return marked, [dataclasses.replace(s, cached_prefixes=held[s.node_id])
+                        if s.node_id in held else s for s in snapshots]
 
     def all_nodes(self) -> list[FleetNode]:
         """Every node this replica can place work on: its own, and its peers' (relayed)."""
@@ -443,6 +477,8 @@ class Dispatcher:
             node.observe_speed(job.model, speed)
         self._end_attempt(job, att, node, AttemptOutcome.DONE, now, metering=msg.metering,
                           signature=msg.signature)
+        if self.prefix_aware and protocol.FEATURE_PREFIX_CACHE in node.features:
+            self.prefixes.record(node.node_id, job.prompt_ids + job.generated, node.jobs_max)
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         return self._finish_soon(job, now,
                                  finish_reason="stop" if reason == "cancelled" else reason)
@@ -465,6 +501,7 @@ class Dispatcher:
         if fleet.get(node.node_id) is node:
             del fleet[node.node_id]
         self.chains.on_node_lost(node)  # its chains repair themselves
+        self.prefixes.forget(node.node_id)
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)
             if (job is not None and job.chain is None and job.current

@@ -27,6 +27,8 @@ class FleetNode(Protocol):
     backlog: Backlog  # this replica's jobs' prompt tokens not yet prefilled, and KV reserved
     draining: bool
     closed: bool
+    jobs_max: int
+    features: frozenset[str]  # protocol.FEATURE_* from its hello
 
     def send(self, frame: str) -> bool:
         """Queue one encoded message for the node; False when its socket is gone."""

@@ -86,6 +86,7 @@ class Coordinator:
             on_finished=self._job_finished,
             verifier=self.verifier,
         )
+        self.dispatcher.prefix_aware = self.settings.prefix_aware
         self.dispatcher.chains.vocab_sizes = {n: len(t) for n, t in self.tokenizers.items()}
         await self.dispatcher.start()
         self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,

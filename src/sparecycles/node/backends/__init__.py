@@ -33,7 +33,8 @@ def load_engine(name: str, source: str | Path, backend: Backend | str = Backend.
     if chosen is Backend.LLAMACPP:
         from sparecycles.node.backends.llamacpp import LlamaCppEngine
 
-        keep = {"threads", "batch_size_max", "queue_max", "duty_cycle", "kv_tokens"}
+        keep = {"threads", "batch_size_max", "queue_max", "duty_cycle", "kv_tokens",
+                "prefix_cache"}
         return LlamaCppEngine.load(name, source, **{k: v for k, v in options.items()
                                                     if k in keep and v is not None})
     from sparecycles.node.backends.transformers import TransformersEngine

@@ -154,7 +154,8 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         self._eos_ids = frozenset(t for t in range(self.vocab_size)
                                   if lib.llama_vocab_is_eog(self._vocab, t))
         self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS}
-                                  | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set()))
+                                  | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set())
+                                  | ({protocol.FEATURE_PREFIX_CACHE} if prefix_cache else set()))
         context = min(spec.context_length, kv_tokens)
         self.spec = dataclasses.replace(spec, context_length=context)
         self._kv_tokens = kv_tokens
