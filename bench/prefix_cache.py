@@ -1,7 +1,7 @@
 """Multi-turn conversations on two llama.cpp nodes: what the prefix cache and prefix-aware
 placement save on the next turns' time to first token.
 
-Each conversation opens with a document (~500 tokens) and a question, then asks follow-ups; every
+Each conversation opens with a document (a few hundred tokens) and a question, then asks follow-ups; every
 turn resends the whole history, as chat clients do. Conversations run side by side (one thread
 each, turns in order), through the ``openai`` client, against a coordinator with two SmolLM2
 (Q4_1) nodes on llama.cpp, one thread each. Three set-ups, each on a fresh network, same
