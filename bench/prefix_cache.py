@@ -1,11 +1,11 @@
 """Multi-turn conversations on two llama.cpp nodes: what the prefix cache and prefix-aware
 placement save on the next turns' time to first token.
 
-Each conversation opens with a document (a few hundred tokens) and a question, then asks follow-ups; every
-turn resends the whole history, as chat clients do. Conversations run side by side (one thread
-each, turns in order), through the ``openai`` client, against a coordinator with two SmolLM2
-(Q4_1) nodes on llama.cpp, one thread each. Three set-ups, each on a fresh network, same
-conversations and greedy answers:
+Each conversation opens with a document (a few hundred tokens) and a question, then asks
+follow-ups; every turn resends the whole history, as chat clients do. Conversations run side
+by side (one thread each, turns in order), through the ``openai`` client, against a
+coordinator with two SmolLM2 (Q4_1) nodes on llama.cpp, one thread each. Three set-ups, each
+on a fresh network, same conversations and greedy answers:
 
 - ``no cache``: nodes started with ``--no-prefix-cache`` (every turn prefills its whole history);
 - ``cache``: the nodes' prefix cache on, placement unaware of it (``SPARECYCLES_PREFIX_AWARE=0``):
@@ -22,6 +22,7 @@ ones, and how many later turns went to the node of their previous turn (from the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -114,7 +115,7 @@ def run(mode: str, args: argparse.Namespace) -> dict:
         for conv in results:
             nodes = [store.attempts(job_id.removeprefix("chatcmpl-"))[-1].node_id
                      for _turn, _ttft, job_id in conv]
-            for prev, cur in zip(nodes, nodes[1:], strict=False):
+            for prev, cur in itertools.pairwise(nodes):
                 later += 1
                 same += prev == cur
         first_turns = [ttft for conv in results for turn, ttft, _ in conv if turn == 0]
