@@ -2,9 +2,13 @@
 
 A node that holds a range of a model's layers (``sparecycles node --layers``) gets chain work as
 ``stage_forward`` messages: the inputs of some new positions of one sequence. This worker checks
-the activation it was sent (shape, dtype, size, finite values), runs it through the stage engine
-on the engine's one worker thread, and answers ``stage_output`` with the hidden states (or the
-last stage's token). A bad input ends that step with an error answer; it never stops the node.
+the activation it was sent (shape, dtype, size, finite values) and queues the step; the stage's
+one worker thread takes every step waiting when it is free and runs them through the engine at
+once (``StageEngine.run``: the decode steps of different chains in one forward pass), then each
+step is answered ``stage_output`` with its hidden states (or the last stage's token). Steps that
+arrive while a pass runs wait for the next one, which is how chains stepping at about the same
+time come to share passes. A bad input ends that step with an error answer; it never stops the
+node, nor the other steps of its pass.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 
 from sparecycles import limits, protocol
-from sparecycles.node.backends.transformers_stage import StageEngine
+from sparecycles.node.backends.transformers_stage import StageEngine, StageResult, StageStep
 from sparecycles.types import SamplingParams
 
 log = logging.getLogger("sparecycles.node.stages")
@@ -50,10 +55,24 @@ def from_activation(act: protocol.Activation) -> torch.Tensor:
 Send = Callable[[Any], Awaitable[None]]
 
 
+# Steps queued for one stage and not yet taken by its thread: at most one per open sequence in
+# a well-behaved chain (the coordinator awaits each answer), bounded all the same.
+steps_waiting_max = limits.engine_queue_max
+
+
+@dataclass(slots=True)
+class _Waiting:
+    step: StageStep
+    answer: asyncio.Future[StageResult]
+    loop: asyncio.AbstractEventLoop
+
+
 @dataclass
 class StageWorker:
     stages: dict[str, StageEngine]  # model name -> the stage of it this node holds
     _threads: dict[str, concurrent.futures.ThreadPoolExecutor] = field(default_factory=dict)
+    _waiting: dict[str, list[_Waiting]] = field(default_factory=dict)  # by model, in arrival order
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _sweeper: asyncio.Task[None] | None = None
 
     def offers(self) -> list[protocol.ModelOffer]:
@@ -86,10 +105,17 @@ class StageWorker:
                 c = msg.choose
                 choose = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature,
                                         top_p=c.top_p, seed=c.seed)
-            result = await loop.run_in_executor(
-                self._thread(msg.model), lambda: engine.forward(
-                    msg.sequence_id, msg.start, token_ids=msg.token_ids, hidden=hidden,
-                    choose=choose))
+            step = StageStep(msg.sequence_id, msg.start, msg.token_ids, hidden, choose)
+            answer: asyncio.Future[StageResult] = loop.create_future()
+            with self._lock:
+                queue = self._waiting.setdefault(msg.model, [])
+                if len(queue) >= steps_waiting_max:
+                    raise ValueError(f"{len(queue)} steps already wait for this stage")
+                queue.append(_Waiting(step, answer, loop))
+            # Each step asks the thread for one pass; a pass takes every step waiting, so a
+            # step an earlier pass served finds its answer ready and its own pass takes nothing.
+            await loop.run_in_executor(self._thread(msg.model), self._pass, msg.model, engine)
+            result = await answer
         except Exception as exc:  # a bad input or an engine error: this step fails, not the node
             log.warning("stage %s step %d failed: %s", msg.sequence_id, msg.step, exc)
             await send(protocol.StageOutput(sequence_id=msg.sequence_id, step=msg.step,
@@ -100,6 +126,21 @@ class StageWorker:
             hidden=to_activation(result.hidden) if result.hidden is not None else None,
             token=result.token, eos=result.eos, busy_s=min(result.busy_s,
                                                             limits.stage_step_s_max * 10)))
+
+    def _pass(self, model: str, engine: StageEngine) -> None:
+        """On the stage's thread: run every step waiting for ``model`` and settle each answer."""
+        with self._lock:
+            taken, self._waiting[model] = self._waiting.get(model, []), []
+        if not taken:
+            return
+        try:
+            outcomes: list[StageResult | Exception] = list(
+                engine.run([w.step for w in taken]))
+        except Exception as exc:  # a bug in the engine: every step taken fails, the node goes on
+            log.exception("stage %s: a pass of %d steps failed", model, len(taken))
+            outcomes = [exc] * len(taken)
+        for w, outcome in zip(taken, outcomes, strict=True):
+            w.loop.call_soon_threadsafe(_settle, w.answer, outcome)
 
     async def _sweep(self) -> None:
         """Drop caches a coordinator forgot (it restarted, or lost this node's socket)."""
@@ -117,3 +158,12 @@ class StageWorker:
             pool.shutdown(wait=False, cancel_futures=True)
         for engine in self.stages.values():
             engine.close()
+
+
+def _settle(answer: asyncio.Future[StageResult], outcome: StageResult | Exception) -> None:
+    if answer.done():  # its handler was cancelled (the node is stopping)
+        return
+    if isinstance(outcome, Exception):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)
