@@ -207,3 +207,43 @@ def test_the_worker_answers_steps_that_waited_together_from_one_pass(tiny_model_
     assert all(a.error is None and a.hidden is not None and a.hidden.shape == (1, 128)
                for a in decoded), decoded
     assert first.batch_size_hist == {3: 1}
+
+
+def test_a_pass_waits_for_the_sequences_decoding_here_but_not_again_for_a_late_one(
+        tiny_model_path) -> None:
+    first = StageEngine.load("tiny", tiny_model_path, first=0, end=2, device="cpu")
+    worker = StageWorker({"tiny": first}, gather_share=1e6, gather_wait_s_max=0.5)
+    answers: list = []
+    steps = iter(range(1000))
+
+    async def send(msg) -> None:
+        answers.append(msg)
+
+    def step(seq: str, start: int, n: int = 1) -> protocol.StageForward:
+        return protocol.StageForward(sequence_id=seq, model="tiny", step=next(steps),
+                                     start=start, token_ids=PROMPT[:n])
+
+    async def scenario() -> None:
+        await asyncio.gather(*(worker.handle(step(s, 0, 3), send) for s in "xyz"))
+        gate = threading.Event()
+        busy = asyncio.get_running_loop().run_in_executor(worker._thread("tiny"), gate.wait)
+        first_round = [asyncio.create_task(worker.handle(step(s, 3), send)) for s in "xyz"]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(busy, *first_round)  # one pass of 3: they now decode together
+        x = asyncio.create_task(worker.handle(step("x", 4), send))
+        await asyncio.sleep(0.05)  # x's pass waits for y and z, decoding here
+        await asyncio.gather(x, *(worker.handle(step(s, 4), send) for s in "yz"))
+        assert first.batch_size_hist == {3: 2}
+        await asyncio.gather(*(worker.handle(step(s, 5), send) for s in "xy"))  # z never comes
+        assert first._sequences["z"].late and first.batch_size_hist == {3: 2, 2: 1}
+        await asyncio.gather(*(worker.handle(step(s, 6), send) for s in "xy"))
+        assert first.batch_size_hist == {3: 2, 2: 2}
+        await worker.handle(protocol.StageRelease(sequence_id="z", model="tiny"), send)
+        assert first.expected(["x", "y"]) == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.close()
+    assert all(a.error is None for a in answers), [a.error for a in answers if a.error]

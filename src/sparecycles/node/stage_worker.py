@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,15 @@ Send = Callable[[Any], Awaitable[None]]
 # Steps queued for one stage and not yet taken by its thread: at most one per open sequence in
 # a well-behaved chain (the coordinator awaits each answer), bounded all the same.
 steps_waiting_max = limits.engine_queue_max
+# A pass's answers reach the next stage one by one (each through the coordinator), and the first
+# would start a pass alone there, splitting the chains into passes of one that each read all the
+# stage's weights. So when sequences that are decoding here have no step waiting yet, the thread
+# waits for them: at most gather_share times the last decode pass (they may be in a pass of the
+# stage before, about as long), and never over gather_wait_s_max. Those that do not come in time
+# are left out and not waited for again until they share a pass with others (a chain stalled by
+# a repair elsewhere, or stages of unequal speed, costs one wait, not one per step).
+gather_share = 1.5
+gather_wait_s_max = 1.0
 
 
 @dataclass(slots=True)
@@ -70,9 +80,13 @@ class _Waiting:
 @dataclass
 class StageWorker:
     stages: dict[str, StageEngine]  # model name -> the stage of it this node holds
+    gather_share: float = gather_share
+    gather_wait_s_max: float = gather_wait_s_max
     _threads: dict[str, concurrent.futures.ThreadPoolExecutor] = field(default_factory=dict)
     _waiting: dict[str, list[_Waiting]] = field(default_factory=dict)  # by model, in arrival order
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # sequences whose release has arrived and not yet run: a pass does not wait for their steps
+    _releasing: dict[str, set[str]] = field(default_factory=dict)  # by model
+    _arrived: threading.Condition = field(default_factory=threading.Condition)  # guards both
     _sweeper: asyncio.Task[None] | None = None
 
     def offers(self) -> list[protocol.ModelOffer]:
@@ -93,8 +107,11 @@ class StageWorker:
         loop = asyncio.get_running_loop()
         if isinstance(msg, protocol.StageRelease):
             if engine is not None:
-                await loop.run_in_executor(self._thread(msg.model), engine.release,
-                                           msg.sequence_id)
+                with self._arrived:
+                    self._releasing.setdefault(msg.model, set()).add(msg.sequence_id)
+                    self._arrived.notify_all()
+                await loop.run_in_executor(self._thread(msg.model), self._release, msg.model,
+                                           engine, msg.sequence_id)
             return
         try:
             if engine is None or refuse:
@@ -107,11 +124,12 @@ class StageWorker:
                                         top_p=c.top_p, seed=c.seed)
             step = StageStep(msg.sequence_id, msg.start, msg.token_ids, hidden, choose)
             answer: asyncio.Future[StageResult] = loop.create_future()
-            with self._lock:
+            with self._arrived:
                 queue = self._waiting.setdefault(msg.model, [])
                 if len(queue) >= steps_waiting_max:
                     raise ValueError(f"{len(queue)} steps already wait for this stage")
                 queue.append(_Waiting(step, answer, loop))
+                self._arrived.notify_all()
             # Each step asks the thread for one pass; a pass takes every step waiting, so a
             # step an earlier pass served finds its answer ready and its own pass takes nothing.
             await loop.run_in_executor(self._thread(msg.model), self._pass, msg.model, engine)
@@ -128,11 +146,28 @@ class StageWorker:
                                                             limits.stage_step_s_max * 10)))
 
     def _pass(self, model: str, engine: StageEngine) -> None:
-        """On the stage's thread: run every step waiting for ``model`` and settle each answer."""
-        with self._lock:
-            taken, self._waiting[model] = self._waiting.get(model, []), []
-        if not taken:
-            return
+        """On the stage's thread: run every step waiting for ``model`` and settle each answer
+        (waiting first, briefly, for the companions of the decode steps waiting)."""
+        deadline: float | None = None
+        with self._arrived:
+            while True:
+                taken = self._waiting.get(model, [])
+                if not taken:
+                    return
+                releasing = self._releasing.get(model, set())
+                missing = [k for k in engine.expected([w.step.sequence_id for w in taken])
+                           if k not in releasing]
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + min(self.gather_wait_s_max,
+                                         self.gather_share * engine.last_decode_pass_s)
+                if not missing:
+                    break
+                if now >= deadline:
+                    engine.mark_late(missing)
+                    break
+                self._arrived.wait(deadline - now)
+            self._waiting[model] = []
         try:
             outcomes: list[StageResult | Exception] = list(
                 engine.run([w.step for w in taken]))
@@ -141,6 +176,11 @@ class StageWorker:
             outcomes = [exc] * len(taken)
         for w, outcome in zip(taken, outcomes, strict=True):
             w.loop.call_soon_threadsafe(_settle, w.answer, outcome)
+
+    def _release(self, model: str, engine: StageEngine, sequence_id: str) -> None:
+        engine.release(sequence_id)
+        with self._arrived:
+            self._releasing.get(model, set()).discard(sequence_id)
 
     async def _sweep(self) -> None:
         """Drop caches a coordinator forgot (it restarted, or lost this node's socket)."""

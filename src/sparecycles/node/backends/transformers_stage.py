@@ -78,6 +78,8 @@ class _StageSequence:
     params: SamplingParams | None = None
     n_cached: int = 0
     last_used_s: float = field(default_factory=time.monotonic)
+    decoding: bool = False  # its last step was a decode step: its next is expected soon
+    late: bool = False  # a pass waited for its step in vain: not waited for until it joins one
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +126,7 @@ class StageEngine:
         self._duty_cycle = duty_cycle
         self.busy_s = 0.0
         self.batch_size_hist: dict[int, int] = {}  # decode passes by the steps they ran
+        self.last_decode_pass_s = 0.0  # how long the last pass of decode steps took
 
     @property
     def is_first(self) -> bool:
@@ -308,6 +311,7 @@ class StageEngine:
         self.busy_s += busy
         if len(steps) > 1 or (steps[0].start > 0 and steps[0].positions == 1):
             self.batch_size_hist[len(steps)] = self.batch_size_hist.get(len(steps), 0) + 1
+            self.last_decode_pass_s = busy
         if self._duty_cycle < 1.0:
             time.sleep(busy * (1.0 / self._duty_cycle - 1.0))
         share = busy / len(steps)
@@ -334,6 +338,8 @@ class StageEngine:
         kv.mask = mask
         now = time.monotonic()
         for s in group.rows:
+            s.decoding = n == 1 and s.n_cached > 0
+            s.late = s.late and len(group.rows) == 1
             s.n_cached += n
             s.last_used_s = now
         states = out.last_hidden_state  # (rows, n, hidden)
@@ -362,6 +368,21 @@ class StageEngine:
             token, eos = tokens.get(r, (None, False))
             by_step[k] = (hidden, token, eos)
         return by_step
+
+    def expected(self, waiting: list[str]) -> list[str]:
+        """Sequences decoding here whose next step is not among ``waiting`` (and that have not
+        kept a pass waiting in vain): a pass that waits a little for them runs them all together
+        instead of splitting the chains into passes of one (``node/stage_worker.py``)."""
+        have = set(waiting)
+        return [k for k, s in self._sequences.items()
+                if s.decoding and not s.late and k not in have]
+
+    def mark_late(self, sequence_ids: list[str]) -> None:
+        """These were waited for and did not come: passes stop waiting for them until they step
+        in a pass with others again."""
+        for k in sequence_ids:
+            if (s := self._sequences.get(k)) is not None:
+                s.late = True
 
     def _gather(self, seqs: list[_StageSequence]) -> _Group:
         """The group holding exactly ``seqs``' caches: theirs if they are one already, else a
