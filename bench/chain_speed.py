@@ -5,8 +5,10 @@ against the same model whole on one node process, side by side in one run on loo
 One coordinator serves the model under two names: ``whole`` (one node holds it all) and ``split``
 (no node holds it all, so each request is driven through a chain of the two stage nodes). Every
 process runs one torch thread (OMP_NUM_THREADS=1, as ``tools/localnet`` sets). For each
-concurrency (1 and 4 requests at once) the two are measured alternately, ``--rounds`` times each,
-with the same greedy prompts, and the best round of each is kept (the machine is shared).
+concurrency (1 and 4 requests at once) the two are measured back to back, ``--rounds`` times,
+with the same greedy prompts; each round gives a ratio, and the median ratio is the result (the
+machine is shared: rounds move with the other processes' load, and a ratio taken within one
+round moves less than either number).
 
 Reported per concurrency: decode tokens/s (the sum over the requests of their tokens after the
 first ÷ the time from their first to their last token), split ÷ whole, and at concurrency 1 the
@@ -16,13 +18,14 @@ the node; for the chain, four (token id to the first stage, its activation back,
 to the second stage, the token back), each encoded, sent and decoded by the coordinator. The hop
 cost per token is the chain's rest less the whole model's. Run:
 
-    PYTHONPATH=src nice -n 5 python bench/chain_speed.py [--rounds 3] [--tokens 48]
+    PYTHONPATH=src nice -n 5 python bench/chain_speed.py [--rounds 5] [--tokens 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -100,7 +103,7 @@ def together(client: OpenAI, store: Store, model: str, prompts: list[str], token
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
@@ -113,8 +116,10 @@ def main() -> None:
         store = net.store()
         net.start_coordinator()
         net.start_node("one", "a", models={"whole": path})
-        net.start_node("s0", "b", extra_args=["--layers", "0:12"], models={"split": path})
-        net.start_node("s1", "c", extra_args=["--layers", "12:24"], models={"split": path})
+        info = ["--log-level", "info"]  # the stages log their passes by size when they stop
+        net.start_node("s0", "b", extra_args=["--layers", "0:12", *info], models={"split": path})
+        net.start_node("s1", "c", extra_args=["--layers", "12:24", *info],
+                       models={"split": path})
         net.wait_ready(3, timeout_s=600)
         _, key = store.create_api_key("bench", "speed")
         Ledger(store.sessions, prices=PriceBook.default()).deposit(
@@ -128,41 +133,60 @@ def main() -> None:
         rows = []
         for c in args.concurrency:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
-            best: dict[str, list[Reply]] = {}
-            same = True
-            for _ in range(args.rounds):
-                for model in ("whole", "split"):
-                    replies = together(client, store, model, prompts, args.tokens)
-                    rate = sum(r.decode_tokens_per_s for r in replies)
-                    if model not in best or rate > sum(r.decode_tokens_per_s for r in best[model]):
-                        best[model] = replies
-                same = same and [r.text for r in best["whole"]] == [r.text for r in best["split"]]
-            whole, split = (sum(r.decode_tokens_per_s for r in best[m]) for m in ("whole", "split"))
-            rows.append((c, whole, split, same, best))
-        print(f"\n{'requests':>8} | {'whole tok/s':>11} | {'split tok/s':>11} | "
-              f"{'split/whole':>11} | same text")
-        for c, whole, split, same, _ in rows:
-            print(f"{c:>8} | {whole:11.2f} | {split:11.2f} | {split / whole:11.2f} | {same}")
-        for c, _, _, _, best in rows:
-            if c != 1:
-                continue
-            print("\nper token at 1 request (ms): wall = compute + the rest")
-            rest = {}
-            for model in ("whole", "split"):
-                r = best[model][0]
-                wall = (r.last_s - r.first_s) / max(1, r.tokens - 1)
-                compute = max(0.0, r.busy_s - prefill[model]) / max(1, r.tokens - 1)
-                rest[model] = wall - compute
-                print(f"  {model:5s}: {wall * 1e3:7.1f} = {compute * 1e3:7.1f} + "
-                      f"{rest[model] * 1e3:6.1f}   ({r.tokens} tokens)")
-            hop = rest["split"] - rest["whole"]
-            wall_split = (best["split"][0].last_s - best["split"][0].first_s) / max(
-                1, best["split"][0].tokens - 1)
-            print(f"  hop cost per token (split's rest - whole's): {hop * 1e3:.1f} ms "
-                  f"= {hop / wall_split:.1%} of the chain's time per token")
-        ratio = rows[0][2] / rows[0][1]
-        print(f"\ntarget split/whole >= {TARGET} at 1 request: "
-              f"{'met' if ratio >= TARGET else 'NOT met'} ({ratio:.2f})")
+            rounds: list[dict[str, list[Reply]]] = []
+            for _ in range(args.rounds):  # whole then split, back to back, round by round
+                rounds.append({m: together(client, store, m, prompts, args.tokens)
+                               for m in ("whole", "split")})
+            rows.append((c, rounds))
+        passes = {}
+        for name in ("s0", "s1"):  # each stage logs its passes by size when it stops
+            net.signal_node(name, signal.SIGTERM)
+            net.nodes[name].proc.wait(timeout=60)
+            logged = [ln for ln in net.nodes[name].log_path.read_text().splitlines()
+                      if "decode passes by the steps" in ln]
+            passes[name] = logged[-1].split("each ran: ")[-1] if logged else "?"
+    print(f"\n{'requests':>8} | {'round':>5} | {'whole tok/s':>11} | {'split tok/s':>11} | "
+          f"{'split/whole':>11} | same text")
+    summary = []
+    for c, rounds in rows:
+        ratios = []
+        for k, r in enumerate(rounds):
+            whole, split = (rate(r[m]) for m in ("whole", "split"))
+            same = [x.text for x in r["whole"]] == [x.text for x in r["split"]]
+            ratios.append(split / whole)
+            print(f"{c:>8} | {k + 1:>5} | {whole:11.2f} | {split:11.2f} | {split / whole:11.2f} |"
+                  f" {same}")
+        summary.append((c, statistics.median(ratios)))
+    print("\nmedian split/whole: " + ", ".join(f"{r:.2f} at {c} request{'s' * (c > 1)}"
+                                               for c, r in summary))
+    print("decode passes by the steps each ran (all concurrencies, warm-up included): "
+          + "; ".join(f"{n} {v}" for n, v in passes.items()))
+    for c, rounds in rows:
+        if c != 1:
+            continue
+        print("\nper token at 1 request, median over the rounds (ms): wall = compute + the rest")
+        rest, wall = {}, {}
+        for model in ("whole", "split"):
+            replies = [r[model][0] for r in rounds]
+            wall[model] = statistics.median(
+                (x.last_s - x.first_s) / max(1, x.tokens - 1) for x in replies)
+            compute = statistics.median(
+                max(0.0, x.busy_s - prefill[model]) / max(1, x.tokens - 1) for x in replies)
+            rest[model] = wall[model] - compute
+            print(f"  {model:5s}: {wall[model] * 1e3:7.1f} = {compute * 1e3:7.1f} + "
+                  f"{rest[model] * 1e3:6.1f}")
+        hop = rest["split"] - rest["whole"]
+        print(f"  hop cost per token (split's rest - whole's): {hop * 1e3:.1f} ms "
+              f"= {hop / wall['split']:.1%} of the chain's time per token")
+    ratio = summary[0][1]
+    print(f"\ntarget split/whole >= {TARGET} at {summary[0][0]} request(s): "
+          f"{'met' if ratio >= TARGET else 'NOT met'} ({ratio:.2f}); "
+          f"load after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def rate(replies: list[Reply]) -> float:
+    """Decode tokens/s of requests run together: the sum of each one's rate."""
+    return sum(r.decode_tokens_per_s for r in replies)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,9 @@ class StageWorker:
             self._sweeper.cancel()
         for pool in self._threads.values():
             pool.shutdown(wait=False, cancel_futures=True)
-        for engine in self.stages.values():
+        for model, engine in self.stages.items():
+            log.info("stage %s %d:%d: decode passes by the steps each ran: %s", model,
+                     engine.first, engine.end, dict(sorted(engine.batch_size_hist.items())))
             engine.close()
 
 
