@@ -5,7 +5,8 @@ No node holds the whole tiny model: each holds a range of its layers (``sparecyc
 equal the unsplit model's token for token (fp32). Killing the middle stage mid-stream, a spare
 node with the same layers takes over, its cache rebuilt from the inputs the lost stage had
 received, and the answer still equals the unsplit one. The charge is split among the stages'
-owners by the layers each ran.
+owners by the layers each ran. Concurrent requests, whose decode steps the stages run together
+in shared forward passes, each still equal the unsplit model.
 
 The processes start once for this module; the first tests use a chain of two stages, then those
 two nodes stop and four others (a chain of three, plus a spare middle) take over.
@@ -14,6 +15,7 @@ two nodes stop and four others (a chain of three, plus a spare middle) take over
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -110,6 +112,20 @@ def test_two_stages_equal_the_unsplit_model(net, reference) -> None:
         assert all(a.outcome == "done" for a in stages)
 
 
+def _concurrently(net, prompts: list[str]) -> list:
+    """The prompts as concurrent requests: their chains step at about the same time, so the
+    stages run their decode steps in shared forward passes (node/backends/transformers_stage)."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: _complete(net, p), prompts))
+
+
+def test_concurrent_chained_requests_each_equal_the_unsplit_model(net, reference) -> None:
+    prompts = list(PROMPTS) * 2
+    for prompt, resp in zip(prompts, _concurrently(net, prompts), strict=True):
+        assert resp.choices[0].text == reference[prompt][1], prompt
+        assert len(_stages(net, resp.id)) == 2
+
+
 def test_the_charge_is_split_by_the_layers_each_stage_ran(net, reference) -> None:
     resp = _complete(net, PROMPTS[0])
     money = Ledger(net.store().sessions, prices=PriceBook.default()).job_money(_job_id(resp.id))
@@ -149,6 +165,13 @@ def test_three_stages_equal_the_unsplit_model(three, reference) -> None:
     middle = next(v for k, v in earned.items() if k in (_node_id(three, "m1"),
                                                          _node_id(three, "m2")))
     assert abs(middle - 2 * first) <= 2 and abs(first - last) <= 1, earned
+
+
+def test_concurrent_requests_over_three_stages_each_equal_the_unsplit_model(three, reference
+                                                                            ) -> None:
+    for prompt, resp in zip(PROMPTS, _concurrently(three, list(PROMPTS)), strict=True):
+        assert resp.choices[0].text == reference[prompt][1], prompt
+        assert len(_stages(three, resp.id)) == 3
 
 
 def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(three, reference

@@ -226,6 +226,18 @@ class CheatingStage:
                 out = self.inner._base.embed_tokens(ids)[0].to("cpu", out.dtype)
         return dataclasses.replace(result, hidden=out)
 
+    def run(self, steps: list[Any]) -> list[Any]:
+        """The stage worker's batched entry: each step alone, through the lie above."""
+        out: list[Any] = []
+        for step in steps:
+            try:
+                out.append(self.forward(step.sequence_id, step.start, token_ids=step.token_ids,
+                                        hidden=step.hidden, choose=step.choose,
+                                        score=step.score))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus Gaussian noise as large as each row's root mean square."""
         scale = x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()

@@ -43,6 +43,7 @@ class NodeProc:
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     coordinator_url: str | None = None
+    models: dict[str, Path] | None = None  # what it serves (None: every model of the network)
 
 
 @dataclass
@@ -95,23 +96,25 @@ class LocalNetwork:
             self.wait_ready(0)
 
     def start_node(self, name: str, owner: str, *, extra_args: list[str] | None = None,
-                   token: str | None = None, coordinator_url: str | None = None) -> NodeProc:
+                   token: str | None = None, coordinator_url: str | None = None,
+                   models: dict[str, Path] | None = None) -> NodeProc:
+        """A node serving ``models`` (None: every model the network has)."""
         token = token or self.store().create_node_token(owner, name)
         url = coordinator_url or self.url
         args = ["node", "--coordinator", url, "--token", token, "--name", name,
                 "--config-dir", str(self.root / "nodes" / name), "--jobs-max", "8",
                 "--log-level", "warning", *(extra_args or [])]
-        for model, path in self.models.items():
+        for model, path in (self.models if models is None else models).items():
             args += ["--model", f"{model}={path}"]
         proc, log_path = self._spawn(args, f"node-{name}.log")
-        node = NodeProc(name, owner, token, proc, log_path, extra_args or [], url)
+        node = NodeProc(name, owner, token, proc, log_path, extra_args or [], url, models)
         self.nodes[name] = node
         return node
 
     def restart_node(self, name: str) -> NodeProc:
         old = self.nodes[name]
         return self.start_node(name, old.owner, extra_args=old.extra_args, token=old.token,
-                               coordinator_url=old.coordinator_url)
+                               coordinator_url=old.coordinator_url, models=old.models)
 
     def wait_ready(self, nodes_online: int, timeout_s: float = ready_timeout_s,
                    *, key: str = "nodes_online", url: str | None = None,

@@ -1,4 +1,5 @@
-"""The running batch's KV cache, left-padded: groups merge in, finished rows leave.
+"""The running batch's KV cache, left-padded: groups merge in, finished rows leave, rows move
+out into a batch of their own (a chain's stage regroups its sequences this way).
 
 Row i of every layer's keys and values holds one sequence, right-aligned; ``mask`` (rows x
 columns, 1 for a real token) marks the real columns. Each sequence is fed its own position ids,
@@ -8,6 +9,7 @@ columns are kept at exactly zero so that no stray value can leak in through ``0 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +53,32 @@ class KVBatch:
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), then drop columns that are padding in all of them,
         so that a long request leaving does not make everyone else attend over its length."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        first = int(mask.any(dim=0).nonzero()[0, 0])
-        self.mask = mask[:, first:]
+        index, first = self._rows(rows)
+        self.mask = self.mask.index_select(0, index)[:, first:]
         for layer, keys, values in _filled(self.cache):
             layer.keys = keys.index_select(0, index)[:, :, first:, :]
             layer.values = values.index_select(0, index)[:, :, first:, :]
+
+    def take(self, rows: list[int]) -> KVBatch:
+        """A new batch of copies of ``rows`` (in that order), trimmed as ``keep`` trims; this
+        batch is left as it was (``keep`` the others to move the rows out)."""
+        index, first = self._rows(rows)
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer, keys, values in _filled(self.cache):
+            moved = copy.copy(layer)
+            moved.keys = keys.index_select(0, index)[:, :, first:, :]
+            moved.values = values.index_select(0, index)[:, :, first:, :]
+            cache.layers.append(moved)
+        return KVBatch(cache, self.mask.index_select(0, index)[:, first:])
+
+    def _rows(self, rows: list[int]) -> tuple[torch.Tensor, int]:
+        """The index of ``rows`` and the first column that is real in at least one of them."""
+        if not rows:
+            raise InvariantViolation("a batch cannot keep or take no rows")
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        first = int(self.mask.index_select(0, index).any(dim=0).nonzero()[0, 0])
+        return index, first
 
 
 def left_padded(
