@@ -20,11 +20,16 @@ Policies (``SchedulerConfig.policy``):
   ``least-loaded``; they respect the hard constraints (model, fit, availability, trust, free slot)
   and ignore speed and departures.
 
+With ``SchedulerConfig.disaggregate`` ("fastest"), a job may instead be handed off: prefilled on
+one node and decoded on another, its KV cache shipped between them, when the roofline predicts
+that pair finishes it sooner than any single node (``predict_handoff``); the assignment then
+names both (``Assignment.decode_node_id``).
+
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
 prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
 expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
 measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only),
-cached_prefixes. Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
+cached_prefixes, uplink_backlog_s and downlink_backlog_s (hand-offs only). Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
 admitted_at_s, deadline_s, trusted_only, avoid_nodes, prefix_key, prefix_tokens.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
