@@ -29,8 +29,9 @@ NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queue
 prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
 expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
 measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only),
-cached_prefixes, uplink_backlog_s and downlink_backlog_s (hand-offs only). Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
-admitted_at_s, deadline_s, trusted_only, avoid_nodes, prefix_key, prefix_tokens.
+cached_prefixes, uplink_backlog_s and downlink_backlog_s (hand-offs only). Job fields read:
+job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s, deadline_s,
+trusted_only, avoid_nodes, prefix_key, prefix_tokens.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
 price); a group of at most ``group_candidates`` nodes is weighed whole (so small states get the
@@ -686,23 +687,32 @@ def _best_handoff(
     score beats the best single node's by ``disaggregate_gain_min``; None if none does."""
     if job.max_tokens - job.generated_tokens <= 1:
         return None  # the prefill's first token is the whole answer: nothing to decode elsewhere
-    free: dict[int, _Load] = {}
+    senders: dict[int, _Load] = {}
+    receivers: dict[int, _Load] = {}
+    up_max = down_max = 0.0
     for _, load in weighed:
-        if not load.full:
-            free[id(load)] = load
-    senders = [ld for ld in free.values() if ld.node.profile.uplink_bytes_per_s > 0.0]
-    receivers = [ld for ld in free.values() if ld.node.profile.downlink_bytes_per_s > 0.0]
-    if not senders or not receivers or (len(free) < 2):
+        if load.full:
+            continue
+        profile = load.node.profile
+        if profile.uplink_bytes_per_s > 0.0:
+            senders[id(load)] = load
+            up_max = max(up_max, profile.uplink_bytes_per_s)
+        if profile.downlink_bytes_per_s > 0.0:
+            receivers[id(load)] = load
+            down_max = max(down_max, profile.downlink_bytes_per_s)
+    if not senders or not receivers or len(senders.keys() | receivers.keys()) < 2:
         return None
-    soonest = heapq.nsmallest(config.disaggregate_senders,
-                              ((_prefilled_s(job, ld, spec, config), i, ld)
-                               for i, ld in enumerate(senders)))  # fmt: skip
     bar = best[0].score_s / config.disaggregate_gain_min if best is not None else math.inf
     kv_bytes = (job.prompt_tokens + job.generated_tokens) * perfmodel.kv_bytes_per_token(
         spec, config.calibration)
+    if kv_bytes / min(up_max, down_max) >= bar:
+        return None  # the bytes alone, over the fastest links, take longer than one node
+    soonest = heapq.nsmallest(config.disaggregate_senders,
+                              ((_prefilled_s(job, ld, spec, config), i, ld)
+                               for i, ld in enumerate(senders.values())))  # fmt: skip
     chosen: Handoff | None = None
     for prefilled, _, sender in soonest:
-        for receiver in receivers:
+        for receiver in receivers.values():
             if receiver is sender:
                 continue
             link = perfmodel.link_bytes_per_s(sender.node.profile, receiver.node.profile)
