@@ -687,26 +687,27 @@ def _best_handoff(
     score beats the best single node's by ``disaggregate_gain_min``; None if none does."""
     if job.max_tokens - job.generated_tokens <= 1:
         return None  # the prefill's first token is the whole answer: nothing to decode elsewhere
-    senders: dict[int, _Load] = {}
     receivers: dict[int, _Load] = {}
-    up_max = down_max = 0.0
+    down_max = 0.0
     for _, load in weighed:
-        if load.full:
-            continue
-        profile = load.node.profile
-        if profile.uplink_bytes_per_s > 0.0:
-            senders[id(load)] = load
-            up_max = max(up_max, profile.uplink_bytes_per_s)
-        if profile.downlink_bytes_per_s > 0.0:
+        if not load.full and load.node.profile.downlink_bytes_per_s > 0.0:
             receivers[id(load)] = load
-            down_max = max(down_max, profile.downlink_bytes_per_s)
-    if not senders or not receivers or len(senders.keys() | receivers.keys()) < 2:
+            down_max = max(down_max, load.node.profile.downlink_bytes_per_s)
+    if not receivers:
         return None
     bar = best[0].score_s / config.disaggregate_gain_min if best is not None else math.inf
     kv_bytes = (job.prompt_tokens + job.generated_tokens) * perfmodel.kv_bytes_per_token(
         spec, config.calibration)
-    if kv_bytes / min(up_max, down_max) >= bar:
-        return None  # the bytes alone, over the fastest links, take longer than one node
+    # a sender whose bytes alone, at the fastest downlink, take longer than the best single
+    # node is no sender (a fleet of home uplinks stops here, before any prediction)
+    up_min = kv_bytes / bar if bar < math.inf else 0.0
+    senders: dict[int, _Load] = {}
+    for _, load in weighed:
+        up = load.node.profile.uplink_bytes_per_s
+        if not load.full and up > 0.0 and min(up, down_max) > up_min:
+            senders[id(load)] = load
+    if not senders or len(senders.keys() | receivers.keys()) < 2:
+        return None
     soonest = heapq.nsmallest(config.disaggregate_senders,
                               ((_prefilled_s(job, ld, spec, config), i, ld)
                                for i, ld in enumerate(senders.values())))  # fmt: skip
