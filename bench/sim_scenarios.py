@@ -57,7 +57,8 @@ HEAVY = {"up_shape": 0.6, "up_scale_h": 0.1, "down_shape": 0.6, "down_scale_h": 
          "correlated_leave_fraction": 0.33}  # fmt: skip
 
 
-def fleet_for(model: str, churn: str, datacentre: bool, nodes: int, name: str = "mixed"):
+def fleet_for(model: str, churn: str, datacentre: bool, nodes: int, name: str = "mixed",
+              home_mbit_s: float = 0.0):  # fmt: skip
     data = tomllib.loads((ROOT / "examples" / "fleets" / f"{name}.toml").read_text())
     if name != "mixed":  # as it is: its own size, no churn to swap
         for c in data["class"]:
@@ -68,6 +69,8 @@ def fleet_for(model: str, churn: str, datacentre: bool, nodes: int, name: str = 
         if c["availability"]["kind"] == "always" and not datacentre:
             continue
         c["models"] = [model]
+        if home_mbit_s > 0 and c["availability"]["kind"] != "always":  # fibre at home
+            c["uplink_mbit_s"] = c["downlink_mbit_s"] = home_mbit_s
         if churn == "heavy" and c["availability"]["kind"] == "weibull":
             c["availability"].pop("up", None)
             c["availability"].pop("down", None)
@@ -85,13 +88,14 @@ def first_minutes(trace: Trace, minutes: float) -> Trace:
 
 def run_scenario(workload: str, churn: str, datacentre: bool, nodes: int, minutes: float,
                  seed: int, rate: float = 1.0, fleet_name: str = "mixed",
-                 policies: list[str] = POLICIES) -> list[Summary]:  # fmt: skip
+                 policies: list[str] = POLICIES, home_mbit_s: float = 0.0,
+                 ) -> list[Summary]:  # fmt: skip
     trace_name, model = WORKLOADS[workload]
     whole = load_trace(trace_name)
     if rate != 1.0:  # superposed copies, each shifted (sim/trace.py): the mix kept
         whole = scaled(whole, int(len(whole) * rate), seed)
     trace = first_minutes(whole, minutes)
-    fleet = fleet_for(model, churn, datacentre, nodes, fleet_name)
+    fleet = fleet_for(model, churn, datacentre, nodes, fleet_name, home_mbit_s)
     out = []
     for policy in policies:
         t0 = time.perf_counter()
@@ -193,6 +197,9 @@ def main() -> None:
     parser.add_argument("--fleet", choices=["mixed", "datacentre"], default="mixed")
     parser.add_argument("--policy", action="append", choices=POLICIES,
                         help="run only these policies (repeatable; default all)")
+    parser.add_argument("--home-mbit-s", type=float, default=0.0,
+                        help="give the mixed fleet's home nodes (all but the data-centre GPUs) "
+                             "a symmetric link of this many Mbit/s (fibre), not the presets'")
     parser.add_argument("--breakeven", action="store_true",
                         help="print the link speed a hand-off needs, per node pair and prompt")
     args = parser.parse_args()
@@ -227,8 +234,11 @@ def main() -> None:
                 for dc in args.dc or ["with", "without"]:
                     summaries = run_scenario(workload, churn, dc == "with", args.nodes,
                                              args.minutes, args.seed, rate,
-                                             policies=policies)  # fmt: skip
+                                             policies=policies,
+                                             home_mbit_s=args.home_mbit_s)  # fmt: skip
                     name = f"{workload} x{rate:g}, {churn}, {dc} DC"
+                    if args.home_mbit_s:
+                        name += f", homes {args.home_mbit_s:g} Mbit/s"
                     print("\n".join(rows(name, summaries)), flush=True)
 
 

@@ -687,20 +687,26 @@ def _best_handoff(
     score beats the best single node's by ``disaggregate_gain_min``; None if none does."""
     if job.max_tokens - job.generated_tokens <= 1:
         return None  # the prefill's first token is the whole answer: nothing to decode elsewhere
-    receivers: dict[int, _Load] = {}
+    # each receiver with its decode as the job's own prediction there has it (the batch and step
+    # a hand-off would get) and the bytes it would be sent (not what its prefix cache holds):
+    # with the sender's prefill, a lower bound of the pair's time, to skip hopeless pairs
+    context = job.prompt_tokens + job.generated_tokens
+    kv_per_token = perfmodel.kv_bytes_per_token(spec, config.calibration)
+    receivers: dict[int, tuple[_Load, float, float]] = {}
     down_max = 0.0
-    for _, load in weighed:
+    sent_min = math.inf
+    for prediction, load in weighed:
         if not load.full and load.node.profile.downlink_bytes_per_s > 0.0:
-            receivers[id(load)] = load
+            sent = float((context - _cached_tokens(job, load.node, context)) * kv_per_token)
+            receivers[id(load)] = (load, prediction.total_s - prediction.ttft_s, sent)
             down_max = max(down_max, load.node.profile.downlink_bytes_per_s)
+            sent_min = min(sent_min, sent)
     if not receivers:
         return None
     bar = best[0].score_s / config.disaggregate_gain_min if best is not None else math.inf
-    kv_bytes = (job.prompt_tokens + job.generated_tokens) * perfmodel.kv_bytes_per_token(
-        spec, config.calibration)
     # a sender whose bytes alone, at the fastest downlink, take longer than the best single
     # node is no sender (a fleet of home uplinks stops here, before any prediction)
-    up_min = kv_bytes / bar if bar < math.inf else 0.0
+    up_min = sent_min / bar if bar < math.inf else 0.0
     senders: dict[int, _Load] = {}
     for _, load in weighed:
         up = load.node.profile.uplink_bytes_per_s
@@ -713,12 +719,12 @@ def _best_handoff(
                                for i, ld in enumerate(senders.values())))  # fmt: skip
     chosen: Handoff | None = None
     for prefilled, _, sender in soonest:
-        for receiver in receivers.values():
+        for receiver, decode_s, sent in receivers.values():
             if receiver is sender:
                 continue
             link = perfmodel.link_bytes_per_s(sender.node.profile, receiver.node.profile)
-            if prefilled + kv_bytes / link >= bar:
-                continue  # the prefill and the bytes alone take longer than the best single node
+            if prefilled + sent / link + decode_s >= bar:
+                continue  # prefill, bytes and decode alone take longer than the best single node
             handoff = predict_handoff(job, sender, receiver, spec, now_s, config)
             if handoff.prediction.stay_ok and handoff.prediction.score_s < bar:
                 bar, chosen = handoff.prediction.score_s, handoff
