@@ -135,6 +135,11 @@ class DeviceProfile:
     overhead_sequence_s: float = 0.0
     overhead_sequence_layer_s: float = 0.0
     overhead_context_layer_s: float = 0.0  # per sequence, token of context and layer
+    # The node's network link, bytes/s each way (home broadband is asymmetric: often 10-50
+    # Mbit/s up against hundreds down); 0 means not known, and the scheduler then never ships a
+    # KV cache from or to the node (disaggregated prefill/decode, docs/scheduling.md).
+    uplink_bytes_per_s: float = 0.0
+    downlink_bytes_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         # JSON (a cached profile, a node's hello) gives lists; keep the profile hashable
@@ -259,6 +264,10 @@ class NodeSnapshot:
     # model -> (first, end): the layers of a model it holds as a stage of chains (hash checked);
     # such a model is not in ``models`` (it cannot take a whole job)
     layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # seconds of KV-cache transfers (disaggregated prefill/decode) queued on the node's uplink
+    # and downlink, those not yet started included: a new one waits for them
+    uplink_backlog_s: float = 0.0
+    downlink_backlog_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +275,9 @@ class Assignment:
     job_id: str
     node_id: str
     predicted_finish_s: float
+    # disaggregated prefill/decode: node_id prefills the prompt (and samples the first token),
+    # then ships the KV cache to this node, which decodes the rest; "" when node_id does both
+    decode_node_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

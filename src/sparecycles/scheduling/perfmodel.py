@@ -38,7 +38,7 @@ import functools
 import math
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cachetools import LRUCache
 
@@ -215,6 +215,7 @@ class Costs:
     # rows * weight_flops_s_per_token
     linear_points: tuple[tuple[int, float], ...] = ()
     linear_s_by_batch: tuple[float, ...] = ()  # linear_s(b) for b = 1, 2, ..., precomputed
+    kv_bytes_per_token: int = 0  # one token's KV cache, bytes (what shipping it moves)
 
     def linear_s(self, rows: int) -> float:
         """Seconds of the weight matmuls of one pass over ``rows`` rows of input."""
@@ -317,6 +318,7 @@ def costs(
         overhead_s_per_sequence=overhead_1 - overhead_0,
         overhead_s_per_sequence_token=spec.n_layers * profile.overhead_context_layer_s,
         linear_points=points,
+        kv_bytes_per_token=kv_bytes_per_token(spec, calib),
         linear_s_by_batch=tuple(
             _interpolate(points, b) for b in range(1, decode_batch_table_max + 1)
         )
@@ -346,6 +348,48 @@ def costs_of(
     with _costs_lock:
         _costs_by_identity[key] = (spec, profile, calib, c)
     return c
+
+
+# --- the network: shipping a KV cache (disaggregated prefill/decode) -----------------------
+
+
+def link_bytes_per_s(sender: DeviceProfile, receiver: DeviceProfile) -> float:
+    """The rate a KV cache goes from ``sender`` to ``receiver``: the slower of the sender's
+    uplink and the receiver's downlink (the path between them is taken to be no slower); 0 when
+    either is not known."""
+    return min(sender.uplink_bytes_per_s, receiver.downlink_bytes_per_s)
+
+
+def pair_rtt_s(sender: DeviceProfile, receiver: DeviceProfile) -> float:
+    """The round trip of a hand-off: each node's own round trip (``network_rtt_s``, to the
+    coordinator) added, as the KV cache goes through the coordinator or at best as far."""
+    return sender.network_rtt_s + receiver.network_rtt_s
+
+
+class KvTransfer(NamedTuple):
+    """A KV cache's trip from one node to another (seconds)."""
+
+    uplink_s: float  # the sender's uplink is busy with it (bytes / uplink)
+    downlink_s: float  # the receiver's downlink is busy with it (bytes / downlink)
+    arrive_s: float  # from its start until it has all arrived: bytes / the slower, + round trip
+
+
+NO_TRANSFER = KvTransfer(math.inf, math.inf, math.inf)
+
+
+def kv_transfer(
+    kv_tokens: int, costs: Costs, sender: DeviceProfile, receiver: DeviceProfile
+) -> KvTransfer:
+    """The hand-off of ``kv_tokens`` tokens' KV cache from ``sender`` to ``receiver``: it runs at
+    the slower of the sender's uplink and the receiver's downlink, then one round trip; each
+    link is taken for its own share of the bytes (a 100 Gbit/s sender feeds four 25 Gbit/s
+    receivers at once). ``NO_TRANSFER`` (inf) when a link is not known."""
+    link = link_bytes_per_s(sender, receiver)
+    if link <= 0.0:
+        return NO_TRANSFER
+    size = kv_tokens * costs.kv_bytes_per_token
+    return KvTransfer(size / sender.uplink_bytes_per_s, size / receiver.downlink_bytes_per_s,
+                      size / link + pair_rtt_s(sender, receiver))  # fmt: skip
 
 
 def decode_times_s(

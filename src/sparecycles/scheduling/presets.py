@@ -13,6 +13,17 @@ from sparecycles.types import DeviceProfile, ModelSpec
 
 GB = 1_000_000_000
 GIB = 1 << 30
+MBIT = 125_000  # bytes/s in one Mbit/s
+
+# Network links (DeviceProfile.uplink_bytes_per_s / downlink_bytes_per_s), what shipping a KV
+# cache between two nodes runs at (disaggregated prefill/decode). Home broadband is asymmetric:
+# cable and DSL lines upload at 10-50 Mbit/s against a few hundred down; we take 20 up and 200
+# down for a home (wired or Wi-Fi, the line is the limit), and an owner on fibre says otherwise
+# in the fleet file (``uplink_mbit_s``). A car on LTE or a garage's Wi-Fi: 10 up, 50 down. A
+# data-centre server's NIC: 25 Gbit/s each way; a data-centre GPU server's: 100 Gbit/s (8-GPU
+# boxes carry 200-400 Gbit/s per GPU for GPU-to-GPU traffic; one NIC per node is the modest
+# case).
+HOME_UP, HOME_DOWN = 20 * MBIT, 200 * MBIT
 
 DEVICE_PRESETS: dict[str, DeviceProfile] = {
     # A gaming PC with an NVIDIA GeForce RTX 3060 12 GB (the most common RTX card in Steam's
@@ -30,6 +41,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.030,
         power_idle_w=60.0,
         power_busy_w=250.0,
+        uplink_bytes_per_s=HOME_UP,
+        downlink_bytes_per_s=HOME_DOWN,
     ),
     # A high-end gaming PC, NVIDIA GeForce RTX 4090: 24 GB GDDR6X at 1,008 GB/s; 165 TFLOP/s
     # dense FP16 tensor with FP32 accumulation (Ada Lovelace whitepaper); 450 W board power.
@@ -44,6 +57,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.030,
         power_idle_w=80.0,
         power_busy_w=550.0,
+        uplink_bytes_per_s=HOME_UP,
+        downlink_bytes_per_s=HOME_DOWN,
     ),
     # A laptop with Apple M2 and 16 GB unified memory: 100 GB/s, GPU 3.6 TFLOP/s (Apple's M2
     # announcement, June 2022). macOS lets the GPU use about two thirds of unified memory.
@@ -59,6 +74,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.040,
         power_idle_w=3.0,
         power_busy_w=20.0,
+        uplink_bytes_per_s=HOME_UP,
+        downlink_bytes_per_s=HOME_DOWN,
     ),
     # A CPU-only x86 laptop: 8 cores, dual-channel DDR5-5600 (2 x 64 bit x 5600 MT/s = 89.6 GB/s);
     # 8 cores x 32 FP32 FLOP/cycle (two 256-bit FMA units) x ~2.5 GHz sustained = 0.64 TFLOP/s.
@@ -71,6 +88,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.040,
         power_idle_w=5.0,
         power_busy_w=45.0,
+        uplink_bytes_per_s=HOME_UP,
+        downlink_bytes_per_s=HOME_DOWN,
     ),
     # A parked car's computer, NVIDIA DRIVE AGX / Jetson AGX Orin 64 GB class: 204.8 GB/s
     # LPDDR5 (Jetson AGX Orin data sheet); GPU 5.3 TFLOP/s FP32 and 170 sparse INT8 TOPS, i.e.
@@ -88,6 +107,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.060,
         power_idle_w=15.0,
         power_busy_w=60.0,
+        uplink_bytes_per_s=10 * MBIT,
+        downlink_bytes_per_s=50 * MBIT,
     ),
     # A small CPU server, AMD EPYC 9654 (96 Zen 4 cores): 12 channels of DDR5-4800 = 460.8 GB/s;
     # 96 cores x 32 FP32 FLOP/cycle x 2.4 GHz = 7.4 TFLOP/s; 360 W TDP. In a data centre: ~10 ms.
@@ -100,6 +121,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.010,
         power_idle_w=150.0,
         power_busy_w=500.0,
+        uplink_bytes_per_s=25_000 * MBIT,
+        downlink_bytes_per_s=25_000 * MBIT,
     ),
     # NVIDIA A100 SXM 80 GB: 2,039 GB/s HBM2e, 312 TFLOP/s dense BF16, 400 W (A100 datasheet).
     "a100": DeviceProfile(
@@ -113,6 +136,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.005,
         power_idle_w=100.0,
         power_busy_w=500.0,
+        uplink_bytes_per_s=100_000 * MBIT,
+        downlink_bytes_per_s=100_000 * MBIT,
     ),
     # NVIDIA H100 SXM5 80 GB: 3.35 TB/s HBM3, 989 TFLOP/s dense BF16 (1,979 with sparsity),
     # 700 W (H100 datasheet).
@@ -127,6 +152,8 @@ DEVICE_PRESETS: dict[str, DeviceProfile] = {
         network_rtt_s=0.005,
         power_idle_w=100.0,
         power_busy_w=800.0,
+        uplink_bytes_per_s=100_000 * MBIT,
+        downlink_bytes_per_s=100_000 * MBIT,
     ),
 }
 

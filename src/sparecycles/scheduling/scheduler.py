@@ -20,12 +20,18 @@ Policies (``SchedulerConfig.policy``):
   ``least-loaded``; they respect the hard constraints (model, fit, availability, trust, free slot)
   and ignore speed and departures.
 
+With ``SchedulerConfig.disaggregate`` ("fastest"), a job may instead be handed off: prefilled on
+one node and decoded on another, its KV cache shipped between them, when the roofline predicts
+that pair finishes it sooner than any single node (``predict_handoff``); the assignment then
+names both (``Assignment.decode_node_id``).
+
 NodeSnapshot fields read: node_id, profile, models, active_jobs, jobs_max, queued_tokens,
 prefill_backlog_tokens, prefill_backlog_s, kv_reserved_tokens, available, draining,
 expected_stay_s, reputation, decode_speed_factor (else measured_decode_tokens_per_s at
 measured_decode_batch), price_micros_per_mtok, last_assigned_s (round-robin only),
-cached_prefixes. Job fields read: job_id, model, prompt_tokens, max_tokens, generated_tokens,
-admitted_at_s, deadline_s, trusted_only, avoid_nodes, prefix_key, prefix_tokens.
+cached_prefixes, uplink_backlog_s and downlink_backlog_s (hand-offs only). Job fields read:
+job_id, model, prompt_tokens, max_tokens, generated_tokens, admitted_at_s, deadline_s,
+trusted_only, avoid_nodes, prefix_key, prefix_tokens.
 
 For large fleets the per-job search is bounded: nodes are grouped by (device class, accelerator,
 price); a group of at most ``group_candidates`` nodes is weighed whole (so small states get the
@@ -95,6 +101,19 @@ class SchedulerConfig:
     hedge_after_factor: float = 0.0
     hedges_per_job_max: int = 1
     hedge_remaining_tokens_min: int = 32
+    # Disaggregated prefill/decode ("fastest" only; in the simulator, the live hand-off is not
+    # built yet): a job may be prefilled on one node, which samples its first token, and decoded
+    # on another, the KV cache shipped between them over the slower of the sender's uplink and
+    # the receiver's downlink, when the roofline predicts that pair finishes it sooner than the
+    # best single node (docs/scheduling.md, "Disaggregated prefill/decode"). The prefill is
+    # weighed on the ``disaggregate_senders`` nodes that would finish it soonest, each against
+    # every node the job weighed for decoding.
+    disaggregate: bool = False
+    disaggregate_senders: int = 2
+    # ... and the pair is taken only if its score beats the best single node's by this factor:
+    # a hand-off moves gigabytes over a link whose speed is the owner's word, not a measurement,
+    # and fails if either node leaves during it, so a near tie stays on one node.
+    disaggregate_gain_min: float = 1.1
     calibration: Calibration = field(default=DEFAULT_CALIBRATION)
 
     def __post_init__(self) -> None:
@@ -103,6 +122,8 @@ class SchedulerConfig:
         invariant(self.group_rank_max >= self.group_candidates,
                   "group_rank_max must be at least group_candidates")
         invariant(self.late_binding_gain_min >= 1.0, "late_binding_gain_min must be at least 1")
+        invariant(self.disaggregate_gain_min >= 1.0, "disaggregate_gain_min must be at least 1")
+        invariant(self.disaggregate_senders >= 1, "disaggregate_senders must be at least 1")
 
 
 # --- measured speed ------------------------------------------------------------------------
@@ -156,8 +177,9 @@ class _Load:
     """A node's load as this call has changed it (the snapshot itself stays untouched). A plain
     slotted class: one is made per node per call, so it allocates nothing more until used."""
 
-    __slots__ = ("_costs", "_factors", "active", "kv_placed", "last_assigned_s", "node",
-                 "prefill_backlog_s", "queued_tokens", "version", "waiting")
+    __slots__ = ("_costs", "_factors", "active", "downlink_placed_s", "kv_placed",
+                 "last_assigned_s", "node", "prefill_backlog_s", "queued_tokens",
+                 "uplink_placed_s", "version", "waiting")
 
     def __init__(self, node: NodeSnapshot, active: int, queued_tokens: int,
                  last_assigned_s: float = -math.inf) -> None:  # fmt: skip
@@ -167,6 +189,8 @@ class _Load:
         self.prefill_backlog_s = 0.0  # prefills of jobs placed here in this call, run before ours
         self.kv_placed = 0  # KV tokens reserved by the jobs placed here in this call
         self.waiting = 0  # jobs of this call waiting for a slot here (late binding)
+        self.uplink_placed_s = 0.0  # KV-cache hand-offs placed in this call, from here
+        self.downlink_placed_s = 0.0  # ... and to here
         self.version = 0
         self.last_assigned_s = last_assigned_s
         self._costs: dict[str, perfmodel.Costs] | None = None  # per model, this call
@@ -220,6 +244,34 @@ def predict(
     the same call counted); the coordinator keeps it to correct the node's speed later."""
     load = _Load(node, node.active_jobs, node.queued_tokens)
     return _predict(job, load, spec, now_s, config)
+
+
+# The three helpers below repeat parts of _predict for the hand-off's prediction; _predict keeps
+# them inline, as it is the scheduler's innermost function.
+
+
+def _cached_tokens(job: Job, node: NodeSnapshot, context: int) -> int:
+    """Prompt tokens of ``job`` that ``node``'s prefix cache holds (multi-turn)."""
+    if job.prefix_key and node.cached_prefixes:
+        return min(node.cached_prefixes.get(job.prefix_key, 0), job.prefix_tokens, context - 1)
+    return 0
+
+
+def _backlog_s(load: _Load, costs: perfmodel.Costs, factor: float) -> float:
+    """Prefill queued on the node before a new job's: prompts placed earlier (as reported, else
+    predicted from their tokens) and those this call placed there."""
+    node = load.node
+    backlog = node.prefill_backlog_s
+    if backlog <= 0.0 and node.prefill_backlog_tokens > 0:
+        backlog = costs.prefill_s(node.prefill_backlog_tokens) / factor
+    return backlog + load.prefill_backlog_s
+
+
+def _p_leave(seconds: float, stay_s: float) -> float:
+    """The chance that a node expected to stay ``stay_s`` leaves within ``seconds``."""
+    if stay_s == math.inf:
+        return 0.0
+    return 1.0 - math.exp(-seconds / (stay_s if stay_s > 1e-9 else 1e-9))
 
 
 def _predict(
@@ -505,12 +557,18 @@ def _choose(
 
 
 def _best_for(
-    job: Job, ranking: _Ranking, spec: ModelSpec, now_s: float, config: SchedulerConfig
+    job: Job,
+    ranking: _Ranking,
+    spec: ModelSpec,
+    now_s: float,
+    config: SchedulerConfig,
+    weighed: list[tuple[Prediction, _Load]] | None = None,
 ) -> tuple[Prediction, _Load] | None:
     """Weigh every group's best usable node for this job, then the runners-up of the group
-    whose best came out ahead (a group's ranking is for a typical job, not for this one)."""
+    whose best came out ahead (a group's ranking is for a typical job, not for this one). The
+    nodes weighed go into ``weighed`` when given (the hand-off's candidates)."""
+    options: list[tuple[Prediction, _Load]] = [] if weighed is None else weighed
     may_wait = config.late_binding and now_s - job.admitted_at_s < config.late_binding_wait_s_max
-    options: list[tuple[Prediction, _Load]] = []
     rest: dict[int, list[_Load]] = {}
     for group in ranking.groups[job.model].values():
         candidates = group.candidates(config.group_candidates)
@@ -533,15 +591,160 @@ def _best_for(
     if best is not None and best[1].node.relayed and config.relay_tolerance > 0:
         # the replica's own nodes may sit just below the top of a ranking: weigh the best one
         # of each group too, so that the relay rule in _choose has it to compare
-        weighed = {id(o[1]) for o in options}
+        seen = {id(o[1]) for o in options}
         for group in ranking.groups[job.model].values():
             for load in group.local_candidates(config.group_rank_local_scan):
-                if id(load) in weighed or load.full or not _job_fits(job, load, spec, config):
+                if id(load) in seen or load.full or not _job_fits(job, load, spec, config):
                     continue
                 options.append((_predict(job, load, spec, now_s, config), load))
                 break
         best = _choose(options, job, now_s, config)
     return best
+
+
+# --- ours: disaggregated prefill/decode ----------------------------------------------------
+
+
+class Handoff(NamedTuple):
+    """A job prefilled on ``sender`` and decoded on ``receiver``, its KV cache shipped."""
+
+    prediction: Prediction
+    sender: _Load
+    receiver: _Load
+    prefill_s: float  # the prompt's prefill on the sender
+    transfer: perfmodel.KvTransfer
+
+
+def kv_handoff_tokens(job: Job) -> int:
+    """The KV-cache tokens a job fills on the node that prefills it for another: its context and
+    the first token, held until the hand-off is sent."""
+    return job.prompt_tokens + job.generated_tokens + 1
+
+
+def _prefilled_s(job: Job, load: _Load, spec: ModelSpec, config: SchedulerConfig) -> float:
+    """Seconds from now until ``job``'s prompt is prefilled on the node: the prefill queued there
+    first, then its own (the prefix the node caches not prefilled again)."""
+    calib = config.calibration
+    costs = load.costs_of(spec, calib)
+    factor = load.factor_of(job.model, spec, calib)
+    context = job.prompt_tokens + job.generated_tokens
+    hit = _cached_tokens(job, load.node, context)
+    return _backlog_s(load, costs, factor) + costs.prefill_s(context - hit, hit) / factor
+
+
+def predict_handoff(
+    job: Job, sender: _Load, receiver: _Load, spec: ModelSpec, now_s: float,
+    config: SchedulerConfig,
+) -> Handoff:  # fmt: skip
+    """The roofline of a hand-off (docs/scheduling.md has the formula): the sender prefills
+    after its queued prefill and samples the first token; the KV cache (less the prefix the
+    receiver's cache holds) leaves when both the prefill and the links are done with what was
+    queued before it, takes ``bytes / min(uplink, downlink)`` plus both round trips; then the
+    receiver decodes the rest at its batch + 1. The departure risk is the sender's over the
+    hand-off and the receiver's over the whole job."""
+    calib = config.calibration
+    p, d = sender.node, receiver.node
+    p_costs, d_costs = sender.costs_of(spec, calib), receiver.costs_of(spec, calib)
+    p_factor = sender.factor_of(job.model, spec, calib)
+    d_factor = receiver.factor_of(job.model, spec, calib)
+    context = job.prompt_tokens + job.generated_tokens
+    remaining = max(1, job.max_tokens - job.generated_tokens)
+    hit = _cached_tokens(job, p, context)
+    prefill = p_costs.prefill_s(context - hit, hit) / p_factor
+    first_step = p_costs.decode_step_s(sender.active + 1, context) / p_factor
+    prefilled = _backlog_s(sender, p_costs, p_factor) + prefill + first_step
+    ttft = p.profile.network_rtt_s + prefilled
+    held = _cached_tokens(job, d, context)  # the receiver has these already: not sent
+    transfer = perfmodel.kv_transfer(context - held, p_costs, p.profile, d.profile)
+    start = max(prefilled, p.uplink_backlog_s + sender.uplink_placed_s,
+                d.downlink_backlog_s + receiver.downlink_placed_s)  # fmt: skip
+    ready = start + transfer.arrive_s
+    # prompts queued on the receiver are prefilled in chunks between its decode steps: until they
+    # are done the new sequence gains about nothing (a chunk's step is the prefill's, not the
+    # decode's), so its decode starts once both the cache and that backlog are through
+    decoding = max(ready, _backlog_s(receiver, d_costs, d_factor))
+    step = d_costs.decode_step_s(receiver.active + 1, context + remaining // 2) / d_factor
+    total = decoding + (remaining - 1) * step + d.profile.network_rtt_s
+    kept = (1.0 - _p_leave(ready, p.expected_stay_s)) * (1.0 - _p_leave(total, d.expected_stay_s))
+    score = total * (1.0 + config.departure_penalty_fraction * (1.0 - kept))
+    frac = config.stay_fraction_max
+    stay_ok = (ready <= frac * p.expected_stay_s and total <= frac * d.expected_stay_s) or (
+        now_s - job.admitted_at_s >= config.stay_rule_relax_after_s)
+    cost = (p.price_micros_per_mtok * context + d.price_micros_per_mtok * remaining) // 1_000_000
+    return Handoff(Prediction(ttft, prefill, total, score, stay_ok, cost), sender, receiver,
+                   prefill, transfer)  # fmt: skip
+
+
+def _best_handoff(
+    job: Job,
+    weighed: list[tuple[Prediction, _Load]],
+    best: tuple[Prediction, _Load] | None,
+    spec: ModelSpec,
+    now_s: float,
+    config: SchedulerConfig,
+) -> Handoff | None:
+    """The best pair of the nodes the job weighed (each with a free slot and a known link) whose
+    score beats the best single node's by ``disaggregate_gain_min``; None if none does."""
+    if job.max_tokens - job.generated_tokens <= 1:
+        return None  # the prefill's first token is the whole answer: nothing to decode elsewhere
+    # each receiver with its decode as the job's own prediction there has it (the batch and step
+    # a hand-off would get) and the bytes it would be sent (not what its prefix cache holds):
+    # with the sender's prefill, a lower bound of the pair's time, to skip hopeless pairs
+    context = job.prompt_tokens + job.generated_tokens
+    kv_per_token = perfmodel.kv_bytes_per_token(spec, config.calibration)
+    receivers: dict[int, tuple[_Load, float, float]] = {}
+    down_max = 0.0
+    sent_min = math.inf
+    for prediction, load in weighed:
+        if not load.full and load.node.profile.downlink_bytes_per_s > 0.0:
+            sent = float((context - _cached_tokens(job, load.node, context)) * kv_per_token)
+            receivers[id(load)] = (load, prediction.total_s - prediction.ttft_s, sent)
+            down_max = max(down_max, load.node.profile.downlink_bytes_per_s)
+            sent_min = min(sent_min, sent)
+    if not receivers:
+        return None
+    bar = best[0].score_s / config.disaggregate_gain_min if best is not None else math.inf
+    # a sender whose bytes alone, at the fastest downlink, take longer than the best single
+    # node is no sender (a fleet of home uplinks stops here, before any prediction)
+    up_min = sent_min / bar if bar < math.inf else 0.0
+    senders: dict[int, _Load] = {}
+    for _, load in weighed:
+        up = load.node.profile.uplink_bytes_per_s
+        if not load.full and up > 0.0 and min(up, down_max) > up_min:
+            senders[id(load)] = load
+    if not senders or len(senders.keys() | receivers.keys()) < 2:
+        return None
+    soonest = heapq.nsmallest(config.disaggregate_senders,
+                              ((_prefilled_s(job, ld, spec, config), i, ld)
+                               for i, ld in enumerate(senders.values())))  # fmt: skip
+    chosen: Handoff | None = None
+    for prefilled, _, sender in soonest:
+        for receiver, decode_s, sent in receivers.values():
+            if receiver is sender:
+                continue
+            link = perfmodel.link_bytes_per_s(sender.node.profile, receiver.node.profile)
+            if prefilled + sent / link + decode_s >= bar:
+                continue  # prefill, bytes and decode alone take longer than the best single node
+            handoff = predict_handoff(job, sender, receiver, spec, now_s, config)
+            if handoff.prediction.stay_ok and handoff.prediction.score_s < bar:
+                bar, chosen = handoff.prediction.score_s, handoff
+    return chosen
+
+
+def _place_handoff(job: Job, handoff: Handoff, now_s: float) -> Assignment:
+    """Count a hand-off in both nodes' loads for the rest of the call."""
+    sender, receiver = handoff.sender, handoff.receiver
+    sender.active += 1
+    sender.queued_tokens += 1
+    sender.prefill_backlog_s += handoff.prefill_s
+    sender.kv_placed += kv_handoff_tokens(job)
+    sender.uplink_placed_s += handoff.transfer.uplink_s
+    receiver.active += 1
+    receiver.queued_tokens += job.remaining_tokens
+    receiver.kv_placed += kv_need_tokens(job)
+    receiver.downlink_placed_s += handoff.transfer.downlink_s
+    return Assignment(job.job_id, sender.node.node_id, now_s + handoff.prediction.total_s,
+                      decode_node_id=receiver.node.node_id)  # fmt: skip
 
 
 def _schedule_ours(
@@ -554,9 +757,21 @@ def _schedule_ours(
 ) -> list[Assignment]:
     ranking = _build_ranking(jobs, loads, models, now_s, config, memo)
     out: list[Assignment] = []
+    disaggregate = config.disaggregate and config.policy == "fastest"
     for job in jobs:
         spec = models[job.model]
-        best = _best_for(job, ranking, spec, now_s, config)
+        weighed: list[tuple[Prediction, _Load]] | None = [] if disaggregate else None
+        best = _best_for(job, ranking, spec, now_s, config, weighed)
+        handoff = _best_handoff(job, weighed, best, spec, now_s, config) if weighed else None
+        if handoff is not None:
+            out.append(_place_handoff(job, handoff, now_s))
+            for load in (handoff.sender, handoff.receiver):
+                load.version += 1
+                group = ranking.groups[job.model][_group_key(load.node)]
+                ranking.push(group, load, spec, now_s, config)
+            if len(out) >= config.assignments_per_call_max:
+                break
+            continue
         if best is None:
             continue
         prediction, load = best

@@ -20,6 +20,8 @@ The format is documented in docs/scheduling.md, with examples in examples/fleets
     speed_mean = 1.0            # real engine speed over the roofline's prediction
     speed_sigma = 0.25          # node-to-node spread (log-normal sigma), unknown to the scheduler
     price_per_mtok = "0.10"     # the owner's asking price, USD per million tokens
+    uplink_mbit_s = 20          # optional: the nodes' network link (KV-cache hand-offs), else
+    downlink_mbit_s = 200       # the preset's (presets.py says what each assumes)
     [class.profile]             # optional overrides of the preset's fields
     network_rtt_s = 0.05
     [class.availability]
@@ -41,7 +43,7 @@ from typing import Any
 from sparecycles import availability as av
 from sparecycles.errors import InvalidRequest
 from sparecycles.ledger.pricing import parse_money
-from sparecycles.scheduling.presets import device_preset, model_preset
+from sparecycles.scheduling.presets import MBIT, device_preset, model_preset
 from sparecycles.sim.churn import AvailabilitySpec, CarHabits
 from sparecycles.types import DeviceProfile
 
@@ -51,6 +53,7 @@ FTA_FITS: dict[str, tuple[av.StayModel, av.StayModel]] = {
     "skype06": (av.FTA_SKYPE06_UP, av.FTA_SKYPE06_DOWN),
 }
 fleet_nodes_max = 10_000_000  # a sanity bound on one fleet file
+link_mbit_s_max = 10_000_000.0  # 10 Tbit/s: a sanity bound on a class's link
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,19 @@ def _profile(table: dict[str, Any]) -> DeviceProfile:
     unknown = set(overrides) - known
     if unknown:
         raise InvalidRequest(f"unknown profile fields {sorted(unknown)}")
-    return replace(base, **overrides)
+    profile = replace(base, **overrides)
+    if "uplink_mbit_s" in table:
+        profile = replace(profile, uplink_bytes_per_s=_mbit(table, "uplink_mbit_s") * MBIT)
+    if "downlink_mbit_s" in table:
+        profile = replace(profile, downlink_bytes_per_s=_mbit(table, "downlink_mbit_s") * MBIT)
+    return profile
+
+
+def _mbit(table: dict[str, Any], key: str) -> float:
+    mbit = float(table[key])
+    if not 0.0 <= mbit <= link_mbit_s_max:
+        raise InvalidRequest(f"{key} out of range: {mbit}")
+    return mbit
 
 
 def parse_class(table: dict[str, Any]) -> ClassSpec:

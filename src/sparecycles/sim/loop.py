@@ -36,7 +36,7 @@ from sparecycles.sim.policies import BASELINES, CandidateIndex, policy_config
 from sparecycles.sim.trace import Trace
 from sparecycles.types import Job, NodeSnapshot
 
-EV_NODE, EV_JOIN, EV_LEAVE, EV_DRAIN_END, EV_SCHEDULE, EV_HEDGE = range(6)
+EV_NODE, EV_JOIN, EV_LEAVE, EV_DRAIN_END, EV_SCHEDULE, EV_HEDGE, EV_KV_ARRIVED = range(7)
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_AT_WORK = availability.DeviceStatus(on_ac_power=True, charging=True)
 
@@ -93,11 +93,14 @@ class SimResult:
     attempts: np.ndarray
     interrupted: np.ndarray
     hedged: np.ndarray
+    handed_off: np.ndarray  # attempts of each request prefilled on one node, decoded on another
     node_class: np.ndarray
     node_busy_s: np.ndarray
     node_available_s: np.ndarray
     node_earned_micros: np.ndarray
     kv_over_capacity_placements: int = 0
+    kv_bytes_moved: int = 0  # KV caches shipped by hand-offs (those cut short counted whole)
+    handoffs_interrupted: int = 0  # hand-offs that lost a node before the cache arrived
     prompt_tokens_admitted: int = 0  # prompt tokens of every admitted attempt (prefills)
     prompt_tokens_cached: int = 0  # ... of which nodes' prefix caches held
     charges_micros: int = 0
@@ -190,6 +193,7 @@ class Simulation:
         self.attempts = bytearray(n)
         self.interrupted = bytearray(n)
         self.hedged = bytearray(n)
+        self.handed_off = bytearray(n)
         self.heap: list[tuple[float, int, int, object, int]] = []
         self.seq = 0
         self.waiting: dict[str, Waiting] = {}
@@ -198,7 +202,8 @@ class Simulation:
         self.shares: dict[int, list[tuple[SimNode, int, int]]] = {}
         self.sched_pending: float | None = None
         self.last_sched = -math.inf
-        self.result_counters = {"charges": 0, "hedge_waste": 0, "calls": 0, "events": 0}
+        self.result_counters = {"charges": 0, "hedge_waste": 0, "calls": 0, "events": 0,
+                                "kv_bytes": 0, "handoffs_interrupted": 0}  # fmt: skip
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class Simulation:
         handlers = {
             EV_NODE: self.on_node, EV_JOIN: self.on_join, EV_LEAVE: self.on_leave,
             EV_DRAIN_END: self.on_drain_end, EV_SCHEDULE: self.on_schedule,
-            EV_HEDGE: self.on_hedge,
+            EV_HEDGE: self.on_hedge, EV_KV_ARRIVED: self.on_kv_arrived,
         }  # fmt: skip
         heap = self.heap
         while True:
@@ -381,7 +386,12 @@ class Simulation:
         self.result_counters["calls"] += 1
         for a in schedule(jobs, snapshots, self.models, t, self.sched, self.rng):
             w = self._unwait(a.job_id)
-            if w is not None:
+            if w is None:
+                continue
+            if a.decode_node_id:
+                self.start_handoff(w, self.by_id[a.node_id], self.by_id[a.decode_node_id], t,
+                                   a.predicted_finish_s)  # fmt: skip
+            else:
                 self.start(w, self.by_id[a.node_id], t, a.predicted_finish_s)
 
     def snapshot(self, node: SimNode, t: float) -> NodeSnapshot:
@@ -405,6 +415,7 @@ class Simulation:
             node.stay_t = t
         stay = node.stay
         backlog_tokens, backlog_s = node.prefill_backlog(t) if node.active else (0, 0.0)
+        uplink_s, downlink_s = node.link_backlog_s(t)
         node.snapshot = NodeSnapshot(
             node_id=node.node_id,
             owner_id="owner-" + node.node_id,
@@ -424,6 +435,8 @@ class Simulation:
             decode_speed_factor=node.factor,
             price_micros_per_mtok=node.price_micros_per_mtok,
             last_assigned_s=node.last_assigned_t,
+            uplink_backlog_s=uplink_s,
+            downlink_backlog_s=downlink_s,
         )
         node.snapshot_t = t
         return node.snapshot
@@ -456,6 +469,49 @@ class Simulation:
         if factor > 0.0 and not w.is_hedge:
             self.push(t + factor * max(1e-3, predicted_finish_t - t), EV_HEDGE, att)
 
+    def start_handoff(self, w: Waiting, sender: SimNode, receiver: SimNode, t: float,
+                      predicted_finish_t: float) -> None:  # fmt: skip
+        """Place a job as a hand-off (sim/node.py): the sender's attempt into its queue, the
+        receiver's into its ``incoming`` with its whole KV need reserved."""
+        req, job = w.req, w.job
+        context0 = self.prompt[req] + job.generated_tokens
+        dec = Attempt(
+            req=req, job=job, node=receiver, assigned_t=t, predicted_finish_t=predicted_finish_t,
+            target=max(1, self.output[req] - job.generated_tokens), context0=context0,
+            is_hedge=w.is_hedge, kv_need=scheduler.kv_need_tokens(job),
+            conversation=job.prefix_key, prefix=job.prefix_tokens, handed=True,
+        )  # fmt: skip
+        pre = Attempt(
+            req=req, job=job, node=sender, assigned_t=t, predicted_finish_t=predicted_finish_t,
+            target=1, context0=context0, is_hedge=w.is_hedge,
+            kv_need=scheduler.kv_handoff_tokens(job), conversation=job.prefix_key,
+            prefix=job.prefix_tokens, handoff=dec,
+        )  # fmt: skip
+        dec.source = pre
+        planned = perfmodel.kv_transfer(context0, sender.costs, sender.profile, receiver.profile)
+        if math.isfinite(planned.arrive_s):
+            pre.uplink_s, pre.downlink_s = planned.uplink_s, planned.downlink_s
+        sender.uplink_due_s += pre.uplink_s
+        receiver.downlink_due_s += pre.downlink_s
+        for node, att in ((sender, pre), (receiver, dec)):
+            node.advance(t)
+            if node.kv_reserved() + att.kv_need > node.costs.kv_capacity_tokens:
+                node.kv_over_capacity_placements += 1
+            node.last_assigned_t = t
+            self.index.assigned(node.idx)
+        sender.queue.append(pre)
+        sender.start_prefill(t)
+        self.replan(sender, t)
+        receiver.incoming.append(dec)
+        for node in (sender, receiver):
+            self._index(node)
+        self.live.setdefault(req, []).append(dec)
+        self.attempts[req] = min(255, self.attempts[req] + 1)
+        self.handed_off[req] = min(255, self.handed_off[req] + 1)
+        factor = self.sched.hedge_after_factor
+        if factor > 0.0 and not w.is_hedge:
+            self.push(t + factor * max(1e-3, predicted_finish_t - t), EV_HEDGE, dec)
+
     # --- nodes -------------------------------------------------------------------------------
 
     def replan(self, node: SimNode, t: float) -> None:
@@ -479,7 +535,9 @@ class Simulation:
             req = a.req
             if math.isnan(self.first[req]):
                 self.first[req] = t + node.profile.network_rtt_s
-            if a.done >= a.target:
+            if a.handoff is not None:
+                finished += self._prefilled_for_handoff(a, t)
+            elif a.done >= a.target:
                 finished.append(a)
             else:
                 node.decoding.append(a)
@@ -493,6 +551,101 @@ class Simulation:
             if self.waiting:
                 self.want_schedule(t)
 
+    # --- hand-offs ---------------------------------------------------------------------------
+
+    def _prefilled_for_handoff(self, pre: Attempt, t: float) -> list[Attempt]:
+        """The sender prefilled a hand-off's prompt and sampled its first token: ship the KV
+        cache, or, if that token was the whole answer, finish the job here (returned)."""
+        dec, sender = pre.handoff, pre.node
+        assert dec is not None
+        receiver = dec.node
+        self._release_link(pre)
+        dec.done, dec.first_token_t = 1.0, t  # the client has the first token
+        if dec.done >= dec.target:  # nothing left to decode: the sender finishes the job
+            pre.handoff, dec.source, dec.live = None, None, False
+            receiver.advance(t)
+            receiver.incoming.remove(dec)
+            copies = self.live.get(pre.req, [])
+            copies[copies.index(dec)] = pre
+            self._index(receiver)
+            return [pre]
+        self.shares.setdefault(pre.req, []).append((sender, pre.context0, 1))
+        sender.tokens_out += 1
+        sender.sending.append(pre)
+        held = receiver.cached_for(dec)  # the receiver's prefix cache: not sent again
+        if dec.conversation in receiver.cache:  # the sequence owns those KV blocks now
+            receiver.cached_tokens -= receiver.cache.pop(dec.conversation)
+        transfer = perfmodel.kv_transfer(pre.context0 - held, sender.costs, sender.profile,
+                                         receiver.profile)  # fmt: skip
+        start = max(t, sender.uplink_free_t, receiver.downlink_free_t)
+        sender.uplink_free_t = start + transfer.uplink_s
+        receiver.downlink_free_t = start + transfer.downlink_s
+        self.result_counters["kv_bytes"] += (pre.context0 - held) * sender.costs.kv_bytes_per_token
+        self.push(start + transfer.arrive_s, EV_KV_ARRIVED, pre)
+        receiver.snapshot = None  # its downlink's backlog changed
+        return []
+
+    def on_kv_arrived(self, obj: object, _version: int, t: float) -> None:
+        pre = obj
+        assert isinstance(pre, Attempt)
+        dec = pre.handoff
+        if not pre.live or dec is None or not dec.live:
+            return  # a node left during the hand-off (already re-placed)
+        sender, receiver = pre.node, dec.node
+        pre.live, pre.handoff, dec.source = False, None, None
+        sender.advance(t)
+        sender.sending.remove(pre)
+        sender.remember(pre.conversation, pre.context0)  # the freed blocks stay as a prefix
+        sender.start_prefill(t)  # its KV cache is free: the next prompt may fit
+        self.replan(sender, t)
+        self._index(sender)
+        receiver.advance(t)
+        receiver.receive(dec, t)
+        self.replan(receiver, t)
+        self._index(receiver)
+        if self.waiting:  # the sender's slot is free
+            self.want_schedule(t)
+
+    @staticmethod
+    def _release_link(pre: Attempt) -> None:
+        """A hand-off placed and not yet sent no longer waits for the links (sent or dropped)."""
+        dec = pre.handoff
+        if dec is not None:
+            pre.node.uplink_due_s = max(0.0, pre.node.uplink_due_s - pre.uplink_s)
+            dec.node.downlink_due_s = max(0.0, dec.node.downlink_due_s - pre.downlink_s)
+        pre.uplink_s = pre.downlink_s = 0.0
+
+    def _unlink(self, a: Attempt, t: float) -> Attempt | None:
+        """Cut a hand-off in two: the other half (returned) is taken off its node."""
+        pre = a if a.handoff is not None else a.source
+        if pre is None:
+            return None
+        dec = pre.handoff
+        assert dec is not None
+        self._release_link(pre)
+        other = dec if a is pre else pre
+        pre.handoff, dec.source = None, None
+        if other.live:
+            other.live = False
+            node = other.node
+            node.advance(t)
+            node.remove(other)
+            node.start_prefill(t)  # in case it was the one being prefilled
+            self.replan(node, t)
+            self._index(node)
+        return other
+
+    def _drop(self, a: Attempt, t: float) -> None:
+        """Take a live attempt off its node, and a hand-off's other half off the other."""
+        self._unlink(a, t)
+        a.live = False
+        node = a.node
+        node.advance(t)
+        node.remove(a)
+        node.start_prefill(t)  # in case it was the one being prefilled
+        self.replan(node, t)
+        self._index(node)
+
     def complete(self, a: Attempt, t: float) -> None:
         req, node = a.req, a.node
         a.live = False
@@ -500,13 +653,8 @@ class Simulation:
         self.end[req] = t + node.profile.network_rtt_s
         for other in self.live.pop(req, []):
             if other is not a and other.live:  # a hedge that lost: cancelled, its work wasted
-                other.live = False
-                other.node.advance(t)
-                other.node.remove(other)
-                other.node.start_prefill(t)  # in case it was the one being prefilled
                 self.result_counters["hedge_waste"] += int(other.done)
-                self.replan(other.node, t)
-                self._index(other.node)
+                self._drop(other, t)
         pending = self.waiting_by_req.get(req)
         if pending is not None:
             self._unwait(pending)
@@ -514,9 +662,13 @@ class Simulation:
         if a.conversation:
             self.prefix_home[a.conversation] = node.idx
         shares = self.shares.pop(req, [])
-        shares.append((node, a.context0, a.target))
+        if a.handed:  # the sender prefilled it and sampled the first token (its share is in)
+            shares.append((node, 0, a.target - 1))
+            node.tokens_out += a.target - 1
+        else:
+            shares.append((node, a.context0, a.target))
+            node.tokens_out += a.target
         self.settle(req, shares)
-        node.tokens_out += a.target
         self._learn_speed(a, t)
 
     def _learn_speed(self, a: Attempt, t: float) -> None:
@@ -586,16 +738,25 @@ class Simulation:
             return  # already drained (it came back early), or the end of an older drain
         node.advance(t)
         for a in node.attempts():
-            self.interrupt(a, t)
+            if a.handoff is not None or a.source is not None:  # a hand-off cut short
+                self.result_counters["handoffs_interrupted"] += 1
+                dec = a.handoff or a
+                self._unlink(a, t)
+                a.live = False
+                self.interrupt(dec, t, left=node)
+            else:
+                self.interrupt(a, t)
         node.queue.clear()
         node.prefilling, node.decoding, node.draining = None, [], False
+        node.sending, node.incoming = [], []
         node.forget_cache()  # the owner took the machine back: its KV cache is gone
         self.replan(node, t)
         self._index(node)
 
-    def interrupt(self, a: Attempt, t: float) -> None:
+    def interrupt(self, a: Attempt, t: float, left: SimNode | None = None) -> None:
         """The node left with this attempt unfinished: resume the job elsewhere from the tokens
-        already delivered, unless another copy carries on or it is out of attempts."""
+        already delivered, unless another copy carries on or it is out of attempts. ``left``:
+        the node that left, when it is not the attempt's own (a hand-off's sender)."""
         req, node = a.req, a.node
         a.live = False
         copies = self.live.get(req, [])
@@ -605,7 +766,10 @@ class Simulation:
             self.live.pop(req, None)
         tokens = int(a.done)
         self.interrupted[req] = min(255, self.interrupted[req] + 1)
-        if a.first_token_t >= 0.0:
+        if a.handed:  # the sender's share (prompt, first token) went in when it shipped
+            if tokens > 1:
+                self.shares.setdefault(req, []).append((node, 0, tokens - 1))
+        elif a.first_token_t >= 0.0:
             self.shares.setdefault(req, []).append((node, a.context0, tokens))
         if req in self.live or req in self.waiting_by_req or self.status[req] != PENDING:
             return
@@ -614,7 +778,7 @@ class Simulation:
             return
         job = replace(
             a.job, job_id=str(req), generated_tokens=a.job.generated_tokens + tokens,
-            admitted_at_s=t, avoid_nodes=(node.node_id,),
+            admitted_at_s=t, avoid_nodes=((left or node).node_id,),
         )  # fmt: skip
         self._enqueue(Waiting(req, job, t), t)
 
@@ -662,11 +826,14 @@ class Simulation:
             attempts=np.frombuffer(bytes(self.attempts), dtype=np.uint8),
             interrupted=np.frombuffer(bytes(self.interrupted), dtype=np.uint8),
             hedged=np.frombuffer(bytes(self.hedged), dtype=np.uint8),
+            handed_off=np.frombuffer(bytes(self.handed_off), dtype=np.uint8),
             node_class=np.asarray([n.cls for n in self.nodes]),
             node_busy_s=np.asarray([n.busy_s for n in self.nodes]),
             node_available_s=available,
             node_earned_micros=np.asarray([n.earned_micros for n in self.nodes], dtype=np.int64),
             kv_over_capacity_placements=sum(n.kv_over_capacity_placements for n in self.nodes),
+            kv_bytes_moved=c["kv_bytes"],
+            handoffs_interrupted=c["handoffs_interrupted"],
             prompt_tokens_admitted=sum(n.prompt_tokens_admitted for n in self.nodes),
             prompt_tokens_cached=sum(n.prompt_tokens_cached for n in self.nodes),
             charges_micros=c["charges"],

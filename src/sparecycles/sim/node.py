@@ -31,8 +31,20 @@ alone (vLLM) preempts and recomputes later instead, which costs at least as much
 that leaves the node's reservations above its capacity is counted
 (``SimNode.kv_over_capacity_placements``): the scheduler never makes one.
 
+**Disaggregated prefill/decode** (a hand-off, ``SimConfig`` policy ``fastest+disagg``): a job
+is two linked attempts. The *sender*'s (``handoff`` set) is queued and prefilled like any other,
+its KV need only its context and first token; its prefill samples the first token, and then it
+waits in ``sending`` (its KV cache still held) while the cache crosses the link. The
+*receiver*'s (``source`` set until the cache arrives) sits in ``incoming`` from the placement
+on, its whole KV need reserved (so the receiver is never over-committed when the cache lands)
+and a slot taken; when the cache arrives it joins the decoding batch with its first token done.
+A cache runs at the slower of the sender's uplink and the receiver's downlink, after the
+hand-offs sent before it on either: each link is taken in order for its own share of the bytes
+(``uplink_free_t``, ``downlink_free_t``), so a fast sender feeds several slower receivers at once.
+
 Between two events the batch is constant, so progress is linear and each node needs one pending
-event: the end of the current prefill, or the first sequence to finish decoding.
+event: the end of the current prefill, or the first sequence to finish decoding. Hand-offs'
+arrivals are the loop's events (sim/loop.py).
 """
 
 from __future__ import annotations
@@ -66,6 +78,15 @@ class Attempt:
     conversation: str = ""  # multi-turn traces: the prefix cache's key
     prefix: int = 0  # tokens of its prompt shared with the conversation's previous turn
     cached: int = 0  # of which the node's prefix cache held (known once admitted)
+    # disaggregated prefill/decode: on the sender, the receiver's attempt it ships its KV cache
+    # to; on the receiver, the sender's attempt until the cache arrives
+    handoff: Attempt | None = None
+    source: Attempt | None = None
+    # the sender's: the hand-off's predicted time on its uplink and on the receiver's downlink,
+    # counted in their backlogs while it is placed and not yet sent
+    uplink_s: float = 0.0
+    downlink_s: float = 0.0
+    handed: bool = False  # the receiver's: its prompt was prefilled on another node
 
 
 @dataclass(slots=True, eq=False)
@@ -96,6 +117,12 @@ class SimNode:
     prefill_total_s: float = 0.0  # prefill-first: its whole prefill's time
     prefill_rate: float = 0.0  # prompt tokens/s, as the batch stands
     decoding: list[Attempt] = field(default_factory=list)
+    sending: list[Attempt] = field(default_factory=list)  # prefilled, KV cache on its way out
+    incoming: list[Attempt] = field(default_factory=list)  # to decode, KV cache not yet here
+    uplink_free_t: float = 0.0  # when the link is done with the hand-offs sent so far
+    downlink_free_t: float = 0.0
+    uplink_due_s: float = 0.0  # link seconds of hand-offs placed and not yet sent
+    downlink_due_s: float = 0.0
     rate: float = 0.0  # tokens/s of each decoding sequence, as the batch stands
     last_t: float = 0.0
     version: int = 0
@@ -117,12 +144,15 @@ class SimNode:
 
     @property
     def active(self) -> int:
-        return len(self.queue) + len(self.decoding) + (self.prefilling is not None)
+        return (len(self.queue) + len(self.decoding) + (self.prefilling is not None)
+                + len(self.sending) + len(self.incoming))  # fmt: skip
 
     def attempts(self) -> list[Attempt]:
         out = list(self.queue) + self.decoding
         if self.prefilling is not None:
             out.append(self.prefilling)
+        if self.sending or self.incoming:
+            out += self.sending + self.incoming
         return out
 
     def advance(self, t: float) -> None:
@@ -146,7 +176,11 @@ class SimNode:
         return sum(a.kv_need for a in self.attempts())
 
     def kv_admitted(self) -> int:
+        """KV tokens the engine holds now: decoding sequences', the prompt being prefilled's and
+        those of prefilled prompts whose cache is on its way out."""
         total = sum(a.kv_need for a in self.decoding)
+        if self.sending:
+            total += sum(a.kv_need for a in self.sending)
         return total + (self.prefilling.kv_need if self.prefilling is not None else 0)
 
     def _evict(self, room: int) -> None:
@@ -241,8 +275,29 @@ class SimNode:
             self.prefilling = None
         elif attempt in self.decoding:
             self.decoding.remove(attempt)
+        elif attempt in self.sending:
+            self.sending.remove(attempt)
+        elif attempt in self.incoming:
+            self.incoming.remove(attempt)
         else:
             self.queue.remove(attempt)
+
+    # --- hand-offs ---------------------------------------------------------------------------
+
+    def receive(self, attempt: Attempt, t: float) -> None:
+        """A hand-off's KV cache arrived: the sequence joins the decoding batch, its first
+        token already sampled by the sender; the prefix cache makes room for it."""
+        self.incoming.remove(attempt)
+        attempt.first_token_t = t  # its decode starts now (what the speed factor compares)
+        attempt.decode_batch = len(self.decoding) + 1
+        self.decoding.append(attempt)
+        self._evict(self.costs.kv_capacity_tokens - self.kv_admitted())
+
+    def link_backlog_s(self, t: float) -> tuple[float, float]:
+        """Seconds of hand-offs queued on the uplink and the downlink, from ``t``: those sent
+        and not yet through, and those placed and not yet sent."""
+        return (max(0.0, self.uplink_free_t - t) + self.uplink_due_s,
+                max(0.0, self.downlink_free_t - t) + self.downlink_due_s)  # fmt: skip
 
     def queued_tokens(self) -> int:
         return int(sum(a.target - a.done for a in self.attempts()))

@@ -33,6 +33,8 @@ from sparecycles.scheduling.scheduler import SchedulerConfig
 POLICY_CONFIGS: dict[str, SchedulerConfig] = {
     "fastest": SchedulerConfig(policy="fastest"),
     "fastest+hedge": SchedulerConfig(policy="fastest", hedge_after_factor=2.0),
+    # ours, a long prompt may be prefilled on one node and decoded on another (hand-offs)
+    "fastest+disagg": SchedulerConfig(policy="fastest", disaggregate=True),
     "cheapest-within-deadline": SchedulerConfig(policy="cheapest-within-deadline"),
     "random": SchedulerConfig(policy="random"),
     "round-robin": SchedulerConfig(policy="round-robin"),

@@ -14,6 +14,8 @@ Definitions (also in docs/scheduling.md):
   sequence's context plus the tokens it may still generate) above its KV capacity.
 - **Prefix hit**: the share of prompt tokens admitted by nodes' engines (every attempt's, a
   resumed one's included) that a node's prefix cache held, so that they were not prefilled.
+- **Hand-offs** (disaggregated prefill/decode): requests with at least one attempt prefilled on
+  one node and decoded on another, and the KV-cache bytes shipped between them.
 - **Interrupted**: requests that lost at least one attempt to a departure; **recovered**: those of
   them that still completed (resumed elsewhere).
 - **Earnings**: each owner's share of the charges (ledger/pricing.py's rules), per hour the device
@@ -68,6 +70,13 @@ class Summary:
     events: int
     kv_over_capacity_placements: int = 0  # placements that left a node's KV reservations > capacity
     prefix_hit_rate: float = 0.0  # prompt tokens admitted that a node's prefix cache held
+    handed_off: int = 0  # requests with at least one hand-off (disaggregated prefill/decode)
+    kv_bytes_moved: int = 0
+    handoffs_interrupted: int = 0
+
+    @property
+    def handed_off_share(self) -> float:
+        return self.handed_off / max(1, self.requests)
 
     @property
     def slo_attainment(self) -> float:
@@ -160,6 +169,9 @@ def summarize(result: SimResult) -> Summary:
         events=result.events,
         kv_over_capacity_placements=result.kv_over_capacity_placements,
         prefix_hit_rate=result.prompt_tokens_cached / max(1, result.prompt_tokens_admitted),
+        handed_off=int((result.handed_off > 0).sum()),
+        kv_bytes_moved=result.kv_bytes_moved,
+        handoffs_interrupted=result.handoffs_interrupted,
     )
 
 
@@ -167,7 +179,8 @@ def summarize(result: SimResult) -> Summary:
 
 COMPARISON_COLUMNS = (
     "policy", "SLO met", "goodput req/s", "goodput tok/s", "TTFT p50/p90/p99 s",
-    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "KV over", "prefix hit", "hedged",
+    "E2E p50/p90/p99 s", "failed", "interrupted (recovered)", "KV over", "prefix hit",
+    "hand-offs (GB)", "hedged",
     "$/M tok", "busy $/M tok",
 )  # fmt: skip
 
@@ -184,6 +197,7 @@ def _row(s: Summary) -> list[str]:
         f"{s.interrupted:,} ({s.recovered:,})",
         f"{s.kv_over_capacity_placements:,}",
         f"{s.prefix_hit_rate:.0%}",
+        f"{s.handed_off_share:.0%} ({s.kv_bytes_moved / 1e9:,.0f})",
         f"{s.hedged:,}" + (f" (+{s.hedge_waste_tokens:,} tok)" if s.hedged else ""),
         f"{s.cost_per_mtok_micros / 1e6:.3f}",
         f"{s.busy_cost_per_mtok_micros / 1e6:.3f}",
