@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -224,7 +225,7 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
     if args.py_spy:  # samples of the coordinator holding the GIL, over the measured requests
         out = Path(args.py_spy) / f"{net.tree.name}-c{concurrency}-{int(time.time())}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+        spy = subprocess.Popen([py_spy(), "record", "--pid",
                                 str(net.coordinator.pid), "--gil", "--rate", "250",
                                 "--format", "raw", "--output", str(out), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -255,6 +256,12 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
         "load_before": la0, "load_after": la1,
         "errors": sorted({s.error[:120] for s in result.samples if not s.ok})[:3],
     }
+
+
+def py_spy() -> str:
+    """py-spy beside this interpreter (a dev install), else the one on ``PATH``."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else (shutil.which("py-spy") or str(here))
 
 
 def fmt(v: Any, digits: int = 2) -> str:

@@ -120,6 +120,47 @@ async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
     await d.stop()
 
 
+async def test_the_last_attempt_ends_in_the_settlements_transaction(world, monkeypatch) -> None:
+    """A job's last attempt is ended by its settlement's transaction (one commit a job fewer,
+    and one hand-off to a thread); an attempt the job went on from is written at once, before
+    the next one starts."""
+    store, ledger, client, (alice, bob) = world
+    separate: list[tuple[str, int, str]] = []
+    real_end = store.end_attempt
+
+    def end_attempt(job_id: str, attempt: int, **fields) -> None:
+        separate.append((job_id, attempt, fields["outcome"]))
+        real_end(job_id, attempt, **fields)
+
+    monkeypatch.setattr(store, "end_attempt", end_attempt)
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1, n2 = FakeNode("n1", alice), FakeNode("n2", bob)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    d.on_node_ready(n2.conn)
+    await d.on_node_lost(n1.conn)
+    await _until(lambda: n2.jobs())
+    second = n2.jobs()[0]
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4, 5]))
+    await d.on_done(n2.conn, n2.done(second, [4, 5], busy_s=0.03, energy_j=1.5))
+    assert separate == [("job_1", 1, "node_lost")]  # the done attempt rode with the settlement
+    rows = store.attempts("job_1")
+    assert [(a.outcome, a.completion_tokens) for a in rows] == [("node_lost", 1), ("done", 2)]
+    assert rows[1].busy_s == 0.03 and rows[1].energy_j == 1.5 and rows[1].signature
+    assert rows[1].ended_at_s is not None and store.get_job("job_1").state == "done"
+    assert ledger.job_money("job_1")["state"] == "settled"
+    # a job that delivered nothing is voided with its attempt's end in the same transaction
+    await _admit(d, client, job_id="job_2")
+    await _until(lambda: len(n2.jobs()) == 2)
+    await d.cancel("job_2")
+    assert [a.outcome for a in store.attempts("job_2")] == ["cancelled"]
+    assert ledger.job_money("job_2")["state"] == "voided" and len(separate) == 1
+    await d.stop()
+
+
 async def test_a_job_handed_back_by_the_favourite_goes_to_the_free_node_beside_it(world) -> None:
     """The node that handed a job back is still the scheduler's first choice for it; the
     scheduler is told to avoid that node for that job, so the free node beside it takes the job

@@ -496,15 +496,20 @@ class Dispatcher:
         metering: protocol.Metering | None = None,
         signature: str | None = None,
     ) -> None:
+        """End the attempt: its node no longer holds the job, and its row's end is kept on the
+        job (``attempt_ends``), to be written with the job's settlement when the job ends now
+        (one commit a job instead of two), or queued by ``_resume_soon`` when it goes on."""
         if node is not None:
             node.jobs.discard(job.job_id)
         fields: dict[str, Any] = {
+            "attempt": att.number,
             "outcome": str(outcome),
             "completion_tokens": att.tokens,
             "time_to_first_token_s": (att.first_token_mono_s - att.started_mono_s)
             if att.first_token_mono_s
             else None,
             "total_s": now.mono_s - att.started_mono_s,
+            "ended_at_s": now.epoch_s,
         }
         if metering is not None:
             fields.update(
@@ -513,7 +518,14 @@ class Dispatcher:
                 energy_source=metering.energy_source,
                 signature=signature,
             )
-        self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
+        job.attempt_ends.append(fields)
+
+    def _write_attempt_ends(self, job: LiveJob) -> None:
+        """Queue the ends of the job's attempts that no settlement will carry (it goes on)."""
+        for fields in job.attempt_ends:
+            end = dict(fields)
+            self.writer.background(self.store.end_attempt, job.job_id, end.pop("attempt"), **end)
+        job.attempt_ends.clear()
 
     async def _resume(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
@@ -536,6 +548,7 @@ class Dispatcher:
         if len(job.attempts) >= limits.job_attempts_max:
             return self._finish_soon(job, now, error=JobFailed(
                 f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
+        self._write_attempt_ends(job)  # before the next attempt's start, in the writer's order
         job.state = JobState.ADMITTED
         job.waiting_since_mono_s = now.mono_s
         self.waiting[job.job_id] = job
@@ -594,6 +607,7 @@ class Dispatcher:
         """End the job now (state, out of the queues) and queue its settlement; returns what
         completes once the settlement has committed and the client has been told."""
         if job.state.is_final:
+            self._write_attempt_ends(job)
             return None
         self.jobs.pop(job.job_id, None)
         self.waiting.pop(job.job_id, None)
@@ -622,15 +636,16 @@ class Dispatcher:
             error=None if error is None else error.message,
             first_token_at_s=None if first is None else now.epoch_s - (now.mono_s - first),
             time_to_first_token_s=None if first is None else first - job.admitted_mono_s)
+        ends, job.attempt_ends = job.attempt_ends, []
 
-        async def _settle() -> None:  # one transaction: the money and the job's final row
-            try:
+        async def _settle() -> None:  # one transaction: the money, the job's final row and the
+            try:  # end of its last attempt (its start was queued before this, so it has landed)
                 if delivered:
                     await self.ledger.settle_async(job.job_id, job.client_id, job.model,
                                                    len(job.prompt_ids), delivered, shares,
-                                                   job=final)
+                                                   job=final, attempt_ends=ends)
                 else:
-                    await self.ledger.void_async(job.job_id, job=final)
+                    await self.ledger.void_async(job.job_id, job=final, attempt_ends=ends)
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
 
