@@ -223,30 +223,35 @@ class Ledger:
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
              max_tokens: int, *, job: JobRecord | None = None,
-             workload: Workload = Workload.INFERENCE) -> int:
+             workload: Workload = Workload.INFERENCE,
+             attempt_start: Mapping[str, Any] | None = None) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
         ``job``, the job's row (a ``JobRecord``), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
+        ``attempt_start``, the row of the job's first attempt (``job_attempts`` columns but the
+        job's id) when it was placed as it was admitted, is inserted with a placed hold only.
 
         ``workload`` other than inference (the platform's own usage, decided by the client's
         key): the hold is on ``cost:opex:<workload>`` instead of the client, and the settlement
         pays the owners from it with no charge to the client and no fee (not revenue).
         """
         return self._submit(*self._hold_op(job_id, client_id, model, prompt_tokens, max_tokens,
-                                           job, workload))
+                                           job, workload, attempt_start))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                          max_tokens: int, *, job: JobRecord | None = None,
-                         workload: Workload = Workload.INFERENCE) -> int:
+                         workload: Workload = Workload.INFERENCE,
+                         attempt_start: Mapping[str, Any] | None = None) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
-                                                       max_tokens, job, workload))
+                                                       max_tokens, job, workload, attempt_start))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                  max_tokens: int, job: JobRecord | None,
-                 workload: Workload = Workload.INFERENCE) -> tuple[Op, After | None]:
+                 workload: Workload = Workload.INFERENCE,
+                 attempt_start: Mapping[str, Any] | None = None) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
         op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens,
@@ -255,11 +260,14 @@ class Ledger:
             return op, None
 
         def record(tx: LedgerTx, result: Any) -> None:
-            if isinstance(result, SpareCyclesError):
+            if isinstance(result, SpareCyclesError):  # refused: never placed either
                 tx.insert_job(replace(job, state=JobState.FAILED, error=result.message,
-                                      finished_at_s=self.clock()).as_row())
+                                      finished_at_s=self.clock(), node_id=None,
+                                      attempts=0).as_row())
             else:
                 tx.insert_job(job.as_row())
+                if attempt_start is not None:
+                    tx.start_attempt({**attempt_start, "job_id": job.id})
 
         return op, record
 
