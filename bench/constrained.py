@@ -71,8 +71,8 @@ def main() -> None:
     tok = engine.tokenizer
     prompt = tuple(modelfiles.render_chat(tok, [{"role": "user", "content": "A person?"}]))
     compiler = grammar.GrammarCompiler(grammar.from_hf_tokenizer(
-        tok, engine._vocab_size, engine._eos_ids))
-    print(f"vocabulary: {engine._vocab_size} tokens; model {path}")
+        tok, engine.vocab_size, engine._eos_ids))
+    print(f"vocabulary: {engine.vocab_size} tokens; model {path}")
 
     for label, schema in (("person", PERSON), ("32 tools, required", TOOLS_REQUIRED)):
         text = grammar.json_schema_grammar(schema)
@@ -98,7 +98,7 @@ def main() -> None:
 
     # the grammar's own work per token, replayed over the constrained outputs
     grammar_s, tokens = 0.0, 0
-    logits = np.zeros(engine._vocab_size, dtype=np.float32)
+    logits = np.zeros(engine.vocab_size, dtype=np.float32)
     for ids in outputs:
         row = sampling.start_row(SamplingParams(max_tokens=96, grammar=text), prompt,
                                  sorted(engine._eos_ids), matcher=compiler.matcher(text).matcher)

@@ -66,6 +66,8 @@ score_tokens_max = 2048  # claimed tokens scored in one teacher-forced pass (the
 verifications_running_max = 4  # checks in flight at once on one coordinator
 verifications_waiting_max = 256  # selected checks waiting for a verifier; more are dropped
 verification_timeout_s = 60.0  # a verifier silent this long fails the check as inconclusive
+# chain jobs' checks waiting: each holds the activations its stages received and returned
+chain_checks_waiting_max = 16
 
 # --- client keys (coordinator/ratelimit.py, coordinator/admission.py) -----------------------------
 streams_per_key_max = 64  # requests in flight at once per key, unless its policy says fewer

@@ -258,10 +258,26 @@ class Scored(_Message):
     error: str | None = Field(default=None, max_length=2000)
 
 
+StageScoreList = Annotated[list[FiniteFloat], Field(max_length=limits.activation_positions_max)]
+
+
+class StageScores(BaseModel):
+    """A last stage's teacher-forced statistics of the positions a ``StageScore`` asked for, one
+    entry per target, with the meanings of ``Scored``'s fields."""
+
+    model_config = _WIRE
+    logprobs: StageScoreList
+    top_logprobs: StageScoreList
+    mass_above: StageScoreList
+    expected_logprobs: StageScoreList
+    logprob_vars: StageScoreList
+
+
 class StageOutput(_Message):
     """A stage's answer to one ``stage_forward``: the hidden states of the positions it ran (a
     stage that is not the last), or the next token (the last stage, when asked to choose one),
-    or ``error``. ``busy_s`` is the node's compute time for the step (metering, not trusted)."""
+    or ``error``. ``busy_s`` is the node's compute time for the step (metering, not trusted).
+    ``scores``: the last stage's answer to ``StageForward.score`` (verification)."""
 
     type: Literal["stage_output"] = "stage_output"
     sequence_id: str = Field(max_length=80)
@@ -271,6 +287,7 @@ class StageOutput(_Message):
     eos: bool = False
     busy_s: float = Field(default=0.0, ge=0, le=limits.stage_step_s_max * 10)
     error: str | None = Field(default=None, max_length=2000)
+    scores: StageScores | None = None
 
 
 NodeMessage = Annotated[
@@ -343,12 +360,26 @@ class Reject(_Message):
     reason: str
 
 
+class StageScore(BaseModel):
+    """Verification through a chain (``StageForward.score``, last stage only): score positions
+    ``offset ..`` of this message as a ``score`` request scores a whole model's, position
+    ``offset + j`` being followed by ``targets[j]``; answered in ``StageOutput.scores``."""
+
+    model_config = _WIRE
+    offset: int = Field(ge=0, lt=limits.activation_positions_max)
+    targets: list[int] = Field(min_length=1, max_length=limits.activation_positions_max)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
 class StageForward(_Message):
     """Chain work for a stage: run positions ``start ..`` of sequence ``sequence_id`` through the
     node's layers of ``model``, keeping their keys and values, and answer ``stage_output``.
     The first stage gets ``token_ids``, the others the previous stage's ``hidden``; ``start`` 0
     opens the sequence (a replacement stage rebuilds its cache that way, from every input the
-    stage it replaces had received). ``choose`` (last stage only) asks for the next token."""
+    stage it replaces had received). ``choose`` (last stage only) asks for the next token;
+    ``score`` (last stage only) for teacher-forced statistics of some of the positions (a spot
+    check of a chain's answer: ``coordinator/verification_chains.py``)."""
 
     type: Literal["stage_forward"] = "stage_forward"
     sequence_id: str = Field(max_length=80)
@@ -358,6 +389,7 @@ class StageForward(_Message):
     token_ids: list[int] | None = Field(default=None, max_length=limits.activation_positions_max)
     hidden: Activation | None = None
     choose: Sampling | None = None
+    score: StageScore | None = None
 
 
 class StageRelease(_Message):

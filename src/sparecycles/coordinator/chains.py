@@ -30,7 +30,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +43,7 @@ from sparecycles.types import AttemptOutcome, JobState, ModelSpec, NodeSnapshot
 
 if TYPE_CHECKING:
     from sparecycles.coordinator.writer import StoreWriter
+    from sparecycles.scheduling.scheduler import SchedulerConfig
     from sparecycles.store import Store
 
 
@@ -66,6 +67,7 @@ class ChainHost(Protocol):
     placement_wait_s: float
     writer: StoreWriter
     store: Store
+    config: SchedulerConfig
 
     @property
     def clock(self) -> Callable[[], Now]: ...
@@ -77,6 +79,14 @@ class ChainHost(Protocol):
     def _finish_soon(self, job: LiveJob, now: Any, *, finish_reason: str | None = None,
                      error: SpareCyclesError | None = None, cancelled_by: str | None = None
                      ) -> asyncio.Future[None] | None: ...
+
+def eligible(snapshots: list[NodeSnapshot], job: LiveJob, config: SchedulerConfig
+             ) -> list[NodeSnapshot]:
+    """The nodes a stage of ``job`` may run on, by reputation as the scheduler's rule for
+    whole-model nodes (``reputation_min``; ``trusted_reputation_min`` for trusted-only jobs)."""
+    least = config.trusted_reputation_min if job.trusted_only else config.reputation_min
+    return [s for s in snapshots if s.reputation >= least]
+
 
 log = logging.getLogger("sparecycles.coordinator.chains")
 repair_poll_s = 0.1  # how often a repair looks again for a node to replace a stage with
@@ -102,6 +112,9 @@ class _Stage:
     attempt: Attempt
     sequence_id: str
     inputs: list[StageInput] = field(default_factory=list)  # every input it has completed
+    # what it answered to each of them (a stage that is not the last): a spot check re-runs the
+    # inputs elsewhere and compares (coordinator/verification_chains.py)
+    outputs: list[protocol.Activation] = field(default_factory=list)
     positions: int = 0  # positions in its cache (the sum of its inputs' lengths)
 
 
@@ -109,14 +122,21 @@ def _length(inp: StageInput) -> int:
     return len(inp) if isinstance(inp, list) else inp.shape[0]
 
 
-def merged_inputs(inputs: list[StageInput]) -> list[StageInput]:
+def positions_per_message(spec: ModelSpec) -> int:
+    """Positions of one step whose hidden states (float32) fit one message."""
+    return max(1, limits.activation_bytes_max // (spec.hidden_size * 4))
+
+
+def merged_inputs(inputs: Sequence[StageInput],
+                  token_positions_max: int = limits.activation_positions_max) -> list[StageInput]:
     """``inputs`` joined into as few messages as ``activation_bytes_max`` allows, in order:
-    the inputs a replacement stage rebuilds its cache from."""
+    the inputs a replacement stage rebuilds its cache from. Token ids are joined up to
+    ``token_positions_max`` per message: the positions whose hidden states fit one message."""
     out: list[StageInput] = []
     for inp in inputs:
         last = out[-1] if out else None
         if isinstance(inp, list) and isinstance(last, list):
-            if len(last) + len(inp) <= limits.activation_positions_max:
+            if len(last) + len(inp) <= token_positions_max:
                 out[-1] = last + inp
                 continue
         elif (isinstance(inp, protocol.Activation) and isinstance(last, protocol.Activation)
@@ -137,6 +157,7 @@ class ChainRun:
     def __init__(self, registry: ChainRegistry, job: LiveJob, spec: ModelSpec) -> None:
         self.registry, self.job, self.spec = registry, job, spec
         self.stages: list[_Stage] = []
+        self.history: list[_Stage] = []  # every stage it opened, replaced ones too (spot checks)
         self.step = 0
         self.repairs = 0
         self.task: asyncio.Task[None] | None = None
@@ -160,6 +181,7 @@ class ChainRun:
         node.jobs.add(job.job_id)
         stage = _Stage(first, end, node, att, f"{job.job_id}.{number}")
         self.registry.sequences[stage.sequence_id] = stage
+        self.history.append(stage)
         self.d.writer.background(self.d.store.start_attempt, job_id=job.job_id, attempt=number,
                                  node_id=node.node_id,
                                  prompt_tokens=len(job.prompt_ids) + att.token_base)
@@ -228,7 +250,7 @@ class ChainRun:
         """Prefill, then decode until a stop; the finish reason (None: ended from outside)."""
         job, spec = self.job, self.spec
         context = job.prompt_ids + job.generated
-        chunk = max(1, limits.activation_bytes_max // (spec.hidden_size * 4))
+        chunk = positions_per_message(spec)
         pieces = [context[i : i + chunk] for i in range(0, len(context), chunk)]
         token, eos = -1, False
         for k, piece in enumerate(pieces):
@@ -280,6 +302,7 @@ class ChainRun:
             stage.attempt.busy_s += out.busy_s
             if not last:
                 assert out.hidden is not None
+                stage.outputs.append(out.hidden)
                 inp = out.hidden
             i += 1
         self.step += 1
@@ -296,30 +319,16 @@ class ChainRun:
                     ) -> protocol.StageOutput:
         """Send one input to one stage and wait for its checked answer."""
         job = self.job
-        if stage.node.closed:
-            raise StageFailed("its node left", AttemptOutcome.NODE_LOST)
-        step = next(self.registry.steps)
         msg = protocol.StageForward(
-            sequence_id=stage.sequence_id, model=job.model, step=step, start=stage.positions,
+            sequence_id=stage.sequence_id, model=job.model, step=next(self.registry.steps),
+            start=stage.positions,
             token_ids=inp if isinstance(inp, list) else None,
             hidden=inp if isinstance(inp, protocol.Activation) else None,
             choose=protocol.Sampling(max_tokens=max(1, job.sampling.max_tokens),
                                      temperature=job.sampling.temperature,
                                      top_p=job.sampling.top_p, seed=job.sampling.seed)
             if choose else None)
-        waiter: asyncio.Future[protocol.StageOutput] = asyncio.get_running_loop().create_future()
-        self.registry.waiters[stage.sequence_id] = (step, waiter)
-        if not stage.node.send(protocol.encode(msg)):
-            raise StageFailed("its socket is gone", AttemptOutcome.NODE_LOST)
-        try:
-            async with asyncio.timeout(self.registry.step_timeout_s):
-                out = await waiter
-        except TimeoutError:
-            raise StageFailed(f"silent for {self.registry.step_timeout_s:g} s",
-                              AttemptOutcome.NODE_SILENT) from None
-        finally:
-            if self.registry.waiters.get(stage.sequence_id, (None,))[0] == step:
-                del self.registry.waiters[stage.sequence_id]
+        out = await self.registry.exchange(stage.node, msg)
         if out.error is not None:
             raise StageFailed(f"it answered: {out.error[:200]}")
         n = _length(inp)
@@ -377,8 +386,8 @@ class ChainRun:
             if job.state.is_final:
                 raise asyncio.CancelledError
             in_chain = {s.node.node_id for s in self.stages}
-            snapshots = [n.snapshot(self.d.clock().epoch_s) for n in self.d.all_nodes()
-                         if not n.closed and not n.draining]
+            snapshots = eligible([n.snapshot(self.d.clock().epoch_s) for n in self.d.all_nodes()
+                                  if not n.closed and not n.draining], job, self.d.config)
             plan = planner.plan_segment(
                 self.spec, snapshots, old.first, old.end,
                 context_tokens=len(job.prompt_ids) + len(job.generated),
@@ -397,7 +406,8 @@ class ChainRun:
     async def _rebuild(self, fresh: list[_Stage], inputs: list[StageInput]) -> None:
         """Fill the new stages' caches: the old stage's inputs through them, stage by stage,
         merged into as few messages as the size bound allows."""
-        xs = merged_inputs(inputs)
+        per_message = positions_per_message(self.spec)
+        xs = merged_inputs(inputs, per_message)
         for stage in fresh:
             last = stage.end == self.spec.n_layers
             outs: list[StageInput] = []
@@ -411,8 +421,9 @@ class ChainRun:
                 stage.positions += _length(x)
                 stage.attempt.busy_s += out.busy_s
                 if out.hidden is not None:
+                    stage.outputs.append(out.hidden)
                     outs.append(out.hidden)
-            xs = merged_inputs(outs)
+            xs = merged_inputs(outs, per_message)
 
     def cancel(self) -> None:
         """The job ended from outside (its client left, the coordinator stops)."""
@@ -430,7 +441,8 @@ class ChainRegistry:
         self.step_timeout_s = step_timeout_s
         self.runs: dict[str, ChainRun] = {}  # by job id
         self.sequences: dict[str, _Stage] = {}  # every open stage, by its sequence id
-        self.waiters: dict[str, tuple[int, asyncio.Future[protocol.StageOutput]]] = {}
+        # the step each sequence waits on (a chain's stage, or a spot check's), the node it asked
+        self.waiters: dict[str, tuple[int, asyncio.Future[protocol.StageOutput], FleetNode]] = {}
         self.steps = itertools.count()
         self.vocab_sizes: dict[str, int] = {}  # model -> tokenizer vocabulary (tokens checked)
         self.repairs = 0
@@ -447,7 +459,7 @@ class ChainRegistry:
             spec = self.dispatcher.models.get(job.model)
             if spec is None or any(job.model in s.models for s in snapshots):
                 continue
-            plan = planner.plan_chain(spec, snapshots,
+            plan = planner.plan_chain(spec, eligible(snapshots, job, self.dispatcher.config),
                                       context_tokens=len(job.prompt_ids) + len(job.generated),
                                       avoid=job.avoid_nodes)
             if plan is None:
@@ -470,25 +482,40 @@ class ChainRegistry:
             self.repair_s.extend(run.repair_s)
             del self.repair_s[: -100]
 
+    async def exchange(self, node: FleetNode, msg: protocol.StageForward) -> protocol.StageOutput:
+        """Send ``msg`` to ``node`` and wait for its answer (which may be an ``error``); raises
+        StageFailed when the node leaves, its socket is gone or it is silent too long."""
+        if node.closed:
+            raise StageFailed("its node left", AttemptOutcome.NODE_LOST)
+        waiter: asyncio.Future[protocol.StageOutput] = asyncio.get_running_loop().create_future()
+        self.waiters[msg.sequence_id] = (msg.step, waiter, node)
+        try:
+            if not node.send(protocol.encode(msg)):
+                raise StageFailed("its socket is gone", AttemptOutcome.NODE_LOST)
+            async with asyncio.timeout(self.step_timeout_s):
+                return await waiter
+        except TimeoutError:
+            raise StageFailed(f"silent for {self.step_timeout_s:g} s",
+                              AttemptOutcome.NODE_SILENT) from None
+        finally:
+            if self.waiters.get(msg.sequence_id, (None,))[0] == msg.step:
+                del self.waiters[msg.sequence_id]
+
     def on_output(self, node: FleetNode, msg: protocol.StageOutput) -> None:
         """A stage's answer: handed to the step waiting for it; a stale one is dropped."""
         waiting = self.waiters.get(msg.sequence_id)
-        stage = self.sequences.get(msg.sequence_id)
-        if waiting is None or stage is None or waiting[0] != msg.step:
+        if waiting is None or waiting[0] != msg.step:
             return
-        if stage.node.node_id != node.node_id:
-            return  # only the node that holds the stage may answer for it
+        if waiting[2].node_id != node.node_id:
+            return  # only the node that was asked may answer
         if not waiting[1].done():
             waiting[1].set_result(msg)
 
     def on_node_lost(self, node: FleetNode) -> None:
         """A node left: every step waiting on it fails now (its chains repair)."""
-        for sequence_id, stage in list(self.sequences.items()):
-            if stage.node is node:
-                waiting = self.waiters.get(sequence_id)
-                if waiting is not None and not waiting[1].done():
-                    waiting[1].set_exception(StageFailed("its node left",
-                                                         AttemptOutcome.NODE_LOST))
+        for _step, waiter, asked in list(self.waiters.values()):
+            if asked is node and not waiter.done():
+                waiter.set_exception(StageFailed("its node left", AttemptOutcome.NODE_LOST))
 
     async def stop(self) -> None:
         for run in list(self.runs.values()):

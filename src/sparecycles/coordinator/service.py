@@ -110,7 +110,7 @@ class Coordinator:
         """After a job's settlement: metrics, then (off the client's path) a spot check."""
         self.metrics.job_finished(job, state)
         self.gate.release(job.job_id)
-        if self.verifier is not None and job.chain is None:  # chains: not spot-checked yet
+        if self.verifier is not None:
             self.verifier.on_job_finished(job, state)
 
     async def _sample_fleet(self) -> None:

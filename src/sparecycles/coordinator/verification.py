@@ -18,6 +18,10 @@ The decisions are ``trust/decisions.py`` (which job, which method, what the evid
 5. A verdict updates the node's posterior (stored), sets the reputation the scheduler reads, and
    on failure withholds that job's earning of that node (``Ledger.withhold``, a refund to the
    client). A quarantined node is sent ``reject`` and refused at every later hello.
+
+A job served by a chain of stages is selected when any of its stages' nodes draws a check, and
+checked end to end, then stage by stage to find the stage to blame
+(``coordinator/verification_chains.py``); each stage's verdict is applied as above, to its node.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.verification_chains import ChainChecker, ChainCheckTask, chain_task
 from sparecycles.coordinator.verification_link import VerifierLink
 from sparecycles.errors import ProtocolError, SpareCyclesError
 from sparecycles.ledger.service import Ledger
 from sparecycles.store import Store
 from sparecycles.store.trust_queries import TrustQueries
+from sparecycles.trust import chains as chain_checks
 from sparecycles.trust import decisions as verify
 from sparecycles.trust.decisions import Method, Outcome, Verdict
 from sparecycles.trust.reputation import (
@@ -50,6 +57,7 @@ from sparecycles.trust.reputation import (
 from sparecycles.types import SamplingParams
 
 if TYPE_CHECKING:
+    from sparecycles.coordinator.chains import ChainRegistry
     from sparecycles.coordinator.fleet_node import FleetNode
     from sparecycles.coordinator.jobs import Attempt, LiveJob
     from sparecycles.scheduling.scheduler import SchedulerConfig
@@ -83,11 +91,13 @@ class CheckTask:
 
 class DispatchView(Protocol):
     """What the verifier reads of dispatch (``Dispatcher`` satisfies it): this replica's nodes,
-    the model registry and placement's config."""
+    the model registry, placement's config and the chains it drives (whose messaging a chain's
+    check uses)."""
 
     nodes: dict[str, NodeConn]
     models: dict[str, ModelSpec]
     config: SchedulerConfig
+    chains: ChainRegistry
 
 
 class Verifier:
@@ -108,7 +118,10 @@ class Verifier:
         self.verification_busy_s = 0.0
         self.counts: Counter[str] = Counter()
         self._workers_n = workers
-        self._queue: asyncio.Queue[CheckTask] = asyncio.Queue(limits.verifications_waiting_max)
+        self._queue: asyncio.Queue[CheckTask | ChainCheckTask] = asyncio.Queue(
+            limits.verifications_waiting_max)
+        self._chain_tasks = 0  # chain checks waiting or running (each holds activations)
+        self.chain_checker = ChainChecker(self)
         self._workers: list[asyncio.Task[None]] = []
         self._penalties: dict[str, list[tuple[int, str, Verdict]]] = {}
         self.link = VerifierLink()
@@ -160,7 +173,7 @@ class Verifier:
     async def set_owner_trusted(self, owner_name: str, trusted: bool) -> None:
         owner_id = await asyncio.to_thread(self.db.set_owner_trusted, owner_name, trusted)
         (self.trusted_owners.add if trusted else self.trusted_owners.discard)(owner_id)
-        for node in self._nodes().values():
+        for node in self.local_nodes().values():
             if node.owner_id == owner_id:
                 t = replace(self.trust_of(node.node_id), designated_trusted=trusted)
                 self.trust[node.node_id] = t
@@ -198,6 +211,9 @@ class Verifier:
 
     def on_job_finished(self, job: LiveJob, state: str) -> None:
         """After settlement: apply penalties found on the way, then maybe spot-check the job."""
+        if job.chain is not None:
+            self._chain_finished(job)
+            return
         penalized = set()
         for number, node_id, verdict in self._penalties.pop(job.job_id, []):
             penalized.add(number)
@@ -224,21 +240,61 @@ class Verifier:
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
 
+    def _chain_finished(self, job: LiveJob) -> None:
+        """A chain job: its stages' compute counts as serving; it is checked when any of its
+        stages' nodes draws a check (``trust/chains.select_chain``)."""
+        self.serving_busy_s += sum(a.busy_s for a in job.attempts)
+        task = chain_task(job)
+        if task is None or not chain_checks.select_chain(
+                [self.trust_of(s.node_id) for s in task.stages], self.overhead_ratio, self.rng,
+                self.spot_checks):
+            return
+        if self._chain_tasks >= limits.chain_checks_waiting_max:
+            self.counts["dropped"] += 1
+            return
+        try:
+            self._queue.put_nowait(task)
+        except asyncio.QueueFull:
+            self.counts["dropped"] += 1
+            return
+        self._chain_tasks += 1
+        self.counts["selected"] += 1
+
     # ---- running checks -----------------------------------------------------------------------
 
     async def _work(self) -> None:
         while True:
             task = await self._queue.get()
             try:
-                await self._check(task)
+                if isinstance(task, ChainCheckTask):
+                    await self._check_chain(task)
+                else:
+                    await self._check(task)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("verification of job %s failed", task.job_id)
+            finally:
+                if isinstance(task, ChainCheckTask):
+                    self._chain_tasks -= 1
+
+    async def _check_chain(self, task: ChainCheckTask) -> None:
+        """A chain job: each stage's verdict, applied to its node (a failed stage's earning is
+        withheld; the others are paid)."""
+        judged = await self.chain_checker.judge(task, time.time())
+        if all(v.outcome is Outcome.INCONCLUSIVE and v.reason.startswith("no verifier")
+               for v in judged.verdicts.values()):
+            self.counts["no_verifier"] += 1
+        share = judged.busy_s / max(1, len(judged.verdicts))
+        for stage in task.stages:
+            verdict = judged.verdicts.get(stage.number)
+            if verdict is not None:
+                await self._apply(task.job_id, stage.number, stage.node_id, verdict,
+                                  judged.verifiers.get(stage.number), share)
 
     async def _check(self, task: CheckTask) -> None:
         owners = {a.owner_id for a in task.attempts}
-        pick = self._pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
+        pick = self.pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
         if pick is None:
             self.counts["no_verifier"] += 1
             for a in task.attempts:
@@ -260,7 +316,7 @@ class Verifier:
         """An untrusted verifier's failure counts only if a second verifier, of a third owner,
         agrees; if the second passes the work, the first verifier is the one that failed."""
         owners = {a.owner_id for a in task.attempts} | {first.owner_id}
-        pick = self._pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
+        pick = self.pick_verifier(task.model, owners, protocol.features_needed(task.sampling))
         again = (await self._judge(task, pick[0], Method.TEACHER_FORCED))[0] if pick else {}
         for a in failed:
             v2 = again.get(a.number)
@@ -275,18 +331,24 @@ class Verifier:
                     f"its verdict on {a.node_id} was contradicted by {pick[0].node_id}"),
                     pick[0].node_id, 0.0)
 
-    def _tolerance(self, model: str) -> verify.Tolerance:
+    def tolerance_of(self, model: str) -> verify.Tolerance:
         if self.tolerance is not None:
             return self.tolerance
-        spec = self.dispatcher.models.get(model) if self.dispatcher is not None else None
+        spec = self.model_spec(model)
         return verify.tolerance_for(spec.bytes_per_param if spec else 2.0)
 
-    def _nodes(self) -> dict[str, NodeConn]:
+    def model_spec(self, model: str) -> ModelSpec | None:
+        return self.dispatcher.models.get(model) if self.dispatcher is not None else None
+
+    def local_nodes(self) -> dict[str, NodeConn]:
         return self.dispatcher.nodes if self.dispatcher is not None else {}
 
-    def _pick_verifier(self, model: str, exclude_owners: set[str],
+    def chain_registry(self) -> ChainRegistry | None:
+        return self.dispatcher.chains if self.dispatcher is not None else None
+
+    def pick_verifier(self, model: str, exclude_owners: set[str],
                        needs: frozenset[str] = frozenset()) -> tuple[NodeConn, bool] | None:
-        nodes = self._nodes()
+        nodes = self.local_nodes()
         candidates = [
             verify.Candidate(n.node_id, n.owner_id, n.reputation,
                              self.trust_of(n.node_id).designated_trusted)
@@ -310,7 +372,7 @@ class Verifier:
                 busy_s += replay.busy_s
                 self.verification_busy_s += replay.busy_s
                 v = verify.compare_reexecution(self._claim(task, att), replay.tokens,
-                                               replay.logprobs, self._tolerance(task.model))
+                                               replay.logprobs, self.tolerance_of(task.model))
                 if v.passed:
                     return {att.number: v}, busy_s
                 divergence = v.first_divergence
@@ -345,7 +407,7 @@ class Verifier:
                             logprobs=None if claim.logprobs is None else claim.logprobs[: hi - lo])
             scores = verify.Scores(*(tuple(getattr(scored, f)[lo:hi]) for f in (
                 "logprobs", "top_logprobs", "mass_above", "expected_logprobs", "logprob_vars")))
-            out[a.number] = verify.judge_scores(claim, scores, self._tolerance(task.model))
+            out[a.number] = verify.judge_scores(claim, scores, self.tolerance_of(task.model))
         return out, scored.busy_s
 
     # ---- verdicts ---------------------------------------------------------------------------
@@ -380,7 +442,7 @@ class Verifier:
                 logprob_diff_mean=verdict.logprob_diff_mean,
                 greedy_gap_max=verdict.greedy_gap_max, z=verdict.z, withheld_micros=withheld,
                 verifier_busy_s=busy_s)
-            node = self._nodes().get(node_id)
+            node = self.local_nodes().get(node_id)
             if node is not None:
                 node.reputation = reputation(trust)
                 if trust.quarantined and not node.closed:

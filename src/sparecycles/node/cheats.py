@@ -13,6 +13,15 @@ start. Every mode wraps the honest engine or agent; none changes what the node r
 - ``replay``: answers every job with the output it produced for its first job.
 - ``forged-signature``: signs its results with a key other than the one it said hello with.
 - ``overclaim``: reports (and signs) more tokens and busy time than it produced.
+- ``stage-noise`` (a node holding a layer range, ``--layers``): computes on its inputs with noise
+  as large as they are (the first stage: returns its outputs so), so what it returns, hidden
+  states or (the last stage) tokens, is not what its layers make of what it was sent.
+- ``stage-skip`` (likewise): returns its inputs as its outputs, as if its layers did nothing (the
+  first stage returns the token embeddings); a last stage has no output to skip to, and stays
+  honest.
+
+The stage cheats still run their layers (the cache's positions must advance as an honest stage's
+would) and cheat on every step, checks included: a check looks like any chain's work.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from sparecycles.types import FinishReason, SamplingParams
 
 ALLOW_ENV = "SPARECYCLES_ALLOW_CHEATS"
 MODES = ("random-tokens", "different-model", "bf16", "int8", "replay", "forged-signature",
-         "overclaim")
+         "overclaim", "stage-noise", "stage-skip")
 
 
 def apply(agent: Any, mode: str, *, seed: int = 0) -> None:
@@ -59,6 +68,11 @@ def apply(agent: Any, mode: str, *, seed: int = 0) -> None:
         agent.identity = ForgingIdentity(agent.identity)
     elif mode == "overclaim":
         _overclaim(agent)
+    elif mode in ("stage-noise", "stage-skip"):
+        if agent.stages is None:
+            raise ValueError(f"--cheat {mode} needs a layer range (--layers)")
+        agent.stages.stages = {n: CheatingStage(e, mode, seed)
+                               for n, e in agent.stages.stages.items()}
 
 
 @torch.no_grad()
@@ -180,3 +194,39 @@ def _overclaim(agent: Any) -> None:
         return done.model_copy(update={"metering": m, "signature": agent.identity.sign(payload)})
 
     agent._report = report
+
+
+class CheatingStage:
+    """A stage engine (``StageEngine``) that runs its layers and then lies about their output."""
+
+    def __init__(self, inner: Any, mode: str, seed: int = 0):
+        self.inner, self.mode = inner, mode
+        self._g = torch.Generator().manual_seed(seed + 4321)
+
+    def __getattr__(self, name: str) -> Any:  # first, end, layers_sha256, release, close, ...
+        return getattr(self.inner, name)
+
+    def forward(self, sequence_id: str, start: int, *, token_ids: list[int] | None = None,
+                hidden: torch.Tensor | None = None, choose: SamplingParams | None = None,
+                **kw: Any) -> Any:
+        if self.mode == "stage-noise" and hidden is not None:  # computes on corrupted inputs
+            hidden = self._noisy(hidden)
+        result = self.inner.forward(sequence_id, start, token_ids=token_ids, hidden=hidden,
+                                    choose=choose, **kw)
+        if result.hidden is None:  # the last stage: its tokens come from the noisy inputs
+            return result
+        out = result.hidden
+        if self.mode == "stage-noise":
+            out = out if hidden is not None else self._noisy(out)
+        elif hidden is not None:  # stage-skip: its input, untouched
+            out = hidden.to(out.dtype)
+        else:  # stage-skip, first stage: the embeddings of its tokens
+            with torch.inference_mode():
+                ids = torch.tensor([token_ids or []], device=self.inner.device)
+                out = self.inner._base.embed_tokens(ids)[0].to("cpu", out.dtype)
+        return dataclasses.replace(result, hidden=out)
+
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus Gaussian noise as large as each row's root mean square."""
+        scale = x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return (x.float() + torch.randn(x.shape, generator=self._g) * scale).to(x.dtype)

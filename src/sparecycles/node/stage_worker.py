@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sparecycles import limits, protocol
-from sparecycles.node.backends.transformers_stage import StageEngine
+from sparecycles.node.backends.transformers_stage import StageEngine, StageScoreAsk
 from sparecycles.types import SamplingParams
 
 log = logging.getLogger("sparecycles.node.stages")
@@ -48,6 +48,7 @@ def from_activation(act: protocol.Activation) -> torch.Tensor:
 
 
 Send = Callable[[Any], Awaitable[None]]
+_score_fields = ("logprobs", "top_logprobs", "mass_above", "expected_logprobs", "logprob_vars")
 
 
 @dataclass
@@ -86,10 +87,13 @@ class StageWorker:
                 c = msg.choose
                 choose = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature,
                                         top_p=c.top_p, seed=c.seed)
+            score = None if msg.score is None else StageScoreAsk(
+                msg.score.offset, tuple(msg.score.targets), msg.score.temperature,
+                msg.score.top_p)
             result = await loop.run_in_executor(
                 self._thread(msg.model), lambda: engine.forward(
                     msg.sequence_id, msg.start, token_ids=msg.token_ids, hidden=hidden,
-                    choose=choose))
+                    choose=choose, score=score))
         except Exception as exc:  # a bad input or an engine error: this step fails, not the node
             log.warning("stage %s step %d failed: %s", msg.sequence_id, msg.step, exc)
             await send(protocol.StageOutput(sequence_id=msg.sequence_id, step=msg.step,
@@ -99,7 +103,9 @@ class StageWorker:
             sequence_id=msg.sequence_id, step=msg.step,
             hidden=to_activation(result.hidden) if result.hidden is not None else None,
             token=result.token, eos=result.eos, busy_s=min(result.busy_s,
-                                                            limits.stage_step_s_max * 10)))
+                                                            limits.stage_step_s_max * 10),
+            scores=None if result.scores is None else protocol.StageScores(
+                **{k: list(v) for k, v in zip(_score_fields, result.scores, strict=True)})))
 
     async def _sweep(self) -> None:
         """Drop caches a coordinator forgot (it restarted, or lost this node's socket)."""

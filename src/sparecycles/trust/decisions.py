@@ -47,6 +47,7 @@ class Method(enum.StrEnum):
     REEXECUTION = "reexecution"
     METERING = "metering"  # the claimed token counts against what the coordinator received
     SIGNATURE = "signature"  # the signed result did not verify
+    STAGE_RECHECK = "stage_recheck"  # one stage of a chain re-run elsewhere (trust/chains.py)
 
 
 class Outcome(enum.StrEnum):

@@ -9,7 +9,9 @@ callbacks run on the engine's own thread and must not block (the agent hands the
 loop with ``call_soon_threadsafe``).
 
 Backends: ``transformers`` (Hugging Face on PyTorch, CPU or CUDA) and ``llamacpp`` (GGUF on
-llama.cpp), each an optional extra; vLLM could be added implementing the same interface.
+llama.cpp), each an optional extra, both built on ``batching.BatchingEngine`` (the queues, the
+engine thread's frame and the per-token endings they share); vLLM could be added implementing
+the same interface.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class EngineStats:
     tokens_generated: int = 0
     decode_steps: int = 0
     busy_s: float = 0.0  # wall time the engine spent computing (prefill + decode)
+    prompt_tokens: int = 0  # prompt tokens of the requests admitted so far
+    prompt_tokens_cached: int = 0  # of those, tokens found in the prefix cache (not prefilled)
     batch_size_hist: dict[int, int] = field(default_factory=dict)
 
 

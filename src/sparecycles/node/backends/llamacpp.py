@@ -9,8 +9,14 @@ so it never stalls the others' decoding for long). One ``llama_decode`` computes
 the logits of each row that wants one go through ``npsampling`` (numpy) for a plain request,
 or through the row step of ``sampling`` (penalties, logit_bias, top_k, min_p, min_tokens,
 ignore_eos, and an llguidance grammar built on llama.cpp's own vocabulary) for one that is not
-(``SamplingParams.is_plain``). A request that ends has its cells removed
-(``llama_memory_seq_rm``) and its slot freed for the next.
+(``SamplingParams.is_plain``). A request that ends frees its slot for the next.
+
+The prefix cache, as llama.cpp's server does it: a slot whose request ended keeps that request's
+cells (prompt and answer), and a new request takes the free slot whose kept tokens share the
+longest prefix with its prompt, cuts the rest (``llama_memory_seq_rm`` from the first differing
+position) and prefills only what follows. The next turn of a conversation resends the whole
+history, so it prefills only the new message. Kept cells are evicted, least recently used
+first, whenever a request or a scoring pass needs their room; they never hold up admission.
 
 The KV cache is one buffer shared by all sequences (``kv_unified``) of ``kv_tokens`` cells. A
 request is admitted only when the cells it may need (prompt + max_tokens, up to the context)
@@ -25,34 +31,24 @@ a job that was not plain is scored with its own processing (``sampling.score_row
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import ctypes
 import dataclasses
 import logging
 import os
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sparecycles import gguffile, grammar, limits, modelfiles, protocol
-from sparecycles.errors import ContextLengthExceeded, InvalidRequest
+from sparecycles.errors import InvalidRequest
 from sparecycles.node.backends import npsampling, sampling
-from sparecycles.node.backends.base import (
-    Engine,
-    EngineClosed,
-    EngineFull,
-    EngineStats,
-    GenerationRequest,
-    GenerationUpdate,
-    ScoreResult,
-    UpdateCallback,
-)
-from sparecycles.types import FinishReason, ModelSpec, SamplingParams
+from sparecycles.node.backends.base import GenerationRequest, UpdateCallback
+from sparecycles.node.backends.batching import BatchingEngine, ScoreJob, Sequence
+from sparecycles.types import FinishReason, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +59,6 @@ kv_tokens_default = 8192
 # Tokens per llama_decode call (decode tokens first, then prompt chunks): llama.cpp's default
 # physical batch; a prompt longer than this is fed over several steps.
 batch_tokens_default = 512
-idle_wait_s = 1.0  # the engine thread re-checks for work at least this often when idle
-close_join_s = 30.0  # how long close() waits for a step in progress to end
 load_errors_kept = 20  # llama.cpp log lines kept to explain a failed load
 # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's _logger.py still
 # maps the older numbering, so its own names are not used)
@@ -106,37 +100,21 @@ def _install_log_callback(llama_cpp: Any) -> None:
 
 
 @dataclass(slots=True, eq=False)
-class _ScoreJob:
-    prompt: tuple[int, ...]
-    output: tuple[int, ...]
-    temperature: float
-    top_p: float
-    future: concurrent.futures.Future[ScoreResult]
-    row: sampling.RowState | None = None  # the job's processing, when not plain
-
-
-@dataclass(slots=True, eq=False)
-class _Sequence:
+class _Sequence(Sequence):
     """One request inside the engine."""
 
-    request: GenerationRequest
-    on_update: UpdateCallback
-    rng: np.random.Generator | None
-    cells: int  # KV cells reserved: prompt + max_tokens, up to the context
+    rng: np.random.Generator | None = None
+    cells: int = 0  # KV cells reserved: prompt + max_tokens, up to the context
     slot: int = -1  # the llama.cpp seq_id while admitted
     reserved: bool = False  # its cells count in the engine's reservation
     n_past: int = 0  # tokens of this request in the KV cache (also the next position)
-    pending: int = -1  # the last token chosen, fed to the model at the next step
-    generated: list[int] = field(default_factory=list)
-    finished: bool = False  # set once, under the engine's lock, when the final update goes out
-    row: sampling.RowState | None = None  # the row step's state, for a request that is not plain
 
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.request.prompt_token_ids)
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(BatchingEngine[_Sequence]):
     """One GGUF model in llama.cpp, serving concurrent requests in batches."""
 
     def __init__(
@@ -151,11 +129,11 @@ class LlamaCppEngine(Engine):
         duty_cycle: float = 1.0,
         kv_tokens: int = kv_tokens_default,
         batch_tokens: int = batch_tokens_default,
+        prefix_cache: bool = True,
     ) -> None:
-        if batch_size_max < 1 or queue_max < 1 or kv_tokens < 2 or batch_tokens < 1:
-            raise InvalidRequest("batch_size_max, queue_max, kv_tokens, batch_tokens must be >= 1")
-        if not 0.0 < duty_cycle <= 1.0:
-            raise InvalidRequest("duty_cycle must be in (0, 1]")
+        self.check_limits(batch_size_max, queue_max, duty_cycle)
+        if kv_tokens < 2 or batch_tokens < 1:
+            raise InvalidRequest("kv_tokens must be >= 2 and batch_tokens >= 1")
         lib = _llama()
         self._lib = lib
         self.name = name
@@ -173,12 +151,10 @@ class LlamaCppEngine(Engine):
         self._vocab = lib.llama_model_get_vocab(model)
         self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
         # every end-of-generation token (eos, eot, ...): min_tokens/ignore_eos forbid them all
-        self._eos_ids = tuple(t for t in range(self.vocab_size)
-                              if lib.llama_vocab_is_eog(self._vocab, t))
+        self._eos_ids = frozenset(t for t in range(self.vocab_size)
+                                  if lib.llama_vocab_is_eog(self._vocab, t))
         self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS}
                                   | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set()))
-        self._grammars: grammar.GrammarCompiler | None = None  # built at the first grammar
-        self._grammars_lock = threading.Lock()
         context = min(spec.context_length, kv_tokens)
         self.spec = dataclasses.replace(spec, context_length=context)
         self._kv_tokens = kv_tokens
@@ -199,28 +175,21 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest(f"{path.name}: llama.cpp could not make a context: {_why()}")
         self._ctx = ctx
         self._memory = lib.llama_get_memory(ctx)
-        self._batch = lib.llama_batch_init(batch_tokens, 0, 1)
+        self._llama_batch = lib.llama_batch_init(batch_tokens, 0, 1)
         self._score_slot = batch_size_max
         self._pieces: dict[int, bytes] = {}
 
-        self._batch_size_max = batch_size_max
-        self._queue_max = queue_max
-        self._duty_cycle = duty_cycle
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: dict[str, _Sequence] = {}  # waiting or running, by request id
-        self._cancelled: set[_Sequence] = set()
-        self._scores: collections.deque[_ScoreJob] = collections.deque()
-        self._closing = False
-        self._stats = EngineStats()
         # Touched by the engine thread only.
-        self._running: list[_Sequence] = []
+        self._batch: list[_Sequence] = []  # the running requests
         self._free_slots = list(range(batch_size_max - 1, -1, -1))
         self._cells_reserved = 0
-
-        self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
-        self._thread.start()
+        # The prefix cache: an idle slot keeps the cells of the request it served last (tokens
+        # by position), oldest first; counted apart from the reservations of running requests.
+        self._prefix_cache = prefix_cache
+        self._kept: dict[int, tuple[int, ...]] = {}
+        self._cells_kept = 0
+        self._start_engine(batch_size_max=batch_size_max, queue_max=queue_max,
+                           duty_cycle=duty_cycle)
 
     @classmethod
     def load(
@@ -233,6 +202,7 @@ class LlamaCppEngine(Engine):
         queue_max: int = limits.engine_queue_max,
         duty_cycle: float = 1.0,
         kv_tokens: int = kv_tokens_default,
+        prefix_cache: bool = True,
     ) -> LlamaCppEngine:
         """Load a GGUF file (or a directory holding one). A truncated or corrupt file, or one
         llama.cpp cannot run (architecture, tensor type), raises ``GGUFError`` naming the file."""
@@ -242,214 +212,161 @@ class LlamaCppEngine(Engine):
         gguffile.read_gguf(path, arrays=False)  # a clear error for a truncated or bad header
         spec = modelfiles.model_spec(name, path)
         return cls(name, path, spec, threads=threads, batch_size_max=batch_size_max,
-                   queue_max=queue_max, duty_cycle=duty_cycle, kv_tokens=kv_tokens)
+                   queue_max=queue_max, duty_cycle=duty_cycle, kv_tokens=kv_tokens,
+                   prefix_cache=prefix_cache)
 
-    # --- the interface, called from any thread ------------------------------------------------
+    # --- what the shared frame asks of a backend --------------------------------------------
 
-    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise InvalidRequest("the prompt has no tokens")
-        if n_prompt >= self.spec.context_length:
-            raise ContextLengthExceeded(
-                f"the prompt has {n_prompt} tokens; {self.name} holds {self.spec.context_length}"
-                " here, including at least one generated token"
-            )
-        if request.params.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
-        if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if not 0 <= request.resumed_tokens < n_prompt:
-            raise InvalidRequest("resumed_tokens must be shorter than the prompt")
-        cells = min(n_prompt + request.params.max_tokens, self.spec.context_length)
-        row = self._row(request.params, request.prompt_token_ids, request.resumed_tokens)
+    def _new_sequence(self, request: GenerationRequest, on_update: UpdateCallback,
+                      row: sampling.RowState | None) -> _Sequence:
+        cells = min(len(request.prompt_token_ids) + request.params.max_tokens,
+                    self.spec.context_length)
         rng = None if row is not None else npsampling.make_rng(request.params)
-        sequence = _Sequence(request, on_update, rng, cells, row=row)
-        with self._lock:
-            if self._closing:
-                raise EngineClosed(f"engine {self.name} is closed")
-            if len(self._waiting) >= self._queue_max:
-                raise EngineFull(f"{len(self._waiting)} requests already wait for {self.name}")
-            if request.request_id in self._active:
-                raise InvalidRequest(f"request {request.request_id!r} is already running")
-            self._active[request.request_id] = sequence
-            self._waiting.append(sequence)
-            self._wakeup.notify()
+        return _Sequence(request, on_update, row=row, rng=rng, cells=cells)
 
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            sequence = self._active.get(request_id)
-            if sequence is not None:
-                self._cancelled.add(sequence)
-                self._wakeup.notify()
+    def _grammar_tokenizer(self) -> grammar.GrammarCompiler:
+        """llguidance's tokenizer over llama.cpp's vocabulary (about a second)."""
+        import llguidance.llamacpp
 
-    def _row(self, params: SamplingParams, prompt: tuple[int, ...], resumed: int
-             ) -> sampling.RowState | None:
-        """The row step's state for a request that is not plain (its grammar compiled here, on
-        the caller's thread, so the batch never waits for it); None for the plain path."""
-        if params.is_plain:
-            return None
-        matcher = None
-        if params.grammar is not None:
-            matcher = self._grammar_compiler().matcher(params.grammar).matcher
-        row = sampling.start_row(params, prompt, self._eos_ids, resumed_tokens=resumed,
-                                 matcher=matcher)
-        if error := sampling.row_error(row):
-            raise InvalidRequest(f"the resumed output breaks the grammar: {error}")
-        return row
-
-    def _grammar_compiler(self) -> grammar.GrammarCompiler:
-        """llguidance's tokenizer over llama.cpp's vocabulary (about a second), built once."""
-        with self._grammars_lock:
-            if self._grammars is None:
-                import llguidance.llamacpp
-
-                with warnings.catch_warnings():  # it calls a deprecated binding once a token
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    ll = llguidance.llamacpp.lltokenizer_from_vocab(
-                        self._vocab, n_vocab=self.vocab_size,
-                        eos_token=list(self._eos_ids) or None)
-                self._grammars = grammar.GrammarCompiler(ll)
-            return self._grammars
-
-    def score(self, prompt_token_ids: tuple[int, ...], output_token_ids: tuple[int, ...], *,
-              temperature: float = 1.0, top_p: float = 1.0, params: SamplingParams | None = None,
-              resumed_tokens: int = 0) -> ScoreResult:
-        n = len(prompt_token_ids) + len(output_token_ids)
-        if not prompt_token_ids or not output_token_ids:
-            raise InvalidRequest("scoring needs a prompt and at least one output token")
-        if n > self.spec.context_length:
-            raise ContextLengthExceeded(f"{n} tokens exceed {self.name}'s context here")
-        if not all(0 <= t < self.vocab_size for t in (*prompt_token_ids, *output_token_ids)):
-            raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})")
-        if not 0 <= resumed_tokens < len(prompt_token_ids):
-            raise InvalidRequest("resumed_tokens must be shorter than the prompt")
-        row = None
-        if params is not None:
-            row = self._row(params, tuple(prompt_token_ids), resumed_tokens)
-        job = _ScoreJob(tuple(prompt_token_ids), tuple(output_token_ids), temperature, top_p,
-                        concurrent.futures.Future(), row)
-        with self._lock:
-            if self._closing:
-                raise EngineClosed(f"engine {self.name} is closed")
-            if len(self._scores) >= self._queue_max:
-                raise EngineFull(f"{len(self._scores)} scoring passes already wait")
-            self._scores.append(job)
-            self._wakeup.notify()
-        return job.future.result(timeout=limits.verification_timeout_s)
-
-    def stats(self) -> EngineStats:
-        with self._lock:
-            s = self._stats
-            return EngineStats(
-                requests_active=len(self._active) - len(self._waiting),
-                requests_waiting=len(self._waiting),
-                tokens_generated=s.tokens_generated,
-                decode_steps=s.decode_steps,
-                busy_s=s.busy_s,
-                batch_size_hist=dict(s.batch_size_hist),
-            )
-
-    def close(self) -> None:
-        with self._lock:
-            self._closing = True
-            self._wakeup.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(close_join_s)
+        with warnings.catch_warnings():  # it calls a deprecated binding once a token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ll = llguidance.llamacpp.lltokenizer_from_vocab(
+                self._vocab, n_vocab=self.vocab_size, eos_token=sorted(self._eos_ids) or None)
+        return grammar.GrammarCompiler(ll)
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of ``token_ids`` (special tokens left out), as llama.cpp spells it."""
         return b"".join(self._piece(t) for t in token_ids).decode("utf-8", errors="ignore")
 
-    # --- the engine thread ----------------------------------------------------------------------
+    def _running_sequences(self) -> list[_Sequence]:
+        return list(self._batch)
 
-    def _run(self) -> None:
-        error = "engine closed"
-        try:
-            self._loop()
-        except BaseException as exc:  # the loop itself broke: say so, and refuse new work
-            log.exception("engine %s: thread stopped", self.name)
-            error = f"engine stopped: {exc}"
-        with self._lock:
-            self._closing = True
-            leftovers = self._running + list(self._waiting)
-            self._waiting.clear()
-            scores, self._scores = list(self._scores), collections.deque()
-        self._fail(leftovers, error)
-        for job in scores:
-            job.future.set_exception(EngineClosed(error))
-        self._running = []
+    def _on_finished(self, s: _Sequence) -> None:
+        self._free(s)  # before the caller hears it ended: its cells are free by then
+
+    def _teardown(self) -> None:
+        self._batch = []
         lib = self._lib
-        lib.llama_batch_free(self._batch)
+        lib.llama_batch_free(self._llama_batch)
         lib.llama_free(self._ctx)
         lib.llama_model_free(self._model)
+
+    # --- the engine thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._closing or self._waiting or self._running or self._cancelled
-                           or self._scores):
-                    self._wakeup.wait(idle_wait_s)
-                if self._closing:
+                cancelled = self._wait_for_work()
+                if cancelled is None:
                     return
-                cancelled, self._cancelled = self._cancelled, set()
-                for s in self._waiting.copy():
-                    if s in cancelled:
-                        self._waiting.remove(s)
                 score = self._take_score()
                 admitted = self._take_admissible() if not self._scores else []
             for s in cancelled:  # waiting or running; finishing twice is a no-op
                 self._finish(s, FinishReason.STOP)
-            self._release([s for s in self._running if s.finished])
+            self._release([s for s in self._batch if s.finished])
             if score is not None:
                 self._run_score(score)
-            for s in admitted:
-                s.slot = self._free_slots.pop()
-            self._running.extend(admitted)
-            if self._running:
+            self._batch.extend(admitted)
+            if self._batch:
                 try:
                     self._step()
                 except Exception as exc:  # a bug or llama.cpp refusing: fail what runs, go on
                     log.exception("engine %s: step failed", self.name)
-                    self._fail(self._running, f"engine error: {exc}")
-                    self._release(list(self._running))
+                    self._fail(self._batch, f"engine error: {exc}")
+                    self._release(list(self._batch))
+                    with self._lock:  # what the failed step left in the cache is not trusted
+                        self._evict(self._kv_tokens)
 
     def _take_admissible(self) -> list[_Sequence]:
-        """Waiting requests, in order, for which a slot and their KV cells are free (lock held)."""
+        """Waiting requests, in order, for which a slot and their KV cells are free (lock held;
+        engine thread). Each takes the free slot whose kept cells share the longest prefix with
+        its prompt, keeps that prefix and skips prefilling it; kept cells of other idle slots
+        are evicted, least recently used first, when the request needs their room."""
         taken: list[_Sequence] = []
-        free = self._kv_tokens - self._cells_reserved
-        while self._waiting and len(self._running) + len(taken) < self._batch_size_max:
+        while self._waiting and len(self._batch) + len(taken) < self._batch_size_max:
             s = self._waiting[0]
-            if s.cells > free:
-                break
-            free -= s.cells
-            s.reserved = True
-            taken.append(self._waiting.popleft())
-        self._cells_reserved = self._kv_tokens - free
+            prompt = s.request.prompt_token_ids
+            slot, common = self._best_slot(prompt)
+            # taking the slot moves all its kept cells out of the kept pool: the shared prefix
+            # into this request's reservation, the rest freed below
+            need = s.cells - len(self._kept.get(slot, ()))
+            if need > self._cells_free():
+                self._evict(need, spare=slot)
+                if need > self._cells_free():
+                    break
+            self._waiting.popleft()
+            self._free_slots.remove(slot)
+            kept = self._kept.pop(slot, ())
+            self._cells_kept -= len(kept)
+            if len(kept) > common and not self._lib.llama_memory_seq_rm(
+                    self._memory, slot, common, -1):  # a cache that cannot cut a sequence
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                common = 0
+            s.slot, s.n_past, s.reserved = slot, common, True
+            self._cells_reserved += s.cells
+            self._stats.prompt_tokens += len(prompt)
+            self._stats.prompt_tokens_cached += common
+            taken.append(s)
         return taken
 
-    def _take_score(self) -> _ScoreJob | None:
+    def _cells_free(self) -> int:
+        return self._kv_tokens - self._cells_reserved - self._cells_kept
+
+    def _best_slot(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """The free slot to serve ``prompt`` and how many of its first tokens that slot's kept
+        cells already hold (at most all but the last: its logits are needed). Without a shared
+        prefix: an empty slot, else the least recently kept."""
+        best, best_common = -1, 0
+        for slot in self._free_slots:
+            kept = self._kept.get(slot)
+            if not kept:
+                continue
+            common = _common_prefix(kept, prompt, len(prompt) - 1)
+            if common > best_common:
+                best, best_common = slot, common
+        if best >= 0:
+            return best, best_common
+        empty = [slot for slot in self._free_slots if slot not in self._kept]
+        if empty:
+            return empty[-1], 0
+        return next(iter(self._kept)), 0  # every free slot keeps cells: the oldest goes
+
+    def _evict(self, need: int, spare: int = -1) -> None:
+        """Drop kept cells of idle slots, least recently used first, until ``need`` cells are
+        free or none is left but ``spare``'s (lock held; engine thread)."""
+        for slot in list(self._kept):
+            if self._cells_free() >= need:
+                return
+            if slot == spare:
+                continue
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._cells_kept -= len(self._kept.pop(slot))
+
+    def _take_score(self) -> ScoreJob | None:
         """The next scoring pass if its cells are free now (lock held); else it waits, and no
         new request is admitted before it."""
         if not self._scores:
             return None
         job = self._scores[0]
-        if len(job.prompt) + len(job.output) > self._kv_tokens - self._cells_reserved:
-            return None
+        need = len(job.prompt) + len(job.output)
+        if need > self._cells_free():
+            self._evict(need)
+            if need > self._cells_free():
+                return None
         return self._scores.popleft()
 
     def _step(self) -> None:
         """One llama_decode over every running request: decode tokens, then prompt chunks."""
-        lib, batch = self._lib, self._batch
+        lib, batch = self._lib, self._llama_batch
         rows: list[tuple[int, _Sequence]] = []  # (batch index with logits, its sequence)
         n = 0
-        decoding = [s for s in self._running if not s.prefilling]
+        decoding = [s for s in self._batch if not s.prefilling]
         for s in decoding:
             self._put(n, s.pending, s.n_past, s.slot, True)
             rows.append((n, s))
             n += 1
         fed: list[tuple[_Sequence, int]] = []
-        for s in self._running:
+        for s in self._batch:
             if not s.prefilling or n >= self._batch_tokens:
                 continue
             prompt = s.request.prompt_token_ids
@@ -472,10 +389,10 @@ class LlamaCppEngine(Engine):
             s.n_past += k
         self._choose(rows)
         self._add_busy(time.perf_counter() - started, len(decoding), 1 if decoding else 0)
-        self._release([s for s in self._running if s.finished])
+        self._release([s for s in self._batch if s.finished])
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self._batch
+        b = self._llama_batch
         b.token[i] = token
         b.pos[i] = pos
         b.n_seq_id[i] = 1
@@ -488,7 +405,6 @@ class LlamaCppEngine(Engine):
 
     def _choose(self, rows: list[tuple[int, _Sequence]]) -> None:
         """Pick each row's next token, tell its caller, and finish it where it ends."""
-        lib = self._lib
         for i, s in rows:
             logits = self._logits(i)
             p = s.request.params
@@ -501,39 +417,8 @@ class LlamaCppEngine(Engine):
             if p.logprobs or p.top_logprobs:  # the client's: from the raw row
                 one, best = sampling.logprobs_of(logits, token, p.top_logprobs)
                 lp, top = (one,), (best,)
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                self._finish(s, FinishReason.STOP, logprobs=() if lp is not None else None,
-                             top_logprobs=() if top is not None else None)
-                continue
-            s.generated.append(token)
-            s.pending = token
-            reason = self._finish_reason(s)
-            if s.row is not None:
-                sampling.accept(s.row, token)
-                if error := sampling.row_error(s.row):
-                    self._finish(s, None, error=f"grammar: {error}")
-                    continue
-                if reason is None and sampling.row_done(s.row):
-                    reason = FinishReason.STOP
-            if reason is None:
-                self._deliver(s, GenerationUpdate(s.request.request_id, (token,), lp,
-                                                  top_logprobs=top))
-            else:
-                self._finish(s, reason, token_ids=(token,), logprobs=lp, top_logprobs=top)
-        with self._lock:
-            self._stats.tokens_generated += len(rows)
-
-    def _finish_reason(self, s: _Sequence) -> FinishReason | None:
-        params = s.request.params
-        if params.stop:
-            window = s.generated[-npsampling.stop_window_tokens(params.stop) :]
-            if npsampling.hits_stop(self.detokenize(window), params.stop):
-                return FinishReason.STOP
-        if len(s.generated) >= params.max_tokens:
-            return FinishReason.LENGTH
-        if len(s.request.prompt_token_ids) + len(s.generated) >= self.spec.context_length:
-            return FinishReason.LENGTH
-        return None
+            self._emit(s, token, lp, top)
+        self._count_tokens(len(rows))
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -551,15 +436,22 @@ class LlamaCppEngine(Engine):
         gone = {id(s) for s in leaving}
         for s in leaving:
             self._free(s)
-        self._running = [s for s in self._running if id(s) not in gone]
+        self._batch = [s for s in self._batch if id(s) not in gone]
 
     def _free(self, s: _Sequence) -> None:
-        """Remove a request's cells from the KV cache and give back its slot and reservation
-        (engine thread; once, however often called)."""
+        """Give back a request's slot and reservation (engine thread; once, however often
+        called). With the prefix cache on, its cells stay as the slot's kept cells, for a later
+        request that starts the same way (the next turn of a conversation); else they go."""
         if s.slot >= 0:
-            self._lib.llama_memory_seq_rm(self._memory, s.slot, -1, -1)
-            self._free_slots.append(s.slot)
-            s.slot = -1
+            held = (s.request.prompt_token_ids + tuple(s.generated))[: s.n_past]
+            with self._lock:
+                if self._prefix_cache and held:
+                    self._kept[s.slot] = held  # the most recently kept last
+                    self._cells_kept += len(held)
+                else:
+                    self._lib.llama_memory_seq_rm(self._memory, s.slot, -1, -1)
+                self._free_slots.append(s.slot)
+                s.slot = -1
         if s.reserved:
             s.reserved = False
             with self._lock:
@@ -567,25 +459,15 @@ class LlamaCppEngine(Engine):
 
     # --- verification ---------------------------------------------------------------------------
 
-    def _run_score(self, job: _ScoreJob) -> None:
-        started = time.perf_counter()
-        try:
-            result = self._score(job)
-        except Exception as exc:
-            log.exception("engine %s: scoring failed", self.name)
-            job.future.set_exception(exc)
-            return
-        finally:
-            self._lib.llama_memory_seq_rm(self._memory, self._score_slot, -1, -1)
-        busy_s = time.perf_counter() - started
-        if self._duty_cycle < 1.0:
-            time.sleep(busy_s * (1.0 / self._duty_cycle - 1.0))
-        chosen, top, above, mean, var = result
-        job.future.set_result(ScoreResult(chosen, top, above, mean, var, busy_s=busy_s))
-
-    def _score(self, job: _ScoreJob) -> tuple[tuple[float, ...], ...]:
+    def _score(self, job: ScoreJob) -> tuple[tuple[float, ...], ...]:
         """Prompt + output through the model on the scoring slot; the logits before each
         output token give the statistics of that position."""
+        try:
+            return self._score_on_slot(job)
+        finally:
+            self._lib.llama_memory_seq_rm(self._memory, self._score_slot, -1, -1)
+
+    def _score_on_slot(self, job: ScoreJob) -> tuple[tuple[float, ...], ...]:
         tokens = job.prompt + job.output
         first = len(job.prompt) - 1  # the position whose logits predict the first output token
         rows: list[np.ndarray] = []
@@ -598,8 +480,8 @@ class LlamaCppEngine(Engine):
                 self._put(k, token, pos, self._score_slot, want)
                 if want:
                     wanted.append(k)
-            self._batch.n_tokens = len(chunk)
-            code = self._lib.llama_decode(self._ctx, self._batch)
+            self._llama_batch.n_tokens = len(chunk)
+            code = self._lib.llama_decode(self._ctx, self._llama_batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
             rows.extend(self._logits(k).copy() for k in wanted)
@@ -609,56 +491,20 @@ class LlamaCppEngine(Engine):
             return tuple(tuple(r[k] for r in scored) for k in range(5))
         return npsampling.score_positions(np.stack(rows), job.output, job.temperature, job.top_p)
 
-    # --- telling callers ------------------------------------------------------------------------
 
-    def _finish(
-        self,
-        s: _Sequence,
-        reason: FinishReason | None,
-        *,
-        token_ids: tuple[int, ...] = (),
-        logprobs: tuple[float, ...] | None = None,
-        top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None,
-        error: str | None = None,
-    ) -> None:
-        with self._lock:
-            if s.finished:
-                return  # already finished (a cancel that raced its natural end)
-            s.finished = True
-            if self._active.get(s.request.request_id) is s:
-                del self._active[s.request.request_id]
-        if threading.current_thread() is self._thread:
-            self._free(s)  # before the caller hears it ended: its cells are free by then
-        update = GenerationUpdate(
-            request_id=s.request.request_id,
-            token_ids=token_ids,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            finished=True,
-            finish_reason=reason if error is None else None,
-            error=error,
-        )
-        self._deliver(s, update)
-
-    def _fail(self, sequences: list[_Sequence], error: str) -> None:
-        for s in sequences:
-            self._finish(s, None, error=error)
-
-    def _deliver(self, s: _Sequence, update: GenerationUpdate) -> None:
-        try:
-            s.on_update(update)
-        except Exception:  # the caller's bug must not stop everyone else's requests
-            log.exception("engine %s: on_update raised for %s", self.name, update.request_id)
-
-    def _add_busy(self, seconds: float, batch_size: int, steps: int) -> None:
-        if self._duty_cycle < 1.0:
-            time.sleep(seconds * (1.0 / self._duty_cycle - 1.0))
-        with self._lock:
-            self._stats.busy_s += seconds
-            if steps:
-                self._stats.decode_steps += steps
-                hist = self._stats.batch_size_hist
-                hist[batch_size] = hist.get(batch_size, 0) + 1
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], most: int) -> int:
+    """How many first tokens ``a`` and ``b`` share, at most ``most``."""
+    n = min(len(a), len(b), most)
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect on slice equality (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _why() -> str:

@@ -35,11 +35,6 @@ from sparecycles.types import SamplingParams
 if TYPE_CHECKING:
     import torch
 
-# A stop string of n characters is at most 4n UTF-8 bytes, and a byte-level token holds at least
-# one byte, so the last 4n tokens (+1 for a character split across tokens) always contain it.
-stop_tokens_per_char_max = 4
-
-
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded from ``params.seed`` (random when unset); None for greedy decoding."""
     import torch
@@ -127,16 +122,6 @@ def score_positions(logits: torch.Tensor, token_ids: torch.Tensor, temperature: 
     floor = -1e4  # keeps every number finite on the wire (JSON has no -inf)
     return tuple(tuple(float(x) for x in t.clamp(min=floor).tolist())
                  for t in (chosen, top, above, mean, var.clamp(min=0.0)))
-
-
-def stop_window_tokens(stop: Sequence[str]) -> int:
-    """How many of the last generated tokens to decode to be sure to see any of ``stop``."""
-    return stop_tokens_per_char_max * max((len(s) for s in stop), default=0) + 1
-
-
-def hits_stop(tail_text: str, stop: Sequence[str]) -> bool:
-    """Whether the decoded tail of the generated text contains any stop string."""
-    return any(s and s in tail_text for s in stop)
 
 
 # ---- the row step: one request's logits as a NumPy vector ---------------------------------------

@@ -48,11 +48,25 @@ class _StageSequence:
 
 
 @dataclass(frozen=True, slots=True)
+class StageScoreAsk:
+    """Score positions ``offset ..`` of a step, position ``offset + j`` followed by
+    ``targets[j]`` (``protocol.StageScore``)."""
+
+    offset: int
+    targets: tuple[int, ...]
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True, slots=True)
 class StageResult:
     hidden: torch.Tensor | None  # (positions, hidden_size) for a stage that is not the last
     token: int | None  # the last stage's next token (None: not asked to choose one)
     eos: bool  # that token ends the sequence
     busy_s: float
+    # the last stage's teacher-forced statistics of the positions ``score`` asked for (a spot
+    # check): as ``sampling.score_positions`` returns them
+    scores: tuple[tuple[float, ...], ...] | None = None
 
 
 class StageEngine:
@@ -144,15 +158,18 @@ class StageEngine:
     # --- the work ------------------------------------------------------------------------------
 
     def forward(self, sequence_id: str, start: int, *, token_ids: list[int] | None = None,
-                hidden: torch.Tensor | None = None, choose: SamplingParams | None = None
-                ) -> StageResult:
+                hidden: torch.Tensor | None = None, choose: SamplingParams | None = None,
+                score: StageScoreAsk | None = None) -> StageResult:
         """Run positions ``start ..`` of ``sequence_id`` through this stage's layers.
 
         ``start`` must equal the positions already cached for the sequence (0 opens it). The
         first stage takes ``token_ids``, the others ``hidden`` (positions x hidden_size). The
         last stage chooses the next token when ``choose`` is given (the first ``choose`` of a
-        sequence fixes its sampling, seed included)."""
+        sequence fixes its sampling, seed included). ``score`` (last stage): the teacher-forced
+        statistics of some of these positions, for verification."""
         started = time.perf_counter()
+        if score is not None and not self.is_last:
+            raise InvalidRequest("only the last stage scores positions")
         seq = self._sequences.get(sequence_id)
         if start == 0:
             if seq is not None:
@@ -189,7 +206,7 @@ class StageEngine:
             seq.n_cached = start + n
             seq.last_used_s = time.monotonic()
             states = out.last_hidden_state[0]
-            token, eos, result = None, False, None
+            token, eos, result, scores = None, False, None, None
             if self.is_last:
                 if choose is not None:
                     if seq.params is None:
@@ -198,13 +215,27 @@ class StageEngine:
                     logits = self._logits(states[-1:]).float()
                     token = int(sampling.next_tokens(logits, [seq.params], [seq.generator])[0])
                     eos = token in self._eos_ids
+                if score is not None:
+                    scores = self._score(states, score)
             else:
                 result = states.detach().to("cpu")
         busy = time.perf_counter() - started
         self.busy_s += busy
         if self._duty_cycle < 1.0:
             time.sleep(busy * (1.0 / self._duty_cycle - 1.0))
-        return StageResult(result, token, eos, busy)
+        return StageResult(result, token, eos, busy, scores)
+
+    def _score(self, states: torch.Tensor, score: StageScoreAsk) -> tuple[tuple[float, ...], ...]:
+        """Statistics of positions ``offset ..`` of ``states``, each followed by its target."""
+        if score.offset + len(score.targets) > states.shape[0]:
+            raise InvalidRequest(f"{len(score.targets)} targets from position {score.offset} "
+                                 f"of {states.shape[0]}")
+        logits = self._logits(states[score.offset : score.offset + len(score.targets)]).float()
+        if not all(0 <= t < logits.shape[-1] for t in score.targets):
+            raise InvalidRequest("targets outside the vocabulary")
+        return sampling.score_positions(
+            logits, torch.tensor(list(score.targets), device=logits.device), score.temperature,
+            score.top_p)
 
     @property
     def spec_vocab(self) -> int:
