@@ -24,7 +24,7 @@ def decoder_of(tokenizer: Any) -> Callable[[list[int]], str]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
         return partial(backend.decode, skip_special_tokens=True)
-    return partial(tokenizer.decode, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # looked up when used
 
 
 class TextStream:
