@@ -15,6 +15,8 @@ chat requests at each concurrency. What it reports per run:
 - with ``--relay-probe`` (fake nodes), the coordinator's **CPU per token message**: the same
   requests again with each answer sent as one message instead of one per token, and the
   difference in CPU per request divided by the difference in messages;
+- the coordinator's read and write system calls, the voluntary context switches of its threads
+  (wake-ups) and its system CPU share, per request: counts that a busy machine does not blur;
 - the load average before and after, since this machine is shared; and, in the summary, the
   coordinator's CPU per request as a multiple of the clients' (the clients run the same code
   for every tree, so their cost moves only with the machine's load: on a busy shared machine
