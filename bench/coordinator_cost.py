@@ -15,6 +15,8 @@ chat requests at each concurrency. What it reports per run:
 - with ``--relay-probe`` (fake nodes), the coordinator's **CPU per token message**: the same
   requests again with each answer sent as one message instead of one per token, and the
   difference in CPU per request divided by the difference in messages;
+- the coordinator's read and write system calls, the voluntary context switches of its threads
+  (wake-ups) and its system CPU share, per request: counts that a busy machine does not blur;
 - the load average before and after, since this machine is shared; and, in the summary, the
   coordinator's CPU per request as a multiple of the clients' (the clients run the same code
   for every tree, so their cost moves only with the machine's load: on a busy shared machine
@@ -38,6 +40,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -107,6 +110,29 @@ class Net:
 
 def cpu_s(pids: list[int]) -> float:
     return sum(s.cpu_s for p in pids if (s := proc_sample(p)) is not None)
+
+
+def counters(pid: int) -> dict[str, float]:
+    """A process's counts that CPU time on a busy machine blurs: read and write system calls
+    (``/proc/PID/io``: socket writes and reads, the wake-ups of threads and of the event loop,
+    SQLite's WAL writes), voluntary context switches summed over its threads (a thread that
+    waits for work and is woken: the hand-offs), and its user and system CPU seconds."""
+    out = {"syscr": 0.0, "syscw": 0.0, "vcsw": 0.0, "user_s": 0.0, "sys_s": 0.0}
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("syscr", "syscw"):
+                out[key] = float(value)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out["vcsw"] += float(line.split()[1])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        out["user_s"], out["sys_s"] = int(fields[11]) / tick, int(fields[12]) / tick
+    except OSError:
+        pass
+    return out
 
 
 def self_cpu_s() -> float:
@@ -220,11 +246,12 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
     pg = net.pg_backends()
     h0, la0 = histogram(net.url), loadavg()
     c0, n0, p0, s0 = cpu_s(coord), cpu_s(nodes), cpu_s(pg), self_cpu_s()
+    k0 = counters(coord[0])
     spy = None
     if args.py_spy:  # samples of the coordinator holding the GIL, over the measured requests
         out = Path(args.py_spy) / f"{net.tree.name}-c{concurrency}-{int(time.time())}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+        spy = subprocess.Popen([py_spy(), "record", "--pid",
                                 str(net.coordinator.pid), "--gil", "--rate", "250",
                                 "--format", "raw", "--output", str(out), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -233,6 +260,7 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
     result = load(net, concurrency, args.requests, args.max_tokens)["result"]
     wall = time.perf_counter() - t0
     c1, n1, p1, s1 = cpu_s(coord), cpu_s(nodes), cpu_s(pg), self_cpu_s()
+    k1 = counters(coord[0])
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
@@ -249,12 +277,25 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
         "nodes_cpu_ms": (n1 - n0) * 1000 / n,
         "clients_cpu_ms": (s1 - s0) * 1000 / n,
         "postgres_cpu_ms": (p1 - p0) * 1000 / n if pg else None,
+        # the coordinator's system calls, thread wake-ups and CPU split, per request
+        "coordinator_syscalls": (k1["syscr"] + k1["syscw"] - k0["syscr"] - k0["syscw"]) / n,
+        "coordinator_writes": (k1["syscw"] - k0["syscw"]) / n,
+        "coordinator_switches": (k1["vcsw"] - k0["vcsw"]) / n,
+        "coordinator_sys_share": ((k1["sys_s"] - k0["sys_s"])
+                                  / max(1e-9, k1["user_s"] + k1["sys_s"]
+                                        - k0["user_s"] - k0["sys_s"])),
         "admission_p50_ms": quantile_ms(adm0, adm1, 0.5),
         "admission_p99_ms": quantile_ms(adm0, adm1, 0.99),
         "relay_p50_ms": quantile_ms(h0.get("relay", empty), h1.get("relay", empty), 0.5),
         "load_before": la0, "load_after": la1,
         "errors": sorted({s.error[:120] for s in result.samples if not s.ok})[:3],
     }
+
+
+def py_spy() -> str:
+    """py-spy beside this interpreter (a dev install), else the one on ``PATH``."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else (shutil.which("py-spy") or str(here))
 
 
 def fmt(v: Any, digits: int = 2) -> str:
@@ -294,7 +335,8 @@ def main() -> None:
           f"max_tokens {args.max_tokens}; {os.cpu_count()} cores")
     head = (f"{'tree':>6} {'rnd':>3} {'tpm':>3} {'conc':>4} {'req/s':>6} {'coord ms':>8} "
             f"{'nodes':>6} {'client':>6} {'pg':>5} {'adm p50':>7} {'adm p99':>7} "
-            f"{'relay50':>7} {'tok':>4} {'fail':>4} {'load':>9}")
+            f"{'relay50':>7} {'sysc':>5} {'wr':>5} {'csw':>5} {'sys%':>4} {'tok':>4} {'fail':>4} "
+            f"{'load':>9}")
     print(head)
     for rnd in range(args.rounds):
         order = trees if rnd % 2 == 0 else list(reversed(trees))
@@ -312,6 +354,9 @@ def main() -> None:
                               f"{r['clients_cpu_ms']:>6.2f} {fmt(r['postgres_cpu_ms']):>5} "
                               f"{fmt(r['admission_p50_ms']):>7} {fmt(r['admission_p99_ms']):>7} "
                               f"{fmt(r['relay_p50_ms']):>7} "
+                              f"{r['coordinator_syscalls']:>5.1f} {r['coordinator_writes']:>5.1f} "
+                              f"{r['coordinator_switches']:>5.1f} "
+                              f"{100 * r['coordinator_sys_share']:>4.0f} "
                               f"{r['completion_tokens_mean']:>4.1f} {r['failed']:>4} "
                               f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}", flush=True)
                         if r["errors"]:
@@ -329,10 +374,14 @@ def main() -> None:
             # the clients run the same code for every tree: their CPU per request moves with
             # the machine's load alone, so this ratio is the figure least moved by other work
             ratio = statistics.median(r["coordinator_cpu_ms"] / r["clients_cpu_ms"] for r in one)
-            line = (f"  {label:>6} c={c:<4} coordinator {cpu:.2f} ms/request "
+            sysc = statistics.median(r["coordinator_syscalls"] for r in one)
+            csw = statistics.median(r["coordinator_switches"] for r in one)
+            rps = statistics.median(r["req_per_s"] for r in one)
+            line = (f"  {label:>6} c={c:<4} {rps:.0f} req/s, coordinator {cpu:.2f} ms/request "
                     f"({ratio:.2f}x the clients'), admission "
                     f"{fmt(statistics.median(adm) if adm else None)} / "
-                    f"{fmt(statistics.median(adm99) if adm99 else None)} ms")
+                    f"{fmt(statistics.median(adm99) if adm99 else None)} ms, "
+                    f"{sysc:.1f} system calls and {csw:.1f} thread wake-ups a request")
             batched = [r for r in rows if r["tree"] == label and r["concurrency"] == c
                        and r["tokens_per_message"] > 1]
             if batched:

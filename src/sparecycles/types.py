@@ -334,6 +334,9 @@ class JobRecord:
     replica_id: str | None = None
     error: str | None = None
     finished_at_s: float | None = None  # epoch
+    # placed as it was admitted: its first attempt's node (the attempt's row rides along)
+    node_id: str | None = None
+    attempts: int = 0
 
     def as_row(self) -> dict[str, object]:
         """The columns, enums as their plain string values (what the database holds)."""
@@ -346,6 +349,8 @@ class JobRecord:
         }
         if self.error is not None or self.finished_at_s is not None:
             row.update(error=self.error, finished_at_s=self.finished_at_s)
+        if self.attempts:
+            row.update(node_id=self.node_id, attempts=self.attempts)
         return row
 
 

@@ -120,6 +120,47 @@ async def test_tokens_exactly_once_across_a_lost_node(world) -> None:
     await d.stop()
 
 
+async def test_the_last_attempt_ends_in_the_settlements_transaction(world, monkeypatch) -> None:
+    """A job's last attempt is ended by its settlement's transaction (one commit a job fewer,
+    and one hand-off to a thread); an attempt the job went on from is written at once, before
+    the next one starts."""
+    store, ledger, client, (alice, bob) = world
+    separate: list[tuple[str, int, str]] = []
+    real_end = store.end_attempt
+
+    def end_attempt(job_id: str, attempt: int, **fields) -> None:
+        separate.append((job_id, attempt, fields["outcome"]))
+        real_end(job_id, attempt, **fields)
+
+    monkeypatch.setattr(store, "end_attempt", end_attempt)
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1, n2 = FakeNode("n1", alice), FakeNode("n2", bob)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    d.on_node_ready(n2.conn)
+    await d.on_node_lost(n1.conn)
+    await _until(lambda: n2.jobs())
+    second = n2.jobs()[0]
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4, 5]))
+    await d.on_done(n2.conn, n2.done(second, [4, 5], busy_s=0.03, energy_j=1.5))
+    assert separate == [("job_1", 1, "node_lost")]  # the done attempt rode with the settlement
+    rows = store.attempts("job_1")
+    assert [(a.outcome, a.completion_tokens) for a in rows] == [("node_lost", 1), ("done", 2)]
+    assert rows[1].busy_s == 0.03 and rows[1].energy_j == 1.5 and rows[1].signature
+    assert rows[1].ended_at_s is not None and store.get_job("job_1").state == "done"
+    assert ledger.job_money("job_1")["state"] == "settled"
+    # a job that delivered nothing is voided with its attempt's end in the same transaction
+    await _admit(d, client, job_id="job_2")
+    await _until(lambda: len(n2.jobs()) == 2)
+    await d.cancel("job_2")
+    assert [a.outcome for a in store.attempts("job_2")] == ["cancelled"]
+    assert ledger.job_money("job_2")["state"] == "voided" and len(separate) == 1
+    await d.stop()
+
+
 async def test_a_job_handed_back_by_the_favourite_goes_to_the_free_node_beside_it(world) -> None:
     """The node that handed a job back is still the scheduler's first choice for it; the
     scheduler is told to avoid that node for that job, so the free node beside it takes the job
@@ -148,8 +189,9 @@ async def test_a_job_handed_back_by_the_favourite_goes_to_the_free_node_beside_i
 
 
 async def test_admission_is_one_commit_and_places_at_once(world) -> None:
-    """The job row and the hold are one transaction, durable before the node is sent the job;
-    with nothing else waiting the job goes to the node within ``admit``, not a loop turn later."""
+    """The job row, the hold and the first attempt's row are one transaction, durable before
+    the node is sent the job; with nothing else waiting the job goes to the node within
+    ``admit``, not a loop turn later, and its attempt costs no commit of its own."""
     store, ledger, client, (alice, _bob) = world
     d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
     await d.start()
@@ -160,11 +202,66 @@ async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     commits: list[int] = []
     event.listen(store.engine, "commit", lambda _conn: commits.append(1))
     job = await _admit(d, client)
-    assert len(commits) == 1  # admit returns before the writer's attempt row can commit
+    assert len(commits) == 1
+    await _until(lambda: len(n1.jobs()) == 2)  # the socket's writer sends it
+    await d.writer.drain()
+    assert len(commits) == 1  # nothing more was written for it
     assert ledger.job_money("job_1")["state"] == "held"
     assert job.state == "placed" and job.dispatched_perf_s is not None and not d.waiting
-    assert store.get_job("job_1").state == "admitted"
-    await _until(lambda: len(n1.jobs()) == 2)  # the socket's writer sends it
+    row = store.get_job("job_1")
+    assert (row.state, row.node_id, row.attempts) == ("placed", n1.conn.node_id, 1)
+    assert [(a.attempt, a.node_id, a.outcome, a.prompt_tokens)
+            for a in store.attempts("job_1")] == [(1, n1.conn.node_id, "running", 3)]
+    await d.stop()
+
+
+async def test_a_refused_hold_gives_back_the_slot_it_took(world) -> None:
+    """Placement on admission takes the node's slot before the hold commits; a refused hold
+    frees it, and the failed job's row names no node and has no attempt."""
+    store, ledger, _client, (alice, _bob) = world
+    poor = store.ensure_client("poor")
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    with pytest.raises(InsufficientBalance):
+        await _admit(d, poor, job_id="job_poor")
+    row = store.get_job("job_poor")
+    assert (row.state, row.node_id, row.attempts) == ("failed", None, 0)
+    assert store.attempts("job_poor") == []
+    assert not n1.conn.jobs and n1.conn.queued_tokens == 0 and not n1.conn.backlog.kv
+    assert not n1.jobs() and "job_poor" not in d.jobs
+    await d.stop()
+
+
+async def test_a_node_lost_while_the_hold_commits_ends_the_attempt_and_the_job_waits(
+        world, monkeypatch) -> None:
+    """The node chosen on admission left before the hold committed: its attempt (already in the
+    books with the hold) ends as node_lost, and the job goes to the next node."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1, n2 = FakeNode("n1", alice), FakeNode("n2", bob)
+    d.on_node_ready(n1.conn)
+    real_hold = ledger.hold_async
+
+    async def hold_while_n1_leaves(*args, **kwargs):
+        result = await real_hold(*args, **kwargs)
+        await d.on_node_lost(n1.conn)  # the reader of n1's socket, during the commit
+        await n1.conn.stop()
+        d.on_node_ready(n2.conn)
+        return result
+
+    monkeypatch.setattr(ledger, "hold_async", hold_while_n1_leaves)
+    job = await _admit(d, client)
+    await _until(lambda: n2.jobs())
+    assert n2.jobs()[0]["attempt"] == 2 and not n1.jobs()
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[4]))
+    await d.on_done(n2.conn, n2.done(n2.jobs()[0], [4]))
+    assert [e.kind for e in _drain(job)] == ["tokens", "done"]
+    assert [(a.attempt, a.outcome) for a in store.attempts("job_1")] == [(1, "node_lost"),
+                                                                          (2, "done")]
+    assert ledger.job_money("job_1")["state"] == "settled" and ledger.check() == []
     await d.stop()
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sparecycles.coordinator.textstream import TextStream
+from sparecycles.coordinator.textstream import TextStream, decoder_of
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Ünïcödé café naïve — 日本語 text!",
@@ -66,3 +66,19 @@ def test_any_text_round_trips(tok, text, chunk) -> None:
     ids = tok.encode(text)
     streamed, _ = _stream(tok, ids, chunk=chunk)
     assert streamed == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_the_direct_decoder_gives_what_decode_gives(tok, clean_up) -> None:
+    """A fast tokenizer without clean-up is decoded by its Rust backend directly; with clean-up
+    (which transformers applies in Python) through ``decode``: the same text either way."""
+    before = tok.clean_up_tokenization_spaces
+    tok.clean_up_tokenization_spaces = clean_up
+    try:
+        decode = decoder_of(tok)
+        assert (getattr(decode, "func", None) == tok.backend_tokenizer.decode) is not clean_up
+        for text in [*CORPUS[:2], "a , b . c", "x<|eos|>y"]:
+            ids = tok.encode(text)
+            assert decode(ids) == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        tok.clean_up_tokenization_spaces = before

@@ -401,8 +401,7 @@ async def _run(
     coord.metrics.requests.labels(endpoint, "error" if failed else "ok").inc()
     first_job = _job(choices[0])
     if first_job.dispatched_perf_s is not None:
-        coord.metrics.overhead.labels("admission").observe(
-            first_job.dispatched_perf_s - received_perf_s)
+        coord.metrics.overhead_admission.observe(first_job.dispatched_perf_s - received_perf_s)
     if failed is not None:
         for c in choices:
             await _cancel(coord, _job(c))
@@ -507,20 +506,40 @@ async def _stream(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     assert coord.dispatcher is not None
-    merged: asyncio.Queue[tuple[_Choice, JobEvent]] = asyncio.Queue()
     pumps: list[asyncio.Task[None]] = []
+    relay = coord.metrics.overhead_relay
+    if len(choices) == 1:  # one job: its own queue, read directly (no task, no second queue)
+        only, events = choices[0], _job(choices[0]).events
+        ahead: JobEvent | None = firsts[0]
 
-    async def pump(c: _Choice) -> None:
-        while True:
-            event = await _job(c).events.get()
-            await merged.put((c, event))
-            if event.kind in ("done", "error"):
-                return
+        def ready() -> bool:
+            return ahead is not None or not events.empty()
 
-    for c, first in zip(choices, firsts, strict=True):
-        merged.put_nowait((c, first))
-        if first.kind == "tokens":
-            pumps.append(asyncio.create_task(pump(c)))
+        async def next_event() -> tuple[_Choice, JobEvent]:
+            nonlocal ahead
+            if ahead is not None:
+                event, ahead = ahead, None
+                return only, event
+            return only, await events.get()
+    else:  # several: one task per job feeds a merged queue, in the order events come
+        merged: asyncio.Queue[tuple[_Choice, JobEvent]] = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            while True:
+                event = await _job(c).events.get()
+                await merged.put((c, event))
+                if event.kind in ("done", "error"):
+                    return
+
+        for c, first in zip(choices, firsts, strict=True):
+            merged.put_nowait((c, first))
+            if first.kind == "tokens":
+                pumps.append(asyncio.create_task(pump(c)))
+
+        def ready() -> bool:
+            return not merged.empty()
+
+        next_event = merged.get
     finished = False
     open_choices = len(choices)
     try:
@@ -528,9 +547,9 @@ async def _stream(
             for c in choices:
                 yield _sse(reply.chunk(c.index, {"role": "assistant", "content": ""}, None))
         while open_choices:
-            if merged.empty():
+            if not ready():
                 yield FLUSH  # about to wait for a node: what the client has not got goes out
-            c, event = await merged.get()
+            c, event = await next_event()
             if c.ended:
                 continue
             if event.kind == "tokens":
@@ -539,8 +558,7 @@ async def _stream(
                 lps = reply.logprobs_obj(c, before, len(c.lps))
                 for chunk in reply.deltas(c, delta, lps):
                     yield _sse(chunk)
-                coord.metrics.overhead.labels("relay").observe(
-                    time.perf_counter() - event.at_perf_s)
+                relay.observe(time.perf_counter() - event.at_perf_s)
                 if c.text.stopped:
                     await coord.dispatcher.cancel(_job(c).job_id, reason="stop",
                                                   keep_tokens=c.text.tokens_used)

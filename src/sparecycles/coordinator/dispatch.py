@@ -170,28 +170,13 @@ class Dispatcher:
         The job row and the hold are one transaction (one commit, shared by the admissions of
         the moment: the ledger's group commit), durable before any node is sent the job. When
         no other job waits, the job is placed here and now rather than on the dispatch loop's
-        next turn.
+        next turn: its node is chosen (and its slot taken) before the hold, so that the
+        attempt's row rides in the hold's transaction too, and the node is sent the job once
+        that has committed (one commit a job fewer than placing after the hold).
         """
         now = self.clock()
-        row = JobRecord(
-            id=job_id,
-            client_id=client_id,
-            api_key_id=api_key_id,
-            model=model,
-            endpoint=endpoint,
-            workload=workload,
-            state=JobState.ADMITTED,
-            stream=stream,
-            trusted_only=trusted_only,
-            prompt_tokens=len(prompt_ids),
-            max_tokens=sampling.max_tokens,
-            replica_id=self.replica_id,
-            created_at_s=now.epoch_s,
-        )
         if len(self.waiting) >= limits.jobs_waiting_max:
             raise NoNodeAvailable("too many requests are waiting for a node; retry shortly")
-        await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
-                                     sampling.max_tokens, job=row, workload=workload)
         job = LiveJob(
             job_id=job_id,
             client_id=client_id,
@@ -205,21 +190,70 @@ class Dispatcher:
             waiting_since_mono_s=now.mono_s,
             received_perf_s=received_perf_s or now.perf_s,
         )
+        placed = self._reserve(job, now) if not self.waiting and self._task is not None else None
+        row = JobRecord(
+            id=job_id,
+            client_id=client_id,
+            api_key_id=api_key_id,
+            model=model,
+            endpoint=endpoint,
+            workload=workload,
+            state=JobState.PLACED if placed else JobState.ADMITTED,
+            stream=stream,
+            trusted_only=trusted_only,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=sampling.max_tokens,
+            replica_id=self.replica_id,
+            created_at_s=now.epoch_s,
+            node_id=placed[0].node_id if placed else None,
+            attempts=1 if placed else 0,
+        )
+        start = None
+        if placed:
+            start = dict(attempt=1, node_id=placed[0].node_id, prompt_tokens=len(prompt_ids),
+                         outcome=str(AttemptOutcome.RUNNING), started_at_s=now.epoch_s)
+        try:
+            await self.ledger.hold_async(job_id, client_id, model, len(prompt_ids),
+                                         sampling.max_tokens, job=row, workload=workload,
+                                         attempt_start=start)
+        except BaseException:
+            if placed:
+                self._unreserve(job, placed[0])
+            raise
         self.jobs[job_id] = job
-        self.waiting[job_id] = job
-        if len(self.waiting) == 1 and self._task is not None:
-            self._place_on_admission(self.clock())  # after the hold's commit: a new reading
-        if self.waiting:
+        if placed:
+            self._send(job, *placed, self.clock())  # after the hold's commit: a new reading
+        else:
+            self.waiting[job_id] = job
             self._wake.set()
         return job
 
-    def _place_on_admission(self, now: Now) -> None:
-        """Place the one waiting job at once. Only when nothing else waits: then this costs one
-        job's scheduling, and a queue (all nodes busy) is left to the loop, which batches it."""
+    def _reserve(self, job: LiveJob, now: Now) -> tuple[FleetNode, str] | None:
+        """Choose the node for a job alone and take its slot (its attempt begins), without
+        sending it anything yet; None when no node can take it now (the loop will try)."""
         try:
-            self._place_waiting(now)
-        except Exception:  # the loop retries on its next turn; a bug here is logged loudly
+            snapshots = [n.snapshot(now.epoch_s) for n in self.all_nodes()
+                         if not n.closed and not n.draining]
+            if not snapshots:
+                return None
+            assignments = scheduler.schedule([job.as_job()], snapshots, self.models, now.epoch_s,
+                                             self.config, memo=self._rank_memo)
+            node = self.node(assignments[0].node_id) if assignments else None
+            if node is None:
+                return None
+            return node, self._begin_attempt(job, node, now)
+        except Exception:  # the loop places it on its next turn; a bug here is logged loudly
             log.exception("placement on admission failed")
+            return None
+
+    def _unreserve(self, job: LiveJob, node: FleetNode) -> None:
+        """Undo ``_begin_attempt`` on ``node`` (the job's hold was refused, or the node could not
+        be sent the job): its slot is free again, and the job has no such attempt."""
+        att = job.attempts.pop()
+        node.jobs.discard(job.job_id)
+        node.queued_tokens = max(0, node.queued_tokens - (job.sampling.max_tokens - att.token_base))
+        node.backlog.forget(job.job_id)
+        job.state = JobState.ADMITTED
 
     # ---- placement ---------------------------------------------------------------------------
 
@@ -297,6 +331,27 @@ class Dispatcher:
         return self.nodes.get(node_id) or self.remote.get(node_id)
 
     def _assign(self, job: LiveJob, node: FleetNode, now: Now) -> None:
+        """Send a waiting job to ``node``; its attempt's row is queued on the writer."""
+        if node.closed:
+            return  # the node's socket is gone; its reader will clean up
+        frame = self._begin_attempt(job, node, now)
+        att = job.attempts[-1]
+        if not node.send(frame):  # its queue is full: it is being dropped; the job waits on
+            self._unreserve(job, node)
+            self.waiting[job.job_id] = job
+            return
+        if job.dispatched_perf_s is None:
+            job.dispatched_perf_s = now.perf_s
+        self.writer.background(
+            self.store.start_attempt,
+            job_id=job.job_id,
+            attempt=att.number,
+            node_id=node.node_id,
+            prompt_tokens=len(job.prompt_ids) + att.token_base,
+        )
+
+    def _begin_attempt(self, job: LiveJob, node: FleetNode, now: Now) -> str:
+        """The job's next attempt on ``node``: its slot taken, its message made (not sent)."""
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
@@ -310,8 +365,6 @@ class Dispatcher:
             want_logprobs=self.verifier is not None or _client_logprobs(job.sampling),
             resumed_tokens=len(job.generated),
         )
-        if not node.send(protocol.encode(msg)):
-            return  # the node's socket is gone; its reader will clean up
         job.attempts.append(
             Attempt(
                 number=number,
@@ -324,19 +377,20 @@ class Dispatcher:
             )
         )
         job.state = JobState.PLACED
-        if job.dispatched_perf_s is None:
-            job.dispatched_perf_s = now.perf_s
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         node.backlog.sent(job.job_id, len(prompt), remaining)
         self.waiting.pop(job.job_id, None)
-        self.writer.background(
-            self.store.start_attempt,
-            job_id=job.job_id,
-            attempt=number,
-            node_id=node.node_id,
-            prompt_tokens=len(prompt),
-        )
+        return protocol.encode(msg)
+
+    def _send(self, job: LiveJob, node: FleetNode, frame: str, now: Now) -> None:
+        """Send the attempt reserved on admission, its row committed with the hold. A node whose
+        socket is gone by now (it left while the hold committed) ends the attempt (its row says
+        so), and the job waits for another node."""
+        if not node.send(frame):
+            self._resume_soon(job, now, outcome=AttemptOutcome.NODE_LOST)
+        elif job.dispatched_perf_s is None:
+            job.dispatched_perf_s = now.perf_s
 
     async def _watchdog(self, now: Now) -> None:
         for job in list(self.waiting.values()):
@@ -533,15 +587,20 @@ class Dispatcher:
         metering: protocol.Metering | None = None,
         signature: str | None = None,
     ) -> None:
+        """End the attempt: its node no longer holds the job, and its row's end is kept on the
+        job (``attempt_ends``), to be written with the job's settlement when the job ends now
+        (one commit a job instead of two), or queued by ``_resume_soon`` when it goes on."""
         if node is not None:
             node.jobs.discard(job.job_id)
         fields: dict[str, Any] = {
+            "attempt": att.number,
             "outcome": str(outcome),
             "completion_tokens": att.tokens,
             "time_to_first_token_s": (att.first_token_mono_s - att.started_mono_s)
             if att.first_token_mono_s
             else None,
             "total_s": now.mono_s - att.started_mono_s,
+            "ended_at_s": now.epoch_s,
         }
         if metering is not None:
             fields.update(
@@ -550,7 +609,14 @@ class Dispatcher:
                 energy_source=metering.energy_source,
                 signature=signature,
             )
-        self.writer.background(self.store.end_attempt, job.job_id, att.number, **fields)
+        job.attempt_ends.append(fields)
+
+    def _write_attempt_ends(self, job: LiveJob) -> None:
+        """Queue the ends of the job's attempts that no settlement will carry (it goes on)."""
+        for fields in job.attempt_ends:
+            end = dict(fields)
+            self.writer.background(self.store.end_attempt, job.job_id, end.pop("attempt"), **end)
+        job.attempt_ends.clear()
 
     async def _resume(self, job: LiveJob, now: Now, *, outcome: AttemptOutcome) -> None:
         """End the current attempt and put the job back to be placed with what it has so far."""
@@ -573,6 +639,7 @@ class Dispatcher:
         if len(job.attempts) >= limits.job_attempts_max:
             return self._finish_soon(job, now, error=JobFailed(
                 f"the request failed on {len(job.attempts)} nodes in turn; giving up"))
+        self._write_attempt_ends(job)  # before the next attempt's start, in the writer's order
         job.state = JobState.ADMITTED
         job.waiting_since_mono_s = now.mono_s
         self.waiting[job.job_id] = job
@@ -631,6 +698,7 @@ class Dispatcher:
         """End the job now (state, out of the queues) and queue its settlement; returns what
         completes once the settlement has committed and the client has been told."""
         if job.state.is_final:
+            self._write_attempt_ends(job)
             return None
         self.jobs.pop(job.job_id, None)
         self.waiting.pop(job.job_id, None)
@@ -659,15 +727,16 @@ class Dispatcher:
             error=None if error is None else error.message,
             first_token_at_s=None if first is None else now.epoch_s - (now.mono_s - first),
             time_to_first_token_s=None if first is None else first - job.admitted_mono_s)
+        ends, job.attempt_ends = job.attempt_ends, []
 
-        async def _settle() -> None:  # one transaction: the money and the job's final row
-            try:
+        async def _settle() -> None:  # one transaction: the money, the job's final row and the
+            try:  # end of its last attempt (its start was queued before this, so it has landed)
                 if delivered:
                     await self.ledger.settle_async(job.job_id, job.client_id, job.model,
                                                    len(job.prompt_ids), delivered, shares,
-                                                   job=final)
+                                                   job=final, attempt_ends=ends)
                 else:
-                    await self.ledger.void_async(job.job_id, job=final)
+                    await self.ledger.void_async(job.job_id, job=final, attempt_ends=ends)
             except Conflict as exc:  # e.g. a restart already voided this job's hold
                 log.warning("job %s: not settled: %s", job.job_id, exc.message)
 

@@ -84,6 +84,9 @@ class LiveJob:
     received_perf_s: float = 0.0  # perf_counter when the API received the request
     dispatched_perf_s: float | None = None  # perf_counter when the first attempt was sent to a node
     chain: Any = None  # the coordinator/chains.ChainRun driving it, when served by a chain
+    # attempts ended and not yet written (``job_attempts`` columns, with ``attempt``): they ride
+    # with the job's settlement, or are queued when the job goes on to another attempt
+    attempt_ends: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def current(self) -> Attempt | None:

@@ -62,15 +62,28 @@ class Metrics:
         self.resumptions = Counter(
             "sparecycles_job_resumptions", "Attempts ended by a node leaving", registry=r
         )
+        # the labelled series of the hot path, looked up once (``labels`` takes a lock and
+        # builds a key on every call: once per token message for the relay)
+        self.overhead_relay = self.overhead.labels("relay")
+        self.overhead_admission = self.overhead.labels("admission")
+        self._per_model: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def job_finished(self, job: LiveJob, state: str) -> None:
-        self.jobs.labels(job.model, state).inc()
-        self.tokens.labels(job.model, "prompt").inc(len(job.prompt_ids))
-        self.tokens.labels(job.model, "completion").inc(len(job.generated))
+        series = self._per_model.get((job.model, state))
+        if series is None:  # models and states are few: kept for the process's life
+            series = (self.jobs.labels(job.model, state), self.tokens.labels(job.model, "prompt"),
+                      self.tokens.labels(job.model, "completion"), self.ttft.labels(job.model),
+                      self.latency.labels(job.model))
+            self._per_model[(job.model, state)] = series
+        jobs, prompt, completion, ttft, latency = series
+        jobs.inc()
+        prompt.inc(len(job.prompt_ids))
+        completion.inc(len(job.generated))
         if job.first_token_mono_s is not None:
-            self.ttft.labels(job.model).observe(job.first_token_mono_s - job.admitted_mono_s)
-        self.latency.labels(job.model).observe(time.monotonic() - job.admitted_mono_s)
-        self.resumptions.inc(max(0, len(job.attempts) - 1))
+            ttft.observe(job.first_token_mono_s - job.admitted_mono_s)
+        latency.observe(time.monotonic() - job.admitted_mono_s)
+        if len(job.attempts) > 1:
+            self.resumptions.inc(len(job.attempts) - 1)
 
     def render(self, dispatcher: Any | None) -> bytes:
         if dispatcher is not None:

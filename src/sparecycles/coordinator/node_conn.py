@@ -78,6 +78,11 @@ class Backlog:
     def streaming(self, job_id: str) -> None:
         self.prefill.pop(job_id, None)
 
+    def forget(self, job_id: str) -> None:
+        """The job was never sent after all."""
+        self.prefill.pop(job_id, None)
+        self.kv.pop(job_id, None)
+
     def totals(self, running: set[str]) -> tuple[int, int]:
         """(prefill backlog tokens, KV tokens reserved) of the jobs still in ``running``."""
         for book in (self.prefill, self.kv):

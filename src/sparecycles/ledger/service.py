@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -223,30 +223,35 @@ class Ledger:
 
     def hold(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
              max_tokens: int, *, job: JobRecord | None = None,
-             workload: Workload = Workload.INFERENCE) -> int:
+             workload: Workload = Workload.INFERENCE,
+             attempt_start: Mapping[str, Any] | None = None) -> int:
         """Reserve the most the job can cost; returns the hold. Raises InsufficientBalance.
 
         ``job``, the job's row (a ``JobRecord``), is inserted in the hold's own
         transaction: as given when the hold is placed, ``failed`` with the reason when it is
         refused. So admission costs one commit, and no job is ever admitted without its hold.
+        ``attempt_start``, the row of the job's first attempt (``job_attempts`` columns but the
+        job's id) when it was placed as it was admitted, is inserted with a placed hold only.
 
         ``workload`` other than inference (the platform's own usage, decided by the client's
         key): the hold is on ``cost:opex:<workload>`` instead of the client, and the settlement
         pays the owners from it with no charge to the client and no fee (not revenue).
         """
         return self._submit(*self._hold_op(job_id, client_id, model, prompt_tokens, max_tokens,
-                                           job, workload))
+                                           job, workload, attempt_start))
 
     async def hold_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                          max_tokens: int, *, job: JobRecord | None = None,
-                         workload: Workload = Workload.INFERENCE) -> int:
+                         workload: Workload = Workload.INFERENCE,
+                         attempt_start: Mapping[str, Any] | None = None) -> int:
         """``hold`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._hold_op(job_id, client_id, model, prompt_tokens,
-                                                       max_tokens, job, workload))
+                                                       max_tokens, job, workload, attempt_start))
 
     def _hold_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                  max_tokens: int, job: JobRecord | None,
-                 workload: Workload = Workload.INFERENCE) -> tuple[Op, After | None]:
+                 workload: Workload = Workload.INFERENCE,
+                 attempt_start: Mapping[str, Any] | None = None) -> tuple[Op, After | None]:
         _tokens(prompt_tokens, max_tokens)
         check_id(client_id, "client id")
         op = HoldOp(check_id(job_id, "job id"), client_id, model, prompt_tokens, max_tokens,
@@ -255,32 +260,43 @@ class Ledger:
             return op, None
 
         def record(tx: LedgerTx, result: Any) -> None:
-            if isinstance(result, SpareCyclesError):
+            if isinstance(result, SpareCyclesError):  # refused: never placed either
                 tx.insert_job(replace(job, state=JobState.FAILED, error=result.message,
-                                      finished_at_s=self.clock()).as_row())
+                                      finished_at_s=self.clock(), node_id=None,
+                                      attempts=0).as_row())
             else:
                 tx.insert_job(job.as_row())
+                if attempt_start is not None:
+                    tx.start_attempt({**attempt_start, "job_id": job.id})
 
         return op, record
 
     def settle(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                completion_tokens: int, shares: Sequence[WorkShare], *,
-               job: JobFinal | None = None) -> Settlement:
+               job: JobFinal | None = None,
+               attempt_ends: Sequence[Mapping[str, Any]] = ()) -> Settlement:
         """Post the actual charge against the hold (the rest is released), credit each owner's
-        earning for their share and the fee to the platform. Idempotent by job id."""
+        earning for their share and the fee to the platform. Idempotent by job id.
+
+        ``job`` (the job's final row) and ``attempt_ends`` (how its last attempts ended: each
+        ``attempt`` and the columns of its ``job_attempts`` row to set) are written in the same
+        transaction: a job's money, its final state and its attempts' metering in one commit."""
         return self._submit(*self._settle_op(job_id, client_id, model, prompt_tokens,
-                                             completion_tokens, shares, job))
+                                             completion_tokens, shares, job, attempt_ends))
 
     async def settle_async(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                            completion_tokens: int, shares: Sequence[WorkShare], *,
-                           job: JobFinal | None = None) -> Settlement:
+                           job: JobFinal | None = None,
+                           attempt_ends: Sequence[Mapping[str, Any]] = ()) -> Settlement:
         """``settle`` from a coroutine: queued on its lane's group commit without a thread."""
         return await self._submit_async(*self._settle_op(job_id, client_id, model, prompt_tokens,
-                                                         completion_tokens, shares, job))
+                                                         completion_tokens, shares, job,
+                                                         attempt_ends))
 
     def _settle_op(self, job_id: str, client_id: str, model: str, prompt_tokens: int,
                    completion_tokens: int, shares: Sequence[WorkShare],
-                   job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
+                   job: JobFinal | None, attempt_ends: Sequence[Mapping[str, Any]] = ()
+                   ) -> tuple[Op, After | None]:  # fmt: skip
         _tokens(prompt_tokens, completion_tokens)
         for s in shares:
             check_id(s.owner_id, "owner id")
@@ -288,30 +304,42 @@ class Ledger:
             _tokens(s.prompt_tokens, s.completion_tokens)
         op = SettleOp(check_id(job_id, "job id"), check_id(client_id, "client id"),
                       model, prompt_tokens, completion_tokens, tuple(shares))
-        return op, self._job_update(job_id, job)
+        return op, self._job_update(job_id, job, attempt_ends)
 
-    def void(self, job_id: str, *, job: JobFinal | None = None) -> VoidOutcome:
-        """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement."""
-        return self._submit(*self._void_op(job_id, job))
+    def void(self, job_id: str, *, job: JobFinal | None = None,
+             attempt_ends: Sequence[Mapping[str, Any]] = ()) -> VoidOutcome:
+        """Release a failed job's hold. Harmless to repeat, and a no-op after a settlement.
+        ``job`` and ``attempt_ends`` as for ``settle``."""
+        return self._submit(*self._void_op(job_id, job, attempt_ends))
 
-    async def void_async(self, job_id: str, *,
-                         job: JobFinal | None = None) -> VoidOutcome:  # fmt: skip
+    async def void_async(self, job_id: str, *, job: JobFinal | None = None,
+                         attempt_ends: Sequence[Mapping[str, Any]] = ()) -> VoidOutcome:
         """``void`` from a coroutine: queued on its lane's group commit without a thread."""
-        return await self._submit_async(*self._void_op(job_id, job))
+        return await self._submit_async(*self._void_op(job_id, job, attempt_ends))
 
-    def _void_op(self, job_id: str,
-                 job: JobFinal | None) -> tuple[Op, After | None]:  # fmt: skip
-        return VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job)
+    def _void_op(self, job_id: str, job: JobFinal | None,
+                 attempt_ends: Sequence[Mapping[str, Any]] = ()) -> tuple[Op, After | None]:
+        return VoidOp(check_id(job_id, "job id")), self._job_update(job_id, job, attempt_ends)
 
     @staticmethod
-    def _job_update(job_id: str, job: JobFinal | None) -> After | None:
-        """``job``, fields of the job's row (its final state), updated in the transaction of its
-        settlement or void: a job is closed exactly when its money is, in one commit. Written
-        whatever the op's result (a void after a settlement is a no-op, yet the job is over)."""
-        if job is None:
+    def _job_update(job_id: str, job: JobFinal | None,
+                    attempt_ends: Sequence[Mapping[str, Any]] = ()) -> After | None:
+        """``job``, fields of the job's row (its final state), and ``attempt_ends``, updated in
+        the transaction of its settlement or void: a job is closed exactly when its money is, in
+        one commit. Written whatever the op's result (a void after a settlement is a no-op, yet
+        the job is over)."""
+        if job is None and not attempt_ends:
             return None
-        fields = job.as_row()
-        return lambda tx, _result: tx.update_job(job_id, fields)
+        fields = job.as_row() if job is not None else None
+        ends = [dict(e) for e in attempt_ends]
+
+        def write(tx: LedgerTx, _result: Any) -> None:
+            if fields is not None:
+                tx.update_job(job_id, fields)
+            if ends:
+                tx.end_attempts(job_id, ends)
+
+        return write
 
     def deposit(self, client_id: str, amount_micros: int, reference: str) -> str:
         """Credit a client's prepaid balance; ``reference`` (e.g. the payment's id) makes the

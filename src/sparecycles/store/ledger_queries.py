@@ -56,7 +56,7 @@ from sparecycles.ledger.engine import (
     lock_rank,
 )
 from sparecycles.ledger.pricing import ModelPrice, PayoutTerms
-from sparecycles.store.core_tables import Client, JobRow, Owner
+from sparecycles.store.core_tables import Client, JobAttempt, JobRow, Owner
 from sparecycles.store.db import insert_rows, update_rows, writer_lock
 from sparecycles.store.ledger_tables import (
     LEDGER_TABLES,
@@ -217,6 +217,8 @@ class LedgerTx:
         self.pg = dialect == "postgresql"
         self._job_inserts: list[dict[str, Any]] = []
         self._job_updates: list[tuple[str, dict[str, Any]]] = []
+        self._attempt_starts: list[dict[str, Any]] = []
+        self._attempt_ends: list[dict[str, Any]] = []
 
     # -- reads for a batch --
 
@@ -342,15 +344,31 @@ class LedgerTx:
         (``Ledger.settle(job=...)``, ``Ledger.void(job=...)``); queued like ``insert_job``."""
         self._job_updates.append((job_id, dict(fields)))
 
+    def start_attempt(self, fields: Mapping[str, Any]) -> None:
+        """A job's first attempt (its ``job_attempts`` row), written in the transaction of its
+        hold when the job is placed as it is admitted; queued like ``insert_job``."""
+        self._attempt_starts.append(dict(fields))
+
+    def end_attempts(self, job_id: str, ends: Sequence[Mapping[str, Any]]) -> None:
+        """How a job's last attempts ended (each: ``attempt`` and the columns of its row in
+        ``job_attempts`` to set), written in the transaction of the job's settlement or void
+        rather than in one of their own; queued like ``update_job``."""
+        self._attempt_ends.extend({"job_id": job_id, **end} for end in ends)
+
     def flush_jobs(self) -> None:
         """Write the queued job rows: the inserts, then the updates (a job held and settled in
         one batch is inserted first), each kind as one statement per set of columns, sent
-        together (a batch of 15 admissions cost 15 round trips before; now one or two)."""
+        together (a batch of 15 admissions cost 15 round trips before; now one or two), with
+        the attempts' starts after the inserts and their ends after the updates."""
         inserts, self._job_inserts = self._job_inserts, []
         updates, self._job_updates = self._job_updates, []
+        starts, self._attempt_starts = self._attempt_starts, []
+        ends, self._attempt_ends = self._attempt_ends, []
         insert_rows(self.conn, JobRow.__table__, inserts)
+        insert_rows(self.conn, JobAttempt.__table__, starts)
         update_rows(self.conn, JobRow.__table__, ("id",),
                     [{"id": job_id, **fields} for job_id, fields in updates])
+        update_rows(self.conn, JobAttempt.__table__, ("job_id", "attempt"), ends)
 
     def _insert(self, table: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert-only rows: COPY on PostgreSQL for a batch (several times faster than INSERTs,
