@@ -236,7 +236,8 @@ class Dispatcher:
                          if not n.closed and not n.draining]
             if not snapshots:
                 return None
-            assignments = scheduler.schedule([job.as_job()], snapshots, self.models, now.epoch_s,
+            jobs, snapshots = self._scheduler_view([job], snapshots)
+            assignments = scheduler.schedule(jobs, snapshots, self.models, now.epoch_s,
                                              self.config, memo=self._rank_memo)
             node = self.node(assignments[0].node_id) if assignments else None
             if node is None:
@@ -280,9 +281,7 @@ class Dispatcher:
         ]
         if not snapshots:
             return
-        jobs = [j.as_job() for j in self.waiting.values()]
-        if self.prefix_aware and len(self.prefixes):
-            jobs, snapshots = self._with_prefix_hits(jobs, snapshots)
+        jobs, snapshots = self._scheduler_view(list(self.waiting.values()), snapshots)
         assignments = scheduler.schedule(
             jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
         )
@@ -298,15 +297,18 @@ class Dispatcher:
                 if job.dispatched_perf_s is None:
                     job.dispatched_perf_s = now.perf_s
 
-    def _with_prefix_hits(self, jobs: list[Job], snapshots: list[NodeSnapshot]
-                          ) -> tuple[list[Job], list[NodeSnapshot]]:
-        """The jobs whose prompt starts with what a node's prefix cache holds (at least half the
-        prompt: the next turn of a conversation, not a shared system prompt alone), and those
-        nodes' snapshots telling the scheduler so: it predicts their prefill of the rest only."""
+    def _scheduler_view(self, lives: list[LiveJob], snapshots: list[NodeSnapshot]
+                        ) -> tuple[list[Job], list[NodeSnapshot]]:
+        """The jobs as the scheduler sees them, and the nodes: with prefix-aware placement, a job
+        whose prompt starts with what a node's prefix cache holds (at least half the prompt: the
+        next turn of a conversation, not a shared system prompt alone) is marked, and those
+        nodes' snapshots tell the scheduler so: it predicts their prefill of the rest only."""
+        jobs = [live.as_job() for live in lives]
+        if not (self.prefix_aware and len(self.prefixes)):
+            return jobs, snapshots
         held: dict[str, dict[str, int]] = {}  # node -> job -> tokens it holds
         marked: list[Job] = []
-        for job in jobs:
-            live = self.waiting[job.job_id]
+        for job, live in zip(jobs, lives, strict=True):
             prompt = live.prompt_ids + live.generated
             if len(prompt) < 2 * prefix_tokens_min:
                 marked.append(job)
