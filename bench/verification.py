@@ -23,6 +23,7 @@ Prints one JSON object per part; docs/benchmarks.md ("Verification") has the num
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import random
 import statistics
@@ -203,6 +204,7 @@ def network_part(model: Path, trials: int, honest_jobs: int, *, modes: tuple[str
             return [a.node_id for a in store.attempts(job_id) if a.completion_tokens > 0]
 
         i = 0
+        pool = concurrent.futures.ThreadPoolExecutor(2)
         for mode in modes:
             found = []
             label = mode.partition("=")[0]
@@ -214,19 +216,21 @@ def network_part(model: Path, trials: int, honest_jobs: int, *, modes: tuple[str
                 node_id = next(n.id for n in store.list_nodes() if n.name == node)
                 mine, first_fail, quarantined_after = [], None, None
                 while len(mine) < 40:
-                    i += 1
-                    job_id = ask(i)
-                    if node_id in served_by(job_id):
-                        mine.append(job_id)
+                    # two jobs at once: least-loaded puts one on each idle node whatever its
+                    # tie-break (one at a time, a tie-break that repeats itself can send every
+                    # job to the trusted node)
+                    asked = list(pool.map(ask, (i + 1, i + 2)))
+                    i += 2
+                    new = [j for j in asked if node_id in served_by(j)]
+                    mine += new
                     # the check lands after settlement; a new node's every job is checked, so
-                    # wait for this one's verdict (a busy machine takes seconds to score)
-                    checked_by = time.monotonic() + (verdict_wait_s if mine and
-                                                     mine[-1] == job_id else 0.3)
+                    # wait for these ones' verdicts (a busy machine takes seconds to score)
+                    checked_by = time.monotonic() + (verdict_wait_s if new else 0.3)
                     while True:
                         verdicts = admin_get("/v1/admin/verifications",
                                              node_id=node_id)["data"]
-                        if (time.monotonic() > checked_by
-                                or any(v["job_id"] == job_id for v in verdicts)):
+                        judged = {v["job_id"] for v in verdicts}
+                        if time.monotonic() > checked_by or judged >= set(new):
                             break
                         time.sleep(0.2)
                     fails = {v["job_id"] for v in verdicts if v["outcome"] == "fail"}
