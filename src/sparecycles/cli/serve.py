@@ -199,7 +199,8 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     if cheat is not None:
         from sparecycles.node import cheats  # test-only behaviours; see node/cheats.py
 
-        cheats.apply(agent, cheat)
+        cheats.apply(agent, cheat, device=settings.device, duty_cycle=settings.duty_cycle,
+                     threads=settings.threads or None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)

@@ -10,6 +10,8 @@ start. Every mode wraps the honest engine or agent; none changes what the node r
 - ``different-model``: decodes with other weights of the same shape (re-drawn at random).
 - ``bf16`` / ``int8``: decodes with a lower-precision copy of the right weights (rounded to
   bfloat16, or to 8 bits per weight with one scale per row), as a node saving memory would.
+- ``other-file=PATH``: serves the weights of another file (a coarser quantization of the same
+  model, Q4_0 sold as Q8_0; or another model) while it claims the file it was started with.
 - ``replay``: answers every job with the output it produced for its first job.
 - ``forged-signature``: signs its results with a key other than the one it said hello with.
 - ``overclaim``: reports (and signs) more tokens and busy time than it produced.
@@ -22,6 +24,12 @@ start. Every mode wraps the honest engine or agent; none changes what the node r
 
 The stage cheats still run their layers (the cache's positions must advance as an honest stage's
 would) and cheat on every step, checks included: a check looks like any chain's work.
+
+On a llama.cpp node (GGUF) every mode applies except the three that rewrite a PyTorch model's
+weights in place (``different-model``, ``bf16``, ``int8``): llama.cpp's weights are a read-only
+mapping of the file, quantized in blocks. Their GGUF form is ``other-file=PATH``: the owner
+serves a cheaper file they already have (a coarser quantization, or a different model) and
+claims the hash of the file the network asked for.
 """
 
 from __future__ import annotations
@@ -30,9 +38,8 @@ import dataclasses
 import os
 import random
 import threading
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from sparecycles import protocol
 from sparecycles.identity import NodeIdentity
@@ -47,19 +54,33 @@ from sparecycles.node.backends.base import (
 from sparecycles.types import FinishReason, SamplingParams
 
 ALLOW_ENV = "SPARECYCLES_ALLOW_CHEATS"
-MODES = ("random-tokens", "different-model", "bf16", "int8", "replay", "forged-signature",
-         "overclaim", "stage-noise", "stage-skip")
+MODES = ("random-tokens", "different-model", "bf16", "int8", "other-file", "replay",
+         "forged-signature", "overclaim", "stage-noise", "stage-skip")
+WEIGHTS_MODES = ("different-model", "bf16", "int8")  # rewrite a PyTorch model's weights
 
 
-def apply(agent: Any, mode: str, *, seed: int = 0) -> None:
-    """Make ``agent`` (a ``NodeAgent``) cheat; refuses unless ``SPARECYCLES_ALLOW_CHEATS=1``."""
+def apply(agent: Any, mode: str, *, seed: int = 0, **load_options: Any) -> None:
+    """Make ``agent`` (a ``NodeAgent``) cheat; refuses unless ``SPARECYCLES_ALLOW_CHEATS=1``.
+
+    ``mode`` is one of ``MODES``; ``other-file`` takes its file as ``other-file=PATH``, loaded
+    with ``load_options`` (the node's threads, device, duty cycle) by the engine's own backend."""
     if os.environ.get(ALLOW_ENV) != "1":
         raise ValueError(f"--cheat is for tests only; set {ALLOW_ENV}=1 to allow it")
+    mode, _, arg = mode.partition("=")
     if mode not in MODES:
         raise ValueError(f"unknown cheat {mode!r}; choose from {', '.join(MODES)}")
-    if mode in ("different-model", "bf16", "int8"):
-        for engine in agent.engines.values():
+    if (mode == "other-file") != bool(arg):
+        raise ValueError("other-file takes a file (other-file=PATH); no other cheat takes one")
+    if mode in WEIGHTS_MODES:
+        for name, engine in agent.engines.items():
+            if _is_llamacpp(engine):
+                raise ValueError(f"--cheat {mode} rewrites PyTorch weights; {name} runs on "
+                                 "llama.cpp: use other-file=PATH (a coarser quantization or "
+                                 "another model's GGUF)")
             degrade_weights(engine._model, mode, seed=seed)
+    elif mode == "other-file":
+        agent.engines = {n: serve_other_file(e, Path(arg), **load_options)
+                         for n, e in agent.engines.items()}
     elif mode == "random-tokens":
         agent.engines = {n: RandomTokens(e, seed) for n, e in agent.engines.items()}
     elif mode == "replay":
@@ -75,22 +96,46 @@ def apply(agent: Any, mode: str, *, seed: int = 0) -> None:
                                for n, e in agent.stages.stages.items()}
 
 
-@torch.no_grad()
-def degrade_weights(model: torch.nn.Module, mode: str, *, seed: int = 0) -> None:
-    """Change a loaded model's weights in place: another model, or a lower-precision copy."""
+def _is_llamacpp(engine: Engine) -> bool:
+    return type(engine).__module__.endswith(".llamacpp")
+
+
+def serve_other_file(engine: Engine, path: Path, **load_options: Any) -> Engine:
+    """An engine of ``path`` on ``engine``'s backend that claims to be ``engine`` (its model spec,
+    weights hash included); ``engine`` is closed."""
+    from sparecycles.node.backends import Backend, load_engine
+
+    backend = Backend.LLAMACPP if _is_llamacpp(engine) else Backend.TRANSFORMERS
+    other: Engine = load_engine(engine.name, path, backend, **load_options)
+    if other.spec.weights_sha256 == engine.spec.weights_sha256:
+        other.close()
+        raise ValueError(f"{path} is the file the node claims: no cheat")
+    other.spec = engine.spec
+    engine.close()
+    return other
+
+
+def degrade_weights(model: Any, mode: str, *, seed: int = 0) -> None:
+    """Change a loaded PyTorch model's weights in place: another model, or a lower-precision
+    copy."""
+    import torch  # a llama.cpp node has no torch; these modes are PyTorch's
+
     g = torch.Generator().manual_seed(seed + 1234)
-    for p in model.parameters():
-        if mode == "different-model":
-            p.copy_(torch.randn(p.shape, generator=g).to(p) * p.float().std().clamp(min=1e-3))
-        elif mode == "bf16":
-            p.copy_(p.to(torch.bfloat16).to(p.dtype))
-        elif mode == "int8":
-            w = p.float()
-            rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
-            scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-            p.copy_(((rows / scale).round().clamp(-127, 127) * scale).reshape(p.shape).to(p))
-        else:
-            raise ValueError(f"not a weights cheat: {mode}")
+    with torch.no_grad():
+        for p in model.parameters():
+            if mode == "different-model":
+                p.copy_(torch.randn(p.shape, generator=g).to(p)
+                        * p.float().std().clamp(min=1e-3))
+            elif mode == "bf16":
+                p.copy_(p.to(torch.bfloat16).to(p.dtype))
+            elif mode == "int8":
+                w = p.float()
+                rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+                scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+                p.copy_(((rows / scale).round().clamp(-127, 127) * scale)
+                        .reshape(p.shape).to(p))
+            else:
+                raise ValueError(f"not a weights cheat: {mode}")
 
 
 class _Wrapped(Engine):
@@ -99,6 +144,7 @@ class _Wrapped(Engine):
     def __init__(self, inner: Engine):
         self.inner = inner
         self.name, self.spec, self.device = inner.name, inner.spec, inner.device
+        self.features = inner.features
 
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
         self.inner.submit(request, on_update)
@@ -125,7 +171,8 @@ class RandomTokens(_Wrapped):
     def __init__(self, inner: Engine, seed: int = 0):
         super().__init__(inner)
         self._rng = random.Random(seed)
-        self._vocab = int(getattr(getattr(inner, "tokenizer", None), "vocab_size", 0) or 1000)
+        self._vocab = int(getattr(inner, "vocab_size", 0)  # llama.cpp
+                          or getattr(getattr(inner, "tokenizer", None), "vocab_size", 0) or 1000)
 
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
         def fake(u: GenerationUpdate) -> None:

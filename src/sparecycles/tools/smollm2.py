@@ -37,3 +37,38 @@ def smollm2_available() -> bool:
     except ModelNotFound:
         return False
     return True
+
+
+# Where the other quantizations of SmolLM2 are kept once made (about 30 s on two busy cores).
+quantized_dir = Path.home() / ".cache" / "sparecycles" / "models"
+quantized_kinds = ("f16", "q8_0", "q4_0")
+
+
+def smollm2_quantized(kind: str) -> Path:
+    """SmolLM2 as a GGUF of another quantization (``q8_0``, ``q4_0``, ``f16``), made once from
+    the Q4_1 with llama.cpp's own quantizer (Q4_1 -> F16 -> the kind asked) and kept in
+    ``quantized_dir``; ``q4_1`` is the shipped file. Needs llama-cpp-python."""
+    if kind == "q4_1":
+        return smollm2_path()
+    if kind not in quantized_kinds:
+        raise ValueError(f"no SmolLM2 {kind!r}; choose from q4_1, {', '.join(quantized_kinds)}")
+    out = quantized_dir / f"smollm2-135m-{kind}.gguf"
+    if out.is_file():
+        return out
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    src = smollm2_path() if kind == "f16" else smollm2_quantized("f16")
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = ftype, True, 2
+    quantized_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # two processes may make it at once
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                      ctypes.byref(params)):
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {kind}")
+    tmp.rename(out)
+    return out
