@@ -19,7 +19,6 @@ Prints one JSON object; docs/benchmarks.md ("Verification across backends") has 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import random
 import statistics
@@ -31,8 +30,9 @@ from typing import Any
 
 from sparecycles import modelfiles
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
-from sparecycles.node.backends.llamacpp import LlamaCppEngine, _llama
+from sparecycles.node.backends.llamacpp import LlamaCppEngine
 from sparecycles.node.backends.transformers import TransformersEngine
+from sparecycles.tools import ggufmodel
 from sparecycles.tools.smollm2 import smollm2_path
 from sparecycles.trust import decisions
 from sparecycles.types import SamplingParams
@@ -43,21 +43,11 @@ TOKENS = 32
 
 def quantized(kind: str) -> Path:
     """SmolLM2 in ``kind`` (q8_0 or q4_0), made once with llama.cpp's quantizer."""
-    lib = _llama()
-    ftypes = {"f16": lib.LLAMA_FTYPE_MOSTLY_F16, "q8_0": lib.LLAMA_FTYPE_MOSTLY_Q8_0,
-              "q4_0": lib.LLAMA_FTYPE_MOSTLY_Q4_0}
     out = MODELS / f"smollm2-135m-{kind}.gguf"
     if out.is_file():
         return out
-    MODELS.mkdir(parents=True, exist_ok=True)
     src = smollm2_path() if kind == "f16" else quantized("f16")
-    params = lib.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = ftypes[kind], True, 2
-    tmp = out.with_suffix(".tmp")
-    if lib.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)):
-        raise RuntimeError(f"quantizing to {kind} failed")
-    tmp.rename(out)
-    return out
+    return ggufmodel.quantize(src, out, kind)
 
 
 def prompts(tok: Any, n: int) -> list[tuple[int, ...]]:
