@@ -7,10 +7,14 @@ Runs the same prompts at the same concurrency, in one run, two ways:
 and reports time to first token, tokens/s, and the coordinator's added latency.
 
 Both sides run the engine with one torch thread (the node process gets OMP_NUM_THREADS=1 from
-LocalNetwork), so the comparison is of the path, not of thread counts.
+LocalNetwork), so the comparison is of the path, not of thread counts. With ``--backend
+llamacpp`` both sides run a ``LlamaCppEngine`` on a GGUF file (SmolLM2-135M by default, the
+demo's model) with ``--threads`` threads (default: all cores), the node started with the same
+``--threads``.
 
     python bench/gateway_overhead.py [--requests 24] [--max-tokens 64]
         [--endpoint chat|completions] [--preset tiny|medium] [--concurrency 1 4]
+        [--backend transformers|llamacpp] [--model PATH] [--json PATH]
 
 ``--endpoint chat`` (the default) sends chat prompts, which the tiny model answers in a few
 tokens: per-request costs dominate. ``--endpoint completions`` sends plain-text prompts whose
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
+import os
 import statistics
 import tempfile
 import threading
@@ -34,21 +40,24 @@ import torch
 from sparecycles import modelfiles
 from sparecycles.ledger.pricing import PriceBook
 from sparecycles.ledger.service import Ledger
-from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate
+from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
+from sparecycles.node.backends.llamacpp import LlamaCppEngine
 from sparecycles.node.backends.transformers import TransformersEngine
 from sparecycles.tools.localnet import LocalNetwork
+from sparecycles.tools.smollm2 import smollm2_path
 from sparecycles.tools.tinymodel import build_tiny_model
 from sparecycles.types import SamplingParams
 
 PROMPTS = [f"Tell me about the garden number {i}." for i in range(64)]
 # Plain-text openings whose greedy continuation by the tiny model runs to 128 tokens (checked
 # with this engine; the medium model, untrained, runs to max_tokens on anything).
+MODEL = "bench"  # the name the model is served under
 OPENINGS = ["The old man and the sea", "It was a dark night and",
             "Alice was beginning to get very tired", "In the morning the", "She looked at the",
             "He said that the", "There was once a"]
 
 
-def direct(engine: TransformersEngine, prompts: list[list[int]], max_tokens: int,
+def direct(engine: Engine, prompts: list[list[int]], max_tokens: int,
            concurrency: int) -> list[tuple[float, float, int]]:
     """(ttft_s, total_s, tokens) per request, submitting ``concurrency`` at a time."""
 
@@ -81,11 +90,11 @@ def network(client, texts: list[str], max_tokens: int, concurrency: int, endpoin
     def stream(i: int):
         if endpoint == "chat":
             return client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": texts[i]}],
+                model=MODEL, messages=[{"role": "user", "content": texts[i]}],
                 max_tokens=max_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True})
         return client.completions.create(
-            model="tiny", prompt=texts[i], max_tokens=max_tokens, temperature=0, stream=True,
+            model=MODEL, prompt=texts[i], max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True})
 
     def one(i: int) -> tuple[float, float, int]:
@@ -150,13 +159,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds per concurrency, direct and network alternating who goes first")
     ap.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    ap.add_argument("--backend", choices=("transformers", "llamacpp"), default="transformers")
     ap.add_argument("--preset", choices=("tiny", "medium"), default="tiny")
     ap.add_argument("--model", type=Path, default=None,
-                    help="a model directory (default: .sparecycles/bench/PRESET, built once)")
+                    help="a model directory (default: .sparecycles/bench/PRESET, built once) or,"
+                         " with --backend llamacpp, a GGUF file (default: SmolLM2-135M)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads on both sides (default: all cores)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    args.model = args.model or Path(".sparecycles/bench") / args.preset
-    if not (args.model / "config.json").exists():
-        build_tiny_model(args.model, preset=args.preset)
+    llamacpp = args.backend == "llamacpp"
+    if llamacpp:
+        args.model = args.model or smollm2_path()
+        args.threads = args.threads or os.cpu_count() or 1
+    else:
+        args.model = args.model or Path(".sparecycles/bench") / args.preset
+        if not (args.model / "config.json").exists():
+            build_tiny_model(args.model, preset=args.preset)
     torch.set_num_threads(1)
     tok = modelfiles.load_tokenizer(str(args.model))
     texts = (PROMPTS if args.endpoint == "chat" else
@@ -165,13 +184,25 @@ def main() -> None:
         ids = [modelfiles.render_chat(tok, [{"role": "user", "content": t}]) for t in texts]
     else:
         ids = [modelfiles.render_completion(tok, t) for t in texts]
-    print(f"model {args.model} ({args.preset}), endpoint {args.endpoint}, "
+    what = f"{args.backend}, {args.threads} threads" if llamacpp else args.preset
+    print(f"model {args.model} ({what}), endpoint {args.endpoint}, "
           f"{len(texts)} requests, max_tokens {args.max_tokens}")
     # The tiny model stops early at its end-of-turn token; both paths see the same prompts and
     # greedy decoding, so they generate the same tokens.
-    engine = TransformersEngine.load("tiny", args.model, device="cpu")
+    engine: Engine
+    node_args: list[str] = []
+    if llamacpp:
+        engine = LlamaCppEngine.load(MODEL, args.model, threads=args.threads)
+        node_args = ["--backend", "llamacpp", "--threads", str(args.threads)]
+    else:
+        engine = TransformersEngine.load(MODEL, args.model, device="cpu")
+    report: dict[str, object] = {"backend": args.backend, "model": str(args.model),
+                                 "endpoint": args.endpoint, "requests": len(texts),
+                                 "max_tokens": args.max_tokens, "threads": args.threads,
+                                 "concurrency": {}}
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp, LocalNetwork(
-            root=Path(tmp), models={"tiny": args.model}) as net:
+            root=Path(tmp), models={MODEL: args.model}) as net:
         from openai import OpenAI
 
         store = net.store()
@@ -179,7 +210,7 @@ def main() -> None:
         Ledger(store.sessions, prices=PriceBook.default()).deposit(
             store.ensure_client("bench"), 100_000_000, reference="bench")
         net.start_coordinator()
-        net.start_node("bench-node", "bench-owner")
+        net.start_node("bench-node", "bench-owner", extra_args=node_args)
         net.wait_ready(1)
         client = OpenAI(base_url=net.url + "/v1", api_key=key, max_retries=0, timeout=600)
         network(client, texts[:2], 8, 1, args.endpoint)  # warm up both paths
@@ -188,6 +219,7 @@ def main() -> None:
               f"{'tokens/s':>9} {'tokens':>7} {'engine ms/token':>15}")
         for c in args.concurrency:
             ratios, added = [], []
+            per_path: dict[str, list[dict[str, float]]] = {"direct": [], "network": []}
             for rnd in range(args.rounds):  # alternate which path goes first: noise hits both
                 results = {}
                 order = ("direct", "network") if rnd % 2 == 0 else ("network", "direct")
@@ -199,23 +231,34 @@ def main() -> None:
                     r = results[name] = summarize(rows, time.perf_counter() - t0)
                     busy = (engine.stats().busy_s - busy0 if name == "direct"
                             else node_busy_s(store, since))
+                    r["engine_ms_per_token"] = busy / max(1, r["tokens"]) * 1000
+                    per_path[name].append(r)
+                    loads.append(os.getloadavg()[0])
                     print(f"{c:>11} {rnd + 1:>5} {name:>8} {r['ttft_p50_ms']:>7.1f}ms "
                           f"{r['ttft_p90_ms']:>7.1f}ms {r['tokens_per_s']:>9.1f} "
-                          f"{r['tokens']:>7} {busy / max(1, r['tokens']) * 1000:>15.2f}")
+                          f"{r['tokens']:>7} {r['engine_ms_per_token']:>15.2f}")
                 added.append(results["network"]["ttft_p50_ms"] - results["direct"]["ttft_p50_ms"])
                 ratios.append(results["network"]["tokens_per_s"]
                               / results["direct"]["tokens_per_s"])
             print(f"{c:>11} {'':>5} {'median':>8} added TTFT {statistics.median(added):.1f} ms, "
                   f"throughput ratio network/direct {statistics.median(ratios):.3f} "
                   f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)})")
+            report["concurrency"][str(c)] = {  # type: ignore[index]
+                "ratio_median": statistics.median(ratios), "ratios": ratios,
+                "added_ttft_ms_median": statistics.median(added),
+                **{f"{name}_{k}_median": statistics.median(r[k] for r in rs)
+                   for name, rs in per_path.items() for k in rs[0]}}
         import httpx
 
         text = httpx.get(net.url + "/metrics").text
         for stage in ("admission", "relay"):
-            print(f"coordinator's own {stage} overhead: p50 "
-                  f"{overhead_quantile(text, stage, 0.5) * 1000:.2f} ms, p90 "
-                  f"{overhead_quantile(text, stage, 0.9) * 1000:.2f} ms")
+            p50, p90 = (overhead_quantile(text, stage, q) * 1000 for q in (0.5, 0.9))
+            report[f"{stage}_overhead_ms"] = {"p50": p50, "p90": p90}
+            print(f"coordinator's own {stage} overhead: p50 {p50:.2f} ms, p90 {p90:.2f} ms")
     engine.close()
+    report["load_average"] = {"min": min(loads), "max": max(loads)}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

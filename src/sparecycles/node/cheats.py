@@ -39,7 +39,10 @@ import os
 import random
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from sparecycles import protocol
 from sparecycles.identity import NodeIdentity
@@ -248,6 +251,8 @@ class CheatingStage:
 
     def __init__(self, inner: Any, mode: str, seed: int = 0):
         self.inner, self.mode = inner, mode
+        import torch  # a stage node runs PyTorch; a llama.cpp node never builds this
+
         self._g = torch.Generator().manual_seed(seed + 4321)
 
     def __getattr__(self, name: str) -> Any:  # first, end, layers_sha256, release, close, ...
@@ -268,6 +273,8 @@ class CheatingStage:
         elif hidden is not None:  # stage-skip: its input, untouched
             out = hidden.to(out.dtype)
         else:  # stage-skip, first stage: the embeddings of its tokens
+            import torch
+
             with torch.inference_mode():
                 ids = torch.tensor([token_ids or []], device=self.inner.device)
                 out = self.inner._base.embed_tokens(ids)[0].to("cpu", out.dtype)
@@ -288,4 +295,6 @@ class CheatingStage:
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus Gaussian noise as large as each row's root mean square."""
         scale = x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        import torch
+
         return (x.float() + torch.randn(x.shape, generator=self._g) * scale).to(x.dtype)
