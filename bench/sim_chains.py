@@ -19,7 +19,9 @@ Churn:
 Policies (sim/chains.py): ``fastest`` (ours: the production planner, scheduling/chains.py, with
 the nodes' learned expected stays weighed in), ``fixed-chain`` (one chain chosen at the first
 request, a lost stage replaced only by a node of the same layers), ``petals`` (Petals' client
-routing: least latency by servers' throughput and round trip, no departure prediction).
+routing: least latency by servers' throughput and round trip, no departure prediction), and an
+ablation: ours blind to stays (``SimConfig.stays = "none"``: every node up expected to stay for
+ever), which leaves the job-time planning and takes the departure prediction away.
 Each cell is the mean over the seeds (each seed: its own fleet speeds, availability and thinning;
 the same for the three policies).
 """
@@ -66,15 +68,20 @@ def trace_for(minutes: float, rate: float, seed: int) -> Trace:
     return thinned(head(whole, max(1, n)), rate, seed)
 
 
+BLIND = "fastest, blind to stays"  # ablation: ours with every node expected to stay for ever
+RUNS = {**{p: {"policy": p} for p in CHAIN_POLICIES}, BLIND: {"policy": "fastest",
+                                                              "stays": "none"}}
+
+
 def run(churn: str, minutes: float, rate: float, seeds: int) -> dict[str, list[Summary]]:
     fleet = fleet_for(churn)
-    out: dict[str, list[Summary]] = {p: [] for p in CHAIN_POLICIES}
+    out: dict[str, list[Summary]] = {p: [] for p in RUNS}
     for seed in range(1, seeds + 1):
         trace = trace_for(minutes, rate, seed)
-        for policy in CHAIN_POLICIES:
+        for policy, settings in RUNS.items():
             t0 = time.perf_counter()
-            out[policy].append(summarize(simulate(trace, fleet, SimConfig(policy=policy,
-                                                                          seed=seed))))
+            config = SimConfig(seed=seed, **settings)  # type: ignore[arg-type]
+            out[policy].append(summarize(simulate(trace, fleet, config)))
             print(f"  {churn} x{rate:g} seed {seed} {policy}: {len(trace)} requests, "
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return out
@@ -109,14 +116,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--rate", type=float, action="append",
-                        help="share of the trace's requests kept (repeatable; default 0.025)")
-    parser.add_argument("--seeds", type=int, default=5)
+                        help="share of the trace's requests kept (repeatable; "
+                             "default 0.025 and 0.05)")
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--churn", choices=sorted(CHURN), action="append")
     args = parser.parse_args()
     t0 = time.perf_counter()
     print(HEADER)
     print(RULE)
-    for rate in args.rate or [0.025]:
+    for rate in args.rate or [0.025, 0.05]:
         for churn in args.churn or ["steady", "churny"]:
             by_policy = run(churn, args.minutes, rate, args.seeds)
             print("\n".join(rows(f"{churn} x{rate:g}", by_policy)), flush=True)

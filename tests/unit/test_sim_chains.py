@@ -166,10 +166,10 @@ def test_the_planner_weighs_stays_and_relaxes_when_it_must() -> None:
     risky, safe = node("b1", fast, (40, 60), 5.0), node("b2", pc, (40, 60), math.inf)
     plain = planner.plan_chain(spec, [*base, risky, safe], context_tokens=500)
     assert plain is not None and plain.stages[1].node_id == "b1"  # the faster, blind to stays
-    aware = planner.plan_chain_stay_aware(spec, [*base, risky, safe], context_tokens=500,
+    aware = planner.plan_chain_for_job(spec, [*base, risky, safe], context_tokens=500,
                                           tokens_left=200)
     assert aware is not None and aware.stages[1].node_id == "b2"
-    alone = planner.plan_chain_stay_aware(spec, [*base, risky], context_tokens=500,
+    alone = planner.plan_chain_for_job(spec, [*base, risky], context_tokens=500,
                                           tokens_left=200)
     assert alone is not None and alone.stages[1].node_id == "b1"  # a risky chain beats none
 
@@ -217,3 +217,18 @@ def test_layer_ranges_are_checked() -> None:
     with pytest.raises(InvalidRequest, match="one model in every class"):
         parse_fleet(mixed)
     assert load_fleet(FLEETS / "consumer16.toml").chained
+
+
+def test_the_job_planner_weighs_a_stage_s_prefill_backlog() -> None:
+    spec = model_preset(MODEL)
+    pc = device_preset("gaming-pc")
+
+    def node(node_id: str, rng: tuple[int, int], backlog_s: float = 0.0) -> NodeSnapshot:
+        return NodeSnapshot(node_id, "o-" + node_id, pc, (), prefill_backlog_s=backlog_s,
+                            layer_ranges={MODEL: rng})
+
+    nodes = [node("a", (0, 40)), node("b1", (40, 80), backlog_s=60.0), node("b2", (40, 80))]
+    per_token = planner.plan_chain(spec, nodes, context_tokens=500)
+    assert per_token is not None and per_token.stages[1].node_id == "b1"  # a tie, to the id
+    for_job = planner.plan_chain_for_job(spec, nodes, context_tokens=500, tokens_left=100)
+    assert for_job is not None and for_job.stages[1].node_id == "b2"  # a minute less queued

@@ -15,12 +15,14 @@ shortest path over layer boundaries (nodes are edges from their first layer to t
 same function places a new chain (``[0, n_layers)``) and repairs a broken one (the lost stage's
 range, excluding the nodes that failed it).
 
-Departures (``StayRule``, optional): as the scheduler does for a whole-model node
-(``scheduler._predict``), a stage's edge is weighted by ``1 + departure_penalty_fraction *
-P(its node leaves within the job)`` (from ``NodeSnapshot.expected_stay_s``), and a node expected
-to stay less than the job's predicted time over ``stay_fraction_max`` is left out, unless no
-chain covers the range without it. ``plan_chain_stay_aware`` predicts the job's time from a
-first plan without the rule, then plans with it (the simulator's policy; docs/scheduling.md).
+One job's completion, departures weighed in (``JobRule``, optional), as the scheduler scores a
+whole-model node (``scheduler._predict``): a stage's edge costs the job's predicted time there
+(the prompt's prefill after the node's prefill backlog, its hop, then every token's step at the
+node's batch with this job, and its hop), weighted by ``1 + departure_penalty_fraction * P(its
+node leaves within the job)`` (from ``NodeSnapshot.expected_stay_s``); a node expected to stay
+less than the job's predicted time over ``stay_fraction_max`` is left out, unless no chain covers
+the range without it. ``plan_chain_for_job`` predicts the job's time from a first plan without
+the rule, then plans with it (the simulator's policy; docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -74,11 +76,14 @@ class ChainPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class StayRule:
-    """Departure prediction in a plan (see the module's doc); the defaults are the scheduler's
-    (``SchedulerConfig.stay_fraction_max``, ``departure_penalty_fraction``)."""
+class JobRule:
+    """Plan for one job's completion, departures weighed in (see the module's doc); the
+    defaults are the scheduler's (``SchedulerConfig.stay_fraction_max``,
+    ``departure_penalty_fraction``)."""
 
     job_s: float  # the job's predicted seconds through the chain (prefill and decode)
+    prompt_tokens: int = 0  # positions each stage prefills
+    tokens_left: int = 0  # tokens it may still generate (0: weigh the time per token only)
     stay_fraction_max: float = 0.5
     departure_penalty_fraction: float = 1.0
     strict: bool = True  # leave out nodes expected to leave first (False: weigh them only)
@@ -147,7 +152,7 @@ def _usable(node: NodeSnapshot, model: str, avoid: frozenset[str]) -> tuple[int,
 
 def plan_segment(spec: ModelSpec, nodes: Iterable[NodeSnapshot], first: int, end: int, *,
                  context_tokens: int, avoid: Iterable[str] = (),
-                 config: ChainConfig = DEFAULT_CHAIN_CONFIG, stay: StayRule | None = None
+                 config: ChainConfig = DEFAULT_CHAIN_CONFIG, stay: JobRule | None = None
                  ) -> ChainPlan | None:
     """The chain of least predicted time per token covering layers ``[first, end)`` of ``spec``
     with nodes' declared ranges, none of them in ``avoid``; None when no chain covers it.
@@ -169,7 +174,7 @@ def plan_segment(spec: ModelSpec, nodes: Iterable[NodeSnapshot], first: int, end
 
 def _shortest(spec: ModelSpec, nodes: Iterable[NodeSnapshot], first: int, end: int,
               context_tokens: int, avoid: Iterable[str], config: ChainConfig,
-              stay: StayRule | None, keep: Callable[[NodeSnapshot], bool] | None = None
+              stay: JobRule | None, keep: Callable[[NodeSnapshot], bool] | None = None
               ) -> ChainPlan | None:
     banned = frozenset(avoid)
     edges: dict[int, list[tuple[NodeSnapshot, int]]] = {}
@@ -190,11 +195,14 @@ def _shortest(spec: ModelSpec, nodes: Iterable[NodeSnapshot], first: int, end: i
             stage = StagePlan(node.node_id, at, to,
                               stage_step_s(spec, node, at, to, context_tokens),
                               hop_s(spec, node, config))
-            weight = 1.0
+            cost = stage.step_s + stage.hop_s
             if stay is not None:
-                weight += stay.departure_penalty_fraction * p_leave(stay.job_s,
-                                                                    node.expected_stay_s)
-            cand = (here[0] + (stage.step_s + stage.hop_s) * weight, here[1] + 1,
+                if stay.tokens_left > 0:
+                    cost = _job_on_stage_s(spec, node, at, to, context_tokens, stay, stage.hop_s,
+                                           config)
+                cost *= 1.0 + stay.departure_penalty_fraction * p_leave(stay.job_s,
+                                                                        node.expected_stay_s)
+            cand = (here[0] + cost, here[1] + 1,
                     (*here[2], node.node_id), (*here[3], stage))
             old = best.get(to)
             if old is None or cand[:3] < old[:3]:
@@ -227,6 +235,18 @@ def chain_is_faster(plan: ChainPlan, spec: ModelSpec, whole: Sequence[NodeSnapsh
     return plan.token_s < min(whole_node_token_s(spec, n, context_tokens) for n in whole)
 
 
+def _job_on_stage_s(spec: ModelSpec, node: NodeSnapshot, first: int, end: int,
+                    context_tokens: int, rule: JobRule, hop: float, config: ChainConfig) -> float:
+    """A job's predicted seconds on one stage: its prompt's prefill after the node's backlog,
+    that prefill's hop, then each token's step at the node's batch with it, and its hop."""
+    costs = perfmodel.costs(stage_spec(spec, first, end), node.profile)
+    batch = min(node.active_jobs + 1, node.jobs_max)
+    step = costs.decode_step_s(batch, context_tokens + rule.tokens_left // 2)
+    return (node.prefill_backlog_s + costs.prefill_s(rule.prompt_tokens)
+            + prefill_hop_s(spec, node, rule.prompt_tokens, config)
+            + rule.tokens_left * (step + hop))
+
+
 def chain_prefill_s(spec: ModelSpec, plan: ChainPlan, nodes: Sequence[NodeSnapshot],
                     tokens: int, config: ChainConfig = DEFAULT_CHAIN_CONFIG) -> float:
     """Predicted prefill of ``tokens`` positions through ``plan``'s stages one after another,
@@ -240,17 +260,17 @@ def chain_prefill_s(spec: ModelSpec, plan: ChainPlan, nodes: Sequence[NodeSnapsh
     return total
 
 
-def plan_chain_stay_aware(spec: ModelSpec, nodes: Sequence[NodeSnapshot], *,
-                          context_tokens: int, tokens_left: int, avoid: Iterable[str] = (),
-                          first: int = 0, end: int | None = None, strict: bool = True,
-                          config: ChainConfig = DEFAULT_CHAIN_CONFIG,
-                          stay_fraction_max: float = 0.5,
-                          departure_penalty_fraction: float = 1.0) -> ChainPlan | None:
-    """A chain over layers ``[first, end)`` (the whole model by default) with departures
-    weighed in: the job's time is predicted from the plan without them (its prefill of
-    ``context_tokens`` and ``tokens_left`` decode steps), then the plan is made again with a
-    ``StayRule`` for that time. ``strict=False``: risky nodes are weighed, never left out (a
-    job that has waited long enough, as ``SchedulerConfig.stay_rule_relax_after_s``)."""
+def plan_chain_for_job(spec: ModelSpec, nodes: Sequence[NodeSnapshot], *,
+                       context_tokens: int, tokens_left: int, avoid: Iterable[str] = (),
+                       first: int = 0, end: int | None = None, strict: bool = True,
+                       config: ChainConfig = DEFAULT_CHAIN_CONFIG,
+                       stay_fraction_max: float = 0.5,
+                       departure_penalty_fraction: float = 1.0) -> ChainPlan | None:
+    """The chain over layers ``[first, end)`` (the whole model by default) that finishes the
+    job soonest, departures weighed in: the job's time (its prefill of ``context_tokens`` and
+    ``tokens_left`` decode steps) is predicted from the plan per token, then the plan is made
+    again with a ``JobRule`` for that time. ``strict=False``: risky nodes are weighed, never
+    left out (a job that has waited long enough, as ``SchedulerConfig.stay_rule_relax_after_s``)."""
     stop = spec.n_layers if end is None else end
     banned = tuple(avoid)
     base = plan_segment(spec, nodes, first, stop, context_tokens=context_tokens, avoid=banned,
@@ -259,6 +279,7 @@ def plan_chain_stay_aware(spec: ModelSpec, nodes: Sequence[NodeSnapshot], *,
         return None
     job_s = chain_prefill_s(spec, base, nodes, context_tokens, config) + (
         tokens_left * base.token_s)
-    rule = StayRule(job_s, stay_fraction_max, departure_penalty_fraction, strict)
+    rule = JobRule(job_s, context_tokens, tokens_left, stay_fraction_max,
+                   departure_penalty_fraction, strict)
     return plan_segment(spec, nodes, first, stop, context_tokens=context_tokens, avoid=banned,
                         config=config, stay=rule)

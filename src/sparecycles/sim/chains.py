@@ -5,11 +5,13 @@ simulator").
 Placement and repair call the production planner (``scheduling/chains.py``), as dispatch does
 (``coordinator/chains.py``); the policies differ only in what they ask of it:
 
-- ``fastest`` (ours): ``plan_chain_stay_aware``, the planner with departures weighed in as the
-  scheduler weighs them for a whole-model node: each stage's node's expected stay (learned, as
-  the sim's whole-model policies learn it) against the job's predicted time through the chain;
-  a node likely to leave first is left out unless no chain exists without it (or the job has
-  waited ``SchedulerConfig.stay_rule_relax_after_s``), and weighted by its risk otherwise;
+- ``fastest`` (ours): ``plan_chain_for_job``, the planner scoring a chain as the scheduler
+  scores a whole-model node: the job's predicted completion (each stage's prefill backlog, the
+  prompt's prefill and hops, every token's step at the stage's batch with this job, and hops),
+  with departures weighed in: each stage's node's expected stay (learned, as the sim's
+  whole-model policies learn it) against the job's predicted time; a node likely to leave first
+  is left out unless no chain exists without it (or the job has waited
+  ``SchedulerConfig.stay_rule_relax_after_s``), and weighted by its risk otherwise;
 - ``fixed-chain``: the chain the planner picks at the first request, for the whole run; a lost
   stage is replaced only by a node holding the same layers (or waited for), which then stays in
   the chain; every request goes through it;
@@ -187,7 +189,8 @@ class ChainSimulation(Simulation):
         node.snapshot = NodeSnapshot(
             node_id=node.node_id, owner_id="owner-" + node.node_id, profile=node.profile,
             models=(), active_jobs=len(self.through[idx]), jobs_max=node.jobs_max,
-            kv_reserved_tokens=self.kv_used[idx], available=node.accepting,
+            kv_reserved_tokens=self.kv_used[idx],
+            prefill_backlog_s=max(0.0, self.prefill_free[idx] - t), available=node.accepting,
             expected_stay_s=self.stay_of(node, t), reputation=node.reputation,
             draining=node.draining, layer_ranges={self.spec.name: self.layers[idx]},
         )  # fmt: skip
@@ -212,7 +215,7 @@ class ChainSimulation(Simulation):
         if policy == "fixed-chain":
             return self._fixed_segment(offered, first, end, context, avoid)
         strict = t - run_job.admitted_at_s < self.sched.stay_rule_relax_after_s
-        return planner.plan_chain_stay_aware(
+        return planner.plan_chain_for_job(
             self.spec, offered, context_tokens=context, tokens_left=tokens_left, avoid=avoid,
             first=first, end=end, strict=strict, stay_fraction_max=self.sched.stay_fraction_max,
             departure_penalty_fraction=self.sched.departure_penalty_fraction)
@@ -297,6 +300,7 @@ class ChainSimulation(Simulation):
             took = st.node.costs.prefill_s(tokens) / st.node.speed
             self.prefill_free[idx] = start + took
             st.node.busy_s += took
+            st.node.snapshot = None  # its prefill backlog changed
             at = start + took + planner.prefill_hop_s(self.spec, self.static[idx], tokens)
         run.version += 1
         self.push(at, EV_CHAIN, run, run.version)

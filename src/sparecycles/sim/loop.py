@@ -55,7 +55,8 @@ class SimConfig:
     prefix_aware: bool = True
     # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
     # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
-    # Weibull law the simulator draws from: an oracle no coordinator has).
+    # Weibull law the simulator draws from: an oracle no coordinator has), or "none" (every node
+    # up is expected to stay for ever: placement blind to departures, an ablation).
     stays: str = "learned"
     stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
@@ -437,6 +438,8 @@ class Simulation:
             epoch = self.trace.epoch0_s
             if not node.accepting:
                 node.stay = 0.0
+            elif self.config.stays == "none":
+                node.stay = math.inf
             elif self.config.stays == "learned":
                 node.stay = stays.learned_stay_s(
                     self.learner, self.fleet.classes[node.cls].name, node.node_id, node.policy,
