@@ -232,3 +232,25 @@ def test_the_job_planner_weighs_a_stage_s_prefill_backlog() -> None:
     assert per_token is not None and per_token.stages[1].node_id == "b1"  # a tie, to the id
     for_job = planner.plan_chain_for_job(spec, nodes, context_tokens=500, tokens_left=100)
     assert for_job is not None and for_job.stages[1].node_id == "b2"  # a minute less queued
+
+
+def test_a_thinned_trace_keeps_its_shape_at_a_lower_rate() -> None:
+    from sparecycles.sim.trace import thinned
+
+    trace = requests(2000)
+    thin = thinned(trace, 0.1, seed=3)
+    assert 150 < len(thin) < 250
+    assert (np.diff(thin.arrival_s) > 0).all() and thin.arrival_s[-1] <= trace.arrival_s[-1]
+    assert np.array_equal(thin.arrival_s, thinned(trace, 0.1, seed=3).arrival_s)
+    with pytest.raises(ValueError):
+        thinned(trace, 0.0, seed=3)
+
+
+def test_the_cli_runs_the_chain_policies_on_a_fleet_of_ranges() -> None:
+    from sparecycles.cli.sim import run_policies
+
+    with pytest.raises(ValueError, match="layer ranges"):
+        run_policies("conv", FLEETS / "consumer16.toml", ["random"], show_progress=False)
+    out = run_policies("conv", FLEETS / "consumer16.toml", ["petals"], rate=0.002,
+                       show_progress=False)
+    assert out[0].policy == "petals" and out[0].requests > 0 and out[0].completed > 0
