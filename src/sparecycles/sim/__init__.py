@@ -7,6 +7,8 @@ scheduler (scheduler.schedule) and ledger rules (ledger/pricing.py) with a simul
 - node.py: a node's engine (continuous batching, prefill first)
 - policies.py: the policies compared and the candidate nodes offered for each
 - loop.py: the event loop
+- chains.py: chains on fleets of layer ranges (a model no node holds), their repair, and the
+  chain policies (ours, a fixed chain, Petals' rule)
 - report.py: goodput, latency percentiles, SLO attainment, utilization, earnings, cost
 """
 

@@ -20,6 +20,8 @@ The format is documented in docs/scheduling.md, with examples in examples/fleets
     speed_mean = 1.0            # real engine speed over the roofline's prediction
     speed_sigma = 0.25          # node-to-node spread (log-normal sigma), unknown to the scheduler
     price_per_mtok = "0.10"     # the owner's asking price, USD per million tokens
+    layers = [[0, 20], [20, 40]]  # optional: each node holds one range of the (one) model's
+                                # layers, taken in turn (chains, sim/chains.py); else the whole
     uplink_mbit_s = 20          # optional: the nodes' network link (KV-cache hand-offs), else
     downlink_mbit_s = 200       # the preset's (presets.py says what each assumes)
     [class.profile]             # optional overrides of the preset's fields
@@ -43,6 +45,8 @@ from typing import Any
 from sparecycles import availability as av
 from sparecycles.errors import InvalidRequest
 from sparecycles.ledger.pricing import parse_money
+from sparecycles.scheduling.chains import stage_spec
+from sparecycles.scheduling.perfmodel import usable_memory_bytes
 from sparecycles.scheduling.presets import MBIT, device_preset, model_preset
 from sparecycles.sim.churn import AvailabilitySpec, CarHabits
 from sparecycles.types import DeviceProfile
@@ -53,6 +57,7 @@ FTA_FITS: dict[str, tuple[av.StayModel, av.StayModel]] = {
     "skype06": (av.FTA_SKYPE06_UP, av.FTA_SKYPE06_DOWN),
 }
 fleet_nodes_max = 10_000_000  # a sanity bound on one fleet file
+chain_ranges_max = 64  # layer ranges listed by one class
 link_mbit_s_max = 10_000_000.0  # 10 Tbit/s: a sanity bound on a class's link
 
 
@@ -69,6 +74,9 @@ class ClassSpec:
     price_micros_per_mtok: int = 0
     reputation: float = 1.0
     availability: AvailabilitySpec = field(default_factory=AvailabilitySpec)
+    # chains: the layer ranges [first, end) of ``models[0]`` its nodes hold, node i the
+    # (i mod len)-th; empty: each node holds its model whole
+    layers: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +108,11 @@ class FleetSpec:
     @property
     def node_count(self) -> int:
         return sum(c.count for c in self.classes)
+
+    @property
+    def chained(self) -> bool:
+        """Whether its nodes hold layer ranges (a fleet for chains, sim/chains.py)."""
+        return any(c.layers for c in self.classes)
 
     def scaled(self, nodes: int) -> FleetSpec:
         """The same mix with about ``nodes`` nodes in all (each class at least one)."""
@@ -186,6 +199,35 @@ def _mbit(table: dict[str, Any], key: str) -> float:
     return mbit
 
 
+def _layers(table: dict[str, Any], models: tuple[str, ...], profile: DeviceProfile
+            ) -> tuple[tuple[int, int], ...]:
+    """A class's layer ranges, checked: one model, ranges inside it, each fitting the device."""
+    raw = table.get("layers", ())
+    if not raw:
+        return ()
+    if len(models) != 1:
+        raise InvalidRequest(f"class {table.get('name')!r}: layers need exactly one model")
+    spec = model_preset(models[0])
+    ranges: list[tuple[int, int]] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(v, int) for v in item)):
+            raise InvalidRequest(f"layers entries are [first, end] pairs, not {item!r}")
+        first, end = int(item[0]), int(item[1])
+        if not 0 <= first < end <= spec.n_layers:
+            raise InvalidRequest(
+                f"layers [{first}, {end}] outside {spec.name}'s 0..{spec.n_layers}")
+        part = stage_spec(spec, first, end)
+        if part.weight_bytes >= usable_memory_bytes(profile):
+            raise InvalidRequest(
+                f"class {table.get('name')!r}: layers [{first}, {end}] of {spec.name} "
+                f"({part.weight_bytes / 1e9:.1f} GB) do not fit the device's memory")
+        ranges.append((first, end))
+    if len(ranges) > chain_ranges_max:
+        raise InvalidRequest(f"a class lists at most {chain_ranges_max} layer ranges")
+    return tuple(ranges)
+
+
 def parse_class(table: dict[str, Any]) -> ClassSpec:
     models = tuple(str(m) for m in table.get("models", ()))
     if not models:
@@ -196,9 +238,10 @@ def parse_class(table: dict[str, Any]) -> ClassSpec:
     if not 0 <= count <= fleet_nodes_max:
         raise InvalidRequest(f"class count out of range: {count}")
     price = table.get("price_per_mtok")
+    profile = _profile(table)
     return ClassSpec(
         name=str(table.get("name", table["device"])),
-        profile=_profile(table),
+        profile=profile,
         count=count,
         models=models,
         jobs_max=int(table.get("jobs_max", 8)),
@@ -208,6 +251,7 @@ def parse_class(table: dict[str, Any]) -> ClassSpec:
         price_micros_per_mtok=parse_money(str(price)) if price is not None else 0,
         reputation=float(table.get("reputation", 1.0)),
         availability=parse_availability(table.get("availability", {})),
+        layers=_layers(table, models, profile),
     )
 
 
@@ -223,6 +267,10 @@ def parse_fleet(data: dict[str, Any]) -> FleetSpec:
         tpot_s=float(slo_table.get("tpot_s", default.tpot_s)),
         ttft_s_per_ktok=float(slo_table.get("ttft_s_per_ktok", default.ttft_s_per_ktok)),
     )
+    chained = {m for c in classes if c.layers for m in c.models}
+    if len(chained) > 1 or (chained and any(not c.layers for c in classes)):
+        raise InvalidRequest("a fleet for chains holds layer ranges of one model in every class "
+                             "(whole-model nodes beside chains are not simulated yet)")
     name = str(data.get("fleet", {}).get("name", "fleet"))
     return FleetSpec(name=name, classes=classes, slo=slo)
 

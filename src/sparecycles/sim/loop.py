@@ -32,7 +32,7 @@ from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, 
 from sparecycles.sim.churn import realise, shared_moments
 from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
 from sparecycles.sim.node import Attempt, SimNode
-from sparecycles.sim.policies import BASELINES, CandidateIndex, policy_config
+from sparecycles.sim.policies import BASELINES, CHAIN_BASELINES, CandidateIndex, policy_config
 from sparecycles.sim.trace import Trace
 from sparecycles.types import Job, NodeSnapshot
 
@@ -55,7 +55,8 @@ class SimConfig:
     prefix_aware: bool = True
     # How the scheduler learns how long nodes stay: "learned" (scheduling/stays.py: Kaplan-Meier
     # over the sessions seen, from stay_history_s before the trace on) or "true" (it is told the
-    # Weibull law the simulator draws from: an oracle no coordinator has).
+    # Weibull law the simulator draws from: an oracle no coordinator has), or "none" (every node
+    # up is expected to stay for ever: placement blind to departures, an ablation).
     stays: str = "learned"
     stay_history_s: float = 7 * 86_400.0
     model_mix: tuple[tuple[str, float], ...] = ()  # default: every request to the first model
@@ -276,11 +277,7 @@ class Simulation:
         self._start_nodes()
         arrivals = self.trace.arrival_s.tolist()
         n, i, t = len(arrivals), 0, 0.0
-        handlers = {
-            EV_NODE: self.on_node, EV_JOIN: self.on_join, EV_LEAVE: self.on_leave,
-            EV_DRAIN_END: self.on_drain_end, EV_SCHEDULE: self.on_schedule,
-            EV_HEDGE: self.on_hedge, EV_KV_ARRIVED: self.on_kv_arrived,
-        }  # fmt: skip
+        handlers = self.handlers()
         heap = self.heap
         while True:
             next_arrival = arrivals[i] if i < n else math.inf
@@ -303,6 +300,14 @@ class Simulation:
         if self.progress is not None:
             self.progress(n, n)
         return self._result(t, time.perf_counter() - wall0)
+
+    def handlers(self) -> dict[int, Callable[[object, int, float], None]]:
+        """The event kinds and what handles each (sim/chains.py adds its own)."""
+        return {
+            EV_NODE: self.on_node, EV_JOIN: self.on_join, EV_LEAVE: self.on_leave,
+            EV_DRAIN_END: self.on_drain_end, EV_SCHEDULE: self.on_schedule,
+            EV_HEDGE: self.on_hedge, EV_KV_ARRIVED: self.on_kv_arrived,
+        }  # fmt: skip
 
     def arrive(self, req: int, t: float) -> None:
         """A request arrives; its deadline is the SLO for its max_tokens (what a client with that
@@ -398,22 +403,7 @@ class Simulation:
         """What the coordinator would report for this node now (cached while unchanged)."""
         if node.snapshot is not None and t - node.snapshot_t <= self.config.stay_refresh_s:
             return node.snapshot
-        if t - node.stay_t > self.config.stay_refresh_s or node.stay_t > t:
-            epoch = self.trace.epoch0_s
-            if not node.accepting:
-                node.stay = 0.0
-            elif self.config.stays == "learned":
-                node.stay = stays.learned_stay_s(
-                    self.learner, self.fleet.classes[node.cls].name, node.node_id, node.policy,
-                    STATUS_AT_WORK, epoch + t, epoch + node.up_since,
-                )
-            else:
-                node.stay = availability.expected_stay_s(
-                    node.policy, STATUS_AT_WORK, epoch + t,
-                    up_since_s=epoch + node.up_since, model=node.stay_model,
-                )  # fmt: skip
-            node.stay_t = t
-        stay = node.stay
+        stay = self.stay_of(node, t)
         backlog_tokens, backlog_s = node.prefill_backlog(t) if node.active else (0, 0.0)
         uplink_s, downlink_s = node.link_backlog_s(t)
         node.snapshot = NodeSnapshot(
@@ -440,6 +430,28 @@ class Simulation:
         )
         node.snapshot_t = t
         return node.snapshot
+
+    def stay_of(self, node: SimNode, t: float) -> float:
+        """The node's expected stay as the coordinator predicts it (recomputed at most every
+        ``stay_refresh_s``)."""
+        if t - node.stay_t > self.config.stay_refresh_s or node.stay_t > t:
+            epoch = self.trace.epoch0_s
+            if not node.accepting:
+                node.stay = 0.0
+            elif self.config.stays == "none":
+                node.stay = math.inf
+            elif self.config.stays == "learned":
+                node.stay = stays.learned_stay_s(
+                    self.learner, self.fleet.classes[node.cls].name, node.node_id, node.policy,
+                    STATUS_AT_WORK, epoch + t, epoch + node.up_since,
+                )
+            else:
+                node.stay = availability.expected_stay_s(
+                    node.policy, STATUS_AT_WORK, epoch + t,
+                    up_since_s=epoch + node.up_since, model=node.stay_model,
+                )  # fmt: skip
+            node.stay_t = t
+        return node.stay
 
     def _index(self, node: SimNode) -> None:
         node.snapshot = None
@@ -852,4 +864,12 @@ def simulate(
     config: SimConfig,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
+    """Run ``trace`` against ``fleet``: a fleet whose nodes hold layer ranges runs chains
+    (sim/chains.py, the chain policies), any other the whole-model loop above."""
+    if fleet.chained:
+        from sparecycles.sim.chains import ChainSimulation  # it builds on this module
+
+        return ChainSimulation(trace, fleet, config, progress).run()
+    if config.policy in CHAIN_BASELINES:
+        raise ValueError(f"policy {config.policy!r} is for fleets of layer ranges (chains)")
     return Simulation(trace, fleet, config, progress).run()

@@ -41,13 +41,24 @@ POLICY_CONFIGS: dict[str, SchedulerConfig] = {
     "least-loaded": SchedulerConfig(policy="least-loaded"),
 }
 BASELINES = ("random", "round-robin", "least-loaded")
+# Chains (sim/chains.py), on fleets whose nodes hold layer ranges: "fastest" (ours: the planner
+# of scheduling/chains.py with departures weighed in), and two baselines: "fixed-chain" (one
+# chain chosen at the start, a lost stage replaced only by a node of the same layers) and
+# "petals" (Petals' client routing: the fastest path by servers' throughput, no departures).
+CHAIN_POLICIES = ("fastest", "fixed-chain", "petals")
+CHAIN_BASELINES = ("fixed-chain", "petals")
 
 
 def policy_config(name: str) -> SchedulerConfig:
+    """The scheduler's settings for a policy (a chain baseline runs with ours' settings: the
+    chain simulator reads only the stay rule's from them)."""
+    if name in CHAIN_BASELINES:
+        return POLICY_CONFIGS["fastest"]
     try:
         return POLICY_CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_CONFIGS)}") from None
+        known = ", ".join((*POLICY_CONFIGS, *CHAIN_BASELINES))
+        raise ValueError(f"unknown policy {name!r}; known: {known}") from None
 
 
 @dataclass(slots=True)

@@ -18,6 +18,10 @@ Definitions (also in docs/scheduling.md):
   one node and decoded on another, and the KV-cache bytes shipped between them.
 - **Interrupted**: requests that lost at least one attempt to a departure; **recovered**: those of
   them that still completed (resumed elsewhere).
+- **Chains** (fleets of layer ranges, sim/chains.py): **stage losses** are stages whose node
+  left under a running chain, **repairs** the segments placed in their stead (each rebuilding
+  its cache), **repairs failed** the chains that found none in time (or ran out of repairs):
+  those requests fail.
 - **Earnings**: each owner's share of the charges (ledger/pricing.py's rules), per hour the device
 was
   available. **Cost per million tokens**: the clients' charges per million output tokens
@@ -73,6 +77,9 @@ class Summary:
     handed_off: int = 0  # requests with at least one hand-off (disaggregated prefill/decode)
     kv_bytes_moved: int = 0
     handoffs_interrupted: int = 0
+    chain_stage_losses: int = 0  # chains (sim/chains.py): stages lost to departures
+    chain_repairs: int = 0  # ... segments placed in their stead
+    chain_repairs_failed: int = 0  # ... chains that found none in time: failed requests
 
     @property
     def handed_off_share(self) -> float:
@@ -172,6 +179,9 @@ def summarize(result: SimResult) -> Summary:
         handed_off=int((result.handed_off > 0).sum()),
         kv_bytes_moved=result.kv_bytes_moved,
         handoffs_interrupted=result.handoffs_interrupted,
+        chain_stage_losses=int(result.extra.get("stage_losses", 0)),
+        chain_repairs=int(result.extra.get("repairs", 0)),
+        chain_repairs_failed=int(result.extra.get("repair_failed", 0)),
     )
 
 
@@ -240,4 +250,34 @@ def markdown(summaries: list[Summary]) -> str:
     for i, c in enumerate(summaries[0].classes):
         cells = [_class_cell(s.classes[i]) for s in summaries]
         lines.append(f"| {c.name} ({c.nodes}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CHAIN_COLUMNS = ("policy", "SLO met", "goodput req/s", "goodput tok/s", "TTFT p50/p99 s",
+                 "E2E p50/p99 s", "failed", "stage losses", "repairs", "repairs failed")
+
+
+def _chain_row(s: Summary) -> list[str]:
+    return [
+        s.policy, f"{s.slo_attainment:.1%}", f"{s.goodput_rps:.3f}",
+        f"{s.goodput_tokens_per_s:,.1f}", f"{s.ttft_p[0]:.1f} / {s.ttft_p[2]:.1f}",
+        f"{s.e2e_p[0]:.0f} / {s.e2e_p[2]:.0f}", f"{s.failed:,}", f"{s.chain_stage_losses:,}",
+        f"{s.chain_repairs:,}", f"{s.chain_repairs_failed:,}",
+    ]  # fmt: skip
+
+
+def chain_table(summaries: list[Summary], title: str = "chains") -> Table:
+    """The chain policies side by side (fleets of layer ranges)."""
+    table = Table(title=title)
+    for col in CHAIN_COLUMNS:
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for s in summaries:
+        table.add_row(*_chain_row(s))
+    return table
+
+
+def chain_markdown(summaries: list[Summary]) -> str:
+    lines = ["| " + " | ".join(CHAIN_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in CHAIN_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_chain_row(s)) + " |" for s in summaries]
     return "\n".join(lines) + "\n"

@@ -112,6 +112,25 @@ def head(trace: Trace, n_requests: int) -> Trace:
     )  # fmt: skip
 
 
+def thinned(trace: Trace, fraction: float, seed: int) -> Trace:
+    """About ``fraction`` of the requests, each kept independently (a Poisson thinning: the
+    arrival process keeps its shape at a lower rate), at least one."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError("fraction must be in (0, 1]")
+    keep = np.random.default_rng(seed).random(len(trace)) < fraction
+    if not keep.any():
+        keep[0] = True
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[keep]
+
+    return Trace(
+        f"{trace.name}/{1 / fraction:g}", trace.epoch0_s, trace.arrival_s[keep],
+        trace.prompt_tokens[keep], trace.output_tokens[keep], cut(trace.conversation),
+        cut(trace.prefix_tokens),
+    )  # fmt: skip
+
+
 def scaled(trace: Trace, n_requests: int, seed: int) -> Trace:
     """``n_requests`` requests over the trace's duration: superposed copies of the trace, each
     shifted by its own random offset (wrapping), the last copy cut short."""
