@@ -175,12 +175,14 @@ FP32_TOLERANCE = Tolerance(greedy_gap_max=1e-3, logprob_abs_max=1e-2, logprob_me
 
 # Quantized GGUF files (under 2 bytes a weight), where a llama.cpp node (quantized kernels, 8-bit
 # activations) and a transformers node (the same file dequantized, float32) check each other.
-# Honest differences between them on SmolLM2-135M Q4_1 and Q8_0, 224 jobs both ways
-# (bench/cross_backend_verify.py, docs/benchmarks.md): at most 0.13 nats per token on average
-# over a job, 0.56 on one token, and a greedy token at most 0.46 nats below the verifier's best
-# (near ties flip). These limits sit 2.2-3.6x above those maxima; a Q4_0 file sold as Q8_0
-# differs by 0.54 nats per token (median job) and fails 89% of its checks.
-QUANTIZED_TOLERANCE = Tolerance(greedy_gap_max=1.0, logprob_abs_max=2.0, logprob_mean_max=0.3)
+# Honest differences between them on SmolLM2-135M Q4_1 and Q8_0, 1,000 jobs over both pairs both
+# ways (bench/cross_backend_verify.py --jobs 250, docs/benchmarks.md): at most 0.11 nats per token
+# on average over a job, 1.02 on one token, and a greedy token at most 1.30 nats below the
+# verifier's best (near ties flip: each of the two tokens' log-probabilities may move by up to the
+# one-token difference). A greedy gap of 1.0, set from a first run of 224 jobs, failed one honest
+# job in 1,000; the gap now shares the one-token limit. A Q4_0 file sold as Q8_0 differs by 0.54
+# nats per token (median job) and still fails most of its checks (docs/benchmarks.md).
+QUANTIZED_TOLERANCE = Tolerance(greedy_gap_max=2.0, logprob_abs_max=2.0, logprob_mean_max=0.3)
 
 
 def tolerance_for(bytes_per_param: float) -> Tolerance:
