@@ -31,13 +31,14 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chain_speed import PROMPTS, one  # noqa: E402
-from fixtures_models import cached_model  # noqa: E402
-from sparecycles import limits, protocol  # noqa: E402
-from sparecycles.coordinator.replication.fleet import pack_frame, unpack_frame  # noqa: E402
-from sparecycles.ledger.pricing import PriceBook  # noqa: E402
-from sparecycles.ledger.service import Ledger  # noqa: E402
-from sparecycles.tools.localnet import Cluster, postgres_database  # noqa: E402
+from chain_speed import PROMPTS, one
+
+from fixtures_models import cached_model
+from sparecycles import limits, protocol
+from sparecycles.coordinator.replication.fleet import pack_frame, unpack_frame
+from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.service import Ledger
+from sparecycles.tools.localnet import Cluster, postgres_database
 
 
 def envelopes() -> None:
@@ -110,8 +111,8 @@ def main() -> None:
             prompt = prompts[k % len(prompts)]
             rounds.append({m: one(client, store, m, prompt, args.tokens)
                            for m in ("local", "relayed")})
-    print(f"\n{'round':>5} | {'local ms/tok':>12} | {'relayed ms/tok':>14} | {'relayed/local tok/s':>19}"
-          " | same text")
+    print(f"\n{'round':>5} | {'local ms/tok':>12} | {'relayed ms/tok':>14} | "
+          f"{'relayed/local tok/s':>19} | same text")
     per_tok: dict[str, list[float]] = {"local": [], "relayed": []}
     ratios = []
     for k, r in enumerate(rounds):
@@ -123,10 +124,11 @@ def main() -> None:
         print(f"{k + 1:>5} | {ms['local']:12.2f} | {ms['relayed']:14.2f} | {ratio:19.2f} | "
               f"{r['local'].text == r['relayed'].text}")
     local, relayed = (statistics.median(per_tok[m]) for m in ("local", "relayed"))
+    pairs = statistics.median(b - a for a, b in zip(per_tok["local"], per_tok["relayed"],
+                                                    strict=True))
     print(f"\nmedian per token: local {local:.2f} ms, relayed {relayed:.2f} ms; the relay costs "
           f"{relayed - local:.2f} ms per token per relayed stage (median of the pairs: "
-          f"{statistics.median(b - a for a, b in zip(per_tok['local'], per_tok['relayed'])):.2f}"
-          f" ms); relayed/local tok/s median {statistics.median(ratios):.2f}")
+          f"{pairs:.2f} ms); relayed/local tok/s median {statistics.median(ratios):.2f}")
     envelopes()
     print(f"load after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

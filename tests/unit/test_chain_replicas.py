@@ -159,13 +159,19 @@ def _tokens(job) -> list[int]:
     return [t for e in _drain(job) if e.kind == "tokens" for t in e.token_ids]
 
 
-async def test_a_chain_runs_through_stages_of_two_replicas(world, fast_beats) -> None:
+@pytest.mark.parametrize("form", [2, 1])
+async def test_a_chain_runs_through_stages_of_two_replicas(world, fast_beats, monkeypatch, form
+                                                           ) -> None:
+    """Form 2: frames cross the bus as a header line and their own bytes; form 1: as replicas
+    before it relayed them (and still read them), the frame inside one JSON object."""
+    monkeypatch.setattr(fleet_mod, "relay_form", form)
     store, ledger, client, (alice, bob) = world
     ledger.set_price("m", ModelPrice(10_000_000, 30_000_000))  # a charge worth splitting
     r1, r2 = await _replicas(world, "r1", "r2")
     head, tail = Stage("head", alice, 0, 2), Stage("tail", bob, 2, 4)
     await head.connect(r1, r2)
     await tail.connect(r2, r1)
+    await _until(lambda: r1.f.peer_forms.get(r2.f.me) == r2.f.peer_forms.get(r1.f.me) == form)
     remote = r1.d.remote[tail.conn.node_id]  # announced with its layers: a stage for r1 too
     assert isinstance(remote, RemoteNode) and remote.layer_ranges == {"m": (2, 4)}
     snap = remote.snapshot(0)
@@ -265,8 +271,7 @@ async def test_an_answer_the_owner_cannot_read_fails_the_step_at_once(world, fas
     # a frame its host should never have passed on: an activation of the wrong size
     bad = json.dumps({"v": 1, "type": "stage_output", "sequence_id": "j.1", "step": 7,
                       "hidden": {"dtype": "float32", "shape": [1, 4], "data": "AAAA"}})
-    r2.f._publish_frame(f"{r2.f.ns}.replica.{r1.f.me}.from_node",
-                        {"r": r2.f.me, "node": node.conn.node_id}, bad)
+    r2.f._publish_frame(r1.f.me, "from_node", {"r": r2.f.me, "node": node.conn.node_id}, bad)
     with pytest.raises(Exception, match="invalid") as caught:
         await asyncio.wait_for(task, 5)
     assert caught.value.outcome is AttemptOutcome.PROTOCOL_GAP  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ A node's frame crosses the bus as it came: a one-line JSON header (who sends it,
 a newline, then the frame's bytes, never re-escaped, so a relayed message is at most
 ``ws_message_bytes_max`` plus ``bus_header_bytes_max``, within ``bus_message_bytes_max`` (NATS's
 default max payload); an activation is validated by the node's host on receipt (a malformed one
-closes the node's socket) and again by the owner.
+closes the node's socket) and again by the owner. A peer whose beat does not say it reads that
+form (an older replica: ``relay_form``) is sent the frame inside one JSON object, as before.
 
 What each replica publishes (JSON; ``sc`` is the default namespace, see
 coordinator/replication/bus.py):
@@ -69,6 +70,11 @@ beat_interval_s = 0.5
 replica_timeout_s = 3.0  # no beat for this long: the replica is taken for dead
 full_state_every_s = 10.0  # resend every node's state, healing any lost update
 announce_chunk = 200  # nodes per ``up`` message (NATS's default max payload is 1 MiB)
+# The newest form of relayed frames this replica reads, said in each beat: 2 = a header line,
+# then the frame's bytes (``pack_frame``); 1 = the frame as a string inside one JSON object (what
+# older replicas read, and say nothing). Each replica reads both, and sends each peer the form
+# it reads: form 1 to a peer until its beat says 2.
+relay_form = 2
 
 
 def subject_token(replica_id: str) -> str:
@@ -301,6 +307,7 @@ class Fleet:
         self.ns = bus.namespace  # subjects: <ns>.fleet.*, <ns>.replica.<id>.*
         self.peers: dict[str, float] = {}  # replica token -> monotonic time of its last beat
         self.peer_names: dict[str, str] = {}  # replica token -> replica id
+        self.peer_forms: dict[str, int] = {}  # replica token -> the relay form it reads
         self.relayed: dict[str, _Relayed] = {}  # job id -> where its node's messages go
         self.stages: dict[str, _RelayedStage] = {}  # sequence id -> where its answers go
         self._sent_state: dict[str, list[Any]] = {}
@@ -356,10 +363,18 @@ class Fleet:
         """Queue a message; one task publishes in order (the dispatcher never awaits the bus)."""
         self._outbox.put_nowait((subject, json.dumps(body, separators=(",", ":")).encode()))
 
-    def _publish_frame(self, subject: str, header: dict[str, Any], frame: str | None) -> bool:
-        """Queue a relayed frame (``pack_frame``); False, and nothing sent, when it would exceed
+    def _publish_frame(self, peer: str, box: str, header: dict[str, Any], frame: str | None
+                       ) -> bool:
+        """Queue a relayed frame for replica ``peer`` (its ``to_node`` or ``from_node``): as
+        ``pack_frame`` makes it, or in the older form to a peer whose beat does not say it
+        reads that (``relay_form``); False, and nothing sent, when it would exceed
         ``bus_message_bytes_max`` (a NATS server refuses it)."""
-        data = pack_frame(header, frame)
+        subject = f"{self.ns}.replica.{peer}.{box}"
+        if self.peer_forms.get(peer, 1) >= 2:  # one whose beat was not heard yet: form 1
+            data = pack_frame(header, frame)
+        else:
+            data = json.dumps(header if frame is None else {**header, "frame": frame},
+                              separators=(",", ":")).encode()
         if len(data) > limits.bus_message_bytes_max:
             log.error("a %s frame of %d bytes exceeds the bus's %d: not sent to %s",
                       frame_type(frame or "") or "?", len(data), limits.bus_message_bytes_max,
@@ -406,7 +421,8 @@ class Fleet:
         while True:
             try:
                 self._publish(f"{self.ns}.fleet.beat", {"r": self.me, "id": self.replica_id,
-                                                "nodes": len(self.dispatcher.nodes)})
+                                                "nodes": len(self.dispatcher.nodes),
+                                                "relay": relay_form})
                 self._expire_peers()
                 self._expire_stages(time.monotonic())
                 if self.peers:
@@ -443,6 +459,7 @@ class Fleet:
         new = peer not in self.peers
         self.peers[peer] = time.monotonic()
         self.peer_names[peer] = body.get("id", peer)
+        self.peer_forms[peer] = int(body.get("relay", 1))
         if new:  # a replica we did not know (or had given up on): exchange fleets
             log.info("replica %s joined", peer)
             self._publish(f"{self.ns}.fleet.hello", {"r": self.me})
@@ -532,7 +549,7 @@ class Fleet:
 
     def to_node(self, node: RemoteNode, frame: str) -> bool:
         """Owner side: a frame for a node another replica hosts; False if it cannot be sent."""
-        if not self._publish_frame(f"{self.ns}.replica.{node.host}.to_node",
+        if not self._publish_frame(node.host, "to_node",
                                    {"r": self.me, "node": node.node_id}, frame):
             return False
         if frame_type(frame) == "job":
@@ -551,7 +568,7 @@ class Fleet:
         job_id, kind = msg.get("job_id"), msg.get("type")
         if node is None or node.closed:
             # the node left this replica: the owner must resume at once, not wait for silence
-            self._publish_frame(f"{self.ns}.replica.{owner}.from_node",
+            self._publish_frame(owner, "from_node",
                                 {"r": self.me, "node": node_id, "lost": True}, None)
             return
         if kind in ("stage_forward", "stage_release") and not self._note_stage(owner, node, msg):
@@ -584,7 +601,7 @@ class Fleet:
                 refusal = protocol.StageOutput(
                     sequence_id=seq[:80], step=max(0, int(msg.get("step", 0))),
                     error=f"its host replica relays {limits.stage_relays_max} stages already")
-                self._publish_frame(f"{self.ns}.replica.{owner}.from_node",
+                self._publish_frame(owner, "from_node",
                                     {"r": self.me, "node": node.node_id},
                                     protocol.encode(refusal))
                 return False
@@ -606,7 +623,7 @@ class Fleet:
         if stage is None or stage.node_id != node.node_id:
             return
         stage.used_mono_s = time.monotonic()
-        self._publish_frame(f"{self.ns}.replica.{stage.owner}.from_node",
+        self._publish_frame(stage.owner, "from_node",
                             {"r": self.me, "node": node.node_id}, raw)
 
     def _end_stage(self, sequence_id: str) -> None:
@@ -646,7 +663,7 @@ class Fleet:
             node.queued_tokens = max(0, node.queued_tokens - n)
         else:
             self._end_relay(msg.job_id)
-        self._publish_frame(f"{self.ns}.replica.{rel.owner}.from_node",
+        self._publish_frame(rel.owner, "from_node",
                             {"r": self.me, "node": node.node_id}, raw)
 
     def _end_relay(self, job_id: str) -> None:
