@@ -61,6 +61,15 @@ stage_step_s_max = 30.0  # a stage silent this long on one step is replaced like
 stage_repairs_max = 4  # stage replacements of one job before it fails
 stage_idle_s_max = 600.0  # a node drops a sequence's cache unused for this long
 
+# --- the bus between replicas (coordinator/replication/) -------------------------------------
+# The most one bus message may hold: NATS's default max_payload (1 MiB). A node's frame relayed
+# between replicas travels as a small header plus the frame's own bytes (never re-escaped), so
+# the largest frame a node may send or be sent (ws_message_bytes_max) fits with room to spare;
+# an activation (activation_bytes_max, 4/3 of it as base64) fits either way.
+bus_message_bytes_max = 1024 * 1024
+bus_header_bytes_max = 1024  # the header before a relayed frame (replica, node, kind)
+stage_relays_max = 4096  # stage sequences one host replica relays for other replicas at once
+
 # --- verification (trust/decisions.py, coordinator/verification.py) -------------------------------
 score_tokens_max = 2048  # claimed tokens scored in one teacher-forced pass (the first ones)
 verifications_running_max = 4  # checks in flight at once on one coordinator

@@ -36,19 +36,18 @@ PROMPTS = ("The garden", "Where does the river go? It", "Once upon a time there 
            "The old man said that")
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
+def unsplit_greedy(path, prompts, tokens_max: int = 60) -> dict[str, tuple[list[int], str]]:
     """The unsplit model's greedy tokens and text for each prompt (fp32, no cache)."""
-    tok = modelfiles.load_tokenizer(str(tiny_model_path))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    tok = modelfiles.load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     out = {}
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = modelfiles.render_completion(tok, prompt)
         gen: list[int] = []
         with torch.inference_mode():
-            for _ in range(60):
+            for _ in range(tokens_max):
                 t = int(model(torch.tensor([ids + gen])).logits[0, -1].argmax())
                 if t in eos_ids:
                     break
@@ -57,6 +56,11 @@ def reference(tiny_model_path):
         text = "".join(stream.push((t,)) for t in gen) + stream.finish()
         out[prompt] = (gen, text)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    return unsplit_greedy(tiny_model_path, PROMPTS)
 
 
 @pytest.fixture(scope="module")

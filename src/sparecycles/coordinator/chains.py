@@ -116,6 +116,7 @@ class _Stage:
     # inputs elsewhere and compares (coordinator/verification_chains.py)
     outputs: list[protocol.Activation] = field(default_factory=list)
     positions: int = 0  # positions in its cache (the sum of its inputs' lengths)
+    lost: AttemptOutcome | None = None  # its node left (or its host replica died): why
 
 
 def _length(inp: StageInput) -> int:
@@ -319,6 +320,8 @@ class ChainRun:
                     ) -> protocol.StageOutput:
         """Send one input to one stage and wait for its checked answer."""
         job = self.job
+        if stage.lost is not None:
+            raise StageFailed("its node left", stage.lost)
         msg = protocol.StageForward(
             sequence_id=stage.sequence_id, model=job.model, step=next(self.registry.steps),
             start=stage.positions,
@@ -354,9 +357,11 @@ class ChainRun:
                     old.first, old.end, old.node.node_id, why)
         self._close(old, why.outcome, now)
         failed: _Stage | None = old
+        outcome = why.outcome
         while True:
             if failed is not None:
-                job.avoid_nodes.add(failed.node.node_id)
+                if outcome is not AttemptOutcome.REPLICA_LOST:  # not the node's fault: it may
+                    job.avoid_nodes.add(failed.node.node_id)  # serve again via another replica
                 self.repairs += 1
                 self.registry.repairs += 1
                 if self.repairs > limits.stage_repairs_max:
@@ -371,7 +376,7 @@ class ChainRun:
             try:
                 await self._rebuild(fresh, old.inputs)
             except StageFailed as exc:
-                failed = exc.stage
+                failed, outcome = exc.stage, exc.outcome
                 for stage in fresh:
                     self._close(stage, exc.outcome if stage is failed else
                                 AttemptOutcome.CANCELLED, self.d.clock())
@@ -511,11 +516,25 @@ class ChainRegistry:
         if not waiting[1].done():
             waiting[1].set_result(msg)
 
-    def on_node_lost(self, node: FleetNode) -> None:
-        """A node left: every step waiting on it fails now (its chains repair)."""
+    def on_node_lost(self, node: FleetNode,
+                     outcome: AttemptOutcome = AttemptOutcome.NODE_LOST) -> None:
+        """A node left: every step waiting on it fails now, and every stage on it fails at its
+        next step (their chains repair). ``REPLICA_LOST``: its host replica died or it moved to
+        another; the node is not blamed."""
+        for stage in self.sequences.values():
+            if stage.node is node and stage.lost is None:
+                stage.lost = outcome
         for _step, waiter, asked in list(self.waiters.values()):
             if asked is node and not waiter.done():
-                waiter.set_exception(StageFailed("its node left", AttemptOutcome.NODE_LOST))
+                waiter.set_exception(StageFailed("its node left", outcome))
+
+    def on_bad_output(self, node: FleetNode, why: str) -> None:
+        """An answer of ``node`` that could not be read (relayed by another replica): every
+        step waiting on it fails now, as a malformed answer."""
+        for _step, waiter, asked in list(self.waiters.values()):
+            if asked is node and not waiter.done():
+                waiter.set_exception(StageFailed(f"its answer is invalid: {why[:200]}",
+                                                 AttemptOutcome.PROTOCOL_GAP))
 
     async def stop(self) -> None:
         for run in list(self.runs.values()):

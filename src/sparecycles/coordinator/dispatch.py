@@ -556,7 +556,7 @@ class Dispatcher:
         fleet: dict[str, Any] = self.nodes if isinstance(node, NodeConn) else self.remote
         if fleet.get(node.node_id) is node:
             del fleet[node.node_id]
-        self.chains.on_node_lost(node)  # its chains repair themselves
+        self.chains.on_node_lost(node, outcome)  # its chains repair themselves
         self.prefixes.forget(node.node_id)
         for job_id in list(node.jobs):
             job = self.jobs.get(job_id)

@@ -4,8 +4,9 @@ A node's socket carries three kinds of traffic, told apart by what the message a
 
 - answers to verification work (``scored``; ``tokens``/``done``/``job_error`` of a replay):
   the verifier's link (coordinator/verification_link.py);
-- ``tokens``/``done``/``job_error`` of a job that another replica owns: the fleet relays them to
-  that replica over the bus (coordinator/replication/fleet.py);
+- ``tokens``/``done``/``job_error`` of a job that another replica owns, and ``stage_output`` of
+  a stage of another replica's chain: the fleet relays them to that replica over the bus
+  (coordinator/replication/fleet.py);
 - everything else: this replica's dispatch (jobs) and the node's own state (heartbeats,
   draining).
 
@@ -43,6 +44,18 @@ class JobClaimant(Protocol):
         ...
 
 
+class StageClaimant(Protocol):
+    """A part that relays stages of chains driven elsewhere (the fleet)."""
+
+    def owns_stage(self, node: NodeConn, sequence_id: str) -> bool: ...
+
+    def take_stage(self, node: NodeConn, msg: protocol.StageOutput, raw: str) -> None: ...
+
+
+class Relay(JobClaimant, StageClaimant, Protocol):
+    """The fleet: jobs and stages of other replicas on this replica's nodes."""
+
+
 class ScoreReader(Protocol):
     def on_scored(self, node: NodeConn, msg: protocol.Scored) -> None: ...
 
@@ -50,9 +63,10 @@ class ScoreReader(Protocol):
 class NodeRouter:
     def __init__(self, dispatcher: Dispatcher, *,
                  verification: JobClaimant | None = None, scores: ScoreReader | None = None,
-                 relay: JobClaimant | None = None) -> None:  # fmt: skip
+                 relay: Relay | None = None) -> None:  # fmt: skip
         self.dispatcher = dispatcher
-        self.claimants = [c for c in (verification, relay) if c is not None]
+        self.claimants: list[JobClaimant] = [c for c in (verification, relay) if c is not None]
+        self.relay = relay
         self.scores = scores
 
     def route(self, node: NodeConn, msg: protocol.NodeMessage, raw: str) -> Awaitable[None] | None:
@@ -70,7 +84,10 @@ class NodeRouter:
             else:
                 return d.on_job_error(node, msg)
         elif isinstance(msg, protocol.StageOutput):  # a stage of a chain (chains.py)
-            d.chains.on_output(node, msg)
+            if self.relay is not None and self.relay.owns_stage(node, msg.sequence_id):
+                self.relay.take_stage(node, msg, raw)  # another replica drives that chain
+            else:
+                d.chains.on_output(node, msg)
         elif isinstance(msg, protocol.Scored):
             if self.scores is not None:
                 self.scores.on_scored(node, msg)

@@ -8,7 +8,9 @@ sum over its stages of
   model (its layers' bytes read from the node's measured memory bandwidth, plus the node's
   measured engine overhead for that many layers), and
 - the hop into and out of it: activations travel through the coordinator (nodes dial out), so
-  each stage costs one round trip plus twice the activation bytes of a token over the link.
+  each stage costs one round trip plus twice the activation bytes of a token over the link; a
+  node connected to another coordinator replica (``relayed``) adds the bus's round trip between
+  the replicas (its activations cross the bus both ways).
 
 ``plan_segment`` finds the chain of least predicted time per token over any layer range by a
 shortest path over layer boundaries (nodes are edges from their first layer to their end), so the
@@ -46,6 +48,9 @@ class ChainConfig:
     # same city ~0.01 s; 0.02 s keeps a chain from looking free.
     rtt_s_default: float = 0.02
     activation_bytes_per_value: int = 4  # float32 on the wire (chains on CPUs keep fp32)
+    # A stage on a node of another replica: each hop also crosses the bus, there and back
+    # (NATS between replicas in one region: about a millisecond each way, with the copy).
+    relay_rtt_s: float = 0.002
     stages_max: int = limits.chain_stages_max
 
 
@@ -116,6 +121,8 @@ def hop_s(spec: ModelSpec, node: NodeSnapshot, config: ChainConfig = DEFAULT_CHA
           ) -> float:
     """One token's hop into a stage and out again, through the coordinator."""
     rtt_s = node.profile.network_rtt_s or config.rtt_s_default
+    if node.relayed:
+        rtt_s += config.relay_rtt_s
     token_bytes = spec.hidden_size * config.activation_bytes_per_value
     return rtt_s + 2 * token_bytes / config.link_bytes_per_s
 

@@ -99,12 +99,21 @@ class _MemorySub:
 
 class MemoryBus:
     """Subjects matched in this process; each subscription's handler runs in order on its own
-    task, as a NATS subscription's does. Several coordinators in one process may share one."""
+    task, as a NATS subscription's does. Several coordinators in one process may share one, or
+    each take a ``connection`` of it: closing a connection ends its own subscriptions only, as
+    one replica's going away leaves the others' NATS connections alone."""
 
     def __init__(self, url: str = "memory", namespace: str = "sc") -> None:
         self.url, self.namespace = url, namespace
-        self._subs: list[_MemorySub] = []
+        self._subs: list[_MemorySub] = []  # every subscription on this bus, any connection's
+        self._mine: list[_MemorySub] = []  # those made through this object
         self._open = False
+
+    def connection(self) -> MemoryBus:
+        """Another client of the same subjects."""
+        other = MemoryBus(self.url, self.namespace)
+        other._subs = self._subs
+        return other
 
     @property
     def connected(self) -> bool:
@@ -123,11 +132,13 @@ class MemoryBus:
         sub = _MemorySub(self, check_subject(subject, pattern=True), handler)
         sub.task = asyncio.create_task(sub._run(), name=f"bus-sub-{subject}")
         self._subs.append(sub)
+        self._mine.append(sub)
         return sub
 
     async def close(self) -> None:
-        for sub in list(self._subs):
+        for sub in self._mine:
             await sub.unsubscribe()
+        self._mine = []
         self._open = False
 
 

@@ -10,6 +10,21 @@ reached (the job's *owner*), whose dispatcher may place it on any node of the fl
 So the owner runs the very same job lifecycle for a remote node as for a local one: the tokens
 carry their attempt and index, the result is signed by the node's key, silence is resumed.
 
+Chains cross replicas the same way (coordinator/chains.py). A node holding a range of a model's
+layers is announced with its ranges, so every replica's planner may put it in a chain; the
+owner's ``stage_forward`` goes to the host like any frame, and the host notes the sequence
+(``_RelayedStage``) so that the node's ``stage_output`` for it goes back to the owner, until the
+owner's ``stage_release`` (or the owner's death, or ``stage_idle_s_max`` unused). A host that
+dies is a stage whose node left: the owner's chain repairs that stage (without holding it
+against the node, which may come back through another replica).
+
+A node's frame crosses the bus as it came: a one-line JSON header (who sends it, for which node),
+a newline, then the frame's bytes, never re-escaped, so a relayed message is at most
+``ws_message_bytes_max`` plus ``bus_header_bytes_max``, within ``bus_message_bytes_max`` (NATS's
+default max payload); an activation is validated by the node's host on receipt (a malformed one
+closes the node's socket) and again by the owner. A peer whose beat does not say it reads that
+form (an older replica: ``relay_form``) is sent the frame inside one JSON object, as before.
+
 What each replica publishes (JSON; ``sc`` is the default namespace, see
 coordinator/replication/bus.py):
 
@@ -38,9 +53,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sparecycles import protocol
+import orjson
+
+from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import Backlog, NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
+from sparecycles.errors import ProtocolError
 from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
 if TYPE_CHECKING:
@@ -52,11 +70,64 @@ beat_interval_s = 0.5
 replica_timeout_s = 3.0  # no beat for this long: the replica is taken for dead
 full_state_every_s = 10.0  # resend every node's state, healing any lost update
 announce_chunk = 200  # nodes per ``up`` message (NATS's default max payload is 1 MiB)
+# The newest form of relayed frames this replica reads, said in each beat: 2 = a header line,
+# then the frame's bytes (``pack_frame``); 1 = the frame as a string inside one JSON object (what
+# older replicas read, and say nothing). Each replica reads both, and sends each peer the form
+# it reads: form 1 to a peer until its beat says 2.
+relay_form = 2
 
 
 def subject_token(replica_id: str) -> str:
     """A replica id as one subject token (ids hold ':' and '.')."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", replica_id)
+
+
+def pack_frame(header: dict[str, Any], frame: str | None) -> bytes:
+    """A relayed message: the header as one line of JSON, then (if any) the frame as it is."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head if frame is None else head + b"\n" + frame.encode()
+
+
+def unpack_frame(data: bytes) -> tuple[dict[str, Any], str | None]:
+    """(header, frame) of a relayed message; also reads the older form, one JSON object with
+    the frame inside as a string (``frame``), so replicas of both versions may share a bus."""
+    head, newline, rest = data.partition(b"\n")
+    if len(head) > limits.bus_header_bytes_max and newline:
+        raise ProtocolError(f"relay header of {len(head)} bytes")
+    header = json.loads(head)
+    if not isinstance(header, dict):
+        raise ProtocolError("relay header is not an object")
+    if newline:
+        return header, rest.decode()
+    frame = header.get("frame")
+    return header, frame if isinstance(frame, str) else None
+
+
+_TYPE = re.compile(r'"type"\s*:\s*"([a-z_]+)"')
+
+
+def frame_type(frame: str) -> str | None:
+    """The ``type`` of an encoded message, read from its start (protocol.encode writes ``v``
+    and ``type`` first), else from the whole frame."""
+    found = _TYPE.search(frame, 0, 64)
+    if found is not None:
+        return found.group(1)
+    with contextlib.suppress(ValueError):
+        kind = orjson.loads(frame).get("type")
+        return kind if isinstance(kind, str) else None
+    return None
+
+
+def ranges_from(desc: Any) -> dict[str, tuple[int, int]]:
+    """A node's layer ranges as another replica described them (``_describe``), checked."""
+    out: dict[str, tuple[int, int]] = {}
+    if not isinstance(desc, dict):
+        return out
+    for model, rng in list(desc.items())[: limits.models_per_node_max]:
+        if (isinstance(model, str) and isinstance(rng, list | tuple) and len(rng) == 2
+                and all(isinstance(x, int) for x in rng) and 0 <= rng[0] < rng[1]):
+            out[model] = (int(rng[0]), int(rng[1]))
+    return out
 
 
 @dataclass(eq=False)
@@ -90,14 +161,15 @@ class RemoteNode:
     host_queued: int = 0
     sent_since_report: int = 0  # jobs this replica placed on it since that report
     features: frozenset[str] = frozenset()  # protocol.FEATURE_* from its hello
+    layer_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # stages it holds
     _snap: tuple[tuple[Any, ...], NodeSnapshot] | None = None  # (inputs, snapshot)
     is_local = False
 
     def send(self, frame: str) -> bool:
+        """False when the node is gone, or the frame cannot cross the bus (too large)."""
         if self.closed:
             return False
-        self.fleet.to_node(self, frame)
-        return True
+        return self.fleet.to_node(self, frame)
 
     async def stop(self) -> None:
         self.closed = True
@@ -154,6 +226,7 @@ class RemoteNode:
             draining=self.draining,
             relayed=True,
             features=self.features,
+            layer_ranges=dict(self.layer_ranges),
         )
 
 
@@ -165,6 +238,16 @@ class _Relayed:
     node_id: str
     attempt: int
     remaining: int  # tokens the node may still send (its queued_tokens share)
+
+
+@dataclass
+class _RelayedStage:
+    """A chain's stage sequence on this replica's node, driven by another replica (the owner)."""
+
+    owner: str
+    node_id: str
+    model: str
+    used_mono_s: float  # its last frame either way: unused for stage_idle_s_max, it is dropped
 
 
 def _state_of(node: NodeConn, now_epoch_s: float) -> list[Any]:
@@ -180,7 +263,8 @@ def _describe(node: NodeConn) -> dict[str, Any]:
     return {"id": node.node_id, "owner": node.owner_id, "name": node.name,
             "key": node.public_key, "profile": asdict(node.profile), "models": list(node.models),
             "weights": node.weights, "jobs_max": node.jobs_max,
-            "features": sorted(node.features)}
+            "features": sorted(node.features),
+            "layers": {m: list(r) for m, r in node.layer_ranges.items()}}
 
 
 class FleetDispatch(Protocol):
@@ -202,6 +286,17 @@ class FleetDispatch(Protocol):
 
     async def on_job_error(self, node: FleetNode, msg: protocol.JobError) -> None: ...
 
+    @property
+    def chains(self) -> StageAnswers: ...
+
+
+class StageAnswers(Protocol):
+    """Where the answers of relayed stages go (coordinator/chains.ChainRegistry)."""
+
+    def on_output(self, node: FleetNode, msg: protocol.StageOutput) -> None: ...
+
+    def on_bad_output(self, node: FleetNode, why: str) -> None: ...
+
 
 class Fleet:
     """This replica's end of the fleet: announces its nodes, tracks the others', relays jobs."""
@@ -212,7 +307,9 @@ class Fleet:
         self.ns = bus.namespace  # subjects: <ns>.fleet.*, <ns>.replica.<id>.*
         self.peers: dict[str, float] = {}  # replica token -> monotonic time of its last beat
         self.peer_names: dict[str, str] = {}  # replica token -> replica id
+        self.peer_forms: dict[str, int] = {}  # replica token -> the relay form it reads
         self.relayed: dict[str, _Relayed] = {}  # job id -> where its node's messages go
+        self.stages: dict[str, _RelayedStage] = {}  # sequence id -> where its answers go
         self._sent_state: dict[str, list[Any]] = {}
         self._last_full_s = 0.0
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -266,6 +363,26 @@ class Fleet:
         """Queue a message; one task publishes in order (the dispatcher never awaits the bus)."""
         self._outbox.put_nowait((subject, json.dumps(body, separators=(",", ":")).encode()))
 
+    def _publish_frame(self, peer: str, box: str, header: dict[str, Any], frame: str | None
+                       ) -> bool:
+        """Queue a relayed frame for replica ``peer`` (its ``to_node`` or ``from_node``): as
+        ``pack_frame`` makes it, or in the older form to a peer whose beat does not say it
+        reads that (``relay_form``); False, and nothing sent, when it would exceed
+        ``bus_message_bytes_max`` (a NATS server refuses it)."""
+        subject = f"{self.ns}.replica.{peer}.{box}"
+        if self.peer_forms.get(peer, 1) >= 2:  # one whose beat was not heard yet: form 1
+            data = pack_frame(header, frame)
+        else:
+            data = json.dumps(header if frame is None else {**header, "frame": frame},
+                              separators=(",", ":")).encode()
+        if len(data) > limits.bus_message_bytes_max:
+            log.error("a %s frame of %d bytes exceeds the bus's %d: not sent to %s",
+                      frame_type(frame or "") or "?", len(data), limits.bus_message_bytes_max,
+                      subject)
+            return False
+        self._outbox.put_nowait((subject, data))
+        return True
+
     async def _send_loop(self) -> None:
         while True:
             subject, data = await self._outbox.get()
@@ -285,6 +402,9 @@ class Fleet:
         for job_id, rel in list(self.relayed.items()):
             if rel.node_id == node.node_id:  # the owner resumes it when it hears of the loss
                 del self.relayed[job_id]
+        for seq, stage in list(self.stages.items()):
+            if stage.node_id == node.node_id:  # the owner repairs its chain when it hears
+                del self.stages[seq]
         if self.peers:
             self._publish(f"{self.ns}.fleet.down", {"r": self.me, "id": node.node_id})
 
@@ -301,8 +421,10 @@ class Fleet:
         while True:
             try:
                 self._publish(f"{self.ns}.fleet.beat", {"r": self.me, "id": self.replica_id,
-                                                "nodes": len(self.dispatcher.nodes)})
+                                                "nodes": len(self.dispatcher.nodes),
+                                                "relay": relay_form})
                 self._expire_peers()
+                self._expire_stages(time.monotonic())
                 if self.peers:
                     self._publish_state()
             except Exception:
@@ -337,6 +459,7 @@ class Fleet:
         new = peer not in self.peers
         self.peers[peer] = time.monotonic()
         self.peer_names[peer] = body.get("id", peer)
+        self.peer_forms[peer] = int(body.get("relay", 1))
         if new:  # a replica we did not know (or had given up on): exchange fleets
             log.info("replica %s joined", peer)
             self._publish(f"{self.ns}.fleet.hello", {"r": self.me})
@@ -362,7 +485,9 @@ class Fleet:
             if node_id in d.nodes:
                 continue  # its socket is here: a stale announcement from its old host
             old = self._remote(node_id)
-            if old is not None and old.host == host:
+            if old is not None and old.host == host:  # announced again (its socket may be new)
+                old.models, old.weights = tuple(desc["models"]), dict(desc["weights"])
+                old.layer_ranges = ranges_from(desc.get("layers"))
                 old.apply_state(desc["state"])
                 continue
             if old is not None:  # it moved to another replica: its jobs there are gone
@@ -373,7 +498,8 @@ class Fleet:
                 public_key=desc["key"], profile=profile_from_dict(desc["profile"]),
                 models=tuple(desc["models"]), weights=dict(desc["weights"]),
                 jobs_max=int(desc["jobs_max"]), host=host, fleet=self,
-                features=frozenset(desc.get("features", ())))
+                features=frozenset(desc.get("features", ())),
+                layer_ranges=ranges_from(desc.get("layers")))
             remote.apply_state(desc["state"])
             d.on_node_ready(remote)
 
@@ -407,35 +533,45 @@ class Fleet:
 
     async def _peer_lost(self, peer: str) -> None:
         d = self.dispatcher
-        for node in [n for n in d.remote.values() if isinstance(n, RemoteNode) and n.host == peer]:
+        gone = [n for n in d.remote.values() if isinstance(n, RemoteNode) and n.host == peer]
+        for node in gone:  # all of them at once: a chain's repair must not pick the next one
             await node.stop()
-            # its jobs resume elsewhere
+        for node in gone:  # its jobs resume elsewhere, its chains' stages are repaired
             await d.on_node_lost(node, outcome=AttemptOutcome.REPLICA_LOST)
         for job_id, rel in list(self.relayed.items()):
             if rel.owner == peer:  # the client was there; nobody will read these tokens
                 self._cancel_relayed(job_id, rel)
+        for seq, stage in list(self.stages.items()):
+            if stage.owner == peer:  # its chain died with it: the node may drop the cache
+                self._release_stage(seq, stage)
 
     # ---- relaying jobs -----------------------------------------------------------------------
 
-    def to_node(self, node: RemoteNode, frame: str) -> None:
-        """Owner side: a frame for a node another replica hosts."""
-        self._publish(f"{self.ns}.replica.{node.host}.to_node",
-                      {"r": self.me, "node": node.node_id, "frame": frame})
-        if json.loads(frame).get("type") == "job":
+    def to_node(self, node: RemoteNode, frame: str) -> bool:
+        """Owner side: a frame for a node another replica hosts; False if it cannot be sent."""
+        if not self._publish_frame(node.host, "to_node",
+                                   {"r": self.me, "node": node.node_id}, frame):
+            return False
+        if frame_type(frame) == "job":
             node.sent_since_report += 1
+        return True
 
     async def _on_to_node(self, _subject: str, data: bytes) -> None:
         """Host side: pass a frame from the job's owner to the node, and note where its
         answers go."""
-        body = json.loads(data)
-        owner, frame = body["r"], body["frame"]
-        node = self.dispatcher.nodes.get(body["node"])
-        msg = json.loads(frame)
+        body, frame = unpack_frame(data)
+        owner, node_id = str(body["r"]), str(body["node"])
+        if frame is None:
+            return
+        node = self.dispatcher.nodes.get(node_id)
+        msg = orjson.loads(frame)
         job_id, kind = msg.get("job_id"), msg.get("type")
         if node is None or node.closed:
             # the node left this replica: the owner must resume at once, not wait for silence
-            self._publish(f"{self.ns}.replica.{owner}.from_node",
-                          {"r": self.me, "node": body["node"], "lost": True})
+            self._publish_frame(owner, "from_node",
+                                {"r": self.me, "node": node_id, "lost": True}, None)
+            return
+        if kind in ("stage_forward", "stage_release") and not self._note_stage(owner, node, msg):
             return
         if kind == "job" and job_id:
             remaining = int(msg.get("sampling", {}).get("max_tokens", 0))
@@ -447,6 +583,67 @@ class Fleet:
         elif kind == "cancel" and job_id in self.relayed:
             self._end_relay(job_id)
         node.send(frame)
+
+    def _note_stage(self, owner: str, node: NodeConn, msg: dict[str, Any]) -> bool:
+        """Host side: a chain's frame for a stage on ``node``: where its answers go (a
+        ``stage_forward``), or that they go nowhere now (``stage_release``). False when the
+        frame is not to be passed on (this replica relays ``stage_relays_max`` already)."""
+        seq = str(msg.get("sequence_id", ""))
+        if msg.get("type") == "stage_release":
+            self._end_stage(seq)
+            return True
+        now = time.monotonic()
+        stage = self.stages.get(seq)
+        if stage is None:
+            if len(self.stages) >= limits.stage_relays_max:
+                log.warning("relaying %d stages already: sequence %s refused", len(self.stages),
+                            seq)
+                refusal = protocol.StageOutput(
+                    sequence_id=seq[:80], step=max(0, int(msg.get("step", 0))),
+                    error=f"its host replica relays {limits.stage_relays_max} stages already")
+                self._publish_frame(owner, "from_node",
+                                    {"r": self.me, "node": node.node_id},
+                                    protocol.encode(refusal))
+                return False
+            stage = self.stages[seq] = _RelayedStage(owner, node.node_id,
+                                                     str(msg.get("model", "")), now)
+            node.jobs.add(seq)  # a slot there, as every replica's scheduler should see
+        stage.owner, stage.used_mono_s = owner, now
+        return True
+
+    def owns_stage(self, node: NodeConn, sequence_id: str) -> bool:
+        """Host side: is ``sequence_id`` on local ``node`` another replica's chain's stage?"""
+        stage = self.stages.get(sequence_id)
+        return stage is not None and stage.node_id == node.node_id
+
+    def take_stage(self, node: NodeConn, msg: protocol.StageOutput, raw: str) -> None:
+        """Host side: a local node's answer to a relayed stage (``owns_stage``), to its owner
+        as it came (the host's socket reader has validated it)."""
+        stage = self.stages.get(msg.sequence_id)
+        if stage is None or stage.node_id != node.node_id:
+            return
+        stage.used_mono_s = time.monotonic()
+        self._publish_frame(stage.owner, "from_node",
+                            {"r": self.me, "node": node.node_id}, raw)
+
+    def _end_stage(self, sequence_id: str) -> None:
+        stage = self.stages.pop(sequence_id, None)
+        if stage is not None and (node := self.dispatcher.nodes.get(stage.node_id)) is not None:
+            node.jobs.discard(sequence_id)
+
+    def _release_stage(self, sequence_id: str, stage: _RelayedStage) -> None:
+        node = self.dispatcher.nodes.get(stage.node_id)
+        if node is not None and stage.model:
+            node.send(protocol.encode(protocol.StageRelease(sequence_id=sequence_id,
+                                                            model=stage.model)))
+        self._end_stage(sequence_id)
+
+    def _expire_stages(self, now_mono_s: float) -> None:
+        """Forget the stages no frame crossed for ``stage_idle_s_max`` (their owner forgot
+        them; the node drops such a cache itself)."""
+        for seq, stage in list(self.stages.items()):
+            if now_mono_s - stage.used_mono_s > limits.stage_idle_s_max:
+                self._end_stage(seq)
 
     def owns(self, node: NodeConn, job_id: str) -> bool:
         """Host side: is ``job_id`` on local ``node`` another replica's job, relayed here?"""
@@ -466,8 +663,8 @@ class Fleet:
             node.queued_tokens = max(0, node.queued_tokens - n)
         else:
             self._end_relay(msg.job_id)
-        self._publish(f"{self.ns}.replica.{rel.owner}.from_node",
-                      {"r": self.me, "node": node.node_id, "frame": raw})
+        self._publish_frame(rel.owner, "from_node",
+                            {"r": self.me, "node": node.node_id}, raw)
 
     def _end_relay(self, job_id: str) -> None:
         rel = self.relayed.pop(job_id, None)
@@ -485,18 +682,29 @@ class Fleet:
         self._end_relay(job_id)
 
     async def _on_from_node(self, _subject: str, data: bytes) -> None:
-        """Owner side: a node's message about one of this replica's jobs, via its host."""
-        body = json.loads(data)
-        node = self._remote(body["node"])
+        """Owner side: a node's message about one of this replica's jobs or chains, via its
+        host; validated again here."""
+        body, frame = unpack_frame(data)
+        node = self._remote(str(body["node"]))
         if node is None or node.host != body["r"]:
             return  # we already gave up on that node; the attempt has been resumed
         if body.get("lost"):
             await node.stop()
             await self.dispatcher.on_node_lost(node)
             return
-        msg = protocol.decode_node_message(body["frame"])
+        if frame is None:
+            return
         d = self.dispatcher
-        if isinstance(msg, protocol.Tokens):
+        try:
+            msg = protocol.decode_node_message(frame)
+        except ProtocolError as exc:  # its host checked it: a bug or a bad replica, not fatal
+            log.warning("a message of node %s relayed by %s is invalid: %s", node.node_id,
+                        node.host, exc.message)
+            d.chains.on_bad_output(node, exc.message)  # its chain steps fail, and repair
+            return
+        if isinstance(msg, protocol.StageOutput):
+            d.chains.on_output(node, msg)
+        elif isinstance(msg, protocol.Tokens):
             d.on_tokens(node, msg)
         elif isinstance(msg, protocol.Done):
             d.done_received(node, msg)  # the settlement is not waited for: the bus reads on
