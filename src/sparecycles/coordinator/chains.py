@@ -18,7 +18,8 @@ placement wait ends the job as a whole-model job that lost its node for good doe
 the tokens delivered, its hold voided when there were none.
 
 Money. Each stage is an attempt of the job (``jobs.Attempt`` with ``layers`` and ``work_ppm``),
-written to the job's attempts like a whole-model node's; the settlement splits the owners' part
+written to the job's attempts like a whole-model node's (its ``job_attempts`` row carries its
+layers and ``work_ppm``, which the dashboard and the cost report read); the settlement splits the owners' part
 of the charge over them by tokens processed times the bytes their layers read per token, in the
 job's one settlement transaction (``ledger/pricing.split_charge``).
 """
@@ -184,7 +185,8 @@ class ChainRun:
         self.history.append(stage)
         self.d.writer.background(self.d.store.start_attempt, job_id=job.job_id, attempt=number,
                                  node_id=node.node_id,
-                                 prompt_tokens=len(job.prompt_ids) + att.token_base)
+                                 prompt_tokens=len(job.prompt_ids) + att.token_base,
+                                 layers=(first, end), work_ppm=att.work_ppm)
         return stage
 
     def _close(self, stage: _Stage, outcome: AttemptOutcome, now: Now) -> None:
@@ -198,6 +200,9 @@ class ChainRun:
         self.d.writer.background(
             self.d.store.end_attempt, self.job.job_id, att.number, outcome=str(outcome),
             completion_tokens=att.tokens, busy_s=att.busy_s,
+            # a stage meters no energy: its busy seconds at the device's busy power, as a node
+            # without a power counter estimates its own (node/energy.py)
+            energy_j=att.busy_s * max(0.0, node.profile.power_busy_w), energy_source="estimated",
             time_to_first_token_s=(att.first_token_mono_s - att.started_mono_s)
             if att.first_token_mono_s else None,
             total_s=now.mono_s - att.started_mono_s)
