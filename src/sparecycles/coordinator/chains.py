@@ -19,9 +19,9 @@ the tokens delivered, its hold voided when there were none.
 
 Money. Each stage is an attempt of the job (``jobs.Attempt`` with ``layers`` and ``work_ppm``),
 written to the job's attempts like a whole-model node's (its ``job_attempts`` row carries its
-layers and ``work_ppm``, which the dashboard and the cost report read); the settlement splits the owners' part
-of the charge over them by tokens processed times the bytes their layers read per token, in the
-job's one settlement transaction (``ledger/pricing.split_charge``).
+layers and ``work_ppm``, which the dashboard and the cost report read); the settlement splits
+the owners' part of the charge over them by tokens processed times the bytes their layers read
+per token, in the job's one settlement transaction (``ledger/pricing.split_charge``).
 """
 
 from __future__ import annotations

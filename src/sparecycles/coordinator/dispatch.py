@@ -289,9 +289,9 @@ class Dispatcher:
         if any(s.layer_ranges for s in snapshots):
             chained = self.chains.place(list(self.waiting.values()), snapshots, now)
             for job_id in chained:
-                job = self.waiting.pop(job_id)
-                if job.dispatched_perf_s is None:
-                    job.dispatched_perf_s = now.perf_s
+                placed = self.waiting.pop(job_id)
+                if placed.dispatched_perf_s is None:
+                    placed.dispatched_perf_s = now.perf_s
             if not self.waiting:
                 return
             if chained:  # their stages' nodes hold one more job each
