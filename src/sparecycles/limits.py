@@ -57,6 +57,12 @@ activation_bytes_max = 512 * 1024
 activation_positions_max = 4096  # rows of one activation tensor, whatever their width
 activation_hidden_max = 65_536  # columns (the model's hidden size)
 chain_stages_max = 16  # stages of one chain
+# How much faster a chain must be predicted to decode than the best whole-model node before a
+# job that a whole-model node could serve goes to the chain instead (``chains_when_faster``): the
+# roofline ignores what a chain risks and a whole node does not (a departure of any of its nodes
+# costs a repair; each hop's real round trip varies), so a chain only as fast on paper is not
+# worth it. 1.2: its predicted tokens per second at least 20 % above the whole node's.
+chain_speedup_min_default = 1.2
 stage_step_s_max = 30.0  # a stage silent this long on one step is replaced like one that left
 stage_repairs_max = 4  # stage replacements of one job before it fails
 stage_idle_s_max = 600.0  # a node drops a sequence's cache unused for this long

@@ -117,6 +117,14 @@ class CoordinatorSettings(_RoleSettings):
     prefix_aware: bool = True
     """Offer a conversation's next turn to the node whose prefix cache holds its history (that
     node prefills only the new message), weighed by the scheduler against its load."""
+    chains_when_faster: bool = True
+    """Serve a job by a chain of stages (nodes each holding some of the model's layers) also
+    when whole-model nodes could serve it, if the chain is predicted to decode at least
+    ``chain_speedup_min`` times as fast as the best of them (docs/scheduling.md, "Chains").
+    Off: chains serve only models that no connected node holds whole."""
+    chain_speedup_min: float = Field(default=limits.chain_speedup_min_default, ge=1.0, le=100.0)
+    """The margin ``chains_when_faster`` asks of a chain: its predicted tokens per second over
+    the best whole-model node's (1.2: 20 % faster), for the hops and departures it risks."""
     verification: bool = True
     """Spot-check nodes' work after settlement (teacher-forced scoring, re-execution), keep each
     node's reputation and withhold the earnings of work that fails (docs/security.md)."""

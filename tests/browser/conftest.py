@@ -3,13 +3,15 @@
 ``net`` starts a coordinator and two node agents as processes on loopback (``LocalNetwork``),
 makes the keys of every role, runs the demo's kind of workload for two clients (one after
 another, then at once, streamed and not) and one departure (a node killed mid-stream, its job
-resumed elsewhere, the node restarted), sampling the fleet as the coordinator does every minute.
+resumed elsewhere, the node restarted) and two requests served by a chain of two phones (each
+holding half the tiny model's layers), sampling the fleet as the coordinator does every minute.
 ``browser`` is ``/usr/bin/chromium`` driven by Playwright; no browser is ever downloaded.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import pytest
 from browser_helpers import CHROMIUM, CHROMIUM_ARGS
 from openai import OpenAI
 
-from sparecycles.ledger.pricing import PriceBook
+from sparecycles.ledger.pricing import ModelPrice, PriceBook
 from sparecycles.ledger.service import Ledger
 from sparecycles.store.dashboard_queries import DashboardQueries
 from sparecycles.tools.demo import PROMPTS
@@ -36,6 +38,7 @@ class Network:
     keys: dict[str, str]  # role name -> secret
     key_ids: dict[str, str] = field(default_factory=dict)
     departed_job: str = ""
+    chain_jobs: list[str] = field(default_factory=list)  # served by a chain of two phones
 
     @property
     def url(self) -> str:
@@ -91,6 +94,46 @@ def _departure(env: Network) -> str:
     return job_id.removeprefix("cmpl-")
 
 
+def _online(net: LocalNetwork, n: int, timeout_s: float = 60.0) -> None:
+    """Wait until exactly ``n`` nodes are connected."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(net.url + "/readyz", timeout=5).json().get("nodes_online") != n:
+        assert time.monotonic() < deadline, f"not {n} nodes online in {timeout_s:g} s"
+        time.sleep(0.2)
+
+
+def _chains(env: Network) -> list[str]:
+    """Two requests over a chain: alice's phone holds layers 0:2 of the tiny model and bob's
+    2:4. A model some node holds whole goes to a chain only when the chain is predicted faster,
+    which it is not on one machine, so the whole-model nodes step away while the chain serves,
+    then come back; the phones leave (the pages show them offline, their stage jobs kept)."""
+    net = env.net
+    # priced from here on as a model worth splitting would be (10 and 30 micro-units a token),
+    # so that each stage's earning shows (at the tiny model's price a request's owners' part
+    # is a micro-unit or two, and a stage's share of it rounds down to nothing)
+    Ledger(net.store().sessions, prices=PriceBook.default()).set_price(
+        "tiny", ModelPrice(10_000_000, 30_000_000))
+    phones = {"alice-phone": ("alice", "0:2"), "bob-phone": ("bob", "2:4")}
+    for name, (owner, layers) in phones.items():
+        net.start_node(name, owner, extra_args=["--layers", layers, "--device-class", "phone"])
+    net.wait_ready(4)
+    for name in ("alice-gaming-pc", "bob-laptop"):
+        net.kill_node(name, signal.SIGTERM)
+    _online(net, 2)
+    jobs = []
+    for i, prompt in enumerate(PROMPTS[:2]):
+        reply = env.client("acme").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=24,
+            temperature=0.8, seed=i)
+        jobs.append(reply.id.removeprefix("chatcmpl-"))
+    for name in phones:
+        net.kill_node(name, signal.SIGTERM)
+    _online(net, 0)
+    for name in ("alice-gaming-pc", "bob-laptop"):
+        net.restart_node(name)
+    return jobs
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[Network]:
     if not CHROMIUM.exists():
@@ -133,6 +176,9 @@ def net(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iter
         sample()
         env.departed_job = _departure(env)
         sample()
+        network.wait_ready(2)
+        sample()
+        env.chain_jobs = _chains(env)
         network.wait_ready(2)
         sample()
         yield env

@@ -75,6 +75,11 @@ def test_network_page(page: Any, net: Any) -> None:
     assert "tokens per second" in _axis_titles(page, "throughput")
     table = page.inner_text("table")
     assert "alice-gaming-pc" in table and "bob-laptop" in table
+    # the requests served by a chain of two phones, each stage with its layers and earning
+    chains = page.inner_text("table.chains")
+    assert all(job in chains for job in net.chain_jobs), chains
+    for stage in ("alice-phone", "bob-phone", "0:2", "2:4", "50.0 %"):
+        assert stage in chains, stage
     page.goto(net.url + "/dashboard/network?range=5m")  # the workload fills this range best
     page.wait_for_selector("body.charts-ready")
     _chart_ready(page, "departures")
@@ -95,6 +100,9 @@ def test_owner_page_and_policy_form(page: Any, net: Any) -> None:
         assert _points(page, name) > 0, f"{name} shows no data"
     assert "Net profit" in body and "Signed results verified" in body
     assert "Reputation" in body and "Verification results" in body
+    stages = page.inner_text("#stage-jobs + section")
+    assert "alice-phone" in stages and "0:2" in stages and "bob-phone" not in stages, stages
+    assert "0.00 USD" not in stages and "—" not in stages, stages  # each stage was paid
     # edit the availability policy of the device
     page.click("details.policy summary")
     page.fill("input[name=windows]", "22:00-07:00")
@@ -200,6 +208,7 @@ def test_owners_and_clients_see_only_their_own(browser: Any, net: Any) -> None:
     sign_in(page, net.url, net.keys["bob"])
     body = page.inner_text("main")
     assert "bob-laptop" in body and "alice-gaming-pc" not in body
+    assert "bob-phone" in body and "alice-phone" not in body  # stage jobs: bob's own only
     assert page.goto(net.url + "/dashboard/client").status == 403
     assert page.goto(net.url + "/dashboard/network").status == 403
     sign_in(page, net.url, net.keys["globex"])

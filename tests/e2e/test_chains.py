@@ -14,6 +14,7 @@ two nodes stop and four others (a chain of three, plus a spare middle) take over
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from sparecycles import modelfiles
 from sparecycles.coordinator.textstream import TextStream
 from sparecycles.identity import NodeIdentity
-from sparecycles.ledger.pricing import ModelPrice, PriceBook
+from sparecycles.ledger.pricing import ModelPrice, PriceBook, format_money
 from sparecycles.ledger.service import Ledger
 from sparecycles.tools.localnet import LocalNetwork
 
@@ -114,6 +115,9 @@ def test_two_stages_equal_the_unsplit_model(net, reference) -> None:
         assert sorted(a.node_id for a in stages) == sorted(
             [_node_id(net, "first-half"), _node_id(net, "second-half")])
         assert all(a.outcome == "done" for a in stages)
+        # each stage's row keeps its layers and its part of each token's work
+        assert sorted((a.layer_first, a.layer_end, a.work_ppm) for a in stages) == [
+            (0, 2, 500_000), (2, 4, 500_000)]
 
 
 def _concurrently(net, prompts: list[str]) -> list:
@@ -202,6 +206,48 @@ def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(three, re
     assert outcomes[killed] == "node_lost", outcomes
     assert len(stages) == 4 and sum(o == "done" for o in outcomes.values()) == 3, outcomes
     three.restart_node(killed)
+
+
+def _dashboard(net, key: str, path: str) -> str:
+    """A dashboard page as the holder of ``key`` sees it, signed in through the form."""
+    with httpx.Client(base_url=net.url, timeout=30) as web:
+        form = web.get("/dashboard/login").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf is not None
+        web.post("/dashboard/login", data={"key": key, "csrf": csrf[1]})
+        page = web.get(path)
+        assert page.status_code == 200, page.text[:300]
+        return page.text
+
+
+def test_the_dashboard_shows_the_chain_its_stages_and_the_repair(three, reference) -> None:
+    """After the kill above: the network page lists that job with its four stages (the lost
+    middle and its replacement among them) and one repair; the replacement's owner sees the
+    stage job on their own page, with what it earned."""
+    store = three.store()
+    _key_id, admin = store.create_api_key("ops", "e2e-admin", scopes=("admin",))
+    page = _dashboard(three, admin, "/dashboard/network")
+    chains = re.findall(r'<tbody class="chain" id="chain-([^"]+)">(.*?)</tbody>\s*</table>',
+                        page, re.S)
+    assert chains, "no chain job on the network page"
+    repaired = [(jid, body) for jid, body in chains if body.count('<tr class="stage">') == 4]
+    assert repaired, [(jid, body.count('<tr class="stage">')) for jid, body in chains]
+    jid, body = repaired[0]
+    ended = re.findall(r'<tr class="stage">.*?<span class="badge[^"]*">([^<]+)</span></td></tr>',
+                       body, re.S)
+    assert sorted(ended) == ["done", "done", "done", "node lost"], ended
+    assert re.search(r'<span class="badge bad">1</span>', body), "one repair"
+    for layers in ("0:1", "1:3", "3:4"):
+        assert f"<code>{layers}</code>" in body
+    stages = {a.node_id: a for a in store.attempts(jid)}
+    earned = Ledger(store.sessions, prices=PriceBook.default()).job_money(jid)["earnings"]
+    replacement = next(n for n, a in stages.items() if a.layer_first == 1 and a.outcome == "done")
+    owner = {_node_id(three, "m1"): "dave", _node_id(three, "m2"): "erin"}[replacement]
+    page = _dashboard(three, store.create_owner_key(owner)[1], "/dashboard/owner")
+    section = page.split('id="stage-jobs"', 1)[1].split("</section>", 1)[0]
+    assert jid not in section  # the owner page names devices and models, not job ids
+    assert "<code>1:3</code>" in section and "50.0 %" in section
+    assert format_money(earned[replacement], "USD") in section
 
 
 def three_name(net, node_id: str) -> str:

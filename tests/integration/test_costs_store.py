@@ -298,3 +298,35 @@ def test_the_cli(world, tmp_path: Path):
     r = runner.invoke(app, ["costs", "estimate", "--device", "gaming-pc", "--model",
                             "qwen2.5-0.5b", "--model-file", str(model_file)])
     assert r.exit_code == 0 and "net per busy hour" in r.output, r.output
+
+
+def test_a_chain_job_is_read_and_costed_per_stage(world):
+    """A job served by two stages (node-a layers 0:2, node-b 2:4): the attempts' rows keep
+    their layers and work share, and the report lists the job's COGS per stage, each stage's
+    owner payout being its earning as the ledger posted it."""
+    store, ledger, _ = world
+    acme = store.ensure_client("acme")
+    owners = {"node-a": store.ensure_owner("alice"), "node-b": store.ensure_owner("bob")}
+    store.insert_job(id="j6", client_id=acme, model="small", endpoint="completions",
+                     state="streaming", prompt_tokens=400, max_tokens=100,
+                     created_at_s=ts(11, 15))
+    ledger.hold("j6", acme, "small", 400, 100)
+    for i, (node, layers) in enumerate((("node-a", (0, 2)), ("node-b", (2, 4))), start=1):
+        store.start_attempt(job_id="j6", attempt=i, node_id=node, prompt_tokens=400,
+                            layers=layers, work_ppm=500_000)
+        store.end_attempt("j6", i, outcome="done", completion_tokens=90, busy_s=4.0)
+    ledger.settle("j6", acme, "small", 400, 90, [
+        WorkShare(owners[n], n, "pc", 400, 90, work_ppm=500_000) for n in ("node-a", "node-b")])
+    store.update_job("j6", state="done", completion_tokens=90, finished_at_s=ts(11, 15) + 1)
+    pc = period_costs(store.sessions, "2026-11", MODEL)
+    job = next(j for j in pc.usage.jobs if j.job_id == "j6")
+    assert [(a.node_id, a.layers, a.work_ppm) for a in job.attempts] == [
+        ("node-a", (0, 2), 500_000), ("node-b", (2, 4), 500_000)]
+    whole = next(j for j in pc.usage.jobs if j.job_id == "j1")
+    assert [(a.layers, a.work_ppm) for a in whole.attempts] == [(None, 1_000_000)]
+    row = next(r for r in pc.report.requests if r.key == "j6")
+    earned = ledger.job_money("j6")["earnings"]
+    assert [(s.node_id, s.layers, s.earning_micros) for s in row.stages] == [
+        ("node-a", (0, 2), earned["node-a"]), ("node-b", (2, 4), earned["node-b"])]
+    assert earned["node-a"] == earned["node-b"] > 0
+    assert sum(s.cogs_total_micros for s in row.stages) == row.cogs_total_micros

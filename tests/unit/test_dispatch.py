@@ -20,6 +20,7 @@ from sparecycles.coordinator.jobs import Attempt, LiveJob, observed_decode_token
 from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.errors import InsufficientBalance, NoNodeAvailable
 from sparecycles.identity import NodeIdentity
+from sparecycles.scheduling import chains as chains_planner
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, ModelSpec, SamplingParams
 
 SPEC = ModelSpec(name="m", n_params=5_000_000, bytes_per_param=4, n_layers=4, hidden_size=128,
@@ -762,4 +763,54 @@ async def test_without_prefix_awareness_the_faster_node_takes_the_next_turn(worl
                   sampling=params, stream=True)
     await _until(lambda: n2.jobs())
     assert n2.jobs()[0]["job_id"] == "turn2"
+    await d.stop()
+
+
+# ---- a chain when it is predicted faster (coordinator/chains.ChainRegistry.plan_for) ---------
+
+FAST = replace(PROFILE, memory_bandwidth_bytes_per_s=200e9, peak_flops=2e13, network_rtt_s=1e-4)
+
+
+def _stage_node(name: str, owner_id: str, first: int, end: int) -> FakeNode:
+    node = FakeNode(name, owner_id, FAST)
+    node.conn.models, node.conn.weights = (), {}
+    node.conn.layer_ranges = {"m": (first, end)}
+    return node
+
+
+def _whole_over_chain(whole: FakeNode, parts: list[FakeNode]) -> float:
+    """The best whole-model node's predicted token time over the chain's (the roofline)."""
+    snaps = [p.conn.snapshot(0.0) for p in parts]
+    plan = chains_planner.plan_chain(SPEC, snaps, context_tokens=3)
+    assert plan is not None
+    return chains_planner.whole_node_token_s(SPEC, whole.conn.snapshot(0.0), 3) / plan.token_s
+
+
+@pytest.mark.parametrize(("whole_bandwidth", "when_faster", "to_chain"), [
+    (1e9, True, True),  # the whole node ~50x slower than the chain: the chain
+    (50e9, True, False),  # faster, but by less than the 20 % margin: the whole node
+    (1e9, False, False),  # the setting off: the whole node, however slow
+])
+async def test_a_chain_serves_a_job_when_predicted_faster_by_the_margin(
+        world, whole_bandwidth: float, when_faster: bool, to_chain: bool) -> None:
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    d.chains.when_faster = when_faster
+    await d.start()
+    whole = FakeNode("whole", alice, replace(PROFILE, memory_bandwidth_bytes_per_s=whole_bandwidth))
+    parts = [_stage_node("a", bob, 0, 2), _stage_node("b", bob, 2, 4)]
+    for n in (whole, *parts):
+        d.on_node_ready(n.conn)
+    ratio = _whole_over_chain(whole, parts)
+    assert ratio > 1.2 if whole_bandwidth == 1e9 else 1.0 < ratio < 1.2
+    job = await _admit(d, client)
+    stage_sent = lambda: [m for m in parts[0].sent if m["type"] == "stage_forward"]  # noqa: E731
+    await _until(lambda: bool(whole.jobs()) or bool(stage_sent()))
+    if to_chain:
+        assert job.chain is not None and not whole.jobs()
+        assert stage_sent()[0]["token_ids"] == [5, 6, 7]
+        assert [a.layers for a in job.attempts] == [(0, 2), (2, 4)]
+    else:
+        assert job.chain is None and not stage_sent()
+        assert [j["job_id"] for j in whole.jobs()] == ["job_1"]
     await d.stop()

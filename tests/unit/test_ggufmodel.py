@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +108,71 @@ def test_quantized_and_decoded_to_max_tokens(small: Path, tmp_path: Path) -> Non
     # the end and control tokens' output rows are zero: greedy decoding never ends early
     assert len(tokens) == 40 and got[-1].finish_reason is not None
     assert got[-1].finish_reason.value == "length"
+
+
+# ---- why the llama.cpp backend serves no stage of a chain (docs/architecture.md, "Chains") ----
+
+
+def _llama_run(lib: object, model: object, tokens: list[int], *, embd: object = None,
+               embeddings: bool = False) -> object:
+    """One llama_decode of ``tokens`` (or of the rows ``embd`` in their place, fed through
+    ``llama_batch.embd``): every position's logits, or its embeddings."""
+    import numpy as np
+
+    L: Any = lib
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_threads = 64, 16, 1
+    if embeddings:
+        cp.embeddings, cp.pooling_type = True, L.LLAMA_POOLING_TYPE_NONE
+    ctx = L.llama_init_from_model(model, cp)
+    n, width = len(tokens), SMALL.hidden
+    batch = L.llama_batch_init(n, width if embd is not None else 0, 1)
+    try:
+        batch.n_tokens = n
+        for i, t in enumerate(tokens):
+            if embd is not None:
+                for j in range(width):
+                    batch.embd[i * width + j] = float(embd[t, j])
+            else:
+                batch.token[i] = t
+            batch.pos[i], batch.n_seq_id[i], batch.logits[i] = i, 1, 1
+            batch.seq_id[i][0] = 0
+        assert L.llama_decode(ctx, batch) == 0
+        if embeddings:
+            out = L.llama_get_embeddings(ctx)
+            return np.ctypeslib.as_array(out, shape=(n * width,)).reshape(n, width).copy()
+        vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+        out = L.llama_get_logits(ctx)
+        return np.ctypeslib.as_array(out, shape=(n * vocab,)).reshape(n, vocab).copy()
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+
+
+def test_llama_cpp_takes_vectors_only_before_block_0_and_returns_them_only_normed(
+        small: Path) -> None:
+    """``llama_batch.embd`` replaces the token-embedding lookup (the rows of token_embd fed as
+    ``embd`` give the very logits of the token ids), so the whole graph runs on it from block 0:
+    a later stage could take hidden states only from a file that begins at its first layer.
+    What comes out is logits or the final RMS-normed state (each row's scale gone, so not the
+    residual stream the next stage needs): no call returns hidden states mid-graph."""
+    import gguf
+    import numpy as np
+
+    lib: Any = pytest.importorskip("llama_cpp")
+    reader = gguf.GGUFReader(str(small))
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors
+               if t.name in ("token_embd.weight", "output_norm.weight")}
+    table = tensors["token_embd.weight"].reshape(-1, SMALL.hidden)
+    lib.llama_backend_init()
+    model = lib.llama_model_load_from_file(str(small).encode(), lib.llama_model_default_params())
+    try:
+        tokens = [100, 2000, 30, 4000, 7]
+        by_ids = _llama_run(lib, model, tokens)
+        by_rows = _llama_run(lib, model, tokens, embd=table)
+        assert np.array_equal(by_ids, by_rows)
+        hidden = _llama_run(lib, model, tokens, embeddings=True)
+        rms = np.sqrt(((hidden / tensors["output_norm.weight"]) ** 2).mean(axis=1))
+        assert np.allclose(rms, 1.0, atol=0.02), rms  # normalized: one scale for every row
+    finally:
+        lib.llama_model_free(model)

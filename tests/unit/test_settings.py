@@ -104,3 +104,16 @@ def test_node_time_zone_flag(
     assert s.availability == {"windows": [[1320, 420]], "time_zone": "Europe/Berlin"}
     result = CliRunner().invoke(app, ["node", "--time-zone", "Europe/Atlantis"])
     assert result.exit_code == 1 and "unknown time zone" in result.output
+
+
+def test_chains_when_faster_is_on_with_a_margin_of_at_least_one(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    s = CoordinatorSettings()
+    assert s.chains_when_faster and s.chain_speedup_min == 1.2
+    monkeypatch.setenv("SPARECYCLES_CHAINS_WHEN_FASTER", "0")
+    monkeypatch.setenv("SPARECYCLES_CHAIN_SPEEDUP_MIN", "1.5")
+    s = CoordinatorSettings()
+    assert not s.chains_when_faster and s.chain_speedup_min == 1.5
+    with pytest.raises(ValidationError):  # a chain slower than the whole node: refused
+        CoordinatorSettings(chain_speedup_min=0.9)

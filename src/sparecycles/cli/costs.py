@@ -146,6 +146,22 @@ def _devices(r: CostReport) -> Table:
     return t
 
 
+def _stages(r: CostReport) -> Table:
+    """The stages of the chain requests listed: who ran which layers, and what each cost."""
+    t = Table(title="requests served by a chain: COGS per stage (the request's is their sum)")
+    for col in ("request", "stage node", "layers", "share", "tokens", "busy s", "earning",
+                "COGS"):
+        t.add_column(col, justify="left" if col in ("request", "stage node") else "right",
+                     no_wrap=True)
+    for row in r.requests:
+        for i, st in enumerate(row.stages):
+            t.add_row(row.key if i == 0 else "", st.label or st.node_id,
+                      f"{st.layers[0]}:{st.layers[1]}", f"{st.work_ppm / 10_000:.1f} %",
+                      f"{st.prompt_tokens + st.completion_tokens:,}", f"{st.busy_s:,.3f}",
+                      _m(st.earning_micros), _m(st.cogs_total_micros))
+    return t
+
+
 def _owners(r: CostReport) -> Table:
     t = Table(title="owner economics: what sharing earned each device, and cost its owner")
     for col in ("node", "earned", "electricity", "wear", "net", "net/busy h"):
@@ -283,6 +299,8 @@ def print_report(r: CostReport, out: Console | None = None) -> None:
     if r.requests:
         out.print(_rows_table(f"the {len(r.requests)} most costly requests", r.requests,
                               first="request", key=True))
+        if any(row.stages for row in r.requests):
+            out.print(_stages(r))
     if r.owners:
         out.print(_owners(r))
 

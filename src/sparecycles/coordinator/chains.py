@@ -18,9 +18,10 @@ placement wait ends the job as a whole-model job that lost its node for good doe
 the tokens delivered, its hold voided when there were none.
 
 Money. Each stage is an attempt of the job (``jobs.Attempt`` with ``layers`` and ``work_ppm``),
-written to the job's attempts like a whole-model node's; the settlement splits the owners' part
-of the charge over them by tokens processed times the bytes their layers read per token, in the
-job's one settlement transaction (``ledger/pricing.split_charge``).
+written to the job's attempts like a whole-model node's (its ``job_attempts`` row carries its
+layers and ``work_ppm``, which the dashboard and the cost report read); the settlement splits
+the owners' part of the charge over them by tokens processed times the bytes their layers read
+per token, in the job's one settlement transaction (``ledger/pricing.split_charge``).
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ class ChainRun:
         self.history.append(stage)
         self.d.writer.background(self.d.store.start_attempt, job_id=job.job_id, attempt=number,
                                  node_id=node.node_id,
-                                 prompt_tokens=len(job.prompt_ids) + att.token_base)
+                                 prompt_tokens=len(job.prompt_ids) + att.token_base,
+                                 layers=(first, end), work_ppm=att.work_ppm)
         return stage
 
     def _close(self, stage: _Stage, outcome: AttemptOutcome, now: Now) -> None:
@@ -199,6 +201,9 @@ class ChainRun:
         self.d.writer.background(
             self.d.store.end_attempt, self.job.job_id, att.number, outcome=str(outcome),
             completion_tokens=att.tokens, busy_s=att.busy_s,
+            # a stage meters no energy: its busy seconds at the device's busy power, as a node
+            # without a power counter estimates its own (node/energy.py)
+            energy_j=att.busy_s * max(0.0, node.profile.power_busy_w), energy_source="estimated",
             time_to_first_token_s=(att.first_token_mono_s - att.started_mono_s)
             if att.first_token_mono_s else None,
             total_s=now.mono_s - att.started_mono_s)
@@ -452,24 +457,51 @@ class ChainRegistry:
         self.vocab_sizes: dict[str, int] = {}  # model -> tokenizer vocabulary (tokens checked)
         self.repairs = 0
         self.repair_s: list[float] = []  # the last repairs' times, loss to the next step
+        # a chain also for a model whole-model nodes serve, when predicted faster by this factor
+        # (settings ``chains_when_faster``, ``chain_speedup_min``)
+        self.when_faster = True
+        self.speedup_min = planner.chain_speedup_min_default
 
     def vocab_of(self, model: str) -> int:
         return self.vocab_sizes.get(model, 1 << 31)
 
+    def plan_for(self, job: LiveJob, snapshots: list[NodeSnapshot]) -> planner.ChainPlan | None:
+        """The chain ``job`` should be served by now, or None (a whole-model node serves it, or
+        no chain covers its model).
+
+        A chain is chosen when no node serves the model whole; and, with ``when_faster``, also
+        when whole-model nodes could serve it but the chain's predicted token time is at least
+        ``speedup_min`` times shorter than the best of them (``planner.chain_is_faster``). The
+        whole-model nodes compared are those the job may use (eligible by reputation, available,
+        not draining, not among the nodes that failed it), busy or not: a chain is not chosen
+        because the whole nodes are full, only because it is faster."""
+        spec = self.dispatcher.models.get(job.model)
+        if spec is None or not any(job.model in s.layer_ranges for s in snapshots):
+            return None
+        nodes = eligible(snapshots, job, self.dispatcher.config)
+        whole: list[NodeSnapshot] = []
+        if any(job.model in s.models for s in snapshots):
+            if not self.when_faster:
+                return None
+            whole = [s for s in nodes if job.model in s.models and s.available
+                     and not s.draining and s.node_id not in job.avoid_nodes]
+            if not whole:  # served whole, by nodes it may not use now: it waits for them
+                return None
+        context = len(job.prompt_ids) + len(job.generated)
+        plan = planner.plan_chain(spec, nodes, context_tokens=context, avoid=job.avoid_nodes)
+        if plan is None or not planner.chain_is_faster(plan, spec, whole, context,
+                                                       self.speedup_min):
+            return None
+        return plan
+
     def place(self, jobs: list[LiveJob], snapshots: list[NodeSnapshot], now: Now) -> list[str]:
-        """Chains for waiting jobs whose model no whole-model node serves; returns the job ids
-        placed."""
+        """Chains for the waiting jobs ``plan_for`` gives one; returns the job ids placed."""
         placed = []
         for job in jobs:
-            spec = self.dispatcher.models.get(job.model)
-            if spec is None or any(job.model in s.models for s in snapshots):
-                continue
-            plan = planner.plan_chain(spec, eligible(snapshots, job, self.dispatcher.config),
-                                      context_tokens=len(job.prompt_ids) + len(job.generated),
-                                      avoid=job.avoid_nodes)
+            plan = self.plan_for(job, snapshots)
             if plan is None:
                 continue
-            run = ChainRun(self, job, spec)
+            run = ChainRun(self, job, self.dispatcher.models[job.model])
             job.chain = run
             self.runs[job.job_id] = run
             run.start(plan, now)

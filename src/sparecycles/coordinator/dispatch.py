@@ -236,6 +236,9 @@ class Dispatcher:
                          if not n.closed and not n.draining]
             if not snapshots:
                 return None
+            if (any(s.layer_ranges for s in snapshots)
+                    and self.chains.plan_for(job, snapshots) is not None):
+                return None  # a chain serves it: the loop places it there (_place_waiting)
             jobs, snapshots = self._scheduler_view([job], snapshots)
             assignments = scheduler.schedule(jobs, snapshots, self.models, now.epoch_s,
                                              self.config, memo=self._rank_memo)
@@ -281,6 +284,19 @@ class Dispatcher:
         ]
         if not snapshots:
             return
+        # chains first (models no whole-model node serves, or where a chain is predicted faster
+        # by the margin: coordinator/chains.ChainRegistry.plan_for), then whole-model nodes
+        if any(s.layer_ranges for s in snapshots):
+            chained = self.chains.place(list(self.waiting.values()), snapshots, now)
+            for job_id in chained:
+                placed = self.waiting.pop(job_id)
+                if placed.dispatched_perf_s is None:
+                    placed.dispatched_perf_s = now.perf_s
+            if not self.waiting:
+                return
+            if chained:  # their stages' nodes hold one more job each
+                snapshots = [n.snapshot(now.epoch_s) for n in self.all_nodes()
+                             if not n.closed and not n.draining]
         jobs, snapshots = self._scheduler_view(list(self.waiting.values()), snapshots)
         assignments = scheduler.schedule(
             jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
@@ -291,11 +307,6 @@ class Dispatcher:
             if job is None or node is None:
                 continue
             self._assign(job, node, now)
-        if self.waiting:  # models no whole-model node serves: chains of stages, if any cover them
-            for job_id in self.chains.place(list(self.waiting.values()), snapshots, now):
-                job = self.waiting.pop(job_id)
-                if job.dispatched_perf_s is None:
-                    job.dispatched_perf_s = now.perf_s
 
     def _scheduler_view(self, lives: list[LiveJob], snapshots: list[NodeSnapshot]
                         ) -> tuple[list[Job], list[NodeSnapshot]]:

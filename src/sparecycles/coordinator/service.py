@@ -87,6 +87,8 @@ class Coordinator:
             verifier=self.verifier,
         )
         self.dispatcher.prefix_aware = self.settings.prefix_aware
+        self.dispatcher.chains.when_faster = self.settings.chains_when_faster
+        self.dispatcher.chains.speedup_min = self.settings.chain_speedup_min
         self.dispatcher.chains.vocab_sizes = {n: len(t) for n, t in self.tokenizers.items()}
         await self.dispatcher.start()
         self.fleet = Fleet(open_bus(self.settings.bus, name=self.replica_id), self.replica_id,

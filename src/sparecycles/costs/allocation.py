@@ -5,7 +5,11 @@ cost model go in; an ``Allocation`` comes out. No database, clock or randomness.
 
 The unit of allocation is one *attempt* of a job on one node (``Unit = (job, attempt, node)``):
 a request's cost is the sum over its attempts, a node's the sum over the attempts it ran, and a
-client's, a model's and a day's the sum over their requests. Each cost is a *pool* (one server's
+client's, a model's and a day's the sum over their requests. A request served by a chain has one
+attempt per stage (``AttemptUsage.layers``), so its cost is the sum over its stages, and each
+stage's node carries its own part: its earning as the ledger split it (by the stage's share of
+the work), the joules and busy seconds metered on it for energy and depreciation, and its share
+of each token sent for egress. Each cost is a *pool* (one server's
 month, one person's hours, one GPU's depreciation...) with an integer total of micro-units, split
 by integer weights with the largest-remainder method, so that for every period, exactly::
 
@@ -21,7 +25,8 @@ depreciation      platform hardware serving as a node: busy microseconds of its 
                   its in-service microseconds nobody used are idle capacity
 servers, storage  shared: split between workloads by measured node-seconds (or the shares
                   the cost model gives), then within a workload by busy microseconds
-egress            tokens sent to clients (completion tokens)
+egress            tokens sent to clients (completion tokens; a chain's stages by their
+                  share of each token's work)
 staff             each person's hours by their activity shares, then by busy microseconds
 ledger costs      ``cost:cogs:*`` over inference; ``cost:opex:training|rnd`` over that
                   workload; other opex is unallocated (a base cost of staying in the game)
@@ -51,6 +56,7 @@ from sparecycles.costs.usage import (
     PeriodUsage,
 )
 from sparecycles.errors import InvalidRequest, invariant
+from sparecycles.ledger.pricing import PPM
 
 __all__ = [
     "Allocation",
@@ -177,7 +183,10 @@ class _Books:
                 self.workload[u] = job.workload
                 self.busy_us[u] = max(0, round(a.busy_s * 1_000_000))
                 self.energy_mj[u] = max(0, round(a.energy_j * 1000))
-                self.tokens_out[u] = max(0, a.completion_tokens)
+                # tokens sent, times the part of each token's work the attempt did: a chain's
+                # stages each count the tokens delivered while they served, and their parts of
+                # a token add up to one (a whole-model attempt's part is all of it)
+                self.tokens_out[u] = max(0, a.completion_tokens) * min(PPM, max(0, a.work_ppm))
         self.order = sorted(self.workload)
         self.by_job: dict[str, list[Unit]] = defaultdict(list)
         self.by_node: dict[str, list[Unit]] = defaultdict(list)
@@ -288,7 +297,7 @@ class _Books:
 
     def egress(self) -> None:
         eg = self.model.egress
-        tokens = sum(self.tokens_out.values())
+        tokens = (sum(self.tokens_out.values()) + PPM // 2) // PPM
         gb = eg.gb if eg.gb is not None else Decimal(tokens * eg.bytes_per_token) / 10**9
         total = to_micros(gb * eg.price_per_gb_micros)
         self.pool("egress", EGRESS, total, "completion tokens sent")

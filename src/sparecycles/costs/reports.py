@@ -26,6 +26,7 @@ from typing import Any
 from sparecycles.costs.allocation import (
     BASE,
     CORRECTIONS,
+    OWNER_PAYOUTS,
     VARIABLE_CATEGORIES,
     Allocation,
     Pool,
@@ -34,6 +35,7 @@ from sparecycles.costs.costmodel import CostModel
 from sparecycles.costs.economics import NodeEconomics, owner_economics
 from sparecycles.costs.usage import JobUsage, OrphanPosting, PeriodUsage
 from sparecycles.errors import invariant
+from sparecycles.ledger.pricing import PPM
 
 requests_shown_default = 50  # requests listed in a report (the most costly); totals cover all
 MTOK = 1_000_000
@@ -46,6 +48,45 @@ class Names:
     clients: Mapping[str, str] = field(default_factory=dict)
     nodes: Mapping[str, str] = field(default_factory=dict)
     api_keys: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StageCost:
+    """One stage of a request served by a chain: the node that ran layers ``[first, end)``, its
+    part of each token's work (``work_ppm``, the share the ledger paid it by), what it metered,
+    and the costs allocated to it. The request's COGS is the sum over its stages."""
+
+    attempt: int
+    node_id: str
+    label: str
+    layers: tuple[int, int]
+    work_ppm: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0
+    energy_j: float = 0.0
+    cogs_micros: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    opex_micros: int = 0
+
+    @property
+    def cogs_total_micros(self) -> int:
+        return sum(self.cogs_micros.values())
+
+    @property
+    def earning_micros(self) -> int:
+        """Its owner's earning for the stage, as the ledger posted it (net of withholds)."""
+        return self.cogs_micros.get(OWNER_PAYOUTS, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt, "node_id": self.node_id, "label": self.label,
+            "layers": list(self.layers), "work_ppm": self.work_ppm,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "busy_s": round(self.busy_s, 6), "energy_j": round(self.energy_j, 3),
+            "cogs_micros": dict(sorted(self.cogs_micros.items())),
+            "cogs_total_micros": self.cogs_total_micros, "opex_micros": self.opex_micros,
+            "earning_micros": self.earning_micros,
+        }
 
 
 @dataclass(slots=True)
@@ -64,6 +105,8 @@ class Row:
     cogs_micros: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     opex_micros: int = 0
     variable_micros: int = 0
+    stage_attempts: int = 0  # of a node or a device class: attempts that were a chain's stage
+    stages: list[StageCost] = field(default_factory=list)  # of a request served by a chain
 
     @property
     def tokens(self) -> int:
@@ -114,6 +157,8 @@ class Row:
             "variable_micros": self.variable_micros,
             "contribution_margin_micros": self.contribution_margin_micros,
             "cogs_per_mtok_micros": self.cogs_per_mtok_micros,
+            "stage_attempts": self.stage_attempts,
+            **({"stages": [st.as_dict() for st in self.stages]} if self.stages else {}),
         }
 
 
@@ -302,12 +347,20 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
             cls = nodes[a.node_id].device_class if a.node_id in nodes else "unknown"
             for r in (node_rows[a.node_id], classes[cls]):
                 r.requests += 1
+                r.stage_attempts += a.is_stage
                 r.prompt_tokens += a.prompt_tokens
                 r.completion_tokens += a.completion_tokens
-                if job.workload == "inference":
-                    r.inference_tokens += a.prompt_tokens + a.completion_tokens
+                if job.workload == "inference":  # a stage's tokens count for its part of them
+                    r.inference_tokens += ((a.prompt_tokens + a.completion_tokens)
+                                           * a.work_ppm // PPM)
                 r.busy_s += a.busy_s
                 r.energy_j += a.energy_j
+            if a.layers is not None:
+                requests[job.job_id].stages.append(StageCost(
+                    a.attempt, a.node_id, node_rows[a.node_id].label, a.layers, a.work_ppm,
+                    a.prompt_tokens, a.completion_tokens, a.busy_s, a.energy_j))
+    stage_of = {(job_id, st.attempt, st.node_id): st
+                for job_id, r in requests.rows.items() for st in r.stages}
     opex_alloc: dict[str, int] = defaultdict(int)
     variable_inference = inference_fixed = 0
     var_by: dict[str, int] = defaultdict(int)
@@ -321,9 +374,15 @@ def build_report(usage: PeriodUsage, model: CostModel, alloc: Allocation,
         unit_rows = (total, customers[unit_job.client_id], models[unit_job.model],
                      days[period.day(unit_job.at_s)], requests[unit_job.job_id],
                      node_rows[unit[2]], classes[cls])
+        stage = stage_of.get(unit)
         for cat, amount in cats.items():
             var = _variable(cat, model)
             _add_cost(unit_rows, cat, amount, w, var)
+            if stage is not None:
+                if w == "inference":
+                    stage.cogs_micros[cat] += amount
+                else:
+                    stage.opex_micros += amount
             if w == "inference":
                 variable_inference += amount if var else 0
                 inference_fixed += 0 if var else amount

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparecycles.errors import InvalidRequest
-from sparecycles.ledger.pricing import ModelPrice
+from sparecycles.ledger.pricing import PPM, ModelPrice
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,12 @@ class NodeInfo:
 
 @dataclass(frozen=True, slots=True)
 class AttemptUsage:
-    """One attempt as metered on its node (a row of ``job_attempts``)."""
+    """One attempt as metered on its node (a row of ``job_attempts``).
+
+    A stage of a chain (``layers`` set) ran only layers ``[first, end)`` of the model over the
+    tokens it counts: ``work_ppm`` is its part of each token's work in parts per million, the
+    same share the ledger split the owners' earnings by (``ledger/pricing.WorkShare``); a node
+    that held the whole model did all of it (``PPM``)."""
 
     attempt: int
     node_id: str
@@ -70,6 +75,12 @@ class AttemptUsage:
     energy_source: str = "estimated"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    layers: tuple[int, int] | None = None
+    work_ppm: int = PPM
+
+    @property
+    def is_stage(self) -> bool:
+        return self.layers is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,11 @@ class JobUsage:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def chain(self) -> bool:
+        """Served by a chain of stages (some of its attempts ran part of the model)."""
+        return any(a.is_stage for a in self.attempts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,13 +233,18 @@ def whole_node_token_s(spec: ModelSpec, node: NodeSnapshot, context_tokens: int)
     return perfmodel.costs(spec, node.profile).decode_step_s(1, context_tokens)
 
 
+chain_speedup_min_default = limits.chain_speedup_min_default  # see limits.py
+
+
 def chain_is_faster(plan: ChainPlan, spec: ModelSpec, whole: Sequence[NodeSnapshot],
-                    context_tokens: int) -> bool:
+                    context_tokens: int, speedup_min: float = 1.0) -> bool:
     """Whether ``plan`` is predicted to decode faster than the best of the whole-model nodes
-    ``whole`` (True when there is none)."""
+    ``whole`` by a factor above ``speedup_min`` (True when there is none): the best whole
+    node's token time over the chain's must exceed ``speedup_min``."""
     if not whole:
         return True
-    return plan.token_s < min(whole_node_token_s(spec, n, context_tokens) for n in whole)
+    best_s = min(whole_node_token_s(spec, n, context_tokens) for n in whole)
+    return plan.token_s * speedup_min < best_s
 
 
 def _job_on_stage_s(spec: ModelSpec, node: NodeSnapshot, first: int, end: int,

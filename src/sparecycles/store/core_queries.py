@@ -450,12 +450,17 @@ class Store:
             return claimed
 
     def start_attempt(
-        self, *, job_id: str, attempt: int, node_id: str, prompt_tokens: int
+        self, *, job_id: str, attempt: int, node_id: str, prompt_tokens: int,
+        layers: tuple[int, int] | None = None, work_ppm: int | None = None,
     ) -> None:
+        """An attempt's row; ``layers`` and ``work_ppm`` for a stage of a chain."""
         queued = getattr(self._joined, "attempts", None) or _AttemptWrites()
-        queued.starts.append(dict(job_id=job_id, attempt=attempt, node_id=node_id,
-                                  outcome=str(AttemptOutcome.RUNNING), prompt_tokens=prompt_tokens,
-                                  started_at_s=time.time()))
+        row = dict(job_id=job_id, attempt=attempt, node_id=node_id,
+                   outcome=str(AttemptOutcome.RUNNING), prompt_tokens=prompt_tokens,
+                   started_at_s=time.time())
+        if layers is not None:
+            row.update(layer_first=layers[0], layer_end=layers[1], work_ppm=work_ppm)
+        queued.starts.append(row)
         queued.jobs.append(dict(id=job_id, state="placed", attempts=attempt, node_id=node_id))
         self._write_attempts(queued)
 

@@ -145,7 +145,8 @@ class JobRow(Base):
 
 
 class JobAttempt(Base):
-    """One node's part of a job (a usage record): a job resumed after a node left has several."""
+    """One node's part of a job (a usage record): a job resumed after a node left has several,
+    a job served by a chain one per stage (and per replacement of a stage)."""
 
     __tablename__ = "job_attempts"
     __table_args__ = (
@@ -167,3 +168,9 @@ class JobAttempt(Base):
     signature: Mapped[str | None] = mapped_column(String(120), nullable=True)
     started_at_s: Mapped[float] = mapped_column(Float)
     ended_at_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # a stage of a chain (coordinator/chains.py): the layers [layer_first, layer_end) it ran and
+    # its part of each token's work in parts per million (the ledger's share); all three null
+    # for an attempt on a node that held the whole model
+    layer_first: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    layer_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    work_ppm: Mapped[int | None] = mapped_column(Integer, nullable=True)

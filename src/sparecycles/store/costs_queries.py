@@ -33,7 +33,7 @@ from sparecycles.costs.reports import Names
 from sparecycles.costs.usage import OrphanPosting
 from sparecycles.errors import InvalidRequest
 from sparecycles.ledger.engine import holder_of
-from sparecycles.ledger.pricing import ModelPrice
+from sparecycles.ledger.pricing import PPM, ModelPrice
 from sparecycles.store.core_tables import ApiKey, Client, JobAttempt, JobRow, Node
 from sparecycles.store.costs_tables import CostClose
 from sparecycles.store.ledger_tables import LedgerHold, LedgerPrice, LedgerTransfer
@@ -136,7 +136,10 @@ class CostQueries:
             by_job[a.job_id].append(AttemptUsage(
                 a.attempt, a.node_id, float(a.busy_s or 0.0), float(a.energy_j or 0.0),
                 a.energy_source or "estimated", int(a.prompt_tokens or 0),
-                int(a.completion_tokens or 0)))
+                int(a.completion_tokens or 0),
+                layers=None if a.layer_first is None or a.layer_end is None
+                else (int(a.layer_first), int(a.layer_end)),
+                work_ppm=PPM if a.work_ppm is None else int(a.work_ppm)))
         charged: dict[str, int] = defaultdict(int)
         refunded: dict[str, int] = defaultdict(int)
         earned: dict[tuple[str, str, str], int] = defaultdict(int)  # (job, node, owner)

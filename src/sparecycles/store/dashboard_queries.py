@@ -48,6 +48,8 @@ node_sample_interval_s = 60.0  # how often the coordinator samples the fleet
 node_samples_keep_s = 90 * 86_400  # older samples are deleted when a new one is taken
 latency_rows_max = 100_000  # newest finished jobs read for the percentiles of a range
 rows_listed_max = 200  # nodes, keys or payouts listed on one page
+chains_listed_max = 20  # jobs served by chains listed on the network page
+stage_rows_listed_max = 50  # an owner's latest stage attempts listed
 keys_per_client_max = 100  # active keys a client may hold
 ONLINE = ("online", "draining")
 
@@ -63,6 +65,10 @@ class KeyRecord:
     client_name: str | None
     owner_id: str | None
     owner_name: str | None
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def month_start_s(now_s: float) -> float:
@@ -225,6 +231,77 @@ class DashboardQueries:
         for r in rows:
             r.update(by[r["id"]])
         return rows
+
+    # ---- chains: jobs served by stages of several nodes ---------------------------------------
+
+    def _stage_rows(self, c: Any, where: Any, limit: int) -> list[dict[str, Any]]:
+        """Stage attempts (``job_attempts`` rows with a layer range) with their job's model,
+        their node's and owner's names, the earning the ledger posted for them
+        (``job:<job>:earning:<node>``) and what verification withheld of it, and what the job
+        paid all its owners (net), newest first."""
+        q = (select(AT.c.job_id, AT.c.attempt, AT.c.node_id, AT.c.outcome, AT.c.prompt_tokens,
+                    AT.c.completion_tokens, AT.c.busy_s, AT.c.started_at_s, AT.c.ended_at_s,
+                    AT.c.layer_first, AT.c.layer_end, AT.c.work_ppm, J.c.model,
+                    J.c.prompt_tokens.label("job_prompt_tokens"),
+                    N.c.name.label("node_name"), OW.c.name.label("owner"))
+             .select_from(AT.join(J, J.c.id == AT.c.job_id)
+                          .outerjoin(N, N.c.id == AT.c.node_id)
+                          .outerjoin(OW, OW.c.id == N.c.owner_id))
+             .where(AT.c.layer_first.is_not(None), where)
+             .order_by(AT.c.started_at_s.desc(), AT.c.job_id, AT.c.attempt).limit(limit))
+        rows = [dict(r._mapping) for r in c.execute(q)]
+        ids = {f"job:{r['job_id']}:earning:{r['node_id']}" for r in rows}
+        ids |= {f"job:{r['job_id']}:withhold:{r['node_id']}" for r in rows}
+        money: dict[str, int] = {}
+        for chunk in _chunks(sorted(ids), 500):
+            money.update((tid, int(amount)) for tid, amount in c.execute(
+                select(TR.c.id, TR.c.amount_micros).where(TR.c.id.in_(chunk))))
+        paid: dict[str, int] = defaultdict(int)  # job -> all its owners' earnings, net
+        for chunk in _chunks(sorted({r["job_id"] for r in rows}), 500):
+            for job_id, kind, amount in c.execute(
+                    select(TR.c.job_id, TR.c.kind, func.sum(TR.c.amount_micros))
+                    .where(TR.c.job_id.in_(chunk), TR.c.kind.in_(("earning", "withhold")))
+                    .group_by(TR.c.job_id, TR.c.kind)):
+                paid[job_id] += int(amount or 0) * (1 if kind == "earning" else -1)
+        for r in rows:
+            key = f"job:{r['job_id']}:%s:{r['node_id']}"
+            r["earned_micros"] = money.get(key % "earning", 0)
+            r["withheld_micros"] = money.get(key % "withhold", 0)
+            r["job_paid_micros"] = paid.get(r["job_id"], 0)
+        return rows
+
+    def owner_stage_jobs(self, owner_id: str, limit: int = stage_rows_listed_max
+                         ) -> list[dict[str, Any]]:
+        """One owner's stage attempts (their devices' parts of chains), newest first."""
+        mine = select(N.c.id).where(N.c.owner_id == owner_id)
+        with self.engine.connect() as c:
+            return self._stage_rows(c, AT.c.node_id.in_(mine), limit)
+
+    def chain_jobs(self, since_s: float, limit: int = chains_listed_max) -> list[dict[str, Any]]:
+        """The newest jobs served by chains that started since ``since_s``, each with every
+        stage attempt it had (replaced ones too), its client and its charge."""
+        with self.engine.connect() as c:
+            recent = (select(AT.c.job_id, func.max(AT.c.started_at_s).label("at"))
+                      .where(AT.c.layer_first.is_not(None), AT.c.started_at_s >= since_s)
+                      .group_by(AT.c.job_id).order_by(func.max(AT.c.started_at_s).desc())
+                      .limit(limit))
+            ids = [r[0] for r in c.execute(recent)]
+            if not ids:
+                return []
+            jobs = {r.id: dict(r._mapping) for r in c.execute(
+                select(J.c.id, J.c.model, J.c.state, J.c.prompt_tokens, J.c.completion_tokens,
+                       J.c.created_at_s, J.c.total_s, J.c.error, C.c.name.label("client"))
+                .select_from(J.outerjoin(C, C.c.id == J.c.client_id))
+                .where(J.c.id.in_(ids)))}
+            charged = dict(c.execute(select(TR.c.job_id, TR.c.amount_micros).where(
+                TR.c.job_id.in_(ids), TR.c.kind == "post")).all())
+            stages = self._stage_rows(c, AT.c.job_id.in_(ids),
+                                      limit * limits.chain_stages_max * 2)
+        by_job: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for st in sorted(stages, key=lambda r: (r["job_id"], r["attempt"])):
+            by_job[st["job_id"]].append(st)
+        return [{**jobs[j], "charged_micros": int(charged.get(j, 0)), "stages": by_job[j]}
+                for j in ids if j in jobs]
 
     # ---- an owner ----------------------------------------------------------------------------
 

@@ -91,6 +91,60 @@ def _node_row(n: dict[str, Any], live: dict[str, Any], trust: dict[str, Any]
             "failed": outcomes.get("failed", 0)}
 
 
+# ---- chains: jobs served by stages on several nodes -------------------------------------------
+
+# how a stage ended that made its chain repair itself (anything but done, running, cancelled)
+STAGE_LOSSES = frozenset({"failed", "drained", "node_lost", "node_silent", "protocol_gap",
+                          "bad_signature", "bad_metering", "replica_lost"})
+
+
+def _share(part: int, whole: int) -> str:
+    return "—" if whole <= 0 else f"{100 * part / whole:.1f} %"
+
+
+def _stage_row(st: dict[str, Any], cur: str) -> dict[str, Any]:
+    """One stage attempt as a table shows it. ``joined`` is the token of the answer it joined
+    the chain at (a replacement joins after the first): the prompt it prefilled beyond the
+    job's own."""
+    work = int(st["work_ppm"] or 0)
+    earned = int(st["earned_micros"]) - int(st["withheld_micros"])
+    return {
+        "job_id": st["job_id"], "attempt": st["attempt"], "node": st["node_name"] or st["node_id"],
+        "owner": st["owner"] or "—", "model": st["model"],
+        "layers": f"{st['layer_first']}:{st['layer_end']}", "work": f"{work / 10_000:.1f} %",
+        "tokens": int(st["prompt_tokens"] or 0) + int(st["completion_tokens"] or 0),
+        "completion_tokens": int(st["completion_tokens"] or 0),
+        "joined": max(0, int(st["prompt_tokens"] or 0) - int(st["job_prompt_tokens"] or 0)),
+        "busy": ch.duration(float(st["busy_s"] or 0.0)), "outcome": st["outcome"],
+        "lost": st["outcome"] in STAGE_LOSSES, "earned": ch.money(earned, cur),
+        "withheld": int(st["withheld_micros"]) > 0,
+        "pay_share": _share(earned, int(st["job_paid_micros"])),
+        "when": ch.when(st["started_at_s"]),
+    }
+
+
+def chains_table(q: DashboardQueries, cur: str, since_s: float) -> list[dict[str, Any]]:
+    """The newest jobs served by chains, each with its stages: node, layers, part of each
+    token's work, share of the owners' pay (the ledger's split by measured work), earning, and
+    how the stage ended; ``repairs`` counts the stages lost mid-answer (each one replaced, or
+    the job ended)."""
+    out = []
+    for job in q.chain_jobs(since_s):
+        stages = job["stages"]
+        paid = stages[0]["job_paid_micros"] if stages else 0
+        rows = [_stage_row(st, cur) for st in stages]
+        out.append({
+            "id": job["id"], "model": job["model"], "client": job["client"] or "—",
+            "state": job["state"], "when": ch.when(job["created_at_s"]),
+            "tokens": int(job["prompt_tokens"] or 0) + int(job["completion_tokens"] or 0),
+            "completion_tokens": int(job["completion_tokens"] or 0),
+            "total": ch.duration(job["total_s"]), "charged": ch.money(job["charged_micros"], cur),
+            "paid": ch.money(paid, cur), "repairs": sum(r["lost"] for r in rows),
+            "nodes": len({st["node_id"] for st in stages}), "stages": rows,
+            "error": (job["error"] or "")[:200]})
+    return out
+
+
 # ---- network (admin) --------------------------------------------------------------------------
 
 
@@ -197,7 +251,9 @@ def network(q: DashboardQueries, coord: Any, range_name: str | None, now_s: floa
         "latency_p95": ch.duration(ch.percentile(all_total, 95)),
         "departures": str(sum(sum(v) for v in departed.values())),
     }
-    return {"range": rng, "stats": stats, "charts": charts, "tables": {"nodes": nodes}}
+    chains = chains_table(q, coord.ledger.currency, since)
+    return {"range": rng, "stats": stats, "charts": charts,
+            "tables": {"nodes": nodes, "chains": chains}}
 
 
 # ---- owner ------------------------------------------------------------------------------------
@@ -270,8 +326,10 @@ def owner(q: DashboardQueries, coord: Any, owner_id: str, now_s: float) -> dict[
     payouts = [{**p, "amount": ch.money(p["amount_micros"], p["currency"]),
                 "created": ch.when(p["created_at_s"]), "paid": ch.when(p["paid_at_s"])}
                for p in q.owner_payouts(owner_id)]
+    stage_jobs = [_stage_row(st, cur) for st in q.owner_stage_jobs(owner_id)]
     return {"stats": stats, "charts": charts,
             "tables": {"nodes": nodes, "payouts": payouts, "checks": checks,
+                       "stage_jobs": stage_jobs,
                        "economics_error": economics_error,
                        "balance": {"earned": ch.money(bal.earned_micros, cur),
                                    "payable": ch.money(bal.payable_micros, cur),
