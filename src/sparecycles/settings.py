@@ -15,7 +15,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field
 from pydantic_settings import (
@@ -117,6 +117,11 @@ class CoordinatorSettings(_RoleSettings):
     prefix_aware: bool = True
     """Offer a conversation's next turn to the node whose prefix cache holds its history (that
     node prefills only the new message), weighed by the scheduler against its load."""
+    disagg: Literal["off", "auto", "always"] = "off"
+    """Disaggregated prefill/decode (coordinator/handoff.py): ``auto`` prefills a job on one node
+    and decodes it on another, its KV cache sent through the coordinator, when the scheduler's
+    roofline predicts the pair beats any single node (it needs nodes' link speeds); ``always``
+    whenever another node can take it (tests, demos, benchmarks); ``off``: never."""
     verification: bool = True
     """Spot-check nodes' work after settlement (teacher-forced scoring, re-execution), keep each
     node's reputation and withhold the earnings of work that fails (docs/security.md)."""

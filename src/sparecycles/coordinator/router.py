@@ -6,8 +6,8 @@ A node's socket carries three kinds of traffic, told apart by what the message a
   the verifier's link (coordinator/verification_link.py);
 - ``tokens``/``done``/``job_error`` of a job that another replica owns: the fleet relays them to
   that replica over the bus (coordinator/replication/fleet.py);
-- everything else: this replica's dispatch (jobs) and the node's own state (heartbeats,
-  draining).
+- everything else: this replica's dispatch (jobs, and the KV caches of hand-offs: ``kv_chunk``)
+  and the node's own state (heartbeats, draining).
 
 The link and the fleet each say whether a job id is theirs (a dictionary lookup); neither sees the
 messages that are not. ``route`` handles what it can at once and returns what is left to await
@@ -69,6 +69,8 @@ class NodeRouter:
                 d.done_received(node, msg)  # the settlement is not waited for here
             else:
                 return d.on_job_error(node, msg)
+        elif isinstance(msg, protocol.KvChunk):  # a prefill's KV cache, to hand off (handoff.py)
+            d.on_kv_chunk(node, msg)
         elif isinstance(msg, protocol.StageOutput):  # a stage of a chain (chains.py)
             d.chains.on_output(node, msg)
         elif isinstance(msg, protocol.Scored):

@@ -38,11 +38,16 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from sparecycles import gguffile, grammar, limits, modelfiles, protocol
-from sparecycles.node.backends import sampling
 from sparecycles.errors import InvalidRequest
+from sparecycles.node.backends import sampling
 from sparecycles.node.backends.base import GenerationRequest, KvPrefix, UpdateCallback
 from sparecycles.node.backends.batching import BatchingEngine, ScoreJob, Sequence
-from sparecycles.node.backends.kvbatch import KVBatch, check_full_attention, left_padded
+from sparecycles.node.backends.kvbatch import (
+    KVBatch,
+    check_full_attention,
+    filled_kv,
+    left_padded,
+)
 from sparecycles.types import FinishReason, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -309,9 +314,8 @@ class TransformersEngine(BatchingEngine[_Sequence]):
     def _exported_kv(self, s: _Sequence) -> KvPrefix | None:
         if s.own is None:  # it did not end in its own prefill (it is not max_tokens 1)
             return None
-        layers = tuple((layer.keys[0].detach().to("cpu"), layer.values[0].detach().to("cpu"))
-                       for layer in s.own.cache.layers
-                       if layer.keys is not None and layer.values is not None)
+        layers = tuple((keys[0].detach().to("cpu"), values[0].detach().to("cpu"))
+                       for keys, values in filled_kv(s.own.cache))
         return KvPrefix(layers, s.n_cached)
 
     # --- KV hand-off: the wire's bytes, checked against this model --------------------------
