@@ -76,6 +76,21 @@ bus_message_bytes_max = 1024 * 1024
 bus_header_bytes_max = 1024  # the header before a relayed frame (replica, node, kind)
 stage_relays_max = 4096  # stage sequences one host replica relays for other replicas at once
 
+# --- disaggregated prefill/decode: a KV cache handed from one node to another ---------------
+# (coordinator/handoff.py). The sender's cache goes to the coordinator in chunks of one layer's
+# keys and values over a range of positions, each chunk's raw bytes at most kv_chunk_bytes_max
+# (its base64 and JSON stay under ws_message_bytes_max), the whole cache at most
+# kv_handoff_bytes_max (the coordinator holds it until the receiver has it) in at most
+# kv_chunks_max chunks (they queue on the receiver's socket, bounded at 1024 messages).
+kv_chunk_bytes_max = 512 * 1024
+kv_handoff_bytes_max = 64 * 1024 * 1024
+kv_chunks_max = 512
+kv_layers_max = 512
+kv_heads_max = 1024
+kv_head_dim_max = 1024
+# the receiver waits this long for every chunk it was promised, then prefills the prompt itself
+kv_handoff_s_max = 30.0
+
 # --- verification (trust/decisions.py, coordinator/verification.py) -------------------------------
 score_tokens_max = 2048  # claimed tokens scored in one teacher-forced pass (the first ones)
 verifications_running_max = 4  # checks in flight at once on one coordinator

@@ -35,6 +35,9 @@ FEATURE_GRAMMAR = "grammar"  # Sampling.grammar: llguidance grammars (JSON schem
 # the engine keeps the KV cells of its last requests and prefills only what a new prompt adds to
 # one of them (coordinator/prefixes.py places a conversation's next turn there)
 FEATURE_PREFIX_CACHE = "prefix-cache"
+# disaggregated prefill/decode: the engine exports a prefilled prompt's KV cache (``JobAssign.
+# kv_export``, answered in ``kv_chunk`` messages) and decodes from one it is sent (``kv_import``)
+FEATURE_KV_HANDOFF = "kv-handoff"
 
 
 # No NaN or infinity anywhere in the protocol: every model refuses them (``allow_inf_nan``) and
@@ -102,6 +105,52 @@ class Activation(BaseModel):
     def raw(self) -> bytes:
         """The tensor's bytes (checked base64)."""
         return unb64(self.data)
+
+
+class KvLayout(BaseModel):
+    """The KV cache of a hand-off (disaggregated prefill/decode): for each of ``layers`` layers,
+    keys and values of shape (``kv_heads``, ``positions``, ``head_dim``) of ``dtype``, the
+    prompt's first ``positions`` tokens. It travels as ``kv_chunks(self)``: layer by layer, each
+    layer's positions in ranges of at most ``kv_chunk_bytes_max`` (keys and values together), so
+    sender, coordinator and receiver all know which chunk comes next and check it."""
+
+    model_config = _WIRE
+    layers: int = Field(ge=1, le=limits.kv_layers_max)
+    kv_heads: int = Field(ge=1, le=limits.kv_heads_max)
+    head_dim: int = Field(ge=1, le=limits.kv_head_dim_max)
+    positions: int = Field(ge=1, le=limits.kv_handoff_bytes_max)
+    dtype: ActivationDType
+
+    @model_validator(mode="after")
+    def _bounds(self) -> KvLayout:
+        if self.total_bytes > limits.kv_handoff_bytes_max:
+            raise ValueError(f"a KV cache of {self.total_bytes} bytes exceeds "
+                             f"{limits.kv_handoff_bytes_max}")
+        if self.row_bytes * 2 > limits.kv_chunk_bytes_max:
+            raise ValueError("one position of one layer exceeds kv_chunk_bytes_max")
+        if len(kv_chunks(self)) > limits.kv_chunks_max:
+            raise ValueError(f"a KV cache of more than {limits.kv_chunks_max} chunks")
+        return self
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one position's keys (or values) in one layer."""
+        return self.kv_heads * self.head_dim * activation_itemsize[self.dtype]
+
+    @property
+    def total_bytes(self) -> int:
+        return 2 * self.layers * self.positions * self.row_bytes
+
+
+def kv_chunks(layout: KvLayout) -> list[tuple[int, int, int]]:
+    """The chunks a KV cache travels in, in order: (layer, first position, positions)."""
+    per_chunk = max(1, limits.kv_chunk_bytes_max // (2 * layout.row_bytes))
+    return [(layer, start, min(per_chunk, layout.positions - start))
+            for layer in range(layout.layers)
+            for start in range(0, layout.positions, per_chunk)]
+
+
+_kv_b64_chars_max = (limits.kv_chunk_bytes_max + 2) // 3 * 4
 
 
 class Sampling(BaseModel):
@@ -293,8 +342,40 @@ class StageOutput(_Message):
     scores: StageScores | None = None
 
 
+class KvChunk(_Message):
+    """One chunk of a hand-off's KV cache (``KvLayout``, ``kv_chunks``): layer ``layer``'s keys
+    and values of positions ``start .. start + positions``, each (kv_heads, positions, head_dim)
+    of ``dtype``, little-endian, row-major, base64. From the prefilling node (its attempt) to the
+    coordinator, then from the coordinator to the decoding node (that node's attempt). Checked
+    on decode: the bytes are exactly what the shape says, at most ``kv_chunk_bytes_max``."""
+
+    type: Literal["kv_chunk"] = "kv_chunk"
+    job_id: str = Field(max_length=40)
+    attempt: int = Field(ge=1)
+    index: int = Field(ge=0, lt=limits.kv_chunks_max)  # its place in kv_chunks(layout)
+    layout: KvLayout
+    keys: str = Field(max_length=_kv_b64_chars_max)
+    values: str = Field(max_length=_kv_b64_chars_max)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> KvChunk:
+        plan = kv_chunks(self.layout)
+        if self.index >= len(plan):
+            raise ValueError(f"chunk {self.index} of a cache of {len(plan)} chunks")
+        want = plan[self.index][2] * self.layout.row_bytes
+        chars = (want + 2) // 3 * 4
+        if len(self.keys) != chars or len(self.values) != chars:
+            raise ValueError(f"kv chunk data is not {want} bytes of base64 each")
+        return self
+
+    @property
+    def place(self) -> tuple[int, int, int]:
+        """(layer, first position, positions) of this chunk."""
+        return kv_chunks(self.layout)[self.index]
+
+
 NodeMessage = Annotated[
-    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput,
+    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput | KvChunk,
     Field(discriminator="type"),
 ]
 
@@ -331,6 +412,14 @@ class JobAssign(_Message):
     # the last ``resumed_tokens`` of the prompt are this job's output from earlier attempts: the
     # grammar, penalties and min_tokens count them as output
     resumed_tokens: int = Field(default=0, ge=0)
+    # disaggregated prefill/decode (FEATURE_KV_HANDOFF): ``kv_export`` asks the node to send the
+    # prompt's KV cache (``kv_chunk`` messages, before its ``done``) once it has sampled the
+    # first token (such a job has ``max_tokens`` 1); ``kv_import`` says the coordinator will
+    # send this attempt the KV cache of the prompt's first ``positions`` tokens right after this
+    # message: the node loads it and prefills only the rest (or, when it does not all arrive
+    # intact within ``kv_handoff_s_max``, prefills the whole prompt itself).
+    kv_export: bool = False
+    kv_import: KvLayout | None = None
 
 
 class Score(_Message):
@@ -404,15 +493,17 @@ class StageRelease(_Message):
 
 
 CoordinatorMessage = Annotated[
-    Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease,
+    Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease
+    | KvChunk,
     Field(discriminator="type"),
 ]
 
 _node_adapter: TypeAdapter[
-    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput
+    Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput | KvChunk
 ] = TypeAdapter(NodeMessage)
 _coord_adapter: TypeAdapter[
     Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease
+    | KvChunk
 ] = TypeAdapter(CoordinatorMessage)
 _Decoded = TypeVar("_Decoded")
 
@@ -448,14 +539,15 @@ def _decode(adapter: TypeAdapter[_Decoded], raw: str | bytes) -> _Decoded:
 
 def decode_node_message(
     raw: str | bytes,
-) -> Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput:
+) -> Hello | Heartbeat | Tokens | Done | JobError | Draining | Scored | StageOutput | KvChunk:
     """Parse a frame from a node; raises ``ProtocolError`` for anything not in the protocol."""
     return _decode(_node_adapter, raw)
 
 
 def decode_coordinator_message(
     raw: str | bytes,
-) -> Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease:
+) -> (Challenge | Welcome | JobAssign | Score | Cancel | Reject | StageForward | StageRelease
+      | KvChunk):
     return _decode(_coord_adapter, raw)
 
 

@@ -15,7 +15,7 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field
 from pydantic_settings import (
@@ -125,6 +125,11 @@ class CoordinatorSettings(_RoleSettings):
     chain_speedup_min: float = Field(default=limits.chain_speedup_min_default, ge=1.0, le=100.0)
     """The margin ``chains_when_faster`` asks of a chain: its predicted tokens per second over
     the best whole-model node's (1.2: 20 % faster), for the hops and departures it risks."""
+    disagg: Literal["off", "auto", "always"] = "off"
+    """Disaggregated prefill/decode (coordinator/handoff.py): ``auto`` prefills a job on one node
+    and decodes it on another, its KV cache sent through the coordinator, when the scheduler's
+    roofline predicts the pair beats any single node (it needs nodes' link speeds); ``always``
+    whenever another node can take it (tests, demos, benchmarks); ``off``: never."""
     verification: bool = True
     """Spot-check nodes' work after settlement (teacher-forced scoring, re-execution), keep each
     node's reputation and withhold the earnings of work that fails (docs/security.md)."""

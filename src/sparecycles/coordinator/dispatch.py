@@ -29,6 +29,7 @@ from typing import Any
 from sparecycles import limits, protocol
 from sparecycles.coordinator.chains import ChainRegistry
 from sparecycles.coordinator.fleet_node import FleetNode
+from sparecycles.coordinator.handoff import Disagg, KvHandoff, pick_receiver, relayed
 from sparecycles.coordinator.jobs import (
     Attempt,
     JobEvent,
@@ -90,6 +91,7 @@ class Dispatcher:
         placement_wait_s: float = limits.placement_wait_s_max,
         token_gap_s: float = limits.token_gap_s_max,
         policy: str = "fastest",
+        disagg: str = "off",
         on_finished: Callable[[LiveJob, str], None] | None = None,
         verifier: JobObserver | None = None,
         clock: Callable[[], Now] = Now.read,
@@ -97,7 +99,13 @@ class Dispatcher:
         self.store, self.ledger, self.models = store, ledger, models
         self.replica_id = replica_id
         self.placement_wait_s, self.token_gap_s = placement_wait_s, token_gap_s
-        self.config = scheduler.SchedulerConfig(policy=policy)
+        # disaggregated prefill/decode (coordinator/handoff.py): "auto" follows the scheduler's
+        # roofline rule (SchedulerConfig.disaggregate), "always" hands off whenever it can
+        self.disagg = Disagg(disagg)
+        self.config = scheduler.SchedulerConfig(policy=policy,
+                                                disaggregate=self.disagg is Disagg.AUTO)
+        self.kv_held_bytes = 0  # hand-offs' KV caches held here (handoff.kv_held_bytes_max)
+        self.handoffs = {"started": 0, "sent": 0, "failed": 0}  # counted, for /metrics and tests
         self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
         # which node's prefix cache holds which conversation: its next turn is offered there
         self.prefixes = PrefixIndex()
@@ -245,7 +253,8 @@ class Dispatcher:
             node = self.node(assignments[0].node_id) if assignments else None
             if node is None:
                 return None
-            return node, self._begin_attempt(job, node, now)
+            return node, self._begin_attempt(job, node, now,
+                                             decode_node_id=assignments[0].decode_node_id)
         except Exception:  # the loop places it on its next turn; a bug here is logged loudly
             log.exception("placement on admission failed")
             return None
@@ -254,6 +263,7 @@ class Dispatcher:
         """Undo ``_begin_attempt`` on ``node`` (the job's hold was refused, or the node could not
         be sent the job): its slot is free again, and the job has no such attempt."""
         att = job.attempts.pop()
+        job.handoff = None
         node.jobs.discard(job.job_id)
         node.queued_tokens = max(0, node.queued_tokens - (job.sampling.max_tokens - att.token_base))
         node.backlog.forget(job.job_id)
@@ -306,7 +316,7 @@ class Dispatcher:
             node = self.node(assignment.node_id)
             if job is None or node is None:
                 continue
-            self._assign(job, node, now)
+            self._assign(job, node, now, decode_node_id=assignment.decode_node_id)
 
     def _scheduler_view(self, lives: list[LiveJob], snapshots: list[NodeSnapshot]
                         ) -> tuple[list[Job], list[NodeSnapshot]]:
@@ -343,16 +353,24 @@ class Dispatcher:
         """A node of the fleet: connected here, or to another replica."""
         return self.nodes.get(node_id) or self.remote.get(node_id)
 
-    def _assign(self, job: LiveJob, node: FleetNode, now: Now) -> None:
-        """Send a waiting job to ``node``; its attempt's row is queued on the writer."""
+    def _assign(self, job: LiveJob, node: FleetNode, now: Now, *, decode_node_id: str = "",
+                handoff: KvHandoff | None = None) -> None:
+        """Send a waiting job to ``node``; its attempt's row is queued on the writer. With
+        ``handoff`` (complete), the attempt decodes from that KV cache, sent right after."""
         if node.closed:
             return  # the node's socket is gone; its reader will clean up
-        frame = self._begin_attempt(job, node, now)
+        frame = self._begin_attempt(job, node, now, decode_node_id=decode_node_id,
+                                    kv_import=handoff.layout if handoff else None)
         att = job.attempts[-1]
         if not node.send(frame):  # its queue is full: it is being dropped; the job waits on
             self._unreserve(job, node)
             self.waiting[job.job_id] = job
             return
+        if handoff is not None:  # the cache, renumbered to this attempt (a full queue: the
+            for chunk in handoff.chunks:  # node is dropped and the job resumed as any)
+                if not node.send(relayed(chunk, att.number)):
+                    break
+            self.handoffs["sent"] += 1
         if job.dispatched_perf_s is None:
             job.dispatched_perf_s = now.perf_s
         self.writer.background(
@@ -363,11 +381,21 @@ class Dispatcher:
             prompt_tokens=len(job.prompt_ids) + att.token_base,
         )
 
-    def _begin_attempt(self, job: LiveJob, node: FleetNode, now: Now) -> str:
-        """The job's next attempt on ``node``: its slot taken, its message made (not sent)."""
+    def _begin_attempt(self, job: LiveJob, node: FleetNode, now: Now, *,
+                       decode_node_id: str = "", kv_import: protocol.KvLayout | None = None
+                       ) -> str:
+        """The job's next attempt on ``node``: its slot taken, its message made (not sent).
+        Where placement hands the job's decode to another node (``_receiver_for``), this
+        attempt prefills it, samples its first token and exports its KV cache."""
         number = len(job.attempts) + 1
         prompt = job.prompt_ids + job.generated
         remaining = job.sampling.max_tokens - len(job.generated)
+        receiver = None if kv_import else self._receiver_for(job, node, decode_node_id)
+        job.handoff = None
+        if receiver is not None:
+            job.handoff = KvHandoff(receiver, number, len(prompt))
+            self.handoffs["started"] += 1
+            remaining = 1  # the prefill's token; the receiver decodes the rest
         msg = protocol.JobAssign(
             job_id=job.job_id,
             attempt=number,
@@ -377,6 +405,8 @@ class Dispatcher:
             prompt_sha256=protocol.tokens_sha256(prompt),
             want_logprobs=self.verifier is not None or _client_logprobs(job.sampling),
             resumed_tokens=len(job.generated),
+            kv_export=receiver is not None,
+            kv_import=kv_import,
         )
         job.attempts.append(
             Attempt(
@@ -387,6 +417,8 @@ class Dispatcher:
                 token_base=len(job.generated),
                 started_mono_s=now.mono_s,
                 last_token_mono_s=now.mono_s,
+                kv_positions=kv_import.positions if kv_import else 0,
+                prefilled_tokens=len(prompt) - kv_import.positions if kv_import else None,
             )
         )
         job.state = JobState.PLACED
@@ -395,6 +427,76 @@ class Dispatcher:
         node.backlog.sent(job.job_id, len(prompt), remaining)
         self.waiting.pop(job.job_id, None)
         return protocol.encode(msg)
+
+    def _receiver_for(self, job: LiveJob, sender: FleetNode, decode_node_id: str) -> str | None:
+        """The node to decode ``job`` after ``sender`` prefills it, or None (no hand-off): the
+        scheduler's choice (``disagg = "auto"``), or under ``"always"`` the least busy other
+        node that can take it. Only a first attempt is handed off, only between nodes on this
+        replica's sockets that can hand off a cache, and only with more than one token to
+        come."""
+        if (self.disagg is Disagg.OFF or job.chain is not None or job.generated
+                or job.sampling.max_tokens < 2 or not isinstance(sender, NodeConn)
+                or protocol.FEATURE_KV_HANDOFF not in sender.features):
+            return None
+
+        def can_take(n: NodeConn) -> bool:
+            return (not n.closed and not n.draining and job.model in n.models
+                    and protocol.FEATURE_KV_HANDOFF in n.features
+                    and n.reputation >= (self.config.trusted_reputation_min if job.trusted_only
+                                         else self.config.reputation_min))
+
+        if decode_node_id:
+            receiver = self.nodes.get(decode_node_id)
+            return decode_node_id if receiver is not None and can_take(receiver) else None
+        if self.disagg is not Disagg.ALWAYS:
+            return None
+        return pick_receiver([(n.node_id, len(n.jobs), n.jobs_max) for n in self.nodes.values()
+                              if can_take(n)], sender.node_id, job.avoid_nodes)
+
+    def on_kv_chunk(self, node: FleetNode, msg: protocol.KvChunk) -> None:
+        """A chunk of the KV cache a job's prefilling attempt hands off: checked and held."""
+        try:
+            job, att = self._attempt_of(node, msg.job_id, msg.attempt)
+        except _StaleMessage:
+            return
+        h = job.handoff
+        if h is None or h.sender_attempt != att.number:
+            return  # not asked for: dropped
+        self.kv_held_bytes += h.add(msg, self.models[job.model], self.kv_held_bytes)
+        att.last_token_mono_s = self.clock().mono_s  # the node is at work, not silent
+        if h.error is not None:
+            log.warning("job %s: hand-off from node %s refused: %s", job.job_id, node.node_id,
+                        h.error)
+
+    def _drop_handoff(self, job: LiveJob) -> KvHandoff | None:
+        """Take the job's hand-off away (it goes ahead or is given up); its bytes are freed."""
+        h, job.handoff = job.handoff, None
+        if h is not None:
+            self.kv_held_bytes -= h.held_bytes
+        return h
+
+    def _hand_off(self, job: LiveJob, h: KvHandoff, now: Now) -> None:
+        """The sender's attempt is done: the job goes to the receiver with the cache, or, when
+        that cannot be, back to the queue with its first token (placed as any resumed job)."""
+        self._write_attempt_ends(job)  # before the next attempt's start, in the writer's order
+        receiver = self.nodes.get(h.receiver_id)
+        why = h.error or ("" if h.complete else "the KV cache did not all arrive")
+        if not why and (receiver is None or receiver.closed or receiver.draining
+                        or len(receiver.jobs) >= receiver.jobs_max):
+            why = "the decoding node is gone or busy"
+        job.state = JobState.ADMITTED
+        job.waiting_since_mono_s = now.mono_s
+        if why or receiver is None:
+            self.handoffs["failed"] += 1
+            log.warning("job %s: hand-off to %s given up (%s); it goes on as a resumed job",
+                        job.job_id, h.receiver_id, why)
+            self.waiting[job.job_id] = job
+            self._wake.set()
+            return
+        self._assign(job, receiver, now, handoff=h)
+        if job.state is JobState.ADMITTED:  # the receiver's queue was full: placed as any
+            self.waiting[job.job_id] = job
+            self._wake.set()
 
     def _send(self, job: LiveJob, node: FleetNode, frame: str, now: Now) -> None:
         """Send the attempt reserved on admission, its row committed with the hold. A node whose
@@ -546,6 +648,14 @@ class Dispatcher:
                           signature=msg.signature)
         if self.prefix_aware and protocol.FEATURE_PREFIX_CACHE in node.features:
             self.prefixes.record(node.node_id, job.prompt_ids + job.generated, node.jobs_max)
+        if att.kv_positions:  # it was sent a cache: paid for the prompt it prefilled itself
+            att.prefilled_tokens = max(1, min(msg.metering.prompt_tokens,
+                                              len(job.prompt_ids) + att.token_base))
+        h = self._drop_handoff(job)
+        if (h is not None and h.sender_attempt == att.number and msg.finish_reason == "length"
+                and att.tokens == 1 and len(job.generated) < job.sampling.max_tokens):
+            self._hand_off(job, h, now)
+            return None
         reason = "length" if len(job.generated) >= job.sampling.max_tokens else msg.finish_reason
         return self._finish_soon(job, now,
                                  finish_reason="stop" if reason == "cancelled" else reason)
@@ -645,6 +755,8 @@ class Dispatcher:
             return None
         node = self.node(att.node_id)
         self._end_attempt(job, att, node, outcome, now)
+        if self._drop_handoff(job) is not None:
+            self.handoffs["failed"] += 1
         if outcome != AttemptOutcome.REPLICA_LOST:  # not the node's fault: it may take it again
             job.avoid_nodes.add(att.node_id)
         if len(job.generated) >= job.sampling.max_tokens:
@@ -715,6 +827,7 @@ class Dispatcher:
             return None
         self.jobs.pop(job.job_id, None)
         self.waiting.pop(job.job_id, None)
+        self._drop_handoff(job)
         delivered = len(job.generated)
         job.state = JobState.DONE if delivered and error is None else JobState.FAILED
         if error is not None and delivered:
@@ -724,7 +837,8 @@ class Dispatcher:
                 owner_id=a.owner_id,
                 node_id=a.node_id,
                 device_class=a.device_class,
-                prompt_tokens=len(job.prompt_ids) + a.token_base,
+                prompt_tokens=len(job.prompt_ids) + a.token_base if a.prefilled_tokens is None
+                else a.prefilled_tokens,
                 completion_tokens=a.tokens,
                 busy_s=a.busy_s,
                 work_ppm=a.work_ppm,

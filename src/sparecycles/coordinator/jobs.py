@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sparecycles import protocol
+from sparecycles.coordinator.handoff import KvHandoff
 from sparecycles.errors import SpareCyclesError
 from sparecycles.types import Job, JobState, SamplingParams, Workload
 
@@ -39,6 +40,11 @@ class Attempt:
     layers: tuple[int, int] | None = None
     work_ppm: int = 1_000_000
     busy_s: float = 0.0
+    # disaggregated prefill/decode (coordinator/handoff.py): the positions of the KV cache this
+    # attempt was sent, and the prompt tokens it prefilled itself (its signed metering; None:
+    # the whole prompt it was sent, as any attempt)
+    kv_positions: int = 0
+    prefilled_tokens: int | None = None
 
 
 class JobEventKind(enum.StrEnum):
@@ -87,6 +93,7 @@ class LiveJob:
     # attempts ended and not yet written (``job_attempts`` columns, with ``attempt``): they ride
     # with the job's settlement, or are queued when the job goes on to another attempt
     attempt_ends: list[dict[str, Any]] = field(default_factory=list)
+    handoff: KvHandoff | None = None  # its prefill's KV cache on its way to another node
 
     @property
     def current(self) -> Attempt | None:

@@ -7,8 +7,8 @@ A node's socket carries three kinds of traffic, told apart by what the message a
 - ``tokens``/``done``/``job_error`` of a job that another replica owns, and ``stage_output`` of
   a stage of another replica's chain: the fleet relays them to that replica over the bus
   (coordinator/replication/fleet.py);
-- everything else: this replica's dispatch (jobs) and the node's own state (heartbeats,
-  draining).
+- everything else: this replica's dispatch (jobs, and the KV caches of hand-offs: ``kv_chunk``)
+  and the node's own state (heartbeats, draining).
 
 The link and the fleet each say whether a job id is theirs (a dictionary lookup); neither sees the
 messages that are not. ``route`` handles what it can at once and returns what is left to await
@@ -83,6 +83,8 @@ class NodeRouter:
                 d.done_received(node, msg)  # the settlement is not waited for here
             else:
                 return d.on_job_error(node, msg)
+        elif isinstance(msg, protocol.KvChunk):  # a prefill's KV cache, to hand off (handoff.py)
+            d.on_kv_chunk(node, msg)
         elif isinstance(msg, protocol.StageOutput):  # a stage of a chain (chains.py)
             if self.relay is not None and self.relay.owns_stage(node, msg.sequence_id):
                 self.relay.take_stage(node, msg, raw)  # another replica drives that chain

@@ -83,6 +83,7 @@ class Coordinator:
             placement_wait_s=self.settings.placement_wait_s,
             token_gap_s=self.settings.token_gap_s,
             policy=self.settings.scheduler_policy,
+            disagg=self.settings.disagg,
             on_finished=self._job_finished,
             verifier=self.verifier,
         )

@@ -7,6 +7,13 @@ tokens go back as they are produced; the attempt ends with a ``done`` report sig
 node's Ed25519 key. When the owner's availability policy says stop (window over, on battery, the
 owner busy, too hot) the agent drains: no new jobs, running ones get ``drain_grace_s`` to finish,
 the rest are handed back so the coordinator resumes them elsewhere.
+
+Disaggregated prefill/decode (``protocol.FEATURE_KV_HANDOFF``): a job with ``kv_export`` is
+prefilled here, its first token sent, and its prompt's KV cache sent as ``kv_chunk`` messages
+before the ``done``; a job with ``kv_import`` waits (at most ``kv_handoff_s_max``) for the chunks
+the coordinator relays from the node that prefilled it, loads them and prefills only the rest of
+its prompt. A cache that does not arrive whole, or does not fit the model, is dropped and the
+prompt prefilled here: the job's tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import websockets
 
 from sparecycles import __version__, availability, limits, protocol
 from sparecycles.identity import NodeIdentity
-from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
+from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate, KvPrefix
 from sparecycles.node.energy import EnergyMeter, EnergyReading
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, FinishReason
 
@@ -44,6 +51,18 @@ class _Running:
     task: asyncio.Task[None] | None = None
     handed_back: bool = False
     energy_start: EnergyReading | None = None
+    kv_positions: int = 0  # prompt tokens loaded from a handed-over cache, not prefilled here
+
+
+@dataclass
+class _KvImport:
+    """A handed-over KV cache arriving for a job (its ``JobAssign.kv_import``)."""
+
+    layout: protocol.KvLayout
+    chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # all in, broken, or cancelled
+    error: str | None = None
+    cancelled: bool = False
 
 
 @dataclass
@@ -72,6 +91,7 @@ class NodeAgent:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _policy_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _imports: dict[tuple[str, int], _KvImport] = field(default_factory=dict)  # (job, attempt)
 
     @property
     def coordinator_urls(self) -> list[str]:
@@ -180,6 +200,8 @@ class NodeAgent:
                     self._start_job(msg, send)
                 elif isinstance(msg, protocol.Cancel):
                     self._cancel_job(msg.job_id, msg.attempt)
+                elif isinstance(msg, protocol.KvChunk):
+                    self._kv_chunk(msg)
                 elif isinstance(msg, protocol.Score):
                     self._spawn(self._score(msg, send))
                 elif isinstance(msg, protocol.StageForward | protocol.StageRelease):
@@ -194,29 +216,104 @@ class NodeAgent:
 
     # ---- jobs ---------------------------------------------------------------------------------
 
-    def _start_job(self, job: protocol.JobAssign, send: Any) -> None:
+    def _start_job(self, job: protocol.JobAssign, send: Any, *, loaded: bool = False,
+                   prefix: KvPrefix | None = None) -> None:
         engine = self.engines.get(job.model)
         loop = asyncio.get_running_loop()
         if engine is None or self.draining or len(self.running) >= self.jobs_max:
             why = "draining" if self.draining else f"cannot take model {job.model} now"
             self._refuse(send, job, why)
             return
+        if job.kv_import is not None and not loaded:  # its cache first (or give up on it)
+            key = (job.job_id, job.attempt)
+            if len(self._imports) >= self.jobs_max or key in self._imports:
+                self._refuse(send, job, "too many KV caches arriving")
+                return
+            self._imports[key] = _KvImport(job.kv_import)
+            self._spawn(self._start_after_import(job, send))
+            return
         stats = engine.stats()
         run = _Running(job=job, updates=asyncio.Queue(), started_s=time.monotonic(),
                        busy_start_s=stats.busy_s, tokens_start=stats.tokens_generated,
                        energy_start=self._meter().read())
         self.running[job.job_id] = run
+        run.kv_positions = prefix.positions if prefix is not None else 0
 
         def on_update(update: GenerationUpdate) -> None:
             loop.call_soon_threadsafe(run.updates.put_nowait, update)
 
         try:
-            self._submit(engine, job, on_update)
+            self._submit(engine, job, on_update, prefix)
         except Exception as exc:  # full, closed, or a prompt it cannot take
             self.running.pop(job.job_id, None)
             self._refuse(send, job, f"engine refused: {exc}"[:2000])
             return
         run.task = loop.create_task(self._forward(engine, run, send))
+
+    def _kv_chunk(self, msg: protocol.KvChunk) -> None:
+        """A chunk of a cache a job waits for: taken in order, or the import given up."""
+        imp = self._imports.get((msg.job_id, msg.attempt))
+        if imp is None or imp.ended.is_set():
+            return  # late, or for an import already given up: dropped
+        if msg.layout != imp.layout or msg.index != len(imp.chunks):
+            imp.error = f"KV chunk {msg.index} out of order or of another layout"
+            imp.chunks.clear()
+            imp.ended.set()
+            return
+        try:
+            imp.chunks.append((protocol.unb64(msg.keys), protocol.unb64(msg.values)))
+        except Exception as exc:  # ProtocolError: bad base64
+            imp.error = str(exc)
+            imp.chunks.clear()
+            imp.ended.set()
+            return
+        if len(imp.chunks) == len(protocol.kv_chunks(imp.layout)):
+            imp.ended.set()
+
+    async def _start_after_import(self, job: protocol.JobAssign, send: Any) -> None:
+        """Wait for a job's handed-over cache, load it, and start the job on it; a cache that
+        does not come whole in time or does not fit is dropped and the prompt prefilled here."""
+        key = (job.job_id, job.attempt)
+        imp = self._imports[key]
+        try:
+            try:
+                async with asyncio.timeout(limits.kv_handoff_s_max):
+                    await imp.ended.wait()
+            except TimeoutError:
+                imp.error = f"the KV cache did not arrive within {limits.kv_handoff_s_max:g} s"
+        finally:
+            self._imports.pop(key, None)
+        if imp.cancelled:
+            return
+        prefix = None
+        engine = self.engines.get(job.model)
+        if imp.error is None and engine is not None:
+            try:
+                prefix = await asyncio.to_thread(engine.import_kv, imp.layout, imp.chunks)
+            except Exception as exc:  # InvalidRequest: it does not fit this model
+                imp.error = str(exc)
+        imp.chunks = []
+        if prefix is not None and prefix.positions >= len(job.prompt_token_ids):
+            prefix, imp.error = None, "the KV cache covers the whole prompt"
+        if imp.error is not None:
+            log.warning("job %s: handed-over KV cache dropped (%s); prefilling it here",
+                        job.job_id, imp.error)
+        self._start_job(job, send, loaded=True, prefix=prefix)
+
+    async def _send_kv(self, engine: Engine, job: protocol.JobAssign, prefix: KvPrefix,
+                       send: Any) -> None:
+        """The prompt's cache of a ``kv_export`` job, to the coordinator in chunks (before the
+        job's ``done``); one over the protocol's bounds is not sent (the coordinator then lets
+        the decoding node prefill the prompt itself)."""
+        try:
+            layout, parts = await asyncio.to_thread(engine.export_kv, prefix)
+        except Exception as exc:
+            log.warning("job %s: its KV cache cannot be handed off: %s", job.job_id, exc)
+            return
+        for index, (keys, values) in enumerate(parts):
+            await send(protocol.KvChunk(job_id=job.job_id, attempt=job.attempt, index=index,
+                                        layout=layout, keys=protocol.b64(keys),
+                                        values=protocol.b64(values)))
 
     def _refuse(self, send: Any, job: protocol.JobAssign, why: str) -> None:
         """Hand a job back at once; the coordinator places it elsewhere."""
@@ -247,7 +344,8 @@ class NodeAgent:
             logprob_vars=list(r.logprob_vars), busy_s=r.busy_s))
 
     @staticmethod
-    def _submit(engine: Engine, job: protocol.JobAssign, on_update: Any) -> None:
+    def _submit(engine: Engine, job: protocol.JobAssign, on_update: Any,
+                prefix: KvPrefix | None = None) -> None:
         engine.submit(
             GenerationRequest(
                 request_id=f"{job.job_id}:{job.attempt}",
@@ -255,6 +353,8 @@ class NodeAgent:
                 params=job.sampling.params(),
                 want_logprobs=job.want_logprobs,
                 resumed_tokens=job.resumed_tokens,
+                export_kv=job.kv_export,
+                kv_prefix=prefix,
             ),
             on_update,
         )
@@ -297,6 +397,8 @@ class NodeAgent:
                     break
             if run.handed_back:
                 return
+            if job.kv_export and update.kv is not None:
+                await self._send_kv(engine, job, update.kv, send)
             lps_sha = protocol.logprobs_sha256(sent_lps, sent_top) if client_lps else None
             await send(self._report(engine, run, produced, update, lps_sha))
         except Exception as exc:  # a bug of ours, not the job's: hand it back rather than go silent
@@ -321,8 +423,8 @@ class NodeAgent:
         meter = self._meter()
         energy_j, energy_source = meter.joules_between(
             run.energy_start or meter.read(), meter.read(), busy_s)
-        metering = protocol.Metering(
-            prompt_tokens=len(job.prompt_token_ids),
+        metering = protocol.Metering(  # the prompt tokens it prefilled (not those it was sent)
+            prompt_tokens=len(job.prompt_token_ids) - run.kv_positions,
             completion_tokens=len(produced),
             time_to_first_token_s=(run.first_token_s or now) - run.started_s,
             total_s=now - run.started_s,
@@ -349,12 +451,19 @@ class NodeAgent:
         return self.meter
 
     def _cancel_job(self, job_id: str, attempt: int) -> None:
+        imp = self._imports.get((job_id, attempt))
+        if imp is not None:  # still waiting for its cache: it never starts
+            imp.cancelled = True
+            imp.ended.set()
         run = self.running.get(job_id)
         if run is not None and run.job.attempt == attempt:
             self.engines[run.job.model].cancel(f"{job_id}:{attempt}")
 
     def _abandon_all(self) -> None:
         """The socket is gone: the coordinator resumes these jobs elsewhere, so stop them."""
+        for imp in self._imports.values():
+            imp.cancelled = True
+            imp.ended.set()
         for run in list(self.running.values()):
             run.handed_back = True
             self.engines[run.job.model].cancel(f"{run.job.job_id}:{run.job.attempt}")
@@ -445,7 +554,7 @@ async def _coalesced(updates: asyncio.Queue[GenerationUpdate], carry: Generation
         update = replace(update, token_ids=update.token_ids + nxt.token_ids,
                          logprobs=_joined_logprobs(update, nxt),
                          top_logprobs=_joined_top(update, nxt), finished=nxt.finished,
-                         finish_reason=nxt.finish_reason)
+                         finish_reason=nxt.finish_reason, kv=nxt.kv or update.kv)
     return update, None
 
 

@@ -15,6 +15,9 @@ start. Every mode wraps the honest engine or agent; none changes what the node r
 - ``replay``: answers every job with the output it produced for its first job.
 - ``forged-signature``: signs its results with a key other than the one it said hello with.
 - ``overclaim``: reports (and signs) more tokens and busy time than it produced.
+- ``kv-nan`` / ``kv-short`` (disaggregated prefill/decode): the KV cache the node hands off has
+  NaN in its first chunk (the decoding node refuses it), or says one position fewer than the
+  prompt (the coordinator refuses it); the hand-off fails, and the job must still end right.
 - ``stage-noise`` (a node holding a layer range, ``--layers``): computes on its inputs with noise
   as large as they are (the first stage: returns its outputs so), so what it returns, hidden
   states or (the last stage) tokens, is not what its layers make of what it was sent.
@@ -51,6 +54,7 @@ from sparecycles.node.backends.base import (
     EngineStats,
     GenerationRequest,
     GenerationUpdate,
+    KvPrefix,
     ScoreResult,
     UpdateCallback,
 )
@@ -58,7 +62,7 @@ from sparecycles.types import FinishReason, SamplingParams
 
 ALLOW_ENV = "SPARECYCLES_ALLOW_CHEATS"
 MODES = ("random-tokens", "different-model", "bf16", "int8", "other-file", "replay",
-         "forged-signature", "overclaim", "stage-noise", "stage-skip")
+         "forged-signature", "overclaim", "stage-noise", "stage-skip", "kv-nan", "kv-short")
 WEIGHTS_MODES = ("different-model", "bf16", "int8")  # rewrite a PyTorch model's weights
 
 
@@ -88,6 +92,8 @@ def apply(agent: Any, mode: str, *, seed: int = 0, **load_options: Any) -> None:
         agent.engines = {n: RandomTokens(e, seed) for n, e in agent.engines.items()}
     elif mode == "replay":
         agent.engines = {n: Replay(e) for n, e in agent.engines.items()}
+    elif mode in ("kv-nan", "kv-short"):
+        agent.engines = {n: BadKvCache(e, mode) for n, e in agent.engines.items()}
     elif mode == "forged-signature":
         agent.identity = ForgingIdentity(agent.identity)
     elif mode == "overclaim":
@@ -166,6 +172,34 @@ class _Wrapped(Engine):
               resumed_tokens: int = 0) -> ScoreResult:
         return self.inner.score(prompt_token_ids, output_token_ids, temperature=temperature,
                                 top_p=top_p, params=params, resumed_tokens=resumed_tokens)
+
+    def export_kv(self, prefix: KvPrefix) -> tuple[protocol.KvLayout, list[tuple[bytes, bytes]]]:
+        return self.inner.export_kv(prefix)
+
+    def import_kv(self, layout: protocol.KvLayout, chunks: list[tuple[bytes, bytes]]
+                  ) -> KvPrefix:
+        return self.inner.import_kv(layout, chunks)
+
+
+class BadKvCache(_Wrapped):
+    """Hands off a broken KV cache: NaN in its first chunk (``kv-nan``), or (``kv-short``) a
+    cache said to hold one position fewer than the prompt (its chunks cut to match)."""
+
+    def __init__(self, inner: Engine, mode: str):
+        super().__init__(inner)
+        self.mode = mode
+
+    def export_kv(self, prefix: KvPrefix) -> tuple[protocol.KvLayout, list[tuple[bytes, bytes]]]:
+        if self.mode == "kv-short" and prefix.positions > 1:
+            prefix = KvPrefix(tuple((k[:, :-1], v[:, :-1]) for k, v in prefix.layers),
+                              prefix.positions - 1)
+        layout, parts = self.inner.export_kv(prefix)
+        if self.mode == "kv-nan":
+            nan = {"float32": b"\x00\x00\xc0\x7f", "float16": b"\x00\x7e",
+                   "bfloat16": b"\xc0\x7f"}[layout.dtype]  # a quiet NaN, little-endian
+            keys, values = parts[0]
+            parts[0] = (nan * (len(keys) // len(nan)), values)
+        return layout, parts
 
 
 class RandomTokens(_Wrapped):

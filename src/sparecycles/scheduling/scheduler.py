@@ -101,11 +101,12 @@ class SchedulerConfig:
     hedge_after_factor: float = 0.0
     hedges_per_job_max: int = 1
     hedge_remaining_tokens_min: int = 32
-    # Disaggregated prefill/decode ("fastest" only; in the simulator, the live hand-off is not
-    # built yet): a job may be prefilled on one node, which samples its first token, and decoded
-    # on another, the KV cache shipped between them over the slower of the sender's uplink and
-    # the receiver's downlink, when the roofline predicts that pair finishes it sooner than the
-    # best single node (docs/scheduling.md, "Disaggregated prefill/decode"). The prefill is
+    # Disaggregated prefill/decode ("fastest" only; live, coordinator/handoff.py with the
+    # setting disagg = "auto"): a job may be prefilled on one node, which samples its first
+    # token, and decoded on another, the KV cache shipped between them over the slower of the
+    # sender's uplink and the receiver's downlink, when the roofline predicts that pair
+    # finishes it sooner than the best single node (docs/scheduling.md, "Disaggregated
+    # prefill/decode"). The prefill is
     # weighed on the ``disaggregate_senders`` nodes that would finish it soonest, each against
     # every node the job weighed for decoding.
     disaggregate: bool = False

@@ -19,8 +19,20 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from sparecycles import protocol
 from sparecycles.types import FinishReason, ModelSpec, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class KvPrefix:
+    """The keys and values of a prompt's first ``positions`` tokens, one (keys, values) pair per
+    layer, each (kv heads, positions, head dim) as the backend's own arrays: what a node that
+    prefilled a prompt hands to the node that decodes it (disaggregated prefill/decode)."""
+
+    layers: tuple[tuple[Any, Any], ...]
+    positions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +44,12 @@ class GenerationRequest:
     # the last ``resumed_tokens`` of the prompt are this request's output from an earlier
     # attempt (the grammar, penalties and min_tokens count them as output)
     resumed_tokens: int = 0
+    # disaggregated prefill/decode (engines with protocol.FEATURE_KV_HANDOFF): ``export_kv``
+    # asks for the prompt's KV cache in the final update (a request of max_tokens 1, finished
+    # after its prefill's token); ``kv_prefix`` holds the KV cache of the prompt's first tokens,
+    # which the engine loads instead of prefilling them
+    export_kv: bool = False
+    kv_prefix: KvPrefix | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,7 @@ class GenerationUpdate:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
+    kv: KvPrefix | None = None  # the final update of an ``export_kv`` request: its prompt's cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,19 @@ class Engine(abc.ABC):
         earlier output). Raises ``InvalidRequest`` for tokens outside the vocabulary or the
         context."""
         raise NotImplementedError(f"{type(self).__name__} cannot score")
+
+    def export_kv(self, prefix: KvPrefix) -> tuple[protocol.KvLayout, list[tuple[bytes, bytes]]]:
+        """A cache this engine exported, as the wire carries it: its layout and each chunk's
+        (keys, values) bytes, in ``protocol.kv_chunks`` order. Raises ``InvalidRequest`` when it
+        is over the protocol's bounds. Callable from any thread."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hand off a KV cache")
+
+    def import_kv(self, layout: protocol.KvLayout, chunks: list[tuple[bytes, bytes]]
+                  ) -> KvPrefix:
+        """The cache a hand-off sent, checked against this engine's model (layers, heads, head
+        size), ready for ``GenerationRequest.kv_prefix``; ``InvalidRequest`` if it does not fit.
+        Callable from any thread."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a KV cache")
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from sparecycles import grammar, limits
+from sparecycles import grammar, limits, protocol
 from sparecycles.errors import ContextLengthExceeded, InvalidRequest
 from sparecycles.node.backends import npsampling, sampling
 from sparecycles.node.backends.base import (
@@ -42,6 +42,7 @@ from sparecycles.node.backends.base import (
     EngineStats,
     GenerationRequest,
     GenerationUpdate,
+    KvPrefix,
     ScoreResult,
     UpdateCallback,
 )
@@ -160,6 +161,11 @@ class BatchingEngine(Engine, Generic[S]):
     def _on_finished(self, s: S) -> None:
         """Free what ``s`` held, before its caller hears it ended (engine thread only)."""
 
+    def _exported_kv(self, s: S) -> KvPrefix | None:
+        """The prompt's KV cache of an ``export_kv`` request that ends now (engine thread only);
+        None where there is none to give."""
+        return None
+
     # --- the interface, called from any thread ------------------------------------------------
 
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
@@ -177,6 +183,11 @@ class BatchingEngine(Engine, Generic[S]):
             raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
         if not 0 <= request.resumed_tokens < n_prompt:
             raise InvalidRequest("resumed_tokens must be shorter than the prompt")
+        if ((request.kv_prefix is not None or request.export_kv)
+                and protocol.FEATURE_KV_HANDOFF not in self.features):
+            raise InvalidRequest(f"{self.name} cannot hand off a KV cache")
+        if request.kv_prefix is not None and not 0 < request.kv_prefix.positions < n_prompt:
+            raise InvalidRequest("a KV prefix must leave at least one prompt token to prefill")
         row = self._row(request.params, request.prompt_token_ids, request.resumed_tokens)
         sequence = self._new_sequence(request, on_update, row)
         with self._lock:
@@ -362,7 +373,10 @@ class BatchingEngine(Engine, Generic[S]):
             s.finished = True
             if self._active.get(s.request.request_id) is s:
                 del self._active[s.request.request_id]
+        kv = None
         if threading.current_thread() is self._thread:
+            if s.request.export_kv and reason is FinishReason.LENGTH and error is None:
+                kv = self._exported_kv(s)
             self._on_finished(s)
         update = GenerationUpdate(
             request_id=s.request.request_id,
@@ -372,6 +386,7 @@ class BatchingEngine(Engine, Generic[S]):
             finished=True,
             finish_reason=reason if error is None else None,
             error=error,
+            kv=kv,
         )
         self._deliver(s, update)
 

@@ -107,6 +107,11 @@ def check_full_attention(config: Any, name: str) -> None:
         )
 
 
+def filled_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) of a filled full-attention cache."""
+    return [(keys, values) for _, keys, values in _filled(cache)]
+
+
 def _filled(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
     """Each layer of a batch's cache with its keys and values: full-attention layers only
     (``check_full_attention``), filled by the prefill that made the batch."""

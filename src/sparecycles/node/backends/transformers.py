@@ -13,6 +13,13 @@ request attends to. A request's greedy tokens are the same alone or in any batch
 this on the tiny fp32 model); bit-for-bit equal logits are not promised, since kernels may sum in
 a different order for a different batch shape.
 
+Chunked prefill: a prompt longer than ``prefill_chunk_tokens`` is not prefilled in one pass with
+every decode paused; it is prefilled alone, a chunk per engine step, into a cache of its own,
+between the running batch's decode steps, and joins the batch when its last chunk has chosen its
+first token. A sequence handed a KV cache (``GenerationRequest.kv_prefix``, disaggregated
+prefill/decode) takes the same path from the cache's end; one asked to ``export_kv`` too, so its
+prompt's cache is its own when it ends.
+
 Only models whose cache layers are plain full-attention ``DynamicLayer``s are supported (Llama,
 Qwen2, Mistral without a sliding window, ...); others are refused at load with a clear error.
 """
@@ -31,10 +38,16 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from sparecycles import gguffile, grammar, limits, modelfiles, protocol
+from sparecycles.errors import InvalidRequest
 from sparecycles.node.backends import sampling
-from sparecycles.node.backends.base import GenerationRequest, UpdateCallback
+from sparecycles.node.backends.base import GenerationRequest, KvPrefix, UpdateCallback
 from sparecycles.node.backends.batching import BatchingEngine, ScoreJob, Sequence
-from sparecycles.node.backends.kvbatch import KVBatch, check_full_attention, left_padded
+from sparecycles.node.backends.kvbatch import (
+    KVBatch,
+    check_full_attention,
+    filled_kv,
+    left_padded,
+)
 from sparecycles.types import FinishReason, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,9 @@ log = logging.getLogger(__name__)
 # Prompts prefilled in one forward pass hold at most this many (padded) tokens, which bounds the
 # activation memory of a prefill; a longer prompt is still prefilled, alone.
 prefill_tokens_max = 8192
+# A prompt longer than this is prefilled in chunks of this many tokens, one chunk per step between
+# the running batch's decode steps (0: every prompt in one pass, decodes paused meanwhile).
+prefill_chunk_tokens_default = 512
 
 
 @dataclass(slots=True, eq=False)
@@ -50,6 +66,7 @@ class _Sequence(Sequence):
 
     generator: torch.Generator | None = None
     n_cached: int = 0  # tokens of this request in the KV cache (also its next position id)
+    own: KVBatch | None = None  # its cache while it is prefilled in chunks, before it joins
 
 
 class TransformersEngine(BatchingEngine[_Sequence]):
@@ -65,9 +82,13 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         batch_size_max: int = limits.batch_size_max,
         queue_max: int = limits.engine_queue_max,
         duty_cycle: float = 1.0,
+        prefill_chunk_tokens: int = prefill_chunk_tokens_default,
     ) -> None:
         self.check_limits(batch_size_max, queue_max, duty_cycle)
+        if prefill_chunk_tokens < 0:
+            raise InvalidRequest("prefill_chunk_tokens must be >= 0")
         check_full_attention(model.config, name)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.name = name
         self.spec = spec
         self.device = str(model.device)
@@ -75,12 +96,14 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         self._model = model
         self._eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS}
+        self.features = frozenset({protocol.FEATURE_SAMPLING_CONTROLS,
+                                   protocol.FEATURE_KV_HANDOFF}
                                   | ({protocol.FEATURE_GRAMMAR} if grammar.available() else set()))
         self._keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Touched by the engine thread only.
         self._batch: list[_Sequence] = []  # row i of self._kv is self._batch[i]
         self._kv: KVBatch | None = None
+        self._prefilling: list[_Sequence] = []  # prefilled a chunk a step, first come first
         self._start_engine(batch_size_max=batch_size_max, queue_max=queue_max,
                            duty_cycle=duty_cycle)
 
@@ -95,6 +118,7 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         batch_size_max: int = limits.batch_size_max,
         queue_max: int = limits.engine_queue_max,
         duty_cycle: float = 1.0,
+        prefill_chunk_tokens: int = prefill_chunk_tokens_default,
     ) -> TransformersEngine:
         """Load ``source`` (a local directory, a GGUF file, or a hub id where the hub is
         reachable).
@@ -125,7 +149,7 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         tokenizer = modelfiles.load_tokenizer(path)
         spec = modelfiles.model_spec(name, path, dtype=model.dtype)
         return cls(name, model, tokenizer, spec, batch_size_max=batch_size_max, queue_max=queue_max,
-                   duty_cycle=duty_cycle)
+                   duty_cycle=duty_cycle, prefill_chunk_tokens=prefill_chunk_tokens)
 
     # --- what the shared frame asks of a backend --------------------------------------------
 
@@ -143,10 +167,11 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def _running_sequences(self) -> list[_Sequence]:
-        return list(self._batch)
+        return [*self._batch, *self._prefilling]
 
     def _teardown(self) -> None:
         self._reset_batch()
+        self._prefilling = []
         self._model = None  # let the weights go: a closed engine is an unloaded model
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -168,40 +193,71 @@ class TransformersEngine(BatchingEngine[_Sequence]):
                     self._step(cancelled, admitted)
                 except Exception as exc:  # a bug, not a model error: fail what runs, carry on
                     log.exception("engine %s: step failed", self.name)
-                    self._fail([*self._batch, *admitted], f"engine error: {exc}")
+                    self._fail([*self._batch, *self._prefilling, *admitted],
+                               f"engine error: {exc}")
                     self._reset_batch()
+                    self._prefilling = []
 
     def _take_admissible(self) -> list[_Sequence]:
         """Waiting requests that fit the batch and one prefill's token budget (lock held)."""
         taken: list[_Sequence] = []
-        longest = 0
-        while self._waiting and len(self._batch) + len(taken) < self._batch_size_max:
+        longest, together = 0, 0
+        while (self._waiting and len(self._batch) + len(self._prefilling) + len(taken)
+               < self._batch_size_max):
             n = len(self._waiting[0].request.prompt_token_ids)
-            if taken and max(longest, n) * (len(taken) + 1) > prefill_tokens_max:
+            alone = self._chunked(self._waiting[0])
+            if not alone and together and max(longest, n) * (together + 1) > prefill_tokens_max:
                 break
-            longest = max(longest, n)
+            if not alone:
+                longest, together = max(longest, n), together + 1
             taken.append(self._waiting.popleft())
             self._stats.prompt_tokens += n
+            if taken[-1].request.kv_prefix is not None:
+                self._stats.prompt_tokens_cached += taken[-1].request.kv_prefix.positions
         return taken
+
+    def _chunked(self, s: _Sequence) -> bool:
+        """Is ``s`` prefilled alone, a chunk a step (long, handed a cache, or exporting one)?"""
+        r = s.request
+        return (r.kv_prefix is not None or r.export_kv
+                or 0 < self.prefill_chunk_tokens < len(r.prompt_token_ids))
 
     def _step(self, cancelled: set[_Sequence], admitted: list[_Sequence]) -> None:
         for s in cancelled:  # waiting or running; finishing twice is a no-op
             self._finish(s, FinishReason.STOP)
         self._drop([s for s in self._batch if s.finished])
-        if admitted:
+        self._prefilling = [s for s in self._prefilling if not s.finished]
+        group = [s for s in admitted if not self._chunked(s)]
+        for s in admitted:
+            if self._chunked(s):
+                if s.request.kv_prefix is not None:
+                    s.own = self._loaded(s.request.kv_prefix)
+                    s.n_cached = s.request.kv_prefix.positions
+                self._prefilling.append(s)
+        if group:
             started = time.perf_counter()
             try:
-                kv = self._prefill(admitted)
+                kv = self._prefill(group)
             except Exception as exc:  # e.g. out of memory: only this group fails
                 log.exception("engine %s: prefill failed", self.name)
-                self._fail(admitted, f"prefill failed: {exc}")
+                self._fail(group, f"prefill failed: {exc}")
             else:
-                if self._kv is None:
-                    self._kv = kv
-                else:
-                    self._kv.merge(kv)
-                self._batch.extend(admitted)
-                self._drop([s for s in admitted if s.finished])
+                self._join(group, kv)
+            self._add_busy(time.perf_counter() - started, 0, 0)
+        if self._prefilling:  # one chunk of the first prompt in line, then everyone decodes
+            started = time.perf_counter()
+            s = self._prefilling[0]
+            try:
+                done = self._prefill_chunk(s)
+            except Exception as exc:
+                log.exception("engine %s: chunked prefill failed", self.name)
+                self._fail([s], f"prefill failed: {exc}")
+                done = True
+            if done:
+                self._prefilling.pop(0)
+                own, s.own = s.own, None
+                if own is not None and not s.finished:
+                    self._join([s], own)
             self._add_busy(time.perf_counter() - started, 0, 0)
         if self._batch:
             started = time.perf_counter()
@@ -215,6 +271,104 @@ class TransformersEngine(BatchingEngine[_Sequence]):
                 finished = []
             self._add_busy(time.perf_counter() - started, len(batch), 1)
             self._drop(finished)
+
+    def _join(self, group: list[_Sequence], kv: KVBatch) -> None:
+        """Prefilled sequences join the running batch (those that already ended do not stay)."""
+        if self._kv is None:
+            self._kv = kv
+        else:
+            self._kv.merge(kv)
+        self._batch.extend(group)
+        self._drop([s for s in group if s.finished])
+
+    def _prefill_chunk(self, s: _Sequence) -> bool:
+        """The next chunk of ``s``'s prompt into its own cache; True once the whole prompt is in
+        (its first token then chosen, from the last position's logits)."""
+        prompt = s.request.prompt_token_ids
+        start = s.n_cached
+        n = len(prompt) - start
+        if self.prefill_chunk_tokens:
+            n = min(n, self.prefill_chunk_tokens)
+        cache = s.own.cache if s.own is not None else DynamicCache(config=self._model.config)
+        ids = torch.tensor([prompt[start : start + n]], device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None, :]
+        mask = torch.ones((1, start + n), dtype=torch.long, device=self.device)
+        extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True, **extra)
+        s.own = KVBatch(cache, mask)
+        s.n_cached = start + n
+        if s.n_cached < len(prompt):
+            return False
+        self._choose([s], out.logits[:, -1, :])
+        return True
+
+    def _loaded(self, prefix: KvPrefix) -> KVBatch:
+        """A one-row cache holding a handed-over prefix (``import_kv`` checked its shapes)."""
+        cache = DynamicCache(config=self._model.config)
+        for layer, (keys, values) in enumerate(prefix.layers):
+            cache.update(keys[None].to(self.device), values[None].to(self.device), layer)
+        mask = torch.ones((1, prefix.positions), dtype=torch.long, device=self.device)
+        return KVBatch(cache, mask)
+
+    def _exported_kv(self, s: _Sequence) -> KvPrefix | None:
+        if s.own is None:  # it did not end in its own prefill (it is not max_tokens 1)
+            return None
+        layers = tuple((keys[0].detach().to("cpu"), values[0].detach().to("cpu"))
+                       for keys, values in filled_kv(s.own.cache))
+        return KvPrefix(layers, s.n_cached)
+
+    # --- KV hand-off: the wire's bytes, checked against this model --------------------------
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head size) of this model's cache."""
+        c = self._model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, heads, head_dim
+
+    def export_kv(self, prefix: KvPrefix) -> tuple[protocol.KvLayout, list[tuple[bytes, bytes]]]:
+        layers, heads, head_dim = self._kv_shape()
+        dtype = str(prefix.layers[0][0].dtype).removeprefix("torch.")
+        try:
+            layout = protocol.KvLayout(layers=layers, kv_heads=heads, head_dim=head_dim,
+                                       positions=prefix.positions, dtype=dtype)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise InvalidRequest(f"this KV cache cannot be handed off: {exc}") from None
+        parts = []
+        for layer, start, n in protocol.kv_chunks(layout):
+            keys, values = prefix.layers[layer]
+            parts.append((_tensor_bytes(keys[:, start : start + n, :]),
+                          _tensor_bytes(values[:, start : start + n, :])))
+        return layout, parts
+
+    def import_kv(self, layout: protocol.KvLayout, chunks: list[tuple[bytes, bytes]]
+                  ) -> KvPrefix:
+        layers, heads, head_dim = self._kv_shape()
+        if (layout.layers, layout.kv_heads, layout.head_dim) != (layers, heads, head_dim):
+            raise InvalidRequest(
+                f"a KV cache of {layout.layers} layers x {layout.kv_heads} heads x "
+                f"{layout.head_dim} does not fit {self.name} ({layers} x {heads} x {head_dim})")
+        plan = protocol.kv_chunks(layout)
+        if len(chunks) != len(plan):
+            raise InvalidRequest(f"{len(chunks)} KV chunks where {len(plan)} were promised")
+        dtype = getattr(torch, layout.dtype)
+        keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        for (layer, _start, n), (k, v) in zip(plan, chunks, strict=True):
+            want = n * layout.row_bytes
+            if len(k) != want or len(v) != want:
+                raise InvalidRequest(f"a KV chunk of layer {layer} is not {want} bytes")
+            keys[layer].append(_tensor_of(k, dtype, (heads, n, head_dim)))
+            values[layer].append(_tensor_of(v, dtype, (heads, n, head_dim)))
+        out = []
+        for k_parts, v_parts in zip(keys, values, strict=True):
+            k_t = torch.cat(k_parts, dim=1).to(self._model.dtype)
+            v_t = torch.cat(v_parts, dim=1).to(self._model.dtype)
+            if not (bool(torch.isfinite(k_t).all()) and bool(torch.isfinite(v_t).all())):
+                raise InvalidRequest("a KV cache with NaN or infinite values")
+            out.append((k_t, v_t))
+        return KvPrefix(tuple(out), layout.positions)
 
     def _prefill(self, group: list[_Sequence]) -> KVBatch:
         """Run the group's prompts (left-padded) through the model; emit each first token."""
@@ -321,6 +475,15 @@ class TransformersEngine(BatchingEngine[_Sequence]):
 
     def _reset_batch(self) -> None:
         self._batch, self._kv = [], None
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, little-endian, row-major (what ``protocol.KvChunk`` carries)."""
+    return bytes(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _tensor_of(data: bytes, dtype: torch.dtype, shape: tuple[int, int, int]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
