@@ -155,6 +155,11 @@ def roofline_only(profile: DeviceProfile) -> DeviceProfile:
                    overhead_sequence_layer_s=0.0, overhead_context_layer_s=0.0)  # fmt: skip
 
 
+def without_llamacpp(profile: DeviceProfile) -> DeviceProfile:
+    """The profile as a node measured it before it timed llama.cpp."""
+    return replace(profile, llamacpp_read_by_rows=(), llamacpp_overhead=())
+
+
 def describe(profile: DeviceProfile) -> str:
     rows = ", ".join(f"{r}: {f / 1e9:.0f}" for r, f in profile.matmul_flops_by_rows)
     if profile.llamacpp_read_by_rows:
@@ -211,6 +216,11 @@ def main() -> None:
     context = args.prompt + args.new // 2  # the mean context while decoding
     # (model, batch) -> [(predicted, measured, roofline only)] per round; batch 0: the prefill
     pairs: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    # the last column: for transformers the idealised roofline; for llama.cpp the prediction
+    # without the llama.cpp measurements (what perfmodel said before it had them: the copy's
+    # bandwidth x 0.74, the transformers engine's overhead)
+    other = roofline_only if args.backend == "transformers" else without_llamacpp
+    other_name = "roofline only" if args.backend == "transformers" else "without llama.cpp's"
     loads = []
     for round_ in range(args.rounds):
         loads.append(os.getloadavg()[0])
@@ -222,7 +232,7 @@ def main() -> None:
             for batch in batches:
                 rate = run_batch(engine, batch, args.prompt, args.new)[0]
                 predicted = perfmodel.decode_tokens_per_s(spec, profile, batch, context)
-                pure = perfmodel.decode_tokens_per_s(spec, roofline_only(profile), batch, context)
+                pure = perfmodel.decode_tokens_per_s(spec, other(profile), batch, context)
                 pairs.setdefault((spec.name, batch), []).append((predicted, rate, pure))
                 bound = perfmodel.bound(spec, profile, batch, context)
                 print(f"  {spec.name} batch {batch}: measured {rate:.1f} tok/s, predicted "
@@ -230,7 +240,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
             ttft = run_batch(engine, 1, args.prefill, 2)[1]
             predicted = perfmodel.prefill_s(spec, profile, args.prefill)
-            pure = perfmodel.prefill_s(spec, roofline_only(profile), args.prefill)
+            pure = perfmodel.prefill_s(spec, other(profile), args.prefill)
             pairs.setdefault((spec.name, 0), []).append((predicted, ttft, pure))
             print(f"  {spec.name} prefill {args.prefill}: measured {ttft:.3f} s, predicted "
                   f"{predicted:.3f} ({predicted / ttft - 1:+.0%})", flush=True)  # fmt: skip
@@ -238,7 +248,7 @@ def main() -> None:
     print(f"\nload average over the rounds: {min(loads):.1f} to {max(loads):.1f}; "
           f"at the end (1, 5, 15 min): {now}")  # fmt: skip
     print("medians over the rounds; error = median of the rounds' paired errors (range)\n")
-    print("| model | params | batch | predicted | measured | error (range) | roofline only |")
+    print(f"| model | params | batch | predicted | measured | error (range) | {other_name} |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     for engine in engines:

@@ -12,17 +12,18 @@ byte vocabulary, nothing downloaded):
   64) at two depths, two batches and two contexts, fitted to the same five terms as the
   transformers engine's (node/overhead.py: step, layer, sequence, sequence-layer,
   context-layer);
-- **the rate each weight type is read at**: a probe model of 4 layers of Llama 3.2 1B's width
-  (hidden 2048, FFN 5632; ~180 M parameters, every matrix in one type: 100 MB in Q4_0, far
-  beyond the caches) decodes ``rows`` sequences at once, for rows 1 to 16; the step's time less
+- **the rate each weight type is read at**: a probe model of 12 layers of hidden 2048, FFN 5632
+  (537 M parameters, every matrix in one type: 300 MB in Q4_0, far beyond the caches) decodes
+  ``rows`` sequences at once, for rows 1 to 16; the step's time less
   the engine's cost above is the time its matrices took, and their bytes over that time is the
   type's rate at that many rows.
 
 ``perfmodel`` then times a GGUF's decode step as the sum over its tensor types of bytes / rate
 (``ModelSpec.bytes_by_type``), plus the engine's cost; nothing is fitted to the model predicted.
-The types measured are those of the GGUF files the node serves (``gguf_types``). Writing and
-quantizing the probes takes a few seconds, the timing a few more per type; the node caches the
-profile (node/profile.py).
+The types measured are those of the GGUF files the node serves (``gguf_types``). Writing the
+probe (1 GB in F16, then each type) takes tens of seconds and a GB of disk for a moment, the
+timing a few seconds per type; the node caches the profile (node/profile.py), so this happens
+once per device and set of types.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ from sparecycles.node.backends import ggufwrite
 
 log = logging.getLogger(__name__)
 
-probe_shape = ggufwrite.LlamaShape(hidden=2048, layers=4, ffn=5632, heads=16, kv_heads=4,
+# 12 layers of 2048 x 5632 (537 M parameters: 300 MB in Q4_0, 570 MB in Q8_0). Far beyond any
+# last-level cache: a 4-layer probe (100 MB in Q4_0) read at 55 GB/s on the 2-vCPU EPYC VM of
+# docs/benchmarks.md, where a 1.2B Q4_0 model's matrices came at 30 (its host's L3 may hold
+# 96 MB per chiplet, more than the VM's 32 MiB shown)
+probe_shape = ggufwrite.LlamaShape(hidden=2048, layers=12, ffn=5632, heads=16, kv_heads=4,
                                    context_length=4096)
 probe_rows = (1, 2, 4, 8, 16)  # decode batches timed on the probe
 probe_prompt_tokens = 16
@@ -95,19 +100,24 @@ def _workdir(keep: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _write(path: Path, shape: ggufwrite.LlamaShape, kind: str, work: Path) -> Path:
-    """``path`` (a pure ``kind`` model of ``shape``), written unless already there."""
+def _write(path: Path, shape: ggufwrite.LlamaShape, kind: str, work: Path,
+           f16: Path | None = None) -> Path:
+    """``path`` (a pure ``kind`` model of ``shape``), written unless already there; quantized
+    from ``f16`` when given (kept), else from an F16 model written for it and removed."""
     if path.is_file():
         return path
-    f16 = work / f"{path.stem}-f16.gguf"
-    ggufwrite.write_random_llama(f16, shape, ggufwrite.byte_vocabulary(), name=path.stem)
+    own = f16 is None
+    f16 = f16 or work / f"{path.stem}-f16.gguf"
+    if not f16.is_file():
+        ggufwrite.write_random_llama(f16, shape, ggufwrite.byte_vocabulary(), name=path.stem)
     if kind == "f16":
         f16.rename(path)
         return path
     try:
         return ggufwrite.quantize(f16, path, kind, pure=True, threads=os.cpu_count() or 1)
     finally:
-        f16.unlink(missing_ok=True)
+        if own:
+            f16.unlink(missing_ok=True)
 
 
 def measure_overhead(budget_s: float, work: Path, threads: int | None = None) -> Overhead:
@@ -161,30 +171,42 @@ def measure_reads(budget_s: float, types: Iterable[str], terms: Overhead, work: 
     taken out of the step; each the best of a few runs, within about ``budget_s`` in all."""
     types = [t for t in types if t in type_to_kind]
     out: list[tuple[str, int, float]] = []
-    context = probe_prompt_tokens + probe_new_tokens / 2
-    for i, t in enumerate(types):
-        path = _write(work / f"probe-{t.lower()}.gguf", probe_shape, type_to_kind[t], work)
-        nbytes = gguffile.read_gguf(path, arrays=False).decode_bytes_by_type()[t]
-        engine = _engine(path, max(probe_rows), threads)
-        try:
-            torch_overhead.engine_step_s(engine, max(probe_rows), probe_prompt_tokens, 2)
-            deadline = time.perf_counter() + budget_s * (i + 1) / len(types)
-            best: dict[int, float] = {}
-            for tries in range(probe_tries):  # in turns: a burst of load hits one try
-                for rows in probe_rows:
-                    run_s = torch_overhead.engine_step_s(engine, rows, probe_prompt_tokens,
-                                                         probe_new_tokens)
-                    best[rows] = min(run_s, best.get(rows, run_s))
-                if tries + 1 >= probe_tries_min and time.perf_counter() > deadline:
-                    break
-        finally:
-            engine.close()
-        for rows in probe_rows:
-            engine_s = overhead_s(terms, probe_shape.layers, rows, context)
-            # the engine's cost measured apart may exceed a noisy step: never below a tenth
-            weights_s = max(best[rows] - engine_s, best[rows] / 10)
-            out.append((t, rows, nbytes / weights_s))
+    f16 = work / "probe-f16-source.gguf"  # written once, quantized to each type
+    try:
+        for t in types:
+            deadline = time.perf_counter() + budget_s / len(types)
+            out.extend(_measure_type(t, f16, terms, work, threads, deadline))
+    finally:
+        f16.unlink(missing_ok=True)
     return tuple(out)
+
+
+def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int | None,
+                  deadline: float) -> list[tuple[str, int, float]]:
+    """One type's rates by rows (``measure_reads``), the probe quantized from ``f16``."""
+    path = _write(work / f"probe-{t.lower()}.gguf", probe_shape, type_to_kind[t], work, f16)
+    nbytes = gguffile.read_gguf(path, arrays=False).decode_bytes_by_type()[t]
+    engine = _engine(path, max(probe_rows), threads)
+    best: dict[int, float] = {}
+    try:
+        torch_overhead.engine_step_s(engine, max(probe_rows), probe_prompt_tokens, 2)
+        for tries in range(probe_tries):  # in turns: a burst of load hits one try
+            for rows in probe_rows:
+                run_s = torch_overhead.engine_step_s(engine, rows, probe_prompt_tokens,
+                                                     probe_new_tokens)
+                best[rows] = min(run_s, best.get(rows, run_s))
+            if tries + 1 >= probe_tries_min and time.perf_counter() > deadline:
+                break
+    finally:
+        engine.close()
+    context = probe_prompt_tokens + probe_new_tokens / 2
+    out = []
+    for rows in probe_rows:
+        engine_s = overhead_s(terms, probe_shape.layers, rows, context)
+        # the engine's cost measured apart may exceed a noisy step: never below a tenth
+        weights_s = max(best[rows] - engine_s, best[rows] / 10)
+        out.append((t, rows, nbytes / weights_s))
+    return out
 
 
 def measure_llamacpp(budget_s: float, types: Iterable[str] = default_types, *,
