@@ -2,6 +2,7 @@
 against llama-cpp-python called directly, and where a step's time goes. All in one run.
 
     python bench/node_speed.py [--rounds 3] [--tokens 32] [--smol-tokens 64] [--network]
+    SPARECYCLES_BENCH_MODELS=/tmp/models python bench/node_speed.py   # where the 1B GGUFs go
     make bench-node-speed
 
 What is measured, side by side, in each round (the order of the paths reverses every round, so
@@ -64,7 +65,8 @@ from sparecycles.tools import ggufmodel  # noqa: E402
 from sparecycles.tools.smollm2 import smollm2_path  # noqa: E402
 from sparecycles.types import SamplingParams  # noqa: E402
 
-MODELS = Path.home() / ".cache" / "sparecycles" / "models"
+MODELS = Path(os.environ.get("SPARECYCLES_BENCH_MODELS",
+                           Path.home() / ".cache" / "sparecycles" / "models"))
 TARGETS = {"llamacpp_share": 0.80, "transformers_share": 0.70, "batch8_ratio": 3.0,
            "network_ratio": 0.9}
 read_bytes = 512 * 1024 * 1024  # far beyond any last-level cache

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/perfmodel_validate.py                  # or: make bench-perfmodel
     SPARECYCLES_TINY_MODEL=/tmp/tiny2 .venv/bin/python bench/perfmodel_validate.py
+    .venv/bin/python bench/perfmodel_validate.py --backend llamacpp [--gguf FILE ...]
 
 Serves two models with the node's TransformersEngine (continuous batching): the tiny model
 (``--tiny`` or $SPARECYCLES_TINY_MODEL; without either, a random model of about its size) and a
@@ -18,6 +19,14 @@ measures the profile and then, at once, the engine, and compares the two side by
 verdict is the median over ``--rounds`` rounds of each case's paired error, so that one round
 disturbed by other work does not decide it. Every round is printed with the load average.
 
+With ``--backend llamacpp`` the node's ``LlamaCppEngine`` serves GGUF files instead (``--gguf``;
+by default the generated 1.2B model in Q4_0 and Q8_0 that bench/node_speed.py writes, where
+$SPARECYCLES_BENCH_MODELS or ~/.cache/sparecycles/models holds it, and SmolLM2-135M Q4_1), and
+the profile measures llama.cpp as a node that serves those files does
+(node/llamacpp_profile.py: each tensor type's read rate by rows, the engine's cost per pass; the
+probe models are written once and kept in --probe-dir). The prediction reads the file's own
+tensor types (``ModelSpec.bytes_by_type``).
+
 The target: decode predictions within 25% of the measurement.
 """
 
@@ -31,25 +40,30 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
 from sparecycles import modelfiles  # noqa: E402
-from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate  # noqa: E402
-from sparecycles.node.backends.transformers import TransformersEngine  # noqa: E402
+from sparecycles.node import llamacpp_profile  # noqa: E402
+from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate  # noqa: E402
 from sparecycles.node.profile import measure_profile  # noqa: E402
 from sparecycles.scheduling import perfmodel  # noqa: E402
 from sparecycles.types import DeviceProfile, ModelSpec, SamplingParams  # noqa: E402
 
 TARGET = 0.25
+BENCH_MODELS = Path(os.environ.get("SPARECYCLES_BENCH_MODELS",
+                                   Path.home() / ".cache" / "sparecycles" / "models"))
 
 
-def build_engine(hidden: int, layers: int, vocab: int, device: str) -> TransformersEngine:
+def build_engine(hidden: int, layers: int, vocab: int, device: str) -> Any:
     """A Llama-architecture model with random weights, fp32 on a CPU, fp16 on a GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparecycles.node.backends.transformers import TransformersEngine
+
     dtype = torch.float32 if device == "cpu" else torch.float16
     heads = max(1, hidden // 64)
     config = LlamaConfig(
@@ -70,8 +84,13 @@ def build_engine(hidden: int, layers: int, vocab: int, device: str) -> Transform
     return TransformersEngine(spec.name, model, None, spec, batch_size_max=64)
 
 
-def load_engine(path: str, device: str) -> TransformersEngine:
+def load_engine(path: str, device: str) -> Any:
     """A model directory (the tiny model), its end-of-sequence token switched off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparecycles.node.backends.transformers import TransformersEngine
+
     dtype = torch.float32 if device == "cpu" else torch.float16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None
@@ -79,10 +98,25 @@ def load_engine(path: str, device: str) -> TransformersEngine:
     return TransformersEngine(spec.name, model, None, spec, batch_size_max=64)
 
 
-def run_batch(engine: TransformersEngine, batch: int, prompt: int, new: int) -> tuple[float, float]:
+def gguf_engines(paths: list[Path]) -> list[Any]:
+    """The node's llama.cpp engine on each GGUF file (its KV cache room for the batches)."""
+    from sparecycles.node.backends.llamacpp import LlamaCppEngine
+
+    return [LlamaCppEngine.load(p.stem, p, batch_size_max=64, kv_tokens=8192,
+                                prefix_cache=False) for p in paths]
+
+
+def default_ggufs() -> list[Path]:
+    from sparecycles.tools.smollm2 import smollm2_path
+
+    generated = [BENCH_MODELS / f"random-1b-{k}.gguf" for k in ("q4_0", "q8_0")]
+    return [p for p in generated if p.is_file()] + [smollm2_path()]
+
+
+def run_batch(engine: Engine, batch: int, prompt: int, new: int) -> tuple[float, float]:
     """(decode tokens/s of the whole batch, seconds to the first token) for ``batch`` requests
     submitted together: decode is timed from the last first token to the first finish."""
-    vocab = engine._vocab_size
+    vocab = getattr(engine, "vocab_size", None) or engine._vocab_size  # type: ignore[attr-defined]
     stamps: dict[str, list[float]] = {}
     done = threading.Event()
     lock = threading.Lock()
@@ -116,12 +150,25 @@ def roofline_only(profile: DeviceProfile) -> DeviceProfile:
     """The same profile without its measured linear layers and engine overhead: what the
     idealised roofline (Calibration defaults) predicts from bandwidth and FLOP/s alone."""
     return replace(profile, matmul_flops_by_rows=(), matmul_bytes_per_param=0.0,
+                   llamacpp_read_by_rows=(), llamacpp_overhead=(),
                    overhead_step_s=0.0, overhead_layer_s=0.0, overhead_sequence_s=0.0,
                    overhead_sequence_layer_s=0.0, overhead_context_layer_s=0.0)  # fmt: skip
 
 
+def without_llamacpp(profile: DeviceProfile) -> DeviceProfile:
+    """The profile as a node measured it before it timed llama.cpp."""
+    return replace(profile, llamacpp_read_by_rows=(), llamacpp_overhead=())
+
+
 def describe(profile: DeviceProfile) -> str:
     rows = ", ".join(f"{r}: {f / 1e9:.0f}" for r, f in profile.matmul_flops_by_rows)
+    if profile.llamacpp_read_by_rows:
+        reads = ", ".join(f"{t}x{r}: {b / 1e9:.1f}" for t, r, b in profile.llamacpp_read_by_rows)
+        terms = profile.llamacpp_overhead
+        return (f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s copy; llama.cpp reads "
+                f"GB/s by type x rows {{{reads}}}; engine ms: step {terms[0] * 1e3:.3f}, "
+                f"layer {terms[1] * 1e3:.3f}, sequence {terms[2] * 1e3:.3f}, "
+                f"sequence-layer {terms[3] * 1e3:.4f}, context-layer {terms[4] * 1e6:.4f} us")
     return (
         f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s copy, "
         f"{profile.peak_flops / 1e9:.0f} GFLOP/s square matmul; linear GFLOP/s by rows {{{rows}}}; "
@@ -144,29 +191,48 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512, help="the long prompt's tokens")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "llamacpp"])
+    parser.add_argument("--gguf", type=Path, action="append", default=None,
+                        help="a GGUF file (llamacpp; repeat for several)")
+    parser.add_argument("--probe-dir", type=Path,
+                        default=Path("/tmp/sparecycles-llamacpp-probes"),
+                        help="where llama.cpp's probe models are written once and kept")
     args = parser.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
-    engines = [
-        load_engine(args.tiny, args.device) if args.tiny
-        else build_engine(128, 4, 2816, args.device),  # the tiny model's shape
-        build_engine(args.hidden, args.layers, 4096, args.device),
-    ]  # fmt: skip
+    types: tuple[str, ...] | None = None
+    if args.backend == "llamacpp":
+        paths = args.gguf or default_ggufs()
+        types = llamacpp_profile.gguf_types(paths)
+        print(f"GGUF files: {', '.join(p.name for p in paths)}; tensor types {types}")
+        engines = gguf_engines(paths)
+    else:
+        engines = [
+            load_engine(args.tiny, args.device) if args.tiny
+            else build_engine(128, 4, 2816, args.device),  # the tiny model's shape
+            build_engine(args.hidden, args.layers, 4096, args.device),
+        ]  # fmt: skip
     for engine in engines:
         run_batch(engine, 1, args.prompt, 4)  # warm up
     context = args.prompt + args.new // 2  # the mean context while decoding
     # (model, batch) -> [(predicted, measured, roofline only)] per round; batch 0: the prefill
     pairs: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    # the last column: for transformers the idealised roofline; for llama.cpp the prediction
+    # without the llama.cpp measurements (what perfmodel said before it had them: the copy's
+    # bandwidth x 0.74, the transformers engine's overhead)
+    other = roofline_only if args.backend == "transformers" else without_llamacpp
+    other_name = "roofline only" if args.backend == "transformers" else "without llama.cpp's"
     loads = []
     for round_ in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        profile = measure_profile(device=args.device)
+        profile = measure_profile(device=args.device, llamacpp_types=types,
+                                  llamacpp_keep=args.probe_dir)
         print(f"round {round_ + 1} (load {loads[-1]:.1f}): {describe(profile)}", flush=True)
         for engine in engines:
             spec = engine.spec
             for batch in batches:
                 rate = run_batch(engine, batch, args.prompt, args.new)[0]
                 predicted = perfmodel.decode_tokens_per_s(spec, profile, batch, context)
-                pure = perfmodel.decode_tokens_per_s(spec, roofline_only(profile), batch, context)
+                pure = perfmodel.decode_tokens_per_s(spec, other(profile), batch, context)
                 pairs.setdefault((spec.name, batch), []).append((predicted, rate, pure))
                 bound = perfmodel.bound(spec, profile, batch, context)
                 print(f"  {spec.name} batch {batch}: measured {rate:.1f} tok/s, predicted "
@@ -174,7 +240,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
             ttft = run_batch(engine, 1, args.prefill, 2)[1]
             predicted = perfmodel.prefill_s(spec, profile, args.prefill)
-            pure = perfmodel.prefill_s(spec, roofline_only(profile), args.prefill)
+            pure = perfmodel.prefill_s(spec, other(profile), args.prefill)
             pairs.setdefault((spec.name, 0), []).append((predicted, ttft, pure))
             print(f"  {spec.name} prefill {args.prefill}: measured {ttft:.3f} s, predicted "
                   f"{predicted:.3f} ({predicted / ttft - 1:+.0%})", flush=True)  # fmt: skip
@@ -182,7 +248,7 @@ def main() -> None:
     print(f"\nload average over the rounds: {min(loads):.1f} to {max(loads):.1f}; "
           f"at the end (1, 5, 15 min): {now}")  # fmt: skip
     print("medians over the rounds; error = median of the rounds' paired errors (range)\n")
-    print("| model | params | batch | predicted | measured | error (range) | roofline only |")
+    print(f"| model | params | batch | predicted | measured | error (range) | {other_name} |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     for engine in engines:

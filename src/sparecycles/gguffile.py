@@ -90,6 +90,17 @@ class GGUFInfo:
             out[t.type_name] += t.n_elements
         return out
 
+    def decode_bytes_by_type(self) -> Counter[str]:
+        """Bytes of weights one decode step reads, by tensor type: every tensor but the input
+        embedding (a step reads one row of it), unless the model has no ``output`` matrix and
+        computes its logits with the embedding (tied weights), which it then reads whole."""
+        tied = not any(t.name == "output.weight" for t in self.tensors)
+        out: Counter[str] = Counter()
+        for t in self.tensors:
+            if tied or t.name != "token_embd.weight":
+                out[t.type_name] += t.n_bytes
+        return out
+
     @property
     def chat_template(self) -> str | None:
         value = self.metadata.get("tokenizer.chat_template")

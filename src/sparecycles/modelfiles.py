@@ -332,6 +332,8 @@ def _gguf_spec(name: str, path: Path, dtype: object | None, hash_weights: bool) 
         head_dim=int(head_dim),
         context_length=int(context_length),
         weights_sha256=weights_sha256(path) if hash_weights else "",
+        # as llama.cpp reads them; a GGUF loaded into another dtype (transformers) has none
+        bytes_by_type=() if dtype else tuple(sorted(info.decode_bytes_by_type().items())),
     )
 
 

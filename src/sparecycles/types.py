@@ -135,6 +135,12 @@ class DeviceProfile:
     overhead_sequence_s: float = 0.0
     overhead_sequence_layer_s: float = 0.0
     overhead_context_layer_s: float = 0.0  # per sequence, token of context and layer
+    # Measured where the node runs llama.cpp (node/llamacpp_profile.py): the rate llama.cpp's
+    # kernels consume each weight type's bytes in a decode step of ``rows`` sequences,
+    # ((type, rows, bytes/s), ...), and the llama.cpp engine's own time per pass outside the
+    # weights' maths, the five terms of overhead_* above in the same order. Empty: not measured.
+    llamacpp_read_by_rows: tuple[tuple[str, int, float], ...] = ()
+    llamacpp_overhead: tuple[float, ...] = ()
     # The node's network link, bytes/s each way (home broadband is asymmetric: often 10-50
     # Mbit/s up against hundreds down); 0 means not known, and the scheduler then never ships a
     # KV cache from or to the node (disaggregated prefill/decode, docs/scheduling.md).
@@ -145,6 +151,10 @@ class DeviceProfile:
         # JSON (a cached profile, a node's hello) gives lists; keep the profile hashable
         rows = tuple((int(r), float(f)) for r, f in self.matmul_flops_by_rows)
         object.__setattr__(self, "matmul_flops_by_rows", rows)
+        reads = tuple((str(t), int(r), float(b)) for t, r, b in self.llamacpp_read_by_rows)
+        object.__setattr__(self, "llamacpp_read_by_rows", reads)
+        terms = tuple(float(x) for x in self.llamacpp_overhead)
+        object.__setattr__(self, "llamacpp_overhead", terms)
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -165,10 +175,27 @@ class ModelSpec:
     head_dim: int
     context_length: int
     weights_sha256: str = ""
+    # A GGUF's weights read per decode step by tensor type, ((type, bytes), ...) sorted: every
+    # tensor but the input embedding (unless tied to the output). Empty for other formats. With
+    # a profile that measured llama.cpp's kernels per type, perfmodel times each type's share.
+    bytes_by_type: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON (the coordinator's stored specs) gives lists; keep the spec hashable
+        if self.bytes_by_type:
+            pairs = tuple((str(t), int(n)) for t, n in self.bytes_by_type)
+            object.__setattr__(self, "bytes_by_type", pairs)
 
     @property
     def weight_bytes(self) -> int:
         return int(self.n_params * self.bytes_per_param)
+
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Weights read per decode step: ``bytes_by_type``'s sum where known, else all."""
+        if self.bytes_by_type:
+            return sum(n for _, n in self.bytes_by_type)
+        return self.weight_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -202,3 +202,46 @@ def test_a_profile_read_from_json_stays_hashable() -> None:
     assert profile.matmul_flops_by_rows == ((1, 5e9), (8, 2e10))
     assert hash(profile) == hash(replace(profile))
     assert pm.decode_step_s(TOY, profile, 1, 0) > 0
+
+
+# A GGUF as modelfiles reads one (weights read per step by tensor type), and a node that timed
+# llama.cpp's kernels on those types (node/llamacpp_profile.py) and its engine's cost per pass.
+GGUF = replace(TOY, bytes_per_param=0.5, bytes_by_type=(
+    ("F32", 1_000_000), ("Q4_0", 600_000_000), ("Q6_K", 100_000_000)))
+LLAMACPP = replace(
+    MEASURED,
+    llamacpp_read_by_rows=(("Q4_0", 1, 30e9), ("Q4_0", 8, 10e9), ("Q6_K", 1, 20e9),
+                           ("Q6_K", 8, 5e9)),
+    llamacpp_overhead=(0.0005, 0.0002, 0.0001, 0.0, 0.0),
+)
+
+
+def test_a_gguf_is_read_at_llamacpps_measured_rate_for_each_type() -> None:
+    # one row: 600 MB at 30 GB/s + 100 MB at 20 GB/s + the F32 norms' 1 MB at the bandwidth
+    # (100 GB/s, not measured) = 25.01 ms; llama.cpp's overhead 0.5 + 10 * 0.2 + 0.1 ms
+    one = 0.020 + 0.005 + 0.00001
+    assert pm.decode_step_s(GGUF, LLAMACPP, 1, 0, IDEAL) == pytest.approx(one + 0.0026)
+    # eight rows: 600 MB at 10 GB/s + 100 MB at 5 GB/s; four rows on the line between
+    eight = 0.060 + 0.020 + 0.00001
+    assert pm.decode_step_s(GGUF, LLAMACPP, 8, 0, IDEAL) == pytest.approx(
+        eight + 0.0025 + 8 * 0.0001)
+    _, compute_s = pm.decode_times_s(GGUF, LLAMACPP, 4, 0, IDEAL)
+    assert compute_s == pytest.approx(one + (eight - one) * 3 / 7)
+    # the same file on a node that did not time llama.cpp: the bytes read per step (not the
+    # input embedding) at the copy's bandwidth, and the transformers engine's overhead
+    assert pm.decode_step_s(GGUF, MEASURED, 1, 0, IDEAL) == pytest.approx(701e6 / 100e9 + 0.0023)
+    # a model that is not a GGUF, on the node that timed llama.cpp: as before
+    assert pm.decode_step_s(TOY, LLAMACPP, 8, 0, IDEAL) == pm.decode_step_s(TOY, MEASURED, 8, 0,
+                                                                             IDEAL)
+
+
+def test_llamacpp_measurements_read_from_json_stay_hashable() -> None:
+    profile = DeviceProfile("desktop", 2, GB, 1e10, 1e11,
+                            llamacpp_read_by_rows=[["Q4_0", 1, 3e10]],  # type: ignore[arg-type]
+                            llamacpp_overhead=[0, 1e-4, 0, 0, 0])  # type: ignore[arg-type]
+    spec = ModelSpec("g", 10**9, 0.56, 16, 2048, 8, 64, 4096,
+                     bytes_by_type=[["Q4_0", 5 * 10**8]])  # type: ignore[arg-type]
+    assert profile.llamacpp_read_by_rows == (("Q4_0", 1, 3e10),)
+    assert spec.bytes_by_type == (("Q4_0", 5 * 10**8),)
+    assert hash(profile) and hash(spec)
+    assert pm.decode_step_s(spec, profile, 1, 0, IDEAL) == pytest.approx(5e8 / 3e10 + 16e-4)

@@ -147,6 +147,19 @@ def _errors() -> Any:
     return one_line_errors()
 
 
+def _llamacpp_types(models: dict[str, str], backend: str) -> tuple[str, ...] | None:
+    """The tensor types of the GGUF files this node serves with llama.cpp, which its profile
+    measures llama.cpp's speed for (node/llamacpp_profile.py); None when it serves none."""
+    from sparecycles import modelfiles
+    from sparecycles.node import llamacpp_profile
+    from sparecycles.node.backends import Backend, choose_backend
+
+    files = [modelfiles.gguf_source(source) for source in models.values()
+             if choose_backend(source, backend) is Backend.LLAMACPP]
+    paths = [p for p in files if p is not None]
+    return llamacpp_profile.gguf_types(paths) if paths else None
+
+
 async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     from sparecycles.coordinator.node_conn import policy_from_dict
     from sparecycles.identity import NodeIdentity
@@ -169,6 +182,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         cache_path=settings.config_dir / "profile.json",
         refresh=settings.reprofile,
         device_class=settings.device_class or None,
+        llamacpp_types=_llamacpp_types(models, settings.backend),
     )
     console.print(f"node {identity.node_id}: {profile.device_class}, "
                   f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")

@@ -13,7 +13,11 @@ follows the bandwidth a program actually gets, not the datasheet's:
   matrix-vector product, which streams the weights at the rate decode at batch 1 gets; a few rows
   is what batched decode does, and BLAS libraries handle them far below the square matmul's rate
   (on the 2-vCPU VM of docs/benchmarks.md, 8 rows cost 1.5x one row, not the same);
-- the inference engine's own cost per forward pass outside the maths (node/overhead.py).
+- the inference engine's own cost per forward pass outside the maths (node/overhead.py);
+- where the node runs llama.cpp (``llamacpp_types``: the tensor types of the GGUF files it
+  serves), llama.cpp itself: the rate its kernels read each of those types in a decode step by
+  rows, and its engine's own cost per pass (node/llamacpp_profile.py). A node without torch
+  measures this, the copy bandwidth and numpy's matmul, nothing else.
 
 Together they take a few seconds, so the result is cached as JSON and a node does not measure
 again on every start unless asked to (or unless its hardware changed).
@@ -39,7 +43,7 @@ from sparecycles.types import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2  # bump when what is measured changes, so cached profiles are redone
+PROFILE_VERSION = 3  # bump when what is measured changes, so cached profiles are redone
 copy_bytes = 256 * 1024 * 1024  # far beyond any last-level cache (tens to hundreds of MiB)
 copy_tries = 5
 matmul_tries = 3
@@ -50,6 +54,7 @@ gpu_matmul_n = 8192  # 1.1 TFLOP: a few ms on a data-centre GPU, long enough to 
 matmul_rows = (1, 2, 4, 8, 16, 32, 64, 256)
 matmul_stack_bytes = 256 * 1024 * 1024  # the weights those stream: far beyond any cache
 measure_budget_s = 4.0  # stop repeating the measurements once this much time has gone
+llamacpp_budget_s = 8.0  # ... and llama.cpp's, once its probe models are written
 
 # Reference power figures per class, from the presets' datasheets (scheduling/presets.py); a node
 # has no
@@ -248,8 +253,12 @@ def measure_profile(
     device_class: str | None = None,
     network_rtt_s: float = 0.0,
     budget_s: float = measure_budget_s,
+    llamacpp_types: tuple[str, ...] | None = None,
+    llamacpp_keep: Path | None = None,
 ) -> DeviceProfile:
-    """Measure this device now. ``device``: "auto" (the GPU if there is one), "cpu" or "cuda"."""
+    """Measure this device now. ``device``: "auto" (the GPU if there is one), "cpu" or "cuda".
+    ``llamacpp_types``: measure llama.cpp too, for these tensor types (its probe models
+    written in a temporary folder, or kept in ``llamacpp_keep`` for the next time)."""
     share_s = budget_s / 4  # each measurement gets its own share of the budget
     cores, ram = cpu_cores(), ram_bytes()
     rows: tuple[tuple[int, float], ...] = ()
@@ -257,6 +266,16 @@ def measure_profile(
     gpu = cuda_device() if device in ("auto", "cuda") else None
     if device == "cuda" and gpu is None:
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    # llama.cpp first: torch's OpenMP threads, once used, spin on the cores a while after each
+    # operation and made llama.cpp's micro steps measure 10-40x slower (0.46 ms a layer, not 0.01)
+    reads: tuple[tuple[str, int, float], ...] = ()
+    llamacpp_overhead: tuple[float, ...] = ()
+    if llamacpp_types is not None and gpu is None:
+        from sparecycles.node import llamacpp_profile
+
+        if llamacpp_profile.available():
+            reads, llamacpp_overhead = llamacpp_profile.measure_llamacpp(
+                llamacpp_budget_s, llamacpp_types, keep=llamacpp_keep)
     if gpu is not None:
         # GPUs keep the idealised roofline for now: their linear layers and the engine's launch
         # costs are not measured yet (docs/benchmarks.md)
@@ -293,13 +312,17 @@ def measure_profile(
         overhead_sequence_s=overhead[2],
         overhead_sequence_layer_s=overhead[3],
         overhead_context_layer_s=overhead[4],
+        llamacpp_read_by_rows=reads,
+        llamacpp_overhead=llamacpp_overhead,
     )
 
 
-def _fingerprint(device: str) -> dict[str, Any]:
-    """What, if changed, makes a cached profile stale: the hardware and what it is measured on."""
+def _fingerprint(device: str, llamacpp_types: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What, if changed, makes a cached profile stale: the hardware and what it is measured on
+    (llama.cpp's weight types among it)."""
     gpu = cuda_device() if device in ("auto", "cuda") else None
     return {
+        "llamacpp_types": sorted(llamacpp_types) if llamacpp_types is not None else None,
         "version": PROFILE_VERSION,
         "machine": platform.machine(),
         "cpu_cores": cpu_cores(),
@@ -337,16 +360,19 @@ def profile_device(
     device_class: str | None = None,
     device: str = "auto",
     network_rtt_s: float = 0.0,
+    llamacpp_types: tuple[str, ...] | None = None,
 ) -> DeviceProfile:
     """This device's profile: from ``cache_path`` when it holds one taken on this hardware (and
-    ``refresh`` is false), else measured now and written there."""
-    fingerprint = _fingerprint(device)
+    ``refresh`` is false), else measured now and written there. ``llamacpp_types``: the node
+    runs llama.cpp on GGUF files with these tensor types (``llamacpp_profile.gguf_types``)."""
+    fingerprint = _fingerprint(device, llamacpp_types)
     if cache_path is not None and not refresh:
         cached = load_cached(cache_path, fingerprint)
         if cached is not None and (device_class is None or cached.device_class == device_class):
             return cached
     log.info("measuring this device (a few seconds)")
-    profile = measure_profile(device=device, device_class=device_class, network_rtt_s=network_rtt_s)
+    profile = measure_profile(device=device, device_class=device_class, network_rtt_s=network_rtt_s,
+                              llamacpp_types=llamacpp_types)
     if cache_path is not None:
         save_cached(cache_path, profile, fingerprint)
     return profile

@@ -152,16 +152,41 @@ def max_context(
 decode_batch_table_max = 64
 
 
+Overhead = tuple[float, float, float, float, float]  # step, layer, sequence, seq-layer, ctx-layer
+
+
+def runs_on_llamacpp(spec: ModelSpec, profile: DeviceProfile) -> bool:
+    """Whether ``spec`` is a GGUF whose decode the profile measured through llama.cpp
+    (node/llamacpp_profile.py): its weights' rates by type and the llama.cpp engine's own cost
+    then replace torch's linear layers and the transformers engine's overhead."""
+    return bool(spec.bytes_by_type) and bool(profile.llamacpp_read_by_rows)
+
+
+def overhead_terms(spec: ModelSpec, profile: DeviceProfile) -> Overhead:
+    """The engine overhead's five terms that apply to ``spec`` on ``profile``: the llama.cpp
+    engine's for a GGUF on a node that measured llama.cpp, else the transformers engine's."""
+    if runs_on_llamacpp(spec, profile) and len(profile.llamacpp_overhead) == 5:
+        step, layer, sequence, sequence_layer, context_layer = profile.llamacpp_overhead
+        return step, layer, sequence, sequence_layer, context_layer
+    return (profile.overhead_step_s, profile.overhead_layer_s, profile.overhead_sequence_s,
+            profile.overhead_sequence_layer_s, profile.overhead_context_layer_s)
+
+
 def engine_overhead_s(
-    profile: DeviceProfile, n_layers: int, batch: int, context_tokens: float = 0.0
+    profile: DeviceProfile, n_layers: int, batch: int, context_tokens: float = 0.0,
+    terms: Overhead | None = None,
 ) -> float:
     """The engine's measured time of one forward pass of ``batch`` sequences of
     ``context_tokens`` each through ``n_layers``, outside the maths (node/overhead.py); 0 for a
-    profile that did not measure it."""
-    per_layer_s = profile.overhead_sequence_layer_s
-    per_layer_s += context_tokens * profile.overhead_context_layer_s
-    per_sequence_s = profile.overhead_sequence_s + n_layers * per_layer_s
-    return profile.overhead_step_s + n_layers * profile.overhead_layer_s + batch * per_sequence_s
+    profile that did not measure it. ``terms``: the five terms to use (``overhead_terms``);
+    by default the profile's transformers engine's."""
+    if terms is None:
+        terms = (profile.overhead_step_s, profile.overhead_layer_s, profile.overhead_sequence_s,
+                 profile.overhead_sequence_layer_s, profile.overhead_context_layer_s)
+    step, layer, sequence, sequence_layer, context_layer = terms
+    per_layer_s = sequence_layer + context_tokens * context_layer
+    per_sequence_s = sequence + n_layers * per_layer_s
+    return step + n_layers * layer + batch * per_sequence_s
 
 
 def _interpolate(points: tuple[tuple[int, float], ...], rows: int) -> float:
@@ -179,11 +204,15 @@ def _interpolate(points: tuple[tuple[int, float], ...], rows: int) -> float:
 
 
 def linear_points(
-    spec: ModelSpec, profile: DeviceProfile
+    spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
 ) -> tuple[tuple[int, float], ...]:
     """((rows, seconds), ...): the measured time of all of ``spec``'s weight matmuls at each
     measured row count on ``profile``; empty when the profile measured none in ``spec``'s
-    precision (a 4-bit model's kernels are not an fp32 matmul's)."""
+    precision (a 4-bit model's kernels are not an fp32 matmul's). A GGUF on a node that
+    measured llama.cpp: the sum over its tensor types of bytes / the rate llama.cpp read that
+    type at with that many rows (``gguf_points``)."""
+    if runs_on_llamacpp(spec, profile):
+        return gguf_points(spec, profile, calib)
     if not profile.matmul_flops_by_rows:
         return ()
     if abs(profile.matmul_bytes_per_param - spec.bytes_per_param) > 1e-9:
@@ -192,6 +221,21 @@ def linear_points(
         (rows, rows * 2.0 * spec.n_params / flops)
         for rows, flops in profile.matmul_flops_by_rows
         if flops > 0
+    )
+
+
+def gguf_points(
+    spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
+) -> tuple[tuple[int, float], ...]:
+    """((rows, seconds), ...) of a GGUF's weights in a llama.cpp decode step of ``rows``
+    sequences: each tensor type's bytes (``spec.bytes_by_type``) at the rate the profile
+    measured for that type and rows; a type it did not measure (the F32 norms, a type no served
+    file had) at the achievable bandwidth, as the idealised roofline reads it."""
+    rates = {(t, r): rate for t, r, rate in profile.llamacpp_read_by_rows if rate > 0}
+    rows = sorted({r for _, r in rates})
+    bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
+    return tuple(
+        (r, sum(n / rates.get((t, r), bandwidth) for t, n in spec.bytes_by_type)) for r in rows
     )
 
 
@@ -299,14 +343,19 @@ def costs(
     """The roofline constants of ``spec`` on ``profile`` (memoised: the inputs are frozen)."""
     bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
     flops = max(1.0, profile.peak_flops * calib.compute_fraction)
-    weight_read_s = spec.weight_bytes / bandwidth
-    points = linear_points(spec, profile)
-    if points:
+    weight_read_s = spec.decode_weight_bytes / bandwidth
+    points = linear_points(spec, profile, calib)
+    if points and runs_on_llamacpp(spec, profile):
+        # llama.cpp's own kernels measured reading each type at one row: the rate its decode
+        # reads the weights at, in place of the copy's bandwidth and its assumed fraction
+        weight_read_s = _interpolate(points, 1)
+    elif points:
         # one row streams every weight once, as decode's weight read does: where the engine's
         # matrix-vector product is slower than a plain copy, that is the rate it reads at
         weight_read_s = max(weight_read_s, _interpolate(points, 1))
-    overhead_1 = engine_overhead_s(profile, spec.n_layers, 1)
-    overhead_0 = engine_overhead_s(profile, spec.n_layers, 0)
+    terms = overhead_terms(spec, profile)
+    overhead_1 = engine_overhead_s(profile, spec.n_layers, 1, terms=terms)
+    overhead_0 = engine_overhead_s(profile, spec.n_layers, 0, terms=terms)
     return Costs(
         weight_read_s=weight_read_s,
         kv_s_per_token=kv_bytes_per_token(spec, calib) / bandwidth,
@@ -316,7 +365,7 @@ def costs(
         kv_capacity_tokens=kv_capacity_tokens(spec, profile, calib),
         context_length=spec.context_length,
         overhead_s_per_sequence=overhead_1 - overhead_0,
-        overhead_s_per_sequence_token=spec.n_layers * profile.overhead_context_layer_s,
+        overhead_s_per_sequence_token=spec.n_layers * terms[4],
         linear_points=points,
         kv_bytes_per_token=kv_bytes_per_token(spec, calib),
         linear_s_by_batch=tuple(
