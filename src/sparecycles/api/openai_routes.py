@@ -80,11 +80,19 @@ async def get_model(model_id: str, request: Request, _: ApiKeyInfo = Depends(req
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | EventStreamResponse:
-    received_perf_s = time.perf_counter()
+    return await chat_completion(_coordinator(request), body, key)
+
+
+async def chat_completion(coord: Coordinator, body: ChatCompletionRequest, key: ApiKeyInfo,
+                          received_perf_s: float | None = None
+                          ) -> JSONResponse | EventStreamResponse:
+    """The answer to a chat request (validated, its key's inference scope checked): the route
+    above, and the client API's fast path (api/fastpath.py), which calls it directly."""
+    if received_perf_s is None:
+        received_perf_s = time.perf_counter()
     refuse_unsupported(body)
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     plan = toolcalls.plan_for(body, toolcalls.parser_for(tokenizer))
     tools = [t.model_dump(exclude_none=True) for t in plan.tools] or None
@@ -111,7 +119,14 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, key: ApiKeyInfo = Depends(require_key)
 ) -> JSONResponse | EventStreamResponse:
-    received_perf_s = time.perf_counter()
+    return await completion(_coordinator(request), body, key)
+
+
+async def completion(coord: Coordinator, body: CompletionRequest, key: ApiKeyInfo,
+                     received_perf_s: float | None = None) -> JSONResponse | EventStreamResponse:
+    """The answer to a legacy completions request (see ``chat_completion``)."""
+    if received_perf_s is None:
+        received_perf_s = time.perf_counter()
     refuse_unsupported(body)
     if body.suffix:
         raise InvalidRequest("suffix is not supported by this server", param="suffix")
@@ -123,7 +138,6 @@ async def completions(
         raise InvalidRequest("best_of must be at least n", param="best_of")
     if best_of > body.n and body.stream:
         raise InvalidRequest("best_of cannot be streamed", param="best_of")
-    coord = _coordinator(request)
     _spec, tokenizer = coord.model(body.model)
     prompts = []
     for item in body.prompt_list():
