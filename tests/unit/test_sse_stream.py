@@ -109,3 +109,18 @@ def test_a_cancellation_from_outside_still_propagates() -> None:
         assert others == []
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_text_chunk_from_its_template_is_the_chunk_encoded_whole(chat: bool) -> None:
+    from types import SimpleNamespace
+
+    from sparecycles.api.openai_routes import _Reply, _sse
+
+    job = SimpleNamespace(job_id="job_x")
+    reply = _Reply(job, "tiny\"model", chat, 3, None, None, False)  # type: ignore[arg-type]
+    for index in (0, 3):
+        for text in ("hello", " \"quoted\"\n", "é中😀", "\x00", "\\u0000", "</script>"):
+            choice = SimpleNamespace(index=index)
+            want = _sse(reply._text_chunk(choice, text, None))  # type: ignore[arg-type]
+            assert reply.text_sse(index, text) == want
