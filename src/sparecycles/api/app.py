@@ -9,12 +9,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sparecycles import __version__
 from sparecycles.api import (
     admin_routes,
     costs_routes,
     errors,
+    fastpath,
     ledger_routes,
     node_ws,
     openai_routes,
@@ -24,6 +26,22 @@ from sparecycles.api import (
 from sparecycles.api.dashboard import routes as dashboard
 from sparecycles.coordinator.service import Coordinator
 from sparecycles.settings import CoordinatorSettings
+
+
+class CoordinatorApp(FastAPI):
+    """FastAPI with the client API's fast path (api/fastpath.py) in front of its whole stack."""
+
+    fast_path: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None:
+            await self.fast_path(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The application without the fast path: FastAPI's middleware, routes and handlers."""
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = None) -> FastAPI:
@@ -37,7 +55,7 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
         finally:
             await coord.stop()
 
-    app = FastAPI(
+    app = CoordinatorApp(
         title="sparecycles coordinator",
         version=__version__,
         summary="OpenAI-compatible inference on the spare cycles of devices people own.",
@@ -46,6 +64,10 @@ def create_app(settings: CoordinatorSettings, coordinator: Coordinator | None = 
     app.state.coordinator = coord
     errors.install(app)
     app.add_middleware(errors.BodySizeLimit, limit_bytes=settings.request_body_bytes_max)
+    # in front of the whole stack: the two inference routes answered without the framework's
+    # layers, with the same steps and answers (fastpath.py)
+    app.fast_path = fastpath.ClientFastPath(app.framework, coord,
+                                            settings.request_body_bytes_max)
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
     app.include_router(node_ws.router)

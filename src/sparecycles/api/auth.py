@@ -10,12 +10,16 @@ more. Only an operator (``sparecycles keys create``) or an admin key grants scop
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from sparecycles.errors import PermissionDenied, Unauthorized
 from sparecycles.store import ApiKeyInfo
 from sparecycles.types import Workload
+
+if TYPE_CHECKING:
+    from sparecycles.coordinator.service import Coordinator
 
 WORKLOAD_SCOPES = {f"workload:{w}": w for w in Workload if w is not Workload.INFERENCE}
 
@@ -29,14 +33,13 @@ def workload_of(info: ApiKeyInfo) -> Workload:
     return internal[0] if len(internal) == 1 else Workload.INFERENCE
 
 
-async def _authenticate(request: Request) -> ApiKeyInfo:
-    header = request.headers.get("authorization", "")
+async def authenticate(coord: Coordinator, header: str) -> ApiKeyInfo:
+    """The key of an ``Authorization`` header's value; Unauthorized otherwise."""
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
-    coord = request.app.state.coordinator
     cached, info = coord.cached_key(secret.strip())
     if not cached:  # a query, off the event loop
         info = await asyncio.to_thread(coord.authenticate, secret.strip())
@@ -45,12 +48,21 @@ async def _authenticate(request: Request) -> ApiKeyInfo:
     return info
 
 
-async def require_key(request: Request) -> ApiKeyInfo:
-    """A key with the ``inference`` scope."""
-    info = await _authenticate(request)
+def inference_scope(info: ApiKeyInfo) -> ApiKeyInfo:
+    """``info`` if it has the ``inference`` scope; PermissionDenied otherwise."""
     if "inference" not in info.scopes:
         raise PermissionDenied("This endpoint needs an API key with the inference scope.")
     return info
+
+
+async def _authenticate(request: Request) -> ApiKeyInfo:
+    return await authenticate(request.app.state.coordinator,
+                              request.headers.get("authorization", ""))
+
+
+async def require_key(request: Request) -> ApiKeyInfo:
+    """A key with the ``inference`` scope."""
+    return inference_scope(await _authenticate(request))
 
 
 async def require_admin(request: Request) -> ApiKeyInfo:

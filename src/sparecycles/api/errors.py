@@ -107,10 +107,7 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
 
     async def _store_away(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                    str(exc).splitlines()[0][:200])
-        return error_response(StoreUnavailable(
-            "The service's database is briefly unavailable; nothing was charged. Retry shortly."))
+        return store_unavailable(request.method, request.url.path, exc)
 
     for error in transient_store_errors:
         app.add_exception_handler(error, _store_away)
@@ -118,10 +115,23 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("The server had an error processing your request.", "server_error"),
-            status_code=500,
-        )
+        return server_error()
+
+
+def store_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The 503 of a request that met the database unavailable (logged as a warning)."""
+    log.warning("database unavailable on %s %s: %s", method, path,
+                str(exc).splitlines()[0][:200])
+    return error_response(StoreUnavailable(
+        "The service's database is briefly unavailable; nothing was charged. Retry shortly."))
+
+
+def server_error() -> JSONResponse:
+    """The 500 of an unexpected failure (the caller logs it), without internals."""
+    return JSONResponse(
+        error_body("The server had an error processing your request.", "server_error"),
+        status_code=500,
+    )
 
 
 class BodySizeLimit:

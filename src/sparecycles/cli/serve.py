@@ -62,6 +62,9 @@ def coordinator(
         # a third of its memory (docs/benchmarks.md, "Control plane")
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=5,
+        # above info the access lines are dropped anyway: without the logger, uvicorn does not
+        # format each request's client address and path for it
+        access_log=settings.log_level.lower() in ("debug", "info"),
     )
 
 

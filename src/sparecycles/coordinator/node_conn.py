@@ -66,29 +66,38 @@ class Backlog:
     first token comes after those prompts), and the KV-cache tokens each job may fill (its
     prompt plus the tokens it may still generate) until it ends. Dispatch records a job when it
     sends it (``sent``) and when its first token arrives (``streaming``); a job that has left the
-    node's job set is forgotten when the totals are read."""
+    node's job set is forgotten when the totals are read.
+
+    The two sums are kept as the books change: placement reads every node's totals on every
+    admission, and summing the books each time was ~6 % of a busy coordinator's main thread with
+    50 nodes (docs/benchmarks.md, issue 19, third pass)."""
 
     prefill: dict[str, int] = field(default_factory=dict)
     kv: dict[str, int] = field(default_factory=dict)
+    prefill_total: int = 0
+    kv_total: int = 0
 
     def sent(self, job_id: str, prompt_tokens: int, new_tokens_max: int) -> None:
+        self.forget(job_id)  # sent again (a new attempt): counted once
         self.prefill[job_id] = prompt_tokens
         self.kv[job_id] = prompt_tokens + new_tokens_max
+        self.prefill_total += prompt_tokens
+        self.kv_total += prompt_tokens + new_tokens_max
 
     def streaming(self, job_id: str) -> None:
-        self.prefill.pop(job_id, None)
+        self.prefill_total -= self.prefill.pop(job_id, 0)
 
     def forget(self, job_id: str) -> None:
-        """The job was never sent after all."""
-        self.prefill.pop(job_id, None)
-        self.kv.pop(job_id, None)
+        """The job was never sent after all (or has left the node)."""
+        self.prefill_total -= self.prefill.pop(job_id, 0)
+        self.kv_total -= self.kv.pop(job_id, 0)
 
     def totals(self, running: set[str]) -> tuple[int, int]:
         """(prefill backlog tokens, KV tokens reserved) of the jobs still in ``running``."""
-        for book in (self.prefill, self.kv):
-            for job_id in [j for j in book if j not in running]:
-                del book[job_id]
-        return sum(self.prefill.values()), sum(self.kv.values())
+        if len(self.kv) > len(running) or not self.kv.keys() <= running:
+            for job_id in self.kv.keys() - running:  # a job's prefill entry is in kv too
+                self.forget(job_id)
+        return self.prefill_total, self.kv_total
 
 
 @dataclass

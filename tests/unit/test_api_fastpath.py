@@ -1,0 +1,185 @@
+"""The client API's fast path (api/fastpath.py) answers exactly as the framework's routes do.
+
+Each request below is sent twice, to the framework's application alone and to the same
+application behind ``ClientFastPath``, and the two answers must be the same status, headers that
+matter and body; for the requests the fast path serves itself, the framework is not called.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
+
+from sparecycles.api import errors, fastpath, openai_routes
+from sparecycles.errors import NoNodeAvailable
+from sparecycles.store import Store
+
+limit_bytes = 4096
+
+
+class _Tokenizer:
+    eos_token_id = None
+
+    def __len__(self) -> int:
+        return 1000
+
+
+class FakeCoordinator:
+    """A coordinator whose dispatcher refuses every job (503) after recording it."""
+
+    def __init__(self) -> None:
+        self.store = Store("sqlite://")
+        self.store.create_all()
+        self.admitted: list[dict[str, Any]] = []
+        self.store_away = False
+        self.started_at_s = 0.0
+        spec = SimpleNamespace(context_length=2048)
+        self.models = {"tiny": spec}
+        self.gate = SimpleNamespace(admit=self._gate_admit, release=lambda job_id: None)
+        self.dispatcher = SimpleNamespace(admit=self._admit)
+        self._model = (spec, _Tokenizer())
+
+    def model(self, name: str) -> Any:
+        if name not in self.models:
+            from sparecycles.errors import ModelNotFound
+
+            raise ModelNotFound(f"The model '{name}' does not exist")
+        return self._model
+
+    async def _gate_admit(self, *args: Any) -> Any:
+        return SimpleNamespace(trusted_only=False)
+
+    async def _admit(self, **kw: Any) -> Any:
+        self.admitted.append(kw)
+        raise NoNodeAvailable("no node in this test")
+
+    def cached_key(self, secret: str) -> tuple[bool, Any]:
+        return False, None
+
+    def authenticate(self, secret: str) -> Any:
+        if self.store_away:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return self.store.authenticate_key(secret)
+
+
+class Counting:
+    def __init__(self, app: Any) -> None:
+        self.app, self.calls = app, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.calls += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def apis():
+    coord = FakeCoordinator()
+    app = FastAPI()
+    app.state.coordinator = coord
+    errors.install(app)
+    app.add_middleware(errors.BodySizeLimit, limit_bytes=limit_bytes)
+    app.include_router(openai_routes.router)
+    framework = Counting(app)
+    fast = fastpath.ClientFastPath(framework, coord, limit_bytes)  # type: ignore[arg-type]
+    _, user = coord.store.create_api_key("acme", "prod")
+    _, admin = coord.store.create_api_key("ops", "admin", ("admin",))
+    with TestClient(app) as plain, TestClient(fast) as front:
+        yield plain, front, framework, coord, user, admin
+    coord.store.close()
+
+
+chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+completion = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4}
+
+
+def _cases(user: str, admin: str) -> list[tuple[str, str, dict[str, str], bytes, bool]]:
+    """(name, path, headers, body, served by the fast path itself)."""
+    auth = {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}
+    js = json.dumps
+    return [
+        ("valid chat: 503 from dispatch", "/v1/chat/completions", auth, js(chat).encode(), True),
+        ("valid stream", "/v1/chat/completions", auth, js({**chat, "stream": True}).encode(),
+         True),
+        ("valid completion", "/v1/completions", auth, js(completion).encode(), True),
+        ("no key", "/v1/chat/completions", {"Content-Type": "application/json"},
+         js(chat).encode(), True),
+        ("wrong key", "/v1/chat/completions", {**auth, "Authorization": "Bearer sk-sc-nope"},
+         js(chat).encode(), True),
+        ("no inference scope", "/v1/chat/completions",
+         {**auth, "Authorization": f"Bearer {admin}"}, js(chat).encode(), True),
+        ("unknown model", "/v1/chat/completions", auth, js({**chat, "model": "x"}).encode(),
+         True),
+        ("unsupported parameter", "/v1/chat/completions", auth,
+         js({**chat, "frobnicate": 1}).encode(), True),
+        ("no content type", "/v1/chat/completions", {"Authorization": auth["Authorization"]},
+         js(chat).encode(), False),
+        ("JSON with a charset", "/v1/chat/completions",
+         {**auth, "Content-Type": "Application/JSON; charset=utf-8"}, js(chat).encode(), True),
+        ("bad JSON", "/v1/chat/completions", auth, b'{"model": ', False),
+        ("bad JSON, no key", "/v1/chat/completions", {"Content-Type": "application/json"},
+         b"{", False),
+        ("empty body", "/v1/chat/completions", auth, b"", False),
+        ("a list, not an object", "/v1/chat/completions", auth, b"[1, 2]", False),
+        ("a field of the wrong type", "/v1/chat/completions", auth,
+         js({**chat, "temperature": "hot"}).encode(), False),
+        ("out of range", "/v1/completions", auth, js({**completion, "n": 10**6}).encode(),
+         False),
+        ("invalid body, no key", "/v1/chat/completions", {"Content-Type": "application/json"},
+         js({"model": ""}).encode(), True),
+        ("text/plain", "/v1/chat/completions", {**auth, "Content-Type": "text/plain"},
+         js(chat).encode(), False),
+        ("too large", "/v1/chat/completions", auth,
+         js({**chat, "user": "x" * limit_bytes}).encode(), False),
+    ]
+
+
+def test_the_fast_path_answers_as_the_framework_does(apis) -> None:
+    plain, front, framework, coord, user, admin = apis
+    for name, path, headers, body, served in _cases(user, admin):
+        want = plain.post(path, headers=headers, content=body)
+        before = framework.calls
+        got = front.post(path, headers=headers, content=body)
+        assert (got.status_code, got.json()) == (want.status_code, want.json()), name
+        assert got.headers.get("content-type") == want.headers.get("content-type"), name
+        assert got.headers.get("retry-after") == want.headers.get("retry-after"), name
+        # the fast path served it itself, or handed a bad body to the framework
+        assert (framework.calls == before) == served, name
+    assert coord.admitted  # the valid requests reached dispatch through both
+
+
+def test_other_routes_and_methods_go_to_the_framework(apis) -> None:
+    plain, front, framework, _coord, user, _admin = apis
+    auth = {"Authorization": f"Bearer {user}"}
+    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/chat/completions/"),
+                         ("GET", "/v1/models")):
+        want = plain.request(method, path, headers=auth, follow_redirects=False)
+        before = framework.calls
+        got = front.request(method, path, headers=auth, follow_redirects=False)
+        assert (got.status_code, got.content) == (want.status_code, want.content), path
+        assert framework.calls == before + 1
+
+
+def test_a_database_outage_is_a_503_and_a_bug_a_500(apis, monkeypatch) -> None:
+    plain, front, _framework, coord, user, _admin = apis
+    headers = {"Authorization": f"Bearer {user}"}
+    coord.store_away = True
+    want = plain.post("/v1/chat/completions", headers=headers, json=chat)
+    got = front.post("/v1/chat/completions", headers=headers, json=chat)
+    assert got.status_code == want.status_code == 503
+    assert got.json() == want.json() and got.headers["retry-after"] == "1"
+    coord.store_away = False
+
+    async def broken(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(coord.gate, "admit", broken)
+    got = front.post("/v1/completions", headers=headers, json=completion)
+    assert got.status_code == 500
+    assert got.json()["error"]["type"] == "server_error" and "bug" not in got.text
