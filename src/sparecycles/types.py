@@ -182,9 +182,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         # JSON (the coordinator's stored specs) gives lists; keep the spec hashable
-        if self.bytes_by_type:
-            pairs = tuple((str(t), int(n)) for t, n in self.bytes_by_type)
-            object.__setattr__(self, "bytes_by_type", pairs)
+        pairs = tuple((str(t), int(n)) for t, n in self.bytes_by_type)
+        object.__setattr__(self, "bytes_by_type", pairs)
 
     @property
     def weight_bytes(self) -> int:

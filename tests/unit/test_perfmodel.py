@@ -245,3 +245,14 @@ def test_llamacpp_measurements_read_from_json_stay_hashable() -> None:
     assert spec.bytes_by_type == (("Q4_0", 5 * 10**8),)
     assert hash(profile) and hash(spec)
     assert pm.decode_step_s(spec, profile, 1, 0, IDEAL) == pytest.approx(5e8 / 3e10 + 16e-4)
+
+
+def test_empty_lists_read_from_json_stay_hashable() -> None:
+    # a transformers model's spec and a node that measured no llama.cpp, as stored JSON gives
+    # them back (empty lists): costs() is memoised on both, so both must hash
+    profile = DeviceProfile("desktop", 2, GB, 1e10, 1e11,
+                            llamacpp_read_by_rows=[], llamacpp_overhead=[])  # type: ignore[arg-type]
+    spec = ModelSpec("t", 10**6, 4.0, 4, 128, 4, 32, 512,
+                     bytes_by_type=[])  # type: ignore[arg-type]
+    assert hash(profile) and hash(spec)
+    assert pm.decode_step_s(spec, profile, 1, 0, IDEAL) > 0
