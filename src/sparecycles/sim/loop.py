@@ -32,7 +32,7 @@ from sparecycles.scheduling.scheduler import hedge_job, schedule, should_hedge, 
 from sparecycles.sim.churn import realise, shared_moments
 from sparecycles.sim.fleet_file import FleetSpec, lognormal_factor
 from sparecycles.sim.node import Attempt, SimNode
-from sparecycles.sim.policies import BASELINES, CHAIN_BASELINES, CandidateIndex, policy_config
+from sparecycles.sim.policies import BASELINES, CandidateIndex, policy_config
 from sparecycles.sim.trace import Trace
 from sparecycles.types import Job, NodeSnapshot
 
@@ -856,20 +856,3 @@ class Simulation:
             sim_end_s=t_end,
             wall_s=wall_s,
         )
-
-
-def simulate(
-    trace: Trace,
-    fleet: FleetSpec,
-    config: SimConfig,
-    progress: Callable[[int, int], None] | None = None,
-) -> SimResult:
-    """Run ``trace`` against ``fleet``: a fleet whose nodes hold layer ranges runs chains
-    (sim/chains.py, the chain policies), any other the whole-model loop above."""
-    if fleet.chained:
-        from sparecycles.sim.chains import ChainSimulation  # it builds on this module
-
-        return ChainSimulation(trace, fleet, config, progress).run()
-    if config.policy in CHAIN_BASELINES:
-        raise ValueError(f"policy {config.policy!r} is for fleets of layer ranges (chains)")
-    return Simulation(trace, fleet, config, progress).run()
