@@ -175,6 +175,10 @@ class NodeSettings(_RoleSettings):
     availability: dict[str, Any] = Field(default_factory=dict)
     """AvailabilityPolicy fields, e.g. windows = [[1320, 420]] for 22:00-07:00."""
     reprofile: bool = False
+    profile_llamacpp: bool = False
+    """Time llama.cpp's own kernels for the performance model (node/llamacpp_profile.py) where
+    this node serves GGUFs on llama.cpp: about a minute and 1 GB of temporary disk at the first
+    start, then cached with the profile. Off: the model predicts from the copy bandwidth."""
     electricity_price: str = ""
     """The owner's tariff per kWh, e.g. ``0.30`` (for "net profit after electricity")."""
     hardware_price: str = ""

@@ -185,7 +185,8 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         cache_path=settings.config_dir / "profile.json",
         refresh=settings.reprofile,
         device_class=settings.device_class or None,
-        llamacpp_types=_llamacpp_types(models, settings.backend),
+        llamacpp_types=(_llamacpp_types(models, settings.backend)
+                        if settings.profile_llamacpp else None),
     )
     console.print(f"node {identity.node_id}: {profile.device_class}, "
                   f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")
