@@ -282,6 +282,26 @@ async def test_a_result_with_a_bad_signature_is_not_accepted(world) -> None:
     await d.stop()
 
 
+async def test_a_result_signed_for_another_prompt_is_not_accepted(world) -> None:
+    """The prompt a result is checked against is the one its attempt was sent (its hash kept
+    from then): a node signing for any other prompt is refused as a forgery."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    job = n1.jobs()[0]
+    assert d.jobs["job_1"].current.prompt_sha256 == job["prompt_sha256"]
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    other = {**job, "prompt_sha256": protocol.tokens_sha256(job["prompt_token_ids"] + [9])}
+    await d.on_done(n1.conn, n1.done(other, [1, 2]))
+    assert d.jobs["job_1"].state == "admitted"  # back to waiting, not settled
+    assert ledger.job_money("job_1")["state"] == "held"
+    await d.stop()
+
+
 @pytest.mark.parametrize(("busy_s", "energy_j"), [(1e12, 0.0), (0.04, 1e9)])
 async def test_metering_out_of_bounds_is_refused_and_never_reaches_the_books(
         world, busy_s: float, energy_j: float) -> None:

@@ -45,6 +45,9 @@ class Attempt:
     # the whole prompt it was sent, as any attempt)
     kv_positions: int = 0
     prefilled_tokens: int | None = None
+    # protocol.tokens_sha256 of the prompt the attempt was sent (what its signed result names);
+    # empty: not kept, computed again from the job when its result comes
+    prompt_sha256: str = ""
 
 
 class JobEventKind(enum.StrEnum):
