@@ -209,6 +209,10 @@ async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     assert len(commits) == 1  # nothing more was written for it
     assert ledger.job_money("job_1")["state"] == "held"
     assert job.state == "placed" and job.dispatched_perf_s is not None and not d.waiting
+    # admission's parts, timed for the API's overhead metrics: placement, then the hold's wait
+    assert job.placement_s is not None and job.hold_s is not None
+    assert job.placement_s >= 0 and job.hold_s > 0
+    assert job.placement_s + job.hold_s <= job.dispatched_perf_s - job.received_perf_s
     row = store.get_job("job_1")
     assert (row.state, row.node_id, row.attempts) == ("placed", n1.conn.node_id, 1)
     assert [(a.attempt, a.node_id, a.outcome, a.prompt_tokens)

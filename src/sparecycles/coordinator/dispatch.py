@@ -198,7 +198,9 @@ class Dispatcher:
             waiting_since_mono_s=now.mono_s,
             received_perf_s=received_perf_s or now.perf_s,
         )
+        placing_perf_s = time.perf_counter()
         placed = self._reserve(job, now) if not self.waiting and self._task is not None else None
+        holding_perf_s = time.perf_counter()
         row = JobRecord(
             id=job_id,
             client_id=client_id,
@@ -229,6 +231,8 @@ class Dispatcher:
                 self._unreserve(job, placed[0])
             raise
         self.jobs[job_id] = job
+        job.placement_s = holding_perf_s - placing_perf_s
+        job.hold_s = time.perf_counter() - holding_perf_s
         if placed:
             self._send(job, *placed, self.clock())  # after the hold's commit: a new reading
         else:
