@@ -141,6 +141,13 @@ class DeviceProfile:
     # weights' maths, the five terms of overhead_* above in the same order. Empty: not measured.
     llamacpp_read_by_rows: tuple[tuple[str, int, float], ...] = ()
     llamacpp_overhead: tuple[float, ...] = ()
+    # The same rates on a narrow probe (a model of hidden size ``llamacpp_narrow_hidden``; the
+    # rates above are of one of ``llamacpp_wide_hidden``): each output row's dot product has a
+    # fixed cost, so narrow matrices are read slower. perfmodel interpolates a model's rates by
+    # its hidden size. Empty / 0: not measured (an older profile): every model at the rates above.
+    llamacpp_narrow_read_by_rows: tuple[tuple[str, int, float], ...] = ()
+    llamacpp_narrow_hidden: int = 0
+    llamacpp_wide_hidden: int = 0
     # The node's network link, bytes/s each way (home broadband is asymmetric: often 10-50
     # Mbit/s up against hundreds down); 0 means not known, and the scheduler then never ships a
     # KV cache from or to the node (disaggregated prefill/decode, docs/scheduling.md).
@@ -153,6 +160,9 @@ class DeviceProfile:
         object.__setattr__(self, "matmul_flops_by_rows", rows)
         reads = tuple((str(t), int(r), float(b)) for t, r, b in self.llamacpp_read_by_rows)
         object.__setattr__(self, "llamacpp_read_by_rows", reads)
+        narrow = tuple((str(t), int(r), float(b))
+                       for t, r, b in self.llamacpp_narrow_read_by_rows)
+        object.__setattr__(self, "llamacpp_narrow_read_by_rows", narrow)
         terms = tuple(float(x) for x in self.llamacpp_overhead)
         object.__setattr__(self, "llamacpp_overhead", terms)
 

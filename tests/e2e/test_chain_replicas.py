@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from openai import OpenAI
-from test_chains import unsplit_greedy
 
+from greedy_reference import greedy_reference
 from sparecycles.identity import NodeIdentity
 from sparecycles.ledger.pricing import ModelPrice, PriceBook
 from sparecycles.ledger.service import Ledger
@@ -34,7 +34,7 @@ PROMPTS = ("The garden", "Where does the river go? It", "Once upon a time there 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
-    return unsplit_greedy(tiny_model_path, PROMPTS)
+    return greedy_reference(tiny_model_path, PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_a_chain_across_replicas_equals_the_unsplit_model(cluster, reference) ->
     for k, prompt in enumerate(PROMPTS):
         replica = "ab"[k % 2]  # the client reaches either replica: the other hosts a stage
         resp = _complete(cluster, replica, prompt)
-        gen, text = reference[prompt]
+        gen, text, _ = reference[prompt]
         assert resp.choices[0].text == text, (replica, prompt)
         assert resp.usage.completion_tokens == len(gen)
         job_id = _job_id(resp.id)

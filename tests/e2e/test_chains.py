@@ -20,12 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from openai import OpenAI
-from transformers import AutoModelForCausalLM
 
-from sparecycles import modelfiles
-from sparecycles.coordinator.textstream import TextStream
+from greedy_reference import greedy_reference
 from sparecycles.identity import NodeIdentity
 from sparecycles.ledger.pricing import ModelPrice, PriceBook, format_money
 from sparecycles.ledger.service import Ledger
@@ -37,31 +34,9 @@ PROMPTS = ("The garden", "Where does the river go? It", "Once upon a time there 
            "The old man said that")
 
 
-def unsplit_greedy(path, prompts, tokens_max: int = 60) -> dict[str, tuple[list[int], str]]:
-    """The unsplit model's greedy tokens and text for each prompt (fp32, no cache)."""
-    tok = modelfiles.load_tokenizer(str(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-    out = {}
-    for prompt in prompts:
-        ids = modelfiles.render_completion(tok, prompt)
-        gen: list[int] = []
-        with torch.inference_mode():
-            for _ in range(tokens_max):
-                t = int(model(torch.tensor([ids + gen])).logits[0, -1].argmax())
-                if t in eos_ids:
-                    break
-                gen.append(t)
-        stream = TextStream(tok, ())
-        text = "".join(stream.push((t,)) for t in gen) + stream.finish()
-        out[prompt] = (gen, text)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
-    return unsplit_greedy(tiny_model_path, PROMPTS)
+    return greedy_reference(tiny_model_path, PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +83,7 @@ def _stages(net, reply_id: str) -> list:
 def test_two_stages_equal_the_unsplit_model(net, reference) -> None:
     for prompt in PROMPTS:
         resp = _complete(net, prompt)
-        gen, text = reference[prompt]
+        gen, text, _ = reference[prompt]
         assert resp.choices[0].text == text, prompt
         assert resp.usage.completion_tokens == len(gen)
         stages = _stages(net, resp.id)
@@ -185,7 +160,7 @@ def test_concurrent_requests_over_three_stages_each_equal_the_unsplit_model(thre
 def test_killing_the_middle_stage_mid_stream_loses_and_repeats_nothing(three, reference
                                                                         ) -> None:
     prompt = max(PROMPTS, key=lambda p: len(reference[p][0]))
-    gen, text = reference[prompt]
+    gen, text, _ = reference[prompt]
     assert len(gen) >= 12, "the longest reference answer is too short to cut"
     middles = {_node_id(three, "m1"): "m1", _node_id(three, "m2"): "m2"}
     parts, job_id, killed = [], None, None

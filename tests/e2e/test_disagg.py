@@ -17,12 +17,9 @@ import time
 
 import httpx
 import pytest
-import torch
 from openai import OpenAI
-from transformers import AutoModelForCausalLM
 
-from sparecycles import modelfiles
-from sparecycles.coordinator.textstream import TextStream
+from greedy_reference import greedy_reference
 from sparecycles.identity import NodeIdentity
 from sparecycles.ledger.pricing import ModelPrice, PriceBook
 from sparecycles.ledger.service import Ledger
@@ -41,24 +38,7 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
     """The model's greedy tokens and text for each prompt (fp32, no cache), and prompt sizes."""
-    tok = modelfiles.load_tokenizer(str(tiny_model_path))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-    out = {}
-    for prompt in PROMPTS:
-        ids = modelfiles.render_completion(tok, prompt)
-        gen: list[int] = []
-        with torch.inference_mode():
-            for _ in range(MAX_TOKENS):
-                t = int(model(torch.tensor([ids + gen])).logits[0, -1].argmax())
-                if t in eos_ids:
-                    break
-                gen.append(t)
-        stream = TextStream(tok, ())
-        text = "".join(stream.push((t,)) for t in gen) + stream.finish()
-        out[prompt] = (gen, text, len(ids))
-    return out
+    return greedy_reference(tiny_model_path, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

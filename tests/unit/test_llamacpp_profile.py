@@ -41,12 +41,19 @@ def test_a_probe_has_a_byte_vocabulary_and_one_type(tmp_path: Path) -> None:
 def test_measured_rates_and_overhead_are_positive(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lp, "probe_shape", SMALL)
+    monkeypatch.setattr(lp, "narrow_shape", ggufwrite.LlamaShape(
+        hidden=128, layers=2, ffn=256, heads=2, kv_heads=1, context_length=lp.kv_tokens))
     monkeypatch.setattr(lp, "probe_rows", (1, 4))
     monkeypatch.setattr(lp, "probe_new_tokens", 4)
-    reads, terms = lp.measure_llamacpp(0.1, ("Q8_0", "Q4_0", "XX"), threads=1, keep=tmp_path)
-    assert [(t, r) for t, r, _ in reads] == [("Q8_0", 1), ("Q8_0", 4), ("Q4_0", 1), ("Q4_0", 4)]
-    assert all(rate > 0 for _, _, rate in reads)
+    reads, terms, narrow = lp.measure_llamacpp(0.1, ("Q8_0", "Q4_0", "XX"), threads=1,
+                                               keep=tmp_path)
+    for rates in (reads, narrow):
+        assert [(t, r) for t, r, _ in rates] == [("Q8_0", 1), ("Q8_0", 4), ("Q4_0", 1),
+                                                 ("Q4_0", 4)]
+        assert all(rate > 0 for _, _, rate in rates)
     assert len(terms) == 5 and all(x >= 0 for x in terms)
+    # both probes kept for the next time, each its own file per type
+    assert {p.name for p in tmp_path.iterdir()} >= {"probe-q8_0.gguf", "narrow-q4_0.gguf"}
 
 
 def test_the_cached_profile_is_redone_when_the_types_change() -> None:

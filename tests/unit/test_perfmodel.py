@@ -235,6 +235,28 @@ def test_a_gguf_is_read_at_llamacpps_measured_rate_for_each_type() -> None:
                                                                              IDEAL)
 
 
+def test_a_narrow_models_rate_lies_between_the_two_probes_by_hidden_size() -> None:
+    # the wide probe (hidden 2048) read Q4_0 at 30 GB/s, the narrow one (512) at 10 GB/s
+    profile = replace(LLAMACPP, llamacpp_narrow_read_by_rows=(("Q4_0", 1, 10e9),
+                                                               ("Q4_0", 8, 5e9)),
+                      llamacpp_narrow_hidden=512, llamacpp_wide_hidden=2048)
+    at = {h: pm.llamacpp_rates(replace(GGUF, hidden_size=h), profile) for h in (256, 512, 1024,
+                                                                               2048, 4096)}
+    assert at[512][("Q4_0", 1)] == pytest.approx(10e9)
+    assert at[256] == at[512]  # below the narrow probe: its rates (no extrapolation)
+    assert at[2048] == at[4096] == dict(((t, r), b) for t, r, b in LLAMACPP.llamacpp_read_by_rows)
+    # halfway in log(hidden): the geometric mean
+    assert at[1024][("Q4_0", 1)] == pytest.approx((10e9 * 30e9) ** 0.5)
+    assert at[1024][("Q4_0", 8)] == pytest.approx((5e9 * 10e9) ** 0.5)
+    assert at[1024][("Q6_K", 1)] == 20e9  # a type the narrow probe did not measure: the wide rate
+    # and the step time follows: a 512-wide GGUF's Q4_0 takes 3x as long as at 2048
+    narrow_step = pm.decode_step_s(replace(GGUF, hidden_size=512), profile, 1, 0, IDEAL)
+    wide_step = pm.decode_step_s(replace(GGUF, hidden_size=2048), profile, 1, 0, IDEAL)
+    assert narrow_step - wide_step == pytest.approx(600e6 / 10e9 - 600e6 / 30e9)
+    # a profile from before the narrow probe: every model at the wide rates
+    assert pm.llamacpp_rates(replace(GGUF, hidden_size=512), LLAMACPP) == at[2048]
+
+
 def test_llamacpp_measurements_read_from_json_stay_hashable() -> None:
     profile = DeviceProfile("desktop", 2, GB, 1e10, 1e11,
                             llamacpp_read_by_rows=[["Q4_0", 1, 3e10]],  # type: ignore[arg-type]

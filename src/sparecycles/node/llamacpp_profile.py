@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 # 96 MB per chiplet, more than the VM's 32 MiB shown)
 probe_shape = ggufwrite.LlamaShape(hidden=2048, layers=12, ffn=5632, heads=16, kv_heads=4,
                                    context_length=4096)
+# A second, narrow probe: llama.cpp reads a type's bytes at about half the rate in matrices
+# 512-576 wide as in 2048-wide ones (SmolLM2's Q4_1 layers at 7.8 GB/s where the wide probe's
+# came at 14-16 on the 2-vCPU VM): each output row's dot product has a fixed cost, which a
+# narrow row pays over fewer bytes. perfmodel interpolates a model's rate between the two by its
+# hidden size. 32 layers of 512 x 1408 (92 M parameters, 52 MB in Q4_0): a small model's size.
+narrow_shape = ggufwrite.LlamaShape(hidden=512, layers=32, ffn=1408, heads=8, kv_heads=4,
+                                    context_length=4096)
 probe_rows = (1, 2, 4, 8, 16)  # decode batches timed on the probe
 probe_prompt_tokens = 16
 probe_new_tokens = 12  # decode steps timed per run
@@ -165,26 +172,30 @@ def overhead_s(terms: Overhead, layers: int, batch: int, context: float) -> floa
 
 
 def measure_reads(budget_s: float, types: Iterable[str], terms: Overhead, work: Path,
-                  threads: int | None = None) -> tuple[tuple[str, int, float], ...]:
+                  threads: int | None = None, shape: ggufwrite.LlamaShape | None = None,
+                  name: str = "probe") -> tuple[tuple[str, int, float], ...]:
     """((type, rows, bytes/s), ...): for each type, the rate the probe model's matrices (all in
-    that type) are read at in a decode step of ``rows`` sequences, the engine's cost (``terms``)
-    taken out of the step; each the best of a few runs, within about ``budget_s`` in all."""
+    that type; ``shape``, by default ``probe_shape``) are read at in a decode step of ``rows``
+    sequences, the engine's cost (``terms``) taken out of the step; each the best of a few runs,
+    within about ``budget_s`` in all."""
+    shape = shape or probe_shape
     types = [t for t in types if t in type_to_kind]
     out: list[tuple[str, int, float]] = []
-    f16 = work / "probe-f16-source.gguf"  # written once, quantized to each type
+    f16 = work / f"{name}-f16-source.gguf"  # written once, quantized to each type
     try:
         for t in types:
             deadline = time.perf_counter() + budget_s / len(types)
-            out.extend(_measure_type(t, f16, terms, work, threads, deadline))
+            out.extend(_measure_type(t, f16, terms, work, threads, deadline, shape, name))
     finally:
         f16.unlink(missing_ok=True)
     return tuple(out)
 
 
 def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int | None,
-                  deadline: float) -> list[tuple[str, int, float]]:
+                  deadline: float, shape: ggufwrite.LlamaShape, name: str
+                  ) -> list[tuple[str, int, float]]:
     """One type's rates by rows (``measure_reads``), the probe quantized from ``f16``."""
-    path = _write(work / f"probe-{t.lower()}.gguf", probe_shape, type_to_kind[t], work, f16)
+    path = _write(work / f"{name}-{t.lower()}.gguf", shape, type_to_kind[t], work, f16)
     nbytes = gguffile.read_gguf(path, arrays=False).decode_bytes_by_type()[t]
     engine = _engine(path, max(probe_rows), threads)
     best: dict[int, float] = {}
@@ -202,20 +213,25 @@ def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int |
     context = probe_prompt_tokens + probe_new_tokens / 2
     out = []
     for rows in probe_rows:
-        engine_s = overhead_s(terms, probe_shape.layers, rows, context)
+        engine_s = overhead_s(terms, shape.layers, rows, context)
         # the engine's cost measured apart may exceed a noisy step: never below a tenth
         weights_s = max(best[rows] - engine_s, best[rows] / 10)
         out.append((t, rows, nbytes / weights_s))
     return out
 
 
+Reads = tuple[tuple[str, int, float], ...]
+
+
 def measure_llamacpp(budget_s: float, types: Iterable[str] = default_types, *,
                      threads: int | None = None, keep: Path | None = None
-                     ) -> tuple[tuple[tuple[str, int, float], ...], Overhead]:
-    """(read rates by type and rows, the engine's overhead terms) of llama.cpp on this device.
-    The probe models are written in a temporary folder, or in ``keep`` to be reused."""
+                     ) -> tuple[Reads, Overhead, Reads]:
+    """(read rates by type and rows on the wide probe, the engine's overhead terms, the same
+    rates on the narrow probe) of llama.cpp on this device. The probe models are written in a
+    temporary folder, or in ``keep`` to be reused."""
     types = tuple(types) or default_types
     with _workdir(keep) as work:
-        terms = measure_overhead(budget_s / 3, work, threads)
-        reads = measure_reads(budget_s * 2 / 3, types, terms, work, threads)
-    return reads, terms
+        terms = measure_overhead(budget_s / 4, work, threads)
+        reads = measure_reads(budget_s / 2, types, terms, work, threads)
+        narrow = measure_reads(budget_s / 4, types, terms, work, threads, narrow_shape, "narrow")
+    return reads, terms, narrow

@@ -43,7 +43,8 @@ from sparecycles.types import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 3  # bump when what is measured changes, so cached profiles are redone
+# bump when what is measured changes, so cached profiles are redone (4: llama.cpp's narrow probe)
+PROFILE_VERSION = 4
 copy_bytes = 256 * 1024 * 1024  # far beyond any last-level cache (tens to hundreds of MiB)
 copy_tries = 5
 matmul_tries = 3
@@ -270,12 +271,16 @@ def measure_profile(
     # operation and made llama.cpp's micro steps measure 10-40x slower (0.46 ms a layer, not 0.01)
     reads: tuple[tuple[str, int, float], ...] = ()
     llamacpp_overhead: tuple[float, ...] = ()
+    narrow: tuple[tuple[str, int, float], ...] = ()
+    narrow_hidden = wide_hidden = 0
     if llamacpp_types is not None and gpu is None:
         from sparecycles.node import llamacpp_profile
 
         if llamacpp_profile.available():
-            reads, llamacpp_overhead = llamacpp_profile.measure_llamacpp(
+            reads, llamacpp_overhead, narrow = llamacpp_profile.measure_llamacpp(
                 llamacpp_budget_s, llamacpp_types, keep=llamacpp_keep)
+            narrow_hidden = llamacpp_profile.narrow_shape.hidden
+            wide_hidden = llamacpp_profile.probe_shape.hidden
     if gpu is not None:
         # GPUs keep the idealised roofline for now: their linear layers and the engine's launch
         # costs are not measured yet (docs/benchmarks.md)
@@ -314,6 +319,9 @@ def measure_profile(
         overhead_context_layer_s=overhead[4],
         llamacpp_read_by_rows=reads,
         llamacpp_overhead=llamacpp_overhead,
+        llamacpp_narrow_read_by_rows=narrow,
+        llamacpp_narrow_hidden=narrow_hidden,
+        llamacpp_wide_hidden=wide_hidden,
     )
 
 

@@ -231,12 +231,28 @@ def gguf_points(
     sequences: each tensor type's bytes (``spec.bytes_by_type``) at the rate the profile
     measured for that type and rows; a type it did not measure (the F32 norms, a type no served
     file had) at the achievable bandwidth, as the idealised roofline reads it."""
-    rates = {(t, r): rate for t, r, rate in profile.llamacpp_read_by_rows if rate > 0}
+    rates = llamacpp_rates(spec, profile)
     rows = sorted({r for _, r in rates})
     bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
     return tuple(
         (r, sum(n / rates.get((t, r), bandwidth) for t, n in spec.bytes_by_type)) for r in rows
     )
+
+
+def llamacpp_rates(spec: ModelSpec, profile: DeviceProfile) -> dict[tuple[str, int], float]:
+    """{(type, rows): bytes/s} at which llama.cpp reads ``spec``'s weights on ``profile``. Where
+    the node timed a narrow probe too, the rate for ``spec``'s hidden size lies between the two
+    probes' on a log-log line (clamped to the narrower's below it, the wider's above): each
+    output row of a matrix costs a fixed time besides its bytes, which a narrow row pays over
+    fewer of them."""
+    wide = {(t, r): rate for t, r, rate in profile.llamacpp_read_by_rows if rate > 0}
+    narrow = {(t, r): rate for t, r, rate in profile.llamacpp_narrow_read_by_rows if rate > 0}
+    h0, h1 = profile.llamacpp_narrow_hidden, profile.llamacpp_wide_hidden
+    if not narrow or not 0 < h0 < h1 or spec.hidden_size >= h1:
+        return wide
+    f = max(0.0, math.log(spec.hidden_size / h0) / math.log(h1 / h0))
+    return {key: (narrow[key] ** (1 - f)) * (rate ** f) if key in narrow else rate
+            for key, rate in wide.items()}
 
 
 @dataclass(frozen=True, slots=True)
