@@ -13,6 +13,7 @@ hashing token ids, checking a node's signed result. Run it with a tree's ``src``
 from __future__ import annotations
 
 import argparse
+import inspect
 import timeit
 from collections.abc import Callable
 from typing import Any
@@ -48,16 +49,20 @@ def main() -> None:
                                                          tokenize=False), n)))
     rows.append(("  tokenize: transformers' encode",
                  best_us(lambda: tok.encode(text, add_special_tokens=False), n)))
-    rows.append(("  tokenize: encode_text (the backend directly where equal)",
-                 best_us(lambda: modelfiles.encode_text(tok, text, add_special_tokens=False), n)))
+    encode_text = getattr(modelfiles, "encode_text", None)  # absent from older trees
+    if encode_text is not None:
+        rows.append(("  tokenize: encode_text (the backend directly where equal)",
+                     best_us(lambda: encode_text(tok, text, add_special_tokens=False), n)))
     ids = tok.encode("The quick brown fox jumps over the lazy dog and then some more words")[:16]
-    for native in (False, True):
+    # an older tree has one method, without the ``native`` switch
+    has_native = "native" in inspect.signature(TextStream).parameters
+    for native in (False, True) if has_native else (True,):
         def stream(native: bool = native) -> None:
-            ts = TextStream(tok, native=native)
+            ts = TextStream(tok, native=False) if not native else TextStream(tok)
             for i in ids:
                 ts.push((i,))
             ts.finish()
-        label = "Rust DecodeStream" if native else "Python method"
+        label = "as the tree streams" if native else "the Python method"
         rows.append((f"detokenize 16 tokens one message each ({label})", best_us(stream, n)))
     prompt = list(range(1000, 1040))
     rows.append(("tokens_sha256 of 40 ids", best_us(lambda: protocol.tokens_sha256(prompt),
