@@ -564,7 +564,7 @@ def sha256_hex(data: bytes) -> str:
 
 def tokens_sha256(token_ids: list[int] | tuple[int, ...]) -> str:
     """Hash of a token sequence: the decimal ids joined by commas, UTF-8."""
-    return sha256_hex(",".join(map(str, token_ids)).encode())
+    return sha256_hex(",".join(str(t) for t in token_ids).encode())
 
 
 def result_payload(
