@@ -287,6 +287,13 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
         "admission_p50_ms": quantile_ms(adm0, adm1, 0.5),
         "admission_p99_ms": quantile_ms(adm0, adm1, 0.99),
         "relay_p50_ms": quantile_ms(h0.get("relay", empty), h1.get("relay", empty), 0.5),
+        # admission's parts: placing the job, and waiting for the hold's commit (newer trees)
+        "placement_p50_ms": quantile_ms(h0.get("admission_placement", empty),
+                                        h1.get("admission_placement", empty), 0.5),
+        "hold_p50_ms": quantile_ms(h0.get("admission_hold", empty),
+                                   h1.get("admission_hold", empty), 0.5),
+        "hold_p99_ms": quantile_ms(h0.get("admission_hold", empty),
+                                   h1.get("admission_hold", empty), 0.99),
         "load_before": la0, "load_after": la1,
         "errors": sorted({s.error[:120] for s in result.samples if not s.ok})[:3],
     }
@@ -359,6 +366,11 @@ def main() -> None:
                               f"{100 * r['coordinator_sys_share']:>4.0f} "
                               f"{r['completion_tokens_mean']:>4.1f} {r['failed']:>4} "
                               f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}", flush=True)
+                        if r["hold_p50_ms"] is not None:
+                            print(f"{'':>14} admission's parts: placement p50 "
+                                  f"{fmt(r['placement_p50_ms'])} ms, waiting for the hold's "
+                                  f"commit p50 {fmt(r['hold_p50_ms'])} / p99 "
+                                  f"{fmt(r['hold_p99_ms'])} ms")
                         if r["errors"]:
                             print("   errors:", r["errors"])
                 finally:

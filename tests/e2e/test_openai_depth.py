@@ -341,6 +341,20 @@ def test_grammar_compile_time_is_measured(net) -> None:
     assert count and float(count[0].split()[-1]) >= 1
 
 
+def test_admission_and_its_parts_are_measured(net) -> None:
+    """Admission (received to sent to a node) and, of it, placement and the wait for the hold's
+    commit: one observation each for every request placed as it was admitted."""
+    metrics = httpx.get(net.url + "/metrics").text
+
+    def count(stage: str) -> float:
+        lines = [line for line in metrics.splitlines() if line.startswith(
+            f'sparecycles_coordinator_overhead_seconds_count{{stage="{stage}"}}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    assert count("admission") >= 1
+    assert 1 <= count("admission_hold") == count("admission_placement") <= count("admission")
+
+
 def test_schema_limits_are_a_400_naming_the_limit(net) -> None:
     deep: dict = {"type": "string"}
     for _ in range(40):

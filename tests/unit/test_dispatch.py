@@ -209,6 +209,10 @@ async def test_admission_is_one_commit_and_places_at_once(world) -> None:
     assert len(commits) == 1  # nothing more was written for it
     assert ledger.job_money("job_1")["state"] == "held"
     assert job.state == "placed" and job.dispatched_perf_s is not None and not d.waiting
+    # admission's parts, timed for the API's overhead metrics: placement, then the hold's wait
+    assert job.placement_s is not None and job.hold_s is not None
+    assert job.placement_s >= 0 and job.hold_s > 0
+    assert job.placement_s + job.hold_s <= job.dispatched_perf_s - job.received_perf_s
     row = store.get_job("job_1")
     assert (row.state, row.node_id, row.attempts) == ("placed", n1.conn.node_id, 1)
     assert [(a.attempt, a.node_id, a.outcome, a.prompt_tokens)
@@ -277,6 +281,26 @@ async def test_a_result_with_a_bad_signature_is_not_accepted(world) -> None:
     d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
     forged = n1.done(n1.jobs()[0], [1, 2]).model_copy(update={"signature": "A" * 88})
     await d.on_done(n1.conn, forged)
+    assert d.jobs["job_1"].state == "admitted"  # back to waiting, not settled
+    assert ledger.job_money("job_1")["state"] == "held"
+    await d.stop()
+
+
+async def test_a_result_signed_for_another_prompt_is_not_accepted(world) -> None:
+    """The prompt a result is checked against is the one its attempt was sent (its hash kept
+    from then): a node signing for any other prompt is refused as a forgery."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1")
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    job = n1.jobs()[0]
+    assert d.jobs["job_1"].current.prompt_sha256 == job["prompt_sha256"]
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1, 2]))
+    other = {**job, "prompt_sha256": protocol.tokens_sha256(job["prompt_token_ids"] + [9])}
+    await d.on_done(n1.conn, n1.done(other, [1, 2]))
     assert d.jobs["job_1"].state == "admitted"  # back to waiting, not settled
     assert ledger.job_money("job_1")["state"] == "held"
     await d.stop()

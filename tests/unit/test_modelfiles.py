@@ -173,6 +173,44 @@ def test_render_completion_round_trips(tiny_model_path: Path) -> None:
     assert tokenizer.decode(modelfiles.render_completion(tokenizer, prompt)) == prompt
 
 
+@pytest.mark.parametrize("text", [
+    "It was the best of times", "", "  two  spaces ", "<|im_start|>user\nhi<|im_end|>\n",
+    "Ünïcödé café — 日本語 <|eos|> and <|im_end|>", "\n\n\t x",
+])
+@pytest.mark.parametrize("special", [False, True])
+def test_the_direct_encoder_gives_what_encode_gives(tiny_model_path: Path, text: str,
+                                                    special: bool) -> None:
+    """The Rust backend called directly gives transformers' ids; with truncation set on the
+    backend, or special tokens to split, the call goes through transformers (the same ids)."""
+    tokenizer = modelfiles.load_tokenizer(tiny_model_path)
+    want = list(tokenizer.encode(text, add_special_tokens=special))
+    assert modelfiles.encode_text(tokenizer, text, add_special_tokens=special) == want
+    backend = tokenizer.backend_tokenizer
+    calls = []
+    real = type(tokenizer).encode
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    type(tokenizer).encode = counted  # type: ignore[method-assign]
+    try:
+        assert modelfiles.encode_text(tokenizer, text, add_special_tokens=special) == want
+        assert not calls  # the direct path
+        backend.enable_truncation(max_length=3)
+        assert modelfiles.encode_text(tokenizer, text, add_special_tokens=special) == want
+        assert calls  # through transformers, which turns the truncation off for its call
+    finally:
+        type(tokenizer).encode = real  # type: ignore[method-assign]
+        backend.no_truncation()
+    tokenizer.split_special_tokens = True
+    split = list(tokenizer.encode(text, add_special_tokens=special))
+    tokenizer.split_special_tokens = False
+    backend.encode_special_tokens = False
+    tokenizer.split_special_tokens = True
+    assert modelfiles.encode_text(tokenizer, text, add_special_tokens=special) == split
+
+
 def test_bytes_per_param_reads_every_spelling() -> None:
     assert modelfiles.bytes_per_param("bfloat16") == 2.0
     assert modelfiles.bytes_per_param(torch.float16) == 2.0

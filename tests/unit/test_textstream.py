@@ -82,3 +82,48 @@ def test_the_direct_decoder_gives_what_decode_gives(tok, clean_up) -> None:
             assert decode(ids) == tok.decode(ids, skip_special_tokens=True)
     finally:
         tok.clean_up_tokenization_spaces = before
+
+
+def _chunks(tok, ids, stop=(), chunk=1, native=True):
+    """Every push's text, the tail, and the tokens used: what a client is sent, chunk by chunk."""
+    ts = TextStream(tok, stop, native=native)
+    out = [ts.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    return out, ts.finish(), ts.tokens_used, ts.stopped
+
+
+def test_a_byte_level_tokenizer_is_stepped_in_rust(tok) -> None:
+    assert TextStream(tok)._step is not None  # the path the comparisons below exercise
+    assert TextStream(tok, native=False)._step is None
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.one_of(st.text(min_size=1, max_size=60).map(lambda s: ("text", s)),
+                 st.lists(st.integers(0, 399), min_size=1, max_size=40).map(lambda s: ("ids", s))),
+       st.integers(1, 4), st.sampled_from([(), ("END",), ("é", "the"), ("\ufffd",)]))
+def test_the_rust_step_gives_the_same_chunks_as_the_python_method(tok, what, chunk, stop) -> None:
+    """Token by token, the same text in the same chunks, the same tokens used up to a stop: for
+    any text, and for any ids at all (bytes that are not UTF-8, special tokens in between)."""
+    kind, value = what
+    ids = tok.encode(value) if kind == "text" else value
+    assert _chunks(tok, ids, stop, chunk) == _chunks(tok, ids, stop, chunk, native=False)
+
+
+def test_a_failed_rust_step_hands_over_to_the_python_method(tok) -> None:
+    ids = tok.encode(CORPUS[0])
+    want = _chunks(tok, ids, native=False)
+    ts = TextStream(tok)
+    real = ts._step
+    calls = 0
+
+    def failing(tid: int) -> str | None:
+        nonlocal calls
+        calls += 1
+        if calls == 7:
+            raise Exception("InvalidPrefix")
+        assert real is not None
+        return real(tid)
+
+    ts._step = failing
+    out = [ts.push([i]) for i in ids]
+    assert (out, ts.finish(), ts.tokens_used, ts.stopped) == want
+    assert ts._step is None and calls == 7

@@ -416,6 +416,9 @@ async def _run(
     first_job = _job(choices[0])
     if first_job.dispatched_perf_s is not None:
         coord.metrics.overhead_admission.observe(first_job.dispatched_perf_s - received_perf_s)
+        if first_job.placement_s is not None and first_job.hold_s is not None:
+            coord.metrics.overhead_placement.observe(first_job.placement_s)
+            coord.metrics.overhead_hold.observe(first_job.hold_s)
     if failed is not None:
         for c in choices:
             await _cancel(coord, _job(c))

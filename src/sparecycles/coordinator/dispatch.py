@@ -198,7 +198,9 @@ class Dispatcher:
             waiting_since_mono_s=now.mono_s,
             received_perf_s=received_perf_s or now.perf_s,
         )
+        placing_perf_s = time.perf_counter()
         placed = self._reserve(job, now) if not self.waiting and self._task is not None else None
+        holding_perf_s = time.perf_counter()
         row = JobRecord(
             id=job_id,
             client_id=client_id,
@@ -229,6 +231,8 @@ class Dispatcher:
                 self._unreserve(job, placed[0])
             raise
         self.jobs[job_id] = job
+        job.placement_s = holding_perf_s - placing_perf_s
+        job.hold_s = time.perf_counter() - holding_perf_s
         if placed:
             self._send(job, *placed, self.clock())  # after the hold's commit: a new reading
         else:
@@ -396,13 +400,14 @@ class Dispatcher:
             job.handoff = KvHandoff(receiver, number, len(prompt))
             self.handoffs["started"] += 1
             remaining = 1  # the prefill's token; the receiver decodes the rest
+        prompt_sha256 = protocol.tokens_sha256(prompt)
         msg = protocol.JobAssign(
             job_id=job.job_id,
             attempt=number,
             model=job.model,
             prompt_token_ids=prompt,
             sampling=protocol.Sampling.of(job.sampling, max_tokens=remaining),
-            prompt_sha256=protocol.tokens_sha256(prompt),
+            prompt_sha256=prompt_sha256,
             want_logprobs=self.verifier is not None or _client_logprobs(job.sampling),
             resumed_tokens=len(job.generated),
             kv_export=receiver is not None,
@@ -419,6 +424,7 @@ class Dispatcher:
                 last_token_mono_s=now.mono_s,
                 kv_positions=kv_import.positions if kv_import else 0,
                 prefilled_tokens=len(prompt) - kv_import.positions if kv_import else None,
+                prompt_sha256=prompt_sha256,
             )
         )
         job.state = JobState.PLACED
@@ -608,12 +614,15 @@ class Dispatcher:
             return None
         now = self.clock()
         produced = job.generated[att.token_base : att.token_base + att.tokens]
+        output_sha256 = protocol.tokens_sha256(produced)
         payload = protocol.result_payload(
             job_id=msg.job_id,
             attempt=msg.attempt,
             weights_sha256=node.weights.get(job.model, ""),
-            prompt_sha256=protocol.tokens_sha256(job.prompt_ids + job.generated[: att.token_base]),
-            output_sha256=protocol.tokens_sha256(produced),
+            # the prompt the attempt was sent (its hash kept when it was sent)
+            prompt_sha256=att.prompt_sha256 or protocol.tokens_sha256(
+                job.prompt_ids + job.generated[: att.token_base]),
+            output_sha256=output_sha256,
             finish_reason=msg.finish_reason,
             metering=msg.metering,
             logprobs_sha256=msg.logprobs_sha256,
@@ -623,7 +632,7 @@ class Dispatcher:
             got = att.logprobs[: att.tokens]
             lps_ok = None not in got and msg.logprobs_sha256 == protocol.logprobs_sha256(
                 [x for x in got if x is not None], att.top_logprobs[: att.tokens])
-        if not lps_ok or msg.output_sha256 != protocol.tokens_sha256(produced) or not verify(
+        if not lps_ok or msg.output_sha256 != output_sha256 or not verify(
             node.public_key, payload, msg.signature
         ):
             log.warning("job %s: node %s sent a result that does not verify", job.job_id,

@@ -45,6 +45,9 @@ class Attempt:
     # the whole prompt it was sent, as any attempt)
     kv_positions: int = 0
     prefilled_tokens: int | None = None
+    # protocol.tokens_sha256 of the prompt the attempt was sent (what its signed result names);
+    # empty: not kept, computed again from the job when its result comes
+    prompt_sha256: str = ""
 
 
 class JobEventKind(enum.StrEnum):
@@ -89,6 +92,10 @@ class LiveJob:
     avoid_nodes: set[str] = field(default_factory=set)  # nodes that failed it: never again
     received_perf_s: float = 0.0  # perf_counter when the API received the request
     dispatched_perf_s: float | None = None  # perf_counter when the first attempt was sent to a node
+    # parts of admission, timed (the API's overhead metrics): choosing its node when it was
+    # admitted, and waiting for its hold's transaction to commit (seconds)
+    placement_s: float | None = None
+    hold_s: float | None = None
     chain: Any = None  # the coordinator/chains.ChainRun driving it, when served by a chain
     # attempts ended and not yet written (``job_attempts`` columns, with ``attempt``): they ride
     # with the job's settlement, or are queued when the job goes on to another attempt

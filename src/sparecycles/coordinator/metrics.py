@@ -52,7 +52,9 @@ class Metrics:
         self.overhead = Histogram(
             "sparecycles_coordinator_overhead_seconds",
             "Time the coordinator itself adds: admission (request received to job sent to a "
-            "node) and relay (tokens received from a node to written to the client)",
+            "node; of it, admission_placement: choosing the node, and admission_hold: waiting "
+            "for the hold's commit) and relay (tokens received from a node to written to the "
+            "client)",
             ["stage"],
             # fine around the 2 ms target, so quantiles read from the histogram mean something
             buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
@@ -66,6 +68,9 @@ class Metrics:
         # builds a key on every call: once per token message for the relay)
         self.overhead_relay = self.overhead.labels("relay")
         self.overhead_admission = self.overhead.labels("admission")
+        # two parts of it: placement on admission, and waiting for the hold's commit
+        self.overhead_placement = self.overhead.labels("admission_placement")
+        self.overhead_hold = self.overhead.labels("admission_hold")
         self._per_model: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def job_finished(self, job: LiveJob, state: str) -> None:
