@@ -256,6 +256,13 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
                                 "--format", "raw", "--output", str(out), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
+    tracer, trace_out = None, None
+    if args.strace:  # the coordinator's system calls by kind (ptrace slows it: CPU not comparable)
+        trace_out = Path(args.strace) / f"{net.tree.name}-c{concurrency}-{int(time.time())}.txt"
+        trace_out.parent.mkdir(parents=True, exist_ok=True)
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(trace_out), "-p",
+                                   str(net.coordinator.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
     t0 = time.perf_counter()
     result = load(net, concurrency, args.requests, args.max_tokens)["result"]
     wall = time.perf_counter() - t0
@@ -264,6 +271,11 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
+    syscalls: dict[str, float] = {}
+    if tracer is not None and trace_out is not None:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(60)
+        syscalls = strace_counts(trace_out, max(1, len(result.samples)))
     h1, la1 = histogram(net.url), loadavg()
     ok = [s for s in result.samples if s.ok]
     n = max(1, len(result.samples))
@@ -296,7 +308,20 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
                                    h1.get("admission_hold", empty), 0.99),
         "load_before": la0, "load_after": la1,
         "errors": sorted({s.error[:120] for s in result.samples if not s.ok})[:3],
+        "strace_per_request": syscalls,
     }
+
+
+def strace_counts(path: Path, requests: int) -> dict[str, float]:
+    """``strace -c`` output as calls per request by system call, and their total."""
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if (len(parts) >= 5 and parts[0].replace(".", "", 1).isdigit() and parts[3].isdigit()
+                and parts[-1] != "total"):
+            out[parts[-1]] = int(parts[3]) / requests
+    out["total"] = sum(out.values())
+    return out
 
 
 def py_spy() -> str:
@@ -332,6 +357,9 @@ def main() -> None:
                     help="fake nodes: again with one message per answer, for CPU per message")
     ap.add_argument("--py-spy", default="",
                     help="a folder: record the coordinator (GIL samples) during each level")
+    ap.add_argument("--strace", default="",
+                    help="folder: count the coordinator's system calls over the measured "
+                         "requests (strace -c -f; slows it, so its CPU figures do not compare)")
     ap.add_argument("--out", default="artifacts/coordinator_cost")
     args = ap.parse_args()
     trees = [(label, Path(path).resolve()) for label, _, path in
@@ -373,6 +401,13 @@ def main() -> None:
                                   f"{fmt(r['hold_p99_ms'])} ms")
                         if r["errors"]:
                             print("   errors:", r["errors"])
+                        if r["strace_per_request"]:
+                            calls = r["strace_per_request"]
+                            top = sorted(((k, v) for k, v in calls.items() if k != "total"),
+                                         key=lambda kv: -kv[1])[:10]
+                            print(f"   system calls a request (strace): "
+                                  f"{calls['total']:.1f}: "
+                                  + ", ".join(f"{k} {v:.1f}" for k, v in top))
                 finally:
                     finish(net)
     print("\nmedians over rounds (coordinator CPU ms/request; admission p50/p99 ms):")

@@ -175,10 +175,33 @@ def _loop_thread(lane: GroupCommit, name: str, seed: int, coroutines: int, round
 CANCELLED = object()
 
 
+@dataclass
+class SometimesInline:
+    """An ``inline`` for the lane (SQLite's, on the event loop): busy a third of the time
+    (None: nothing done), else the transaction itself, whose failure the worker sees again."""
+
+    db: FakeDb
+    seed: int
+    calls: int = 0
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed + 7)
+
+    def __call__(self, ops: list[Any], afters: list[Any]) -> Any:
+        with self._guard:
+            self.calls += 1
+            busy = self.calls > 1 and self._rng.random() < 0.3
+        return None if busy else self.db.run(ops, afters)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["worker", "inline"])
 @pytest.mark.parametrize("seed", range(6))
-def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int) -> None:
+def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int,
+                                                                      inline: bool) -> None:
     db = FakeDb(ops_max=[1, 3, 64][seed % 3], seed=seed)
-    lane = GroupCommit(db.run, db.ops_max)
+    fake = SometimesInline(db, seed) if inline else None
+    lane = GroupCommit(db.run, db.ops_max, inline=fake)
     outcomes: dict[FakeOp, Any] = {}
     submitted: list[FakeOp] = []
     loop_errors: list[Any] = []
@@ -189,6 +212,14 @@ def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int) 
     for e in range(2):
         workers.append(threading.Thread(target=_loop_thread, args=(
             lane, f"e{e}", seed * 10 + e, 12, 15, outcomes, submitted, loop_errors)))
+    if fake is not None:  # a first op alone: an idle lane is led by the loop, inline
+        warm = FakeOp("warm", 0)
+        submitted.append(warm)
+
+        async def first() -> Any:
+            return await lane.submit_async(warm)
+
+        outcomes[warm] = asyncio.run(first())
     for w in workers:
         w.start()
     for w in workers:
@@ -201,6 +232,8 @@ def test_threads_and_coroutines_share_a_lane_without_overlap_or_loss(seed: int) 
             del outcomes[op]
     cancelled = [op for op in submitted if op not in outcomes]
     _check(db, {**outcomes, **{op: _expected(db, op) for op in cancelled}}, submitted)
+    if fake is not None:  # both kinds of leader led: the loops inline, the others the rest
+        assert lane.inline_batches > 0 and lane.worker_batches > 0
 
 
 def _expected(db: FakeDb, op: FakeOp) -> Any:
@@ -379,4 +412,98 @@ def test_a_thread_that_cannot_hand_on_to_the_worker_leads_on(monkeypatch) -> Non
 
     assert asyncio.run(main()) == "rc"
     assert told == ["rt"]
+    _wait_idle(lane)
+
+
+def test_coroutines_batches_run_on_their_loop_when_the_database_can_be_written() -> None:
+    """SQLite's inline lane: the ops queued by one loop's callbacks at hand share one batch,
+    run on that loop's own thread; no worker thread is started, the loop is not woken from
+    another thread, and the results come back in order."""
+    ran: list[tuple[str, list[Any]]] = []
+
+    def inline(ops: list[Any], _afters: list[Any]) -> list[Any]:
+        ran.append((threading.current_thread().name, list(ops)))
+        return [f"r{op}" for op in ops]
+
+    lane = GroupCommit(lambda ops, _a: pytest.fail("the worker ran"), 100, inline=inline)
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *_a, **_k: pytest.fail("woken from a thread")  # type: ignore[method-assign]
+        try:
+            first = await asyncio.gather(*(lane.submit_async(i) for i in range(5)))
+            return [*first, await lane.submit_async("x")]
+        finally:
+            loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+
+    assert asyncio.run(main()) == ["r0", "r1", "r2", "r3", "r4", "rx"]
+    me = threading.current_thread().name
+    assert ran == [(me, [0, 1, 2, 3, 4]), (me, ["x"])]
+    assert lane._worker is None and lane.inline_batches == 2 and lane.worker_batches == 0
+    _wait_idle(lane)
+
+
+def test_a_batch_that_cannot_run_inline_goes_to_the_worker_in_order() -> None:
+    """Busy (None) or failed (raised, rolled back): the batch, and what queued behind it, run
+    on the worker thread in their order; the failure's op learns the worker's outcome."""
+    tries: list[list[Any]] = []
+    ran: list[tuple[str, list[Any]]] = []
+
+    def inline(ops: list[Any], _afters: list[Any]) -> list[Any] | None:
+        tries.append(list(ops))
+        if ops[0] == "busy":
+            return None
+        if "bad" in ops:
+            raise TxFailed("inline")
+        return [f"r{op}" for op in ops]
+
+    def run(ops: list[Any], _afters: list[Any]) -> list[Any]:
+        ran.append((threading.current_thread().name.split("_")[0], list(ops)))
+        return [Refused(op) if op == "bad" else f"w{op}" for op in ops]
+
+    lane = GroupCommit(run, 100, inline=inline)
+
+    async def idle() -> None:  # the worker has handed the lane back: the next op leads
+        while lane.load():
+            await asyncio.sleep(0.001)
+
+    async def main() -> list[Any]:
+        busy = await asyncio.gather(lane.submit_async("busy"), lane.submit_async("a"))
+        await idle()
+        bad = await asyncio.gather(lane.submit_async("b"), lane.submit_async("bad"),
+                                   return_exceptions=True)
+        await idle()
+        return [*busy, *bad, await lane.submit_async("c")]
+
+    out = asyncio.run(main())
+    assert out[:3] == ["wbusy", "wa", "wb"] and isinstance(out[3], Refused) and out[4] == "rc"
+    assert tries == [["busy", "a"], ["b", "bad"], ["c"]]
+    assert ran == [("ledger-lane", ["busy", "a"]), ("ledger-lane", ["b", "bad"])]
+    _wait_idle(lane)
+
+
+def test_a_blocking_call_on_the_loop_takes_over_the_inline_lead_it_would_wait_for() -> None:
+    """A coroutine's op schedules an inline lead on its loop; before the loop gets to it, code
+    on that loop's thread calls the blocking API: waiting for that lead would wait for ever
+    (the loop is blocked in the call), so the call leads, and runs both ops in order."""
+    ran: list[list[Any]] = []
+
+    def run(ops: list[Any], _afters: list[Any]) -> list[Any]:
+        ran.append(list(ops))
+        return [f"r{op}" for op in ops]
+
+    lane = GroupCommit(run, 100, inline=run)
+
+    async def main() -> list[Any]:
+        fut = lane.submit_async("a")
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(lane.submit("b")), daemon=True)
+        got = lane.submit("c")  # on the loop's own thread, the inline lead still pending
+        t.start()
+        t.join(5)
+        return [await asyncio.wait_for(fut, 5), got, *done]
+
+    assert asyncio.run(main()) == ["ra", "rc", "rb"]
+    assert [op for ops in ran for op in ops] == ["a", "c", "b"]
     _wait_idle(lane)

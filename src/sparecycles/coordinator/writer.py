@@ -33,6 +33,7 @@ write_batch_max = 256  # background writes committed together at most
 class Write:
     fn: Callable[[], Any]
     future: asyncio.Future[Any] | None  # None: nobody waits for it (a metering write)
+    store_method: bool = False  # a write method of the writer's store (may run on the loop)
 
     def tell(self, outcome: Any) -> bool:
         """Give the waiter its outcome (a result, or an exception to raise); False when nobody
@@ -79,7 +80,8 @@ class StoreWriter:
 
     def background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Queue a store write without waiting for it (metering updates)."""
-        self._writes.put_nowait(Write(lambda: fn(*args, **kwargs), None))
+        own = getattr(fn, "__self__", None) is self.store
+        self._writes.put_nowait(Write(lambda: fn(*args, **kwargs), None, own))
 
     def queue(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Queue a store write after all earlier ones, now; the future gives its result. ``fn``
@@ -141,7 +143,28 @@ class StoreWriter:
                 for w, result in zip(waited, results, strict=True):
                     w.tell(result)
 
+    def _inline(self, batch: list[Write]) -> bool:
+        """On SQLite, background writes of the store's own write methods run here on the event
+        loop, in one transaction, when the database can be written at once (``Store.
+        write_batch(wait=False)``): a hand-off to a worker thread and back cost more than the
+        writes. False when they did not (another callable, busy, or they failed and were rolled
+        back): nothing was written, and they go the usual way, on a worker thread."""
+        if not self.store.inline_writes or not all(w.store_method for w in batch):
+            return False
+        try:
+            results = self.store.write_batch([w.fn for w in batch], wait=False)
+        except Exception:
+            return False
+        for r in results:
+            if inspect.isawaitable(r):
+                if inspect.iscoroutine(r):
+                    r.close()
+                raise InvariantViolation("a store write returned an awaitable: pass an async def")
+        return True
+
     async def run_batch(self, batch: list[Write]) -> None:
+        if self._inline(batch):
+            return
         fns = [w.fn for w in batch]
         try:
             await self.apply(lambda: self.store.write_batch(fns), landed_if_duplicate=False)
@@ -154,6 +177,8 @@ class StoreWriter:
                 await self.run_write(w)
 
     async def run_write(self, w: Write) -> None:
+        if w.future is None and self._inline([w]):
+            return
         try:
             outcome = await self.apply(w.fn)
         except Exception as exc:

@@ -1,10 +1,11 @@
 """The ledger service: every unit of money moves through one double-entry ledger.
 
-The coordinator calls this synchronously from a worker thread; each call is one database
-transaction (or a share of one: concurrent calls are committed together, see
-``ledger/group_commit.py``). The logic lives in ``ledger/engine.apply`` (pure), the SQL in
-``store/ledger_queries.py``, the payout runs in ``ledger/payouts.py`` and the independent
-auditor in ``ledger/audit.py``.
+Each call is one database transaction (or a share of one: concurrent calls are committed
+together, see ``ledger/group_commit.py``). Threads call it synchronously; the coordinator's
+coroutines call the ``*_async`` forms, whose transactions run on the lane's worker thread, or on
+SQLite on the event loop itself when the database can be written at once. The logic lives in
+``ledger/engine.apply`` (pure), the SQL in ``store/ledger_queries.py``, the payout runs in
+``ledger/payouts.py`` and the independent auditor in ``ledger/audit.py``.
 
 Guarantees. Each is stated here and in docs/ledger.md, enforced where named, and verified
 independently by ``Ledger.check()`` (``sparecycles ledger check``):
@@ -72,7 +73,7 @@ from sparecycles.ledger.pricing import (
     amount_micros_max,
     tokens_max,
 )
-from sparecycles.store.errors import transient_store_errors
+from sparecycles.store.errors import WriterBusy, transient_store_errors
 from sparecycles.store.ledger_queries import LedgerStore, LedgerTx
 from sparecycles.types import JobFinal, JobRecord, JobState, Workload
 
@@ -188,8 +189,9 @@ class Ledger:
         self._prices: dict[str, ModelPrice] = {}
         self._prices_expire_s = float("-inf")
         self._batching = batching
+        inline = self._apply_inline if self.store.inline_writes else None
         self._lanes = [GroupCommit(self._apply_batch, batch_ops_max if batching else 1,
-                                   transient_store_errors)
+                                   transient_store_errors, inline=inline)
                        for _ in range(n)]
 
     # ---- accounts ------------------------------------------------------------------------------
@@ -390,9 +392,20 @@ class Ledger:
     async def _submit_async(self, op: Op, after: After | None = None) -> Any:
         return await self._lane(op).submit_async(op, after)
 
-    def _apply_batch(self, ops: list[Op], afters: Sequence[After | None] = ()) -> list[Any]:
+    def _apply_inline(self, ops: list[Op], afters: Sequence[After | None]) -> list[Any] | None:
+        """``_apply_batch`` now, on the event loop, or not at all (None): when the database is
+        being written by another thread or process, or an account must be created first."""
+        if not self.store.knows({a for op in ops for a in eng.accounts_of(op, {})}):
+            return None
+        try:
+            return self._apply_batch(ops, afters, wait=False)
+        except WriterBusy:
+            return None
+
+    def _apply_batch(self, ops: list[Op], afters: Sequence[After | None] = (), *,
+                     wait: bool = True) -> list[Any]:
         """One transaction: load and lock what the ops touch, apply them, write the outcome,
-        then each op's ``after`` with its result."""
+        then each op's ``after`` with its result. ``wait=False``: see ``LedgerStore.write``."""
         now = self.clock()
         named = {a for op in ops for a in eng.accounts_of(op, {})}  # all but voids' and withholds'
         if not self.store.knows(named):  # create the accounts of the ops whose ids are valid
@@ -429,7 +442,7 @@ class Ledger:
                     after(tx, result)
             return out.results
 
-        return self.store.write(work)
+        return self.store.write(work, wait=wait)
 
     def _stored_prices(self, tx: LedgerTx, now: float) -> dict[str, ModelPrice]:
         """Prices set through the admin API, re-read at most every ``prices_cache_s``."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from sparecycles.errors import Conflict, NotFound
 from sparecycles.secrets_util import hash_secret, new_id, new_secret
@@ -34,13 +34,14 @@ from sparecycles.store.core_tables import (
 )
 from sparecycles.store.db import (
     Base,
+    close_writes,
     insert_rows,
     make_engine,
     make_sessionmaker,
     update_rows,
     wal_autocheckpoint_pages,
     wal_backstop_pages,
-    writer_lock,
+    writer_of,
 )
 from sparecycles.types import AttemptOutcome
 
@@ -117,6 +118,7 @@ class Store:
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
+        close_writes(self.engine)
         self.engine.dispose()
 
     def checkpoint(self) -> None:
@@ -339,54 +341,60 @@ class Store:
 
     # ---- jobs -----------------------------------------------------------------------------
 
+    @property
+    def inline_writes(self) -> bool:
+        """Whether writes may run on the event loop (``write_batch(wait=False)``): SQLite."""
+        return self.engine.dialect.name == "sqlite"
+
     @contextmanager
-    def _writing(self) -> Iterator[Session]:
+    def _writing(self, *, wait: bool = True) -> Iterator[Connection]:
         """A write transaction of the jobs' lifecycle (run on dispatch's writer thread beside
-        the ledger's): it takes the engine's writer lock (``db.writer_lock``), and on SQLite
-        starts ``IMMEDIATE``, so that it queues behind an admission's hold rather than meeting
-        SQLite's busy handler, and an admission never waits in that handler behind it."""
-        joined: Session | None = getattr(self._joined, "session", None)
+        the ledger's): on SQLite on the one writer connection the ledger writes on too
+        (``db.SqliteWriter``: its lock, ``BEGIN IMMEDIATE``), so that it queues behind an
+        admission's hold rather than meeting SQLite's busy handler; a pooled connection on
+        PostgreSQL."""
+        joined: Connection | None = getattr(self._joined, "conn", None)
         if joined is not None:
             queued = getattr(self._joined, "attempts", None)
             if queued is not None:  # the batch's attempt writes so far land before this one
-                queued.flush(joined.connection())
+                queued.flush(joined)
             yield joined
             return
-        with writer_lock(self.engine), self.sessions.begin() as s:
-            conn = s.connection()
-            if self.engine.dialect.name == "sqlite" and not getattr(
-                    conn.connection.dbapi_connection, "in_transaction", False):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            yield s
+        with writer_of(self.engine).begin(wait=wait) as conn:
+            yield conn
 
-    def write_batch(self, writes: Sequence[Callable[[], Any]]) -> list[Any]:
+    def write_batch(self, writes: Sequence[Callable[[], Any]], *, wait: bool = True
+                    ) -> list[Any]:
         """Run several job writes (calls of this store's write methods) in one transaction, in
         order: dispatch's writer commits the metering writes that queued up together at once
-        (one commit instead of one each). All land or none does."""
-        if getattr(self._joined, "session", None) is not None:
+        (one commit instead of one each). All land or none does. ``wait=False`` (SQLite, on
+        the event loop): ``WriterBusy`` at once, nothing written, when the database is being
+        written by another thread or process (``SqliteWriter.begin``)."""
+        if getattr(self._joined, "conn", None) is not None:
             raise RuntimeError("write_batch does not nest")  # a second writer lock: deadlock
-        with self._writing() as s:
-            self._joined.session = s
+        with self._writing(wait=wait) as conn:
+            self._joined.conn = conn
             self._joined.attempts = attempts = _AttemptWrites()
             try:
                 results = [write() for write in writes]
-                attempts.flush(s.connection())
+                attempts.flush(conn)
                 return results
             finally:
-                self._joined.session = None
+                self._joined.conn = None
                 self._joined.attempts = None
 
-    # The job writes below are Core statements on the session's connection, not ORM units of
-    # work: they run for every job on dispatch's writer, and the ORM's flush and bulk-update
-    # machinery cost more than the statements themselves.
+    # The job writes below are statements on the writer's connection, not ORM units of work:
+    # they run for every job on dispatch's writer, and the ORM's flush and bulk-update
+    # machinery cost more than the statements themselves (on SQLite, prepared SQL text straight
+    # on the driver: ``db.insert_rows``, ``db.update_rows``).
 
     def insert_job(self, **fields: Any) -> None:
-        with self._writing() as s:
-            s.connection().execute(insert(_jobs), [fields])
+        with self._writing() as conn:
+            insert_rows(conn, _jobs, [fields])
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        with self._writing() as s:
-            s.connection().execute(update(_jobs).where(_jobs.c.id == job_id).values(**fields))
+        with self._writing() as conn:
+            update_rows(conn, _jobs, ("id",), [{"id": job_id, **fields}])
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self.sessions() as s:
@@ -474,8 +482,8 @@ class Store:
         """Alone: write now. In a ``write_batch``: the batch writes them all at its end."""
         if queued is getattr(self._joined, "attempts", None):
             return
-        with self._writing() as s:
-            queued.flush(s.connection())
+        with self._writing() as conn:
+            queued.flush(conn)
 
     def attempts(self, job_id: str) -> list[JobAttempt]:
         with self.sessions() as s:

@@ -123,7 +123,7 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"), index=True)
     api_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    model: Mapped[str] = mapped_column(String(200), index=True)
+    model: Mapped[str] = mapped_column(String(200))  # no index: no query filters by it
     endpoint: Mapped[str] = mapped_column(String(40))  # "chat.completions" | "completions"
     workload: Mapped[str] = mapped_column(String(16), default="inference")
     state: Mapped[str] = mapped_column(String(16), index=True)
@@ -154,7 +154,8 @@ class JobAttempt(Base):
         Index("ix_job_attempts_node_started", "node_id", "started_at_s"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # looked up through the unique index on (job_id, attempt): no index of its own
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     attempt: Mapped[int] = mapped_column(Integer)
     node_id: Mapped[str] = mapped_column(String(40))
     outcome: Mapped[str] = mapped_column(String(16))  # running|done|node_lost|failed|cancelled

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
 
-__all__ = ["DuplicateKey", "transient_store_errors"]
+__all__ = ["DuplicateKey", "WriterBusy", "transient_store_errors"]
 
 # A write refused because a row with its key is there already (an insert retried after it had
 # in fact committed, or two writers of one row).
 DuplicateKey = sa_exc.IntegrityError
+
+
+class WriterBusy(Exception):
+    """A write asked not to wait (``SqliteWriter.begin(wait=False)``, on an event loop) found
+    the database being written by another thread or process: nothing was done."""
 
 
 def _transient_errors() -> tuple[type[Exception], ...]:

@@ -14,11 +14,11 @@ The ledger's other modules never import SQLAlchemy; they call ``LedgerStore``.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -57,7 +57,7 @@ from sparecycles.ledger.engine import (
 )
 from sparecycles.ledger.pricing import ModelPrice, PayoutTerms
 from sparecycles.store.core_tables import Client, JobAttempt, JobRow, Owner
-from sparecycles.store.db import insert_rows, update_rows, writer_lock
+from sparecycles.store.db import insert_rows, sqlite_run, update_rows, writer_of
 from sparecycles.store.ledger_tables import (
     LEDGER_TABLES,
     LedgerAccount,
@@ -162,6 +162,25 @@ def _pg_text(q: Any) -> str:
     return sql.replace("%(ids)s", "%s")
 
 
+# The reads of a batch on SQLite: SQL text run straight on the driver (``LedgerTx._select``),
+# the same columns in the same order as the statements above; ``{ids}`` is the list of marks.
+_sqlite_by_ids = {
+    "holds": f"SELECT {', '.join(c for c in _insert_columns['ledger_holds'] if c != 'terms')}, "
+             "terms FROM ledger_holds WHERE job_id IN ({ids})",
+    "accounts": f"SELECT {', '.join(_account_columns)} FROM ledger_accounts "
+                "WHERE id IN ({ids}) ORDER BY id",
+    "job_transfers": f"SELECT {', '.join(_insert_columns['ledger_transfers'])} "
+                     "FROM ledger_transfers WHERE job_id IN ({ids})",
+    "transfers": f"SELECT {', '.join(_insert_columns['ledger_transfers'])} "
+                 "FROM ledger_transfers WHERE id IN ({ids})",
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def _sqlite_in(name: str, n: int) -> str:
+    return _sqlite_by_ids[name].format(ids=", ".join("?" * n))
+
+
 # The reads of a batch on PostgreSQL, sent together in one pipeline (``LedgerTx.load``).
 _pg_load = (_pg_text(_sel_holds[1]), _pg_text(_sel_accounts_locked),
             _pg_text(_sel_job_transfers[1]), _pg_text(_sel_transfers[1]))
@@ -222,11 +241,20 @@ class LedgerTx:
 
     # -- reads for a batch --
 
+    def _select(self, sql_or_query: Any, chunk: list[str]) -> Any:
+        """Rows of one of the batch's reads by ids: on SQLite prepared SQL text straight on
+        the driver (``db.sqlite_run``; ``sql_or_query`` a ``_sqlite_by_ids`` entry), otherwise
+        the compiled statement with its ids."""
+        if self.pg:
+            return self.conn.execute(sql_or_query, {"ids": chunk})
+        return sqlite_run(self.conn, _sqlite_in(sql_or_query, len(chunk)), chunk)
+
     def holds(self, job_ids: Iterable[str]) -> dict[str, HoldTerms]:
         out: dict[str, HoldTerms] = {}
+        q = _sel_holds[1] if self.pg else "holds"
         for chunk in _chunks(job_ids):
             for (job, client, model, cur, prompt, most, p_in, p_out, amount, at,
-                 terms) in self.conn.execute(_sel_holds[self.pg], {"ids": chunk}):
+                 terms) in self._select(q, chunk):
                 out[job] = HoldTerms(job, client, model, cur, prompt, most,
                                      ModelPrice(p_in, p_out), _terms(terms), amount, at)
         return out
@@ -234,17 +262,19 @@ class LedgerTx:
     def accounts(self, ids: Iterable[str], *, lock: bool = False) -> dict[str, AccountState]:
         """Accounts by id; with ``lock`` their rows are locked in id order until commit."""
         out: dict[str, AccountState] = {}
-        q = _sel_accounts_locked if lock and self.pg else _sel_accounts[self.pg]
+        q = (_sel_accounts_locked if lock else _sel_accounts[1]) if self.pg else "accounts"
         for chunk in _chunks(ids):
-            out.update((r.id, _account(r)) for r in self.conn.execute(q, {"ids": chunk}))
+            out.update((r[0], AccountState(*r)) for r in self._select(q, chunk))
         return out
 
     def transfers(self, *, job_ids: Iterable[str] = (), ids: Iterable[str] = ()
                   ) -> dict[str, TransferRow]:
         out: dict[str, TransferRow] = {}
-        for q, keys in ((_sel_job_transfers[self.pg], job_ids), (_sel_transfers[self.pg], ids)):
+        queries = ((_sel_job_transfers[1], _sel_transfers[1]) if self.pg
+                   else ("job_transfers", "transfers"))
+        for q, keys in zip(queries, (job_ids, ids), strict=True):
             for chunk in _chunks(keys):
-                out.update((r[0], TransferRow(*r)) for r in self.conn.execute(q, {"ids": chunk}))
+                out.update((r[0], TransferRow(*r)) for r in self._select(q, chunk))
         return out
 
     def load(self, hold_jobs: Iterable[str], clients: Iterable[str], job_ids: Iterable[str],
@@ -324,8 +354,8 @@ class LedgerTx:
         if self.pg:
             n = self.conn.exec_driver_sql(_pg_apply_totals, _pg_totals_args(deltas)).rowcount
         else:
-            n = self.conn.exec_driver_sql(_sqlite_apply_totals,
-                                          [(*d, k) for k, d in deltas]).rowcount
+            n = sqlite_run(self.conn, _sqlite_apply_totals, [(*d, k) for k, d in deltas],
+                           many=True).rowcount
         self._check_totals(deltas, n)
 
     @staticmethod
@@ -376,8 +406,11 @@ class LedgerTx:
         if not rows:
             return
         cols = _insert_columns[table.name]
-        if not self.pg or len(rows) < copy_rows_min:
-            self.conn.exec_driver_sql(_insert_sql(table.name, "%s" if self.pg else "?"), rows)
+        if not self.pg:
+            sqlite_run(self.conn, _insert_sql(table.name, "?"), rows, many=True)
+            return
+        if len(rows) < copy_rows_min:
+            self.conn.exec_driver_sql(_insert_sql(table.name, "%s"), rows)
             return
         cur = self._raw().cursor()  # same transaction
         with cur.copy(f"COPY {table.name} ({', '.join(cols)}) FROM STDIN") as copy:
@@ -594,7 +627,7 @@ class LedgerStore:
             raise InvariantViolation(f"the ledger runs on SQLite or PostgreSQL, not {self.dialect}")
         self._known_accounts: set[str] = set()
         self.retries = 0  # transactions retried after a deadlock, busy or duplicate error
-        self._writer: Any = writer_lock(engine)  # shared with the store's writes (db.py)
+        self._writes = writer_of(engine)  # SQLite: one writer connection, the store's too
 
     def create_tables(self) -> None:
         """Tables straight from the models (tests, benchmarks); production uses migrations."""
@@ -602,26 +635,20 @@ class LedgerStore:
 
         Base.metadata.create_all(self.engine)
 
-    @contextmanager
-    def _connect(self, write: bool) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            if write and self.dialect == "sqlite":
-                raw = conn.connection.dbapi_connection
-                if not getattr(raw, "in_transaction", False):
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-
-    def write(self, fn: Callable[[LedgerTx], T]) -> T:
-        """Run ``fn`` in one write transaction, retried from the start on transient failures."""
+    def write(self, fn: Callable[[LedgerTx], T], *, wait: bool = True) -> T:
+        """Run ``fn`` in one write transaction, retried from the start on transient failures.
+        ``wait=False`` (SQLite, on the event loop): one try, now or never: ``WriterBusy`` when
+        the database is being written by another thread or process, any failure raised as is."""
+        if not wait:
+            with self._writes.begin(wait=False) as conn:
+                tx = LedgerTx(conn, self.dialect)
+                result = fn(tx)
+                tx.flush_jobs()
+                return result
         pause = tx_backoff_s
         for attempt in range(1, tx_attempts_max + 1):
             try:
-                with self._writer, self._connect(write=True) as conn:
+                with self._writes.begin() as conn:
                     tx = LedgerTx(conn, self.dialect)
                     result = fn(tx)
                     tx.flush_jobs()
@@ -641,8 +668,10 @@ class LedgerStore:
         raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[LedgerTx], T]) -> T:
-        with self._connect(write=False) as conn:
-            return fn(LedgerTx(conn, self.dialect))
+        with self.engine.connect() as conn:
+            result = fn(LedgerTx(conn, self.dialect))
+            conn.commit()
+            return result
 
     def ensure_accounts(self, ids: Iterable[str], currency: str, now_s: float) -> None:
         """Create the accounts not known yet (in their own transaction, before any lock is
@@ -666,6 +695,12 @@ class LedgerStore:
         if wrong or len(found) != len(missing):
             raise InvariantViolation(f"accounts in another currency than {currency}: {wrong}")
         self._known_accounts.update(missing)
+
+    @property
+    def inline_writes(self) -> bool:
+        """Whether write transactions may run on the event loop (``write(wait=False)``): on
+        SQLite, a file on this machine, with no round trip to a server."""
+        return self.dialect == "sqlite"
 
     def knows(self, ids: set[str]) -> bool:
         """Whether every one of these accounts was created (or found) by this store already."""
