@@ -41,7 +41,8 @@ def _matches(frame: str, parts: tuple[str, ...]) -> bool:
     func, file = m.group("func"), m.group("file")
     for part in parts:
         name, _, suffix = part.rpartition("@")
-        if file.endswith(suffix) and (not name or func == name):
+        # py-spy names methods by class: "NodeConn.snapshot" matches "snapshot"
+        if file.endswith(suffix) and (not name or func == name or func.endswith("." + name)):
             return True
     return False
 

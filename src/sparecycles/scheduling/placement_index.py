@@ -43,6 +43,7 @@ from sparecycles.scheduling.scheduler import (
     _group_key,
     _Load,
     _predict,
+    _quantised,
     _Ranking,
     _typical_job,
     node_can_serve,
@@ -249,10 +250,15 @@ class PlacementIndex:
         if config is not self._config and config != self._config:
             self._rankings.clear()  # scores depend on the config
         self._config = config
-        typical = _typical_job([job])
-        key = (job.model, typical.prompt_tokens, typical.max_tokens)
+        # the typical job of a call of one job: its own sizes, quantised (_typical_job's key,
+        # without building the job unless its ranking is new)
+        key = (job.model, _quantised(job.prompt_tokens + job.generated_tokens),
+               _quantised(max(1, job.remaining_tokens)))
         ranking = self._rankings.get(key)
         if ranking is None:
+            typical = _typical_job([job])
+            invariant((typical.prompt_tokens, typical.max_tokens) == key[1:],
+                      "placement index: a typical job's sizes differ from its key")
             ranking = self._rankings[key] = _Rankings(job.model, typical)
             ranking.build(self._snaps, spec, now_s, config)
             self.rescored += len(ranking.at)
@@ -286,7 +292,7 @@ class PlacementIndex:
                 ranked = [(score, i, load_of(p), 0)
                           for i, (score, p) in enumerate(members.entries[:top])]
                 groups[gkey] = _Group(ranked=ranked)
-        view = _Ranking(groups={job.model: groups}, typical={job.model: typical})
+        view = _Ranking(groups={job.model: groups}, typical={job.model: ranking.typical})
         best = _best_for(job, view, spec, now_s, config)
         if best is None or best[1].full:  # none can take it, or it waits for a busy node
             return []
