@@ -112,6 +112,7 @@ class Dispatcher:
         # one job placed at a time (each admission) through the placement index, kept current
         # from the nodes' own changes (coordinator/placement.py)
         self.placement = LivePlacement()
+        self._job_views: dict[str, tuple[tuple[int, int], LiveJob, Job]] = {}  # _job_view
         # which node's prefix cache holds which conversation: its next turn is offered there
         self.prefixes = PrefixIndex()
         self.prefix_aware = True
@@ -367,7 +368,7 @@ class Dispatcher:
         (at least half the prompt: the next turn of a conversation, not a shared system prompt
         alone) is marked, and those nodes' snapshots (returned by node id, to stand in for
         theirs) tell the scheduler so: it predicts their prefill of the rest only."""
-        jobs = [live.as_job() for live in lives]
+        jobs = [self._job_view(live) for live in lives]
         if not (self.prefix_aware and len(self.prefixes)):
             return jobs, {}
         held: dict[str, dict[str, int]] = {}  # node -> job -> tokens it holds
@@ -389,6 +390,21 @@ class Dispatcher:
             if snap is not None:  # a node that takes work now
                 overrides[node_id] = dataclasses.replace(snap, cached_prefixes=by_job)
         return (marked, overrides) if held else (jobs, {})
+
+    def _job_view(self, live: LiveJob) -> Job:
+        """``live.as_job()``, kept while the job waits: a queue of 48 is offered to the
+        scheduler whenever a slot frees, and building each Job again was half of placement's
+        samples then (py-spy, 2 real nodes at 64 streams). What can change while a job waits
+        is what it has generated (a resumed job) and the nodes it avoids (a set that grows)."""
+        key = (len(live.generated), len(live.avoid_nodes))
+        kept = self._job_views.get(live.job_id)
+        if kept is not None and kept[0] == key and kept[1] is live:
+            return kept[2]
+        job = live.as_job()
+        if len(self._job_views) >= 2 * len(self.waiting) + 64:  # only waiting jobs are kept
+            self._job_views = {k: v for k, v in self._job_views.items() if k in self.waiting}
+        self._job_views[live.job_id] = (key, live, job)
+        return job
 
     def all_nodes(self) -> list[FleetNode]:
         """Every node this replica can place work on: its own, and its peers' (relayed)."""
