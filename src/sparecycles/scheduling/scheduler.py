@@ -762,8 +762,12 @@ def _schedule_ours(
     # nodes that could still take a job of this call: once none can, the jobs left would only
     # queue for busy nodes (late binding), which returns nothing, so the call ends there (a
     # job's end with a queue waiting places the next jobs, not the whole queue)
-    free = len({id(ld) for groups in ranking.groups.values() for group in groups.values()
-                for ld in group.members if not ld.full})
+    if len(ranking.groups) == 1:  # one model: each node is in one group
+        free = sum(not ld.full for groups in ranking.groups.values()
+                   for group in groups.values() for ld in group.members)
+    else:
+        free = len({id(ld) for groups in ranking.groups.values() for group in groups.values()
+                    for ld in group.members if not ld.full})
     for job in jobs:
         spec = models[job.model]
         weighed: list[tuple[Prediction, _Load]] | None = [] if disaggregate else None
