@@ -22,7 +22,7 @@ PLACEMENT = (
     "scheduling/scheduler.py",
     "scheduling/placement_index.py",
     "coordinator/placement.py",
-    "coordinator/fleet_node.py",  # the node watch (new tree)
+    "coordinator/watch.py",  # the node watch (new tree)
     "snapshot@coordinator/node_conn.py",
     "_build_snapshot@coordinator/node_conn.py",
     "totals@coordinator/node_conn.py",

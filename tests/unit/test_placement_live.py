@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparecycles import availability
-from sparecycles.coordinator.fleet_node import JobSet
 from sparecycles.coordinator.node_conn import NodeConn
 from sparecycles.coordinator.placement import LivePlacement
+from sparecycles.coordinator.watch import JobSet
 from sparecycles.scheduling.presets import DEVICE_PRESETS, MODEL_PRESETS
 from sparecycles.scheduling.scheduler import SchedulerConfig, schedule
 from sparecycles.types import AvailabilityPolicy, Job

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparecycles import availability
-from sparecycles.coordinator.fleet_node import Watched
+from sparecycles.coordinator.watch import Watched
 from sparecycles.scheduling.stays import StayLearner, ended_by_window, learned_stay_s
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
 

@@ -2,7 +2,7 @@
 
 ``LivePlacement`` owns the dispatcher's two fleets (``nodes``: sockets on this replica;
 ``remote``: other replicas' nodes) as dictionaries that tell it when a node joins, is replaced
-or leaves, and watches each node (``fleet_node.Watched``): a job starting or ending on it, its
+or leaves, and watches each node (``watch.Watched``): a job starting or ending on it, its
 backlog moving, its status, draining, trust, speeds or host's report changing marks it. Before
 a placement, ``refresh`` asks only the marked nodes for their snapshot (and those whose
 snapshot is ``snapshot_reuse_s_max`` old: the availability window and the expected stay move
@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Generic, TypeVar
 
-from sparecycles.coordinator.fleet_node import FleetNode, NodeWatch
+from sparecycles.coordinator.fleet_node import FleetNode
 from sparecycles.coordinator.node_conn import NodeConn, snapshot_reuse_s_max
+from sparecycles.coordinator.watch import NodeWatch
 from sparecycles.scheduling.placement_index import PlacementIndex
 from sparecycles.types import NodeSnapshot
 

@@ -56,9 +56,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from sparecycles import limits, protocol
-from sparecycles.coordinator.fleet_node import Watched
 from sparecycles.coordinator.node_conn import Backlog, NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
+from sparecycles.coordinator.watch import Watched
 from sparecycles.errors import ProtocolError
 from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
