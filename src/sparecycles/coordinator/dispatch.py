@@ -396,6 +396,8 @@ class Dispatcher:
         scheduler whenever a slot frees, and building each Job again was half of placement's
         samples then (py-spy, 2 real nodes at 64 streams). What can change while a job waits
         is what it has generated (a resumed job) and the nodes it avoids (a set that grows)."""
+        if live.job_id not in self.waiting:  # placed as it is admitted: once
+            return live.as_job()
         key = (len(live.generated), len(live.avoid_nodes))
         kept = self._job_views.get(live.job_id)
         if kept is not None and kept[0] == key and kept[1] is live:
