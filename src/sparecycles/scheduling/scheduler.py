@@ -759,15 +759,14 @@ def _schedule_ours(
     ranking = _build_ranking(jobs, loads, models, now_s, config, memo)
     out: list[Assignment] = []
     disaggregate = config.disaggregate and config.policy == "fastest"
-    # nodes that could still take a job of this call: once none can, the jobs left would only
-    # queue for busy nodes (late binding), which returns nothing, so the call ends there (a
-    # job's end with a queue waiting places the next jobs, not the whole queue)
-    if len(ranking.groups) == 1:  # one model: each node is in one group
-        free = sum(not ld.full for groups in ranking.groups.values()
-                   for group in groups.values() for ld in group.members)
-    else:
-        free = len({id(ld) for groups in ranking.groups.values() for group in groups.values()
-                    for ld in group.members if not ld.full})
+
+    def none_free() -> bool:
+        """No node of the call can take another job: the jobs left would only queue for busy
+        nodes (late binding), which returns nothing, so the call ends there (a job's end with
+        a queue waiting places the next jobs, not the whole queue). Asked when a node fills."""
+        return not any(not ld.full for groups in ranking.groups.values()
+                       for group in groups.values() for ld in group.members)
+
     for job in jobs:
         spec = models[job.model]
         weighed: list[tuple[Prediction, _Load]] | None = [] if disaggregate else None
@@ -779,8 +778,8 @@ def _schedule_ours(
                 load.version += 1
                 group = ranking.groups[job.model][_group_key(load.node)]
                 ranking.push(group, load, spec, now_s, config)
-                free -= load.full
-            if len(out) >= config.assignments_per_call_max or free <= 0:
+            filled = handoff.sender.full or handoff.receiver.full
+            if len(out) >= config.assignments_per_call_max or (filled and none_free()):
                 break
             continue
         if best is None:
@@ -794,10 +793,11 @@ def _schedule_ours(
             load.queued_tokens += job.remaining_tokens
             load.prefill_backlog_s += prediction.prefill_s
             load.kv_placed += kv_need_tokens(job)
-            free -= load.full
+            if load.full and none_free():
+                break
         load.version += 1
         ranking.push(ranking.groups[job.model][_group_key(load.node)], load, spec, now_s, config)
-        if len(out) >= config.assignments_per_call_max or free <= 0:
+        if len(out) >= config.assignments_per_call_max:
             break
     return out
 
