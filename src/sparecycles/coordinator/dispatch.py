@@ -39,6 +39,7 @@ from sparecycles.coordinator.jobs import (
     observed_decode_tokens_per_s,
 )
 from sparecycles.coordinator.node_conn import NodeConn
+from sparecycles.coordinator.placement import LivePlacement
 from sparecycles.coordinator.prefixes import PrefixIndex, block_keys
 from sparecycles.coordinator.replication.leases import settle_abandoned
 from sparecycles.coordinator.writer import StoreWriter
@@ -49,6 +50,7 @@ from sparecycles.scheduling import scheduler
 from sparecycles.store import Store
 from sparecycles.trust.decisions import check_metering_bounds
 from sparecycles.types import (
+    Assignment,
     AttemptOutcome,
     Job,
     JobFinal,
@@ -107,13 +109,18 @@ class Dispatcher:
         self.kv_held_bytes = 0  # hand-offs' KV caches held here (handoff.kv_held_bytes_max)
         self.handoffs = {"started": 0, "sent": 0, "failed": 0}  # counted, for /metrics and tests
         self._rank_memo = scheduler.RankMemo()  # placement reuses unchanged nodes' scores
+        # one job placed at a time (each admission) through the placement index, kept current
+        # from the nodes' own changes (coordinator/placement.py)
+        self.placement = LivePlacement()
+        self._job_views: dict[str, tuple[tuple[int, int], LiveJob, Job]] = {}  # _job_view
         # which node's prefix cache holds which conversation: its next turn is offered there
         self.prefixes = PrefixIndex()
         self.prefix_aware = True
         self._ending: set[asyncio.Future[None]] = set()  # jobs ending: settling, then told
-        self.nodes: dict[str, NodeConn] = {}  # nodes connected to this replica
-        # nodes of other replicas (coordinator/replication/fleet.py)
-        self.remote: dict[str, FleetNode] = {}
+        # nodes connected to this replica, and nodes of other replicas
+        # (coordinator/replication/fleet.py): dictionaries that tell placement who comes and goes
+        self.nodes: dict[str, NodeConn] = self.placement.nodes
+        self.remote: dict[str, FleetNode] = self.placement.remote
         self.jobs: dict[str, LiveJob] = {}
         self.waiting: dict[str, LiveJob] = {}
         self._wake = asyncio.Event()
@@ -244,16 +251,15 @@ class Dispatcher:
         """Choose the node for a job alone and take its slot (its attempt begins), without
         sending it anything yet; None when no node can take it now (the loop will try)."""
         try:
-            snapshots = [n.snapshot(now.epoch_s) for n in self.all_nodes()
-                         if not n.closed and not n.draining]
-            if not snapshots:
-                return None
-            if (any(s.layer_ranges for s in snapshots)
-                    and self.chains.plan_for(job, snapshots) is not None):
-                return None  # a chain serves it: the loop places it there (_place_waiting)
-            jobs, snapshots = self._scheduler_view([job], snapshots)
-            assignments = scheduler.schedule(jobs, snapshots, self.models, now.epoch_s,
-                                             self.config, memo=self._rank_memo)
+            if self.placement.refresh(now.epoch_s):  # no node holds stages: no chain to weigh
+                if not len(self.placement.index):
+                    return None
+                assignments = self._schedule([job], now)
+            else:
+                snapshots = self._snapshots(now)
+                if self.chains.plan_for(job, snapshots) is not None:
+                    return None  # a chain serves it: the loop places it there (_place_waiting)
+                assignments = self._schedule([job], now, snapshots)
             node = self.node(assignments[0].node_id) if assignments else None
             if node is None:
                 return None
@@ -292,10 +298,13 @@ class Dispatcher:
     def _place_waiting(self, now: Now) -> None:
         if not self.waiting:
             return
-        snapshots = [
-            n.snapshot(now.epoch_s) for n in self.all_nodes()
-            if not n.closed and not n.draining
-        ]
+        if self.placement.refresh(now.epoch_s):  # no chains to weigh
+            if not self.placement.index.free:
+                return  # every node is busy: each job waits (scheduler.schedule returns [])
+            if len(self.waiting) == 1:
+                self._place(self._schedule(list(self.waiting.values()), now), now)
+                return
+        snapshots = self._snapshots(now)
         if not snapshots:
             return
         # chains first (models no whole-model node serves, or where a chain is predicted faster
@@ -311,10 +320,9 @@ class Dispatcher:
             if chained:  # their stages' nodes hold one more job each
                 snapshots = [n.snapshot(now.epoch_s) for n in self.all_nodes()
                              if not n.closed and not n.draining]
-        jobs, snapshots = self._scheduler_view(list(self.waiting.values()), snapshots)
-        assignments = scheduler.schedule(
-            jobs, snapshots, self.models, now.epoch_s, self.config, memo=self._rank_memo
-        )
+        self._place(self._schedule(list(self.waiting.values()), now, snapshots), now)
+
+    def _place(self, assignments: list[Assignment], now: Now) -> None:
         for assignment in assignments:
             job = self.waiting.get(assignment.job_id)
             node = self.node(assignment.node_id)
@@ -322,15 +330,51 @@ class Dispatcher:
                 continue
             self._assign(job, node, now, decode_node_id=assignment.decode_node_id)
 
-    def _scheduler_view(self, lives: list[LiveJob], snapshots: list[NodeSnapshot]
-                        ) -> tuple[list[Job], list[NodeSnapshot]]:
-        """The jobs as the scheduler sees them, and the nodes: with prefix-aware placement, a job
-        whose prompt starts with what a node's prefix cache holds (at least half the prompt: the
-        next turn of a conversation, not a shared system prompt alone) is marked, and those
-        nodes' snapshots tell the scheduler so: it predicts their prefill of the rest only."""
-        jobs = [live.as_job() for live in lives]
+    def _snapshots(self, now: Now) -> list[NodeSnapshot]:
+        """Every node that takes work, as the full scan reads it (in ``all_nodes``' order)."""
+        return [n.snapshot(now.epoch_s) for n in self.all_nodes()
+                if not n.closed and not n.draining]
+
+    def _schedule(self, lives: list[LiveJob], now: Now,
+                  snapshots: list[NodeSnapshot] | None = None) -> list[Assignment]:
+        """The scheduler's assignments for ``lives``. One job, with no ``snapshots`` given (the
+        index is fresh: ``placement.refresh``), is placed through the placement index, which
+        re-scored only the nodes that changed since its last call; a queue, or what the index
+        cannot answer exactly, by the full scan over ``snapshots`` (read now if not given).
+        Both give the same answer."""
+        if len(lives) == 1 and snapshots is None:
+            jobs, overrides = self._scheduler_view(lives, self.placement.snapshot_of)
+            placed = self.placement.index.place(jobs[0], self.models, now.epoch_s, self.config,
+                                                overrides)
+            if placed is not None:
+                return placed
+        if snapshots is None:
+            snapshots = self._snapshots(now)
+        full = snapshots
+        by_id: dict[str, NodeSnapshot] = {}
+
+        def snapshot_of(node_id: str) -> NodeSnapshot | None:  # built if a prefix is held
+            if not by_id:
+                by_id.update((s.node_id, s) for s in full)
+            return by_id.get(node_id)
+
+        jobs, overrides = self._scheduler_view(lives, snapshot_of)
+        if overrides:
+            snapshots = [overrides.get(s.node_id, s) for s in snapshots]
+        return scheduler.schedule(jobs, snapshots, self.models, now.epoch_s, self.config,
+                                  memo=self._rank_memo)
+
+    def _scheduler_view(self, lives: list[LiveJob],
+                        snapshot_of: Callable[[str], NodeSnapshot | None]
+                        ) -> tuple[list[Job], dict[str, NodeSnapshot]]:
+        """The jobs as the scheduler sees them, and the nodes that differ for them: with
+        prefix-aware placement, a job whose prompt starts with what a node's prefix cache holds
+        (at least half the prompt: the next turn of a conversation, not a shared system prompt
+        alone) is marked, and those nodes' snapshots (returned by node id, to stand in for
+        theirs) tell the scheduler so: it predicts their prefill of the rest only."""
+        jobs = [self._job_view(live) for live in lives]
         if not (self.prefix_aware and len(self.prefixes)):
-            return jobs, snapshots
+            return jobs, {}
         held: dict[str, dict[str, int]] = {}  # node -> job -> tokens it holds
         marked: list[Job] = []
         for job, live in zip(jobs, lives, strict=True):
@@ -344,10 +388,29 @@ class Dispatcher:
                 held.setdefault(node_id, {})[job.job_id] = tokens
             marked.append(dataclasses.replace(job, prefix_key=job.job_id,
                                               prefix_tokens=len(prompt)) if hits else job)
-        if not held:
-            return jobs, snapshots
-        return marked, [dataclasses.replace(s, cached_prefixes=held[s.node_id])
-                        if s.node_id in held else s for s in snapshots]
+        overrides = {}
+        for node_id, by_job in held.items():
+            snap = snapshot_of(node_id)
+            if snap is not None:  # a node that takes work now
+                overrides[node_id] = dataclasses.replace(snap, cached_prefixes=by_job)
+        return (marked, overrides) if held else (jobs, {})
+
+    def _job_view(self, live: LiveJob) -> Job:
+        """``live.as_job()``, kept while the job waits: a queue of 48 is offered to the
+        scheduler whenever a slot frees, and building each Job again was half of placement's
+        samples then (py-spy, 2 real nodes at 64 streams). What can change while a job waits
+        is what it has generated (a resumed job) and the nodes it avoids (a set that grows)."""
+        if live.job_id not in self.waiting:  # placed as it is admitted: once
+            return live.as_job()
+        key = (len(live.generated), len(live.avoid_nodes))
+        kept = self._job_views.get(live.job_id)
+        if kept is not None and kept[0] == key and kept[1] is live:
+            return kept[2]
+        job = live.as_job()
+        if len(self._job_views) >= 2 * len(self.waiting) + 64:  # only waiting jobs are kept
+            self._job_views = {k: v for k, v in self._job_views.items() if k in self.waiting}
+        self._job_views[live.job_id] = (key, live, job)
+        return job
 
     def all_nodes(self) -> list[FleetNode]:
         """Every node this replica can place work on: its own, and its peers' (relayed)."""

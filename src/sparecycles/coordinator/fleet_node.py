@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from sparecycles.coordinator.watch import NodeWatch
 from sparecycles.types import DeviceProfile, NodeSnapshot
 
 if TYPE_CHECKING:
     from sparecycles.coordinator.node_conn import Backlog
-
 
 class FleetNode(Protocol):
     node_id: str
@@ -40,4 +40,8 @@ class FleetNode(Protocol):
 
     def observe_speed(self, model: str, tokens_per_s: float, batch: int | None = None) -> None:
         """Fold a measured decode speed into the node's estimate."""
+        ...
+
+    def set_watch(self, watch: NodeWatch | None) -> None:
+        """Who is told when something the node's snapshot reads changes (``Watched``)."""
         ...

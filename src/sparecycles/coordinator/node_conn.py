@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparecycles import availability
+from sparecycles.coordinator.watch import Watched
 from sparecycles.scheduling.stays import StayLearner, ended_by_window, learned_stay_s
 from sparecycles.types import AvailabilityPolicy, DeviceProfile, NodeSnapshot
 
@@ -76,6 +77,7 @@ class Backlog:
     kv: dict[str, int] = field(default_factory=dict)
     prefill_total: int = 0
     kv_total: int = 0
+    node: Watched | None = field(default=None, repr=False, compare=False)  # told of changes
 
     def sent(self, job_id: str, prompt_tokens: int, new_tokens_max: int) -> None:
         self.forget(job_id)  # sent again (a new attempt): counted once
@@ -83,14 +85,23 @@ class Backlog:
         self.kv[job_id] = prompt_tokens + new_tokens_max
         self.prefill_total += prompt_tokens
         self.kv_total += prompt_tokens + new_tokens_max
+        if self.node is not None:
+            self.node.changed("backlog")
 
     def streaming(self, job_id: str) -> None:
-        self.prefill_total -= self.prefill.pop(job_id, 0)
+        moved = self.prefill.pop(job_id, 0)
+        self.prefill_total -= moved
+        if moved and self.node is not None:
+            self.node.changed("backlog")
 
     def forget(self, job_id: str) -> None:
         """The job was never sent after all (or has left the node)."""
-        self.prefill_total -= self.prefill.pop(job_id, 0)
-        self.kv_total -= self.kv.pop(job_id, 0)
+        moved = self.prefill.pop(job_id, 0)
+        self.prefill_total -= moved
+        kv = self.kv.pop(job_id, 0)
+        self.kv_total -= kv
+        if (moved or kv) and self.node is not None:
+            self.node.changed("backlog")
 
     def totals(self, running: set[str]) -> tuple[int, int]:
         """(prefill backlog tokens, KV tokens reserved) of the jobs still in ``running``."""
@@ -101,7 +112,7 @@ class Backlog:
 
 
 @dataclass
-class NodeConn:
+class NodeConn(Watched):
     node_id: str
     owner_id: str
     name: str
@@ -183,6 +194,7 @@ class NodeConn:
         prediction at that batch, so a node measured while busy is not taken for a slow one."""
         fold_speed(self.measured_tps, self.measured_batch, model, tokens_per_s,
                    max(1, len(self.jobs) if batch is None else batch))
+        self.changed("measured_tps")
 
     def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
         """The scheduler's view of this node now (reused while its inputs are unchanged, for at

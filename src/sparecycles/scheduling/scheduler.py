@@ -759,6 +759,14 @@ def _schedule_ours(
     ranking = _build_ranking(jobs, loads, models, now_s, config, memo)
     out: list[Assignment] = []
     disaggregate = config.disaggregate and config.policy == "fastest"
+
+    def none_free() -> bool:
+        """No node of the call can take another job: the jobs left would only queue for busy
+        nodes (late binding), which returns nothing, so the call ends there (a job's end with
+        a queue waiting places the next jobs, not the whole queue). Asked when a node fills."""
+        return not any(not ld.full for groups in ranking.groups.values()
+                       for group in groups.values() for ld in group.members)
+
     for job in jobs:
         spec = models[job.model]
         weighed: list[tuple[Prediction, _Load]] | None = [] if disaggregate else None
@@ -770,7 +778,8 @@ def _schedule_ours(
                 load.version += 1
                 group = ranking.groups[job.model][_group_key(load.node)]
                 ranking.push(group, load, spec, now_s, config)
-            if len(out) >= config.assignments_per_call_max:
+            filled = handoff.sender.full or handoff.receiver.full
+            if len(out) >= config.assignments_per_call_max or (filled and none_free()):
                 break
             continue
         if best is None:
@@ -784,6 +793,8 @@ def _schedule_ours(
             load.queued_tokens += job.remaining_tokens
             load.prefill_backlog_s += prediction.prefill_s
             load.kv_placed += kv_need_tokens(job)
+            if load.full and none_free():
+                break
         load.version += 1
         ranking.push(ranking.groups[job.model][_group_key(load.node)], load, spec, now_s, config)
         if len(out) >= config.assignments_per_call_max:
@@ -908,6 +919,10 @@ def schedule(
     )
     if not waiting or not nodes:
         return []
+    wanted = {j.model for j in waiting}
+    if not any(n.active_jobs < n.jobs_max and any(node_can_serve(n, m, config) for m in wanted)
+               for n in nodes):
+        return []  # every node that could take one is busy: each job waits (or queues for one)
     loads = [
         _Load(n, n.active_jobs, n.queued_tokens, n.last_assigned_s) for n in nodes
     ]

@@ -58,6 +58,7 @@ import orjson
 from sparecycles import limits, protocol
 from sparecycles.coordinator.node_conn import Backlog, NodeConn, fold_speed, profile_from_dict
 from sparecycles.coordinator.replication.bus import Bus, Subscription
+from sparecycles.coordinator.watch import Watched
 from sparecycles.errors import ProtocolError
 from sparecycles.types import AttemptOutcome, DeviceProfile, NodeSnapshot
 
@@ -131,7 +132,7 @@ def ranges_from(desc: Any) -> dict[str, tuple[int, int]]:
 
 
 @dataclass(eq=False)
-class RemoteNode:
+class RemoteNode(Watched):
     """A node hosted by another replica, as this replica's dispatcher sees it.
 
     It quacks like ``NodeConn`` where the dispatcher needs it to: ``send`` goes over the bus to
@@ -178,6 +179,7 @@ class RemoteNode:
         """As ``NodeConn.observe_speed``: the batch is the node's jobs now, as far as known."""
         fold_speed(self.measured_tps, self.measured_batch, model, tokens_per_s,
                    batch or max(1, self.host_active, len(self.jobs)))
+        self.changed("measured_tps")
 
     def apply_state(self, state: list[Any]) -> None:
         active, queued, available, stay, draining, reputation, tps, *more = state
@@ -190,6 +192,7 @@ class RemoteNode:
         for model, speed in (tps or {}).items():
             self.measured_tps.setdefault(model, float(speed))
         self.sent_since_report = 0
+        self.changed("measured_tps")
 
     def snapshot(self, now_epoch_s: float) -> NodeSnapshot:
         """The scheduler's view of the node: reused while its inputs are unchanged (the host's
