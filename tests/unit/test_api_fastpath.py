@@ -8,64 +8,16 @@ matter and body; for the requests the fast path serves itself, the framework is 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import OperationalError
+from routes_coordinator import RecordingCoordinator
 
 from sparecycles.api import errors, fastpath, openai_routes
-from sparecycles.errors import NoNodeAvailable
-from sparecycles.store import Store
 
 limit_bytes = 4096
-
-
-class _Tokenizer:
-    eos_token_id = None
-
-    def __len__(self) -> int:
-        return 1000
-
-
-class FakeCoordinator:
-    """A coordinator whose dispatcher refuses every job (503) after recording it."""
-
-    def __init__(self) -> None:
-        self.store = Store("sqlite://")
-        self.store.create_all()
-        self.admitted: list[dict[str, Any]] = []
-        self.store_away = False
-        self.started_at_s = 0.0
-        spec = SimpleNamespace(context_length=2048)
-        self.models = {"tiny": spec}
-        self.gate = SimpleNamespace(admit=self._gate_admit, release=lambda job_id: None)
-        self.dispatcher = SimpleNamespace(admit=self._admit)
-        self._model = (spec, _Tokenizer())
-
-    def model(self, name: str) -> Any:
-        if name not in self.models:
-            from sparecycles.errors import ModelNotFound
-
-            raise ModelNotFound(f"The model '{name}' does not exist")
-        return self._model
-
-    async def _gate_admit(self, *args: Any) -> Any:
-        return SimpleNamespace(trusted_only=False)
-
-    async def _admit(self, **kw: Any) -> Any:
-        self.admitted.append(kw)
-        raise NoNodeAvailable("no node in this test")
-
-    def cached_key(self, secret: str) -> tuple[bool, Any]:
-        return False, None
-
-    def authenticate(self, secret: str) -> Any:
-        if self.store_away:
-            raise OperationalError("SELECT", {}, Exception("database is locked"))
-        return self.store.authenticate_key(secret)
 
 
 class Counting:
@@ -80,7 +32,7 @@ class Counting:
 
 @pytest.fixture
 def apis():
-    coord = FakeCoordinator()
+    coord = RecordingCoordinator()
     app = FastAPI()
     app.state.coordinator = coord
     errors.install(app)

@@ -7,55 +7,20 @@ coordinator whose dispatcher records what it was asked to admit.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from routes_coordinator import RecordingCoordinator
 
 from sparecycles.api import errors, openai_routes
-from sparecycles.errors import NoNodeAvailable
-from sparecycles.store import Store
 from sparecycles.types import Workload
-
-
-class _Tokenizer:
-    def __len__(self) -> int:
-        return 1000
-
-
-class FakeCoordinator:
-    def __init__(self) -> None:
-        self.store = Store("sqlite://")
-        self.store.create_all()
-        self.admitted: list[dict[str, Any]] = []
-        spec = SimpleNamespace(context_length=2048)
-        self.models = {"tiny": spec}
-        self.gate = SimpleNamespace(admit=self._gate_admit, release=lambda job_id: None)
-        self.dispatcher = SimpleNamespace(admit=self._admit)
-        self._model = (spec, _Tokenizer())
-
-    def model(self, name: str) -> Any:
-        return self._model
-
-    async def _gate_admit(self, *args: Any) -> Any:
-        return SimpleNamespace(trusted_only=False)
-
-    async def _admit(self, **kw: Any) -> Any:
-        self.admitted.append(kw)
-        raise NoNodeAvailable("no node in this test")
-
-    def cached_key(self, secret: str) -> tuple[bool, Any]:
-        return False, None
-
-    def authenticate(self, secret: str) -> Any:
-        return self.store.authenticate_key(secret)
 
 
 @pytest.fixture
 def api():
-    coord = FakeCoordinator()
+    coord = RecordingCoordinator()
     app = FastAPI()
     app.state.coordinator = coord
     errors.install(app)
