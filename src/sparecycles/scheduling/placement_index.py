@@ -84,17 +84,11 @@ class _Rankings:
     def build(self, snaps: Mapping[int, NodeSnapshot], spec: ModelSpec, now_s: float,
               config: SchedulerConfig) -> None:  # fmt: skip
         for p in sorted(snaps):
-            snap = snaps[p]
-            if not node_can_serve(snap, self.model, config):
-                continue
-            key = _group_key(snap)
-            score = self.score(snap, spec, now_s, config)
-            members = self.groups.get(key)
-            if members is None:
-                members = self.groups[key] = _Members()
-            members.entries.append((score, p))
-            members.positions.append(p)  # in order already
-            self.at[p] = (key, score)
+            hit = self._place(p, snaps[p], spec, now_s, config)
+            if hit is not None:
+                members, score = hit
+                members.entries.append((score, p))
+                members.positions.append(p)  # in order already
         for members in self.groups.values():
             members.entries.sort()
         self.stale.clear()
@@ -120,17 +114,26 @@ class _Rankings:
         for p in self.stale:
             self.drop(p)
             snap = snaps.get(p)
-            if snap is None or not node_can_serve(snap, self.model, config):
-                continue
-            key = _group_key(snap)
-            score = self.score(snap, spec, now_s, config)
-            members = self.groups.get(key)
-            if members is None:
-                members = self.groups[key] = _Members()
-            bisect.insort(members.entries, (score, p))
-            bisect.insort(members.positions, p)
-            self.at[p] = (key, score)
+            hit = None if snap is None else self._place(p, snap, spec, now_s, config)
+            if hit is not None:
+                members, score = hit
+                bisect.insort(members.entries, (score, p))
+                bisect.insort(members.positions, p)
         self.stale.clear()
+
+    def _place(self, p: int, snap: NodeSnapshot, spec: ModelSpec, now_s: float,
+               config: SchedulerConfig) -> tuple[_Members, float] | None:  # fmt: skip
+        """The group node ``p`` belongs in (made if new) and its score, recorded in ``at``;
+        None when it cannot serve the model. The caller puts the entry in the group."""
+        if not node_can_serve(snap, self.model, config):
+            return None
+        key = _group_key(snap)
+        score = self.score(snap, spec, now_s, config)
+        members = self.groups.get(key)
+        if members is None:
+            members = self.groups[key] = _Members()
+        self.at[p] = (key, score)
+        return members, score
 
 
 class PlacementIndex:
