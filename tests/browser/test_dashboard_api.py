@@ -9,28 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from dashboard_app import BASE, FakeCoordinator, dashboard_app, sign_in
 from fastapi.testclient import TestClient
 
-from sparecycles.api import errors
-from sparecycles.api.dashboard import routes as dashboard
 from sparecycles.api.dashboard import session as sess
 from sparecycles.costs import focus
-from sparecycles.ledger.service import Ledger, WorkShare
+from sparecycles.ledger.service import WorkShare
 from sparecycles.store import Store
 from sparecycles.store.dashboard_queries import DashboardQueries
-
-BASE = "http://testserver"
-
-
-class FakeCoordinator:
-    """What the dashboard reads of a coordinator: the store, the ledger, no live dispatch."""
-
-    def __init__(self) -> None:
-        self.store = Store("sqlite://")
-        self.store.create_all()
-        self.ledger = Ledger(self.store.sessions)
-        self.dispatcher = None
 
 
 def _node(store: Store, node_id: str, owner: str, cls: str) -> str:
@@ -60,14 +46,7 @@ def _job(coord: FakeCoordinator, job_id: str, client: str, key_id: str, node_id:
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    model = tmp_path / "costs.toml"
-    model.write_text('[[servers]]\nname = "coordinator"\nper_month = "30.00"\n')
-    monkeypatch.setenv("SPARECYCLES_COST_MODEL", str(model))
-    coord = FakeCoordinator()
-    app = FastAPI()
-    app.state.coordinator = coord
-    errors.install(app)
-    app.include_router(dashboard.router)
+    app, coord = dashboard_app(monkeypatch, tmp_path)
     s = coord.store
     keys = {
         "admin": s.create_api_key("ops", "ops-admin", scopes=("admin",)),
@@ -86,17 +65,6 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     with TestClient(app, base_url=BASE) as client:
         yield client, keys, coord
     s.close()
-
-
-def sign_in(client: TestClient, secret: str) -> TestClient:
-    client.cookies.clear()
-    page = client.get("/dashboard/login")
-    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
-    assert token is not None
-    r = client.post("/dashboard/login", data={"key": secret, "csrf": token[1]},
-                    follow_redirects=False)
-    assert r.status_code == 303, r.text
-    return client
 
 
 def csrf(page: str) -> str:

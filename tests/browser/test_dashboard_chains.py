@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from dashboard_app import BASE, FakeCoordinator, dashboard_app, sign_in
 from fastapi.testclient import TestClient
-from test_dashboard_api import BASE, FakeCoordinator, sign_in
 
-from sparecycles.api import errors
-from sparecycles.api.dashboard import routes as dashboard
 from sparecycles.api.dashboard.charts import money
 from sparecycles.ledger.pricing import ModelPrice
 from sparecycles.ledger.service import WorkShare
@@ -62,14 +59,7 @@ def _chain_job(coord: FakeCoordinator, owners: dict[str, str]) -> None:
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    model = tmp_path / "costs.toml"
-    model.write_text('[[servers]]\nname = "coordinator"\nper_month = "30.00"\n')
-    monkeypatch.setenv("SPARECYCLES_COST_MODEL", str(model))
-    coord = FakeCoordinator()
-    app = FastAPI()
-    app.state.coordinator = coord
-    errors.install(app)
-    app.include_router(dashboard.router)
+    app, coord = dashboard_app(monkeypatch, tmp_path)
     s = coord.store
     keys = {"admin": s.create_api_key("ops", "ops-admin", scopes=("admin",)),
             **{o: s.create_owner_key(o) for o in ("alice", "bob", "carol", "dave")}}
