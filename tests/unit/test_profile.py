@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_measures_once_then_reads_the_cache(
         calls.append(kw)
         return DeviceProfile(str(kw.get("device_class") or "desktop"), 2, 1 << 30, 1e10, 1e11)
 
-    monkeypatch.setattr(prof, "measure_profile", fake_measure)
+    monkeypatch.setattr(prof, "measure_apart", fake_measure)
     cache = tmp_path / "node" / "profile.json"
     first = prof.profile_device(cache, device="cpu")
     again = prof.profile_device(cache, device="cpu")
@@ -116,3 +117,25 @@ def test_engine_overhead_is_measured_on_the_real_engine() -> None:
     machine is a measurement: bench/profile_device.py)."""
     terms = overhead.measure_engine_overhead(0.1)
     assert len(terms) == 5 and min(terms) >= 0.0
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def test_the_profile_is_measured_in_a_process_of_its_own() -> None:
+    """torch's OpenMP threads, once started in a node's process, slowed its llama.cpp engine
+    for the life of the process (docs/benchmarks.md, "OpenMP"): measuring runs elsewhere."""
+    assert prof.in_a_process_of_its_own(_pid) != os.getpid()
+
+
+def test_where_no_process_can_be_started_the_profile_is_measured_here(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fn: object, /, **kw: object) -> None:
+        raise OSError("no more processes")
+
+    here = DeviceProfile("desktop", 2, 1 << 30, 1e10, 1e11)
+    monkeypatch.setattr(prof, "in_a_process_of_its_own", refuse)
+    monkeypatch.setattr(prof, "measure_profile", lambda **kw: here)
+    assert prof.measure_apart(device="cpu") is here

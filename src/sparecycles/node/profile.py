@@ -361,6 +361,34 @@ def save_cached(cache_path: Path, profile: DeviceProfile, fingerprint: dict[str,
     tmp.replace(cache_path)
 
 
+def in_a_process_of_its_own(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` run in a new (spawned) Python process, its result returned.
+
+    The profile is measured apart from the process that then serves: torch's matrix products and
+    llama.cpp both run on libgomp (OpenMP), and once torch had started its threads in a node's
+    process, their count beside llama.cpp's exceeded the cores; libgomp then stops spinning at
+    its barriers, and llama.cpp decoded SmolLM2 at 48-79 tokens/s instead of 110-122 for the
+    life of that process (docs/benchmarks.md, "OpenMP"). A node measures on its first start (or
+    with ``--reprofile``), so every such start was slowed."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, **kwargs).result()
+
+
+def measure_apart(**kwargs: Any) -> DeviceProfile:
+    """``measure_profile(**kwargs)`` in a process of its own (``in_a_process_of_its_own``);
+    in this one where no process can be started."""
+    try:
+        profile: DeviceProfile = in_a_process_of_its_own(measure_profile, **kwargs)
+    except (OSError, RuntimeError) as exc:  # no process to be had (BrokenProcessPool is one)
+        log.warning("measuring this device in this process (%s): llama.cpp may run slower "
+                    "until the node restarts", exc)
+        return measure_profile(**kwargs)
+    return profile
+
+
 def profile_device(
     cache_path: Path | None = None,
     *,
@@ -379,8 +407,8 @@ def profile_device(
         if cached is not None and (device_class is None or cached.device_class == device_class):
             return cached
     log.info("measuring this device (a few seconds)")
-    profile = measure_profile(device=device, device_class=device_class, network_rtt_s=network_rtt_s,
-                              llamacpp_types=llamacpp_types)
+    profile = measure_apart(device=device, device_class=device_class, network_rtt_s=network_rtt_s,
+                            llamacpp_types=llamacpp_types)
     if cache_path is not None:
         save_cached(cache_path, profile, fingerprint)
     return profile
