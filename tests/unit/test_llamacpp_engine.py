@@ -374,3 +374,22 @@ def test_the_same_prompt_again_reuses_all_but_its_last_token(engine, tok) -> Non
     b = run(engine, GenerationRequest("same2", ask, greedy(8)))["same2"].tokens
     assert engine.stats().prompt_tokens_cached - before == len(ask) - 1
     assert a == b
+
+
+def test_a_second_openmp_engine_beside_llama_cpp_is_told(engine) -> None:
+    """llama.cpp on OpenMP decoded 2-3x slower once another OpenMP user shared its process
+    (docs/benchmarks.md, "OpenMP"): the node warns when its models would."""
+    from sparecycles.node.backends.base import openmp_crowded
+
+    if not engine.uses_openmp:
+        pytest.skip("this llama.cpp was built without OpenMP")
+
+    @dataclass
+    class TorchOnCpu:
+        uses_openmp: bool = True
+        openmp_barriers: bool = False
+
+    assert not openmp_crowded([engine])
+    assert openmp_crowded([engine, TorchOnCpu()])
+    assert not openmp_crowded([TorchOnCpu(), TorchOnCpu()])
+    assert not openmp_crowded([engine, TorchOnCpu(uses_openmp=False)])

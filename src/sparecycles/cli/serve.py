@@ -168,7 +168,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
     from sparecycles.identity import NodeIdentity
     from sparecycles.node.agent import NodeAgent
     from sparecycles.node.backends import load_engine
-    from sparecycles.node.backends.base import Engine
+    from sparecycles.node.backends.base import Engine, openmp_crowded
     from sparecycles.node.profile import profile_device
     from sparecycles.node.status import StatusProbe
 
@@ -200,6 +200,11 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
             duty_cycle=settings.duty_cycle, threads=settings.threads or None,
             prefix_cache=settings.prefix_cache,
         )
+    if openmp_crowded(engines.values()):
+        console.print(f"[yellow]warning:[/] {len(engines)} models share this node's process, "
+                      "llama.cpp on OpenMP among them: libgomp then has more threads than cores "
+                      "and llama.cpp decodes 2-3x slower (docs/benchmarks.md, \"OpenMP\"); "
+                      "serve one model per node for its full speed")
     agent = NodeAgent(
         coordinator_url=settings.coordinator,
         token=settings.token,

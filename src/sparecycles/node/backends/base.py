@@ -17,7 +17,7 @@ the same interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,12 @@ class Engine(abc.ABC):
     device: str  # "cpu", "cuda:0", ...
     # protocol.FEATURE_* this engine honours beyond plain sampling (the agent says them in hello)
     features: frozenset[str] = frozenset()
+    # its maths runs on the CPU's OpenMP threads (libgomp): llama.cpp's default build, torch on a
+    # CPU; ``openmp_barriers``: its speed rests on libgomp spinning at barriers (llama.cpp's
+    # many small operations a step), which stops once the process has more such threads than
+    # cores (``openmp_crowded``)
+    uses_openmp: bool = False
+    openmp_barriers: bool = False
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> None:
@@ -156,3 +162,12 @@ class EngineFull(Exception):
 
 class EngineClosed(Exception):
     """The engine was closed; it takes no more requests."""
+
+
+def openmp_crowded(engines: Iterable[Engine]) -> bool:
+    """True when a llama.cpp engine on OpenMP shares this process with another OpenMP user.
+    libgomp counts every engine's threads; once they outnumber the cores it stops spinning at
+    barriers, and llama.cpp decoded SmolLM2 2-3x slower beside a second model on a 2-core
+    machine (docs/benchmarks.md, "OpenMP")."""
+    crowd = [e for e in engines if e.uses_openmp]
+    return len(crowd) > 1 and any(e.openmp_barriers for e in crowd)

@@ -138,6 +138,8 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         self._lib = lib
         self.name = name
         self.device = "cpu"
+        self.uses_openmp = self.openmp_barriers = "OPENMP = 1" in lib.llama_print_system_info(
+            ).decode(errors="replace")
         self.path = path
         threads = threads or os.cpu_count() or 1
 

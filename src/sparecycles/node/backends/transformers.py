@@ -92,6 +92,7 @@ class TransformersEngine(BatchingEngine[_Sequence]):
         self.name = name
         self.spec = spec
         self.device = str(model.device)
+        self.uses_openmp = self.device == "cpu"  # torch's CPU kernels run on libgomp
         self.tokenizer = tokenizer
         self._model = model
         self._eos_ids = _eos_ids(model, tokenizer)
