@@ -252,7 +252,7 @@ def measure(net: Net, concurrency: int, args: argparse.Namespace) -> dict[str, A
         out = Path(args.py_spy) / f"{net.tree.name}-c{concurrency}-{int(time.time())}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen([py_spy(), "record", "--pid",
-                                str(net.coordinator.pid), "--gil", "--rate", "250",
+                                str(net.coordinator.pid), "--gil", "--rate", str(args.py_spy_rate),
                                 "--format", "raw", "--output", str(out), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
@@ -357,6 +357,7 @@ def main() -> None:
                     help="fake nodes: again with one message per answer, for CPU per message")
     ap.add_argument("--py-spy", default="",
                     help="a folder: record the coordinator (GIL samples) during each level")
+    ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples a second")
     ap.add_argument("--strace", default="",
                     help="folder: count the coordinator's system calls over the measured "
                          "requests (strace -c -f; slows it, so its CPU figures do not compare)")

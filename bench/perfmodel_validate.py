@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from sparecycles import modelfiles  # noqa: E402
 from sparecycles.node import llamacpp_profile  # noqa: E402
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate  # noqa: E402
-from sparecycles.node.profile import measure_profile  # noqa: E402
+from sparecycles.node.profile import in_a_process_of_its_own, measure_profile  # noqa: E402
 from sparecycles.scheduling import perfmodel  # noqa: E402
 from sparecycles.types import DeviceProfile, ModelSpec, SamplingParams  # noqa: E402
 
@@ -106,6 +106,21 @@ def gguf_engines(paths: list[Path]) -> list[Any]:
 
     return [LlamaCppEngine.load(p.stem, p, batch_size_max=64, kv_tokens=8192,
                                 prefix_cache=False) for p in paths]
+
+
+def measure_gguf(path: Path, batches: list[int], prompt: int, new: int,
+                 prefill: int) -> tuple[ModelSpec, dict[int, float], float]:
+    """(the engine's spec, decode tokens/s by batch, seconds to the first token of a
+    ``prefill``-token prompt) of one GGUF file, on an engine of its own. Run in a process of its
+    own: llama.cpp's OpenMP threads beside another engine's (or torch's) made every engine of a
+    shared process decode 2-3x slower (docs/benchmarks.md, "OpenMP"); a node serves one."""
+    engine = gguf_engines([path])[0]
+    try:
+        run_batch(engine, 1, prompt, 4)  # warm up
+        rates = {batch: run_batch(engine, batch, prompt, new)[0] for batch in batches}
+        return engine.spec, rates, run_batch(engine, 1, prefill, 2)[1]
+    finally:
+        engine.close()
 
 
 def default_ggufs() -> list[Path]:
@@ -213,11 +228,12 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     types: tuple[str, ...] | None = None
+    paths: list[Path] = []
     if args.backend == "llamacpp":
         paths = args.gguf or default_ggufs()
         types = llamacpp_profile.gguf_types(paths)
         print(f"GGUF files: {', '.join(p.name for p in paths)}; tensor types {types}")
-        engines = gguf_engines(paths)
+        engines = []  # each file is measured in a process of its own, round by round
     else:
         engines = [
             load_engine(args.tiny, args.device) if args.tiny
@@ -244,10 +260,16 @@ def main() -> None:
             profile = pool.submit(measure_profile, device=args.device, llamacpp_types=types,
                                   llamacpp_keep=args.probe_dir).result()
         print(f"round {round_ + 1} (load {loads[-1]:.1f}): {describe(profile)}", flush=True)
-        for engine in engines:
-            spec = engine.spec
+        measured = [in_a_process_of_its_own(measure_gguf, path=p, batches=batches,
+                                            prompt=args.prompt, new=args.new,
+                                            prefill=args.prefill) for p in paths
+                    ] if args.backend == "llamacpp" else [
+            (e.spec, {b: run_batch(e, b, args.prompt, args.new)[0] for b in batches},
+             run_batch(e, 1, args.prefill, 2)[1]) for e in engines]
+        specs = [spec for spec, _, _ in measured]
+        for spec, rates, ttft in measured:
             for batch in batches:
-                rate = run_batch(engine, batch, args.prompt, args.new)[0]
+                rate = rates[batch]
                 predicted = perfmodel.decode_tokens_per_s(spec, profile, batch, context)
                 pure = perfmodel.decode_tokens_per_s(spec, other(profile), batch, context)
                 wide = perfmodel.decode_tokens_per_s(spec, wide_only(profile), batch, context)
@@ -256,7 +278,6 @@ def main() -> None:
                 print(f"  {spec.name} batch {batch}: measured {rate:.1f} tok/s, predicted "
                       f"{predicted:.1f} ({predicted / rate - 1:+.0%}), {bound}-bound",
                       flush=True)  # fmt: skip
-            ttft = run_batch(engine, 1, args.prefill, 2)[1]
             predicted = perfmodel.prefill_s(spec, profile, args.prefill)
             pure = perfmodel.prefill_s(spec, other(profile), args.prefill)
             wide = perfmodel.prefill_s(spec, wide_only(profile), args.prefill)
@@ -271,8 +292,7 @@ def main() -> None:
           "| wide probe only |")
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0
-    for engine in engines:
-        spec = engine.spec
+    for spec in specs:
         for batch in [*batches, 0]:
             rounds = pairs[spec.name, batch]
             errors = [p / m - 1.0 for p, m, _, _ in rounds]
@@ -290,6 +310,7 @@ def main() -> None:
             print(f"| {spec.name} | {spec.n_params / 1e6:.1f} M | {what} | "
                   f"{predicted:.{digits}f} {unit} | {measured:.{digits}f} {unit} | "
                   f"{error:+.0%} ({spread}) | {pure_error:+.0%} | {wide_error:+.0%} |")  # fmt: skip
+    for engine in engines:
         engine.close()
     verdict = "PASS" if worst <= TARGET else "FAIL"
     print(f"\nworst decode error {worst:.0%}: {verdict} (target {TARGET:.0%})")
