@@ -150,6 +150,14 @@ def _errors() -> Any:
     return one_line_errors()
 
 
+def _uses_torch(models: dict[str, str], backend: str) -> bool:
+    """Whether this node serves a model on the transformers backend (PyTorch)."""
+    from sparecycles.node.backends import Backend, choose_backend
+
+    return any(choose_backend(source, backend) is Backend.TRANSFORMERS
+               for source in models.values())
+
+
 def _llamacpp_types(models: dict[str, str], backend: str) -> tuple[str, ...] | None:
     """The tensor types of the GGUF files this node serves with llama.cpp, which its profile
     measures llama.cpp's speed for (node/llamacpp_profile.py); None when it serves none."""
@@ -187,6 +195,7 @@ async def _run_node(settings: NodeSettings, cheat: str | None = None) -> None:
         device_class=settings.device_class or None,
         llamacpp_types=(_llamacpp_types(models, settings.backend)
                         if settings.profile_llamacpp else None),
+        uses_torch=_uses_torch(models, settings.backend),
     )
     console.print(f"node {identity.node_id}: {profile.device_class}, "
                   f"{profile.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s measured")
