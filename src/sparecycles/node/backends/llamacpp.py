@@ -33,10 +33,12 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,20 @@ load_errors_kept = 20  # llama.cpp log lines kept to explain a failed load
 # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama-cpp-python's _logger.py still
 # maps the older numbering, so its own names are not used)
 ggml_log_level_error = 4
+# llama.cpp built with -march=native on a CPU with AMX (pip's default build does so) compiles in
+# its AMX matrix kernels, and on a 2-vCPU Xeon cloud VM with AMX they crashed the process at the
+# first decode (2026-12-07, llama-cpp-python 0.3.36: SIGSEGV in ggml_backend_amx_mul_mat,
+# SmolLM2 Q4_1). They run from llama.cpp's "extra" weight buffers, to be had all or none, so a
+# model is loaded without any (no AMX, and no weights repacked for this CPU's vector units) when
+# the library has AMX kernels, unless the owner vouches for them with this variable set to 1.
+# ``make setup`` builds llama.cpp without AMX and keeps the repacked kernels (Makefile).
+amx_trust_env = "SPARECYCLES_LLAMACPP_AMX"
+
+
+def extra_buffers_allowed(system_info: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether weights may go into llama.cpp's extra buffers (AMX, repacked): not when this
+    build has AMX kernels (``system_info``: ``llama_print_system_info()``), unless trusted."""
+    return "AMX_INT8 = 1" not in system_info or environ.get(amx_trust_env) == "1"
 
 
 def _llama() -> Any:
@@ -138,14 +154,17 @@ class LlamaCppEngine(BatchingEngine[_Sequence]):
         self._lib = lib
         self.name = name
         self.device = "cpu"
-        self.uses_openmp = self.openmp_barriers = "OPENMP = 1" in lib.llama_print_system_info(
-            ).decode(errors="replace")
+        system_info = lib.llama_print_system_info().decode(errors="replace")
+        self.uses_openmp = self.openmp_barriers = "OPENMP = 1" in system_info
         self.path = path
         threads = threads or os.cpu_count() or 1
 
         _log_lines.clear()
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        if not extra_buffers_allowed(system_info):
+            mparams.use_extra_bufts = False
+            _warn_amx_once()
         model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise gguffile.GGUFError(f"{path.name}: llama.cpp cannot load it: {_why()}")
@@ -508,6 +527,14 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], most: int) -> int:
         else:
             hi = mid
     return lo
+
+
+@functools.cache
+def _warn_amx_once() -> None:
+    log.warning("this llama.cpp was built with its AMX kernels, which crashed at the first "
+                "decode on an AMX CPU (docs/benchmarks.md, \"AMX\"): models load without them "
+                "and without repacked weights, so decode may be slower. Rebuild llama-cpp-python "
+                "as `make setup` does (README), or set %s=1 to use them", amx_trust_env)
 
 
 def _why() -> str:
