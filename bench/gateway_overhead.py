@@ -10,7 +10,9 @@ Both sides run the engine with one torch thread (the node process gets OMP_NUM_T
 LocalNetwork), so the comparison is of the path, not of thread counts. With ``--backend
 llamacpp`` both sides run a ``LlamaCppEngine`` on a GGUF file (SmolLM2-135M by default, the
 demo's model) with ``--threads`` threads (default: all cores), the node started with the same
-``--threads``.
+``--threads``; the direct engine is then loaded before anything imports torch, as in a node that
+serves only GGUF files (llama.cpp in a process where torch was imported first decoded ~15 %
+slower: docs/benchmarks.md, "OpenMP"), and the report says whether torch was in the process.
 
     python bench/gateway_overhead.py [--requests 24] [--max-tokens 64]
         [--endpoint chat|completions] [--preset tiny|medium] [--concurrency 1 4]
@@ -30,22 +32,19 @@ import concurrent.futures as cf
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-import torch
 
 from sparecycles import modelfiles
 from sparecycles.ledger.pricing import PriceBook
 from sparecycles.ledger.service import Ledger
 from sparecycles.node.backends.base import Engine, GenerationRequest, GenerationUpdate
 from sparecycles.node.backends.llamacpp import LlamaCppEngine
-from sparecycles.node.backends.transformers import TransformersEngine
 from sparecycles.tools.localnet import LocalNetwork
 from sparecycles.tools.smollm2 import smollm2_path
-from sparecycles.tools.tinymodel import build_tiny_model
 from sparecycles.types import SamplingParams
 
 PROMPTS = [f"Tell me about the garden number {i}." for i in range(64)]
@@ -169,14 +168,26 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     llamacpp = args.backend == "llamacpp"
-    if llamacpp:
+    engine: Engine
+    node_args: list[str] = []
+    if llamacpp:  # the engine first: nothing has imported torch yet
         args.model = args.model or smollm2_path()
         args.threads = args.threads or os.cpu_count() or 1
+        torch_before_engine = "torch" in sys.modules
+        engine = LlamaCppEngine.load(MODEL, args.model, threads=args.threads)
+        node_args = ["--backend", "llamacpp", "--threads", str(args.threads)]
     else:
+        import torch
+
+        from sparecycles.node.backends.transformers import TransformersEngine
+        from sparecycles.tools.tinymodel import build_tiny_model
+
         args.model = args.model or Path(".sparecycles/bench") / args.preset
         if not (args.model / "config.json").exists():
             build_tiny_model(args.model, preset=args.preset)
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
+        torch_before_engine = True
+        engine = TransformersEngine.load(MODEL, args.model, device="cpu")
     tok = modelfiles.load_tokenizer(str(args.model))
     texts = (PROMPTS if args.endpoint == "chat" else
              [OPENINGS[i % len(OPENINGS)] for i in range(64)])[: args.requests]
@@ -189,16 +200,13 @@ def main() -> None:
           f"{len(texts)} requests, max_tokens {args.max_tokens}")
     # The tiny model stops early at its end-of-turn token; both paths see the same prompts and
     # greedy decoding, so they generate the same tokens.
-    engine: Engine
-    node_args: list[str] = []
     if llamacpp:
-        engine = LlamaCppEngine.load(MODEL, args.model, threads=args.threads)
-        node_args = ["--backend", "llamacpp", "--threads", str(args.threads)]
-    else:
-        engine = TransformersEngine.load(MODEL, args.model, device="cpu")
+        print(f"torch in this process before the direct engine loaded: {torch_before_engine}; "
+              f"by now: {'torch' in sys.modules}")
     report: dict[str, object] = {"backend": args.backend, "model": str(args.model),
                                  "endpoint": args.endpoint, "requests": len(texts),
                                  "max_tokens": args.max_tokens, "threads": args.threads,
+                                 "torch_before_engine": torch_before_engine,
                                  "concurrency": {}}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp, LocalNetwork(

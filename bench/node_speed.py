@@ -6,7 +6,11 @@ against llama-cpp-python called directly, and where a step's time goes. All in o
     make bench-node-speed
 
 What is measured, side by side, in each round (the order of the paths reverses every round, so
-a burst of other work on a shared machine does not always hit the same path):
+a burst of other work on a shared machine does not always hit the same path). Every engine runs
+in a process of its own (``EngineProcess``, spawned, importing only what that engine needs), as
+a node serves one model: llama.cpp's OpenMP threads beside another engine's, or beside torch's,
+decode 2-3x slower (docs/benchmarks.md, "OpenMP"), and this benchmark once measured every path
+so crowded. The parent measures the bandwidths and times nothing else:
 
 1. Decode at batch 1 as a share of the roofline, on models where reading the weights dominates
    a step: a generated Llama model of 1.17B parameters (``tools/ggufmodel.py``: Llama 3.2 1B's
@@ -40,7 +44,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -296,6 +302,116 @@ def step_breakdown(engine: LlamaCppEngine, prompt: tuple[int, ...], n: int,
             "outside_step": (wall - spent["step"]) * ms}
 
 
+# --- one engine, one process -------------------------------------------------------------
+
+
+def _build(kind: str, path: str | None, threads: int, batch: int
+           ) -> tuple[dict[str, Callable[..., Any]], Callable[[], None], dict[str, Any]]:
+    """(operations, close, facts) of one engine: ``ours`` (LlamaCppEngine), ``llama``
+    (llama-cpp-python's ``Llama``), ``bare`` (the C-API loop over a model ``Llama`` loaded) or
+    ``transformers`` (TransformersEngine on the ~290M fp32 model)."""
+    if kind == "ours":
+        engine = LlamaCppEngine.load(Path(str(path)).stem, Path(str(path)), threads=threads,
+                                     batch_size_max=batch, kv_tokens=kv_tokens)
+        return ({"run": lambda prompts, n, want_logprobs=False: run_engine(
+                    engine, prompts, n, want_logprobs=want_logprobs),
+                 "breakdown": lambda prompt, n, want_logprobs: step_breakdown(
+                    engine, prompt, n, want_logprobs)},
+                engine.close, {})
+    if kind in ("llama", "bare"):
+        import llama_cpp
+
+        llm = llama_cpp.Llama(str(path), n_ctx=kv_tokens, n_threads=threads,
+                              n_threads_batch=threads, flash_attn=True, verbose=False)
+        ops: dict[str, Callable[..., Any]] = {
+            "tokenize": lambda text: tuple(llm.tokenize(text.encode(), add_bos=False,
+                                                        special=True))}
+        if kind == "llama":
+            ops["run"] = lambda prompt, n: run_llama(llm, prompt, n)
+            return ops, llm.close, {}
+        bare = BareLoop(llm._model.model, threads, batch + 1)
+        ops["run"] = lambda prompt, n: bare.run(prompt, n)
+
+        def close() -> None:
+            bare.close()
+            llm.close()
+        return ops, close, {}
+    if kind == "transformers":
+        import torch
+        from perfmodel_validate import build_engine
+
+        torch.set_num_threads(threads)
+        hf = build_engine(1024, 24, 4096, "cpu")
+        spec = hf.spec
+        facts = {k: getattr(spec, k) for k in ("n_params", "n_layers", "n_kv_heads", "head_dim",
+                                                 "hidden_size")}
+        return ({"run": lambda prompts, n: run_engine(hf, prompts, n)}, hf.close, facts)
+    raise ValueError(f"no engine kind {kind!r}")
+
+
+def _serve(conn: Any, kind: str, path: str | None, threads: int, batch: int) -> None:
+    """The body of an engine's process: build it, say so, then answer (operation, arguments)
+    until told to close."""
+    try:
+        ops, close, facts = _build(kind, path, threads, batch)
+    except Exception as exc:  # the parent raises it
+        conn.send(("error", f"{kind} {path}: {exc!r}"))
+        return
+    conn.send(("ok", facts))
+    try:
+        while True:
+            op, kwargs = conn.recv()
+            if op == "close":
+                break
+            try:
+                conn.send(("ok", ops[op](**kwargs)))
+            except Exception as exc:
+                conn.send(("error", f"{kind} {path} {op}: {exc!r}"))
+    finally:
+        close()
+
+
+class EngineProcess:
+    """One engine in a spawned process of its own (a fresh interpreter: nothing of the parent's
+    imports, torch in particular, is in it), driven over a pipe."""
+
+    def __init__(self, kind: str, path: Path | None, threads: int, batch: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.name = f"{kind} {path.name if path else ''}".strip()
+        self._proc = ctx.Process(target=_serve, args=(child, kind, str(path) if path else None,
+                                                      threads, batch), daemon=True)
+        self._proc.start()
+        child.close()
+        self.facts: dict[str, Any] = {}
+
+    def ready(self) -> EngineProcess:
+        self.facts = self._answer()
+        return self
+
+    def _answer(self) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the process of {self.name} ended "
+                               f"(exit code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def __call__(self, op: str, **kwargs: Any) -> Any:
+        self._conn.send((op, kwargs))
+        return self._answer()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(("close", {}))
+            self._proc.join(60)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -330,7 +446,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    import llama_cpp
 
     started = time.perf_counter()
     loads: list[float] = []
@@ -366,67 +481,73 @@ def main() -> None:
                             "smol_tokens": args.smol_tokens, "prompt": args.prompt}
 
     n = args.tokens
-    if "gguf" in parts:
-        for kind, path in models_1b().items():
-            ours = LlamaCppEngine.load(f"1b-{kind}", path, threads=args.threads,
-                                       batch_size_max=args.batch, kv_tokens=kv_tokens)
-            llm = llama_cpp.Llama(str(path), n_ctx=kv_tokens, n_threads=args.threads,
-                                  n_threads_batch=args.threads, flash_attn=True, verbose=False)
-            bare = BareLoop(llm._model.model, args.threads, args.batch + 1)
-            closers += [ours.close, bare.close, llm.close]
-            prompts = random_prompts(args.batch, args.prompt, 1000, 40000, seed=1)
-            bpt = gguf_bytes_per_token(path, args.prompt + args.tokens // 2)
-            info[f"1b-{kind} bytes/token"] = bpt
-            plans.append((f"1b-{kind}", [
-                ("ours (LlamaCppEngine)", lambda o=ours, p=prompts: run_engine(o, p[:1], n), bpt),
-                ("llama-cpp-python Llama", lambda m=llm, p=prompts: run_llama(m, p[0], n), bpt),
-                ("bare C-API loop", lambda b=bare, p=prompts: b.run(p[0], n), bpt),
-            ]))
-            # part 2 on the Q4_0 file: batch 1 is the row above; batch 8 here, same round
-            if kind == "q4_0":
-                plans.append((f"1b-{kind} x{args.batch}", [
-                    ("ours (LlamaCppEngine)", lambda o=ours, p=prompts: run_engine(o, p, n),
-                     None)]))
+    procs: dict[tuple[str, str], EngineProcess] = {}  # (case, kind) -> its engine's process
+
+    def start(case: str, kind: str, path: Path | None) -> None:
+        procs[case, kind] = EngineProcess(kind, path, args.threads, args.batch)
+        closers.append(procs[case, kind].close)
+
+    gguf = models_1b() if "gguf" in parts else {}
+    for kind, path in gguf.items():
+        for engine_kind in ("ours", "llama", "bare"):
+            start(f"1b-{kind}", engine_kind, path)
+    if "transformers" in parts:
+        start("290m-fp32", "transformers", None)
+    if "smol" in parts:
+        for engine_kind in ("ours", "llama", "bare"):
+            start("smollm2-q4_1", engine_kind, smollm2_path())
+    print(f"loading {len(procs)} engines, each in a process of its own...", flush=True)
+    for proc in procs.values():
+        proc.ready()
+
+    for kind, path in gguf.items():
+        case = f"1b-{kind}"
+        ours, llm, bare = (procs[case, k] for k in ("ours", "llama", "bare"))
+        prompts = random_prompts(args.batch, args.prompt, 1000, 40000, seed=1)
+        bpt = gguf_bytes_per_token(path, args.prompt + args.tokens // 2)
+        info[f"{case} bytes/token"] = bpt
+        plans.append((case, [
+            ("ours (LlamaCppEngine)", lambda o=ours, p=prompts: o("run", prompts=p[:1], n=n),
+             bpt),
+            ("llama-cpp-python Llama", lambda m=llm, p=prompts: m("run", prompt=p[0], n=n), bpt),
+            ("bare C-API loop", lambda b=bare, p=prompts: b("run", prompt=p[0], n=n), bpt),
+        ]))
+        # part 2 on the Q4_0 file: batch 1 is the row above; batch 8 here, same round
+        if kind == "q4_0":
+            plans.append((f"{case} x{args.batch}", [
+                ("ours (LlamaCppEngine)", lambda o=ours, p=prompts: o("run", prompts=p, n=n),
+                 None)]))
 
     if "transformers" in parts:
-        import torch
-        from perfmodel_validate import build_engine
-
-        torch.set_num_threads(args.threads)
-        hf = build_engine(1024, 24, 4096, "cpu")
-        closers.append(hf.close)
-        spec = hf.spec
+        hf = procs["290m-fp32", "transformers"]
+        spec = hf.facts
         context = args.prompt + args.tokens // 2
-        kv_bytes = spec.n_layers * 2 * spec.n_kv_heads * spec.head_dim * 4 * context
-        bpt = (spec.n_params - 4096 * spec.hidden_size) * 4 + kv_bytes  # all but the embedding
-        info["290m-fp32 params"] = spec.n_params
+        kv_bytes = spec["n_layers"] * 2 * spec["n_kv_heads"] * spec["head_dim"] * 4 * context
+        bpt = (spec["n_params"] - 4096 * spec["hidden_size"]) * 4 + kv_bytes  # but the embedding
+        info["290m-fp32 params"] = spec["n_params"]
         info["290m-fp32 bytes/token"] = bpt
         prompts = random_prompts(args.batch, args.prompt, 10, 4000, seed=2)
         plans.append(("290m-fp32", [
-            ("ours (TransformersEngine)", lambda p=prompts: run_engine(hf, p[:1], n), bpt)]))
+            ("ours (TransformersEngine)", lambda p=prompts: hf("run", prompts=p[:1], n=n), bpt)]))
         plans.append((f"290m-fp32 x{args.batch}", [
-            ("ours (TransformersEngine)", lambda p=prompts: run_engine(hf, p, n), None)]))
+            ("ours (TransformersEngine)", lambda p=prompts: hf("run", prompts=p, n=n), None)]))
 
     breakdowns: dict[str, list[dict[str, float]]] = {}
     if "smol" in parts:
         path = smollm2_path()
-        smol = LlamaCppEngine.load("smol", path, threads=args.threads, batch_size_max=args.batch,
-                                   kv_tokens=kv_tokens)
-        llm_s = llama_cpp.Llama(str(path), n_ctx=kv_tokens, n_threads=args.threads,
-                                n_threads_batch=args.threads, flash_attn=True, verbose=False)
-        bare_s = BareLoop(llm_s._model.model, args.threads, args.batch + 1)
-        closers += [smol.close, bare_s.close, llm_s.close]
+        smol, llm_s, bare_s = (procs["smollm2-q4_1", k] for k in ("ours", "llama", "bare"))
         text = ("<|im_start|>user\nWrite a long story about a rabbit who lives in a garden, "
                 "with many details.<|im_end|>\n<|im_start|>assistant\n")
-        sp = tuple(llm_s.tokenize(text.encode(), add_bos=False, special=True))
+        sp = llm_s("tokenize", text=text)
         bpt = gguf_bytes_per_token(path, len(sp) + args.smol_tokens // 2)
         info["smollm2 bytes/token"] = bpt
         ns = args.smol_tokens
         plans.append(("smollm2-q4_1", [
-            ("ours (LlamaCppEngine)", lambda: run_engine(smol, [sp], ns), bpt),
-            ("ours, with logprobs", lambda: run_engine(smol, [sp], ns, want_logprobs=True), bpt),
-            ("llama-cpp-python Llama", lambda: run_llama(llm_s, sp, ns), bpt),
-            ("bare C-API loop", lambda: bare_s.run(sp, ns), bpt),
+            ("ours (LlamaCppEngine)", lambda: smol("run", prompts=[sp], n=ns), bpt),
+            ("ours, with logprobs",
+             lambda: smol("run", prompts=[sp], n=ns, want_logprobs=True), bpt),
+            ("llama-cpp-python Llama", lambda: llm_s("run", prompt=sp, n=ns), bpt),
+            ("bare C-API loop", lambda: bare_s("run", prompt=sp, n=ns), bpt),
         ]))
 
     # warm up every path once (pages of the weights, threads, first-call costs)
@@ -449,7 +570,7 @@ def main() -> None:
             for lp in (False, True):
                 key = "ours, with logprobs" if lp else "ours"
                 breakdowns.setdefault(key, []).append(
-                    step_breakdown(smol, sp, args.smol_tokens, lp))
+                    smol("breakdown", prompt=sp, n=args.smol_tokens, want_logprobs=lp))
 
     summary: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "load_average": median_range(loads),
