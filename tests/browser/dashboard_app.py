@@ -10,36 +10,16 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from sparecycles.api import errors
 from sparecycles.api.dashboard import routes as dashboard
-from sparecycles.ledger.service import Ledger
-from sparecycles.store import Store
+from standin_coordinator import FakeCoordinator, standin_app
 
 BASE = "http://testserver"
-
-
-class FakeCoordinator:
-    """What the dashboard reads of a coordinator: the store, the ledger, no live dispatch."""
-
-    def __init__(self) -> None:
-        self.store = Store("sqlite://")
-        self.store.create_all()
-        self.ledger = Ledger(self.store.sessions)
-        self.dispatcher = None
 
 
 def dashboard_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
                   ) -> tuple[FastAPI, FakeCoordinator]:
     """The dashboard's routes on a fresh in-memory store, with a one-server cost model."""
-    model = tmp_path / "costs.toml"
-    model.write_text('[[servers]]\nname = "coordinator"\nper_month = "30.00"\n')
-    monkeypatch.setenv("SPARECYCLES_COST_MODEL", str(model))
-    coord = FakeCoordinator()
-    app = FastAPI()
-    app.state.coordinator = coord
-    errors.install(app)
-    app.include_router(dashboard.router)
-    return app, coord
+    return standin_app(monkeypatch, tmp_path, dashboard.router)
 
 
 def sign_in(client: TestClient, secret: str) -> TestClient:

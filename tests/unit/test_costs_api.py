@@ -7,38 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from sparecycles.api import costs_routes, errors
+from sparecycles.api import costs_routes
 from sparecycles.costs import focus
-from sparecycles.ledger.service import Ledger, WorkShare
-from sparecycles.store import Store
-
-
-class FakeCoordinator:
-    def __init__(self) -> None:
-        self.store = Store("sqlite://")
-        self.store.create_all()
-        self.ledger = Ledger(self.store.sessions)
-
-    def cached_key(self, secret: str):
-        return False, None  # no cache: every request asks authenticate
-
-    def authenticate(self, secret: str):
-        return self.store.authenticate_key(secret)
+from sparecycles.ledger.service import WorkShare
+from standin_coordinator import standin_app
 
 
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    model = tmp_path / "costs.toml"
-    model.write_text('[[servers]]\nname = "coordinator"\nper_month = "30.00"\n')
-    monkeypatch.setenv("SPARECYCLES_COST_MODEL", str(model))
-    coord = FakeCoordinator()
-    app = FastAPI()
-    app.state.coordinator = coord
-    errors.install(app)
-    app.include_router(costs_routes.router)
+    app, coord = standin_app(monkeypatch, tmp_path, costs_routes.router)
     _, admin = coord.store.create_api_key("ops", "admin", scopes=("admin",))
     _, user = coord.store.create_api_key("acme", "prod")
     client_id = coord.store.ensure_client("acme")
