@@ -44,12 +44,13 @@ def test_measured_rates_and_overhead_are_positive(tmp_path: Path,
     monkeypatch.setattr(lp, "narrow_shape", ggufwrite.LlamaShape(
         hidden=128, layers=2, ffn=256, heads=2, kv_heads=1, context_length=lp.kv_tokens))
     monkeypatch.setattr(lp, "probe_rows", (1, 4))
+    monkeypatch.setattr(lp, "prefill_rows", 12)  # one prompt pass of 12 tokens
     monkeypatch.setattr(lp, "probe_new_tokens", 4)
     reads, terms, narrow = lp.measure_llamacpp(0.1, ("Q8_0", "Q4_0", "XX"), threads=1,
                                                keep=tmp_path)
     for rates in (reads, narrow):
-        assert [(t, r) for t, r, _ in rates] == [("Q8_0", 1), ("Q8_0", 4), ("Q4_0", 1),
-                                                 ("Q4_0", 4)]
+        assert [(t, r) for t, r, _ in rates] == [("Q8_0", 1), ("Q8_0", 4), ("Q8_0", 12),
+                                                 ("Q4_0", 1), ("Q4_0", 4), ("Q4_0", 12)]
         assert all(rate > 0 for _, _, rate in rates)
     assert len(terms) == 5 and all(x >= 0 for x in terms)
     # both probes kept for the next time, each its own file per type

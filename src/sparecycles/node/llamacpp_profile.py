@@ -16,7 +16,12 @@ byte vocabulary, nothing downloaded):
   (537 M parameters, every matrix in one type: 300 MB in Q4_0, far beyond the caches) decodes
   ``rows`` sequences at once, for rows 1 to 16; the step's time less
   the engine's cost above is the time its matrices took, and their bytes over that time is the
-  type's rate at that many rows.
+  type's rate at that many rows. At 64 rows it times one prompt's pass instead (64 tokens of
+  one sequence, to its first token): prefill and chunked steps run the matrix products over a
+  prompt's many rows, where llama.cpp's kernels go faster per row than at 16 (extrapolated from
+  16 rows, a 128-token prefill was over-predicted by 23-46 %), while 64 sequences decoding
+  together pay for attention over all their cells at once (a unified cache) and went slower
+  (docs/benchmarks.md).
 
 ``perfmodel`` then times a GGUF's decode step as the sum over its tensor types of bytes / rate
 (``ModelSpec.bytes_by_type``), plus the engine's cost; nothing is fitted to the model predicted.
@@ -32,6 +37,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -57,6 +63,7 @@ probe_shape = ggufwrite.LlamaShape(hidden=2048, layers=12, ffn=5632, heads=16, k
 narrow_shape = ggufwrite.LlamaShape(hidden=512, layers=32, ffn=1408, heads=8, kv_heads=4,
                                     context_length=4096)
 probe_rows = (1, 2, 4, 8, 16)  # decode batches timed on the probe
+prefill_rows = 64  # ... and one prompt pass of this many tokens
 probe_prompt_tokens = 16
 probe_new_tokens = 12  # decode steps timed per run
 probe_tries = 3
@@ -206,18 +213,44 @@ def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int |
                 run_s = torch_overhead.engine_step_s(engine, rows, probe_prompt_tokens,
                                                      probe_new_tokens)
                 best[rows] = min(run_s, best.get(rows, run_s))
+            run_s = prefill_pass_s(engine, prefill_rows)
+            best[prefill_rows] = min(run_s, best.get(prefill_rows, run_s))
             if tries + 1 >= probe_tries_min and time.perf_counter() > deadline:
                 break
     finally:
         engine.close()
     context = probe_prompt_tokens + probe_new_tokens / 2
     out = []
-    for rows in probe_rows:
-        engine_s = overhead_s(terms, shape.layers, rows, context)
+    for rows in (*probe_rows, prefill_rows):
+        engine_s = (overhead_s(terms, shape.layers, rows, context) if rows in probe_rows
+                    else overhead_s(terms, shape.layers, 1, rows))  # one sequence's prompt
         # the engine's cost measured apart may exceed a noisy step: never below a tenth
         weights_s = max(best[rows] - engine_s, best[rows] / 10)
         out.append((t, rows, nbytes / weights_s))
     return out
+
+
+def prefill_pass_s(engine: Any, tokens: int) -> float:
+    """Seconds from submitting one greedy request of ``tokens`` prompt tokens to ``engine``
+    (idle, no prefix cache) to its first token: one prompt pass."""
+    from sparecycles.node.backends.base import GenerationRequest, GenerationUpdate
+    from sparecycles.types import SamplingParams
+
+    first: list[float] = []
+    done = threading.Event()
+
+    def on_update(u: GenerationUpdate) -> None:
+        if not first and (u.token_ids or u.finished):
+            first.append(time.perf_counter())
+            done.set()
+
+    prompt = tuple((7 * j) % (torch_overhead.micro_vocab_size - 2) + 1 for j in range(tokens))
+    started = time.perf_counter()
+    engine.submit(GenerationRequest(f"prefill-{time.perf_counter_ns()}", prompt,
+                                    SamplingParams(max_tokens=1, temperature=0.0)), on_update)
+    if not done.wait(torch_overhead.overhead_wait_s):
+        raise TimeoutError("the probe's prompt pass did not finish")
+    return first[0] - started
 
 
 Reads = tuple[tuple[str, int, float], ...]
