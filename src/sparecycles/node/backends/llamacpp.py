@@ -533,8 +533,9 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], most: int) -> int:
 def _warn_amx_once() -> None:
     log.warning("this llama.cpp was built with its AMX kernels, which crashed at the first "
                 "decode on an AMX CPU (docs/benchmarks.md, \"AMX\"): models load without them "
-                "and without repacked weights, so decode may be slower. Rebuild llama-cpp-python "
-                "as `make setup` does (README), or set %s=1 to use them", amx_trust_env)
+                "and without repacked weights, so decode may be slower. Reinstall "
+                "llama-cpp-python built without AMX (the README gives the command), or set "
+                "%s=1 to use them", amx_trust_env)
 
 
 def _why() -> str:
