@@ -235,6 +235,21 @@ def test_a_gguf_is_read_at_llamacpps_measured_rate_for_each_type() -> None:
                                                                              IDEAL)
 
 
+def test_a_prompt_pass_prices_prefill_and_more_rows_never_cost_less() -> None:
+    # the profile's prompt point (64 rows): 600 MB of Q4_0 at 64 x 1.5 GB/s per row, faster per
+    # row than 8 rows' decode step; a 128-token prefill is priced at twice the 64-row pass
+    profile = replace(LLAMACPP, llamacpp_read_by_rows=(
+        *LLAMACPP.llamacpp_read_by_rows, ("Q4_0", 64, 1.5e9), ("Q6_K", 64, 0.6e9)))
+    points = dict(pm.gguf_points(GGUF, profile, IDEAL))
+    assert points[64] == pytest.approx(600e6 / 1.5e9 + 100e6 / 0.6e9 + 1e6 / 100e9)
+    assert pm.costs(GGUF, profile, IDEAL).linear_s(128) == pytest.approx(2 * points[64])
+    # a point measured faster than one of fewer rows is held at that one
+    odd = replace(LLAMACPP, llamacpp_read_by_rows=(
+        *LLAMACPP.llamacpp_read_by_rows, ("Q4_0", 64, 1e12), ("Q6_K", 64, 1e12)))
+    seconds = [s for _, s in pm.gguf_points(GGUF, odd, IDEAL)]
+    assert seconds == sorted(seconds) and seconds[-1] == seconds[-2]
+
+
 def test_a_narrow_models_rate_lies_between_the_two_probes_by_hidden_size() -> None:
     # the wide probe (hidden 2048) read Q4_0 at 30 GB/s, the narrow one (512) at 10 GB/s
     profile = replace(LLAMACPP, llamacpp_narrow_read_by_rows=(("Q4_0", 1, 10e9),

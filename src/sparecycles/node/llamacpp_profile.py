@@ -16,7 +16,7 @@ byte vocabulary, nothing downloaded):
   (537 M parameters, every matrix in one type: 300 MB in Q4_0, far beyond the caches) decodes
   ``rows`` sequences at once, for rows 1 to 16; the step's time less
   the engine's cost above is the time its matrices took, and their bytes over that time is the
-  type's rate at that many rows. At 64 rows it times one prompt's pass instead (64 tokens of
+  type's rate at that many rows. At 64 rows it times, besides, one prompt's pass (64 tokens of
   one sequence, to its first token): prefill and chunked steps run the matrix products over a
   prompt's many rows, where llama.cpp's kernels go faster per row than at 16 (extrapolated from
   16 rows, a 128-token prefill was over-predicted by 23-46 %), while 64 sequences decoding
@@ -63,7 +63,7 @@ probe_shape = ggufwrite.LlamaShape(hidden=2048, layers=12, ffn=5632, heads=16, k
 narrow_shape = ggufwrite.LlamaShape(hidden=512, layers=32, ffn=1408, heads=8, kv_heads=4,
                                     context_length=4096)
 probe_rows = (1, 2, 4, 8, 16)  # decode batches timed on the probe
-prefill_rows = 64  # ... and one prompt pass of this many tokens
+prefill_rows = 64  # ... and one prompt pass of this many tokens (not one of probe_rows)
 probe_prompt_tokens = 16
 probe_new_tokens = 12  # decode steps timed per run
 probe_tries = 3
@@ -202,6 +202,7 @@ def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int |
                   deadline: float, shape: ggufwrite.LlamaShape, name: str
                   ) -> list[tuple[str, int, float]]:
     """One type's rates by rows (``measure_reads``), the probe quantized from ``f16``."""
+    assert prefill_rows not in probe_rows, "a row count is timed one way only"
     path = _write(work / f"{name}-{t.lower()}.gguf", shape, type_to_kind[t], work, f16)
     nbytes = gguffile.read_gguf(path, arrays=False).decode_bytes_by_type()[t]
     engine = _engine(path, max(probe_rows), threads)
@@ -222,8 +223,10 @@ def _measure_type(t: str, f16: Path, terms: Overhead, work: Path, threads: int |
     context = probe_prompt_tokens + probe_new_tokens / 2
     out = []
     for rows in (*probe_rows, prefill_rows):
+        # the prompt pass: one sequence's cost at its context; its 64 query rows' attention
+        # (~2,000 pairs) stays in, so the rate errs a little low
         engine_s = (overhead_s(terms, shape.layers, rows, context) if rows in probe_rows
-                    else overhead_s(terms, shape.layers, 1, rows))  # one sequence's prompt
+                    else overhead_s(terms, shape.layers, 1, rows))
         # the engine's cost measured apart may exceed a noisy step: never below a tenth
         weights_s = max(best[rows] - engine_s, best[rows] / 10)
         out.append((t, rows, nbytes / weights_s))
@@ -237,11 +240,14 @@ def prefill_pass_s(engine: Any, tokens: int) -> float:
     from sparecycles.types import SamplingParams
 
     first: list[float] = []
+    errors: list[str] = []
     done = threading.Event()
 
     def on_update(u: GenerationUpdate) -> None:
         if not first and (u.token_ids or u.finished):
             first.append(time.perf_counter())
+            if u.error:
+                errors.append(str(u.error))
             done.set()
 
     prompt = tuple((7 * j) % (torch_overhead.micro_vocab_size - 2) + 1 for j in range(tokens))
@@ -250,6 +256,8 @@ def prefill_pass_s(engine: Any, tokens: int) -> float:
                                     SamplingParams(max_tokens=1, temperature=0.0)), on_update)
     if not done.wait(torch_overhead.overhead_wait_s):
         raise TimeoutError("the probe's prompt pass did not finish")
+    if errors:
+        raise RuntimeError(f"the probe's prompt pass failed: {errors[0]}")
     return first[0] - started
 
 

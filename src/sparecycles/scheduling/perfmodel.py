@@ -35,6 +35,7 @@ every name.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -227,16 +228,21 @@ def linear_points(
 def gguf_points(
     spec: ModelSpec, profile: DeviceProfile, calib: Calibration = DEFAULT_CALIBRATION
 ) -> tuple[tuple[int, float], ...]:
-    """((rows, seconds), ...) of a GGUF's weights in a llama.cpp decode step of ``rows``
-    sequences: each tensor type's bytes (``spec.bytes_by_type``) at the rate the profile
-    measured for that type and rows; a type it did not measure (the F32 norms, a type no served
-    file had) at the achievable bandwidth, as the idealised roofline reads it."""
+    """((rows, seconds), ...) of a GGUF's weights in a llama.cpp pass over ``rows`` rows (a
+    decode step of that many sequences; at the profile's prompt point, one prompt's pass): each
+    tensor type's bytes (``spec.bytes_by_type``) at the rate the profile measured for that type
+    and rows; a type it did not measure (the F32 norms, a type no served file had) at the
+    achievable bandwidth, as the idealised roofline reads it. A pass over more rows never takes
+    less time than one over fewer (a noisy or a faster kernel's point is held at the one
+    before)."""
     rates = llamacpp_rates(spec, profile)
     rows = sorted({r for _, r in rates})
     bandwidth = max(1.0, profile.memory_bandwidth_bytes_per_s * calib.bandwidth_fraction)
-    return tuple(
-        (r, sum(n / rates.get((t, r), bandwidth) for t, n in spec.bytes_by_type)) for r in rows
+    seconds = itertools.accumulate(
+        (sum(n / rates.get((t, r), bandwidth) for t, n in spec.bytes_by_type) for r in rows),
+        max,
     )
+    return tuple(zip(rows, seconds, strict=True))
 
 
 def llamacpp_rates(spec: ModelSpec, profile: DeviceProfile) -> dict[tuple[str, int], float]:
