@@ -10,7 +10,11 @@ a burst of other work on a shared machine does not always hit the same path). Ev
 in a process of its own (``EngineProcess``, spawned, importing only what that engine needs), as
 a node serves one model: llama.cpp's OpenMP threads beside another engine's, or beside torch's,
 decode 2-3x slower (docs/benchmarks.md, "OpenMP"), and this benchmark once measured every path
-so crowded. The parent measures the bandwidths and times nothing else:
+so crowded. The batch-8 case has an engine of its own too, so the batch-1 rows do not pay for
+the cells its slots keep. The parent measures the bandwidths and times nothing else. At its
+peak, with every engine loaded, it holds about 7 GB (each process its own copy of the weights,
+repacked for this CPU). It needs llama.cpp built as ``make setup`` builds it: the ``Llama`` and
+bare-loop paths have no guard against a build with AMX kernels (docs/benchmarks.md, "AMX"):
 
 1. Decode at batch 1 as a share of the roofline, on models where reading the weights dominates
    a step: a generated Llama model of 1.17B parameters (``tools/ggufmodel.py``: Llama 3.2 1B's
@@ -53,6 +57,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -354,8 +359,8 @@ def _serve(conn: Any, kind: str, path: str | None, threads: int, batch: int) -> 
     until told to close."""
     try:
         ops, close, facts = _build(kind, path, threads, batch)
-    except Exception as exc:  # the parent raises it
-        conn.send(("error", f"{kind} {path}: {exc!r}"))
+    except Exception:  # the parent raises it
+        conn.send(("error", f"{kind} {path}:\n{traceback.format_exc()}"))
         return
     conn.send(("ok", facts))
     try:
@@ -365,8 +370,8 @@ def _serve(conn: Any, kind: str, path: str | None, threads: int, batch: int) -> 
                 break
             try:
                 conn.send(("ok", ops[op](**kwargs)))
-            except Exception as exc:
-                conn.send(("error", f"{kind} {path} {op}: {exc!r}"))
+            except Exception:
+                conn.send(("error", f"{kind} {path} {op}:\n{traceback.format_exc()}"))
     finally:
         close()
 
@@ -393,14 +398,20 @@ class EngineProcess:
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"the process of {self.name} ended "
-                               f"(exit code {self._proc.exitcode})") from None
+            raise self._ended() from None
         if status == "error":
             raise RuntimeError(value)
         return value
 
+    def _ended(self) -> RuntimeError:
+        self._proc.join(5)
+        return RuntimeError(f"the process of {self.name} ended (exit code {self._proc.exitcode})")
+
     def __call__(self, op: str, **kwargs: Any) -> Any:
-        self._conn.send((op, kwargs))
+        try:
+            self._conn.send((op, kwargs))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._ended() from None
         return self._answer()
 
     def close(self) -> None:
@@ -410,6 +421,7 @@ class EngineProcess:
             self._proc.join(60)
         if self._proc.is_alive():
             self._proc.kill()
+        self._conn.close()
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -491,6 +503,8 @@ def main() -> None:
     for kind, path in gguf.items():
         for engine_kind in ("ours", "llama", "bare"):
             start(f"1b-{kind}", engine_kind, path)
+        if kind == "q4_0":
+            start(f"1b-{kind} x{args.batch}", "ours", path)
     if "transformers" in parts:
         start("290m-fp32", "transformers", None)
     if "smol" in parts:
@@ -512,10 +526,12 @@ def main() -> None:
             ("llama-cpp-python Llama", lambda m=llm, p=prompts: m("run", prompt=p[0], n=n), bpt),
             ("bare C-API loop", lambda b=bare, p=prompts: b("run", prompt=p[0], n=n), bpt),
         ]))
-        # part 2 on the Q4_0 file: batch 1 is the row above; batch 8 here, same round
+        # part 2 on the Q4_0 file: batch 1 is the row above; batch 8 here, same round, on an
+        # engine of its own (its slots keep their cells for the prefix cache afterwards)
         if kind == "q4_0":
+            many = procs[f"{case} x{args.batch}", "ours"]
             plans.append((f"{case} x{args.batch}", [
-                ("ours (LlamaCppEngine)", lambda o=ours, p=prompts: o("run", prompts=p, n=n),
+                ("ours (LlamaCppEngine)", lambda o=many, p=prompts: o("run", prompts=p, n=n),
                  None)]))
 
     if "transformers" in parts:
