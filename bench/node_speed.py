@@ -316,8 +316,9 @@ def _build(kind: str, path: str | None, threads: int, batch: int
     (llama-cpp-python's ``Llama``), ``bare`` (the C-API loop over a model ``Llama`` loaded) or
     ``transformers`` (TransformersEngine on the ~290M fp32 model)."""
     if kind == "ours":
-        engine = LlamaCppEngine.load(Path(str(path)).stem, Path(str(path)), threads=threads,
-                                     batch_size_max=batch, kv_tokens=kv_tokens)
+        gguf = Path(str(path))
+        engine = LlamaCppEngine.load(gguf.stem, gguf, threads=threads, batch_size_max=batch,
+                                     kv_tokens=kv_tokens)
         return ({"run": lambda prompts, n, want_logprobs=False: run_engine(
                     engine, prompts, n, want_logprobs=want_logprobs),
                  "breakdown": lambda prompt, n, want_logprobs: step_breakdown(

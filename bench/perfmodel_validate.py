@@ -108,17 +108,27 @@ def gguf_engines(paths: list[Path]) -> list[Any]:
                                 prefix_cache=False) for p in paths]
 
 
-def measure_gguf(path: Path, batches: list[int], prompt: int, new: int,
-                 prefill: int) -> tuple[ModelSpec, dict[int, float], float]:
+Measured = tuple[ModelSpec, dict[int, float], float]
+
+
+def measure_engine(engine: Engine, batches: list[int], prompt: int, new: int,
+                   prefill: int) -> Measured:
     """(the engine's spec, decode tokens/s by batch, seconds to the first token of a
-    ``prefill``-token prompt) of one GGUF file, on an engine of its own. Run in a process of its
-    own: llama.cpp's OpenMP threads beside another engine's (or torch's) made every engine of a
-    shared process decode 2-3x slower (docs/benchmarks.md, "OpenMP"); a node serves one."""
+    ``prefill``-token prompt)."""
+    rates = {batch: run_batch(engine, batch, prompt, new)[0] for batch in batches}
+    return engine.spec, rates, run_batch(engine, 1, prefill, 2)[1]
+
+
+def measure_gguf(path: Path, batches: list[int], prompt: int, new: int,
+                 prefill: int) -> Measured:
+    """``measure_engine`` of one GGUF file, on an engine of its own, warmed up first. Run in a
+    process of its own: llama.cpp's OpenMP threads beside another engine's (or torch's) made
+    every engine of a shared process decode 2-3x slower (docs/benchmarks.md, "OpenMP"); a node
+    serves one."""
     engine = gguf_engines([path])[0]
     try:
         run_batch(engine, 1, prompt, 4)  # warm up
-        rates = {batch: run_batch(engine, batch, prompt, new)[0] for batch in batches}
-        return engine.spec, rates, run_batch(engine, 1, prefill, 2)[1]
+        return measure_engine(engine, batches, prompt, new, prefill)
     finally:
         engine.close()
 
@@ -260,12 +270,10 @@ def main() -> None:
             profile = pool.submit(measure_profile, device=args.device, llamacpp_types=types,
                                   llamacpp_keep=args.probe_dir).result()
         print(f"round {round_ + 1} (load {loads[-1]:.1f}): {describe(profile)}", flush=True)
-        measured = [in_a_process_of_its_own(measure_gguf, path=p, batches=batches,
-                                            prompt=args.prompt, new=args.new,
-                                            prefill=args.prefill) for p in paths
-                    ] if args.backend == "llamacpp" else [
-            (e.spec, {b: run_batch(e, b, args.prompt, args.new)[0] for b in batches},
-             run_batch(e, 1, args.prefill, 2)[1]) for e in engines]
+        sizes = {"batches": batches, "prompt": args.prompt, "new": args.new,
+                 "prefill": args.prefill}
+        measured = ([in_a_process_of_its_own(measure_gguf, path=p, **sizes) for p in paths]
+                    + [measure_engine(e, **sizes) for e in engines])
         specs = [spec for spec, _, _ in measured]
         for spec, rates, ttft in measured:
             for batch in batches:

@@ -44,7 +44,7 @@ from sparecycles.types import DeviceProfile
 log = logging.getLogger(__name__)
 
 # bump when what is measured changes, so cached profiles are redone (4: llama.cpp's narrow probe;
-# 5: its probes at 64 rows too)
+# 5: a 64-token prompt pass on its probes)
 PROFILE_VERSION = 5
 copy_bytes = 256 * 1024 * 1024  # far beyond any last-level cache (tens to hundreds of MiB)
 copy_tries = 5
