@@ -19,6 +19,10 @@ warm-up. Compare with ``bench/coordinator_cost.py``'s coordinator figure at the 
 concurrency, measured in the same run of the machine:
 
     python bench/asgi_floor.py --concurrency 8,256 --requests 1200 --rounds 2
+
+``--ws`` picks uvicorn's WebSocket implementation (``websockets-sansio``, the default's choice, or
+``websockets``) and ``--server-python`` the server's interpreter (another Python version's venv
+with ``uvicorn[standard]`` and ``orjson``): the floor under other parts of the stack.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     uvicorn.run(Floor(args.mode), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False, ws_per_message_deflate=False)
+                access_log=False, ws_per_message_deflate=False, ws=args.ws)
 
 
 async def _nodes(url: str, count: int) -> None:
@@ -209,8 +213,8 @@ def measure(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     here = str(Path(__file__).resolve())
-    server = subprocess.Popen([sys.executable, here, "serve", "--mode", mode, "--port",
-                               str(port)])
+    server = subprocess.Popen([args.server_python or sys.executable, here, "serve", "--mode",
+                               mode, "--port", str(port), "--ws", args.ws])
     nodes = None
     rows = []
     try:
@@ -244,6 +248,7 @@ def main() -> None:
     s = sub.add_parser("serve")
     s.add_argument("--mode", choices=("sse", "relay"), default="relay")
     s.add_argument("--port", type=int, required=True)
+    s.add_argument("--ws", default="auto")
     n = sub.add_parser("nodes")
     n.add_argument("--url", required=True)
     n.add_argument("--count", type=int, default=50)
@@ -253,6 +258,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=256)
     ap.add_argument("--fleet", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ws", default="auto",
+                    help="uvicorn's WebSocket implementation: auto, websockets, "
+                         "websockets-sansio or wsproto")
+    ap.add_argument("--server-python", default="",
+                    help="the server's interpreter (another Python version; needs uvicorn[standard]"
+                         " and orjson), this one by default")
     args = ap.parse_args()
     if args.command == "serve":
         serve(args)

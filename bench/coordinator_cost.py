@@ -23,14 +23,21 @@ chat requests at each concurrency. What it reports per run:
   the ratio is steadier than either figure).
 
 Trees alternate round by round (base, new, base, new, ...), so that load from other work falls
-on both. Nodes are fake (``--nodes fake``: ``sparecycles loadtest nodes``, a test tool answering
-random tokens on a fixed schedule) or real (``--nodes real``: ``sparecycles node`` processes
-serving the tiny model with its engine).
+on both. ``--pin`` gives the coordinator the first CPU to itself and puts the nodes, the clients
+and this process on the others: on a two-core machine the load generator otherwise takes the
+coordinator's core in turns, which inflates its admission latency (a quiet machine for the
+coordinator, as the targets mean). ``--python LABEL=PATH`` runs that tree's coordinator with
+another interpreter (a venv of another Python version with the project installed). Nodes are
+fake (``--nodes fake``: ``sparecycles loadtest nodes``, a test tool answering random tokens on a
+fixed schedule) or real (``--nodes real``: ``sparecycles node`` processes serving the tiny model
+with its engine).
 
     python bench/coordinator_cost.py --nodes fake --fleet 50 --concurrency 256 --requests 3000 \\
         --trees base=/work/wt-coordcpu-base,new=. --rounds 2 --relay-probe
     python bench/coordinator_cost.py --nodes real --real-nodes 2 --concurrency 8,64 \\
         --requests 400 --trees base=/work/wt-coordcpu-base,new=. --rounds 2
+    python bench/coordinator_cost.py --pin --trees py311=.,py313=. \\
+        --python py313=/tmp/v3.13/bin/python          # the same tree on Python 3.13
 """
 
 from __future__ import annotations
@@ -175,7 +182,8 @@ def quantile_ms(before: list[tuple[float, float]], after: list[tuple[float, floa
     return prev_le * 1000
 
 
-def start(tree: Path, args: argparse.Namespace, tokens_per_message: int) -> Net:
+def start(tree: Path, args: argparse.Namespace, tokens_per_message: int,
+          tree_label: str = "") -> Net:
     root = Path(tempfile.mkdtemp(prefix="coordinator-cost-"))
     pg_name = None
     if args.database == "postgres":
@@ -196,7 +204,8 @@ def start(tree: Path, args: argparse.Namespace, tokens_per_message: int) -> Net:
     net.coordinator = spawn(
         ["coordinator", "--port", str(port), "--database", database, "--log-level", "warning",
          "--model", f"{MODEL}={args.model_dir}", "--replica-id", f"cost-{port}"],
-        root / "logs" / "coordinator.log", env=net.env())
+        root / "logs" / "coordinator.log", env=net.env(), cpus=args.coordinator_cpus,
+        python=args.pythons.get(tree_label, ""))
     net.wait(0)
     if args.nodes == "fake":
         creds_path = root / "creds.json"
@@ -206,7 +215,7 @@ def start(tree: Path, args: argparse.Namespace, tokens_per_message: int) -> Net:
              "--count", str(args.fleet), "--model", f"{MODEL}={args.model_dir}",
              "--speed", args.speed, "--jobs-max", str(args.jobs_max),
              "--tokens-per-message", str(tokens_per_message)],
-            root / "logs" / "nodes.log", env=net.env()))
+            root / "logs" / "nodes.log", env=net.env(), cpus=args.other_cpus))
         net.wait(args.fleet)
     else:
         for i in range(args.real_nodes):
@@ -215,7 +224,7 @@ def start(tree: Path, args: argparse.Namespace, tokens_per_message: int) -> Net:
                 ["node", "--coordinator", net.url, "--token", net.node_token,
                  "--name", f"cost-{i}", "--config-dir", str(cfg), "--jobs-max", "8",
                  "--model", f"{MODEL}={args.model_dir}", "--log-level", "warning"],
-                root / "logs" / f"node-{i}.log", env=net.env()))
+                root / "logs" / f"node-{i}.log", env=net.env(), cpus=args.other_cpus))
         net.wait(args.real_nodes)
     return net
 
@@ -361,14 +370,31 @@ def main() -> None:
     ap.add_argument("--strace", default="",
                     help="folder: count the coordinator's system calls over the measured "
                          "requests (strace -c -f; slows it, so its CPU figures do not compare)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the coordinator alone on the first CPU, and the nodes, the clients "
+                         "and this process on the others: the coordinator's figures without "
+                         "the load generator's contention (a quiet machine for it)")
+    ap.add_argument("--python", action="append", default=[], metavar="LABEL=PATH",
+                    help="run that tree's coordinator with another interpreter (a venv of "
+                         "another Python version with the project installed); repeatable")
     ap.add_argument("--out", default="artifacts/coordinator_cost")
     args = ap.parse_args()
+    args.pythons = dict(p.split("=", 1) for p in args.python)
+    args.coordinator_cpus = args.other_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs two CPUs or more")
+        args.coordinator_cpus, args.other_cpus = {cpus[0]}, set(cpus[1:])
+        os.sched_setaffinity(0, args.other_cpus)  # the clients run in this process
     trees = [(label, Path(path).resolve()) for label, _, path in
              (t.partition("=") for t in args.trees.split(","))]
     probes = [1] + ([args.max_tokens] if args.relay_probe and args.nodes == "fake" else [])
     rows: list[dict[str, Any]] = []
     print(f"{args.nodes} nodes, {args.database}, {args.requests} requests a level, "
-          f"max_tokens {args.max_tokens}; {os.cpu_count()} cores")
+          f"max_tokens {args.max_tokens}; {os.cpu_count()} cores"
+          + (f"; the coordinator pinned to CPU {min(args.coordinator_cpus)}, the rest to "
+             f"{sorted(args.other_cpus)}" if args.pin else ""))
     head = (f"{'tree':>6} {'rnd':>3} {'tpm':>3} {'conc':>4} {'req/s':>6} {'coord ms':>8} "
             f"{'nodes':>6} {'client':>6} {'pg':>5} {'adm p50':>7} {'adm p99':>7} "
             f"{'relay50':>7} {'sysc':>5} {'wr':>5} {'csw':>5} {'sys%':>4} {'tok':>4} {'fail':>4} "
@@ -378,7 +404,7 @@ def main() -> None:
         order = trees if rnd % 2 == 0 else list(reversed(trees))
         for label, tree in order:
             for tpm in probes:
-                net = start(tree, args, tpm)
+                net = start(tree, args, tpm, label)
                 try:
                     for c in args.concurrency:
                         r = measure(net, c, args) | {"tree": label, "round": rnd + 1,

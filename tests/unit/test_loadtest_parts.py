@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from sparecycles.errors import InvariantViolation
 from sparecycles.tools.loadtest.clients import Sample, summarize
 from sparecycles.tools.loadtest.fakenodes import FakeModel, fake_identity, token_ids_for
+from sparecycles.tools.loadtest.procs import spawn
 from sparecycles.tools.loadtest.speed import SpeedModel
 
 
@@ -43,3 +47,19 @@ def test_summary_subtracts_the_fake_schedule() -> None:
     assert out["added_ttft_p50_ms"] == pytest.approx(20.0)
     assert out["added_total_p99_ms"] == pytest.approx(50.0)
     assert out["errors"] == {"503: no node": 1}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_a_spawned_process_runs_on_the_cpus_and_interpreter_it_is_given(tmp_path: Path) -> None:
+    """``spawn(cpus=..., python=...)`` (the coordinator benchmark's ``--pin`` and ``--python``):
+    the child starts with that interpreter and may run only on those CPUs."""
+    cpu = max(os.sched_getaffinity(0))
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\necho "args: $*"\ngrep Cpus_allowed_list /proc/self/status\n')
+    fake_python.chmod(0o755)
+    log = tmp_path / "child.log"
+    proc = spawn(["coordinator", "--port", "1"], log, cpus={cpu}, python=str(fake_python))
+    assert proc.wait(timeout=30) == 0
+    out = log.read_text()
+    assert "args: -m sparecycles coordinator --port 1" in out
+    assert out.split("Cpus_allowed_list:")[1].split()[0] == str(cpu)

@@ -4,6 +4,7 @@ CPU time and memory from /proc (Linux) without extra dependencies."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import signal
@@ -37,6 +38,13 @@ def proc_sample(pid: int) -> ProcSample | None:
     return ProcSample(cpu_s, rss)
 
 
+def _prepare_child(cpus: set[int] | None) -> None:
+    """In the child before exec: the open-file limit raised, and the CPUs it may run on."""
+    _raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def _raise_nofile() -> None:
     """In the child before exec: open-file limit up to the hard limit (a socket per node)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -45,16 +53,17 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None
-          ) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None,
+          cpus: set[int] | None = None, python: str = "") -> subprocess.Popen[bytes]:
     """``python -m sparecycles ARGS`` in its own session, output to ``log_path``, with the
-    open-file limit raised to the hard limit."""
+    open-file limit raised to the hard limit; on ``cpus`` only when given (its threads too),
+    with ``python`` when given (another interpreter), else this one."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "sparecycles", *args], stdout=out,
+    proc = subprocess.Popen([python or sys.executable, "-m", "sparecycles", *args], stdout=out,
                             stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                            preexec_fn=_raise_nofile)
+                            preexec_fn=functools.partial(_prepare_child, cpus))
     out.close()
     return proc
 
