@@ -3,6 +3,12 @@
 A node makes its key pair on first start and keeps the private key in the owner's config
 directory, readable only by the owner (mode 0600). The node id is derived from the public key,
 so a node cannot claim another's id without its private key.
+
+Keys and signatures are made with ``cryptography``; the coordinator checks them with libsodium
+(PyNaCl), whose Ed25519 verification takes half the CPU of OpenSSL's here (55 against 105 us a
+result, one a request on the coordinator's event loop: docs/benchmarks.md, issue 19). libsodium
+is the stricter of the two (it refuses small-order keys and non-canonical encodings), which
+honest nodes never make.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import VerifyKey
 
 from sparecycles.protocol import b64, unb64
 
@@ -63,8 +69,7 @@ class NodeIdentity:
 def verify(public_key_b64: str, payload: bytes, signature_b64: str) -> bool:
     """True only for a valid signature of ``payload`` by that key; never raises on bad input."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(unb64(public_key_b64))
-        key.verify(unb64(signature_b64), payload)
-    except (InvalidSignature, ValueError, Exception):
+        VerifyKey(unb64(public_key_b64)).verify(payload, unb64(signature_b64))
+    except Exception:  # BadSignatureError, a key or signature of the wrong size, bad base64
         return False
     return True

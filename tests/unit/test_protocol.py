@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sparecycles import limits, protocol
 from sparecycles.errors import ProtocolError
 from sparecycles.identity import NodeIdentity, node_id_for, verify
+from sparecycles.protocol import b64, unb64
 
 
 def _hello(**over: object) -> dict:
@@ -101,6 +102,38 @@ def test_signed_result_verifies_and_tampering_does_not() -> None:
     other = NodeIdentity.generate()
     assert not verify(other.public_key_b64, protocol.result_payload(**fields), sig)
     assert not verify(ident.public_key_b64, protocol.result_payload(**fields), "garbage!")
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(max_size=600), flip=st.integers(min_value=0, max_value=64 * 8 - 1))
+def test_the_check_agrees_with_openssl_on_signatures_good_and_bad(payload: bytes,
+                                                                  flip: int) -> None:
+    """``verify`` (libsodium) accepts exactly what OpenSSL's Ed25519 accepts for keys a node
+    makes: its own signatures, and none with one bit changed in the signature or the payload."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    ident = NodeIdentity.generate()
+    sig = unb64(ident.sign(payload))
+    openssl_key = Ed25519PublicKey.from_public_bytes(unb64(ident.public_key_b64))
+
+    def openssl(p: bytes, s: bytes) -> bool:
+        try:
+            openssl_key.verify(s, p)
+        except InvalidSignature:
+            return False
+        return True
+
+    bad_sig = bytearray(sig)
+    bad_sig[flip // 8] ^= 1 << (flip % 8)
+    cases = [(payload, sig), (payload, bytes(bad_sig)), (payload + b"!", sig)]
+    if payload:
+        cases.append((bytes([payload[0] ^ 1]) + payload[1:], sig))
+    for p, s in cases:
+        assert verify(ident.public_key_b64, p, b64(s)) == openssl(p, s)
+    assert verify(ident.public_key_b64, payload, b64(sig))
+    assert not verify(ident.public_key_b64, payload, b64(sig[:63]))  # wrong sizes: refused
+    assert not verify(b64(unb64(ident.public_key_b64)[:31]), payload, b64(sig))
 
 
 def test_node_id_is_derived_from_the_key(tmp_path) -> None:
