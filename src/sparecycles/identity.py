@@ -5,7 +5,7 @@ directory, readable only by the owner (mode 0600). The node id is derived from t
 so a node cannot claim another's id without its private key.
 
 Keys and signatures are made with ``cryptography``; the coordinator checks them with libsodium
-(PyNaCl), whose Ed25519 verification takes half the CPU of OpenSSL's here (55 against 105 us a
+(PyNaCl), whose Ed25519 verification takes half the CPU of OpenSSL's here (56 against 105 us a
 result, one a request on the coordinator's event loop: docs/benchmarks.md, issue 19). libsodium
 is the stricter of the two (it refuses small-order keys and non-canonical encodings), which
 honest nodes never make.
