@@ -248,7 +248,7 @@ def main() -> None:
     s = sub.add_parser("serve")
     s.add_argument("--mode", choices=("sse", "relay"), default="relay")
     s.add_argument("--port", type=int, required=True)
-    s.add_argument("--ws", default="auto")
+    s.add_argument("--ws", default=argparse.SUPPRESS)  # the top level's default stands
     n = sub.add_parser("nodes")
     n.add_argument("--url", required=True)
     n.add_argument("--count", type=int, default=50)

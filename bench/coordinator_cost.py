@@ -379,7 +379,14 @@ def main() -> None:
                          "another Python version with the project installed); repeatable")
     ap.add_argument("--out", default="artifacts/coordinator_cost")
     args = ap.parse_args()
-    args.pythons = dict(p.split("=", 1) for p in args.python)
+    labels = {t.partition("=")[0] for t in args.trees.split(",")}
+    args.pythons = {}
+    for given in args.python:
+        label, eq, path = given.partition("=")
+        if not eq or label not in labels:
+            ap.error(f"--python {given!r}: expected LABEL=PATH with a LABEL of --trees "
+                     f"({', '.join(sorted(labels))})")
+        args.pythons[label] = path
     args.coordinator_cpus = args.other_cpus = None
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))

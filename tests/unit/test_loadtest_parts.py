@@ -49,7 +49,8 @@ def test_summary_subtracts_the_fake_schedule() -> None:
     assert out["errors"] == {"503: no node": 1}
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity (Linux) and two CPUs to choose one of")
 def test_a_spawned_process_runs_on_the_cpus_and_interpreter_it_is_given(tmp_path: Path) -> None:
     """``spawn(cpus=..., python=...)`` (the coordinator benchmark's ``--pin`` and ``--python``):
     the child starts with that interpreter and may run only on those CPUs."""
