@@ -250,10 +250,11 @@ def prefill_pass_s(engine: Any, tokens: int) -> float:
                 errors.append(str(u.error))
             done.set()
 
-    prompt = tuple((7 * j) % (torch_overhead.micro_vocab_size - 2) + 1 for j in range(tokens))
+    request = GenerationRequest(f"prefill-{time.perf_counter_ns()}",
+                                torch_overhead.probe_prompt(tokens),
+                                SamplingParams(max_tokens=1, temperature=0.0))
     started = time.perf_counter()
-    engine.submit(GenerationRequest(f"prefill-{time.perf_counter_ns()}", prompt,
-                                    SamplingParams(max_tokens=1, temperature=0.0)), on_update)
+    engine.submit(request, on_update)
     if not done.wait(torch_overhead.overhead_wait_s):
         raise TimeoutError("the probe's prompt pass did not finish")
     if errors:

@@ -67,6 +67,12 @@ def _micro_engine(layers: int, device: str) -> Any:
     return TransformersEngine(spec.name, model, None, spec, batch_size_max=max(overhead_batches))
 
 
+def probe_prompt(tokens: int, i: int = 0) -> tuple[int, ...]:
+    """The ``i``-th probe request's prompt of ``tokens`` ids, each within the micro vocabulary
+    (neither 0 nor its last id), different from one request to the next."""
+    return tuple((7 * i + j) % (micro_vocab_size - 2) + 1 for j in range(tokens))
+
+
 def engine_step_s(engine: Any, batch: int, prompt_tokens: int, new_tokens: int) -> float:
     """Seconds per decode step of ``batch`` greedy requests submitted together to ``engine``:
     timed from the last first token (every request running) to the first finish."""
@@ -90,8 +96,7 @@ def engine_step_s(engine: Any, batch: int, prompt_tokens: int, new_tokens: int) 
     for i in range(batch):
         rid = f"overhead-{tag}-{i}"
         stamps[rid] = []
-        prompt = tuple((7 * i + j) % (micro_vocab_size - 2) + 1 for j in range(prompt_tokens))
-        engine.submit(GenerationRequest(rid, prompt, params), on_update)
+        engine.submit(GenerationRequest(rid, probe_prompt(prompt_tokens, i), params), on_update)
     if not done.wait(overhead_wait_s):
         raise TimeoutError("the engine did not finish the overhead run")
     first = max(s[0] for s in stamps.values())
