@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYS_PYTHON ?= python3
 
-.PHONY: setup demo test test-fast lint check bench-gateway bench-ledger bench-perfmodel bench-sim \
+.PHONY: setup demo test test-fast lint check bench-coordinator bench-gateway bench-ledger bench-perfmodel bench-sim \
 	bench-control-plane bench-third-party clean
 
 setup: $(VENV)/.installed
@@ -74,6 +74,18 @@ bench-sim: setup
 bench-control-plane: setup
 	$(PY) bench/control_plane.py --database sqlite
 	$(PY) bench/control_plane.py --database postgres --scale 0
+
+# the coordinator's own cost (issue 19): the bare server stack's floor, then the coordinator's
+# CPU a request, admission and relay with fake and with real tiny-model nodes, the coordinator
+# pinned to a core of its own (docs/benchmarks.md, "The coordinator's own cost"); ~5 minutes
+TINY_MODEL ?= $(or $(SPARECYCLES_TINY_MODEL),/tmp/tiny2)
+bench-coordinator: setup
+	[ -f $(TINY_MODEL)/config.json ] || $(VENV)/bin/sparecycles model tiny $(TINY_MODEL)
+	$(PY) bench/asgi_floor.py --concurrency 8,256 --requests 1200 --rounds 2
+	$(PY) bench/coordinator_cost.py --model-dir $(TINY_MODEL) --nodes fake --fleet 50 \
+	  --concurrency 8,256 --requests 1200 --warmup 256 --rounds 2 --relay-probe --pin
+	$(PY) bench/coordinator_cost.py --model-dir $(TINY_MODEL) --nodes real --real-nodes 2 \
+	  --concurrency 8,64 --requests 240 --warmup 64 --rounds 2 --pin
 
 # GuideLLM (PyPI) in its own venv (.venv-bench) against fake nodes, then real tiny-model nodes
 bench-third-party: setup
