@@ -89,6 +89,14 @@ def _cases(user: str, admin: str) -> list[tuple[str, str, dict[str, str], bytes,
          js(chat).encode(), False),
         ("too large", "/v1/chat/completions", auth,
          js({**chat, "user": "x" * limit_bytes}).encode(), False),
+        ("a lone surrogate in a message", "/v1/chat/completions", auth,
+         js({**chat, "messages": [{"role": "user", "content": "hi \ud800"}]}).encode(), True),
+        ("a lone surrogate in a stop string", "/v1/chat/completions", auth,
+         js({**chat, "stop": ["\udfff"]}).encode(), True),
+        ("a lone surrogate in a prompt", "/v1/completions", auth,
+         js({**completion, "prompt": "\ud83c alone"}).encode(), True),
+        ("a surrogate pair is one character", "/v1/chat/completions", auth,
+         js({**chat, "messages": [{"role": "user", "content": "\U0001f31f"}]}).encode(), True),
     ]
 
 
@@ -135,3 +143,39 @@ def test_a_database_outage_is_a_503_and_a_bug_a_500(apis, monkeypatch) -> None:
     got = front.post("/v1/completions", headers=headers, json=completion)
     assert got.status_code == 500
     assert got.json()["error"]["type"] == "server_error" and "bug" not in got.text
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_its_field(apis) -> None:
+    """JSON's escapes can carry a lone UTF-16 surrogate, which no tokenizer or node message can
+    take: refused at the boundary (it was a 500, or a job that failed after a minute)."""
+    plain, front, _framework, coord, user, _admin = apis
+    headers = {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}
+    admitted = len(coord.admitted)
+    for path, body, param in (
+            ("/v1/chat/completions",
+             {**chat, "messages": [{"role": "user", "content": "ok"},
+                                   {"role": "user", "content": [{"type": "text",
+                                                                 "text": "x\ud800"}]}]},
+             "messages.1.content.0.text"),
+            ("/v1/chat/completions", {**chat, "stop": "\ud800"}, "stop"),
+            ("/v1/chat/completions", {**chat, "user": "\udc00"}, "user"),
+            ("/v1/completions", {**completion, "prompt": ["fine", "\udbff"]}, "prompt.1")):
+        for client in (plain, front):
+            r = client.post(path, headers=headers, content=json.dumps(body).encode())
+            assert r.status_code == 400, (path, param, r.text)
+            err = r.json()["error"]
+            assert (err["param"], err["code"], err["type"]) == (
+                param, "invalid_value", "invalid_request_error"), r.text
+            assert "surrogate" in err["message"]
+    assert len(coord.admitted) == admitted  # none reached dispatch
+
+
+def test_the_responses_api_refuses_text_that_is_not_unicode() -> None:
+    from sparecycles.api.responses_routes import ResponsesRequest
+    from sparecycles.errors import InvalidRequest
+
+    body = {"model": "tiny", "input": [{"role": "user", "content": "a \udfff b"}]}
+    with pytest.raises(InvalidRequest) as caught:
+        ResponsesRequest.model_validate(body)
+    assert caught.value.param == "input.0.content"
+    assert ResponsesRequest.model_validate({"model": "tiny", "input": "\U0001f31f"}).input

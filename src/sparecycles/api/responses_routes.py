@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparecycles import limits
 from sparecycles.api import openai_routes
 from sparecycles.api.auth import require_key
 from sparecycles.api.errors import ERROR_RESPONSES
-from sparecycles.api.schemas import ChatCompletionRequest, refuse_unsupported
+from sparecycles.api.schemas import ChatCompletionRequest, refuse_bad_unicode, refuse_unsupported
 from sparecycles.errors import InvalidRequest
 from sparecycles.store import ApiKeyInfo
 
@@ -67,6 +67,11 @@ class ResponsesRequest(BaseModel):
     text: TextOptions | None = None
     stream: bool = False
     truncation: Literal["disabled"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        return refuse_bad_unicode(data)
 
 
 _RESPONSES_NO_EFFECT = frozenset({"store", "include", "background"})  # at their defaults

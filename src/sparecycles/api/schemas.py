@@ -43,6 +43,41 @@ def refuse_unsupported(body: BaseModel, honoured_elsewhere: frozenset[str] = fro
                              param=name, code="unsupported_parameter")
 
 
+def _bad_unicode_at(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in ``value`` that is not valid Unicode, else None:
+    JSON's ``\\ud800``-``\\udfff`` escapes can carry a lone UTF-16 surrogate, which no tokenizer,
+    stop string or node message can take (it would fail deep in a job, not here)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _bad_unicode_at(k, path) is not None:
+                return here.encode("utf-8", "replace").decode("utf-8")
+            if (bad := _bad_unicode_at(v, here)) is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (bad := _bad_unicode_at(v, f"{path}.{i}" if path else str(i))) is not None:
+                return bad
+    return None
+
+
+def refuse_bad_unicode(data: Any) -> Any:
+    """A 400 naming the first field of a request body whose text is not valid Unicode (a lone
+    surrogate); the body unchanged otherwise (a ``model_validator(mode="before")``)."""
+    where = _bad_unicode_at(data, "")
+    if where is not None:
+        raise InvalidRequest(f"'{where}' is not valid Unicode text: it holds a lone UTF-16 "
+                             "surrogate (an unpaired \\ud800-\\udfff escape)", param=where,
+                             code="invalid_value")
+    return data
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -195,6 +230,11 @@ class _Common(BaseModel):
     # never by the body: a body that names another workload than its key's gets a 400.
     workload: Workload | None = None
     trusted_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        return refuse_bad_unicode(data)
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "min_p", mode="before")
