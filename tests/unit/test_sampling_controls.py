@@ -73,6 +73,27 @@ def test_cuts_and_seeded_draws() -> None:
     assert all(d == draws[0] for d in draws)  # a seed gives the same draw
 
 
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1, 0])
+def test_every_seed_a_client_may_send_draws(seed: int) -> None:
+    """OpenAI's seed is any signed 64-bit number; numpy's generators take unsigned ones only
+    (a negative seed made the node refuse the job: a 503 after ten seconds)."""
+    from sparecycles.node.backends import npsampling
+
+    logits = np.log(np.full(64, 1 / 64, dtype=np.float32))
+
+    def draws(s: int) -> list[int]:
+        p = SamplingParams(max_tokens=1, seed=s, temperature=1.0)
+        row = sampling.start_row(p, [1], [EOS])
+        rng = npsampling.make_rng(p)
+        assert rng is not None
+        return [sampling.draw(logits, row) for _ in range(8)] + [int(rng.integers(10**9))]
+
+    assert draws(seed) == draws(seed)  # reproducible
+    assert draws(seed) == draws(seed % 2**64)  # the same number, read unsigned
+    if seed != 0:
+        assert draws(seed) != draws(0)
+
+
 def test_logprobs_of_are_the_raw_distribution() -> None:
     logits = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
     lp, top = sampling.logprobs_of(logits, 1, 2)

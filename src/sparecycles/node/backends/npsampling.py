@@ -45,12 +45,17 @@ nucleus_growth = 8
 draw_block = 256  # a draw finds its block of the vocabulary first, then the token inside it
 
 
+def seed_of(params: SamplingParams) -> int:
+    """``params.seed`` as numpy's generators take it (an unsigned 64-bit number: a client's seed
+    is any signed 64-bit one, as OpenAI's; -1 and 2**64 - 1 draw alike), random when unset."""
+    return params.seed % 2**64 if params.seed is not None else secrets.randbits(63)
+
+
 def make_rng(params: SamplingParams) -> np.random.Generator | None:
     """A generator seeded from ``params.seed`` (random when unset); None for greedy decoding."""
     if params.temperature == 0:
         return None
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return np.random.Generator(np.random.PCG64(seed))
+    return np.random.Generator(np.random.PCG64(seed_of(params)))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sparecycles.node.backends.npsampling import seed_of
 from sparecycles.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -150,8 +151,7 @@ def start_row(params: SamplingParams, prompt_token_ids: Sequence[int], eos_ids: 
     this request's own output from an earlier attempt: counted as output, fed to the grammar."""
     rng = None
     if params.temperature > 0:
-        rng = np.random.default_rng(params.seed if params.seed is not None
-                                    else secrets.randbits(63))
+        rng = np.random.default_rng(seed_of(params))
     prompt = np.fromiter(prompt_token_ids, dtype=np.int64, count=len(prompt_token_ids))
     row = RowState(params, tuple(eos_ids), rng, matcher, np.unique(prompt))
     if params.logit_bias:
