@@ -95,6 +95,16 @@ def _cases(user: str, admin: str) -> list[tuple[str, str, dict[str, str], bytes,
          js({**chat, "stop": ["\udfff"]}).encode(), True),
         ("a lone surrogate in a prompt", "/v1/completions", auth,
          js({**completion, "prompt": "\ud83c alone"}).encode(), True),
+        # clients (LiteLLM, some SDKs) send null for what they leave unset: the default, as
+        # OpenAI takes it (a 400 "Input should be a valid integer" before)
+        ("null for every field left unset", "/v1/chat/completions", auth,
+         js({**chat, **dict.fromkeys(
+             ("n", "stream", "logprobs", "parallel_tool_calls", "top_k", "min_tokens",
+              "ignore_eos", "trusted_only", "temperature", "top_p", "seed", "stop",
+              "top_logprobs", "tools", "tool_choice", "response_format", "stream_options",
+              "max_completion_tokens", "logit_bias", "user"))}).encode(), True),
+        ("null for a completion's echo and n", "/v1/completions", auth,
+         js({**completion, "echo": None, "n": None, "best_of": None}).encode(), True),
         ("a surrogate pair is one character", "/v1/chat/completions", auth,
          js({**chat, "messages": [{"role": "user", "content": "\U0001f31f"}]}).encode(), True),
     ]
@@ -179,3 +189,6 @@ def test_the_responses_api_refuses_text_that_is_not_unicode() -> None:
         ResponsesRequest.model_validate(body)
     assert caught.value.param == "input.0.content"
     assert ResponsesRequest.model_validate({"model": "tiny", "input": "\U0001f31f"}).input
+    nulls = ResponsesRequest.model_validate({"model": "tiny", "input": "hi", "stream": None,
+                                             "parallel_tool_calls": None})
+    assert (nulls.stream, nulls.parallel_tool_calls) == (False, True)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sparecycles import limits
 from sparecycles.api import openai_routes
@@ -72,6 +72,11 @@ class ResponsesRequest(BaseModel):
     @classmethod
     def _unicode(cls, data: Any) -> Any:
         return refuse_bad_unicode(data)
+
+    @field_validator("parallel_tool_calls", "stream", mode="before")
+    @classmethod
+    def _null_flag(cls, v: Any, info: Any) -> Any:  # clients send null for unset: the default
+        return cls.model_fields[info.field_name].default if v is None else v
 
 
 _RESPONSES_NO_EFFECT = frozenset({"store", "include", "background"})  # at their defaults

@@ -237,7 +237,8 @@ class _Common(BaseModel):
         return refuse_bad_unicode(data)
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "min_p", mode="before")
+                     "repetition_penalty", "min_p", "n", "stream", "top_k", "min_tokens",
+                     "ignore_eos", "trusted_only", mode="before")
     @classmethod
     def _null_is_default(cls, v: Any, info: Any) -> Any:
         # clients (LiteLLM, some SDKs) send null for unset fields: the default, as OpenAI does
@@ -287,6 +288,11 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
+    @field_validator("logprobs", "parallel_tool_calls", mode="before")
+    @classmethod
+    def _null_flag(cls, v: Any, info: Any) -> Any:  # as _Common's: null is the default
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @model_validator(mode="after")
     def _not_empty(self) -> ChatCompletionRequest:
         if not any(m.text().strip() or m.tool_calls for m in self.messages):
@@ -303,6 +309,11 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=limits.top_logprobs_max)
     best_of: int | None = Field(default=None, ge=1, le=limits.n_choices_max)
     suffix: str | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, v: Any) -> Any:  # as _Common's: null is the default
+        return False if v is None else v
 
     @field_validator("prompt")
     @classmethod
