@@ -705,6 +705,37 @@ async def test_a_bad_result_resumes_its_own_attempt_at_once(world) -> None:
     await d.stop()
 
 
+async def test_a_silent_nodes_late_answer_is_dropped_while_its_job_waits(world) -> None:
+    """A node silent past the token gap (a long prefill on a slow device) has its attempt ended
+    and its job put back; its answer for that attempt, coming later, is stale: neither its
+    tokens nor its result (a cancellation, with no tokens) may end the job, which reached the
+    client as a 200 with no text while its books said it failed. The next node serves it."""
+    store, ledger, client, (alice, bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1",
+                   token_gap_s=0.2)
+    await d.start()
+    n1 = FakeNode("n1", alice)
+    d.on_node_ready(n1.conn)
+    job = await _admit(d, client)
+    await _until(lambda: n1.jobs())
+    await _until(lambda: "job_1" in d.waiting, timeout_s=10)  # silent: resumed, waits
+    first = n1.jobs()[0]
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[9]))
+    assert job.generated == []  # stale: dropped
+    assert d.done_received(n1.conn, n1.done(first, [], "cancelled")) is None
+    assert not job.state.is_final and "job_1" in d.waiting
+    n2 = FakeNode("n2", bob)
+    d.on_node_ready(n2.conn)
+    await _until(lambda: n2.jobs())
+    d.on_tokens(n2.conn, protocol.Tokens(job_id="job_1", attempt=2, index=0, token_ids=[1, 2]))
+    await d.on_done(n2.conn, n2.done(n2.jobs()[0], [1, 2]))
+    events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+    assert [e.kind for e in events] == ["tokens", "done"]
+    assert events[0].token_ids == (1, 2) and events[-1].finish_reason == "stop"
+    assert [r.outcome for r in store.attempts("job_1")] == ["node_silent", "done"]
+    await d.stop()
+
+
 async def test_the_prefill_backlog_counts_prompts_sent_and_not_yet_streaming(world) -> None:
     """The scheduler's view of a live node counts the prompt tokens of the jobs dispatch sent it
     until their first token comes back, and the KV tokens they may fill until they end."""

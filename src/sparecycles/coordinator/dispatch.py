@@ -610,7 +610,8 @@ class Dispatcher:
                     ) -> tuple[LiveJob, Attempt]:
         job = self.jobs.get(job_id)
         att = job.current if job else None
-        if job is None or att is None or att.number != number or att.node_id != node.node_id:
+        if (job is None or att is None or att.number != number or att.node_id != node.node_id
+                or att.ended):
             raise _StaleMessage
         return job, att
 
@@ -785,6 +786,7 @@ class Dispatcher:
         """End the attempt: its node no longer holds the job, and its row's end is kept on the
         job (``attempt_ends``), to be written with the job's settlement when the job ends now
         (one commit a job instead of two), or queued by ``_resume_soon`` when it goes on."""
+        att.ended = True
         if node is not None:
             node.jobs.discard(job.job_id)
         fields: dict[str, Any] = {

@@ -48,6 +48,9 @@ class Attempt:
     # protocol.tokens_sha256 of the prompt the attempt was sent (what its signed result names);
     # empty: not kept, computed again from the job when its result comes
     prompt_sha256: str = ""
+    # ended (done, resumed elsewhere, cancelled): its node's later messages are stale, dropped
+    # (a node found silent could still answer for it while the job waits for another node)
+    ended: bool = False
 
 
 class JobEventKind(enum.StrEnum):
