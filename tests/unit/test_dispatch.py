@@ -736,6 +736,30 @@ async def test_a_silent_nodes_late_answer_is_dropped_while_its_job_waits(world) 
     await d.stop()
 
 
+async def test_a_long_prefill_is_not_silence_but_a_stall_after_it_is(world) -> None:
+    """Before its first token a node may take the token gap plus its prefill at a pessimistic
+    rate (a prompt of 8,131 tokens on a busy CPU took over a minute, and was cancelled as
+    silent); once it streams, the gap alone."""
+    store, ledger, client, (alice, _bob) = world
+    d = Dispatcher(store=store, ledger=ledger, models={"m": SPEC}, replica_id="r1",
+                   token_gap_s=0.2)
+    await d.start()
+    slow = replace(PROFILE, peak_flops=1e9)  # 2 * 5M params a token at a tenth: 0.1 s a token
+    n1 = FakeNode("n1", alice, slow)
+    d.on_node_ready(n1.conn)
+    job = await d.admit(job_id="job_1", client_id=client, api_key_id=None, model="m",
+                        endpoint="chat.completions", prompt_ids=list(range(5, 65)),
+                        sampling=SamplingParams(max_tokens=10, temperature=0), stream=True)
+    await _until(lambda: n1.jobs())
+    assert job.attempts[0].first_token_grace_s == pytest.approx(6.0)  # 60 tokens
+    await asyncio.sleep(0.8)  # four token gaps, within the prefill's grace
+    assert "job_1" not in d.waiting and len(job.attempts) == 1
+    d.on_tokens(n1.conn, protocol.Tokens(job_id="job_1", attempt=1, index=0, token_ids=[1]))
+    await _until(lambda: "job_1" in d.waiting, timeout_s=5)  # streaming, then silent: the gap
+    await _until(lambda: [r.outcome for r in store.attempts("job_1")] == ["node_silent"])
+    await d.stop()
+
+
 async def test_the_prefill_backlog_counts_prompts_sent_and_not_yet_streaming(world) -> None:
     """The scheduler's view of a live node counts the prompt tokens of the jobs dispatch sent it
     until their first token comes back, and the KV tokens they may fill until they end."""

@@ -494,6 +494,10 @@ class Dispatcher:
         node.jobs.add(job.job_id)
         node.queued_tokens += remaining
         node.backlog.sent(job.job_id, len(prompt), remaining)
+        spec = self.models.get(job.model)
+        if spec is not None:
+            job.attempts[-1].first_token_grace_s = first_token_grace_s(
+                spec.n_params, node.backlog.prefill_total, node.profile.peak_flops)
         self.waiting.pop(job.job_id, None)
         return protocol.encode(msg)
 
@@ -596,7 +600,8 @@ class Dispatcher:
             att = job.current
             if (job.state in (JobState.PLACED, JobState.STREAMING) and att is not None
                     and job.chain is None  # a chain times out its stages itself
-                    and now.mono_s - att.last_token_mono_s > self.token_gap_s):
+                    and now.mono_s - att.last_token_mono_s > self.token_gap_s + (
+                        att.first_token_grace_s if att.first_token_mono_s is None else 0.0)):
                 log.warning("job %s: node %s silent, resuming", job.job_id, att.node_id)
                 node = self.node(att.node_id)
                 if node is not None:
@@ -970,6 +975,19 @@ class Dispatcher:
         self._ending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("ending a job failed", exc_info=task.exception())
+
+
+# A prefill's pessimistic rate against the device's profiled peak: CPUs reach a fraction of it
+# on a model's matrix products, and a node shares its device with its owner.
+prefill_peak_fraction = 0.1
+
+
+def first_token_grace_s(n_params: int, prefill_tokens: int, peak_flops: float) -> float:
+    """Seconds a node may take to prefill ``prefill_tokens`` (its backlog with the new prompt)
+    of a model of ``n_params`` before its silence counts: 2 FLOPs a parameter a token at
+    ``prefill_peak_fraction`` of its profiled peak (8,000 tokens of a 135M-parameter model at a
+    10^11 FLOP/s peak: ~220 s; a short chat: well under a second)."""
+    return 2.0 * n_params * max(0, prefill_tokens) / (max(peak_flops, 1e9) * prefill_peak_fraction)
 
 
 class _StaleMessage(Exception):

@@ -48,6 +48,10 @@ class Attempt:
     # protocol.tokens_sha256 of the prompt the attempt was sent (what its signed result names);
     # empty: not kept, computed again from the job when its result comes
     prompt_sha256: str = ""
+    # seconds more than the token gap its node may take to its first token: the prefill it was
+    # sent, with what its node still had to prefill, at a pessimistic rate (Dispatcher's
+    # first_token_grace_s); a long prompt on a slow device is not silence
+    first_token_grace_s: float = 0.0
     # ended (done, resumed elsewhere, cancelled): its node's later messages are stale, dropped
     # (a node found silent could still answer for it while the job waits for another node)
     ended: bool = False
