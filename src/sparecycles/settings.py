@@ -111,7 +111,9 @@ class CoordinatorSettings(_RoleSettings):
     """How long a job may wait for a node before it is answered 503."""
     heartbeat_timeout_s: float = limits.heartbeat_timeout_s
     token_gap_s: float = limits.token_gap_s_max
-    """A node silent this long on a job it holds is treated as gone and the job resumed."""
+    """A node silent this long on a job it holds is treated as gone and the job resumed; before
+    the job's first token, this plus its prefill at a pessimistic rate
+    (``coordinator.dispatch.first_token_grace_s``)."""
     request_body_bytes_max: int = limits.request_body_bytes_max
     scheduler_policy: str = "fastest"
     prefix_aware: bool = True
