@@ -242,6 +242,13 @@ def test_n_choices_several_prompts_echo_and_best_of(net) -> None:
     assert [c.index for c in comp.choices] == [0, 1, 2, 3]
     assert comp.choices[0].text.startswith("Once upon")
     assert comp.choices[2].text.startswith("The river")
+    streamed: dict[int, str] = {}  # the same, streamed: the prompt comes first there too
+    for chunk in net.client.completions.create(model="tiny", prompt=["Once upon", "The river"],
+                                               max_tokens=5, n=2, echo=True, temperature=0,
+                                               stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in comp.choices}
     best = net.client.completions.create(model="tiny", prompt="Once upon", max_tokens=6,
                                          n=1, best_of=3, logprobs=1, seed=3)
     assert len(best.choices) == 1

@@ -431,7 +431,7 @@ async def _run(
         headers["X-Sparecycles-Job-Ids"] = ",".join(_job(c).job_id for c in choices)
     if body.stream:
         return EventStreamResponse(
-            _stream(coord, choices, firsts, reply, body.include_usage),
+            _stream(coord, choices, firsts, reply, body.include_usage, echo),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **headers},
         )
@@ -521,6 +521,7 @@ async def _stream(
     firsts: list[JobEvent],
     reply: _Reply,
     include_usage: bool,
+    echo: bool = False,
 ) -> AsyncIterator[str]:
     assert coord.dispatcher is not None
     pumps: list[asyncio.Task[None]] = []
@@ -563,6 +564,10 @@ async def _stream(
         if reply.chat:
             for c in choices:
                 yield _sse(reply.chunk(c.index, {"role": "assistant", "content": ""}, None))
+        elif echo:  # the prompt first, as the answer given whole begins with it
+            for c in choices:
+                if c.prompt.text:
+                    yield reply.text_sse(c.index, c.prompt.text)
         while open_choices:
             if not ready():
                 yield FLUSH  # about to wait for a node: what the client has not got goes out
