@@ -391,12 +391,16 @@ def gguf_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerFast
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None = None) -> list[int]:
+                tools: list[dict[str, Any]] | None = None, *,
+                tools_must_show: bool = False) -> list[int]:
     """Token ids of ``messages`` through the model's chat template, opening the assistant's turn.
 
     The template is rendered to text and then tokenized without adding special tokens: templates
     write their own BOS where the model wants one, and adding another would double it. ``tools``
     (OpenAI's tool definitions) go to the template, which renders them in the model's own format.
+    With ``tools_must_show`` (``tool_choice: auto``: the model decides from what it is shown), a
+    template that renders the same text without them (it has no place for tools) is a 400:
+    the tools would be silently ignored.
     """
     if not getattr(tokenizer, "chat_template", None):
         source = getattr(tokenizer, "name_or_path", "") or "this model"
@@ -410,6 +414,14 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools or None,
                                              add_generation_prompt=True, tokenize=False)
+        if tools and tools_must_show and text == tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False):
+            source = getattr(tokenizer, "name_or_path", "") or "this model"
+            raise InvalidRequest(
+                f"{Path(str(source)).name}'s chat template does not show tools to the model, so "
+                "with tool_choice 'auto' they would be ignored: name a function in tool_choice, "
+                "or use 'required' (both constrain the output to the tools' schemas), or a model "
+                "whose template renders tools", param="tools", code="tools_not_supported")
     except (jinja2.TemplateError, KeyError, TypeError, ValueError) as exc:
         message = f"the chat template rejected these messages: {exc}"
         raise InvalidRequest(message, param="messages") from exc

@@ -217,3 +217,23 @@ def test_bytes_per_param_reads_every_spelling() -> None:
     assert modelfiles.bytes_per_param("F32") == 4.0
     with pytest.raises(InvalidRequest):
         modelfiles.bytes_per_param("float3")
+
+
+def test_tools_a_template_cannot_show_are_refused_for_an_auto_choice(tiny_model_path: Path) -> None:
+    """With tool_choice auto the model decides from what it is shown: a template with no place
+    for tools (SmolLM2's) rendered them away, and the request was answered as if none were
+    sent. Named and required choices constrain the output instead, and may go on."""
+    tokenizer = modelfiles.load_tokenizer(tiny_model_path)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    shown = modelfiles.render_chat(tokenizer, messages, tools, tools_must_show=True)
+    assert len(shown) > len(modelfiles.render_chat(tokenizer, messages))  # this one shows them
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "<|im_start|>assistant\n")
+    with pytest.raises(InvalidRequest) as caught:
+        modelfiles.render_chat(tokenizer, messages, tools, tools_must_show=True)
+    assert (caught.value.param, caught.value.code) == ("tools", "tools_not_supported")
+    assert modelfiles.render_chat(tokenizer, messages, tools) == modelfiles.render_chat(
+        tokenizer, messages)  # not required to show: the same prompt

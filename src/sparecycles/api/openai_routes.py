@@ -104,8 +104,10 @@ async def chat_completion(coord: Coordinator, body: ChatCompletionRequest, key: 
                                  param="tools", code="tools_too_large")
     messages = [m.for_template() for m in body.messages]
     chars = sum(len(m["content"]) for m in messages)
-    prompt_ids = await _tokenize(lambda tok, m: modelfiles.render_chat(tok, m, tools), tokenizer,
-                                 messages, chars + (len(json.dumps(tools)) if tools else 0))
+    auto = plan.mode is toolcalls.ToolMode.AUTO
+    prompt_ids = await _tokenize(
+        lambda tok, m: modelfiles.render_chat(tok, m, tools, tools_must_show=auto), tokenizer,
+        messages, chars + (len(json.dumps(tools)) if tools else 0))
     schema_param, schema = _constraint(body.response_format, plan)
     grammar_text = await _grammar(coord, body.model, tokenizer, schema_param, schema)
     base = _sampling(body, tokenizer, grammar_text, logprobs=body.logprobs,
