@@ -192,3 +192,36 @@ def test_the_responses_api_refuses_text_that_is_not_unicode() -> None:
     nulls = ResponsesRequest.model_validate({"model": "tiny", "input": "hi", "stream": None,
                                              "parallel_tool_calls": None})
     assert (nulls.stream, nulls.parallel_tool_calls) == (False, True)
+
+
+def test_unknown_keys_in_nested_objects_are_refused_not_ignored(apis) -> None:
+    """OpenAI's nested request objects have fixed fields: another key did nothing before (a
+    schema beside json_object gave unconstrained JSON), now a 400 naming it."""
+    plain, front, _framework, coord, user, _admin = apis
+    headers = {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}
+    fn = {"name": "f", "parameters": {"type": "object"}}
+    admitted = len(coord.admitted)
+    for body, param in (
+            ({**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+            ({**chat, "response_format": {"type": "json_object", "schema": {}}},
+             "response_format.schema"),
+            ({**chat, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {}, "format": "y"}}}, "response_format.json_schema.format"),
+            ({**chat, "tools": [{"type": "function", "function": {**fn, "examples": [1]}}]},
+             "tools.0.function.examples"),
+            ({**chat, "stream": True, "stream_options": {"include_obfuscation": True}},
+             "stream_options.include_obfuscation")):
+        for client in (plain, front):
+            r = client.post("/v1/chat/completions", headers=headers,
+                            content=json.dumps(body).encode())
+            assert r.status_code == 400, (param, r.text)
+            assert r.json()["error"]["param"] == param, r.text
+    assert len(coord.admitted) == admitted
+    ok = {**chat, "stream": True, "stream_options": {"include_usage": True,
+                                                     "include_obfuscation": False},
+          "tools": [{"type": "function", "function": {**fn, "strict": True,
+                                                      "description": "d"}}]}
+    from sparecycles.api.schemas import ChatCompletionRequest
+
+    valid = ChatCompletionRequest.model_validate(ok)  # OpenAI's own fields still pass
+    assert valid.tools and valid.tools[0].function.strict and valid.include_usage

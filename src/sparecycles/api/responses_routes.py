@@ -31,7 +31,7 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 
 class FunctionTool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # OpenAI's fields only: no key silently ignored
     type: Literal["function"]
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = None
@@ -40,15 +40,16 @@ class FunctionTool(BaseModel):
 
 
 class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str = "response"
+    description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
 class TextOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # verbosity: not supported, a 400
     format: TextFormat | None = None
 
 

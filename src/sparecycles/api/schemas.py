@@ -151,13 +151,25 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
+# The nested objects below have a fixed set of fields in OpenAI's API: any other is a 400
+# (``extra="forbid"``), not a key silently ignored (a schema under ``response_format.schema``
+# instead of ``response_format.json_schema.schema`` gave unconstrained JSON). Messages stay open:
+# clients send assistant messages back as they got them (``refusal``, ``annotations``, ...).
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against side channels: none is sent
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("obfuscation padding is not supported (send false or omit it)")
+        return v
 
 
 class JsonSchemaSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(default="response", max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -165,7 +177,7 @@ class JsonSchemaSpec(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
@@ -177,7 +189,7 @@ class ResponseFormat(BaseModel):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = Field(default=None, max_length=limits.message_chars_max)
     parameters: dict[str, Any] | None = None
@@ -188,7 +200,7 @@ class FunctionDef(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionDef
 
@@ -244,6 +256,14 @@ class _Common(BaseModel):
         # clients (LiteLLM, some SDKs) send null for unset fields: the default, as OpenAI does
         if v is None:
             return cls.model_fields[info.field_name].default
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_with_stream(cls, v: StreamOptions | None, info: Any
+                                    ) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # ``stream`` is read before it
+            raise ValueError("stream_options is only allowed when stream is true")
         return v
 
     @field_validator("stop")
