@@ -428,6 +428,44 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
     return encode_text(tokenizer, text, add_special_tokens=False)
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, read back: the character each byte is written as in a
+    byte-level BPE vocabulary (printable bytes as themselves, the rest from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The raw bytes of one token (OpenAI's ``bytes`` of a log-probability): a token that holds
+    part of a multi-byte character decodes alone to U+FFFD, and its bytes are what lets a client
+    put the text back together. Byte-level BPE (GPT-2's, Llama 3's, Qwen's, SmolLM2's): its
+    vocabulary's characters read back as bytes; SentencePiece's byte tokens (``<0xE2>``): that
+    byte; any other token (added and special ones included): its text in UTF-8."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if isinstance(piece, str) and int(token_id) not in getattr(tokenizer, "added_tokens_decoder",
+                                                               {}):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        if decoder is not None and type(decoder).__name__ == "ByteLevel":
+            with contextlib.suppress(KeyError):
+                return bytes(_BYTE_DECODER[ch] for ch in piece)
+        if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+    return str(tokenizer.decode([int(token_id)], skip_special_tokens=False)).encode("utf-8")
+
+
 def render_completion(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a plain prompt, with the special tokens the tokenizer adds (Llama's BOS)."""
     return encode_text(tokenizer, prompt, add_special_tokens=True)

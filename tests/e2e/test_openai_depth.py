@@ -275,6 +275,7 @@ def test_chat_logprobs_and_top_logprobs(net, tok) -> None:
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert "".join(t.token for t in content) == resp.choices[0].message.content
+    assert bytes(b for t in content for b in t.bytes).decode() == resp.choices[0].message.content
     for t in content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob

@@ -237,3 +237,13 @@ def test_tools_a_template_cannot_show_are_refused_for_an_auto_choice(tiny_model_
     assert (caught.value.param, caught.value.code) == ("tools", "tools_not_supported")
     assert modelfiles.render_chat(tokenizer, messages, tools) == modelfiles.render_chat(
         tokenizer, messages)  # not required to show: the same prompt
+
+
+def test_token_bytes_put_the_text_back_together(tiny_model_path: Path) -> None:
+    """A token that holds part of a multi-byte character decodes alone to U+FFFD; its bytes
+    (OpenAI's logprobs ``bytes``) are the real ones, so the tokens' bytes make the text."""
+    tokenizer = modelfiles.load_tokenizer(tiny_model_path)
+    text = "🌟 héllo, 世界 🌟<|im_end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "\ufffd" in [tokenizer.decode([i]) for i in ids]  # some token is part of a character
+    assert b"".join(modelfiles.token_bytes(tokenizer, i) for i in ids) == text.encode()

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -674,12 +675,12 @@ class _Reply:
         ids, lps, tops = c.token_ids[lo:hi], c.lps[lo:hi], c.tops[lo:hi]
         if self.chat:
             content = []
+            raw = partial(modelfiles.token_bytes, self.tokenizer)  # a part of a character too
             for tid, lp, top in zip(ids, lps, tops, strict=True):
-                text = self._token(tid)
                 content.append({
-                    "token": text, "logprob": lp, "bytes": list(text.encode()),
-                    "top_logprobs": [{"token": (t := self._token(a)), "logprob": b,
-                                      "bytes": list(t.encode())} for a, b in top]})
+                    "token": self._token(tid), "logprob": lp, "bytes": list(raw(tid)),
+                    "top_logprobs": [{"token": self._token(a), "logprob": b,
+                                      "bytes": list(raw(a))} for a, b in top]})
             return {"content": content}
         offset = sum(len(self._token(t)) for t in c.token_ids[:lo])
         tokens, offsets = [], []
