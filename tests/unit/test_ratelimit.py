@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sparecycles.coordinator import ratelimit
 from sparecycles.coordinator.admission import KeyGate
 from sparecycles.coordinator.ratelimit import Bucket, KeyPolicy
-from sparecycles.errors import RateLimited
+from sparecycles.errors import InvalidRequest, RateLimited
 from sparecycles.ledger.pricing import PriceBook
 from sparecycles.ledger.service import Ledger
 from sparecycles.store import Store
@@ -116,6 +116,19 @@ async def test_gate_enforces_streams_rate_and_budget(gate) -> None:
     g.release("j3")
     g.release("never-admitted")  # harmless
     assert g.in_flight(key_id) == 0
+
+
+async def test_more_choices_than_a_key_may_ever_fly_is_a_400_not_a_429(gate) -> None:
+    """n choices are n jobs in flight at once: past the key's streams_max the request can never
+    be admitted, so retrying after a 429 (what it got) would only loop."""
+    g, db, key_id, _clock = gate
+    db.set_key_policy(key_id, KeyPolicy(streams_max=1))
+    await g.fits(key_id, 1, "n")
+    with pytest.raises(InvalidRequest) as info:
+        await g.fits(key_id, 2, "n")
+    assert (info.value.param, info.value.code, info.value.status_code) == (
+        "n", "too_many_choices", 400)
+    assert g.in_flight(key_id) == 0  # nothing admitted
 
 
 async def test_gate_reads_the_clients_own_dashboard_limits(gate) -> None:

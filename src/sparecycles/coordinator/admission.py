@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from sparecycles import limits
 from sparecycles.coordinator import ratelimit
 from sparecycles.coordinator.ratelimit import Bucket, KeyPolicy
-from sparecycles.errors import RateLimited
+from sparecycles.errors import InvalidRequest, RateLimited
 from sparecycles.ledger import pricing
 from sparecycles.ledger.service import Ledger
 from sparecycles.store.trust_queries import TrustQueries
@@ -69,6 +69,17 @@ class KeyGate:
     def forget(self, key_id: str) -> None:
         """Drop a key's cached policy (an admin just changed it)."""
         self._policies.pop(key_id, None)
+
+    async def fits(self, key_id: str, jobs: int, param: str) -> None:
+        """A 400 when one request needs more jobs at once (its choices) than the key may ever
+        have in flight: a 429 would tell the client to retry what can never be admitted."""
+        policy = await self.policy(key_id)
+        streams_max = min(policy.streams_max or limits.streams_per_key_max,
+                          limits.streams_per_key_max)
+        if jobs > streams_max:
+            raise InvalidRequest(f"This request needs {jobs} jobs at once (one a choice); this "
+                                 f"key may have {streams_max} requests in flight.", param=param,
+                                 code="too_many_choices")
 
     async def admit(self, key_id: str, job_id: str, model: str, prompt_tokens: int,
                     max_tokens: int) -> Ticket:
