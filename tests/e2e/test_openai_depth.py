@@ -134,6 +134,7 @@ def test_unsupported_or_invalid_parameters_get_a_400_naming_them(net, extra, par
     ({"echo": True, "logprobs": 2}, "echo"),
     ({"logprobs": 21}, "logprobs"),
     ({"prompt": ["a"] * 17}, "prompt"),
+    ({"prompt": "word " * 4000}, "prompt"),  # longer than the context (it said "messages")
 ])
 def test_completions_refusals_name_the_parameter(net, extra, param) -> None:
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, **extra}
@@ -489,6 +490,12 @@ def test_litellm_forced_tool_call_and_json_schema(net) -> None:
 
 
 # ---- the Responses API (stateless) -------------------------------------------------------------
+
+
+def test_responses_api_refusals_name_its_own_fields(net) -> None:
+    r = httpx.post(net.url + "/v1/responses", headers={"Authorization": f"Bearer {net.key}"},
+                   json={"model": "tiny", "input": "Hi", "max_output_tokens": 10**6}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
 
 
 def test_responses_api_text_tools_and_streaming(net) -> None:

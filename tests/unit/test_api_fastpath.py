@@ -225,3 +225,20 @@ def test_unknown_keys_in_nested_objects_are_refused_not_ignored(apis) -> None:
 
     valid = ChatCompletionRequest.model_validate(ok)  # OpenAI's own fields still pass
     assert valid.tools and valid.tools[0].function.strict and valid.include_usage
+
+
+def test_a_400_names_the_field_not_pydantics_union_member(apis) -> None:
+    """``param`` is the request's field; pydantic's names for the member of a union it tried
+    ("stop.str", "tool_choice.literal[...]", "messages.0.content.str") were leaking into it."""
+    plain, front, _framework, _coord, user, _admin = apis
+    headers = {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    for body, param in (({**chat, "stop": 5}, "stop"),
+                        ({**chat, "tool_choice": "any"}, "tool_choice"),
+                        ({**chat, "messages": [{"role": "user", "content": image}]},
+                         "messages.0.content"),
+                        ({**chat, "temperature": "hot"}, "temperature")):
+        for client in (plain, front):
+            r = client.post("/v1/chat/completions", headers=headers,
+                            content=json.dumps(body).encode())
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -78,6 +79,12 @@ def error_response(exc: SpareCyclesError) -> JSONResponse:
     )
 
 
+# pydantic's names for the member of a union a value was tried against ("str", "list[str]",
+# "literal['none','auto','required']", "NamedToolChoice", "function-after[...]"): not fields of
+# the request, so not part of the ``param`` a client is told (field names are lower snake case)
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|dict|list)$|^[A-Z]|[\[\-]")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -85,7 +92,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (
+        isinstance(p, str) and _UNION_MEMBER.search(p))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     return (f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"), param

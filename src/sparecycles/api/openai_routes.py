@@ -313,12 +313,13 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, tokenizer: Any,
     )
 
 
-def _max_tokens(spec: Any, prompt_ids: list[int], asked: int | None) -> int:
+def _max_tokens(spec: Any, prompt_ids: list[int], asked: int | None,
+                prompt_param: str = "messages") -> int:
     room = spec.context_length - len(prompt_ids)
     if room < 1:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {spec.context_length} tokens; your "
-            f"prompt has {len(prompt_ids)} tokens.", param="messages")
+            f"prompt has {len(prompt_ids)} tokens.", param=prompt_param)
     if asked is not None and asked > min(room, limits.completion_tokens_max):
         raise ContextLengthExceeded(
             f"This model's maximum context length is {spec.context_length} tokens. However, you "
@@ -393,7 +394,8 @@ async def _run(
     per_prompt = best_of or n
     choices: list[_Choice] = []
     for p_index, prompt in enumerate(prompts):
-        max_tokens = _max_tokens(spec, prompt.ids, body.requested_max_tokens())
+        max_tokens = _max_tokens(spec, prompt.ids, body.requested_max_tokens(),
+                                 "messages" if endpoint == "chat.completions" else "prompt")
         for k in range(per_prompt):
             seed = base.seed
             if seed is not None and per_prompt > 1:  # each choice its own, reproducible draw

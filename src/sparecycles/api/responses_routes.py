@@ -81,6 +81,9 @@ class ResponsesRequest(BaseModel):
 
 
 _RESPONSES_NO_EFFECT = frozenset({"store", "include", "background"})  # at their defaults
+# the chat request's fields, as the Responses API names them (in a 400's ``param``)
+_RESPONSES_PARAM = {"max_tokens": "max_output_tokens", "max_completion_tokens":
+                    "max_output_tokens", "messages": "input", "response_format": "text.format"}
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -212,7 +215,11 @@ async def create_response(body: ResponsesRequest, request: Request,
         param = "input" if where.startswith("messages") else where or None
         raise InvalidRequest(f"Invalid value for '{param}': {first.get('msg')} (at {where})",
                              param=param) from None
-    answer = await openai_routes.chat_completions(chat, request, key)
+    try:
+        answer = await openai_routes.chat_completions(chat, request, key)
+    except InvalidRequest as exc:  # named as this API names the field
+        exc.param = _RESPONSES_PARAM.get(exc.param or "", exc.param)
+        raise
     job_id = answer.headers["X-Sparecycles-Job-Id"]
     shape = _Shape(body, job_id)
     if isinstance(answer, JSONResponse):
