@@ -38,6 +38,7 @@ jobs_waiting_max = 10_000
 placement_wait_s_max = 10.0  # a job no node can take within this is answered 503
 job_attempts_max = 4  # first placement plus resumptions after nodes left
 token_gap_s_max = 60.0  # a node silent this long on a job it holds is treated as gone
+first_token_grace_s_max = 600.0  # the most a prefill adds to it before the first token
 job_total_s_max = 3600.0
 
 # --- node protocol -------------------------------------------------------------------------

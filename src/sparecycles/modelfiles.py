@@ -12,6 +12,7 @@ network that can reach the hub.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -454,16 +455,24 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     vocabulary's characters read back as bytes; SentencePiece's byte tokens (``<0xE2>``): that
     byte; any other token (added and special ones included): its text in UTF-8."""
     piece = tokenizer.convert_ids_to_tokens(int(token_id))
-    if isinstance(piece, str) and int(token_id) not in getattr(tokenizer, "added_tokens_decoder",
-                                                               {}):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = getattr(backend, "decoder", None)
-        if decoder is not None and type(decoder).__name__ == "ByteLevel":
+    byte_level, added = _vocabulary_kind(tokenizer)
+    if isinstance(piece, str) and int(token_id) not in added:
+        if byte_level:
             with contextlib.suppress(KeyError):
                 return bytes(_BYTE_DECODER[ch] for ch in piece)
         if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
             return bytes([int(m.group(1), 16)])
     return str(tokenizer.decode([int(token_id)], skip_special_tokens=False)).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=32)
+def _vocabulary_kind(tokenizer: Any) -> tuple[bool, frozenset[int]]:
+    """(byte-level BPE, the added tokens' ids) of a tokenizer, read once: transformers builds
+    ``added_tokens_decoder`` anew at every read (~76 us with Llama 3's 256 added tokens), and
+    ``token_bytes`` runs for every token and top log-probability of an answer."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    added = frozenset(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return decoder is not None and type(decoder).__name__ == "ByteLevel", added
 
 
 def render_completion(tokenizer: Any, prompt: str) -> list[int]:

@@ -210,7 +210,12 @@ def test_unknown_keys_in_nested_objects_are_refused_not_ignored(apis) -> None:
             ({**chat, "tools": [{"type": "function", "function": {**fn, "examples": [1]}}]},
              "tools.0.function.examples"),
             ({**chat, "stream": True, "stream_options": {"include_obfuscation": True}},
-             "stream_options.include_obfuscation")):
+             "stream_options.include_obfuscation"),
+            # the unknown key itself is named, whatever it looks like
+            ({**chat, "response_format": {"type": "json_object", "Schema": {}}},
+             "response_format.Schema"),
+            ({**chat, "tools": [{"type": "function", "function": {**fn, "x-order": 1}}]},
+             "tools.0.function.x-order")):
         for client in (plain, front):
             r = client.post("/v1/chat/completions", headers=headers,
                             content=json.dumps(body).encode())
@@ -225,6 +230,21 @@ def test_unknown_keys_in_nested_objects_are_refused_not_ignored(apis) -> None:
 
     valid = ChatCompletionRequest.model_validate(ok)  # OpenAI's own fields still pass
     assert valid.tools and valid.tools[0].function.strict and valid.include_usage
+    nulls = ChatCompletionRequest.model_validate({**chat, "stream": True,
+                                                  "stream_options": {"include_usage": None}})
+    assert not nulls.include_usage
+
+
+def test_the_responses_api_takes_openais_text_options() -> None:
+    from sparecycles.api.responses_routes import ResponsesRequest
+
+    ok = ResponsesRequest.model_validate({"model": "tiny", "input": "hi", "text": {
+        "verbosity": "medium", "format": {"type": "json_schema", "name": "x", "schema": {},
+                                          "description": "d", "strict": True}}})
+    assert ok.text is not None and ok.text.verbosity == "medium"
+    with pytest.raises(ValueError):  # what this server cannot do is refused, not ignored
+        ResponsesRequest.model_validate({"model": "tiny", "input": "hi",
+                                         "text": {"verbosity": "low"}})
 
 
 def test_a_400_names_the_field_not_pydantics_union_member(apis) -> None:

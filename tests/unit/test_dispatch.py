@@ -736,6 +736,17 @@ async def test_a_silent_nodes_late_answer_is_dropped_while_its_job_waits(world) 
     await d.stop()
 
 
+def test_the_first_token_grace_is_bounded() -> None:
+    """A node's peak is its own report: however slow it says it is, a hung node that still
+    heartbeats loses its job within the token gap plus first_token_grace_s_max."""
+    from sparecycles import limits
+    from sparecycles.coordinator.dispatch import first_token_grace_s
+
+    assert first_token_grace_s(135_000_000, 8_000, 1e11) == pytest.approx(216.0)
+    assert first_token_grace_s(8_000_000_000, 65_536, 6.4e11) == limits.first_token_grace_s_max
+    assert first_token_grace_s(1, 10, 0.0) < 1e-6  # a bogus peak reads as 1 GFLOP/s
+
+
 async def test_a_long_prefill_is_not_silence_but_a_stall_after_it_is(world) -> None:
     """Before its first token a node may take the token gap plus its prefill at a pessimistic
     rate (a prompt of 8,131 tokens on a busy CPU took over a minute, and was cancelled as

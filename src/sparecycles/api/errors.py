@@ -85,6 +85,17 @@ def error_response(exc: SpareCyclesError) -> JSONResponse:
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|dict|list)$|^[A-Z]|[\[\-]")
 
 
+def field_param(loc: Any, last_is_key: bool = False) -> str | None:
+    """A validation error's location as the ``param`` a client is told: its fields and indexes,
+    without "body" and pydantic's union members; the last part kept whatever it looks like
+    where it is the client's own key (an unknown key, refused)."""
+    parts = list(loc)
+    out = [str(p) for i, p in enumerate(parts) if p != "body" and not (
+        isinstance(p, str) and _UNION_MEMBER.search(p)
+        and not (last_is_key and i == len(parts) - 1))]
+    return ".".join(out) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -92,9 +103,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (
-        isinstance(p, str) and _UNION_MEMBER.search(p))]
-    param = ".".join(loc) or None
+    param = field_param(first.get("loc", ()), first.get("type") == "extra_forbidden")
     msg = first.get("msg", "invalid value")
     return (f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"), param
 

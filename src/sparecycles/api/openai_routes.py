@@ -406,8 +406,8 @@ async def _run(
     assert coord.dispatcher is not None
     chat = endpoint == "chat.completions"
     if len(choices) > 1 and key.key_id is not None:
-        await coord.gate.fits(key.key_id, len(choices), "best_of" if best_of else
-                              "prompt" if len(prompts) > 1 and per_prompt == 1 else "n")
+        await coord.gate.fits(key.key_id, len(choices), "best_of" if best_of and best_of > n
+                              else "prompt" if len(prompts) > 1 and per_prompt == 1 else "n")
     try:
         for c in choices:
             c.job = await _admit(coord, key, body, c, endpoint, received_perf_s)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sparecycles import limits
 from sparecycles.api import openai_routes
 from sparecycles.api.auth import require_key
-from sparecycles.api.errors import ERROR_RESPONSES
+from sparecycles.api.errors import ERROR_RESPONSES, field_param
 from sparecycles.api.schemas import ChatCompletionRequest, refuse_bad_unicode, refuse_unsupported
 from sparecycles.errors import InvalidRequest
 from sparecycles.store import ApiKeyInfo
@@ -49,8 +49,9 @@ class TextFormat(BaseModel):
 
 
 class TextOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # verbosity: not supported, a 400
+    model_config = ConfigDict(extra="forbid")
     format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # the model's own length: low and high are a 400
 
 
 class ResponsesRequest(BaseModel):
@@ -211,8 +212,10 @@ async def create_response(body: ResponsesRequest, request: Request,
             **({"stream_options": {"include_usage": True}} if body.stream else {})})
     except ValidationError as exc:  # the items did not make a valid conversation: a 400
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        param = "input" if where.startswith("messages") else where or None
+        where = field_param(first.get("loc", ()), first.get("type") == "extra_forbidden") or ""
+        head, _, rest = where.partition(".")
+        param = ("input" if head == "messages" else
+                 ".".join(filter(None, (_RESPONSES_PARAM.get(head, head), rest))) or None)
         raise InvalidRequest(f"Invalid value for '{param}': {first.get('msg')} (at {where})",
                              param=param) from None
     try:

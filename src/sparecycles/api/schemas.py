@@ -43,26 +43,31 @@ def refuse_unsupported(body: BaseModel, honoured_elsewhere: frozenset[str] = fro
                              param=name, code="unsupported_parameter")
 
 
-def _bad_unicode_at(value: Any, path: str) -> str | None:
-    """The path of the first string (or key) in ``value`` that is not valid Unicode, else None:
-    JSON's ``\\ud800``-``\\udfff`` escapes can carry a lone UTF-16 surrogate, which no tokenizer,
-    stop string or node message can take (it would fail deep in a job, not here)."""
+def _bad_unicode_at(value: Any) -> list[str | int] | None:
+    """Where (the path, innermost first) the first string or key in ``value`` is not valid
+    Unicode, else None: JSON's ``\\ud800``-``\\udfff`` escapes can carry a lone UTF-16 surrogate,
+    which no tokenizer, stop string or node message can take (it would fail deep in a job, not
+    here). Cheap on every request: an ASCII string (most) is checked in O(1), and a list of
+    numbers (token ids) is not walked: one that holds a string further on fails its type."""
     if isinstance(value, str):
+        if value.isascii():
+            return None
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return path or "body"
+            return []
         return None
     if isinstance(value, dict):
         for k, v in value.items():
-            here = f"{path}.{k}" if path else str(k)
-            if isinstance(k, str) and _bad_unicode_at(k, path) is not None:
-                return here.encode("utf-8", "replace").decode("utf-8")
-            if (bad := _bad_unicode_at(v, here)) is not None:
+            if isinstance(k, str) and not k.isascii() and _bad_unicode_at(k) is not None:
+                return [k.encode("utf-8", "replace").decode("utf-8")]
+            if isinstance(v, str | dict | list) and (bad := _bad_unicode_at(v)) is not None:
+                bad.append(k)
                 return bad
-    elif isinstance(value, list):
+    elif isinstance(value, list) and value and not isinstance(value[0], int | float):
         for i, v in enumerate(value):
-            if (bad := _bad_unicode_at(v, f"{path}.{i}" if path else str(i))) is not None:
+            if isinstance(v, str | dict | list) and (bad := _bad_unicode_at(v)) is not None:
+                bad.append(i)
                 return bad
     return None
 
@@ -70,8 +75,9 @@ def _bad_unicode_at(value: Any, path: str) -> str | None:
 def refuse_bad_unicode(data: Any) -> Any:
     """A 400 naming the first field of a request body whose text is not valid Unicode (a lone
     surrogate); the body unchanged otherwise (a ``model_validator(mode="before")``)."""
-    where = _bad_unicode_at(data, "")
-    if where is not None:
+    bad = _bad_unicode_at(data)
+    if bad is not None:
+        where = ".".join(str(p) for p in reversed(bad)) or "body"
         raise InvalidRequest(f"'{where}' is not valid Unicode text: it holds a lone UTF-16 "
                              "surrogate (an unpaired \\ud800-\\udfff escape)", param=where,
                              code="invalid_value")
@@ -159,6 +165,11 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     include_obfuscation: bool | None = None  # padding against side channels: none is sent
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_usage(cls, v: Any) -> Any:  # clients send null for unset: the default
+        return False if v is None else v
 
     @field_validator("include_obfuscation")
     @classmethod

@@ -497,7 +497,7 @@ class Dispatcher:
         spec = self.models.get(job.model)
         if spec is not None:
             job.attempts[-1].first_token_grace_s = first_token_grace_s(
-                spec.n_params, node.backlog.prefill_total, node.profile.peak_flops)
+                spec.n_params, node.backlog.totals(node.jobs)[0], node.profile.peak_flops)
         self.waiting.pop(job.job_id, None)
         return protocol.encode(msg)
 
@@ -986,8 +986,11 @@ def first_token_grace_s(n_params: int, prefill_tokens: int, peak_flops: float) -
     """Seconds a node may take to prefill ``prefill_tokens`` (its backlog with the new prompt)
     of a model of ``n_params`` before its silence counts: 2 FLOPs a parameter a token at
     ``prefill_peak_fraction`` of its profiled peak (8,000 tokens of a 135M-parameter model at a
-    10^11 FLOP/s peak: ~220 s; a short chat: well under a second)."""
-    return 2.0 * n_params * max(0, prefill_tokens) / (max(peak_flops, 1e9) * prefill_peak_fraction)
+    10^11 FLOP/s peak: ~220 s; a short chat: well under a second), at most
+    ``limits.first_token_grace_s_max`` (a node's peak is its own report: a hung node that still
+    heartbeats must not hold a job, its key's slot and its hold for hours)."""
+    grace = 2.0 * n_params * max(0, prefill_tokens) / (max(peak_flops, 1e9) * prefill_peak_fraction)
+    return min(grace, limits.first_token_grace_s_max)
 
 
 class _StaleMessage(Exception):
