@@ -129,6 +129,11 @@ async def test_more_choices_than_a_key_may_ever_fly_is_a_400_not_a_429(gate) -> 
     assert (info.value.param, info.value.code, info.value.status_code) == (
         "n", "too_many_choices", 400)
     assert g.in_flight(key_id) == 0  # nothing admitted
+    db.set_key_policy(key_id, KeyPolicy(requests_per_minute=60, burst=3))
+    g.forget(key_id)
+    await g.fits(key_id, 3, "n")
+    with pytest.raises(InvalidRequest):  # each choice takes one of the burst's 3 at once
+        await g.fits(key_id, 4, "n")
 
 
 async def test_gate_reads_the_clients_own_dashboard_limits(gate) -> None:

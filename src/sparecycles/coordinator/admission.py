@@ -72,7 +72,8 @@ class KeyGate:
 
     async def fits(self, key_id: str, jobs: int, param: str) -> None:
         """A 400 when one request needs more jobs at once (its choices) than the key may ever
-        have in flight: a 429 would tell the client to retry what can never be admitted."""
+        have in flight, or start at once under its rate limit: a 429 would tell the client to
+        retry what can never be admitted."""
         policy = await self.policy(key_id)
         streams_max = min(policy.streams_max or limits.streams_per_key_max,
                           limits.streams_per_key_max)
@@ -80,6 +81,11 @@ class KeyGate:
             raise InvalidRequest(f"This request needs {jobs} jobs at once (one a choice); this "
                                  f"key may have {streams_max} requests in flight.", param=param,
                                  code="too_many_choices")
+        burst = policy.burst or policy.requests_per_minute  # as ratelimit.rate_decision
+        if burst is not None and jobs > burst:
+            raise InvalidRequest(f"This request needs {jobs} jobs at once (one a choice); this "
+                                 f"key may start {burst} at once (its rate limit's burst).",
+                                 param=param, code="too_many_choices")
 
     async def admit(self, key_id: str, job_id: str, model: str, prompt_tokens: int,
                     max_tokens: int) -> Ticket:
