@@ -23,7 +23,12 @@ from sparecycles import limits
 from sparecycles.api import openai_routes
 from sparecycles.api.auth import require_key
 from sparecycles.api.errors import ERROR_RESPONSES, field_param
-from sparecycles.api.schemas import ChatCompletionRequest, refuse_bad_unicode, refuse_unsupported
+from sparecycles.api.schemas import (
+    ChatCompletionRequest,
+    null_is_default,
+    refuse_bad_unicode,
+    refuse_unsupported,
+)
 from sparecycles.errors import InvalidRequest
 from sparecycles.store import ApiKeyInfo
 
@@ -75,10 +80,7 @@ class ResponsesRequest(BaseModel):
     def _unicode(cls, data: Any) -> Any:
         return refuse_bad_unicode(data)
 
-    @field_validator("parallel_tool_calls", "stream", mode="before")
-    @classmethod
-    def _null_flag(cls, v: Any, info: Any) -> Any:  # clients send null for unset: the default
-        return cls.model_fields[info.field_name].default if v is None else v
+    _nulls = field_validator("parallel_tool_calls", "stream", mode="before")(null_is_default)
 
 
 _RESPONSES_NO_EFFECT = frozenset({"store", "include", "background"})  # at their defaults

@@ -72,6 +72,12 @@ def _bad_unicode_at(value: Any) -> list[str | int] | None:
     return None
 
 
+def null_is_default(cls: type[BaseModel], v: Any, info: Any) -> Any:
+    """A ``field_validator(..., mode="before")``: null is the field's default, as OpenAI takes
+    it (clients such as LiteLLM send null for every field they leave unset)."""
+    return cls.model_fields[info.field_name].default if v is None else v
+
+
 def refuse_bad_unicode(data: Any) -> Any:
     """A 400 naming the first field of a request body whose text is not valid Unicode (a lone
     surrogate); the body unchanged otherwise (a ``model_validator(mode="before")``)."""
@@ -166,10 +172,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # padding against side channels: none is sent
 
-    @field_validator("include_usage", mode="before")
-    @classmethod
-    def _null_usage(cls, v: Any) -> Any:  # clients send null for unset: the default
-        return False if v is None else v
+    _nulls = field_validator("include_usage", mode="before")(null_is_default)
 
     @field_validator("include_obfuscation")
     @classmethod
@@ -259,15 +262,11 @@ class _Common(BaseModel):
     def _unicode(cls, data: Any) -> Any:
         return refuse_bad_unicode(data)
 
-    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "min_p", "n", "stream", "top_k", "min_tokens",
-                     "ignore_eos", "trusted_only", mode="before")
-    @classmethod
-    def _null_is_default(cls, v: Any, info: Any) -> Any:
-        # clients (LiteLLM, some SDKs) send null for unset fields: the default, as OpenAI does
-        if v is None:
-            return cls.model_fields[info.field_name].default
-        return v
+    # the chat's logprobs and parallel_tool_calls, the completion's echo: declared below
+    _nulls = field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                             "repetition_penalty", "min_p", "n", "stream", "top_k", "min_tokens",
+                             "ignore_eos", "trusted_only", "logprobs", "parallel_tool_calls",
+                             "echo", mode="before", check_fields=False)(null_is_default)
 
     @field_validator("stream_options")
     @classmethod
@@ -319,11 +318,6 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
-    @field_validator("logprobs", "parallel_tool_calls", mode="before")
-    @classmethod
-    def _null_flag(cls, v: Any, info: Any) -> Any:  # as _Common's: null is the default
-        return cls.model_fields[info.field_name].default if v is None else v
-
     @model_validator(mode="after")
     def _not_empty(self) -> ChatCompletionRequest:
         if not any(m.text().strip() or m.tool_calls for m in self.messages):
@@ -340,11 +334,6 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=limits.top_logprobs_max)
     best_of: int | None = Field(default=None, ge=1, le=limits.n_choices_max)
     suffix: str | None = None
-
-    @field_validator("echo", mode="before")
-    @classmethod
-    def _null_echo(cls, v: Any) -> Any:  # as _Common's: null is the default
-        return False if v is None else v
 
     @field_validator("prompt")
     @classmethod

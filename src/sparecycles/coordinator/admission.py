@@ -75,8 +75,7 @@ class KeyGate:
         have in flight, or start at once under its rate limit: a 429 would tell the client to
         retry what can never be admitted."""
         policy = await self.policy(key_id)
-        streams_max = min(policy.streams_max or limits.streams_per_key_max,
-                          limits.streams_per_key_max)
+        streams_max = _streams_max(policy)
         if jobs > streams_max:
             raise InvalidRequest(f"This request needs {jobs} jobs at once (one a choice); this "
                                  f"key may have {streams_max} requests in flight.", param=param,
@@ -91,8 +90,7 @@ class KeyGate:
                     max_tokens: int) -> Ticket:
         policy = await self.policy(key_id)
         flying = self._in_flight.get(key_id, {})
-        streams_max = min(policy.streams_max or limits.streams_per_key_max,
-                          limits.streams_per_key_max)
+        streams_max = _streams_max(policy)
         if len(flying) >= streams_max:
             raise RateLimited(f"This key already has {len(flying)} requests in flight; it may "
                               f"have {streams_max} at once.", retry_after_s=1.0,
@@ -163,3 +161,8 @@ class KeyGate:
             hit = (now, await asyncio.to_thread(self.db.key_spent_since, key_id, start_s))
             self._spent[(key_id, start_s)] = hit
         return hit[1]
+
+
+def _streams_max(policy: KeyPolicy) -> int:
+    """Requests a key may have in flight at once: its policy's, within the platform's bound."""
+    return min(policy.streams_max or limits.streams_per_key_max, limits.streams_per_key_max)
